@@ -1,0 +1,213 @@
+"""The target (Llama-family decoder) and the PAD-Rec draft, with the engine signatures both ONNX graphs keep.
+
+Target: (input_ids, position_ids, attention_mask, past KV) -> logits, hidden, new KV.
+Draft:  (hidden_in, input_ids, position_ids, step, slot, attention_mask, past KV) -> logits, hidden, new KV.
+attention_mask is (B, T, P+T) bool over past then new positions, so a draft tree verifies in one pass.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class TargetConfig:
+    """Size of a Llama / Qwen2 style decoder."""
+
+    vocab_size: int
+    hidden_size: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    intermediate_size: int = 344
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    qkv_bias: bool = False  # True for Qwen2
+    tie_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class DraftConfig:
+    """The PAD-Rec draft: one decoder layer over fused target features, slot and step signals."""
+
+    hidden_size: int
+    vocab_size: int
+    n_heads: int = 4
+    n_kv_heads: int = 4
+    intermediate_size: int = 344
+    n_slots: int = 6  # L + 2
+    max_steps: int = 8  # step embeddings; deeper steps reuse the last
+    use_slot: bool = True  # item-slot embedding scaled by a learnable coefficient
+    use_step: bool = True  # draft-step embedding mixed by a context-driven gate
+    alpha_init: float = 0.1
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32.to(x.dtype)
+
+
+def rope(position_ids, head_dim: int, theta: float):
+    """cos, sin (B, 1, T, head_dim) for explicit positions, Hugging Face rotate-half layout."""
+    inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
+    freqs = position_ids.float()[..., None] * inv
+    emb = torch.cat([freqs, freqs], dim=-1)[:, None]
+    return emb.cos(), emb.sin()
+
+
+def _rotate(x, cos, sin):
+    half = x.shape[-1] // 2
+    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, bias: bool):
+        super().__init__()
+        self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, hidden // n_heads
+        self.q_proj = nn.Linear(hidden, n_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(hidden, n_kv * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(hidden, n_kv * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
+        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        rep = self.n_heads // self.n_kv
+        if rep > 1:
+            S = keys.shape[2]
+            keys = keys[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+            values = values[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * (self.head_dim ** -0.5)
+        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        attn = torch.softmax(scores, dim=-1).to(values.dtype)
+        out = torch.matmul(attn, values).transpose(1, 2).reshape(B, T, -1)
+        return self.o_proj(out), k, v
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, hidden, n_heads, n_kv, intermediate, eps, bias=False):
+        super().__init__()
+        self.input_layernorm = RMSNorm(hidden, eps)
+        self.self_attn = Attention(hidden, n_heads, n_kv, bias)
+        self.post_attention_layernorm = RMSNorm(hidden, eps)
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
+        x = x + a
+        h = self.post_attention_layernorm(x)
+        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), k, v
+
+
+class Target(nn.Module):
+    """Llama-family decoder returning logits, the last hidden state (after the final norm) and new KV."""
+
+    def __init__(self, cfg: TargetConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(
+            DecoderLayer(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size, cfg.rms_eps, cfg.qkv_bias)
+            for _ in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    def empty_past(self, batch: int, device=None, dtype=None):
+        c = self.cfg
+        dtype = dtype or self.embed_tokens.weight.dtype
+        z = torch.zeros(batch, c.n_kv_heads, 0, c.head_dim, device=device, dtype=dtype)
+        return [(z, z) for _ in range(c.n_layers)]
+
+    def forward(self, input_ids, position_ids, attention_mask, past):
+        x = self.embed_tokens(input_ids.long())
+        cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        new = []
+        for layer, (pk, pv) in zip(self.layers, past):
+            x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
+            new.append((k, v))
+        hidden = self.norm(x)
+        return self.lm_head(hidden).float(), hidden, new
+
+
+class Draft(nn.Module):
+    """PAD-Rec draft (DESIGN.md §1); with use_slot and use_step off it is the plain EAGLE draft."""
+
+    def __init__(self, cfg: DraftConfig, target: Target):
+        super().__init__()
+        if cfg.hidden_size != target.cfg.hidden_size or cfg.vocab_size != target.cfg.vocab_size:
+            from padrec_runtime.errors import CheckpointError
+            raise CheckpointError(
+                f"draft | hidden {cfg.hidden_size}, vocab {cfg.vocab_size} | target has hidden "
+                f"{target.cfg.hidden_size}, vocab {target.cfg.vocab_size} | train the draft against this target")
+        self.cfg = cfg
+        H = cfg.hidden_size
+        self.fc = nn.Linear(2 * H, H, bias=True)
+        self.slot_embed = nn.Embedding(cfg.n_slots, H)
+        self.alpha = nn.Parameter(torch.tensor(cfg.alpha_init))
+        self.step_embed = nn.Embedding(cfg.max_steps, H)
+        self.gate = nn.Linear(2 * H, H, bias=True)
+        self.layer = DecoderLayer(H, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size, cfg.rms_eps)
+        self.norm = RMSNorm(H, cfg.rms_eps)
+        nn.init.normal_(self.slot_embed.weight, std=0.02)
+        nn.init.normal_(self.step_embed.weight, std=0.02)
+        # the target's embedding and head, frozen and shared (not part of the draft checkpoint)
+        self.embed_tokens = target.embed_tokens
+        self.lm_head = target.lm_head
+
+    def trainable_state(self) -> dict:
+        return {k: v for k, v in self.state_dict().items() if not k.startswith(("embed_tokens.", "lm_head."))}
+
+    def empty_past(self, batch: int, device=None, dtype=None):
+        c = self.cfg
+        dtype = dtype or self.fc.weight.dtype
+        z = torch.zeros(batch, c.n_kv_heads, 0, c.head_dim, device=device, dtype=dtype)
+        return [(z, z)]
+
+    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
+        e = self.embed_tokens(input_ids.long()).to(hidden_in.dtype)
+        x = self.fc(torch.cat([e, hidden_in], dim=-1))
+        if self.cfg.use_slot:
+            x = x + self.alpha.to(x.dtype) * self.slot_embed(slot.long())
+        if self.cfg.use_step:
+            s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))
+            g = torch.sigmoid(self.gate(torch.cat([x, s], dim=-1)))
+            x = x + g * s
+        cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        (pk, pv), = past
+        h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
+        return self.lm_head(self.norm(h)).float(), h, [(k, v)]

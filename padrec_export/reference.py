@@ -1,0 +1,93 @@
+"""PyTorch reference decoding: the runtime's draft-verify loop driven by the torch models themselves."""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from padrec_runtime.decode import DecodeConfig, Generation, generate
+from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner
+from padrec_runtime.layout import BOS, ListConstraint
+
+from .models import Draft, Target
+
+
+def _call(model, feeds: dict, n_layers: int, draft: bool) -> dict:
+    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    past = [(t[KV_INPUT[0] % i], t[KV_INPUT[1] % i]) for i in range(n_layers)]
+    with torch.inference_mode():
+        if draft:
+            logits, hidden, new = model(t["hidden_in"], t["input_ids"], t["position_ids"], t["step"], t["slot"],
+                                        t["attention_mask"], past)
+        else:
+            logits, hidden, new = model(t["input_ids"], t["position_ids"], t["attention_mask"], past)
+    out = {"logits": logits.numpy(), "hidden": hidden.float().numpy()}
+    for i, (k, v) in enumerate(new):
+        out[KV_OUTPUT[0] % i], out[KV_OUTPUT[1] % i] = k.float().numpy(), v.float().numpy()
+    return out
+
+
+def target_runner(target: Target, batch: int, max_len: int) -> KVRunner:
+    c = target.cfg
+    spec = CacheSpec(c.n_layers, c.n_kv_heads, c.head_dim, max_len)
+    return KVRunner(lambda f: _call(target, f, c.n_layers, False), spec, batch)
+
+
+def draft_runner(draft: Draft, batch: int, max_len: int) -> KVRunner:
+    c = draft.cfg
+    spec = CacheSpec(1, c.n_kv_heads, c.head_dim, max_len)
+    return KVRunner(lambda f: _call(draft, f, 1, True), spec, batch)
+
+
+class OracleDraftRunner(KVRunner):
+    """A draft that is the target itself: at draft position i it runs the target on token i+1.
+
+    Its proposals are exactly the target's next-token choices, so every proposal must be accepted.
+    The draft never sees the prompt's first token, which is always <bos>; the oracle adds it.
+    """
+
+    def __init__(self, target: Target, batch: int, max_len: int):
+        self.inner = target_runner(target, batch, max_len + 1)
+        self.spec, self.lengths = self.inner.spec, self.inner.lengths
+        self.scratch = 0
+
+    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+        B = feeds["input_ids"].shape[0]
+        if self.inner.lengths.max() == 0 and self.inner.scratch == 0:
+            self.inner.forward({"input_ids": np.full((B, 1), BOS, np.int32),
+                                "position_ids": np.zeros((B, 1), np.int32)}, np.ones((B, 1, 1), bool))
+            self.inner.commit([[0]] * B)
+        out = self.inner.forward({"input_ids": feeds["input_ids"], "position_ids": feeds["position_ids"] + 1},
+                                 new_mask)
+        self.scratch = self.inner.scratch
+        return out
+
+    def commit(self, select) -> None:
+        self.inner.commit(select)
+        self.scratch = 0
+
+    def discard(self) -> None:
+        self.inner.discard()
+        self.scratch = 0
+
+
+def max_cache_len(prompts, constraint: ListConstraint, cfg: DecodeConfig) -> int:
+    """Positions a row can need: prompt, the list, and one round of speculation on top."""
+    spec = 1 + max(cfg.draft_steps, cfg.tree_size) * max(1, cfg.tree_topk if cfg.speculate == "tree" else 1)
+    return max(len(p) for p in prompts) + constraint.list_length() + spec + 1
+
+
+def reference_generate(target: Target, draft: Draft | None, histories: list, constraint: ListConstraint,
+                       cfg: DecodeConfig, oracle: bool = False) -> Generation:
+    """Decode with the PyTorch models; `oracle` swaps the draft for the target itself (tests)."""
+    cat = constraint.catalogue
+    prompts = [cat.prompt(h) for h in histories]
+    n = max_cache_len(prompts, constraint, cfg)
+    B = len(prompts)
+    t = target_runner(target, B, n)
+    if cfg.speculate == "off":
+        d = None
+    elif oracle:
+        d = OracleDraftRunner(target, B, n)
+    else:
+        d = draft_runner(draft, B, n)
+    return generate(t, d, prompts, histories, constraint, cfg)

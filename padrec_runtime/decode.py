@@ -1,0 +1,381 @@
+"""The draft-verify loop: prefill, propose (chain or dynamic tree), verify, accept; AR is the loop with no draft.
+
+Backend-neutral: the target and draft are KVRunners over any engine (PyTorch reference, ONNX Runtime,
+TensorRT). Every choice is constrained by the list grammar, for draft and target alike, so greedy
+speculative output equals greedy constrained target decoding token for token.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import InputError
+from .kvcache import KVRunner
+from .layout import PAD, ConstraintState, ListConstraint
+from .sampling import SamplingConfig, allowed_logits, choose, distribution, log_softmax
+
+SPECULATE_MODES = ("off", "chain", "tree")
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """How lists are decoded."""
+
+    speculate: str = "chain"  # off (AR, target only) | chain | tree
+    draft_steps: int = 4  # K: speculation depth per round
+    tree_topk: int = 4  # tree: children per expanded node and nodes expanded per depth
+    tree_size: int = 16  # tree: draft tokens verified per round
+    sampling: SamplingConfig = SamplingConfig()
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.speculate not in SPECULATE_MODES:
+            raise InputError(f"speculate: got {self.speculate!r} | expected one of {', '.join(SPECULATE_MODES)}")
+        if not 1 <= self.draft_steps <= 16:
+            raise InputError(f"draft_steps: got {self.draft_steps} | expected 1..16")
+        if self.tree_topk < 1 or self.tree_size < 1:
+            raise InputError("tree_topk and tree_size must be >= 1")
+        if not self.sampling.greedy and (self.sampling.temperature <= 0 or not 0 < self.sampling.top_p <= 1):
+            raise InputError("sampling: temperature must be > 0 and top_p in (0, 1]")
+
+
+@dataclass
+class Node:
+    """One draft token of a round's tree (a chain is a tree of width one)."""
+
+    token: int
+    parent: int  # index of the parent node in the row's node list, -1 for the root
+    depth: int  # 1 for the root's children
+    score: float  # draft log-probability of the path from the root
+    state: ConstraintState  # constraint state after this token
+    q: np.ndarray | None = None  # chain sampling: draft distribution over `allowed` the token was drawn from
+    allowed: np.ndarray | None = None  # chain sampling: allowed token ids at the parent
+    scratch: int = -1  # index of this token's entry in the draft's scratch KV, once expanded
+    hidden: np.ndarray | None = None  # draft output feature, once expanded
+
+
+@dataclass
+class Root:
+    """Where a row stands between rounds."""
+
+    token: int  # last committed token, not yet seen by the target
+    position: int  # its position
+    state: ConstraintState  # constraint state after it
+    draft_logits: np.ndarray | None = None  # (V,) draft prediction of the next token
+    draft_hidden: np.ndarray | None = None  # (H,) draft feature behind that prediction
+
+
+@dataclass
+class Verdict:
+    """Outcome of verifying one row's proposal."""
+
+    path: list  # verify-order indices accepted, root (0) first
+    tokens: list  # committed tokens: accepted draft tokens then the bonus token, if any
+    state: ConstraintState  # constraint state after the committed tokens
+
+
+@dataclass
+class Generation:
+    """Decoded lists and what it took."""
+
+    tokens: list  # per row, the output tokens (eos included)
+    committed: list  # per row, tokens committed per target forward
+    time_draft_s: float = 0.0
+    time_verify_s: float = 0.0
+    time_total_s: float = 0.0
+    rounds: int = 0  # target forwards after prefill
+
+    @property
+    def tau(self) -> float:
+        """Mean tokens committed per target forward, bonus included."""
+        flat = [c for row in self.committed for c in row]
+        return float(np.mean(flat)) if flat else 0.0
+
+    @property
+    def time_host_s(self) -> float:
+        return self.time_total_s - self.time_draft_s - self.time_verify_s
+
+
+@dataclass
+class _Clock:
+    draft: float = 0.0
+    verify: float = 0.0
+    extra: dict = field(default_factory=dict)
+
+
+def _pad(rows: list, fill, dtype) -> np.ndarray:
+    T = max(1, max(len(r) for r in rows))
+    out = np.full((len(rows), T) + np.shape(fill), fill, dtype=dtype)
+    for b, r in enumerate(rows):
+        if len(r):
+            out[b, :len(r)] = r
+    return out
+
+
+def _self_mask(B: int, T: int, scratch: int) -> np.ndarray:
+    """Each token sees only itself: the mask of padding tokens."""
+    m = np.zeros((B, T, scratch + T), dtype=bool)
+    m[:, np.arange(T), scratch + np.arange(T)] = True
+    return m
+
+
+def generate(target: KVRunner, draft: KVRunner | None, prompts: list, histories: list,
+             constraint: ListConstraint, cfg: DecodeConfig) -> Generation:
+    """Decode one list per prompt. Returns the output tokens and per-round acceptance."""
+    if cfg.speculate != "off" and draft is None:
+        raise InputError(f"speculate={cfg.speculate}: no draft engine loaded | use speculate='off' or load a draft")
+    t0 = time.perf_counter()
+    rng = np.random.default_rng(cfg.seed)
+    clock = _Clock()
+    use_draft = cfg.speculate != "off"
+    roots = prefill(target, draft if use_draft else None, prompts, histories, constraint, cfg, rng, clock)
+    out = Generation(tokens=[[r.token] for r in roots], committed=[[] for _ in roots])
+    while any(not r.state.done for r in roots):
+        trees = propose(draft, roots, constraint, cfg, rng, clock) if use_draft else [[] for _ in roots]
+        verdicts = verify(target, roots, trees, constraint, cfg, rng, clock)
+        accept(target, draft if use_draft else None, roots, verdicts, constraint, out, clock)
+        out.rounds += 1
+    out.time_draft_s, out.time_verify_s = clock.draft, clock.verify
+    out.time_total_s = time.perf_counter() - t0
+    return out
+
+
+def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock) -> list:
+    """Run the prompts through the target (and the draft), choose each row's first token."""
+    B = len(prompts)
+    lens = [len(p) for p in prompts]
+    ids = _pad(prompts, PAD, np.int32)
+    T = ids.shape[1]
+    mask = np.tril(np.ones((T, T), dtype=bool))[None].repeat(B, 0)
+    for b, n in enumerate(lens):
+        mask[b, n:] = np.eye(T, dtype=bool)[n:]
+    pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+    t = time.perf_counter()
+    out = target.forward({"input_ids": ids, "position_ids": pos}, mask)
+    clock.verify += time.perf_counter() - t
+    target.commit([np.arange(n) for n in lens])
+    roots = []
+    for b, n in enumerate(lens):
+        state = constraint.start(histories[b])
+        allowed = constraint.allowed(state)
+        x = allowed_logits(out["logits"][b, n - 1], allowed, "target")
+        token = int(allowed[choose(x, cfg.sampling, rng)])
+        roots.append(Root(token, n, constraint.advance(state, token)))
+    if draft is not None:
+        feats = [out["hidden"][b, :n] for b, n in enumerate(lens)]
+        tokens = [np.append(prompts[b][1:], roots[b].token) for b in range(B)]
+        _draft_catch_up(draft, roots, feats, tokens, [0] * B, constraint, clock)
+    return roots
+
+
+def _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock) -> None:
+    """Feed the draft (target feature, next token) pairs of newly committed positions at step 0."""
+    B = len(roots)
+    lens = [len(t) for t in tokens]
+    ids = _pad(tokens, PAD, np.int32)
+    T = ids.shape[1]
+    H = feats[0].shape[-1]
+    hid = np.zeros((B, T, H), dtype=np.float32)
+    pos = np.zeros((B, T), dtype=np.int32)
+    mask = np.zeros((B, T, T), dtype=bool)
+    for b, n in enumerate(lens):
+        hid[b, :n] = feats[b]
+        pos[b, :n] = starts[b] + np.arange(n)
+        mask[b] = np.eye(T, dtype=bool)
+        mask[b, :n, :n] = np.tril(np.ones((n, n), dtype=bool))
+    layout = constraint.catalogue.layout
+    t = time.perf_counter()
+    draft.discard()
+    out = draft.forward({"hidden_in": hid, "input_ids": ids, "position_ids": pos,
+                         "step": np.zeros((B, T), np.int32), "slot": layout.slots(ids)}, mask)
+    clock.draft += time.perf_counter() - t
+    draft.commit([np.arange(n) for n in lens])
+    for b, n in enumerate(lens):
+        if n:
+            roots[b].draft_logits = out["logits"][b, n - 1]
+            roots[b].draft_hidden = out["hidden"][b, n - 1]
+
+
+def _add_children(nodes, parent, logits, state, score, depth, constraint, cfg, rng) -> None:
+    allowed = constraint.allowed(state)
+    if len(allowed) == 0:
+        return
+    x = allowed_logits(logits, allowed, "draft")
+    logq = log_softmax(x)
+    if cfg.speculate == "chain" and not cfg.sampling.greedy:
+        q = distribution(x, cfg.sampling)
+        k = int(rng.choice(len(x), p=q))
+        nodes.append(Node(int(allowed[k]), parent, depth, score + logq[k],
+                          constraint.advance(state, allowed[k]), q=q, allowed=allowed))
+        return
+    width = 1 if cfg.speculate == "chain" else cfg.tree_topk
+    for k in np.argsort(-x, kind="stable")[:width]:
+        nodes.append(Node(int(allowed[k]), parent, depth, score + logq[k], constraint.advance(state, allowed[k])))
+
+
+def propose(draft, roots, constraint, cfg, rng, clock) -> list:
+    """Draft up to K tokens deep per row; returns each row's selected nodes, parents before children."""
+    B = len(roots)
+    nodes = [[] for _ in range(B)]
+    for b, r in enumerate(roots):
+        if not r.state.done:
+            _add_children(nodes[b], -1, r.draft_logits, r.state, 0.0, 1, constraint, cfg, rng)
+    layout = constraint.catalogue.layout
+    for depth in range(1, cfg.draft_steps):
+        expand = []
+        for b in range(B):
+            level = [i for i, n in enumerate(nodes[b]) if n.depth == depth and not n.state.done]
+            level.sort(key=lambda i: -nodes[b][i].score)
+            expand.append(level[:1 if cfg.speculate == "chain" else cfg.tree_topk])
+        if not any(expand):
+            break
+        T = max(len(e) for e in expand)
+        scratch = draft.scratch
+        H = next(r.draft_hidden.shape[-1] for r in roots if r.draft_hidden is not None)
+        hid = np.zeros((B, T, H), np.float32)
+        ids = np.full((B, T), PAD, np.int32)
+        pos = np.zeros((B, T), np.int32)
+        mask = _self_mask(B, T, scratch)
+        for b, e in enumerate(expand):
+            for t, i in enumerate(e):
+                n = nodes[b][i]
+                hid[b, t] = roots[b].draft_hidden if n.parent < 0 else nodes[b][n.parent].hidden
+                ids[b, t] = n.token
+                pos[b, t] = roots[b].position + depth - 1
+                a = n.parent
+                while a >= 0:
+                    mask[b, t, nodes[b][a].scratch] = True
+                    a = nodes[b][a].parent
+                n.scratch = scratch + t
+        t0 = time.perf_counter()
+        out = draft.forward({"hidden_in": hid, "input_ids": ids, "position_ids": pos,
+                             "step": np.full((B, T), depth, np.int32), "slot": layout.slots(ids)}, mask)
+        clock.draft += time.perf_counter() - t0
+        for b, e in enumerate(expand):
+            for t, i in enumerate(e):
+                n = nodes[b][i]
+                n.hidden = out["hidden"][b, t]
+                _add_children(nodes[b], i, out["logits"][b, t], n.state, n.score, depth + 1, constraint, cfg, rng)
+    return [_select(row, cfg) for row in nodes]
+
+
+def _select(nodes: list, cfg: DecodeConfig) -> list:
+    """Best tree_size nodes by path score, closed under ancestors, parents before children."""
+    if cfg.speculate == "chain":
+        return nodes
+    order = sorted(range(len(nodes)), key=lambda i: (-nodes[i].score, nodes[i].depth, i))
+    keep: dict = {}
+    for i in order:
+        if len(keep) == cfg.tree_size:
+            break
+        if nodes[i].parent < 0 or nodes[i].parent in keep:
+            keep[i] = True
+    chosen = sorted(keep, key=lambda i: (nodes[i].depth, i))
+    remap = {old: new for new, old in enumerate(chosen)}
+    return [Node(nodes[i].token, remap.get(nodes[i].parent, -1), nodes[i].depth, nodes[i].score,
+                 nodes[i].state, nodes[i].q, nodes[i].allowed) for i in chosen]
+
+
+def verify(target, roots, trees, constraint, cfg, rng, clock) -> list:
+    """One target pass over root + draft tokens per row (ancestor mask), then walk the accepted path."""
+    B = len(roots)
+    T = 1 + max(len(t) for t in trees)
+    ids = np.full((B, T), PAD, np.int32)
+    pos = np.zeros((B, T), np.int32)
+    mask = _self_mask(B, T, 0)
+    for b, (r, tree) in enumerate(zip(roots, trees)):
+        if r.state.done:
+            continue
+        ids[b, 0], pos[b, 0] = r.token, r.position
+        for t, n in enumerate(tree, start=1):
+            ids[b, t], pos[b, t] = n.token, r.position + n.depth
+            mask[b, t, 0] = True
+            a = n.parent
+            while a >= 0:
+                mask[b, t, a + 1] = True
+                a = tree[a].parent
+    t0 = time.perf_counter()
+    out = target.forward({"input_ids": ids, "position_ids": pos}, mask)
+    clock.verify += time.perf_counter() - t0
+    clock.extra["hidden"] = out["hidden"]
+    verdicts = []
+    for b, (r, tree) in enumerate(zip(roots, trees)):
+        if r.state.done:
+            verdicts.append(Verdict([], [], r.state))
+            continue
+        logits = out["logits"][b]
+        if cfg.speculate == "chain" and not cfg.sampling.greedy:
+            verdicts.append(_accept_chain_sampled(logits, r, tree, constraint, cfg, rng))
+        else:
+            verdicts.append(_walk(logits, r, tree, constraint, cfg, rng))
+    return verdicts
+
+
+def _walk(logits, root, tree, constraint, cfg, rng) -> Verdict:
+    """Follow the target's own choice down the tree: lossless for greedy and for deterministic drafts.
+
+    At each node the target picks (argmax or a sample of its distribution); if a child carries that
+    token the path goes on, otherwise the pick is the bonus token. The output is exactly what the target
+    alone would have written.
+    """
+    children: dict = {}
+    for i, n in enumerate(tree):
+        children.setdefault(n.parent, {})[n.token] = i
+    path, tokens, cur, state = [0], [], -1, root.state
+    while not state.done:
+        allowed = constraint.allowed(state)
+        x = allowed_logits(logits[cur + 1], allowed, "target")
+        token = int(allowed[choose(x, cfg.sampling, rng)])
+        nxt = children.get(cur, {}).get(token)
+        tokens.append(token)
+        if nxt is None:
+            return Verdict(path, tokens, constraint.advance(state, token))
+        cur, state = nxt, tree[nxt].state
+        path.append(cur + 1)
+    return Verdict(path, tokens, state)
+
+
+def _accept_chain_sampled(logits, root, chain, constraint, cfg, rng) -> Verdict:
+    """Speculative sampling (Leviathan et al.): accept x with min(1, p/q), else resample max(0, p-q)."""
+    path, tokens, state = [0], [], root.state
+    for i, n in enumerate(chain):
+        p = distribution(allowed_logits(logits[i], n.allowed, "target"), cfg.sampling)
+        k = int(np.searchsorted(n.allowed, n.token))
+        if rng.random() < min(1.0, p[k] / n.q[k]):
+            path.append(i + 1)
+            tokens.append(n.token)
+            state = n.state
+            continue
+        residual = np.maximum(p - n.q, 0.0)
+        k = int(rng.choice(len(p), p=residual / residual.sum()))
+        tokens.append(int(n.allowed[k]))
+        return Verdict(path, tokens, constraint.advance(state, n.allowed[k]))
+    if state.done:
+        return Verdict(path, tokens, state)
+    allowed = constraint.allowed(state)
+    k = choose(allowed_logits(logits[len(chain)], allowed, "target"), cfg.sampling, rng)
+    tokens.append(int(allowed[k]))
+    return Verdict(path, tokens, constraint.advance(state, allowed[k]))
+
+
+def accept(target, draft, roots, verdicts, constraint, out, clock) -> None:
+    """Keep the accepted path's KV, record the committed tokens, feed the draft the real features."""
+    target.commit([v.path for v in verdicts])
+    hidden = clock.extra.pop("hidden")
+    feats, tokens, starts = [], [], []
+    for b, (r, v) in enumerate(zip(roots, verdicts)):
+        if not r.state.done:
+            out.tokens[b].extend(v.tokens)
+            out.committed[b].append(len(v.tokens))
+            starts.append(r.position)
+            r.position += len(v.path)
+            r.token, r.state = v.tokens[-1], v.state
+        else:
+            starts.append(0)
+        live = not r.state.done
+        feats.append(hidden[b, v.path] if live else hidden[b, :0])
+        tokens.append(np.asarray(v.tokens if live else [], np.int32))
+    if draft is not None and any(not r.state.done for r in roots):
+        _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock)

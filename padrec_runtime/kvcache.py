@@ -1,0 +1,91 @@
+"""KV cache over preallocated buffers: committed entries per row plus a scratch area for speculation.
+
+Every engine call appends its new tokens' KV to the scratch area behind each row's committed length.
+``commit`` keeps the chosen scratch entries (the accepted path of a chain or a tree) and drops the rest,
+so a rewind is never a copy of the whole cache and a tree's accepted path is compacted, not truncated.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from .errors import InputError
+
+KV_INPUT = ("past.%d.key", "past.%d.value")
+KV_OUTPUT = ("new.%d.key", "new.%d.value")
+
+
+@dataclass(frozen=True)
+class CacheSpec:
+    """Shape of one model's KV cache."""
+
+    n_layers: int
+    n_kv_heads: int
+    head_dim: int
+    max_len: int  # positions a row can hold, committed plus scratch
+
+
+class KVRunner:
+    """Runs one engine (a function of named numpy arrays) over its own KV cache."""
+
+    def __init__(self, forward: Callable[[dict], dict], spec: CacheSpec, batch: int, dtype=np.float32):
+        self._forward = forward
+        self.spec = spec
+        shape = (batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
+        self.keys = [np.zeros(shape, dtype) for _ in range(spec.n_layers)]
+        self.values = [np.zeros(shape, dtype) for _ in range(spec.n_layers)]
+        self.lengths = np.zeros(batch, dtype=np.int64)  # committed entries per row
+        self.scratch = 0  # uncommitted entries behind every row's committed ones
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+        """Run the engine on T new tokens per row.
+
+        new_mask: (B, T, scratch + T) bool, which scratch entries and new tokens each new token sees;
+        every token sees all committed entries of its row.
+        """
+        B, T = feeds["input_ids"].shape
+        past = int(self.lengths.max()) + self.scratch
+        if past + T > self.spec.max_len:
+            raise InputError(f"kv cache: {past + T} positions needed | engine holds {self.spec.max_len} | "
+                             "shorten the history or export with a larger max_seq_len")
+        mask = np.zeros((B, T, past + T), dtype=bool)
+        for b in range(B):
+            n = int(self.lengths[b])
+            mask[b, :, :n] = True
+            mask[b, :, n:n + self.scratch] = new_mask[b, :, :self.scratch]
+        mask[:, :, past:] = new_mask[:, :, self.scratch:]
+        feeds = dict(feeds, attention_mask=mask)
+        for i in range(self.spec.n_layers):
+            feeds[KV_INPUT[0] % i] = self.keys[i][:, :, :past]
+            feeds[KV_INPUT[1] % i] = self.values[i][:, :, :past]
+        out = self._forward(feeds)
+        for i in range(self.spec.n_layers):
+            for buf, name in ((self.keys[i], KV_OUTPUT[0] % i), (self.values[i], KV_OUTPUT[1] % i)):
+                new = out[name]
+                for b in range(B):
+                    start = int(self.lengths[b]) + self.scratch
+                    buf[b, :, start:start + T] = new[b]
+        self.scratch += T
+        return out
+
+    def commit(self, select: list) -> None:
+        """Keep, per row, the scratch entries with the given indices (in order) and drop the rest."""
+        for b, idx in enumerate(select):
+            idx = np.asarray(idx, dtype=np.int64)
+            if len(idx) == 0:
+                continue
+            n = int(self.lengths[b])
+            for buf in (*self.keys, *self.values):
+                buf[b, :, n:n + len(idx)] = buf[b][:, n + idx]
+            self.lengths[b] += len(idx)
+        self.scratch = 0
+
+    def discard(self) -> None:
+        """Drop every scratch entry."""
+        self.scratch = 0

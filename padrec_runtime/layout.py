@@ -1,0 +1,223 @@
+"""Token layout shared by exporter and runtime: vocabulary, item catalogue, slots and the list constraint.
+
+A list is ``item <sep> item <sep> ... item <eos>``; an item is L semantic-ID codes, level l drawn from
+its own token range. The prompt is ``<bos> item <sep> ... item <list>``. Pure numpy, no torch.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError, ManifestError
+
+SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<list>")
+PAD, BOS, EOS, SEP, LIST = range(len(SPECIAL_TOKENS))
+
+
+@dataclass(frozen=True)
+class TokenLayout:
+    """Where every kind of token lives in the vocabulary."""
+
+    levels: int = 4  # L: codes per item
+    codebook: int = 256  # C: codes per level
+
+    @property
+    def n_special(self) -> int:
+        return len(SPECIAL_TOKENS)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.n_special + self.levels * self.codebook
+
+    @property
+    def n_slots(self) -> int:
+        """Slots: 0..L-1 item codes, L separator / eos, L+1 any other special token."""
+        return self.levels + 2
+
+    def code_tokens(self, sids: np.ndarray) -> np.ndarray:
+        """(..., L) codes -> (..., L) token ids."""
+        return self.n_special + np.arange(self.levels) * self.codebook + np.asarray(sids)
+
+    def slots(self, tokens: np.ndarray) -> np.ndarray:
+        """Item slot of every token, int32, same shape."""
+        tokens = np.asarray(tokens)
+        slot = np.full(tokens.shape, self.levels + 1, dtype=np.int32)
+        code = tokens >= self.n_special
+        slot[code] = (tokens[code] - self.n_special) // self.codebook
+        slot[(tokens == SEP) | (tokens == EOS)] = self.levels
+        return slot
+
+
+@dataclass(frozen=True)
+class ConstraintState:
+    """Where one row stands in its list; immutable so that tree paths can branch cheaply."""
+
+    n_done: int  # items completed in the list
+    level: int  # next code level, L when a separator or eos is due
+    node: int  # trie node of the current item prefix
+    used: frozenset  # catalogue indices that may not be written again
+    done: bool = False  # eos written
+
+
+class Catalogue:
+    """Items, their semantic IDs (one-to-one) and the prefix trie used to constrain decoding."""
+
+    def __init__(self, layout: TokenLayout, item_ids, sids, titles=None):
+        self.layout = layout
+        self.item_ids = np.asarray(item_ids, dtype=np.int64)
+        self.sids = np.asarray(sids, dtype=np.int64)
+        n = len(self.item_ids)
+        if self.sids.shape != (n, layout.levels):
+            raise ManifestError(f"catalogue.sids | got shape {self.sids.shape} | expected ({n}, {layout.levels})")
+        if n == 0:
+            raise ManifestError("catalogue | got 0 items | expected at least one item")
+        if self.sids.min() < 0 or self.sids.max() >= layout.codebook:
+            raise ManifestError(f"catalogue.sids | codes outside 0..{layout.codebook - 1}")
+        if len(np.unique(self.item_ids)) != n:
+            raise ManifestError("catalogue.item_ids | duplicate item ids | every item id must appear once")
+        if len(np.unique(self.sids, axis=0)) != n:
+            raise ManifestError("catalogue.sids | two items share a semantic ID | resolve collisions on export")
+        self.titles = list(titles) if titles is not None else None
+        self._index = {int(i): k for k, i in enumerate(self.item_ids)}
+        self._build_trie()
+
+    def _build_trie(self) -> None:
+        L = self.layout.levels
+        n = len(self.item_ids)
+        self.item_nodes = np.zeros((n, L + 1), dtype=np.int64)  # node at depth d (0 = root)
+        children: list[dict[int, int]] = [{}]
+        for k in range(n):
+            node = 0
+            for level in range(L):
+                code = int(self.sids[k, level])
+                nxt = children[node].get(code)
+                if nxt is None:
+                    nxt = len(children)
+                    children[node][code] = nxt
+                    children.append({})
+                node = nxt
+                self.item_nodes[k, level + 1] = node
+        self.subtree_size = np.bincount(self.item_nodes[:, 1:].ravel(), minlength=len(children))
+        self.subtree_size[0] = n
+        self.child_codes = [np.array(sorted(c), dtype=np.int64) for c in children]
+        self.child_nodes = [np.array([c[k] for k in sorted(c)], dtype=np.int64) for c in children]
+        self.leaf_item = {int(self.item_nodes[k, L]): k for k in range(n)}
+
+    def __len__(self) -> int:
+        return len(self.item_ids)
+
+    def index_of(self, item_ids) -> np.ndarray:
+        """Catalogue indices of item ids; unknown ids raise InputError naming them."""
+        unknown = [int(i) for i in item_ids if int(i) not in self._index]
+        if unknown:
+            raise InputError(f"history: unknown item ids {unknown[:10]} | use ids from the engine's catalogue")
+        return np.array([self._index[int(i)] for i in item_ids], dtype=np.int64)
+
+    def prompt(self, history_ids) -> np.ndarray:
+        """Token ids of the prompt for one history of item ids."""
+        idx = self.index_of(history_ids)
+        codes = self.layout.code_tokens(self.sids[idx])  # (H, L)
+        body = np.concatenate([codes, np.full((len(idx), 1), SEP)], axis=1).ravel()[:-1]
+        return np.concatenate([[BOS], body, [LIST]]).astype(np.int32)
+
+    def decode_list(self, tokens) -> list[int]:
+        """Item ids written in a generated token list (codes only; separators skipped)."""
+        L, n_sp, C = self.layout.levels, self.layout.n_special, self.layout.codebook
+        codes = [int(t) for t in tokens if t >= n_sp]
+        items = []
+        for start in range(0, len(codes) - L + 1, L):
+            node = 0
+            for level, tok in enumerate(codes[start:start + L]):
+                code = tok - n_sp - level * C
+                pos = np.searchsorted(self.child_codes[node], code)
+                if pos >= len(self.child_codes[node]) or self.child_codes[node][pos] != code:
+                    raise InputError(f"tokens: code {code} at level {level} is not in the catalogue")
+                node = int(self.child_nodes[node][pos])
+            items.append(int(self.item_ids[self.leaf_item[node]]))
+        return items
+
+    def to_json(self) -> dict:
+        out = {"item_ids": self.item_ids.tolist(), "sids": self.sids.tolist()}
+        if self.titles is not None:
+            out["titles"] = self.titles
+        return out
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(self.to_json()))
+
+    @classmethod
+    def load(cls, path: Path, layout: TokenLayout) -> "Catalogue":
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(layout, data["item_ids"], data["sids"], data.get("titles"))
+        except (KeyError, ValueError, TypeError) as exc:
+            raise ManifestError(f"catalogue {path}: unreadable ({exc}) | re-export the engines") from None
+
+
+@dataclass
+class ListConstraint:
+    """The list grammar: catalogue prefixes, no item twice, n_items items then eos."""
+
+    catalogue: Catalogue
+    n_items: int = 10
+    exclude_history: bool = True  # never recommend an item the user already has
+    _cache: dict = field(default_factory=dict, repr=False)
+
+    def start(self, history_ids) -> ConstraintState:
+        used = frozenset(self.catalogue.index_of(history_ids).tolist()) if self.exclude_history else frozenset()
+        free = len(self.catalogue) - len(used)
+        if not 1 <= self.n_items <= free:
+            raise InputError(f"n_items: got {self.n_items} | expected 1..{free} for this history and catalogue")
+        return ConstraintState(n_done=0, level=0, node=0, used=used)
+
+    def allowed(self, state: ConstraintState) -> np.ndarray:
+        """Token ids that may come next, sorted; empty once eos is written."""
+        if state.done:
+            return np.zeros(0, dtype=np.int64)
+        layout = self.catalogue.layout
+        if state.level == layout.levels:
+            return np.array([EOS if state.n_done == self.n_items else SEP], dtype=np.int64)
+        key = (state.node, state.used)
+        hit = self._cache.get(key)
+        if hit is not None:
+            return hit
+        cat = self.catalogue
+        nodes = cat.child_nodes[state.node]
+        free = cat.subtree_size[nodes].copy()
+        if state.used:
+            used_nodes = cat.item_nodes[list(state.used), state.level + 1]
+            pos = np.searchsorted(nodes, used_nodes)
+            pos = pos[(pos < len(nodes)) & (nodes[np.minimum(pos, len(nodes) - 1)] == used_nodes)]
+            np.subtract.at(free, pos, 1)
+        codes = cat.child_codes[state.node][free > 0]
+        tokens = layout.n_special + state.level * layout.codebook + codes
+        if len(self._cache) > 100_000:
+            self._cache.clear()
+        self._cache[key] = tokens
+        return tokens
+
+    def advance(self, state: ConstraintState, token: int) -> ConstraintState:
+        """State after writing token; raises InputError if the token is not allowed."""
+        token = int(token)
+        allowed = self.allowed(state)
+        if token not in allowed:
+            raise InputError(f"constraint: token {token} not allowed here (allowed: {allowed[:8].tolist()}...)")
+        layout, cat = self.catalogue.layout, self.catalogue
+        if state.level == layout.levels:
+            if token == EOS:
+                return ConstraintState(state.n_done, state.level, 0, state.used, done=True)
+            return ConstraintState(state.n_done, 0, 0, state.used)
+        code = token - layout.n_special - state.level * layout.codebook
+        pos = int(np.searchsorted(cat.child_codes[state.node], code))
+        node = int(cat.child_nodes[state.node][pos])
+        if state.level + 1 < layout.levels:
+            return ConstraintState(state.n_done, state.level + 1, node, state.used)
+        item = cat.leaf_item[node]
+        return ConstraintState(state.n_done + 1, layout.levels, node, state.used | {item})
+
+    def list_length(self) -> int:
+        """Tokens in a complete output list, eos included."""
+        return self.n_items * (self.catalogue.layout.levels + 1)
