@@ -189,9 +189,7 @@ class ListConstraint:
         free = cat.subtree_size[nodes].copy()
         if state.used:
             used_nodes = cat.item_nodes[list(state.used), state.level + 1]
-            pos = np.searchsorted(nodes, used_nodes)
-            pos = pos[(pos < len(nodes)) & (nodes[np.minimum(pos, len(nodes) - 1)] == used_nodes)]
-            np.subtract.at(free, pos, 1)
+            free -= (nodes[:, None] == used_nodes[None, :]).sum(axis=1)
         codes = cat.child_codes[state.node][free > 0]
         tokens = layout.n_special + state.level * layout.codebook + codes
         if len(self._cache) > 100_000:

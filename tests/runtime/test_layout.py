@@ -1,0 +1,59 @@
+"""Token layout and the list constraint, pure numpy."""
+import numpy as np
+import pytest
+
+from padrec_runtime.errors import InputError, ManifestError
+from padrec_runtime.layout import BOS, EOS, LIST, SEP, Catalogue, ListConstraint, TokenLayout
+
+
+def small_catalogue():
+    layout = TokenLayout(levels=2, codebook=3)
+    sids = [[0, 0], [0, 1], [1, 2], [2, 0]]
+    return Catalogue(layout, [10, 11, 12, 13], sids, ["a", "b", "c", "d"])
+
+
+def test_prompt_and_slots():
+    cat = small_catalogue()
+    p = cat.prompt([11, 12])
+    assert p.tolist() == [BOS, 5 + 0, 5 + 3 + 1, SEP, 5 + 1, 5 + 3 + 2, LIST]
+    assert cat.layout.slots(p).tolist() == [3, 0, 1, 2, 0, 1, 3]
+    assert cat.decode_list([5, 8, SEP, 7, 8, EOS]) == [10, 13]
+
+
+def test_constraint_walks_the_trie_and_forbids_repeats():
+    cat = small_catalogue()
+    con = ListConstraint(cat, n_items=2, exclude_history=True)
+    s = con.start([12])
+    assert con.allowed(s).tolist() == [5, 7]  # item 12 is excluded, so code 1 (only 12 under it) is gone
+    s = con.advance(s, 5)
+    assert con.allowed(s).tolist() == [8, 9]
+    s = con.advance(s, 9)
+    assert con.allowed(s).tolist() == [SEP]
+    s = con.advance(s, SEP)
+    assert con.allowed(s).tolist() == [5, 7]
+    s = con.advance(s, 5)
+    assert con.allowed(s).tolist() == [8]  # [0, 1] is used
+    s = con.advance(con.advance(s, 8), EOS)
+    assert s.done and len(con.allowed(s)) == 0
+    with pytest.raises(InputError, match="not allowed"):
+        con.advance(con.start([]), 4)
+
+
+def test_bad_catalogues_and_requests():
+    layout = TokenLayout(levels=2, codebook=3)
+    with pytest.raises(ManifestError, match="share a semantic ID"):
+        Catalogue(layout, [1, 2], [[0, 1], [0, 1]])
+    with pytest.raises(ManifestError, match="codes outside"):
+        Catalogue(layout, [1, 2], [[0, 1], [0, 3]])
+    cat = small_catalogue()
+    with pytest.raises(InputError, match=r"unknown item ids \[99\]"):
+        cat.prompt([10, 99])
+    with pytest.raises(InputError, match="n_items"):
+        ListConstraint(cat, n_items=4).start([10])
+
+
+def test_slots_of_every_kind():
+    layout = TokenLayout(levels=4, codebook=256)
+    toks = np.array([BOS, 5, 5 + 256, 5 + 512 + 9, 5 + 768 + 255, SEP, EOS, LIST])
+    assert layout.slots(toks).tolist() == [5, 0, 1, 2, 3, 4, 4, 5]
+    assert layout.vocab_size == 5 + 1024
