@@ -11,8 +11,16 @@ from padrec_runtime.layout import BOS, ListConstraint
 from .models import Draft, Target
 
 
+def _tensor(v: np.ndarray, dtype) -> torch.Tensor:
+    if v.dtype.kind == "f" or v.dtype.name == "bfloat16":
+        return torch.from_numpy(np.ascontiguousarray(v, dtype=np.float32)).to(dtype)
+    return torch.from_numpy(np.ascontiguousarray(v))
+
+
 def _call(model, feeds: dict, n_layers: int, draft: bool) -> dict:
-    t = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in feeds.items()}
+    """Run a torch model on numpy feeds named as in the engine; float feeds take the model's dtype."""
+    dtype = next(model.parameters()).dtype
+    t = {k: _tensor(v, dtype) for k, v in feeds.items()}
     past = [(t[KV_INPUT[0] % i], t[KV_INPUT[1] % i]) for i in range(n_layers)]
     with torch.inference_mode():
         if draft:

@@ -1,0 +1,176 @@
+"""ONNX export of the target and draft graphs and the engine directory's manifest."""
+from __future__ import annotations
+
+import copy
+import importlib.metadata as md
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from padrec_runtime.errors import InputError
+from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
+from padrec_runtime.layout import SPECIAL_TOKENS, Catalogue
+from padrec_runtime.manifest import PRECISIONS, FORMAT, SCHEMA_VERSION, Manifest, write_manifest
+
+from .models import Draft, Target
+
+OPSET = 17
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)}  # logits (atol, rtol)
+
+
+@dataclass(frozen=True)
+class ExportLimits:
+    """The shapes engines are built for; the runtime refuses requests beyond them."""
+
+    max_seq_len: int = 512  # KV positions per row: prompt + list + one round of speculation
+    max_history: int = 50  # items in a history
+    max_batch: int = 64
+    max_items: int = 20  # longest list
+    n_items: int = 10  # default list length
+    draft_steps: int = 4  # default K
+    tree_topk: int = 4
+    tree_size: int = 16
+
+
+class _Flat(nn.Module):
+    """Positional inputs / flat outputs around a model, in the engine's tensor order."""
+
+    def __init__(self, model: nn.Module, is_draft: bool):
+        super().__init__()
+        self.model, self.is_draft = model, is_draft
+
+    def forward(self, *args):
+        if self.is_draft:
+            hidden_in, ids, pos, step, slot, mask, *kv = args
+        else:
+            ids, pos, mask, *kv = args
+        past = [(kv[2 * i], kv[2 * i + 1]) for i in range(len(kv) // 2)]
+        if self.is_draft:
+            logits, hidden, new = self.model(hidden_in, ids, pos, step, slot, mask, past)
+        else:
+            logits, hidden, new = self.model(ids, pos, mask, past)
+        flat = [logits, hidden]
+        for k, v in new:
+            flat += [k, v]
+        return tuple(flat)
+
+
+def graph_io(model, is_draft: bool, precision: str) -> tuple[dict, dict, dict]:
+    """Inputs, outputs (name -> dtype, symbolic shape) and the KV description of one graph."""
+    dt = PRECISIONS[precision]
+    c = model.cfg
+    inputs = {}
+    if is_draft:
+        inputs["hidden_in"] = {"dtype": dt, "shape": ["batch", "seq", c.hidden_size]}
+    inputs["input_ids"] = {"dtype": "int32", "shape": ["batch", "seq"]}
+    inputs["position_ids"] = {"dtype": "int32", "shape": ["batch", "seq"]}
+    if is_draft:
+        inputs["step"] = {"dtype": "int32", "shape": ["batch", "seq"]}
+        inputs["slot"] = {"dtype": "int32", "shape": ["batch", "seq"]}
+    inputs["attention_mask"] = {"dtype": "bool", "shape": ["batch", "seq", "past_plus_seq"]}
+    outputs = {"logits": {"dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
+               "hidden": {"dtype": dt, "shape": ["batch", "seq", c.hidden_size]}}
+    n_layers = 1 if is_draft else c.n_layers
+    kv = {"key_input": KV_INPUT[0], "value_input": KV_INPUT[1], "key_output": KV_OUTPUT[0],
+          "value_output": KV_OUTPUT[1], "n_layers": n_layers, "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
+          "dtype": dt}
+    return inputs, outputs, kv
+
+
+def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -> None:
+    """Write one ONNX graph with dynamic batch, seq and past axes."""
+    dtype = TORCH_DTYPES[precision]
+    if dtype != torch.float32:
+        model = copy.deepcopy(model).to(dtype)
+    model = model.eval()
+    inputs, outputs, kv = graph_io(model, is_draft, precision)
+    B, T, P = 2, 3, 5
+    c = model.cfg
+    example = []
+    if is_draft:
+        example.append(torch.randn(B, T, c.hidden_size, dtype=dtype))
+    example += [torch.randint(0, c.vocab_size, (B, T), dtype=torch.int32),
+                torch.arange(P, P + T, dtype=torch.int32).repeat(B, 1)]
+    if is_draft:
+        example += [torch.ones(B, T, dtype=torch.int32), torch.zeros(B, T, dtype=torch.int32)]
+    example.append(torch.ones(B, T, P + T, dtype=torch.bool))
+    names_in = list(inputs)
+    names_out = list(outputs)
+    dyn = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
+           "attention_mask": {0: "batch", 1: "seq", 2: "past_plus_seq"},
+           "logits": {0: "batch", 1: "seq"}, "hidden": {0: "batch", 1: "seq"}}
+    if is_draft:
+        dyn.update({"hidden_in": {0: "batch", 1: "seq"}, "step": {0: "batch", 1: "seq"},
+                    "slot": {0: "batch", 1: "seq"}})
+    for i in range(kv["n_layers"]):
+        for part in ("key", "value"):
+            name_in, name_out = kv[f"{part}_input"] % i, kv[f"{part}_output"] % i
+            example.append(torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype))
+            names_in.append(name_in)
+            names_out.append(name_out)
+            dyn[name_in] = {0: "batch", 2: "past"}
+            dyn[name_out] = {0: "batch", 2: "seq"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(_Flat(model, is_draft), tuple(example), str(path), input_names=names_in,
+                          output_names=names_out, dynamic_axes=dyn, opset_version=OPSET, dynamo=False,
+                          do_constant_folding=True)
+
+
+def _versions() -> dict:
+    out = {"padrec": "0.1.0", "opset": str(OPSET)}
+    for pkg in ("torch", "onnx"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return out
+
+
+def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
+                   precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True) -> Manifest:
+    """Write out_dir/{target,draft}.onnx, catalogue.json and manifest.json."""
+    if precision not in TORCH_DTYPES:
+        raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
+    if target.cfg.vocab_size != catalogue.layout.vocab_size:
+        raise InputError(f"target vocab {target.cfg.vocab_size} != catalogue layout vocab "
+                         f"{catalogue.layout.vocab_size} | the target was trained on another token layout")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("target.plan", "draft.plan", "manifest.json"):
+        (out / stale).unlink(missing_ok=True)
+    graphs = {}
+    parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
+    atol, rtol = TOLERANCES[precision]
+    for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
+        file = f"{name}.onnx"
+        export_graph(model, is_draft, precision, out / file)
+        inputs, outputs, kv = graph_io(model, is_draft, precision)
+        tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
+        graphs[name] = {"file": file, "hidden_size": model.cfg.hidden_size, "inputs": inputs, "outputs": outputs,
+                        "kv": kv, "tolerances": tol}
+    catalogue.save(out / "catalogue.json")
+    files = {g["file"]: {} for g in graphs.values()}
+    files["catalogue.json"] = {}
+    data = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "producer": _versions(), "precision": precision,
+        "model": {"layout": {"levels": catalogue.layout.levels, "codebook": catalogue.layout.codebook,
+                             "vocab_size": catalogue.layout.vocab_size, "special_tokens": list(SPECIAL_TOKENS)},
+                  "max_seq_len": limits.max_seq_len, "max_history": limits.max_history,
+                  "max_batch": limits.max_batch, "max_items": limits.max_items, "n_items": limits.n_items,
+                  "draft_steps": limits.draft_steps, "tree_topk": limits.tree_topk, "tree_size": limits.tree_size,
+                  "catalogue": "catalogue.json"},
+        "graphs": graphs, "files": files,
+    }
+    return write_manifest(out, data)
+
+
+def copy_engines(src, dst) -> None:
+    """Copy an engine directory (manifest and every file it names)."""
+    shutil.copytree(src, dst, dirs_exist_ok=True)
