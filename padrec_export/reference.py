@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from padrec_runtime.decode import DecodeConfig, Generation, generate
+from padrec_runtime.decode import DecodeConfig, Generation, generate, max_cache_len
 from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner
 from padrec_runtime.layout import BOS, ListConstraint
 
@@ -78,18 +78,12 @@ class OracleDraftRunner(KVRunner):
         self.scratch = 0
 
 
-def max_cache_len(prompts, constraint: ListConstraint, cfg: DecodeConfig) -> int:
-    """Positions a row can need: prompt, the list, and one round of speculation on top."""
-    spec = 1 + max(cfg.draft_steps, cfg.tree_size) * max(1, cfg.tree_topk if cfg.speculate == "tree" else 1)
-    return max(len(p) for p in prompts) + constraint.list_length() + spec + 1
-
-
 def reference_generate(target: Target, draft: Draft | None, histories: list, constraint: ListConstraint,
                        cfg: DecodeConfig, oracle: bool = False) -> Generation:
     """Decode with the PyTorch models; `oracle` swaps the draft for the target itself (tests)."""
     cat = constraint.catalogue
     prompts = [cat.prompt(h) for h in histories]
-    n = max_cache_len(prompts, constraint, cfg)
+    n = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
     B = len(prompts)
     t = target_runner(target, B, n)
     if cfg.speculate == "off":

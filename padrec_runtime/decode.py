@@ -121,25 +121,57 @@ def _self_mask(B: int, T: int, scratch: int) -> np.ndarray:
     return m
 
 
+class DecodeSession:
+    """A batch being decoded, one round per `step()`: for services that stream lists as they grow."""
+
+    def __init__(self, target: KVRunner, draft: KVRunner | None, prompts: list, histories: list,
+                 constraint: ListConstraint, cfg: DecodeConfig):
+        if cfg.speculate != "off" and draft is None:
+            raise InputError(f"speculate={cfg.speculate}: no draft engine loaded | use speculate='off' or load a draft")
+        self.t0 = time.perf_counter()
+        self.target, self.draft = target, draft if cfg.speculate != "off" else None
+        self.constraint, self.cfg = constraint, cfg
+        self.rng = np.random.default_rng(cfg.seed)
+        self.clock = _Clock()
+        self.roots = prefill(target, self.draft, prompts, histories, constraint, cfg, self.rng, self.clock)
+        self.out = Generation(tokens=[[r.token] for r in self.roots], committed=[[] for _ in self.roots])
+
+    @property
+    def done(self) -> bool:
+        return all(r.state.done for r in self.roots)
+
+    def step(self) -> list:
+        """Run one round; returns the tokens each row committed in it."""
+        before = [len(t) for t in self.out.tokens]
+        if self.draft is not None:
+            trees = propose(self.draft, self.roots, self.constraint, self.cfg, self.rng, self.clock)
+        else:
+            trees = [[] for _ in self.roots]
+        verdicts = verify(self.target, self.roots, trees, self.constraint, self.cfg, self.rng, self.clock)
+        accept(self.target, self.draft, self.roots, verdicts, self.constraint, self.out, self.clock)
+        self.out.rounds += 1
+        return [t[n:] for t, n in zip(self.out.tokens, before)]
+
+    def result(self) -> Generation:
+        self.out.time_draft_s, self.out.time_verify_s = self.clock.draft, self.clock.verify
+        self.out.time_total_s = time.perf_counter() - self.t0
+        return self.out
+
+
 def generate(target: KVRunner, draft: KVRunner | None, prompts: list, histories: list,
              constraint: ListConstraint, cfg: DecodeConfig) -> Generation:
     """Decode one list per prompt. Returns the output tokens and per-round acceptance."""
-    if cfg.speculate != "off" and draft is None:
-        raise InputError(f"speculate={cfg.speculate}: no draft engine loaded | use speculate='off' or load a draft")
-    t0 = time.perf_counter()
-    rng = np.random.default_rng(cfg.seed)
-    clock = _Clock()
-    use_draft = cfg.speculate != "off"
-    roots = prefill(target, draft if use_draft else None, prompts, histories, constraint, cfg, rng, clock)
-    out = Generation(tokens=[[r.token] for r in roots], committed=[[] for _ in roots])
-    while any(not r.state.done for r in roots):
-        trees = propose(draft, roots, constraint, cfg, rng, clock) if use_draft else [[] for _ in roots]
-        verdicts = verify(target, roots, trees, constraint, cfg, rng, clock)
-        accept(target, draft if use_draft else None, roots, verdicts, constraint, out, clock)
-        out.rounds += 1
-    out.time_draft_s, out.time_verify_s = clock.draft, clock.verify
-    out.time_total_s = time.perf_counter() - t0
-    return out
+    session = DecodeSession(target, draft, prompts, histories, constraint, cfg)
+    while not session.done:
+        session.step()
+    return session.result()
+
+
+def max_cache_len(prompt_len: int, constraint: ListConstraint, cfg: DecodeConfig) -> int:
+    """KV positions a row can need: prompt, the list, and one round of speculation on top."""
+    width = cfg.tree_topk if cfg.speculate == "tree" else 1
+    spec = 0 if cfg.speculate == "off" else cfg.draft_steps * width * width + cfg.tree_size
+    return prompt_len + constraint.list_length() + spec + 1
 
 
 def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock) -> list:

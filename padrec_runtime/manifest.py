@@ -150,7 +150,7 @@ def _engines(v, path):
     return _obj(v, path, {"builder": _one_of("tensorrt", "tensorrt_rtx"), "builder_version": _str,
                           "precision": _one_of(*PRECISIONS), "version_compatible": _bool,
                           "hardware_compatibility": _str, "embeds_host_code": _bool,
-                          "plans": _map(_str), "profile": lambda x, p: _map(_map(_shape))(x, p)},
+                          "plans": _map(_str), "profile": _map(_map(_map(_shape)))},
                 {"timing_cache": _str, "compute_capability": _str})
 
 

@@ -1,0 +1,109 @@
+"""The `padrec` command: demo, export, build (torch side) and the runtime's recommend."""
+from __future__ import annotations
+
+import click
+
+from padrec_runtime.cli import PadrecGroup, recommend
+
+
+@click.group(cls=PadrecGroup)
+def main():
+    """padrec: PAD-Rec speculative decoding for generative recommendation — export, build, run."""
+
+
+main.add_command(recommend)
+
+
+@main.command()
+@click.option("--target", "target_dir", required=True, type=click.Path(), help="target checkpoint directory")
+@click.option("--draft", "draft_dir", type=click.Path(), default=None, help="draft checkpoint directory")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="engine directory to write")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
+@click.option("--max-seq-len", type=int, default=512)
+@click.option("--max-history", type=int, default=50)
+@click.option("--max-batch", type=int, default=64)
+def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch):
+    """Export target (and draft) checkpoints to ONNX with a manifest."""
+    from .pipeline import export_checkpoints
+    m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch)
+    click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})")
+
+
+@main.command()
+@click.option("--engines", "engine_dir", required=True, type=click.Path())
+@click.option("--builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt")
+@click.option("--version-compatible", is_flag=True, help="plans for the lean runtime; they embed host code")
+@click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
+              default="NONE")
+@click.option("--timing-cache", type=click.Path(), default=None)
+@click.option("--compute-capability", default=None, help="tensorrt_rtx only, e.g. SM89")
+def build(engine_dir, builder, version_compatible, hardware_compatibility, timing_cache, compute_capability):
+    """Build TensorRT engines from an engine directory's ONNX graphs."""
+    from .build import BuildOptions, build_engines
+    m = build_engines(engine_dir, BuildOptions(builder, version_compatible, hardware_compatibility, timing_cache,
+                                               compute_capability))
+    click.echo(f"built {', '.join(m.tensorrt['plans'].values())} with {builder} {m.tensorrt['builder_version']}")
+
+
+@main.command()
+@click.option("--users", type=int, default=3, help="how many held-out users to show")
+@click.option("--engines", "engine_dir", type=click.Path(), default=None,
+              help="engine directory (default: the embedded default model, exported on first use)")
+@click.option("--speculate", type=click.Choice(["chain", "tree"]), default="chain")
+def demo(users, engine_dir, speculate):
+    """Recommend for a few users with the embedded default model: lists, tau, AR vs speculative time."""
+    from .demo import run_demo
+    run_demo(users, engine_dir, speculate)
+
+
+@main.command()
+@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k")
+@click.option("--out", "out_dir", required=True, type=click.Path(), help="directory for catalogue and checkpoints")
+@click.option("--epochs", type=int, default=30, help="target epochs")
+@click.option("--draft-epochs", type=int, default=10)
+@click.option("--batch-size", type=int, default=256)
+@click.option("--lr", type=float, default=3e-3)
+@click.option("--seed", type=int, default=0)
+@click.option("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast on GPU")
+@click.option("--hidden", type=int, default=256)
+@click.option("--layers", type=int, default=4)
+@click.option("--codebook", type=int, default=64)
+@click.option("--levels", type=int, default=4)
+@click.option("--users", type=int, default=None, help="train on the first N users only (smoke runs)")
+def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, bf16, hidden, layers, codebook, levels,
+          users):
+    """Semantic IDs, target and both drafts (PAD-Rec, plain EAGLE) on MovieLens."""
+    import json as _json
+
+    from .pipeline import ModelSize, TrainConfig, train_all
+    dtype = "bfloat16" if bf16 else "float32"
+    size = ModelSize(hidden=hidden, layers=layers, heads=max(1, hidden // 32), kv_heads=2,
+                     intermediate=int(hidden * 2.6875 / 8) * 8)
+    report = train_all(dataset, out_dir, size,
+                       TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, dtype=dtype),
+                       TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                                   dtype=dtype),
+                       levels=levels, codebook=codebook, users=users)
+    click.echo(_json.dumps(report, indent=2))
+
+
+@main.command()
+@click.option("--models", "model_dir", required=True, type=click.Path(), help="directory written by `padrec train`")
+@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k")
+@click.option("--users", type=int, default=None)
+@click.option("--json", "json_path", type=click.Path(), default=None)
+def evaluate(model_dir, dataset, users, json_path):
+    """Recall/NDCG of the target vs baselines and tau of both drafts, on held-out users."""
+    import json as _json
+    from pathlib import Path
+
+    from .pipeline import evaluate as run
+    report = run(model_dir, dataset, users=users)
+    text = _json.dumps(report, indent=2)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(text + "\n")
+    click.echo(text)
+if __name__ == "__main__":
+    main()

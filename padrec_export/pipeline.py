@@ -1,0 +1,204 @@
+"""End-to-end jobs: prepare semantic IDs, train target and drafts, evaluate, export checkpoints."""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from padrec_runtime.decode import DecodeConfig
+from padrec_runtime.errors import CheckpointError
+from padrec_runtime.layout import Catalogue, ListConstraint, TokenLayout
+
+from .checkpoint import load_draft, load_target, save_draft, save_target
+from .data import Interactions, item_titles, load_dataset, make_split
+from .models import DraftConfig, TargetConfig
+from .onnx_export import ExportLimits, export_engines
+from .reference import reference_generate
+from .semantic_ids import embed_texts, residual_kmeans
+from .train import TrainConfig, encode_example, train_draft, train_target
+
+DRAFTS = {"padrec": (True, True), "eagle": (False, False)}  # name -> (use_slot, use_step)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    hidden: int = 256
+    layers: int = 4
+    heads: int = 8
+    kv_heads: int = 2
+    intermediate: int = 688
+
+
+def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int, seed: int = 0,
+                      progress: bool = True) -> Catalogue:
+    """Semantic IDs for every item (reused from out/catalogue.json when present); titles never stored."""
+    layout = TokenLayout(levels, codebook)
+    path = out / "catalogue.json"
+    if path.exists():
+        return Catalogue.load(path, layout)
+    emb = embed_texts(data.item_text, progress=progress)
+    sid = residual_kmeans(emb, levels, codebook, seed)
+    cat = Catalogue(layout, data.item_ids, sid.sids)
+    out.mkdir(parents=True, exist_ok=True)
+    cat.save(path)
+    (out / "semantic_ids.json").write_text(json.dumps(sid.report, indent=2))
+    return cat
+
+
+def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: TrainConfig = TrainConfig(),
+              draft_cfg: TrainConfig = TrainConfig(epochs=4), levels: int = 4, codebook: int = 64,
+              users: int | None = None, progress: bool = True) -> dict:
+    """Catalogue, target, PAD-Rec and plain-EAGLE drafts under out/; returns the training report."""
+    out = Path(out)
+    data = load_dataset(dataset)
+    cat = prepare_catalogue(data, out, levels, codebook, target_cfg.seed, progress)
+    split = make_split(data, users=users)
+    seqs = [encode_example(cat, h, t) for h, t in split.train]
+    tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=size.hidden, n_layers=size.layers,
+                      n_heads=size.heads, n_kv_heads=size.kv_heads, intermediate_size=size.intermediate)
+    t0 = time.perf_counter()
+    target, curve = train_target(tc, seqs, target_cfg, progress)
+    report = {"dataset": dataset, "examples": len(seqs), "size": asdict(size),
+              "target": {"train": target_cfg.to_dict(), "loss_first": curve[0], "loss_last": float(np.mean(curve[-20:])),
+                         "seconds": time.perf_counter() - t0}}
+    meta = {"layout": {"levels": levels, "codebook": codebook}, "dataset": dataset}
+    save_target(target.cpu().float(), out / "target", extra=meta)
+    for name, (use_slot, use_step) in DRAFTS.items():
+        dc = DraftConfig(hidden_size=size.hidden, vocab_size=tc.vocab_size, n_heads=size.heads,
+                         n_kv_heads=size.kv_heads, intermediate_size=size.intermediate, n_slots=cat.layout.n_slots,
+                         use_slot=use_slot, use_step=use_step)
+        t0 = time.perf_counter()
+        draft, dcurve = train_draft(target, dc, seqs, draft_cfg, cat, progress)
+        save_draft(draft.cpu().float(), out / f"draft_{name}", extra={"dataset": dataset})
+        report[f"draft_{name}"] = {"train": draft_cfg.to_dict(), "loss_first": dcurve[0],
+                                   "loss_last": float(np.mean(dcurve[-20:])), "seconds": time.perf_counter() - t0,
+                                   "alpha": float(draft.alpha) if use_slot else None}
+    (out / "train_report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def load_trained(model_dir, draft: str = "padrec"):
+    """(catalogue, target, draft or None, meta) from a directory written by train_all."""
+    model_dir = Path(model_dir)
+    meta_path = model_dir / "target" / "padrec.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{model_dir}: no target/padrec.json | train with `padrec train` first")
+    meta = json.loads(meta_path.read_text())
+    layout = TokenLayout(**meta["layout"])
+    cat = Catalogue.load(model_dir / "catalogue.json", layout)
+    target = load_target(model_dir / "target")
+    d = load_draft(model_dir / f"draft_{draft}", target) if draft else None
+    return cat, target, d, meta
+
+
+def with_titles(cat: Catalogue, dataset: str | None) -> Catalogue:
+    """The catalogue with titles from the installed data package, when it is installed."""
+    titles = item_titles(dataset) if dataset else None
+    if not titles:
+        return cat
+    return Catalogue(cat.layout, cat.item_ids, cat.sids, [titles.get(int(i), "") for i in cat.item_ids])
+
+
+def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
+                       max_batch=64):
+    """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory."""
+    target_dir = Path(target_dir)
+    meta_path = target_dir / "padrec.json"
+    if not meta_path.exists():
+        raise CheckpointError(f"{target_dir}: no padrec.json (token layout) | export a padrec-trained target, or "
+                              "add padrec.json with {\"layout\": {\"levels\": L, \"codebook\": C}}")
+    meta = json.loads(meta_path.read_text())
+    layout = TokenLayout(**meta["layout"])
+    cat_path = target_dir / "catalogue.json"
+    if not cat_path.exists():
+        cat_path = target_dir.parent / "catalogue.json"
+    if not cat_path.exists():
+        raise CheckpointError(f"{target_dir}: no catalogue.json next to the target | it maps items to semantic IDs")
+    cat = with_titles(Catalogue.load(cat_path, layout), meta.get("dataset"))
+    target = load_target(target_dir)
+    draft = load_draft(draft_dir, target) if draft_dir else None
+    limits = ExportLimits(max_seq_len=max_seq_len, max_history=max_history, max_batch=max_batch)
+    return export_engines(target, draft, cat, out_dir, precision, limits)
+
+
+def ranking_metrics(lists: list, held_out: list, k: int) -> dict:
+    """Recall@k and NDCG@k (binary relevance) averaged over users."""
+    recall, ndcg = [], []
+    for rec, truth in zip(lists, held_out):
+        truth = set(truth)
+        hits = [1.0 if i in truth else 0.0 for i in rec[:k]]
+        recall.append(sum(hits) / len(truth))
+        ideal = sum(1.0 / np.log2(r + 2) for r in range(min(k, len(truth))))
+        ndcg.append(sum(h / np.log2(r + 2) for r, h in enumerate(hits)) / ideal)
+    return {f"recall@{k}": float(np.mean(recall)), f"ndcg@{k}": float(np.mean(ndcg))}
+
+
+def baseline_lists(data: Interactions, split, k: int) -> dict:
+    """Popularity and item co-occurrence lists for every test user, history items excluded."""
+    counts: dict = {}
+    co: dict = {}
+    for hist, nxt in split.train:
+        for i in nxt:
+            counts[i] = counts.get(i, 0) + 1
+    for user, hist, _ in split.test:
+        seq = data.sequences[user][:len(data.sequences[user]) - k]
+        for a, b in zip(seq, seq[1:]):
+            co.setdefault(a, {}).setdefault(b, 0)
+            co[a][b] += 1
+            co.setdefault(b, {}).setdefault(a, 0)
+            co[b][a] += 1
+    popular = sorted(counts, key=lambda i: -counts[i])
+    pop_lists, co_lists = [], []
+    for _, hist, _ in split.test:
+        seen = set(hist)
+        pop_lists.append([i for i in popular if i not in seen][:k])
+        score: dict = {}
+        for w, h in enumerate(reversed(hist)):
+            for j, c in co.get(h, {}).items():
+                if j not in seen:
+                    score[j] = score.get(j, 0.0) + c / (1 + 0.1 * w)
+        ranked = sorted(score, key=lambda j: (-score[j], -counts.get(j, 0)))
+        ranked += [i for i in popular if i not in seen and i not in score]
+        co_lists.append(ranked[:k])
+    return {"popularity": pop_lists, "co-occurrence": co_lists}
+
+
+def evaluate(model_dir, dataset: str, n_items: int = 10, users: int | None = None, batch: int = 32,
+             draft_steps: int = 4, tree_topk: int = 4, tree_size: int = 16, progress: bool = True) -> dict:
+    """Quality of the target's lists vs baselines, and tau of each draft (chain, tree), greedy."""
+    data = load_dataset(dataset)
+    split = make_split(data, n_items=n_items)
+    test = split.test[:users] if users else split.test
+    cat, target, _, _ = load_trained(model_dir, draft=None)
+    drafts = {name: load_draft(Path(model_dir) / f"draft_{name}", target) for name in DRAFTS}
+    con = ListConstraint(cat, n_items=n_items)
+    hist = [h for _, h, _ in test]
+    truth = [t for _, _, t in test]
+    report = {"dataset": dataset, "users": len(test), "n_items": n_items,
+              "decode": {"draft_steps": draft_steps, "tree_topk": tree_topk, "tree_size": tree_size}}
+    runs = [("ar", None, "off")] + [(f"{n}-{m}", n, m) for n in DRAFTS for m in ("chain", "tree")]
+    tokens: dict = {}
+    for name, draft, mode in tqdm(runs, desc="evaluate", disable=not progress):
+        cfg = DecodeConfig(speculate=mode, draft_steps=draft_steps, tree_topk=tree_topk, tree_size=tree_size)
+        toks, committed, t0 = [], [], time.perf_counter()
+        for s in range(0, len(hist), batch):
+            g = reference_generate(target, drafts.get(draft), hist[s:s + batch], con, cfg)
+            toks += g.tokens
+            committed += [c for row in g.committed for c in row]
+        tokens[name] = toks
+        report[name] = {"tau": float(np.mean(committed)), "seconds": time.perf_counter() - t0,
+                        "identical_to_ar": toks == tokens["ar"]}
+    lists = [cat.decode_list(t) for t in tokens["ar"]]
+    report["quality"] = {"target": ranking_metrics(lists, truth, n_items)}
+    for name, bl in baseline_lists(data, split, n_items).items():
+        report["quality"][name] = ranking_metrics(bl[:len(test)], truth, n_items)
+    return report
+
+
+def torch_threads(n: int = 2) -> None:
+    torch.set_num_threads(n)

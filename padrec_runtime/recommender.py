@@ -1,0 +1,146 @@
+"""The service API: a Recommender opened on an engine directory writes recommendation lists."""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .decode import DecodeConfig, DecodeSession, max_cache_len
+from .errors import BackendError, InputError
+from .kvcache import CacheSpec, KVRunner
+from .layout import Catalogue, ListConstraint
+from .manifest import load_manifest
+from .sampling import SamplingConfig
+
+BACKENDS = ("onnxruntime", "tensorrt")
+
+
+@dataclass(frozen=True)
+class Recommendation:
+    """One user's list."""
+
+    item_ids: list  # recommended item ids, in order
+    sids: list  # their semantic IDs
+    titles: list | None  # their titles when the catalogue has them
+    tokens: list  # the generated tokens, separators and eos included
+
+
+@dataclass
+class RecommendResult:
+    """Lists for a batch and what they took."""
+
+    lists: list  # Recommendation per history
+    tau: float  # tokens committed per target forward, bonus included
+    rounds: int  # target forwards after prefill
+    committed: list = field(repr=False)  # per row, tokens committed per round
+    time_s: dict = field(default_factory=dict)  # total / draft / verify / host seconds
+
+
+def _open_backend(manifest, graph: str, backend: str, device: str, trt_module: str, allow_host_code: bool,
+                  threads: int | None):
+    if backend == "onnxruntime":
+        from .backends.onnxruntime import OrtBackend
+        return OrtBackend(manifest, graph, device=device, threads=threads)
+    if backend == "tensorrt":
+        from .backends.tensorrt import TrtBackend
+        return TrtBackend(manifest, graph, module=trt_module, allow_host_code=allow_host_code)
+    raise BackendError(f"backend: got {backend!r} | expected one of {', '.join(BACKENDS)}")
+
+
+class Recommender:
+    """Loads engines once; `recommend` may be called from several threads (calls are serialised)."""
+
+    def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
+                 allow_host_code: bool = False, threads: int | None = None):
+        self.manifest = load_manifest(engine_dir)
+        m = self.manifest
+        self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
+        self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads)
+                         for g in m.data["graphs"]}
+        self._lock = threading.Lock()
+
+    @property
+    def limits(self) -> dict:
+        return self.manifest.model
+
+    def _runner(self, graph: str, batch: int, max_len: int) -> KVRunner:
+        from .backends.base import numpy_dtype
+        g = self.manifest.graph(graph)
+        kv = g["kv"]
+        spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], max_len)
+        return KVRunner(self.backends[graph].infer, spec, batch, numpy_dtype(kv["dtype"]))
+
+    def _check_histories(self, histories) -> list:
+        lim = self.limits
+        if not isinstance(histories, (list, tuple)) or not histories:
+            raise InputError("histories: expected a non-empty list of histories (lists of item ids)")
+        if len(histories) > lim["max_batch"]:
+            raise InputError(f"histories: batch of {len(histories)} | the engines take at most {lim['max_batch']}; "
+                             "split the batch")
+        out = []
+        for b, h in enumerate(histories):
+            if isinstance(h, np.ndarray):
+                h = h.tolist()
+            if not isinstance(h, (list, tuple)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
+                                                           for i in h):
+                raise InputError(f"histories[{b}]: expected a list of integer item ids, got {h!r:.80}")
+            if not h:
+                raise InputError(f"histories[{b}]: empty | give at least one item the user interacted with")
+            if len(h) > lim["max_history"]:
+                raise InputError(f"histories[{b}]: {len(h)} items | the engines take at most {lim['max_history']}; "
+                                 "keep the most recent ones")
+            if len(set(h)) != len(h):
+                raise InputError(f"histories[{b}]: item ids repeat | give each item once")
+            out.append([int(i) for i in h])
+        return out
+
+    def config(self, speculate: str = "chain", greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
+               top_p: float = 1.0, seed: int = 0, draft_steps: int | None = None, tree_topk: int | None = None,
+               tree_size: int | None = None) -> DecodeConfig:
+        """A DecodeConfig with the manifest's defaults for whatever is left out."""
+        lim = self.limits
+        if speculate != "off" and "draft" not in self.backends:
+            raise InputError("speculate: these engines have no draft | use speculate='off'")
+        return DecodeConfig(speculate=speculate, draft_steps=draft_steps or lim["draft_steps"],
+                            tree_topk=tree_topk or lim["tree_topk"], tree_size=tree_size or lim["tree_size"],
+                            sampling=SamplingConfig(greedy, temperature, top_k, top_p), seed=seed)
+
+    def start(self, histories, n_items: int | None = None, exclude_history: bool = True, **options) -> DecodeSession:
+        """A caller-owned decode: call `.step()` until `.done`, then `.result()`."""
+        histories = self._check_histories(histories)
+        lim = self.limits
+        n_items = lim["n_items"] if n_items is None else n_items
+        if not isinstance(n_items, int) or not 1 <= n_items <= lim["max_items"]:
+            raise InputError(f"n_items: got {n_items!r} | expected 1..{lim['max_items']}")
+        cfg = self.config(**options)
+        constraint = ListConstraint(self.catalogue, n_items=n_items, exclude_history=exclude_history)
+        prompts = [self.catalogue.prompt(h) for h in histories]
+        need = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
+        if need > lim["max_seq_len"]:
+            raise InputError(f"request needs {need} KV positions | the engines hold {lim['max_seq_len']}; use a "
+                             "shorter history, fewer items or less speculation")
+        B = len(prompts)
+        target = self._runner("target", B, need)
+        draft = self._runner("draft", B, need) if cfg.speculate != "off" else None
+        return DecodeSession(target, draft, prompts, histories, constraint, cfg)
+
+    def recommend(self, histories, n_items: int | None = None, exclude_history: bool = True,
+                  **options) -> RecommendResult:
+        """One list per history. options: speculate (off|chain|tree), greedy, temperature, top_k, top_p, seed,
+        draft_steps, tree_topk, tree_size."""
+        with self._lock:
+            session = self.start(histories, n_items, exclude_history, **options)
+            while not session.done:
+                session.step()
+            g = session.result()
+        lists = []
+        cat = self.catalogue
+        for toks in g.tokens:
+            items = cat.decode_list(toks)
+            idx = cat.index_of(items)
+            titles = [cat.titles[i] for i in idx] if cat.titles is not None else None
+            lists.append(Recommendation(items, cat.sids[idx].tolist(), titles, [int(t) for t in toks]))
+        return RecommendResult(lists, g.tau, g.rounds, g.committed,
+                               {"total": g.time_total_s, "draft": g.time_draft_s, "verify": g.time_verify_s,
+                                "host": g.time_host_s})
