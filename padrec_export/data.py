@@ -32,8 +32,9 @@ class Interactions:
 class Split:
     """List-wise examples: history -> the next N items; one held-out example per user for evaluation."""
 
-    train: list  # (history item ids, next N item ids)
-    test: list  # (user, history item ids, held-out N item ids)
+    train: list  # (history item ids, next N item ids), targets before the validation items
+    valid: list  # (user, history item ids, the N items before the test items): model selection
+    test: list  # (user, history item ids, held-out last N item ids)
 
 
 def _recbole_dir() -> Path:
@@ -102,8 +103,8 @@ def item_titles(name: str) -> dict | None:
 
 def make_split(data: Interactions, n_items: int = 10, max_history: int = 20, stride: int = 5,
                min_history: int = 3, users: int | None = None) -> Split:
-    """Per user: the last n_items held out (test); sliding windows over the rest (train)."""
-    train, test = [], []
+    """Per user: the last n_items held out (test), the n_items before them (valid), windows over the rest."""
+    train, valid, test = [], [], []
     for k, (user, seq) in enumerate(data.sequences.items()):
         if users is not None and k >= users:
             break
@@ -111,6 +112,10 @@ def make_split(data: Interactions, n_items: int = 10, max_history: int = 20, str
             continue
         cut = len(seq) - n_items
         test.append((user, seq[max(0, cut - max_history):cut], seq[cut:]))
-        for start in range(min_history, cut - n_items + 1, stride):
+        if cut - n_items < min_history:
+            continue
+        vcut = cut - n_items
+        valid.append((user, seq[max(0, vcut - max_history):vcut], seq[vcut:cut]))
+        for start in range(min_history, vcut - n_items + 1, stride):
             train.append((seq[max(0, start - max_history):start], seq[start:start + n_items]))
-    return Split(train, test)
+    return Split(train, valid, test)

@@ -59,12 +59,16 @@ def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: Trai
     cat = prepare_catalogue(data, out, levels, codebook, target_cfg.seed, progress)
     split = make_split(data, users=users)
     seqs = [encode_example(cat, h, t) for h, t in split.train]
+    valid = [encode_example(cat, h, t) for _, h, t in split.valid]
     tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=size.hidden, n_layers=size.layers,
                       n_heads=size.heads, n_kv_heads=size.kv_heads, intermediate_size=size.intermediate)
     t0 = time.perf_counter()
-    target, curve = train_target(tc, seqs, target_cfg, progress)
+    list_len = 10 * (levels + 1)
+    target, curves = train_target(tc, seqs, target_cfg, progress, valid=valid, list_len=list_len)
+    curve, vcurve = curves["loss"], curves["valid"]
     report = {"dataset": dataset, "examples": len(seqs), "size": asdict(size),
               "target": {"train": target_cfg.to_dict(), "loss_first": curve[0], "loss_last": float(np.mean(curve[-20:])),
+                         "valid_list_loss": vcurve, "best_epoch": int(np.argmin(vcurve)) + 1,
                          "seconds": time.perf_counter() - t0}}
     meta = {"layout": {"levels": levels, "codebook": codebook}, "dataset": dataset}
     save_target(target.cpu().float(), out / "target", extra=meta)

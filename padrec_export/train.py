@@ -73,15 +73,37 @@ def _autocast(cfg: TrainConfig):
     return torch.autocast(device_type=cfg.device.split(":")[0], dtype=torch.bfloat16, enabled=enabled)
 
 
-def train_target(tcfg: TargetConfig, seqs: list, cfg: TrainConfig, progress: bool = True) -> tuple[Target, list]:
-    """A target trained from scratch on next-token prediction over prompt + list; returns it and the loss curve."""
+def list_loss(model: Target, seqs: list, list_len: int, batch_size: int, device) -> float:
+    """Mean cross-entropy of the list tokens (the last list_len of each sequence): the validation metric."""
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for ids in batches(seqs, batch_size, np.random.default_rng(0), shuffle=False):
+            ids = ids.to(device)
+            B, T = ids.shape
+            logits, _, _ = model(ids, _positions(B, T, ids.device), _causal(B, T, ids.device),
+                                 model.empty_past(B, ids.device))
+            lengths = (ids != PAD).sum(1)
+            for b in range(B):
+                n = int(lengths[b])
+                lo = logits[b, n - list_len - 1:n - 1].float()
+                total += float(F.cross_entropy(lo, ids[b, n - list_len:n], reduction="sum"))
+                count += list_len
+    return total / max(count, 1)
+
+
+def train_target(tcfg: TargetConfig, seqs: list, cfg: TrainConfig, progress: bool = True,
+                 valid: list | None = None, list_len: int = 0) -> tuple[Target, dict]:
+    """A target trained from scratch on next-token prediction over prompt + list; returns it and its curves.
+
+    With `valid` sequences, the epoch with the lowest validation list loss is kept (early model selection).
+    """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = Target(tcfg).to(cfg.device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(seqs) / cfg.batch_size)
     sched = _schedule(opt, steps, cfg.warmup_steps)
-    curve = []
+    curve, valid_curve, best = [], [], None
     bar = tqdm(total=steps, desc="train target", disable=not progress)
     for epoch in range(cfg.epochs):
         for ids in batches(seqs, cfg.batch_size, rng):
@@ -99,11 +121,20 @@ def train_target(tcfg: TargetConfig, seqs: list, cfg: TrainConfig, progress: boo
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
             sched.step()
-            curve.append(float(loss))
+            curve.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(curve[-20:]):.3f}")
+        if valid:
+            model.eval()
+            v = list_loss(model, valid, list_len, cfg.batch_size, cfg.device)
+            model.train()
+            valid_curve.append(v)
+            if v <= min(valid_curve):
+                best = {k: t.detach().clone() for k, t in model.state_dict().items()}
     bar.close()
-    return model.eval(), curve
+    if valid:
+        model.load_state_dict(best)
+    return model.eval(), {"loss": curve, "valid": valid_curve}
 
 
 def _draft_step_mask(B: int, T: int, k: int, device) -> torch.Tensor:
@@ -183,7 +214,7 @@ def train_draft(target: Target, dcfg: DraftConfig, seqs: list, cfg: TrainConfig,
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             sched.step()
-            curve.append(float(loss))
+            curve.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(curve[-20:]):.3f}")
     bar.close()

@@ -52,7 +52,7 @@ class Recommender:
     """Loads engines once; `recommend` may be called from several threads (calls are serialised)."""
 
     def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
-                 allow_host_code: bool = False, threads: int | None = None):
+                 allow_host_code: bool = False, threads: int | None = 1):
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)

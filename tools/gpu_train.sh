@@ -11,4 +11,5 @@ nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 mkdir -p "$OUT/$dataset"
 cp .gpu_in/"$dataset"/* "$OUT/$dataset/"
 python3 -m padrec_export.cli train --dataset "$dataset" --out "$OUT/$dataset" --device cuda "$@" 2>&1 \
-  | grep -v "it/s]$" | tail -60
+  | tr "\r" "\n" | grep -v "it/s]$" | tail -40
+tar -C "$OUT" -czf "$OUT/$dataset.tar.gz" "$dataset" && rm -rf "${OUT:?}/$dataset"

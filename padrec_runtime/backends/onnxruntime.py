@@ -14,7 +14,7 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = None):
+    def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1):
         try:
             import onnxruntime as ort
         except ImportError:

@@ -1,0 +1,154 @@
+"""The torch-free runtime: golden parity, lossless speculation, batching, errors, CLI, TensorRT backend."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from padrec_export.golden import write_golden
+from padrec_runtime.errors import BackendError, InputError, IntegrityError, ManifestError, PadrecError
+from padrec_runtime.recommender import Recommender
+
+HERE = Path(__file__).parent
+
+
+def _histories(cat, seed, batch):
+    rng = np.random.default_rng(seed)
+    lens = [1, 4, 7, 11][:batch] if batch > 1 else [int(rng.integers(1, 12))]
+    return [rng.choice(cat.item_ids, size=n, replace=False).tolist() for n in lens]
+
+
+def test_golden_parity_without_torch(tiny, engines_master, tmp_path):
+    cat, target, draft = tiny
+    cases = []
+    for batch in (1, 4):
+        for mode in ("off", "chain", "tree"):
+            cases.append({"histories": _histories(cat, batch, batch), "n_items": 5, "speculate": mode,
+                          "draft_steps": 3, "tree_topk": 3, "tree_size": 8})
+    write_golden(tmp_path / "golden.json", target, draft, cat, cases)
+    out = subprocess.run([sys.executable, str(HERE / "golden_check.py"), str(engines_master),
+                          str(tmp_path / "golden.json")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "golden: all equal" in out.stdout
+
+
+def test_import_blocks_nothing_it_needs():
+    code = ("import sys, importlib.abc\n"
+            "class B(importlib.abc.MetaPathFinder):\n"
+            "    def find_spec(self, n, p=None, t=None):\n"
+            "        if n == 'torch' or n.startswith('torch.'): raise ImportError('blocked')\n"
+            "sys.meta_path.insert(0, B())\n"
+            "import padrec_runtime, padrec_runtime.recommender, padrec_runtime.cli\n"
+            "import padrec_runtime.backends.onnxruntime, padrec_runtime.backends.tensorrt\n"
+            "assert 'torch' not in sys.modules and 'padrec_export' not in sys.modules\n"
+            "print('ok')")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+@pytest.fixture(scope="module")
+def rec(engines_master):
+    return Recommender(engines_master)
+
+
+def test_speculation_equals_ar_on_many_histories(tiny, rec):
+    cat = tiny[0]
+    rng = np.random.default_rng(11)
+    hist = [rng.choice(cat.item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(24)]
+    ar = [r.tokens for part in (hist[:8], hist[8:16], hist[16:]) for r in rec.recommend(part, speculate="off").lists]
+    for mode in ("chain", "tree"):
+        for k in (1, 2, 4):
+            sd = [r.tokens for part in (hist[:8], hist[8:16], hist[16:])
+                  for r in rec.recommend(part, speculate=mode, draft_steps=k).lists]
+            assert sd == ar, (mode, k)
+
+
+def test_batch_equals_rows_alone(tiny, rec):
+    hist = _histories(tiny[0], 3, 4)
+    for mode in ("off", "chain", "tree"):
+        batch = rec.recommend(hist, speculate=mode)
+        for b, h in enumerate(hist):
+            assert rec.recommend([h], speculate=mode).lists[0].tokens == batch.lists[b].tokens
+
+
+def test_results_carry_items_sids_titles(tiny, rec):
+    cat = tiny[0]
+    r = rec.recommend([[1000, 1001]], n_items=4, speculate="tree").lists[0]
+    assert len(r.item_ids) == 4 and len(set(r.item_ids)) == 4 and not {1000, 1001} & set(r.item_ids)
+    idx = cat.index_of(r.item_ids)
+    assert r.sids == cat.sids[idx].tolist() and r.titles == [cat.titles[i] for i in idx]
+
+
+def test_step_api_streams_the_same_list(rec):
+    session = rec.start([[1003, 1004]], speculate="chain")
+    pieces = []
+    while not session.done:
+        pieces += session.step()[0]
+    full = rec.recommend([[1003, 1004]], speculate="chain").lists[0].tokens
+    assert session.result().tokens[0] == full and pieces == full[1:]
+
+
+@pytest.mark.parametrize("histories,options,pattern", [
+    ([[1000, 99999]], {}, r"unknown item ids \[99999\]"),
+    ([[]], {}, "empty"),
+    ([list(range(1000, 1013))], {}, "at most 12"),
+    ([[1000, 1000]], {}, "repeat"),
+    ([[1000]], {"n_items": 0}, "n_items"),
+    ([[1000]], {"n_items": 9}, "n_items"),
+    ([[1000]] * 9, {}, "batch of 9"),
+    ([], {}, "non-empty"),
+    ([["a"]], {}, "integer item ids"),
+    ([[1000]], {"speculate": "wide"}, "speculate"),
+    ([[1000]], {"draft_steps": 40}, "draft_steps"),
+    ([[1000]], {"greedy": False, "temperature": 0.0}, "temperature"),
+])
+def test_bad_requests_raise_input_error(rec, histories, options, pattern):
+    with pytest.raises(InputError, match=pattern):
+        rec.recommend(histories, **options)
+
+
+def test_bad_engine_directories(engines, tmp_path):
+    with pytest.raises(ManifestError, match="not found"):
+        Recommender(tmp_path / "nowhere")
+    (engines / "draft.onnx").unlink()
+    with pytest.raises(IntegrityError, match="draft.onnx: missing"):
+        Recommender(engines)
+    m = json.loads((engines / "manifest.json").read_text())
+    m["schema_version"] = 2
+    (engines / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="schema_version: got 2 .* reads versions 1"):
+        Recommender(engines)
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "padrec_export.cli", *args], capture_output=True, text=True)
+
+
+def test_cli_recommend_and_errors(engines_master, engines):
+    ok = _cli("recommend", "--engines", str(engines_master), "--history", "1000,1001,1002", "--json")
+    assert ok.returncode == 0, ok.stderr
+    data = json.loads(ok.stdout)
+    assert len(data["lists"][0]["item_ids"]) == 5 and data["tau"] >= 1
+    for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
+                      (["--history", "1,x"], "comma-separated")]:
+        bad = _cli("recommend", "--engines", str(engines_master), *args)
+        assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
+    (engines / "target.onnx").write_bytes(b"garbage")
+    bad = _cli("recommend", "--engines", str(engines), "--history", "1000")
+    assert bad.returncode == 1 and "target.onnx" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_tensorrt_backend_as_far_as_this_machine_goes(engines):
+    pytest.importorskip("tensorrt_rtx")
+    from padrec_export.build import BuildOptions, build_engines
+    build_engines(engines, BuildOptions(builder="tensorrt_rtx"), progress=False)
+    with pytest.raises(BackendError, match="cannot run on the tensorrt runtime"):
+        Recommender(engines, backend="tensorrt", trt_module="tensorrt")
+    with pytest.raises(BackendError) as err:
+        Recommender(engines, backend="tensorrt", trt_module="tensorrt_rtx")
+    # no GPU here: deserialization is where it stops, with what a user on an unsupported GPU reads
+    assert "could not deserialize" in str(err.value) and "rebuild on the target machine" in str(err.value)
+    with pytest.raises(PadrecError, match="backend"):
+        Recommender(engines, backend="tvm")
