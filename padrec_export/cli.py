@@ -105,5 +105,58 @@ def evaluate(model_dir, dataset, users, json_path):
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text + "\n")
     click.echo(text)
+@main.command()
+@click.option("--engines", "engine_dir", required=True, type=click.Path())
+@click.option("--target", "target_dir", required=True, type=click.Path(), help="target checkpoint the engines came from")
+@click.option("--draft", "draft_dir", type=click.Path(), default=None, help="draft checkpoint")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--histories", "n_histories", type=int, default=32, help="random histories for tiers 2 and 3")
+@click.option("--report", "report_path", type=click.Path(), default=None, help="JSON report (and .md beside it)")
+def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, report_path):
+    """QA: engines vs PyTorch — per-graph tensors, greedy lists, acceptance. Exits 1 on failure."""
+    import json as _json
+    from pathlib import Path
+
+    from .parity import parity_markdown, parity_summary, run_parity
+    report = run_parity(engine_dir, target_dir, draft_dir, backend, device, n_histories=n_histories)
+    if report_path:
+        path = Path(report_path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(_json.dumps(report, indent=2) + "\n")
+        path.with_suffix(".md").write_text(parity_markdown(report))
+    click.echo(parity_summary(report))
+    if not report["ok"]:
+        raise SystemExit(1)
+
+
+@main.command()
+@click.option("--engines", "engine_dir", required=True, type=click.Path())
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--batch", "batches", default="1,8,32", help="comma-separated batch sizes")
+@click.option("--repeats", type=int, default=5)
+@click.option("--target", "target_dir", type=click.Path(), default=None, help="also time PyTorch eager on this target")
+@click.option("--draft", "draft_dir", type=click.Path(), default=None)
+@click.option("--dataset", default="ml-100k", help="held-out histories from this data set when installed")
+@click.option("--json", "json_path", type=click.Path(), default=None)
+@click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG")
+def bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path):
+    """AR vs chain vs tree speculation on one backend (and PyTorch eager): latency, throughput, tau."""
+    import json as _json
+    from pathlib import Path
+
+    from padrec_runtime.cli import parse_ids
+
+    from .bench import bench_plot, bench_table, run_bench
+    report = run_bench(engine_dir, backend, device, parse_ids(batches, "batch"), repeats, target_dir, draft_dir, dataset)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
+    if plot_path:
+        bench_plot(report, plot_path)
+    click.echo(bench_table(report))
+
+
 if __name__ == "__main__":
     main()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from padrec_runtime.backends.base import numpy_dtype
+from padrec_runtime.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
 from .reference import _call
@@ -30,61 +30,6 @@ class Comparison:
         return dict(self.__dict__)
 
 
-def _tree_mask(parents: list) -> np.ndarray:
-    T = len(parents)
-    m = np.zeros((T, T), dtype=bool)
-    for i, p in enumerate(parents):
-        m[i, i] = True
-        while p >= 0:
-            m[i, p] = True
-            p = parents[p]
-    return m
-
-
-def graph_cases(model, is_draft: bool, precision: str, seed: int = 0, batch: int = 2, past: int = 13) -> list:
-    """(name, feeds) pairs: prefill, chain verify and tree verify over a past KV; every step and slot for a draft."""
-    rng = np.random.default_rng(seed)
-    c = model.cfg
-    dt = numpy_dtype("float32")
-    n_layers = 1 if is_draft else c.n_layers
-    cases = []
-
-    def feeds(T, P, mask_new, steps=None, slots=None):
-        f = {"input_ids": rng.integers(5, c.vocab_size, (batch, T)).astype(np.int32),
-             "position_ids": (P + np.arange(T, dtype=np.int32))[None].repeat(batch, 0)}
-        mask = np.ones((batch, T, P + T), dtype=bool)
-        mask[:, :, P:] = mask_new
-        if P > 2:
-            mask[0, :, P - 2:P] = False  # row 0 is shorter: its last two past slots are padding
-        f["attention_mask"] = mask
-        for i in range(n_layers):
-            for part in ("key", "value"):
-                f[f"past.{i}.{part}"] = rng.standard_normal((batch, c.n_kv_heads, P, c.head_dim)).astype(dt)
-        if is_draft:
-            f["hidden_in"] = rng.standard_normal((batch, T, c.hidden_size)).astype(dt)
-            f["step"] = np.full((batch, T), 0 if steps is None else steps, np.int32)
-            f["slot"] = rng.integers(0, c.n_slots, (batch, T)).astype(np.int32) if slots is None else \
-                np.full((batch, T), slots, np.int32)
-        return f
-
-    causal = lambda T: np.tril(np.ones((T, T), dtype=bool))  # noqa: E731
-    cases.append(("prefill", feeds(11, 0, causal(11))))
-    cases.append(("chain-verify", feeds(5, past, causal(5))))
-    cases.append(("tree-verify", feeds(7, past, _tree_mask([-1, 0, 0, 1, 1, 2, 3]))))
-    if is_draft:
-        for step in range(c.max_steps + 1):  # one past the last embedding: the clamp must hold too
-            cases.append((f"step-{step}", feeds(3, past, _tree_mask([-1, -1, 0]), steps=step)))
-        for slot in range(c.n_slots):
-            cases.append((f"slot-{slot}", feeds(2, past, causal(2), steps=1, slots=slot)))
-    if precision != "fp32":
-        lowp = numpy_dtype({"fp16": "float16", "bf16": "bfloat16"}[precision])
-        for _, f in cases:
-            for k in list(f):
-                if f[k].dtype == np.float32:
-                    f[k] = f[k].astype(lowp)
-    return cases
-
-
 def torch_outputs(model, is_draft: bool, feeds: dict, precision: str) -> dict:
     """PyTorch outputs (as float32 numpy) of the model cast to the engine's precision."""
     if precision != "fp32":
@@ -95,7 +40,10 @@ def torch_outputs(model, is_draft: bool, feeds: dict, precision: str) -> dict:
 def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precision: str, seed: int = 0) -> list:
     """Comparisons of every output of every case between PyTorch and the backend."""
     rows = []
-    for case, feeds in graph_cases(model, is_draft, precision, seed):
+    c = model.cfg
+    cases = graph_cases(spec, is_draft, vocab_size=c.vocab_size, n_slots=getattr(c, "n_slots", None),
+                        n_steps=getattr(c, "max_steps", 0) + 1, seed=seed)
+    for case, feeds in cases:
         ref = torch_outputs(model, is_draft, feeds, precision)
         got = backend.infer(feeds)
         for out, r in ref.items():
@@ -107,3 +55,131 @@ def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precisi
                                    tol["atol"], tol["rtol"],
                                    bool(np.all(diff <= tol["atol"] + tol["rtol"] * np.abs(r)))))
     return rows
+
+
+def _first_divergence(a: list, b: list):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
+
+
+def _margin(target, catalogue, history, prefix, constraint) -> float:
+    """Reference target's gap between its two best allowed logits after `prefix`: small means a near-tie."""
+    prompt = catalogue.prompt(history)
+    ids = np.concatenate([prompt, prefix]).astype(np.int32)[None]
+    T = ids.shape[1]
+    with torch.inference_mode():
+        logits, _, _ = target(torch.from_numpy(ids), torch.arange(T, dtype=torch.int32)[None],
+                              torch.tril(torch.ones(T, T, dtype=torch.bool))[None], target.empty_past(1))
+    state = constraint.start(history)
+    for tok in prefix:
+        state = constraint.advance(state, tok)
+    x = np.sort(logits[0, -1].float().numpy()[constraint.allowed(state)])
+    return float(x[-1] - x[-2]) if len(x) > 1 else float("inf")
+
+
+def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxruntime", device: str = "cpu",
+               histories: list | None = None, n_histories: int = 32, seed: int = 0, progress: bool = True) -> dict:
+    """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok'])."""
+    from tqdm import tqdm
+
+    from padrec_runtime.decode import DecodeConfig
+    from padrec_runtime.layout import ListConstraint
+    from padrec_runtime.recommender import Recommender
+
+    from .checkpoint import load_draft, load_target
+    from .reference import reference_generate
+
+    rec = Recommender(engine_dir, backend=backend, device=device)
+    m = rec.manifest
+    target = load_target(target_dir)
+    draft = load_draft(draft_dir, target) if draft_dir else None
+    report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
+    rows = []
+    for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):
+        model = draft if graph == "draft" else target
+        if model is None:
+            continue
+        rows += compare_graph(graph, model, graph == "draft", rec.backends[graph], m.graph(graph), m.precision, seed)
+    report["tiers"]["graphs"] = {"ok": all(r.ok for r in rows), "rows": [r.to_dict() for r in rows]}
+
+    cat = rec.catalogue
+    if histories is None:
+        rng = np.random.default_rng(seed)
+        hmax = min(m.model["max_history"], 20)
+        histories = [rng.choice(cat.item_ids, size=int(rng.integers(1, hmax + 1)), replace=False).tolist()
+                     for _ in range(n_histories)]
+    con = ListConstraint(cat, n_items=m.model["n_items"])
+    near_tie = 2 * m.graph("target")["tolerances"]["logits"]["atol"]
+    lists, taus = [], []
+    modes = ["off"] + (["chain", "tree"] if draft is not None and "draft" in rec.backends else [])
+    for mode in tqdm(modes, desc="parity: lists", disable=not progress):
+        cfg = rec.config(speculate=mode)
+        for s in range(0, len(histories), 8):
+            part = histories[s:s + 8]
+            got = rec.recommend(part, speculate=mode)
+            ref = reference_generate(target, draft, part, con, cfg)
+            for h, g, want in zip(part, got.lists, ref.tokens):
+                i = _first_divergence(g.tokens, want)
+                row = {"mode": mode, "history": h, "equal": i is None}
+                if i is not None:
+                    row["first_divergence"] = i
+                    row["margin"] = _margin(target, cat, h, want[:i], con)
+                    row["near_tie"] = row["margin"] <= near_tie
+                lists.append(row)
+            if mode != "off":
+                taus.append({"mode": mode, "runtime": got.tau, "reference": ref.tau})
+    bugs = [r for r in lists if not r["equal"] and not r.get("near_tie")]
+    report["tiers"]["lists"] = {"ok": not bugs, "compared": len(lists), "equal": sum(r["equal"] for r in lists),
+                                "near_ties": sum(bool(r.get("near_tie")) for r in lists), "diverged": lists and
+                                [r for r in lists if not r["equal"]][:20]}
+    tau = {}
+    for mode in ("chain", "tree"):
+        pts = [t for t in taus if t["mode"] == mode]
+        if pts:
+            tau[mode] = {"runtime": float(np.mean([p["runtime"] for p in pts])),
+                         "reference": float(np.mean([p["reference"] for p in pts]))}
+    tol = 1e-9 if m.precision == "fp32" else 0.1
+    report["tiers"]["acceptance"] = {"ok": all(abs(v["runtime"] - v["reference"]) <= tol * max(1, v["reference"])
+                                               for v in tau.values()), "tau": tau}
+    report["ok"] = all(t["ok"] for t in report["tiers"].values())
+    return report
+
+
+def parity_markdown(report: dict) -> str:
+    """A readable page of the report's tables."""
+    lines = [f"# padrec parity: {report['engines']}", "",
+             f"backend {report['backend']} ({report['device']}), precision {report['precision']}: "
+             f"**{'PASS' if report['ok'] else 'FAIL'}**", "", "## Tier 1: graphs", "",
+             "| graph | case | output | max abs | max rel | atol | rtol | ok |", "|---|---|---|---|---|---|---|---|"]
+    for r in report["tiers"]["graphs"]["rows"]:
+        lines.append(f"| {r['graph']} | {r['case']} | {r['output']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
+                     f"{r['atol']:.0e} | {r['rtol']:.0e} | {'yes' if r['ok'] else '**NO**'} |")
+    t2 = report["tiers"]["lists"]
+    lines += ["", "## Tier 2: greedy lists vs the PyTorch reference", "",
+              f"{t2['equal']} of {t2['compared']} equal; {t2['near_ties']} fp near-ties; ok: {t2['ok']}", ""]
+    for r in t2["diverged"] or []:
+        lines.append(f"- {r['mode']}: first divergence at token {r['first_divergence']}, margin {r['margin']:.3g}"
+                     f"{' (near-tie)' if r['near_tie'] else ''}")
+    lines += ["", "## Tier 3: acceptance length", "", "| mode | runtime tau | reference tau |", "|---|---|---|"]
+    for mode, v in report["tiers"]["acceptance"]["tau"].items():
+        lines.append(f"| {mode} | {v['runtime']:.3f} | {v['reference']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def parity_summary(report: dict) -> str:
+    g = report["tiers"]["graphs"]
+    worst: dict = {}
+    for r in g["rows"]:
+        key = (r["graph"], r["output"].split(".")[0])
+        worst[key] = max(worst.get(key, 0.0), r["max_abs"])
+    out = [f"tier 1 graphs: {'ok' if g['ok'] else 'FAIL'}"]
+    out += [f"  {k[0]:6s} {k[1]:7s} max abs {v:.2e}" for k, v in sorted(worst.items())]
+    out += [f"  FAIL {r['graph']}/{r['case']}/{r['output']}: max abs {r['max_abs']:.3g} > atol {r['atol']:.0e}"
+            for r in g["rows"] if not r["ok"]][:10]
+    t2 = report["tiers"]["lists"]
+    out.append(f"tier 2 lists: {'ok' if t2['ok'] else 'FAIL'} ({t2['equal']}/{t2['compared']} equal, "
+               f"{t2['near_ties']} near-ties)")
+    t3 = report["tiers"]["acceptance"]
+    out.append(f"tier 3 acceptance: {'ok' if t3['ok'] else 'FAIL'} " + ", ".join(
+        f"{k} tau {v['runtime']:.3f} (reference {v['reference']:.3f})" for k, v in t3["tau"].items()))
+    out.append("PASS" if report["ok"] else "FAIL")
+    return "\n".join(out)

@@ -7,7 +7,8 @@ import numpy as np
 import onnx
 import pytest
 
-from padrec_export.parity import compare_graph, graph_cases
+from padrec_export.parity import compare_graph
+from padrec_runtime.qa_feeds import graph_cases
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.errors import IntegrityError, ManifestError
 from padrec_runtime.manifest import load_manifest
@@ -46,7 +47,7 @@ def test_step_and_slot_are_live_inputs(tiny, engines_master):
     m = load_manifest(engines_master)
     ort = OrtBackend(m, "draft")
     from padrec_export.parity import torch_outputs
-    feeds = dict(graph_cases(draft, True, "fp32")[3][1])
+    feeds = dict(graph_cases(m.graph("draft"), True, vocab_size=draft.cfg.vocab_size, n_slots=draft.cfg.n_slots)[3][1])
     outs = {}
     for step, slot in [(0, 0), (1, 0), (2, 0), (1, 2)]:
         f = dict(feeds, step=np.full_like(feeds["step"], step), slot=np.full_like(feeds["slot"], slot))

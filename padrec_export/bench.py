@@ -1,0 +1,129 @@
+"""`padrec bench`: AR vs chain vs tree speculation on one backend (plus PyTorch eager), same inputs, JSON + plot."""
+from __future__ import annotations
+
+import importlib.metadata as md
+import os
+import platform
+import resource
+import time
+
+import numpy as np
+from tqdm import tqdm
+
+from padrec_runtime.recommender import Recommender
+
+MODES = ("off", "chain", "tree")
+
+
+def hardware() -> dict:
+    cpu = platform.processor()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), cpu)
+    except OSError:
+        pass
+    info = {"cpu": cpu, "cpu_count": os.cpu_count(), "machine": platform.machine(), "python": platform.python_version()}
+    for pkg in ("onnxruntime", "onnxruntime-gpu", "numpy", "torch"):
+        try:
+            info[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return info
+
+
+def bench_histories(rec: Recommender, n: int, dataset: str | None, seed: int = 0) -> list:
+    """Held-out users' histories when the data package is there, else fixed random catalogue histories."""
+    if dataset:
+        try:
+            from .data import load_dataset, make_split
+            test = make_split(load_dataset(dataset)).test
+            return [h[-rec.limits["max_history"]:] for _, h, _ in (test * (1 + n // len(test)))[:n]]
+        except Exception:  # data package absent: fall back to random histories
+            pass
+    rng = np.random.default_rng(seed)
+    ids = rec.catalogue.item_ids
+    longest = min(20, rec.limits["max_history"])
+    return [rng.choice(ids, size=int(rng.integers(min(5, longest), longest + 1)), replace=False).tolist()
+            for _ in range(n)]
+
+
+def _measure(run, repeats: int) -> dict:
+    run()  # warm-up
+    times, last = [], None
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        last = run()
+        times.append(time.perf_counter() - t0)
+    return {"times": times, "result": last}
+
+
+def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", batches=(1, 8, 32), repeats: int = 5,
+              target_dir=None, draft_dir=None, dataset: str | None = "ml-100k", progress: bool = True) -> dict:
+    """Every mode at every batch size on the same histories; PyTorch eager too when checkpoints are given."""
+    rec = Recommender(engine_dir, backend=backend, device=device)
+    hist_all = bench_histories(rec, max(batches), dataset)
+    torch_models = None
+    if target_dir:
+        from .checkpoint import load_draft, load_target
+        t = load_target(target_dir)
+        torch_models = (t, load_draft(draft_dir, t) if draft_dir else None)
+    rows = []
+    jobs = [(b, m, eng) for b in batches for m in MODES for eng in (["runtime"] + (["pytorch"] if torch_models else []))]
+    for batch, mode, engine in tqdm(jobs, desc="bench", disable=not progress):
+        hist = hist_all[:batch]
+        if engine == "runtime":
+            run = lambda: rec.recommend(hist, speculate=mode)  # noqa: E731
+        else:
+            from padrec_runtime.layout import ListConstraint
+
+            from .reference import reference_generate
+            con = ListConstraint(rec.catalogue, n_items=rec.limits["n_items"])
+            cfg = rec.config(speculate=mode)
+            run = lambda: reference_generate(torch_models[0], torch_models[1], hist, con, cfg)  # noqa: E731
+        m = _measure(run, repeats)
+        res = m["result"]
+        split = res.time_s if engine == "runtime" else {"draft": res.time_draft_s, "verify": res.time_verify_s,
+                                                          "host": res.time_host_s, "total": res.time_total_s}
+        ms = np.array(m["times"]) * 1e3
+        rows.append({"engine": engine, "backend": backend if engine == "runtime" else "pytorch-eager",
+                     "mode": mode, "batch": batch, "ms_per_list_median": float(np.median(ms)),
+                     "ms_per_list_p90": float(np.percentile(ms, 90)), "lists_per_s": batch / float(np.median(ms)) * 1e3,
+                     "tau": float(res.tau), "time_split_ms": {k: v * 1e3 for k, v in split.items()}})
+    for r in rows:
+        base = next(x for x in rows if x["engine"] == r["engine"] and x["batch"] == r["batch"] and x["mode"] == "off")
+        r["speedup_vs_ar"] = base["ms_per_list_median"] / r["ms_per_list_median"]
+    return {"engines": str(engine_dir), "precision": rec.manifest.precision, "device": device, "repeats": repeats,
+            "hardware": hardware(), "n_items": rec.limits["n_items"], "draft_steps": rec.limits["draft_steps"],
+            "tree": {"topk": rec.limits["tree_topk"], "size": rec.limits["tree_size"]},
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
+
+
+def bench_table(report: dict) -> str:
+    lines = ["| engine | batch | mode | ms/list (median) | p90 | lists/s | tau | speedup vs AR |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['mode']} | {r['ms_per_list_median']:.1f} | "
+                     f"{r['ms_per_list_p90']:.1f} | {r['lists_per_s']:.1f} | {r['tau']:.2f} | {r['speedup_vs_ar']:.2f}x |")
+    return "\n".join(lines)
+
+
+def bench_plot(report: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    engines = sorted({r["backend"] for r in report["rows"]})
+    batches = sorted({r["batch"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, len(engines), figsize=(5 * len(engines), 3.6), squeeze=False)
+    for ax, eng in zip(axes[0], engines):
+        width = 0.8 / len(MODES)
+        for k, mode in enumerate(MODES):
+            ys = [next((r["ms_per_list_median"] for r in report["rows"] if r["backend"] == eng and r["batch"] == b
+                        and r["mode"] == mode), np.nan) for b in batches]
+            ax.bar(np.arange(len(batches)) + k * width, ys, width, label={"off": "AR"}.get(mode, mode))
+        ax.set_xticks(np.arange(len(batches)) + width, [f"batch {b}" for b in batches])
+        ax.set_ylabel("ms per batch call (median)")
+        ax.set_title(f"{eng} ({report['precision']}, {report['hardware']['cpu'][:28]})", fontsize=9)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

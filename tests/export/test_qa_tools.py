@@ -1,0 +1,72 @@
+"""`padrec parity` passes on good engines and names the output of a perturbed graph; `padrec bench` reports."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from padrec_export.bench import bench_plot, run_bench
+from padrec_export.checkpoint import save_draft, save_target
+from padrec_runtime.manifest import load_manifest, write_manifest
+
+
+def _cli(*args):
+    return subprocess.run([sys.executable, "-m", "padrec_export.cli", *args], capture_output=True, text=True)
+
+
+def _checkpoints(tiny, tmp_path):
+    cat, target, draft = tiny
+    save_target(target, tmp_path / "target")
+    save_draft(draft, tmp_path / "draft")
+    return tmp_path / "target", tmp_path / "draft"
+
+
+def test_parity_passes_then_fails_on_a_perturbed_graph(tiny, engines, tmp_path):
+    t, d = _checkpoints(tiny, tmp_path)
+    ok = _cli("parity", "--engines", str(engines), "--target", str(t), "--draft", str(d), "--histories", "8",
+              "--report", str(tmp_path / "ok.json"))
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "PASS" in ok.stdout and json.loads((tmp_path / "ok.json").read_text())["ok"]
+    assert (tmp_path / "ok.md").read_text().startswith("# padrec parity")
+
+    model = onnx.load(engines / "target.onnx")
+    init = next(i for i in model.graph.initializer if "lm_head" in i.name or i.name.endswith("weight")
+                and len(i.dims) == 2)
+    w = numpy_helper.to_array(init).copy()
+    w[:, :4] += 0.05  # a small, real-looking corruption of one weight
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, engines / "target.onnx")
+    write_manifest(engines, load_manifest(engines, verify=False).data)  # re-sign: only numbers can catch it now
+    bad = _cli("parity", "--engines", str(engines), "--target", str(t), "--draft", str(d), "--histories", "8",
+               "--report", str(tmp_path / "bad.json"))
+    assert bad.returncode == 1, bad.stdout + bad.stderr
+    assert "FAIL target/" in bad.stdout and "tier 1 graphs: FAIL" in bad.stdout
+    report = json.loads((tmp_path / "bad.json").read_text())
+    failed = {r["output"] for r in report["tiers"]["graphs"]["rows"] if not r["ok"]}
+    assert failed and all(r["graph"] == "target" for r in report["tiers"]["graphs"]["rows"] if not r["ok"])
+
+
+def test_polygraphy_runs_with_the_shipped_data_loader(engines_master):
+    out = subprocess.run(["polygraphy", "run", str(engines_master / "draft.onnx"), "--onnxrt",
+                          "--data-loader-script", "tools/polygraphy_loader.py:load_draft"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "PASSED" in out.stdout + out.stderr
+
+
+def test_bench_reports_every_mode_and_plots(tiny, engines_master, tmp_path):
+    t, d = _checkpoints(tiny, tmp_path)
+    report = run_bench(engines_master, batches=(1, 2), repeats=1, target_dir=t, draft_dir=d, dataset=None,
+                       progress=False)
+    rows = report["rows"]
+    assert {(r["backend"], r["mode"], r["batch"]) for r in rows} == {
+        (e, m, b) for e in ("onnxruntime", "pytorch-eager") for m in ("off", "chain", "tree") for b in (1, 2)}
+    assert all(r["ms_per_list_median"] > 0 and r["tau"] >= 1 for r in rows)
+    assert all(r["tau"] == 1 for r in rows if r["mode"] == "off")
+    assert report["hardware"]["cpu_count"] >= 1 and "onnxruntime" in report["hardware"]
+    bench_plot(report, tmp_path / "bench.png")
+    png = (tmp_path / "bench.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
+    assert np.isfinite([r["speedup_vs_ar"] for r in rows]).all()
