@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import InputError
+from .errors import BackendError, InputError
 
 KV_INPUT = ("past.%d.key", "past.%d.value")
 KV_OUTPUT = ("new.%d.key", "new.%d.value")
@@ -34,8 +34,13 @@ class KVRunner:
         self._forward = forward
         self.spec = spec
         shape = (batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
-        self.keys = [np.zeros(shape, dtype) for _ in range(spec.n_layers)]
-        self.values = [np.zeros(shape, dtype) for _ in range(spec.n_layers)]
+        nbytes = 2 * spec.n_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
+        try:
+            self.keys = [np.zeros(shape, dtype) for _ in range(spec.n_layers)]
+            self.values = [np.zeros(shape, dtype) for _ in range(spec.n_layers)]
+        except MemoryError:
+            raise BackendError(f"kv cache: out of memory allocating {nbytes / 2**20:.0f} MiB for batch {batch} x "
+                               f"{spec.max_len} positions | lower the batch or the history length") from None
         self.lengths = np.zeros(batch, dtype=np.int64)  # committed entries per row
         self.scratch = 0  # uncommitted entries behind every row's committed ones
 

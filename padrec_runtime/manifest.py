@@ -229,9 +229,19 @@ def parse_manifest(data, root: Path = Path(".")) -> Manifest:
     _obj(data, "(top)", {"format": _str, "schema_version": _int(), "producer": _map(_str),
                          "precision": _one_of(*PRECISIONS), "model": _model,
                          "graphs": _map(_graph), "files": _map(_file)}, {"tensorrt": _engines})
+    unknown = sorted(set(data["graphs"]) - {"target", "draft"})
+    if unknown or "target" not in data["graphs"]:
+        _fail("graphs", sorted(data["graphs"]), "a target graph and optionally a draft graph")
     for name, g in data["graphs"].items():
         if g["file"] not in data["files"]:
             _fail(f"graphs.{name}.file", g["file"], "a file listed under files")
+        needed = ("hidden_in", "step", "slot") if name == "draft" else ()
+        for inp in needed:
+            if inp not in g["inputs"]:
+                _fail(f"graphs.{name}.inputs.{inp}", "nothing", "this input")
+        for key in ("key_input", "value_input", "key_output", "value_output"):
+            if g["kv"][key].count("%d") != 1:
+                _fail(f"graphs.{name}.kv.{key}", g["kv"][key], "a name template with one %d")
     if data["model"]["catalogue"] not in data["files"]:
         _fail("model.catalogue", data["model"]["catalogue"], "a file listed under files")
     return Manifest(Path(root), data)

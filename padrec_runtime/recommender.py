@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .decode import DecodeConfig, DecodeSession, max_cache_len
-from .errors import BackendError, InputError
+from .errors import BackendError, InputError, ManifestError
 from .kvcache import CacheSpec, KVRunner
 from .layout import Catalogue, ListConstraint
 from .manifest import load_manifest
@@ -48,6 +48,20 @@ def _open_backend(manifest, graph: str, backend: str, device: str, trt_module: s
     raise BackendError(f"backend: got {backend!r} | expected one of {', '.join(BACKENDS)}")
 
 
+def _check_pairing(m) -> None:
+    """The draft must read the target's features and speak its vocabulary."""
+    vocab = m.layout.vocab_size
+    for name, g in m.data["graphs"].items():
+        got = g["outputs"]["logits"]["shape"][-1]
+        if got != vocab:
+            raise ManifestError(f"graphs.{name}.outputs.logits: vocabulary {got} | layout has {vocab} | re-export")
+    if "draft" in m.data["graphs"]:
+        t, d = m.graph("target"), m.graph("draft")
+        if d["hidden_size"] != t["hidden_size"] or d["inputs"]["hidden_in"]["shape"][-1] != t["hidden_size"]:
+            raise ManifestError(f"graphs.draft.hidden_size: {d['hidden_size']} | target has {t['hidden_size']} | "
+                                "the draft was not trained for this target; export them together")
+
+
 class Recommender:
     """Loads engines once; `recommend` may be called from several threads (calls are serialised)."""
 
@@ -56,6 +70,7 @@ class Recommender:
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
+        _check_pairing(m)
         self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads)
                          for g in m.data["graphs"]}
         self._lock = threading.Lock()

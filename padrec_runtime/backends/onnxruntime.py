@@ -52,6 +52,15 @@ class OrtBackend:
                 if got[name] != dtype:
                     raise ManifestError(f"graphs.{self.graph_name}.{kind}.{name}.dtype: graph has {got[name]}, "
                                         f"manifest {dtype} | re-export the engines")
+        declared = {**self.spec["inputs"], **self.spec["outputs"]}
+        for node in (*self.session.get_inputs(), *self.session.get_outputs()):
+            want = declared.get(node.name, {}).get("shape")
+            if want is None:
+                continue
+            for axis, (g, w) in enumerate(zip(node.shape, want)):
+                if isinstance(g, int) and isinstance(w, int) and g != w:
+                    raise ManifestError(f"{self.graph_name}.onnx {node.name}: dimension {axis} is {g}, manifest says "
+                                        f"{w} | the graph and manifest come from different exports")
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feeds: dict) -> dict:

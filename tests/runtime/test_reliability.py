@@ -1,0 +1,209 @@
+"""Reliability: corruption matrix, NaN logits, out-of-memory, threads, fuzzed manifests and requests, no pickle."""
+import json
+import pickle
+import shutil
+import threading
+
+import numpy as np
+import onnx
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from onnx import numpy_helper
+
+from padrec_export.onnx_export import export_engines
+from padrec_export.tiny import TinySpec, tiny_setup
+from padrec_runtime.errors import BackendError, InputError, ManifestError, PadrecError
+from padrec_runtime.manifest import load_manifest, parse_manifest, write_manifest
+from padrec_runtime.recommender import Recommender
+from tests.conftest import LIMITS
+
+HIST = [[1000, 1001, 1002], [1010]]
+
+
+@pytest.fixture(scope="module")
+def clean_lists(engines_master):
+    return [r.tokens for r in Recommender(engines_master).recommend(HIST, speculate="tree").lists]
+
+
+def _truncate(p):
+    p.write_bytes(p.read_bytes()[: p.stat().st_size // 3])
+
+
+def _flip(offset_frac):
+    def f(p):
+        data = bytearray(p.read_bytes())
+        i = int(len(data) * offset_frac)
+        data[i] ^= 0x5A
+        p.write_bytes(bytes(data))
+    return f
+
+
+def _delete(p):
+    p.unlink()
+
+
+FILES = ["target.onnx", "draft.onnx", "catalogue.json", "manifest.json"]
+DAMAGE = {"truncated": _truncate, "flip-early": _flip(0.05), "flip-middle": _flip(0.5), "flip-late": _flip(0.97),
+          "missing": _delete}
+
+
+@pytest.mark.parametrize("file", FILES)
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_corruption_matrix(engines, clean_lists, file, damage):
+    DAMAGE[damage](engines / file)
+    try:
+        rec = Recommender(engines)
+    except PadrecError as exc:
+        assert file in str(exc) or "manifest" in str(exc), str(exc)
+        return
+    # only a manifest edit that keeps it valid can get here: it must not change any list
+    assert file == "manifest.json"
+    assert [r.tokens for r in rec.recommend(HIST, speculate="tree").lists] == clean_lists
+
+
+def test_wrong_version_and_mismatched_draft(engines, tmp_path):
+    other_cat, other_target, other_draft = tiny_setup(TinySpec(seed=9, levels=3, codebook=8, hidden=32, heads=2,
+                                                               kv_heads=1))
+    export_engines(other_target, other_draft, other_cat, tmp_path / "other", "fp32", LIMITS, progress=False)
+    shutil.copy(tmp_path / "other" / "draft.onnx", engines / "draft.onnx")
+    write_manifest(engines, load_manifest(engines, verify=False).data)  # signed, but the draft is another model's
+    with pytest.raises(ManifestError, match="draft.onnx .*dimension"):
+        Recommender(engines)
+    m = json.loads((engines / "manifest.json").read_text())
+    m["graphs"]["draft"]["hidden_size"] = 32
+    (engines / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="graphs.draft.hidden_size"):
+        Recommender(engines)
+
+
+def test_nan_logits_are_reported_not_decoded(engines):
+    model = onnx.load(engines / "target.onnx")
+    init = next(i for i in model.graph.initializer if len(i.dims) == 2)
+    w = numpy_helper.to_array(init).copy()
+    w[:] = np.nan
+    init.CopyFrom(numpy_helper.from_array(w, init.name))
+    onnx.save(model, engines / "target.onnx")
+    write_manifest(engines, load_manifest(engines, verify=False).data)
+    rec = Recommender(engines)
+    for mode in ("off", "chain"):
+        with pytest.raises(BackendError, match="non-finite logits"):
+            rec.recommend(HIST, speculate=mode)
+
+
+def test_out_of_memory_is_a_clear_error_and_the_recommender_survives(engines_master, monkeypatch):
+    import padrec_runtime.kvcache as kvcache
+    rec = Recommender(engines_master)
+    real_zeros = np.zeros
+    calls = {"n": 0}
+
+    def failing_zeros(shape, dtype=float):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise MemoryError
+        return real_zeros(shape, dtype)
+
+    monkeypatch.setattr(kvcache.np, "zeros", failing_zeros)
+    with pytest.raises(BackendError, match=r"out of memory allocating \d+ MiB"):
+        rec.recommend(HIST)
+    monkeypatch.setattr(kvcache.np, "zeros", real_zeros)
+    assert len(rec.recommend(HIST).lists) == 2
+
+
+def test_threads_give_the_single_thread_lists(tiny, engines_master):
+    rec = Recommender(engines_master)
+    rng = np.random.default_rng(0)
+    ids = tiny[0].item_ids
+    requests = [rng.choice(ids, size=int(rng.integers(1, 6)), replace=False).tolist() for _ in range(500)]
+    expected = [rec.recommend([h], n_items=2, speculate="chain").lists[0].tokens for h in requests]
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            order = np.random.default_rng(k).permutation(len(requests))
+            results[k] = {int(i): rec.recommend([requests[i]], n_items=2, speculate="chain").lists[0].tokens
+                          for i in order}
+        except Exception as exc:  # any failure in a thread must surface in the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for k in range(8):
+        assert [results[k][i] for i in range(len(requests))] == expected
+
+
+def _json_values():
+    return st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) |
+                        st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6),
+                                                                                               c, max_size=3),
+                        max_leaves=6)
+
+
+def _paths(d, prefix=()):
+    if isinstance(d, dict):
+        for k, v in d.items():
+            yield prefix + (k,)
+            yield from _paths(v, prefix + (k,))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_manifests_raise_manifest_error_or_parse(engines_master, data):
+    base = json.loads((engines_master / "manifest.json").read_text())
+    paths = list(_paths(base))
+    for _ in range(data.draw(st.integers(1, 3))):
+        path = data.draw(st.sampled_from(paths))
+        node = base
+        for k in path[:-1]:
+            node = node.get(k) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or path[-1] not in node:
+            continue
+        if data.draw(st.booleans()):
+            node[path[-1]] = data.draw(_json_values())
+        else:
+            del node[path[-1]]
+    try:
+        parse_manifest(base, engines_master)
+    except ManifestError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def fuzz_rec(engines_master):
+    return Recommender(engines_master)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(histories=st.one_of(st.lists(st.lists(st.one_of(st.integers(995, 1065), st.integers(), st.text(max_size=2),
+                                                        st.booleans(), st.none()), max_size=14), max_size=10),
+                           st.integers(), st.text(max_size=3), st.none()),
+       n_items=st.one_of(st.none(), st.integers(-2, 10), st.floats(0, 3), st.text(max_size=1)),
+       speculate=st.sampled_from(["off", "chain", "tree", "x", ""]),
+       draft_steps=st.one_of(st.none(), st.integers(-1, 20)))
+def test_fuzzed_requests_raise_input_error_or_give_valid_lists(fuzz_rec, histories, n_items, speculate, draft_steps):
+    try:
+        res = fuzz_rec.recommend(histories, n_items=n_items, speculate=speculate, draft_steps=draft_steps)
+    except InputError:
+        return
+    n = n_items or 5
+    for h, r in zip(histories, res.lists):
+        assert len(r.item_ids) == n and len(set(r.item_ids)) == n and not set(r.item_ids) & set(h)
+
+
+def test_no_pickle_on_the_load_path(tiny, engines_master, tmp_path, monkeypatch):
+    from padrec_export.checkpoint import load_draft, load_target, save_draft, save_target
+    cat, target, draft = tiny
+    save_target(target, tmp_path / "t")
+    save_draft(draft, tmp_path / "d")
+
+    def refuse(*a, **k):
+        raise AssertionError("pickle used on the load path")
+
+    for name in ("load", "loads", "Unpickler"):
+        monkeypatch.setattr(pickle, name, refuse)
+    load_draft(tmp_path / "d", load_target(tmp_path / "t"))
+    Recommender(engines_master).recommend(HIST)
