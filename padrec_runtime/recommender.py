@@ -8,6 +8,7 @@ import numpy as np
 
 from .decode import DecodeConfig, DecodeSession, max_cache_len
 from .errors import BackendError, InputError, ManifestError
+from .backends.base import cast_feeds, numpy_dtype
 from .kvcache import CacheSpec, KVRunner
 from .layout import Catalogue, ListConstraint
 from .manifest import load_manifest
@@ -66,7 +67,7 @@ class Recommender:
     """Loads engines once; `recommend` may be called from several threads (calls are serialised)."""
 
     def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
-                 allow_host_code: bool = False, threads: int | None = 1):
+                 allow_host_code: bool = False, threads: int | None = 1, io_binding: bool | None = None):
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
@@ -74,17 +75,35 @@ class Recommender:
         self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads)
                          for g in m.data["graphs"]}
         self._lock = threading.Lock()
+        self.device = device
+        # device-resident KV through ONNX Runtime IO binding: the default on CUDA
+        self.io_binding = (device == "cuda") if io_binding is None else io_binding
+        if self.io_binding and backend != "onnxruntime":
+            raise BackendError("io_binding: only the onnxruntime backend binds buffers | drop io_binding")
+        self._bound: dict = {}
 
     @property
     def limits(self) -> dict:
         return self.manifest.model
 
-    def _runner(self, graph: str, batch: int, max_len: int) -> KVRunner:
-        from .backends.base import numpy_dtype
+    def _runner(self, graph: str, batch: int, max_len: int, reuse: bool = False):
         g = self.manifest.graph(graph)
         kv = g["kv"]
+        if self.io_binding:
+            from .devicecache import BoundKVRunner
+            spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.limits["max_seq_len"])
+            key = (graph, batch)
+            if not reuse:  # a caller-owned session gets caches of its own
+                return BoundKVRunner(self.backends[graph].session, graph, g, spec, batch, self.device)
+            if key not in self._bound:  # `recommend` (serialised) reuses device caches per batch size
+                self._bound[key] = BoundKVRunner(self.backends[graph].session, graph, g, spec, batch, self.device)
+            runner = self._bound[key]
+            runner.lengths[:] = 0
+            runner.scratch = 0
+            return runner
         spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], max_len)
-        return KVRunner(self.backends[graph].infer, spec, batch, numpy_dtype(kv["dtype"]))
+        backend = self.backends[graph]
+        return KVRunner(lambda feeds: backend.infer(cast_feeds(g, feeds)), spec, batch, numpy_dtype(kv["dtype"]))
 
     def _check_histories(self, histories) -> list:
         lim = self.limits
@@ -121,7 +140,8 @@ class Recommender:
                             tree_topk=tree_topk or lim["tree_topk"], tree_size=tree_size or lim["tree_size"],
                             sampling=SamplingConfig(greedy, temperature, top_k, top_p), seed=seed)
 
-    def start(self, histories, n_items: int | None = None, exclude_history: bool = True, **options) -> DecodeSession:
+    def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
+              **options) -> DecodeSession:
         """A caller-owned decode: call `.step()` until `.done`, then `.result()`."""
         histories = self._check_histories(histories)
         lim = self.limits
@@ -136,8 +156,8 @@ class Recommender:
             raise InputError(f"request needs {need} KV positions | the engines hold {lim['max_seq_len']}; use a "
                              "shorter history, fewer items or less speculation")
         B = len(prompts)
-        target = self._runner("target", B, need)
-        draft = self._runner("draft", B, need) if cfg.speculate != "off" else None
+        target = self._runner("target", B, need, _reuse)
+        draft = self._runner("draft", B, need, _reuse) if cfg.speculate != "off" else None
         return DecodeSession(target, draft, prompts, histories, constraint, cfg)
 
     def recommend(self, histories, n_items: int | None = None, exclude_history: bool = True,
@@ -145,7 +165,7 @@ class Recommender:
         """One list per history. options: speculate (off|chain|tree), greedy, temperature, top_k, top_p, seed,
         draft_steps, tree_topk, tree_size."""
         with self._lock:
-            session = self.start(histories, n_items, exclude_history, **options)
+            session = self.start(histories, n_items, exclude_history, _reuse=True, **options)
             while not session.done:
                 session.step()
             g = session.result()

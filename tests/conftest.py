@@ -1,5 +1,7 @@
 """Shared fixtures: a tiny exported engine directory (generated, never downloaded)."""
 import shutil
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -33,3 +35,8 @@ def engines(engines_master, tmp_path):
     dst = tmp_path / "tiny"
     shutil.copytree(engines_master, dst)
     return dst
+
+
+def polygraphy_cli() -> str:
+    """The polygraphy script of this interpreter's environment (CI runs without activating it)."""
+    return shutil.which("polygraphy", path=str(Path(sys.executable).parent)) or "polygraphy"

@@ -51,3 +51,15 @@ def check_feeds(graph: str, spec: dict, feeds: dict) -> None:
     if sizes.get("past_plus_seq", 0) != sizes.get("past", 0) + sizes.get("seq", 0):
         raise InputError(f"{graph}: input 'attention_mask' | last dimension {sizes.get('past_plus_seq')} | "
                          f"expected past + seq = {sizes.get('past', 0) + sizes.get('seq', 0)}")
+
+
+def cast_feeds(spec: dict, feeds: dict) -> dict:
+    """Float feeds in the graph's declared precision (the loop keeps features in float32)."""
+    out = dict(feeds)
+    for name, t in spec["inputs"].items():
+        arr = out.get(name)
+        if isinstance(arr, np.ndarray) and arr.dtype.kind == "f" and t["dtype"].startswith(("float", "bfloat")):
+            want = numpy_dtype(t["dtype"])
+            if arr.dtype != want:
+                out[name] = arr.astype(want)
+    return out

@@ -1,13 +1,14 @@
 """ONNX export: per-graph parity with PyTorch, live step/slot inputs, checker, polygraphy, tampering."""
 import json
 import subprocess
-import sys
 
 import numpy as np
 import onnx
 import pytest
 
 from padrec_export.parity import compare_graph
+
+from tests.conftest import polygraphy_cli
 from padrec_runtime.qa_feeds import graph_cases
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.errors import IntegrityError, ManifestError
@@ -65,10 +66,7 @@ def test_step_and_slot_are_live_inputs(tiny, engines_master):
 def test_onnx_checker_and_polygraphy(engines_master, graph):
     path = engines_master / f"{graph}.onnx"
     onnx.checker.check_model(onnx.load(path), full_check=True)
-    out = subprocess.run([sys.executable, "-m", "polygraphy", "inspect", "model", str(path)],
-                         capture_output=True, text=True)
-    if out.returncode != 0 and "No module named polygraphy" in out.stderr:
-        out = subprocess.run(["polygraphy", "inspect", "model", str(path)], capture_output=True, text=True)
+    out = subprocess.run([polygraphy_cli(), "inspect", "model", str(path)], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "attention_mask" in out.stdout and "logits" in out.stdout
 

@@ -10,6 +10,7 @@ from onnx import numpy_helper
 from padrec_export.bench import bench_plot, run_bench
 from padrec_export.checkpoint import save_draft, save_target
 from padrec_runtime.manifest import load_manifest, write_manifest
+from tests.conftest import polygraphy_cli
 
 
 def _cli(*args):
@@ -49,7 +50,7 @@ def test_parity_passes_then_fails_on_a_perturbed_graph(tiny, engines, tmp_path):
 
 
 def test_polygraphy_runs_with_the_shipped_data_loader(engines_master):
-    out = subprocess.run(["polygraphy", "run", str(engines_master / "draft.onnx"), "--onnxrt",
+    out = subprocess.run([polygraphy_cli(), "run", str(engines_master / "draft.onnx"), "--onnxrt",
                           "--data-loader-script", "tools/polygraphy_loader.py:load_draft"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]

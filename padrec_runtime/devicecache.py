@@ -1,0 +1,116 @@
+"""KV cache resident on the engine's device, engines bound by address (ONNX Runtime IO binding).
+
+One buffer (layers, key|value, batch, kv_heads, max_len, head_dim) holds the cache; each layer's past is a
+contiguous slice of it, bound in place, so no cache ever crosses the bus. Engines write the new tokens'
+KV into a bound output buffer; one device copy per row moves them behind the row's committed entries, and
+`commit` gathers a round's accepted path on the device. Only logits and hidden states are read back.
+The same code runs with numpy on CPU (tests) and cupy on CUDA.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .backends.base import cast_feeds, check_feeds, numpy_dtype
+from .errors import BackendError, InputError
+from .kvcache import CacheSpec
+
+
+def array_module(device: str):
+    """(array module, pointer-of, to-host) for 'cpu' (numpy) or 'cuda' (cupy)."""
+    if device == "cpu":
+        return np, (lambda a: a.ctypes.data), (lambda a: a)
+    try:
+        import cupy
+    except ImportError:
+        raise BackendError("cupy: not installed | pip install cupy-cuda12x (or cupy-cuda13x) for device='cuda'") from None
+    return cupy, (lambda a: a.data.ptr), cupy.asnumpy
+
+
+class BoundKVRunner:
+    """A KVRunner whose cache lives with the engine (same interface: forward, commit, discard)."""
+
+    def __init__(self, session, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda"):
+        self.xp, self._ptr, self._host = array_module(device)
+        self.device, self.graph, self.graph_spec, self.spec = device, graph, graph_spec, spec
+        kv = graph_spec["kv"]
+        self.dtype = numpy_dtype(kv["dtype"])
+        self._names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
+                       for i in range(spec.n_layers)]
+        shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
+        try:
+            self.cache = self.xp.zeros(shape, dtype=self.dtype)
+        except Exception as exc:  # numpy MemoryError or cupy OutOfMemoryError
+            if not isinstance(exc, MemoryError) and "OutOfMemory" not in type(exc).__name__:
+                raise
+            nbytes = int(np.prod(shape)) * np.dtype(self.dtype).itemsize
+            raise BackendError(f"kv cache: out of {device} memory allocating {nbytes / 2**20:.0f} MiB for batch "
+                               f"{batch} x {spec.max_len} positions | lower the batch or max_seq_len") from None
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.scratch = 0
+        self.session = session
+        self.binding = session.io_binding()
+        self._keep: list = []  # device arrays bound for the current run
+
+    @property
+    def batch(self) -> int:
+        return len(self.lengths)
+
+    def _bind(self, name: str, arr, output: bool = False) -> None:
+        fn = self.binding.bind_output if output else self.binding.bind_input
+        fn(name, self.device, 0, arr.dtype, list(arr.shape), self._ptr(arr))
+        self._keep.append(arr)
+
+    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+        xp, S = self.xp, self.spec.max_len
+        B, T = feeds["input_ids"].shape
+        if int(self.lengths.max()) + self.scratch + T > S:
+            raise InputError(f"kv cache: {int(self.lengths.max()) + self.scratch + T} positions needed | engine "
+                             f"holds {S} | shorten the history or export with a larger max_seq_len")
+        mask = np.zeros((B, T, S + T), dtype=bool)
+        for b in range(B):
+            n = int(self.lengths[b])
+            mask[b, :, :n] = True
+            mask[b, :, n:n + self.scratch] = new_mask[b, :, :self.scratch]
+        mask[:, :, S:] = new_mask[:, :, self.scratch:]
+        feeds = cast_feeds(self.graph_spec, dict(feeds, attention_mask=mask))
+        probe = dict(feeds)
+        for i, (k_in, v_in, _, _) in enumerate(self._names):
+            probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
+        check_feeds(self.graph, self.graph_spec, probe)
+        self._keep = []
+        for name, value in feeds.items():
+            self._bind(name, xp.asarray(value))
+        new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T, self.spec.head_dim), dtype=self.dtype)
+        for i, (k_in, v_in, k_out, v_out) in enumerate(self._names):
+            self._bind(k_in, self.cache[i, 0, :B])
+            self._bind(v_in, self.cache[i, 1, :B])
+            self._bind(k_out, new[i, 0], output=True)
+            self._bind(v_out, new[i, 1], output=True)
+        outs = {}
+        for name, t in self.graph_spec["outputs"].items():
+            width = t["shape"][-1]
+            outs[name] = xp.empty((B, T, width), dtype=numpy_dtype(t["dtype"]))
+            self._bind(name, outs[name], output=True)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"{self.graph}: onnxruntime run failed ({str(exc)[:300]})") from None
+        for b in range(B):
+            start = int(self.lengths[b]) + self.scratch
+            self.cache[:, :, b, :, start:start + T] = new[:, :, b]
+        self.scratch += T
+        return {name: self._host(arr) for name, arr in outs.items()}
+
+    def commit(self, select: list) -> None:
+        for b, idx in enumerate(select):
+            if len(idx) == 0:
+                continue
+            n = int(self.lengths[b])
+            row = self.cache[:, :, b]  # (layers, 2, heads, S, D), a view
+            src = self.xp.asarray(n + np.asarray(idx, dtype=np.int64))
+            row[:, :, :, n:n + len(idx)] = row[:, :, :, src]
+            self.lengths[b] += len(idx)
+        self.scratch = 0
+
+    def discard(self) -> None:
+        self.scratch = 0
