@@ -81,7 +81,7 @@ def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: Trai
         save_draft(draft.cpu().float(), out / f"draft_{name}", extra={"dataset": dataset})
         report[f"draft_{name}"] = {"train": draft_cfg.to_dict(), "loss_first": dcurve[0],
                                    "loss_last": float(np.mean(dcurve[-20:])), "seconds": time.perf_counter() - t0,
-                                   "alpha": float(draft.alpha) if use_slot else None}
+                                   "alpha": draft.alpha.item() if use_slot else None}
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
     return report
 
