@@ -68,18 +68,21 @@ def demo(users, engine_dir, speculate):
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast on GPU")
 @click.option("--hidden", type=int, default=256)
 @click.option("--layers", type=int, default=4)
+@click.option("--heads", type=int, default=None, help="default: hidden / 32")
+@click.option("--kv-heads", type=int, default=2)
+@click.option("--intermediate", type=int, default=None, help="SwiGLU width (default: about 2.7 x hidden)")
 @click.option("--codebook", type=int, default=64)
 @click.option("--levels", type=int, default=4)
 @click.option("--users", type=int, default=None, help="train on the first N users only (smoke runs)")
-def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, bf16, hidden, layers, codebook, levels,
-          users):
+def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, bf16, hidden, layers, heads, kv_heads,
+          intermediate, codebook, levels, users):
     """Semantic IDs, target and both drafts (PAD-Rec, plain EAGLE) on MovieLens."""
     import json as _json
 
     from .pipeline import ModelSize, TrainConfig, train_all
     dtype = "bfloat16" if bf16 else "float32"
-    size = ModelSize(hidden=hidden, layers=layers, heads=max(1, hidden // 32), kv_heads=2,
-                     intermediate=int(hidden * 2.6875 / 8) * 8)
+    size = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
+                     intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
     report = train_all(dataset, out_dir, size,
                        TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, dtype=dtype),
                        TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,

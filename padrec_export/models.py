@@ -201,12 +201,15 @@ class Draft(nn.Module):
     def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
         e = self.embed_tokens(input_ids.long()).to(hidden_in.dtype)
         x = self.fc(torch.cat([e, hidden_in], dim=-1))
-        if self.cfg.use_slot:
-            x = x + self.alpha.to(x.dtype) * self.slot_embed(slot.long())
+        # a switched-off signal is multiplied by an exact zero, so every draft graph keeps the same inputs
+        slot_term = self.slot_embed(slot.long())
+        x = x + (self.alpha.to(x.dtype) if self.cfg.use_slot else 0.0) * slot_term
+        s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))
         if self.cfg.use_step:
-            s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))
             g = torch.sigmoid(self.gate(torch.cat([x, s], dim=-1)))
             x = x + g * s
+        else:
+            x = x + 0.0 * s
         cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         (pk, pv), = past
         h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)

@@ -92,14 +92,15 @@ def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -
     inputs, outputs, kv = graph_io(model, is_draft, precision)
     B, T, P = 2, 3, 5
     c = model.cfg
+    dev = next(model.parameters()).device
     example = []
     if is_draft:
-        example.append(torch.randn(B, T, c.hidden_size, dtype=dtype))
-    example += [torch.randint(0, c.vocab_size, (B, T), dtype=torch.int32),
-                torch.arange(P, P + T, dtype=torch.int32).repeat(B, 1)]
+        example.append(torch.randn(B, T, c.hidden_size, dtype=dtype, device=dev))
+    example += [torch.randint(0, c.vocab_size, (B, T), dtype=torch.int32, device=dev),
+                torch.arange(P, P + T, dtype=torch.int32, device=dev).repeat(B, 1)]
     if is_draft:
-        example += [torch.ones(B, T, dtype=torch.int32), torch.zeros(B, T, dtype=torch.int32)]
-    example.append(torch.ones(B, T, P + T, dtype=torch.bool))
+        example += [torch.ones(B, T, dtype=torch.int32, device=dev), torch.zeros(B, T, dtype=torch.int32, device=dev)]
+    example.append(torch.ones(B, T, P + T, dtype=torch.bool, device=dev))
     names_in = list(inputs)
     names_out = list(outputs)
     dyn = {"input_ids": {0: "batch", 1: "seq"}, "position_ids": {0: "batch", 1: "seq"},
@@ -111,7 +112,7 @@ def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -
     for i in range(kv["n_layers"]):
         for part in ("key", "value"):
             name_in, name_out = kv[f"{part}_input"] % i, kv[f"{part}_output"] % i
-            example.append(torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype))
+            example.append(torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev))
             names_in.append(name_in)
             names_out.append(name_out)
             dyn[name_in] = {0: "batch", 2: "past"}

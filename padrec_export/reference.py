@@ -46,6 +46,65 @@ def draft_runner(draft: Draft, batch: int, max_len: int) -> KVRunner:
     return KVRunner(lambda f: _call(draft, f, 1, True), spec, batch)
 
 
+class TorchKVRunner:
+    """The KVRunner interface over a torch model whose KV cache stays on its device (PyTorch eager baseline).
+
+    Cache: (layers, key|value, batch, kv_heads, max_len, head_dim); each call attends over the whole buffer
+    with a mask, writes the new tokens' KV behind each row's entries, and `commit` gathers accepted paths.
+    """
+
+    def __init__(self, model, batch: int, max_len: int, draft: bool):
+        c = model.cfg
+        p = next(model.parameters())
+        self.model, self.draft, self.device, self.dtype = model, draft, p.device, p.dtype
+        n_layers = 1 if draft else c.n_layers
+        self.spec = CacheSpec(n_layers, c.n_kv_heads, c.head_dim, max_len)
+        self.cache = torch.zeros(n_layers, 2, batch, c.n_kv_heads, max_len, c.head_dim, device=p.device, dtype=p.dtype)
+        self.lengths = np.zeros(batch, dtype=np.int64)
+        self.scratch = 0
+
+    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+        S = self.spec.max_len
+        B, T = feeds["input_ids"].shape
+        mask = np.zeros((B, T, S + T), dtype=bool)
+        for b in range(B):
+            n = int(self.lengths[b])
+            mask[b, :, :n] = True
+            mask[b, :, n:n + self.scratch] = new_mask[b, :, :self.scratch]
+        mask[:, :, S:] = new_mask[:, :, self.scratch:]
+        dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)  # noqa: E731
+        past = [(self.cache[i, 0, :B], self.cache[i, 1, :B]) for i in range(self.spec.n_layers)]
+        with torch.inference_mode():
+            if self.draft:
+                logits, hidden, new = self.model(dev(feeds["hidden_in"]).to(self.dtype), dev(feeds["input_ids"]),
+                                                 dev(feeds["position_ids"]), dev(feeds["step"]), dev(feeds["slot"]),
+                                                 dev(mask), past)
+            else:
+                logits, hidden, new = self.model(dev(feeds["input_ids"]), dev(feeds["position_ids"]), dev(mask), past)
+            for b in range(B):
+                start = int(self.lengths[b]) + self.scratch
+                for i, (k, v) in enumerate(new):
+                    self.cache[i, 0, b, :, start:start + T] = k[b]
+                    self.cache[i, 1, b, :, start:start + T] = v[b]
+            out = {"logits": logits.float().cpu().numpy(), "hidden": hidden.float().cpu().numpy()}
+        self.scratch += T
+        return out
+
+    def commit(self, select) -> None:
+        for b, idx in enumerate(select):
+            if len(idx) == 0:
+                continue
+            n = int(self.lengths[b])
+            src = torch.as_tensor(n + np.asarray(idx, dtype=np.int64), device=self.device)
+            row = self.cache[:, :, b]
+            row[:, :, :, n:n + len(idx)] = row[:, :, :, src]
+            self.lengths[b] += len(idx)
+        self.scratch = 0
+
+    def discard(self) -> None:
+        self.scratch = 0
+
+
 class OracleDraftRunner(KVRunner):
     """A draft that is the target itself: at draft position i it runs the target on token i+1.
 
@@ -85,11 +144,14 @@ def reference_generate(target: Target, draft: Draft | None, histories: list, con
     prompts = [cat.prompt(h) for h in histories]
     n = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
     B = len(prompts)
-    t = target_runner(target, B, n)
+    on_device = next(target.parameters()).device.type != "cpu"
+    t = TorchKVRunner(target, B, n, False) if on_device else target_runner(target, B, n)
     if cfg.speculate == "off":
         d = None
     elif oracle:
         d = OracleDraftRunner(target, B, n)
+    elif on_device:
+        d = TorchKVRunner(draft, B, n, True)
     else:
         d = draft_runner(draft, B, n)
     return generate(t, d, prompts, histories, constraint, cfg)

@@ -97,3 +97,17 @@ def test_manifest_errors_name_the_dotted_key(engines):
         path.write_text(json.dumps(d))
         with pytest.raises(ManifestError, match=pattern):
             load_manifest(engines, verify=False)
+
+
+def test_plain_eagle_draft_keeps_the_engine_contract(tiny, tmp_path):
+    """With both PAD-Rec signals off the draft graph still takes step and slot (and ignores them exactly)."""
+    from padrec_export.models import Draft, DraftConfig
+    from padrec_export.onnx_export import export_engines
+    cat, target, draft = tiny
+    eagle = Draft(DraftConfig(**{**draft.cfg.to_dict(), "use_slot": False, "use_step": False}), target).eval()
+    m = export_engines(target, eagle, cat, tmp_path / "eagle", progress=False)
+    ort = OrtBackend(m, "draft")
+    feeds = dict(graph_cases(m.graph("draft"), True, vocab_size=cat.layout.vocab_size, n_slots=cat.layout.n_slots)[3][1])
+    a = ort.infer(feeds)["logits"]
+    b = ort.infer(dict(feeds, step=feeds["step"] + 1, slot=(feeds["slot"] + 1) % cat.layout.n_slots))["logits"]
+    assert np.array_equal(a, b)

@@ -1,0 +1,288 @@
+"""One-call GPU benchmark (issue 8): train (or reuse) an LLM-scale target and its drafts on MovieLens,
+export fp16 engines, then time our runtime (ONNX Runtime CUDA, device-resident KV) against PyTorch eager,
+PyTorch with a CUDA graph, Hugging Face `generate`, and the weight-bandwidth floor, all on one card.
+
+    bash tools/gpu_bench.sh          # on the GPU machine (see the script); results -> $OUT/gpu_bench.json|png
+
+Stages skip what `--work` already holds, so a warm machine can resume. `--small` runs the whole thing on
+CPU with a tiny model (a smoke test of this script, not a benchmark).
+"""
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from padrec_export.bench import hardware
+from padrec_export.data import load_dataset, make_split
+from padrec_export.pipeline import ModelSize, TrainConfig, export_checkpoints, load_trained, train_all
+from padrec_export.reference import reference_generate
+from padrec_runtime.decode import DecodeConfig
+from padrec_runtime.layout import ListConstraint
+from padrec_runtime.recommender import Recommender
+
+QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def timed(fn, repeats: int, sync=None):
+    fn()
+    times = []
+    for _ in range(repeats):
+        if sync:
+            sync()
+        t0 = time.perf_counter()
+        out = fn()
+        if sync:
+            sync()
+        times.append(time.perf_counter() - t0)
+    return out, float(np.median(times)) * 1e3
+
+
+def copy_bandwidth_gbs(device) -> float:
+    x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0) / 1e9  # read + write
+
+
+def cuda_graph_ar(target, con, histories, max_len: int):
+    """Greedy constrained AR with the target's decode step captured in one CUDA graph (batch = len(histories))."""
+    dev = next(target.parameters()).device
+    dtype = next(target.parameters()).dtype
+    cat = con.catalogue
+    B, c = len(histories), target.cfg
+    prompts = [cat.prompt(h) for h in histories]
+    cache = torch.zeros(c.n_layers, 2, B, c.n_kv_heads, max_len, c.head_dim, device=dev, dtype=dtype)
+    lengths = np.zeros(B, dtype=np.int64)
+
+    def step(ids, pos, mask, write_at):
+        past = [(cache[i, 0], cache[i, 1]) for i in range(c.n_layers)]
+        logits, _, new = target(ids, pos, mask, past)
+        for i, (k, v) in enumerate(new):  # write the new token's KV at each row's position (on the device)
+            idx = write_at.view(B, 1, 1, 1).expand(B, c.n_kv_heads, 1, c.head_dim)
+            cache[i, 0].scatter_(2, idx, k)
+            cache[i, 1].scatter_(2, idx, v)
+        return logits
+
+    with torch.inference_mode():
+        # prefill (eager, ragged) then one graph for every 1-token step
+        for b, p in enumerate(prompts):
+            T = len(p)
+            ids = torch.tensor(p, device=dev, dtype=torch.int32)[None]
+            m = torch.zeros(1, T, max_len + T, dtype=torch.bool, device=dev)
+            m[0, :, max_len:] = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))
+            past = [(cache[i, 0, b:b + 1], cache[i, 1, b:b + 1]) for i in range(c.n_layers)]
+            logits, _, new = target(ids, torch.arange(T, device=dev, dtype=torch.int32)[None], m, past)
+            for i, (k, v) in enumerate(new):
+                cache[i, 0, b, :, :T] = k[0]
+                cache[i, 1, b, :, :T] = v[0]
+            lengths[b] = T
+            if b == 0:
+                first_logits = [logits[0, -1].float().cpu().numpy()]
+            else:
+                first_logits.append(logits[0, -1].float().cpu().numpy())
+        s_ids = torch.zeros(B, 1, dtype=torch.int32, device=dev)
+        s_pos = torch.zeros(B, 1, dtype=torch.int32, device=dev)
+        s_mask = torch.zeros(B, 1, max_len + 1, dtype=torch.bool, device=dev)
+        s_write = torch.zeros(B, dtype=torch.int64, device=dev)
+        if dev.type == "cuda":
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    step(s_ids, s_pos, s_mask, s_write)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                s_logits = step(s_ids, s_pos, s_mask, s_write)
+            replay = graph.replay
+        else:  # CPU (smoke test of this function): the same step, run eagerly
+            holder = {}
+            replay = lambda: holder.__setitem__("logits", step(s_ids, s_pos, s_mask, s_write))  # noqa: E731
+        states = [con.start(h) for h in histories]
+        out = [[] for _ in range(B)]
+        logits_rows = first_logits
+        mask_host = np.zeros((B, 1, max_len + 1), dtype=bool)
+        while not all(s.done for s in states):
+            ids = np.zeros((B, 1), np.int32)
+            for b, s in enumerate(states):
+                if s.done:
+                    continue
+                allowed = con.allowed(s)
+                tok = int(allowed[np.argmax(logits_rows[b][allowed])])
+                out[b].append(tok)
+                states[b] = con.advance(s, tok)
+                ids[b, 0] = tok
+            mask_host[:] = False
+            for b in range(B):
+                mask_host[b, 0, :lengths[b]] = True
+            mask_host[:, 0, max_len] = True
+            s_ids.copy_(torch.from_numpy(ids))
+            s_pos.copy_(torch.from_numpy(lengths.astype(np.int32)[:, None]))
+            s_mask.copy_(torch.from_numpy(mask_host))
+            s_write.copy_(torch.from_numpy(lengths))
+            replay()
+            lengths += 1
+            logits = s_logits if dev.type == "cuda" else holder["logits"]
+            logits_rows = list(logits[:, 0].float().cpu().numpy())
+    return out
+
+
+def hf_generate(model_dir, con, histories, device, dtype):
+    """Hugging Face generate, greedy, with the same list constraint as a prefix_allowed_tokens_fn."""
+    import transformers
+    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    cat = con.catalogue
+    prompts = [cat.prompt(h) for h in histories]
+    n = len(prompts[0])
+    assert all(len(p) == n for p in prompts), "HF baseline: equal-length histories only"
+    starts = [con.start(h) for h in histories]
+
+    def allowed(batch_id, ids):
+        state = starts[batch_id]
+        for tok in ids[n:].tolist():
+            state = con.advance(state, tok)
+        a = con.allowed(state)
+        return a.tolist() if len(a) else [2]
+
+    ids = torch.tensor(np.stack(prompts), device=device, dtype=torch.long)
+
+    def run():
+        with torch.inference_mode():
+            return hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=con.list_length(),
+                               do_sample=False, prefix_allowed_tokens_fn=allowed, eos_token_id=2, pad_token_id=0)
+    return run
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--work", default="/tmp/padrec_llm")
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--catalogue", default=".gpu_in/ml-100k/catalogue.json")
+    ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model")
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--draft-epochs", type=int, default=2)
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--stages", default="train,export,bench")
+    args = ap.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.small else "cuda"
+    size = ModelSize(32, 2, 2, 1, 64) if args.small else QWEN_05B
+    models = work / "models"
+    stages = args.stages.split(",")
+    report = {"hardware": hardware(), "size": size.__dict__}
+    if device == "cuda":
+        report["gpu"] = torch.cuda.get_device_name(0)
+        log("gpu", report["gpu"])
+
+    if "train" in stages and not (models / "draft_eagle" / "draft.safetensors").exists():
+        models.mkdir(parents=True, exist_ok=True)
+        shutil.copy(args.catalogue, models / "catalogue.json")
+        cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, device=device,
+                          dtype="float32" if args.small else "bfloat16")
+        dcfg = TrainConfig(epochs=args.draft_epochs, batch_size=128, lr=1e-3, device=device,
+                           dtype="float32" if args.small else "bfloat16")
+        t0 = time.perf_counter()
+        rep = train_all("ml-100k", models, size, cfg, dcfg, users=40 if args.small else None, progress=False)
+        report["train"] = {k: v for k, v in rep.items() if k != "size"}
+        log(f"trained in {time.perf_counter() - t0:.0f} s")
+    engines = {name: work / f"eng_{name}" for name in ("padrec", "eagle")}
+    precision = "fp32" if args.small else "fp16"
+    if "export" in stages:
+        for name, eng in engines.items():
+            if not (eng / "manifest.json").exists():
+                t0 = time.perf_counter()
+                export_checkpoints(models / "target", models / f"draft_{name}", eng, precision, max_seq_len=256,
+                                   max_history=20, max_batch=64)
+                log(f"exported {name} in {time.perf_counter() - t0:.0f} s")
+    if "bench" not in stages:
+        return
+    batches = [int(b) for b in args.batches.split(",")]
+    split = make_split(load_dataset("ml-100k"))
+    test = [h for _, h, _ in split.test]
+    hist_all = [h[-20:] for h in test if len(h) >= 20][:max(batches)]
+    rows = []
+
+    def add(engine, mode, batch, ms, tau=None, extra=None):
+        row = {"engine": engine, "mode": mode, "batch": batch, "ms_per_list": ms, "lists_per_s": batch / ms * 1e3,
+               "tau": tau, **(extra or {})}
+        rows.append(row)
+        log(json.dumps(row))
+        (out / "gpu_bench.json").write_text(json.dumps({**{k: v for k, v in report.items() if k != "ar_tokens"},
+                                                         "rows": rows}, indent=2) + "\n")
+
+    sync = torch.cuda.synchronize if device == "cuda" else None
+    # 1. our runtime: ONNX Runtime (CUDA, IO binding) with PAD-Rec and EAGLE drafts
+    for name, eng in engines.items():
+        rec = Recommender(eng, device=device, io_binding=True)
+        for batch in batches:
+            hist = hist_all[:batch]
+            ar_tokens = None
+            for mode in (["off"] if name == "padrec" else []) + ["chain", "tree"]:
+                res, ms = timed(lambda: rec.recommend(hist, speculate=mode), args.repeats)
+                toks = [r.tokens for r in res.lists]
+                if mode == "off":
+                    ar_tokens = toks
+                    report.setdefault("ar_tokens", {})[batch] = toks
+                same = toks == report["ar_tokens"][batch]
+                split_ms = {k: v * 1e3 for k, v in res.time_s.items()}
+                add(f"padrec-ort-cuda/{name}" if mode != "off" else "padrec-ort-cuda", mode, batch, ms, res.tau,
+                    {"identical_to_ar": same, "rounds": res.rounds, "split_ms": split_ms,
+                     "verify_ms_per_round": split_ms["verify"] / (res.rounds + 1),
+                     "host_ms_per_round": split_ms["host"] / max(res.rounds, 1)})
+        del rec
+    # 2. PyTorch eager: the same SD loop, torch models on the card (device-resident KV)
+    cat, target, draft, _ = load_trained(models, "padrec")
+    target = target.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
+    draft = draft.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
+    con = ListConstraint(cat, n_items=10)
+    for batch in [b for b in batches if b <= 8]:
+        hist = hist_all[:batch]
+        for mode in ("off", "chain", "tree"):
+            cfg = DecodeConfig(speculate=mode)
+            g, ms = timed(lambda: reference_generate(target, draft, hist, con, cfg), 1, sync)
+            add("pytorch-eager", mode, batch, ms, g.tau, {"identical_to_ar": g.tokens == report["ar_tokens"][batch]})
+    # 3. PyTorch AR with the decode step in a CUDA graph (eager on CPU smoke runs)
+    if True:
+        for batch in [b for b in batches if b <= 8]:
+            hist = hist_all[:batch]
+            toks, ms = timed(lambda: cuda_graph_ar(target, con, hist, 256), args.repeats, sync)
+            same = toks == report["ar_tokens"][batch]
+            add("pytorch-cudagraph", "off", batch, ms, 1.0, {"identical_to_ar": same})
+    # 4. Hugging Face generate (same target as LlamaForCausalLM, same constraint)
+    for batch in [1]:
+        run = hf_generate(models / "target", con, hist_all[:batch], device,
+                          torch.float16 if device == "cuda" else torch.float32)
+        seqs, ms = timed(run, 1, sync)
+        n = len(cat.prompt(hist_all[0]))
+        same = [s[n:].tolist() for s in seqs] == report["ar_tokens"][batch]
+        add("hf-generate", "off", batch, ms, 1.0, {"identical_to_ar": same})
+    # 5. the floor: target weight bytes / copy bandwidth
+    if device == "cuda":
+        bw = copy_bandwidth_gbs(device)
+        weight_bytes = sum(p.numel() * 2 for p in target.parameters())
+        report["floor"] = {"copy_bandwidth_gb_s": bw, "target_weight_bytes_fp16": weight_bytes,
+                           "floor_ms_per_target_step": weight_bytes / (bw * 1e9) * 1e3}
+        log(json.dumps(report["floor"]))
+    report["rows"] = rows
+    report.pop("ar_tokens", None)
+    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2) + "\n")
+    log("wrote", out / "gpu_bench.json")
+
+
+if __name__ == "__main__":
+    main()
