@@ -74,17 +74,21 @@ class RMSNorm(nn.Module):
 
 
 def rope(position_ids, head_dim: int, theta: float):
-    """cos, sin (B, 1, T, head_dim) for explicit positions, Hugging Face rotate-half layout."""
+    """cos, signed sin (B, 1, T, head_dim) for explicit positions, Hugging Face rotate-half layout.
+
+    The rotate-half sign is folded into sin, so applying RoPE is a gather, two products and a sum.
+    """
     inv = 1.0 / theta ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=position_ids.device) / head_dim)
     freqs = position_ids.float()[..., None] * inv
     emb = torch.cat([freqs, freqs], dim=-1)[:, None]
-    return emb.cos(), emb.sin()
+    sign = torch.cat([-torch.ones_like(inv), torch.ones_like(inv)])
+    return emb.cos(), emb.sin() * sign
 
 
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
-    rot = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return (x.float() * cos + rot.float() * sin).to(x.dtype)
+    swap = torch.cat([torch.arange(half, 2 * half), torch.arange(0, half)]).to(x.device)
+    return (x.float() * cos + x.float().index_select(-1, swap) * sin).to(x.dtype)
 
 
 class Attention(nn.Module):
@@ -103,16 +107,14 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
         q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
+        # grouped-query attention without repeating K/V: the query heads of a group share one K/V head
         rep = self.n_heads // self.n_kv
-        if rep > 1:
-            S = keys.shape[2]
-            keys = keys[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
-            values = values[:, :, None].expand(B, self.n_kv, rep, S, self.head_dim).reshape(B, self.n_heads, S, self.head_dim)
+        q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * (self.head_dim ** -0.5)
-        scores = scores.masked_fill(~mask[:, None], float("-inf"))
+        scores = scores.masked_fill(~mask.repeat(1, rep, 1)[:, None], float("-inf"))
         attn = torch.softmax(scores, dim=-1).to(values.dtype)
-        out = torch.matmul(attn, values).transpose(1, 2).reshape(B, T, -1)
-        return self.o_proj(out), k, v
+        out = torch.matmul(attn, values).reshape(B, self.n_heads, T, self.head_dim)
+        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
 
 
 class DecoderLayer(nn.Module):
