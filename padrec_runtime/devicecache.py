@@ -18,7 +18,7 @@ from .kvcache import CacheSpec
 def array_module(device: str):
     """(array module, pointer-of, to-host) for 'cpu' (numpy) or 'cuda' (cupy)."""
     if device == "cpu":
-        return np, (lambda a: a.ctypes.data), (lambda a: a)
+        return np, (lambda a: a.ctypes.data), (lambda a: a.copy())  # outputs are reused buffers: hand out copies
     try:
         import cupy
     except ImportError:
@@ -48,17 +48,36 @@ class BoundKVRunner:
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
         self.session = session
-        self.binding = session.io_binding()
-        self._keep: list = []  # device arrays bound for the current run
+        self._by_seq: dict = {}  # seq length -> (binding, new-KV buffer, output buffers), bound once
+        self._keep: list = []  # input arrays bound for the current run
 
     @property
     def batch(self) -> int:
         return len(self.lengths)
 
-    def _bind(self, name: str, arr, output: bool = False) -> None:
-        fn = self.binding.bind_output if output else self.binding.bind_input
+    def _bind(self, binding, name: str, arr, output: bool = False) -> None:
+        fn = binding.bind_output if output else binding.bind_input
         fn(name, self.device, 0, arr.dtype, list(arr.shape), self._ptr(arr))
-        self._keep.append(arr)
+
+    def _bound_for(self, T: int):
+        """The binding for T new tokens: cache, new-KV and output buffers bound once and reused."""
+        hit = self._by_seq.get(T)
+        if hit is not None:
+            return hit
+        xp, B = self.xp, self.batch
+        binding = self.session.io_binding()
+        new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T, self.spec.head_dim), dtype=self.dtype)
+        for i, (k_in, v_in, k_out, v_out) in enumerate(self._names):
+            self._bind(binding, k_in, self.cache[i, 0])
+            self._bind(binding, v_in, self.cache[i, 1])
+            self._bind(binding, k_out, new[i, 0], output=True)
+            self._bind(binding, v_out, new[i, 1], output=True)
+        outs = {}
+        for name, t in self.graph_spec["outputs"].items():
+            outs[name] = xp.empty((B, T, t["shape"][-1]), dtype=numpy_dtype(t["dtype"]))
+            self._bind(binding, name, outs[name], output=True)
+        self._by_seq[T] = (binding, new, outs)
+        return self._by_seq[T]
 
     def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
         xp, S = self.xp, self.spec.max_len
@@ -74,42 +93,41 @@ class BoundKVRunner:
         mask[:, :, S:] = new_mask[:, :, self.scratch:]
         feeds = cast_feeds(self.graph_spec, dict(feeds, attention_mask=mask))
         probe = dict(feeds)
-        for i, (k_in, v_in, _, _) in enumerate(self._names):
+        for k_in, v_in, _, _ in self._names:
             probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
         check_feeds(self.graph, self.graph_spec, probe)
-        self._keep = []
-        for name, value in feeds.items():
-            self._bind(name, xp.asarray(value))
-        new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T, self.spec.head_dim), dtype=self.dtype)
-        for i, (k_in, v_in, k_out, v_out) in enumerate(self._names):
-            self._bind(k_in, self.cache[i, 0, :B])
-            self._bind(v_in, self.cache[i, 1, :B])
-            self._bind(k_out, new[i, 0], output=True)
-            self._bind(v_out, new[i, 1], output=True)
-        outs = {}
-        for name, t in self.graph_spec["outputs"].items():
-            width = t["shape"][-1]
-            outs[name] = xp.empty((B, T, width), dtype=numpy_dtype(t["dtype"]))
-            self._bind(name, outs[name], output=True)
+        binding, new, outs = self._bound_for(T)
+        self._keep = [xp.asarray(v) for v in feeds.values()]
+        for name, arr in zip(feeds, self._keep):
+            self._bind(binding, name, arr)
         try:
-            self.session.run_with_iobinding(self.binding)
+            self.session.run_with_iobinding(binding)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"{self.graph}: onnxruntime run failed ({str(exc)[:300]})") from None
-        for b in range(B):
-            start = int(self.lengths[b]) + self.scratch
-            self.cache[:, :, b, :, start:start + T] = new[:, :, b]
+        # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
+        rows = np.repeat(np.arange(B), T).reshape(B, T)
+        pos = (self.lengths + self.scratch)[:, None] + np.arange(T)
+        self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new.transpose(2, 4, 0, 1, 3, 5)
         self.scratch += T
         return {name: self._host(arr) for name, arr in outs.items()}
 
     def commit(self, select: list) -> None:
-        for b, idx in enumerate(select):
-            if len(idx) == 0:
-                continue
-            n = int(self.lengths[b])
-            row = self.cache[:, :, b]  # (layers, 2, heads, S, D), a view
-            src = self.xp.asarray(n + np.asarray(idx, dtype=np.int64))
-            row[:, :, :, n:n + len(idx)] = row[:, :, :, src]
-            self.lengths[b] += len(idx)
+        """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""
+        counts = [len(idx) for idx in select]
+        M = max(counts, default=0)
+        if M:
+            S = self.spec.max_len
+            src = np.empty((self.batch, M), dtype=np.int64)
+            dst = np.empty((self.batch, M), dtype=np.int64)
+            for b, idx in enumerate(select):
+                n, m = int(self.lengths[b]), counts[b]
+                src[b, :m] = n + np.asarray(idx, dtype=np.int64)
+                dst[b, :m] = n + np.arange(m)
+                src[b, m:] = dst[b, m:] = min(n + m, S - 1)  # padding copies an entry onto itself
+            rows = self.xp.asarray(np.repeat(np.arange(self.batch), M).reshape(self.batch, M))
+            values = self.cache[:, :, rows, :, self.xp.asarray(src)]
+            self.cache[:, :, rows, :, self.xp.asarray(dst)] = values
+            self.lengths += np.asarray(counts, dtype=np.int64)
         self.scratch = 0
 
     def discard(self) -> None:
