@@ -129,6 +129,12 @@ class Recommender:
             out.append([int(i) for i in h])
         return out
 
+    def calibrate(self, histories: list, batches=(1, 8, 32), repeats: int = 3) -> list:
+        """Measure AR and speculation settings per batch size; `speculate="auto"` then uses the fastest."""
+        from .adaptive import calibrate
+        self.plan = calibrate(self, histories, batches, repeats)
+        return self.plan
+
     def config(self, speculate: str = "chain", greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, draft_steps: int | None = None, tree_topk: int | None = None,
                tree_size: int | None = None) -> DecodeConfig:
@@ -148,6 +154,12 @@ class Recommender:
         n_items = lim["n_items"] if n_items is None else n_items
         if not isinstance(n_items, int) or not 1 <= n_items <= lim["max_items"]:
             raise InputError(f"n_items: got {n_items!r} | expected 1..{lim['max_items']}")
+        if options.get("speculate") == "auto":
+            from .adaptive import choose
+            if not getattr(self, "plan", None):
+                raise InputError("speculate='auto': no calibration | call Recommender.calibrate(histories) first")
+            pick = choose(self.plan, len(histories))
+            options = dict(options, speculate=pick.speculate, draft_steps=pick.draft_steps)
         cfg = self.config(**options)
         constraint = ListConstraint(self.catalogue, n_items=n_items, exclude_history=exclude_history)
         prompts = [self.catalogue.prompt(h) for h in histories]

@@ -244,6 +244,13 @@ def main():
                     {"identical_to_ar": same, "rounds": res.rounds, "split_ms": split_ms,
                      "verify_ms_per_round": split_ms["verify"] / (res.rounds + 1),
                      "host_ms_per_round": split_ms["host"] / max(res.rounds, 1)})
+        if name == "padrec":  # adaptive: calibrate on these histories, then time speculate="auto"
+            plan = rec.calibrate(hist_all, batches, repeats=1)
+            report["adaptive_plan"] = [c.__dict__ for c in plan]
+            for batch in batches:
+                res, ms = timed(lambda: rec.recommend(hist_all[:batch], speculate="auto"), args.repeats)
+                ar = next(r["ms_per_list"] for r in rows if r["engine"] == "padrec-ort-cuda" and r["batch"] == batch)
+                add("padrec-ort-cuda/auto", "auto", batch, ms, res.tau, {"ar_ms": ar, "not_slower_than_ar": ms <= ar})
         del rec
     # 2. PyTorch eager: the same SD loop, torch models on the card (device-resident KV)
     cat, target, draft, _ = load_trained(models, "padrec")

@@ -179,3 +179,16 @@ def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
         res = rec.recommend(hist, speculate=mode)
         assert [r.tokens for r in res.lists] == [r.tokens for r in ar.lists]  # lossless holds per precision
     assert all(len(set(r.item_ids)) == 5 for r in ar.lists)
+
+
+def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
+    rec = Recommender(engines_master)
+    with pytest.raises(InputError, match="calibrat"):
+        rec.recommend([[1000]], speculate="auto")
+    hist = [h for s in range(3) for h in _histories(tiny[0], s, 4)][:8]
+    plan = rec.calibrate(hist, batches=(1, 8), repeats=1)
+    assert [c.batch for c in plan] == [1, 8]
+    for c in plan:
+        assert c.ms <= c.ar_ms  # AR is a candidate: the choice is never slower on what was measured
+    auto = rec.recommend(hist[:3], speculate="auto")
+    assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
