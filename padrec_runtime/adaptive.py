@@ -12,6 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import InputError
+
 CANDIDATES = (("off", None), ("chain", 2), ("chain", 4), ("tree", 3), ("tree", 4), ("tree", 6))
 
 
@@ -29,7 +31,6 @@ class Choice:
 def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES) -> list:
     """Choices (sorted by batch) measured on `histories` (at least max(batches) of them)."""
     if len(histories) < max(batches):
-        from .errors import InputError
         raise InputError(f"calibrate: {len(histories)} histories for batches up to {max(batches)}")
     plan = []
     for batch in sorted(batches):
@@ -39,7 +40,10 @@ def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candid
             if speculate != "off" and "draft" not in rec.backends:
                 continue
             run = lambda: rec.recommend(hist, speculate=speculate, draft_steps=k)  # noqa: E731
-            run()
+            try:
+                run()
+            except InputError:  # this setting does not fit the engines' limits
+                continue
             samples = []
             for _ in range(repeats):
                 t0 = time.perf_counter()

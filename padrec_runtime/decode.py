@@ -169,8 +169,11 @@ def generate(target: KVRunner, draft: KVRunner | None, prompts: list, histories:
 
 def max_cache_len(prompt_len: int, constraint: ListConstraint, cfg: DecodeConfig) -> int:
     """KV positions a row can need: prompt, the list, and one round of speculation on top."""
+    K = cfg.draft_steps
     width = cfg.tree_topk if cfg.speculate == "tree" else 1
-    spec = 0 if cfg.speculate == "off" else cfg.draft_steps * width * width + cfg.tree_size
+    verify = 1 + (cfg.tree_size if cfg.speculate == "tree" else K)  # target scratch: root + draft tokens
+    drafting = K + 1 + (K - 1) * width  # draft scratch: catch-up pairs, then one level per step
+    spec = 1 if cfg.speculate == "off" else max(verify, drafting)
     return prompt_len + constraint.list_length() + spec + 1
 
 
