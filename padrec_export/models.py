@@ -87,7 +87,7 @@ def rope(position_ids, head_dim: int, theta: float):
 
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
-    swap = torch.cat([torch.arange(half, 2 * half), torch.arange(0, half)]).to(x.device)
+    swap = torch.cat([torch.arange(half, 2 * half, device=x.device), torch.arange(0, half, device=x.device)])
     return (x.float() * cos + x.float().index_select(-1, swap) * sin).to(x.dtype)
 
 
