@@ -32,8 +32,18 @@ class TargetConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
 
+    def __post_init__(self):
+        _check_heads(self)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def _check_heads(cfg) -> None:
+    from padrec_runtime.errors import CheckpointError
+    if cfg.hidden_size % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
+        raise CheckpointError(f"{type(cfg).__name__}: hidden {cfg.hidden_size}, heads {cfg.n_heads}, kv heads "
+                              f"{cfg.n_kv_heads} | heads must divide hidden and kv heads must divide heads")
 
 
 @dataclass(frozen=True)
@@ -56,6 +66,9 @@ class DraftConfig:
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.n_heads
+
+    def __post_init__(self):
+        _check_heads(self)
 
     def to_dict(self) -> dict:
         return asdict(self)

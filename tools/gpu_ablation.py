@@ -1,0 +1,158 @@
+"""Issue-5 investigation on the GPU: draft variants (slot / step / both / neither, unroll depth, seeds)
+against the committed ml-100k target, and an ml-9k target sweep selected by validation Recall@10.
+
+    python tools/gpu_ablation.py drafts --out DIR      # -> DIR/ablation_drafts.json
+    python tools/gpu_ablation.py targets --out DIR     # -> DIR/sweep_ml9k.json (+ DIR/ml-9k.tar.gz of the pick)
+"""
+import argparse
+import json
+import shutil
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from padrec_export.checkpoint import load_target, save_draft, save_target
+from padrec_export.data import load_dataset, make_split
+from padrec_export.demo import default_model_dir
+from padrec_export.models import DraftConfig, TargetConfig
+from padrec_export.pipeline import baseline_lists, ranking_metrics
+from padrec_export.reference import reference_generate
+from padrec_export.train import TrainConfig, encode_example, train_draft, train_target
+from padrec_runtime.decode import DecodeConfig
+from padrec_runtime.layout import Catalogue, ListConstraint, TokenLayout
+
+VARIANTS = {  # name: (use_slot, use_step, unrolled steps, seed)
+    "eagle": (False, False, 4, 0), "padrec": (True, True, 4, 0),
+    "eagle-seed1": (False, False, 4, 1), "padrec-seed1": (True, True, 4, 1),
+    "slot-only": (True, False, 4, 0), "step-only": (False, True, 4, 0), "padrec-unroll6": (True, True, 6, 0),
+}
+
+
+def log(*a):
+    print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def decode_all(target, draft, histories, con, cfg, batch=64):
+    tokens, committed = [], []
+    for s in range(0, len(histories), batch):
+        g = reference_generate(target, draft, histories[s:s + batch], con, cfg)
+        tokens += g.tokens
+        committed += [c for row in g.committed for c in row]
+    return tokens, float(np.mean(committed))
+
+
+def drafts(args, device):
+    model = default_model_dir("ml-100k")
+    layout = TokenLayout(4, 64)
+    cat = Catalogue.load(model / "catalogue.json", layout)
+    target = load_target(model / "target").to(device)
+    data = load_dataset("ml-100k")
+    split = make_split(data, users=args.users)
+    seqs = [encode_example(cat, h, t) for h, t in split.train]
+    hist = [h for _, h, _ in split.test]
+    con = ListConstraint(cat, n_items=10)
+    ar, _ = decode_all(target, None, hist, con, DecodeConfig(speculate="off"))
+    rows = []
+    variants = dict(list(VARIANTS.items())[:2]) if device == "cpu" else VARIANTS  # CPU: a smoke run
+    for name, (use_slot, use_step, unroll, seed) in variants.items():
+        dc = DraftConfig(hidden_size=target.cfg.hidden_size, vocab_size=target.cfg.vocab_size,
+                         n_heads=target.cfg.n_heads, n_kv_heads=target.cfg.n_kv_heads,
+                         intermediate_size=target.cfg.intermediate_size, n_slots=layout.n_slots,
+                         use_slot=use_slot, use_step=use_step)
+        cfg = TrainConfig(epochs=args.epochs, batch_size=256, lr=3e-3, seed=seed, draft_steps=unroll, device=device)
+        t0 = time.perf_counter()
+        draft, curve = train_draft(target, dc, seqs, cfg, cat, progress=False)
+        row = {"variant": name, "use_slot": use_slot, "use_step": use_step, "unroll": unroll, "seed": seed,
+               "train_s": time.perf_counter() - t0, "loss_last": float(np.mean(curve[-20:])),
+               "alpha": draft.alpha.item() if use_slot else None}
+        for mode, K in (("chain", 4), ("tree", 4), ("chain", 6)):
+            toks, tau = decode_all(target, draft, hist, con, DecodeConfig(speculate=mode, draft_steps=K))
+            row[f"tau_{mode}_K{K}"] = tau
+            row[f"identical_{mode}_K{K}"] = toks == ar
+        rows.append(row)
+        log(json.dumps(row))
+        (Path(args.out) / "ablation_drafts.json").write_text(json.dumps(
+            {"dataset": "ml-100k", "users": len(hist), "draft_epochs": args.epochs, "device": str(device),
+             "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "rows": rows}, indent=2) + "\n")
+
+
+def targets(args, device):
+    data = load_dataset("ml-9k")
+    split = make_split(data, users=args.users)
+    cat = Catalogue.load(Path(args.catalogue), TokenLayout(4, 64))
+    seqs = [encode_example(cat, h, t) for h, t in split.train]
+    valid = [encode_example(cat, h, t) for _, h, t in split.valid]
+    con = ListConstraint(cat, n_items=10)
+    v_hist, v_truth = [h for _, h, _ in split.valid], [t for _, _, t in split.valid]
+    t_hist, t_truth = [h for _, h, _ in split.test], [t for _, _, t in split.test]
+    pop = baseline_lists(data, split, 10)["popularity"]
+    sweep = [  # hidden, layers, lr, weight decay, epochs
+        (128, 4, 3e-3, 0.01, 10), (128, 2, 1e-3, 0.1, 12), (64, 2, 3e-3, 0.1, 12), (256, 2, 1e-3, 0.1, 8),
+        (128, 4, 1e-3, 0.1, 12),
+    ]
+    if device == "cpu":  # smoke run of this script
+        sweep = [(32, 1, 3e-3, 0.01, 1)]
+    rows, best = [], None
+    for hidden, layers, lr, wd, epochs in sweep:
+        tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=hidden, n_layers=layers,
+                          n_heads=max(2, hidden // 32), n_kv_heads=2, intermediate_size=int(hidden * 2.6875 / 8) * 8)
+        cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device)
+        t0 = time.perf_counter()
+        target, curves = train_target(tc, seqs, cfg, progress=False, valid=valid, list_len=50)
+        vt, _ = decode_all(target, None, v_hist, con, DecodeConfig(speculate="off"))
+        tt, _ = decode_all(target, None, t_hist, con, DecodeConfig(speculate="off"))
+        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs,
+               "best_epoch": int(np.argmin(curves["valid"])) + 1, "train_s": time.perf_counter() - t0,
+               "valid": ranking_metrics([cat.decode_list(t) for t in vt], v_truth, 10),
+               "test": ranking_metrics([cat.decode_list(t) for t in tt], t_truth, 10)}
+        rows.append(row)
+        log(json.dumps(row))
+        if best is None or row["valid"]["recall@10"] > best[0]["valid"]["recall@10"]:
+            best = (row, target, tc)
+    report = {"dataset": "ml-9k", "selection": "validation recall@10 (the test split is only reported)",
+              "popularity_test": ranking_metrics(pop, t_truth, 10), "rows": rows, "chosen": best[0]}
+    (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")
+    # retrain both drafts for the chosen target (the default budget) and pack the model directory
+    row, target, tc = best
+    work = Path("/tmp/ml9k_pick")
+    shutil.rmtree(work, ignore_errors=True)
+    (work / "ml-9k").mkdir(parents=True)
+    shutil.copy(args.catalogue, work / "ml-9k" / "catalogue.json")
+    save_target(target.cpu().float(), work / "ml-9k" / "target", extra={"layout": {"levels": 4, "codebook": 64},
+                                                                        "dataset": "ml-9k"})
+    target = target.to(device)
+    train_report = {"dataset": "ml-9k", "examples": len(seqs), "target": row}
+    for name, on in (("padrec", True), ("eagle", False)):
+        dc = DraftConfig(hidden_size=tc.hidden_size, vocab_size=tc.vocab_size, n_heads=tc.n_heads,
+                         n_kv_heads=tc.n_kv_heads, intermediate_size=tc.intermediate_size, n_slots=6,
+                         use_slot=on, use_step=on)
+        dcfg = TrainConfig(epochs=12 if device != "cpu" else 1, batch_size=256, lr=3e-3, device=device)
+        draft, curve = train_draft(target, dc, seqs, dcfg, cat, progress=False)
+        save_draft(draft.cpu().float(), work / "ml-9k" / f"draft_{name}", extra={"dataset": "ml-9k"})
+        train_report[f"draft_{name}"] = {"train": dcfg.to_dict(), "loss_last": float(np.mean(curve[-20:])),
+                                         "alpha": draft.alpha.item() if on else None}
+        log("draft", name, train_report[f"draft_{name}"]["loss_last"])
+    (work / "ml-9k" / "train_report.json").write_text(json.dumps(train_report, indent=2))
+    with tarfile.open(Path(args.out) / "ml-9k.tar.gz", "w:gz") as tar:
+        tar.add(work / "ml-9k", arcname="ml-9k")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("part", choices=["drafts", "targets"])
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--epochs", type=int, default=12)
+    ap.add_argument("--users", type=int, default=None)
+    ap.add_argument("--catalogue", default="padrec_export/default_models/ml-9k/catalogue.json")
+    ap.add_argument("--cpu", action="store_true")
+    args = ap.parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    device = "cpu" if args.cpu else "cuda"
+    drafts(args, device) if args.part == "drafts" else targets(args, device)
+
+
+if __name__ == "__main__":
+    main()
