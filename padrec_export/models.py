@@ -13,8 +13,25 @@ import torch.nn.functional as F
 from torch import nn
 
 
+class _Heads:
+    """What both configs derive from their sizes."""
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.n_heads
+
+    def __post_init__(self):
+        from padrec_runtime.errors import CheckpointError
+        if self.hidden_size % self.n_heads or self.n_heads % self.n_kv_heads:
+            raise CheckpointError(f"{type(self).__name__}: hidden {self.hidden_size}, heads {self.n_heads}, kv heads "
+                                  f"{self.n_kv_heads} | heads must divide hidden and kv heads must divide heads")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
 @dataclass(frozen=True)
-class TargetConfig:
+class TargetConfig(_Heads):
     """Size of a Llama / Qwen2 style decoder."""
 
     vocab_size: int
@@ -28,26 +45,9 @@ class TargetConfig:
     qkv_bias: bool = False  # True for Qwen2
     tie_embeddings: bool = False
 
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    def __post_init__(self):
-        _check_heads(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-def _check_heads(cfg) -> None:
-    from padrec_runtime.errors import CheckpointError
-    if cfg.hidden_size % cfg.n_heads or cfg.n_heads % cfg.n_kv_heads:
-        raise CheckpointError(f"{type(cfg).__name__}: hidden {cfg.hidden_size}, heads {cfg.n_heads}, kv heads "
-                              f"{cfg.n_kv_heads} | heads must divide hidden and kv heads must divide heads")
-
 
 @dataclass(frozen=True)
-class DraftConfig:
+class DraftConfig(_Heads):
     """The PAD-Rec draft: one decoder layer over fused target features, slot and step signals."""
 
     hidden_size: int
@@ -62,16 +62,6 @@ class DraftConfig:
     alpha_init: float = 0.1
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.n_heads
-
-    def __post_init__(self):
-        _check_heads(self)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 class RMSNorm(nn.Module):

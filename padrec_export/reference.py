@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from padrec_runtime.decode import DecodeConfig, Generation, generate, max_cache_len
-from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner
+from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner, attention_mask
 from padrec_runtime.layout import BOS, ListConstraint
 
 from .models import Draft, Target
@@ -66,12 +66,7 @@ class TorchKVRunner:
     def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
         S = self.spec.max_len
         B, T = feeds["input_ids"].shape
-        mask = np.zeros((B, T, S + T), dtype=bool)
-        for b in range(B):
-            n = int(self.lengths[b])
-            mask[b, :, :n] = True
-            mask[b, :, n:n + self.scratch] = new_mask[b, :, :self.scratch]
-        mask[:, :, S:] = new_mask[:, :, self.scratch:]
+        mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)  # noqa: E731
         past = [(self.cache[i, 0, :B], self.cache[i, 1, :B]) for i in range(self.spec.n_layers)]
         with torch.inference_mode():

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 
 from .backends.base import cast_feeds, check_feeds, numpy_dtype
-from .errors import BackendError, InputError
-from .kvcache import CacheSpec
+from .errors import BackendError
+from .kvcache import CacheSpec, attention_mask
 
 
 def array_module(device: str):
@@ -82,15 +82,7 @@ class BoundKVRunner:
     def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
         xp, S = self.xp, self.spec.max_len
         B, T = feeds["input_ids"].shape
-        if int(self.lengths.max()) + self.scratch + T > S:
-            raise InputError(f"kv cache: {int(self.lengths.max()) + self.scratch + T} positions needed | engine "
-                             f"holds {S} | shorten the history or export with a larger max_seq_len")
-        mask = np.zeros((B, T, S + T), dtype=bool)
-        for b in range(B):
-            n = int(self.lengths[b])
-            mask[b, :, :n] = True
-            mask[b, :, n:n + self.scratch] = new_mask[b, :, :self.scratch]
-        mask[:, :, S:] = new_mask[:, :, self.scratch:]
+        mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         feeds = cast_feeds(self.graph_spec, dict(feeds, attention_mask=mask))
         probe = dict(feeds)
         for k_in, v_in, _, _ in self._names:

@@ -27,6 +27,22 @@ class CacheSpec:
     max_len: int  # positions a row can hold, committed plus scratch
 
 
+def attention_mask(lengths: np.ndarray, scratch: int, new_mask: np.ndarray, past: int, max_len: int) -> np.ndarray:
+    """(B, T, past + T) engine mask: each row's committed entries, the scratch entries and new tokens new_mask
+    allows. `past` is how many cache positions the engine reads; raises when the cache would overflow."""
+    B, T = new_mask.shape[:2]
+    if int(lengths.max()) + scratch + T > max_len:
+        raise InputError(f"kv cache: {int(lengths.max()) + scratch + T} positions needed | engine holds {max_len} | "
+                         "shorten the history or export with a larger max_seq_len")
+    mask = np.zeros((B, T, past + T), dtype=bool)
+    for b in range(B):
+        n = int(lengths[b])
+        mask[b, :, :n] = True
+        mask[b, :, n:n + scratch] = new_mask[b, :, :scratch]
+    mask[:, :, past:] = new_mask[:, :, scratch:]
+    return mask
+
+
 class KVRunner:
     """Runs one engine (a function of named numpy arrays) over its own KV cache."""
 
@@ -56,15 +72,7 @@ class KVRunner:
         """
         B, T = feeds["input_ids"].shape
         past = int(self.lengths.max()) + self.scratch
-        if past + T > self.spec.max_len:
-            raise InputError(f"kv cache: {past + T} positions needed | engine holds {self.spec.max_len} | "
-                             "shorten the history or export with a larger max_seq_len")
-        mask = np.zeros((B, T, past + T), dtype=bool)
-        for b in range(B):
-            n = int(self.lengths[b])
-            mask[b, :, :n] = True
-            mask[b, :, n:n + self.scratch] = new_mask[b, :, :self.scratch]
-        mask[:, :, past:] = new_mask[:, :, self.scratch:]
+        mask = attention_mask(self.lengths, self.scratch, new_mask, past, self.spec.max_len)
         feeds = dict(feeds, attention_mask=mask)
         for i in range(self.spec.n_layers):
             feeds[KV_INPUT[0] % i] = self.keys[i][:, :, :past]

@@ -84,27 +84,31 @@ def targets(args, device):
     split = make_split(data, users=args.users)
     cat = Catalogue.load(Path(args.catalogue), TokenLayout(4, 64))
     seqs = [encode_example(cat, h, t) for h, t in split.train]
+    dense = {stride: [encode_example(cat, h, t) for h, t in make_split(data, users=args.users, stride=stride).train]
+             for stride in (1, 2)}
     valid = [encode_example(cat, h, t) for _, h, t in split.valid]
     con = ListConstraint(cat, n_items=10)
     v_hist, v_truth = [h for _, h, _ in split.valid], [t for _, _, t in split.valid]
     t_hist, t_truth = [h for _, h, _ in split.test], [t for _, _, t in split.test]
     pop = baseline_lists(data, split, 10)["popularity"]
-    sweep = [  # hidden, layers, lr, weight decay, epochs
-        (128, 4, 3e-3, 0.01, 10), (128, 2, 1e-3, 0.1, 12), (64, 2, 3e-3, 0.1, 12), (256, 2, 1e-3, 0.1, 8),
-        (128, 4, 1e-3, 0.1, 12),
-    ]
+    sweep = [  # hidden, layers, lr, weight decay, epochs, window stride
+        (128, 4, 3e-3, 0.01, 10, 5), (128, 2, 1e-3, 0.1, 12, 5), (64, 2, 3e-3, 0.1, 12, 5), (256, 2, 1e-3, 0.1, 8, 5),
+        (128, 4, 1e-3, 0.1, 12, 5),
+    ] if args.sweep is None else [tuple(x) for x in json.loads(args.sweep)]
     if device == "cpu":  # smoke run of this script
-        sweep = [(32, 1, 3e-3, 0.01, 1)]
+        sweep = [(32, 1, 3e-3, 0.01, 1, 5)]
     rows, best = [], None
-    for hidden, layers, lr, wd, epochs in sweep:
+    for hidden, layers, lr, wd, epochs, stride in sweep:
         tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=hidden, n_layers=layers,
                           n_heads=max(2, hidden // 32), n_kv_heads=2, intermediate_size=int(hidden * 2.6875 / 8) * 8)
         cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device)
         t0 = time.perf_counter()
-        target, curves = train_target(tc, seqs, cfg, progress=False, valid=valid, list_len=50)
+        train_seqs = seqs if stride == 5 else dense[stride]
+        target, curves = train_target(tc, train_seqs, cfg, progress=False, valid=valid, list_len=50)
         vt, _ = decode_all(target, None, v_hist, con, DecodeConfig(speculate="off"))
         tt, _ = decode_all(target, None, t_hist, con, DecodeConfig(speculate="off"))
-        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs,
+        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride,
+               "examples": len(train_seqs),
                "best_epoch": int(np.argmin(curves["valid"])) + 1, "train_s": time.perf_counter() - t0,
                "valid": ranking_metrics([cat.decode_list(t) for t in vt], v_truth, 10),
                "test": ranking_metrics([cat.decode_list(t) for t in tt], t_truth, 10)}
@@ -148,6 +152,7 @@ def main():
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-9k/catalogue.json")
     ap.add_argument("--cpu", action="store_true")
+    ap.add_argument("--sweep", default=None, help="JSON list of [hidden, layers, lr, wd, epochs, stride]")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.cpu else "cuda"
