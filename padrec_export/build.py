@@ -28,6 +28,7 @@ class BuildOptions:
     timing_cache: str | None = None  # file read before and written after the build
     compute_capability: str | None = None  # tensorrt_rtx only, e.g. "SM89"; default: the builder's choice
     workspace_mib: int = 2048
+    precision: str | None = None  # must equal the graphs' precision; None takes the manifest's
 
 
 def import_builder(name: str):
@@ -110,6 +111,9 @@ def build_engines(engine_dir, opts: BuildOptions = BuildOptions(), progress: boo
     if opts.timing_cache and opts.builder == "tensorrt_rtx":
         raise InputError("timing_cache: TensorRT for RTX does not use a timing cache | drop --timing-cache")
     manifest = load_manifest(engine_dir)
+    if opts.precision not in (None, manifest.precision):
+        raise InputError(f"precision: got {opts.precision} | the graphs in {manifest.root} are {manifest.precision} "
+                         f"and TensorRT builds them strongly typed | re-export with --precision {opts.precision}")
     trt = import_builder(opts.builder)
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
     cache = cache_path.read_bytes() if cache_path and cache_path.exists() else None

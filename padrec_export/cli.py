@@ -32,16 +32,18 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
 @main.command()
 @click.option("--engines", "engine_dir", required=True, type=click.Path())
 @click.option("--builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
+              help="must match the exported graphs (networks are strongly typed); default: the manifest's")
 @click.option("--version-compatible", is_flag=True, help="plans for the lean runtime; they embed host code")
 @click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
               default="NONE")
 @click.option("--timing-cache", type=click.Path(), default=None)
 @click.option("--compute-capability", default=None, help="tensorrt_rtx only, e.g. SM89")
-def build(engine_dir, builder, version_compatible, hardware_compatibility, timing_cache, compute_capability):
+def build(engine_dir, builder, precision, version_compatible, hardware_compatibility, timing_cache, compute_capability):
     """Build TensorRT engines from an engine directory's ONNX graphs."""
     from .build import BuildOptions, build_engines
     m = build_engines(engine_dir, BuildOptions(builder, version_compatible, hardware_compatibility, timing_cache,
-                                               compute_capability))
+                                               compute_capability, precision=precision))
     click.echo(f"built {', '.join(m.tensorrt['plans'].values())} with {builder} {m.tensorrt['builder_version']}")
 
 

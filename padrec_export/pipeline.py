@@ -7,7 +7,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from padrec_runtime.decode import DecodeConfig
@@ -202,7 +201,3 @@ def evaluate(model_dir, dataset: str, n_items: int = 10, users: int | None = Non
     for name, bl in baseline_lists(data, split, n_items).items():
         report["quality"][name] = ranking_metrics(bl[:len(test)], truth, n_items)
     return report
-
-
-def torch_threads(n: int = 2) -> None:
-    torch.set_num_threads(n)

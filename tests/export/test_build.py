@@ -38,5 +38,7 @@ def test_missing_builder_and_bad_options(engines):
             build_engines(engines, BuildOptions(builder="tensorrt"), progress=False)
     with pytest.raises(InputError, match="timing cache"):
         build_engines(engines, BuildOptions(builder="tensorrt_rtx", timing_cache="x.cache"), progress=False)
+    with pytest.raises(InputError, match="re-export with --precision fp16"):
+        build_engines(engines, BuildOptions(builder="tensorrt_rtx", precision="fp16"), progress=False)
     with pytest.raises(InputError, match="builder"):
         build_engines(engines, BuildOptions(builder="onnx2trt"), progress=False)
