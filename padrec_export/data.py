@@ -102,8 +102,12 @@ def item_titles(name: str) -> dict | None:
 
 
 def make_split(data: Interactions, n_items: int = 10, max_history: int = 20, stride: int = 5,
-               min_history: int = 3, users: int | None = None) -> Split:
-    """Per user: the last n_items held out (test), the n_items before them (valid), windows over the rest."""
+               min_history: int = 3, users: int | None = None, final: bool = False) -> Split:
+    """Per user: the last n_items held out (test), the n_items before them (valid), windows over the rest.
+
+    final=True lets training windows run up to the test items (refit on train + valid once the
+    hyperparameters were chosen on valid); the test items stay held out either way.
+    """
     train, valid, test = [], [], []
     for k, (user, seq) in enumerate(data.sequences.items()):
         if users is not None and k >= users:
@@ -116,6 +120,7 @@ def make_split(data: Interactions, n_items: int = 10, max_history: int = 20, str
             continue
         vcut = cut - n_items
         valid.append((user, seq[max(0, vcut - max_history):vcut], seq[vcut:cut]))
-        for start in range(min_history, vcut - n_items + 1, stride):
+        last = cut if final else vcut
+        for start in range(min_history, last - n_items + 1, stride):
             train.append((seq[max(0, start - max_history):start], seq[start:start + n_items]))
     return Split(train, valid, test)

@@ -84,8 +84,11 @@ def targets(args, device):
     split = make_split(data, users=args.users)
     cat = Catalogue.load(Path(args.catalogue), TokenLayout(4, 64))
     seqs = [encode_example(cat, h, t) for h, t in split.train]
-    dense = {stride: [encode_example(cat, h, t) for h, t in make_split(data, users=args.users, stride=stride).train]
+    dense = {stride: [encode_example(cat, h, t) for h, t in
+                      make_split(data, users=args.users, stride=stride, final=args.final).train]
              for stride in (1, 2)}
+    if args.final:  # refit of a chosen configuration on train + valid windows: fixed epochs, no selection
+        seqs = [encode_example(cat, h, t) for h, t in make_split(data, users=args.users, final=True).train]
     valid = [encode_example(cat, h, t) for _, h, t in split.valid]
     con = ListConstraint(cat, n_items=10)
     v_hist, v_truth = [h for _, h, _ in split.valid], [t for _, _, t in split.valid]
@@ -104,7 +107,10 @@ def targets(args, device):
         cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device)
         t0 = time.perf_counter()
         train_seqs = seqs if stride == 5 else dense[stride]
-        target, curves = train_target(tc, train_seqs, cfg, progress=False, valid=valid, list_len=50)
+        target, curves = train_target(tc, train_seqs, cfg, progress=False, valid=None if args.final else valid,
+                                      list_len=50)
+        if args.final:
+            curves["valid"] = [0.0] * epochs
         vt, _ = decode_all(target, None, v_hist, con, DecodeConfig(speculate="off"))
         tt, _ = decode_all(target, None, t_hist, con, DecodeConfig(speculate="off"))
         row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride,
@@ -116,7 +122,8 @@ def targets(args, device):
         log(json.dumps(row))
         if best is None or row["valid"]["recall@10"] > best[0]["valid"]["recall@10"]:
             best = (row, target, tc)
-    report = {"dataset": "ml-9k", "selection": "validation recall@10 (the test split is only reported)",
+    report = {"dataset": "ml-9k", "final_refit": args.final,
+              "selection": "validation recall@10 (the test split is only reported)",
               "popularity_test": ranking_metrics(pop, t_truth, 10), "rows": rows, "chosen": best[0]}
     (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")
     # retrain both drafts for the chosen target (the default budget) and pack the model directory
@@ -153,6 +160,7 @@ def main():
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-9k/catalogue.json")
     ap.add_argument("--cpu", action="store_true")
     ap.add_argument("--sweep", default=None, help="JSON list of [hidden, layers, lr, wd, epochs, stride]")
+    ap.add_argument("--final", action="store_true", help="refit on train + valid windows (epochs as given)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
     device = "cpu" if args.cpu else "cuda"

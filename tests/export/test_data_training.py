@@ -122,3 +122,16 @@ def test_train_all_writes_what_the_exporter_reads(tmp_path):
     assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == {"levels": 4, "codebook": 64}
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng")
     assert set(m.data["files"]) == {"target.onnx", "draft.onnx", "catalogue.json"}
+
+
+def test_final_split_refits_on_valid_items_but_never_on_test_items():
+    from padrec_export.data import Interactions
+    data = Interactions("toy", np.arange(200), [""] * 200, [""] * 200, {7: list(range(100)), 8: list(range(100, 160))})
+    plain, final = make_split(data, stride=5), make_split(data, stride=5, final=True)
+    assert [t for _, _, t in final.test] == [list(range(90, 100)), list(range(150, 160))]
+    assert [t for _, _, t in final.valid] == [list(range(80, 90)), list(range(140, 150))]
+    plain_targets = {i for _, t in plain.train for i in t}
+    final_targets = {i for _, t in final.train for i in t}
+    assert max(i for i in plain_targets if i < 100) < 80 and max(i for i in plain_targets if i >= 100) < 140
+    assert set(range(80, 90)) <= final_targets and set(range(140, 150)) <= final_targets
+    assert not final_targets & (set(range(90, 100)) | set(range(150, 160)))
