@@ -127,7 +127,7 @@ def test_train_all_writes_what_the_exporter_reads(tmp_path):
 def test_final_split_refits_on_valid_items_but_never_on_test_items():
     from padrec_export.data import Interactions
     data = Interactions("toy", np.arange(200), [""] * 200, [""] * 200, {7: list(range(100)), 8: list(range(100, 160))})
-    plain, final = make_split(data, stride=5), make_split(data, stride=5, final=True)
+    plain, final = make_split(data, stride=1), make_split(data, stride=1, final=True)
     assert [t for _, _, t in final.test] == [list(range(90, 100)), list(range(150, 160))]
     assert [t for _, _, t in final.valid] == [list(range(80, 90)), list(range(140, 150))]
     plain_targets = {i for _, t in plain.train for i in t}
