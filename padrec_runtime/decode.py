@@ -7,7 +7,7 @@ speculative output equals greedy constrained target decoding token for token.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -74,6 +74,7 @@ class Verdict:
     path: list  # verify-order indices accepted, root (0) first
     tokens: list  # committed tokens: accepted draft tokens then the bonus token, if any
     state: ConstraintState  # constraint state after the committed tokens
+    features: np.ndarray | None = None  # (len(path), H) target hidden states along the path, for the draft
 
 
 @dataclass
@@ -100,9 +101,8 @@ class Generation:
 
 @dataclass
 class _Clock:
-    draft: float = 0.0
-    verify: float = 0.0
-    extra: dict = field(default_factory=dict)
+    draft: float = 0.0  # seconds in draft engine calls
+    verify: float = 0.0  # seconds in target engine calls
 
 
 def _pad(rows: list, fill, dtype) -> np.ndarray:
@@ -334,7 +334,6 @@ def verify(target, roots, trees, constraint, cfg, rng, clock) -> list:
     t0 = time.perf_counter()
     out = target.forward({"input_ids": ids, "position_ids": pos}, mask)
     clock.verify += time.perf_counter() - t0
-    clock.extra["hidden"] = out["hidden"]
     verdicts = []
     for b, (r, tree) in enumerate(zip(roots, trees)):
         if r.state.done:
@@ -342,9 +341,11 @@ def verify(target, roots, trees, constraint, cfg, rng, clock) -> list:
             continue
         logits = out["logits"][b]
         if cfg.speculate == "chain" and not cfg.sampling.greedy:
-            verdicts.append(_accept_chain_sampled(logits, r, tree, constraint, cfg, rng))
+            v = _accept_chain_sampled(logits, r, tree, constraint, cfg, rng)
         else:
-            verdicts.append(_walk(logits, r, tree, constraint, cfg, rng))
+            v = _walk(logits, r, tree, constraint, cfg, rng)
+        v.features = out["hidden"][b, v.path]
+        verdicts.append(v)
     return verdicts
 
 
@@ -398,7 +399,7 @@ def _accept_chain_sampled(logits, root, chain, constraint, cfg, rng) -> Verdict:
 def accept(target, draft, roots, verdicts, constraint, out, clock) -> None:
     """Keep the accepted path's KV, record the committed tokens, feed the draft the real features."""
     target.commit([v.path for v in verdicts])
-    hidden = clock.extra.pop("hidden")
+    H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
     feats, tokens, starts = [], [], []
     for b, (r, v) in enumerate(zip(roots, verdicts)):
         if not r.state.done:
@@ -410,7 +411,7 @@ def accept(target, draft, roots, verdicts, constraint, out, clock) -> None:
         else:
             starts.append(0)
         live = not r.state.done
-        feats.append(hidden[b, v.path] if live else hidden[b, :0])
+        feats.append(v.features if live else np.zeros((0, H), np.float32))
         tokens.append(np.asarray(v.tokens if live else [], np.int32))
     if draft is not None and any(not r.state.done for r in roots):
         _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock)
