@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata as md
-import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -183,7 +182,3 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
     }
     return write_manifest(out, data)
 
-
-def copy_engines(src, dst) -> None:
-    """Copy an engine directory (manifest and every file it names)."""
-    shutil.copytree(src, dst, dirs_exist_ok=True)

@@ -10,7 +10,7 @@ import torch
 from padrec_runtime.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
-from .reference import _call
+from .reference import _call, next_token_logits
 
 
 @dataclass
@@ -63,16 +63,11 @@ def _first_divergence(a: list, b: list):
 
 def _margin(target, catalogue, history, prefix, constraint) -> float:
     """Reference target's gap between its two best allowed logits after `prefix`: small means a near-tie."""
-    prompt = catalogue.prompt(history)
-    ids = np.concatenate([prompt, prefix]).astype(np.int32)[None]
-    T = ids.shape[1]
-    with torch.inference_mode():
-        logits, _, _ = target(torch.from_numpy(ids), torch.arange(T, dtype=torch.int32)[None],
-                              torch.tril(torch.ones(T, T, dtype=torch.bool))[None], target.empty_past(1))
+    logits = next_token_logits(target, np.concatenate([catalogue.prompt(history), prefix]))
     state = constraint.start(history)
     for tok in prefix:
         state = constraint.advance(state, tok)
-    x = np.sort(logits[0, -1].float().numpy()[constraint.allowed(state)])
+    x = np.sort(logits[constraint.allowed(state)])
     return float(x[-1] - x[-2]) if len(x) > 1 else float("inf")
 
 
@@ -129,7 +124,7 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
                 taus.append({"mode": mode, "runtime": got.tau, "reference": ref.tau})
     bugs = [r for r in lists if not r["equal"] and not r.get("near_tie")]
     report["tiers"]["lists"] = {"ok": not bugs, "compared": len(lists), "equal": sum(r["equal"] for r in lists),
-                                "near_ties": sum(bool(r.get("near_tie")) for r in lists), "diverged": lists and
+                                "near_ties": sum(bool(r.get("near_tie")) for r in lists), "diverged":
                                 [r for r in lists if not r["equal"]][:20]}
     tau = {}
     for mode in ("chain", "tree"):

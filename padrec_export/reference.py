@@ -34,6 +34,16 @@ def _call(model, feeds: dict, n_layers: int, draft: bool) -> dict:
     return out
 
 
+def next_token_logits(target: Target, ids) -> np.ndarray:
+    """(V,) float32 logits after a whole token sequence, one causal pass without a cache."""
+    ids = torch.as_tensor(np.asarray(ids, dtype=np.int32))[None]
+    T = ids.shape[1]
+    with torch.inference_mode():
+        logits, _, _ = target(ids, torch.arange(T, dtype=torch.int32)[None],
+                              torch.tril(torch.ones(T, T, dtype=torch.bool))[None], target.empty_past(1))
+    return logits[0, -1].float().numpy()
+
+
 def target_runner(target: Target, batch: int, max_len: int) -> KVRunner:
     c = target.cfg
     spec = CacheSpec(c.n_layers, c.n_kv_heads, c.head_dim, max_len)

@@ -68,6 +68,10 @@ class Recommender:
 
     def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
                  allow_host_code: bool = False, threads: int | None = 1, io_binding: bool | None = None):
+        # device-resident KV through ONNX Runtime IO binding: the default on CUDA
+        self.io_binding = (device == "cuda") if io_binding is None else io_binding
+        if self.io_binding and backend != "onnxruntime":
+            raise BackendError("io_binding: only the onnxruntime backend binds buffers | drop io_binding")
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
@@ -76,10 +80,6 @@ class Recommender:
                          for g in m.data["graphs"]}
         self._lock = threading.Lock()
         self.device = device
-        # device-resident KV through ONNX Runtime IO binding: the default on CUDA
-        self.io_binding = (device == "cuda") if io_binding is None else io_binding
-        if self.io_binding and backend != "onnxruntime":
-            raise BackendError("io_binding: only the onnxruntime backend binds buffers | drop io_binding")
         self._bound: dict = {}
 
     @property

@@ -264,12 +264,11 @@ def main():
             g, ms = timed(lambda: reference_generate(target, draft, hist, con, cfg), 1, sync)
             add("pytorch-eager", mode, batch, ms, g.tau, {"identical_to_ar": g.tokens == report["ar_tokens"][batch]})
     # 3. PyTorch AR with the decode step in a CUDA graph (eager on CPU smoke runs)
-    if True:
-        for batch in [b for b in batches if b <= 8]:
-            hist = hist_all[:batch]
-            toks, ms = timed(lambda: cuda_graph_ar(target, con, hist, 256), args.repeats, sync)
-            same = toks == report["ar_tokens"][batch]
-            add("pytorch-cudagraph", "off", batch, ms, 1.0, {"identical_to_ar": same})
+    for batch in [b for b in batches if b <= 8]:
+        hist = hist_all[:batch]
+        toks, ms = timed(lambda: cuda_graph_ar(target, con, hist, 256), args.repeats, sync)
+        same = toks == report["ar_tokens"][batch]
+        add("pytorch-cudagraph", "off", batch, ms, 1.0, {"identical_to_ar": same})
     # 4. Hugging Face generate (same target as LlamaForCausalLM, same constraint)
     for batch in [1]:
         run = hf_generate(models / "target", con, hist_all[:batch], device,

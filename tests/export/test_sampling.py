@@ -1,13 +1,11 @@
 """Speculative sampling keeps the target's distribution: chi-square against the enumerated list law."""
-import itertools
 
 import numpy as np
 import pytest
-import torch
 from scipy.stats import chi2
 
 import padrec_runtime.decode as decode
-from padrec_export.reference import reference_generate
+from padrec_export.reference import next_token_logits, reference_generate
 from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.decode import DecodeConfig
 from padrec_runtime.layout import ListConstraint
@@ -27,13 +25,9 @@ def exact_law(target, con, sampling):
         if state.done:
             law[tuple(prefix)] = prob
             return
-        ids = np.concatenate([prompt, prefix]).astype(np.int32)[None]
-        T = ids.shape[1]
-        with torch.inference_mode():
-            logits, _, _ = target(torch.from_numpy(ids), torch.arange(T, dtype=torch.int32)[None],
-                                  torch.tril(torch.ones(T, T, dtype=torch.bool))[None], target.empty_past(1))
+        logits = next_token_logits(target, np.concatenate([prompt, prefix]))
         allowed = con.allowed(state)
-        p = distribution(allowed_logits(logits[0, -1].numpy(), allowed, "target"), sampling)
+        p = distribution(allowed_logits(logits, allowed, "target"), sampling)
         for tok, pt in zip(allowed, p):
             if pt > 0:
                 walk(prefix + [int(tok)], con.advance(state, tok), prob * pt)
