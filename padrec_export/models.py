@@ -120,7 +120,14 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
 
 
+def _drop(x, p: float, training: bool):
+    """Training-time dropout; absent from eval and from every exported graph."""
+    return F.dropout(x, p, True) if p and training else x
+
+
 class DecoderLayer(nn.Module):
+    dropout = 0.0  # residual-branch dropout while training (set by train_target; not part of the model)
+
     def __init__(self, hidden, n_heads, n_kv, intermediate, eps, bias=False):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden, eps)
@@ -132,9 +139,10 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
-        x = x + a
+        x = x + _drop(a, self.dropout, self.training)
         h = self.post_attention_layernorm(x)
-        return x + self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h)), k, v
+        m = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
+        return x + _drop(m, self.dropout, self.training), k, v
 
 
 class Target(nn.Module):
@@ -158,8 +166,16 @@ class Target(nn.Module):
         z = torch.zeros(batch, c.n_kv_heads, 0, c.head_dim, device=device, dtype=dtype)
         return [(z, z) for _ in range(c.n_layers)]
 
+    def set_dropout(self, p: float) -> None:
+        """Dropout on the embeddings and every residual branch while training (0 = none)."""
+        self.dropout = p
+        for layer in self.layers:
+            layer.dropout = p
+
+    dropout = 0.0
+
     def forward(self, input_ids, position_ids, attention_mask, past):
-        x = self.embed_tokens(input_ids.long())
+        x = _drop(self.embed_tokens(input_ids.long()), self.dropout, self.training)
         cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
         new = []
         for layer, (pk, pv) in zip(self.layers, past):

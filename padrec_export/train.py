@@ -31,6 +31,7 @@ class TrainConfig:
     draft_steps: int = 4  # K unrolled steps for the draft
     device: str = "cpu"
     dtype: str = "float32"  # autocast dtype on GPU: bfloat16 | float32
+    dropout: float = 0.0  # target only: embedding and residual dropout while training
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -100,6 +101,7 @@ def train_target(tcfg: TargetConfig, seqs: list, cfg: TrainConfig, progress: boo
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
     model = Target(tcfg).to(cfg.device).train()
+    model.set_dropout(cfg.dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps = cfg.epochs * math.ceil(len(seqs) / cfg.batch_size)
     sched = _schedule(opt, steps, cfg.warmup_steps)

@@ -101,10 +101,11 @@ def targets(args, device):
     if device == "cpu":  # smoke run of this script
         sweep = [(32, 1, 3e-3, 0.01, 1, 5)]
     rows, best = [], None
-    for hidden, layers, lr, wd, epochs, stride in sweep:
+    for hidden, layers, lr, wd, epochs, stride, *rest in sweep:
+        dropout = rest[0] if rest else 0.0
         tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=hidden, n_layers=layers,
                           n_heads=max(2, hidden // 32), n_kv_heads=2, intermediate_size=int(hidden * 2.6875 / 8) * 8)
-        cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device)
+        cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device, dropout=dropout)
         t0 = time.perf_counter()
         train_seqs = seqs if stride == 5 else dense[stride]
         target, curves = train_target(tc, train_seqs, cfg, progress=False, valid=None if args.final else valid,
@@ -113,7 +114,7 @@ def targets(args, device):
             curves["valid"] = [0.0] * epochs
         vt, _ = decode_all(target, None, v_hist, con, DecodeConfig(speculate="off"))
         tt, _ = decode_all(target, None, t_hist, con, DecodeConfig(speculate="off"))
-        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride,
+        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride, "dropout": dropout,
                "examples": len(train_seqs),
                "best_epoch": int(np.argmin(curves["valid"])) + 1, "train_s": time.perf_counter() - t0,
                "valid": ranking_metrics([cat.decode_list(t) for t in vt], v_truth, 10),
@@ -122,10 +123,10 @@ def targets(args, device):
         log(json.dumps(row))
         if best is None or row["valid"]["recall@10"] > best[0]["valid"]["recall@10"]:
             best = (row, target, tc)
-    report = {"dataset": "ml-9k", "final_refit": args.final,
-              "selection": "validation recall@10 (the test split is only reported)",
-              "popularity_test": ranking_metrics(pop, t_truth, 10), "rows": rows, "chosen": best[0]}
-    (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")
+        report = {"dataset": "ml-9k", "final_refit": args.final,
+                  "selection": "validation recall@10 (the test split is only reported)",
+                  "popularity_test": ranking_metrics(pop, t_truth, 10), "rows": rows, "chosen": best[0]}
+        (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")  # after every row
     # retrain both drafts for the chosen target (the default budget) and pack the model directory
     row, target, tc = best
     work = Path("/tmp/ml9k_pick")
@@ -159,7 +160,7 @@ def main():
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-9k/catalogue.json")
     ap.add_argument("--cpu", action="store_true")
-    ap.add_argument("--sweep", default=None, help="JSON list of [hidden, layers, lr, wd, epochs, stride]")
+    ap.add_argument("--sweep", default=None, help="JSON list of [hidden, layers, lr, wd, epochs, stride(, dropout)]")
     ap.add_argument("--final", action="store_true", help="refit on train + valid windows (epochs as given)")
     args = ap.parse_args()
     Path(args.out).mkdir(parents=True, exist_ok=True)
