@@ -5,14 +5,29 @@ contiguous slice of it, bound in place, so no cache ever crosses the bus. Engine
 KV into a bound output buffer; one device copy per row moves them behind the row's committed entries, and
 `commit` gathers a round's accepted path on the device. Only logits and hidden states are read back.
 The same code runs with numpy on CPU (tests) and cupy on CUDA.
+
+Static shapes: with `static=True` a call of T new tokens runs on a session built for exactly (batch, bucket)
+with bucket the next of BUCKETS at or above T (padding tokens see only themselves and are never kept), so
+every tensor has a fixed shape and a fixed address. On CUDA those sessions replay CUDA graphs (ONNX Runtime
+captures one per bucket on its first runs); calls longer than the largest bucket (a long prefill) run on
+the dynamic session. Every input of a bucket lives in one persistent buffer that each call overwrites.
 """
 from __future__ import annotations
+
+import contextlib
 
 import numpy as np
 
 from .backends.base import cast_feeds, check_feeds, numpy_dtype
 from .errors import BackendError
 from .kvcache import CacheSpec, attention_mask
+
+BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts with a static session (and a CUDA graph on GPU)
+
+
+def bucket(T: int) -> int | None:
+    """The smallest bucket holding T tokens, or None when T is larger than every bucket."""
+    return next((b for b in BUCKETS if b >= T), None)
 
 
 def array_module(device: str):
@@ -27,18 +42,26 @@ def array_module(device: str):
 
 
 class BoundKVRunner:
-    """A KVRunner whose cache lives with the engine (same interface: forward, commit, discard)."""
+    """A KVRunner whose cache lives with the engine (same interface: forward, commit, discard).
 
-    def __init__(self, session, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda"):
+    backend: an OrtBackend (its `session`, and `static_session(dims)` when static); stream: the cupy stream
+    that ONNX Runtime was given as its compute stream, so copies, engine runs and cache updates are ordered.
+    """
+
+    def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
+                 static: bool = False, stream=None):
         self.xp, self._ptr, self._host = array_module(device)
         self.device, self.graph, self.graph_spec, self.spec = device, graph, graph_spec, spec
+        self.backend, self.static = backend, static
+        self.stream = stream if stream is not None else contextlib.nullcontext()
         kv = graph_spec["kv"]
         self.dtype = numpy_dtype(kv["dtype"])
         self._names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
                        for i in range(spec.n_layers)]
         shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         try:
-            self.cache = self.xp.zeros(shape, dtype=self.dtype)
+            with self.stream:
+                self.cache = self.xp.zeros(shape, dtype=self.dtype)
         except Exception as exc:  # numpy MemoryError or cupy OutOfMemoryError
             if not isinstance(exc, MemoryError) and "OutOfMemory" not in type(exc).__name__:
                 raise
@@ -47,9 +70,8 @@ class BoundKVRunner:
                                f"{batch} x {spec.max_len} positions | lower the batch or max_seq_len") from None
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
-        self.session = session
-        self._by_seq: dict = {}  # seq length -> (binding, new-KV buffer, output buffers), bound once
-        self._keep: list = []  # input arrays bound for the current run
+        self._by_seq: dict = {}  # bucket -> _Bound, made once
+        self.calls: dict = {}  # (bucket or "dynamic") -> engine calls, for benchmarks
 
     @property
     def batch(self) -> int:
@@ -59,13 +81,11 @@ class BoundKVRunner:
         fn = binding.bind_output if output else binding.bind_input
         fn(name, self.device, 0, arr.dtype, list(arr.shape), self._ptr(arr))
 
-    def _bound_for(self, T: int):
-        """The binding for T new tokens: cache, new-KV and output buffers bound once and reused."""
-        hit = self._by_seq.get(T)
-        if hit is not None:
-            return hit
-        xp, B = self.xp, self.batch
-        binding = self.session.io_binding()
+    def _buffers(self, session, T: int, inputs: bool):
+        """A binding for T new tokens with the cache, new-KV and output buffers (and, for a bucket, the
+        input buffers) bound; (binding, new KV, outputs, inputs)."""
+        xp, B, S = self.xp, self.batch, self.spec.max_len
+        binding = session.io_binding()
         new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T, self.spec.head_dim), dtype=self.dtype)
         for i, (k_in, v_in, k_out, v_out) in enumerate(self._names):
             self._bind(binding, k_in, self.cache[i, 0])
@@ -76,32 +96,79 @@ class BoundKVRunner:
         for name, t in self.graph_spec["outputs"].items():
             outs[name] = xp.empty((B, T, t["shape"][-1]), dtype=numpy_dtype(t["dtype"]))
             self._bind(binding, name, outs[name], output=True)
-        self._by_seq[T] = (binding, new, outs)
-        return self._by_seq[T]
+        ins = {}
+        if inputs:
+            for name, t in self.graph_spec["inputs"].items():
+                if name.startswith("past."):
+                    continue
+                dims = [B, T] + ([S + T] if name == "attention_mask" else list(t["shape"][2:]))
+                ins[name] = xp.zeros(dims, dtype=numpy_dtype(t["dtype"]))
+                self._bind(binding, name, ins[name])
+        return binding, new, outs, ins
+
+    def _padded(self, feeds: dict, mask: np.ndarray, T: int, P: int) -> dict:
+        """Feeds for P >= T tokens: padding tokens are zeros that attend only to themselves."""
+        if P == T:
+            return dict(feeds, attention_mask=mask)
+        S = self.spec.max_len
+        B = self.batch
+        out = {}
+        for name, arr in feeds.items():
+            pad = np.zeros((B, P) + arr.shape[2:], dtype=arr.dtype)
+            pad[:, :T] = arr
+            out[name] = pad
+        m = np.zeros((B, P, S + P), dtype=bool)
+        m[:, :T, :S + T] = mask
+        m[:, np.arange(T, P), S + np.arange(T, P)] = True
+        out["attention_mask"] = m
+        return out
 
     def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
         xp, S = self.xp, self.spec.max_len
         B, T = feeds["input_ids"].shape
         mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
-        feeds = cast_feeds(self.graph_spec, dict(feeds, attention_mask=mask))
-        probe = dict(feeds)
-        for k_in, v_in, _, _ in self._names:
-            probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
-        check_feeds(self.graph, self.graph_spec, probe)
-        binding, new, outs = self._bound_for(T)
-        self._keep = [xp.asarray(v) for v in feeds.values()]
-        for name, arr in zip(feeds, self._keep):
-            self._bind(binding, name, arr)
-        try:
-            self.session.run_with_iobinding(binding)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.graph}: onnxruntime run failed ({str(exc)[:300]})") from None
-        # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
-        rows = np.repeat(np.arange(B), T).reshape(B, T)
-        pos = (self.lengths + self.scratch)[:, None] + np.arange(T)
-        self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new.transpose(2, 4, 0, 1, 3, 5)
-        self.scratch += T
-        return {name: self._host(arr) for name, arr in outs.items()}
+        feeds = cast_feeds(self.graph_spec, feeds)
+        P = bucket(T) if self.static else None
+        key = P if P is not None else ("dynamic", T)
+        first = key not in self._by_seq and P is not None
+        if first or P is None:  # the feed check runs on each new shape (the loop's feeds keep their dtypes)
+            probe = dict(feeds, attention_mask=mask)
+            for k_in, v_in, _, _ in self._names:
+                probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
+            check_feeds(self.graph, self.graph_spec, probe)
+        with self.stream:
+            if P is not None:
+                if first:
+                    session = self.backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
+                    self._by_seq[P] = self._buffers(session, P, inputs=True) + (session,)
+                binding, new, outs, ins, session = self._by_seq[P]
+                for name, arr in self._padded(feeds, mask, T, P).items():
+                    if xp is np:
+                        ins[name][...] = arr
+                    else:
+                        ins[name].set(np.ascontiguousarray(arr))
+            else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
+                session = self.backend.session
+                binding, new, outs, _ = self._buffers(session, T, inputs=False)
+                keep = {name: xp.asarray(arr) for name, arr in dict(feeds, attention_mask=mask).items()}
+                for name, arr in keep.items():
+                    self._bind(binding, name, arr)
+            try:
+                session.run_with_iobinding(binding)
+            except Exception as exc:  # onnxruntime raises its own exception types
+                raise BackendError(f"{self.graph}: onnxruntime run failed ({str(exc)[:300]})") from None
+            self.calls[P or "dynamic"] = self.calls.get(P or "dynamic", 0) + 1
+            # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
+            start = self.lengths + self.scratch
+            if B == 1:
+                n = int(start[0])
+                self.cache[:, :, 0, :, n:n + T] = new[:, :, 0, :, :T]
+            else:
+                rows = np.repeat(np.arange(B), T).reshape(B, T)
+                pos = start[:, None] + np.arange(T)
+                self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
+            self.scratch += T
+            return {name: self._host(arr[:, :T]) for name, arr in outs.items()}
 
     def commit(self, select: list) -> None:
         """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""
@@ -109,16 +176,23 @@ class BoundKVRunner:
         M = max(counts, default=0)
         if M:
             S = self.spec.max_len
-            src = np.empty((self.batch, M), dtype=np.int64)
-            dst = np.empty((self.batch, M), dtype=np.int64)
-            for b, idx in enumerate(select):
-                n, m = int(self.lengths[b]), counts[b]
-                src[b, :m] = n + np.asarray(idx, dtype=np.int64)
-                dst[b, :m] = n + np.arange(m)
-                src[b, m:] = dst[b, m:] = min(n + m, S - 1)  # padding copies an entry onto itself
-            rows = self.xp.asarray(np.repeat(np.arange(self.batch), M).reshape(self.batch, M))
-            values = self.cache[:, :, rows, :, self.xp.asarray(src)]
-            self.cache[:, :, rows, :, self.xp.asarray(dst)] = values
+            with self.stream:
+                if self.batch == 1:
+                    n, idx = int(self.lengths[0]), np.asarray(select[0], dtype=np.int64)
+                    if not np.array_equal(idx, np.arange(M)):  # the accepted path is not already in place
+                        src = self.xp.asarray(n + idx)
+                        self.cache[:, :, 0, :, n:n + M] = self.cache[:, :, 0][..., src, :]
+                else:
+                    src = np.empty((self.batch, M), dtype=np.int64)
+                    dst = np.empty((self.batch, M), dtype=np.int64)
+                    for b, idx in enumerate(select):
+                        n, m = int(self.lengths[b]), counts[b]
+                        src[b, :m] = n + np.asarray(idx, dtype=np.int64)
+                        dst[b, :m] = n + np.arange(m)
+                        src[b, m:] = dst[b, m:] = min(n + m, S - 1)  # padding copies an entry onto itself
+                    rows = self.xp.asarray(np.repeat(np.arange(self.batch), M).reshape(self.batch, M))
+                    values = self.cache[:, :, rows, :, self.xp.asarray(src)]
+                    self.cache[:, :, rows, :, self.xp.asarray(dst)] = values
             self.lengths += np.asarray(counts, dtype=np.int64)
         self.scratch = 0
 

@@ -39,10 +39,10 @@ class RecommendResult:
 
 
 def _open_backend(manifest, graph: str, backend: str, device: str, trt_module: str, allow_host_code: bool,
-                  threads: int | None):
+                  threads: int | None, cuda_graphs: bool = False, stream: int | None = None):
     if backend == "onnxruntime":
         from .backends.onnxruntime import OrtBackend
-        return OrtBackend(manifest, graph, device=device, threads=threads)
+        return OrtBackend(manifest, graph, device=device, threads=threads, cuda_graphs=cuda_graphs, stream=stream)
     if backend == "tensorrt":
         from .backends.tensorrt import TrtBackend
         return TrtBackend(manifest, graph, module=trt_module, allow_host_code=allow_host_code)
@@ -67,16 +67,33 @@ class Recommender:
     """Loads engines once; `recommend` may be called from several threads (calls are serialised)."""
 
     def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
-                 allow_host_code: bool = False, threads: int | None = 1, io_binding: bool | None = None):
+                 allow_host_code: bool = False, threads: int | None = 1, io_binding: bool | None = None,
+                 static_shapes: bool | None = None, cuda_graphs: bool | None = None):
+        """io_binding: KV cache on the engine's device (default on CUDA). static_shapes: decode calls padded to
+        a few fixed token counts, one session each (default with io_binding on CUDA). cuda_graphs: those
+        sessions replay CUDA graphs (default with static_shapes on CUDA)."""
         # device-resident KV through ONNX Runtime IO binding: the default on CUDA
         self.io_binding = (device == "cuda") if io_binding is None else io_binding
         if self.io_binding and backend != "onnxruntime":
             raise BackendError("io_binding: only the onnxruntime backend binds buffers | drop io_binding")
+        self.static_shapes = (self.io_binding and device == "cuda") if static_shapes is None else static_shapes
+        if self.static_shapes and not self.io_binding:
+            raise BackendError("static_shapes: needs io_binding (fixed buffers) | pass io_binding=True")
+        self.cuda_graphs = (self.static_shapes and device == "cuda") if cuda_graphs is None else cuda_graphs
+        if self.cuda_graphs and not (self.static_shapes and device == "cuda"):
+            raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
         _check_pairing(m)
-        self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads)
+        self.stream = None  # one CUDA stream for the engines and the cache updates, in order
+        if self.io_binding and device == "cuda":
+            from .devicecache import array_module
+            cupy = array_module("cuda")[0]
+            self.stream = cupy.cuda.Stream(non_blocking=True)
+        stream_ptr = self.stream.ptr if self.stream is not None else None
+        self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads,
+                                          self.cuda_graphs, stream_ptr)
                          for g in m.data["graphs"]}
         self._lock = threading.Lock()
         self.device = device
@@ -92,11 +109,15 @@ class Recommender:
         if self.io_binding:
             from .devicecache import BoundKVRunner
             spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.limits["max_seq_len"])
-            key = (graph, batch)
+
+            def make():
+                return BoundKVRunner(self.backends[graph], graph, g, spec, batch, self.device,
+                                     static=self.static_shapes, stream=self.stream)
             if not reuse:  # a caller-owned session gets caches of its own
-                return BoundKVRunner(self.backends[graph].session, graph, g, spec, batch, self.device)
+                return make()
+            key = (graph, batch)
             if key not in self._bound:  # `recommend` (serialised) reuses device caches per batch size
-                self._bound[key] = BoundKVRunner(self.backends[graph].session, graph, g, spec, batch, self.device)
+                self._bound[key] = make()
             runner = self._bound[key]
             runner.lengths[:] = 0
             runner.scratch = 0

@@ -14,31 +14,65 @@ class OrtBackend:
 
     name = "onnxruntime"
 
-    def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1):
+    def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
+                 cuda_graphs: bool = False, stream: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
             raise BackendError("onnxruntime: not installed | pip install 'padrec[runtime]' "
                                "(or 'padrec[gpu]' for CUDA)") from None
+        self._ort = ort
         self.graph_name, self.spec = graph, manifest.graph(graph)
-        providers = ["CPUExecutionProvider"]
+        self.device, self.threads, self.cuda_graphs, self.stream = device, threads, cuda_graphs, stream
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("onnxruntime: CUDAExecutionProvider unavailable | install onnxruntime-gpu "
                                    "matching your CUDA, or use device='cpu'")
-            providers.insert(0, "CUDAExecutionProvider")
         elif device != "cpu":
             raise BackendError(f"onnxruntime device: got {device!r} | expected cpu or cuda")
+        self.path = manifest.verify_file(self.spec["file"])
+        self._static: dict = {}
+        self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
+        self.session = self._open()
+        self._check_graph()
+
+    def _open(self, dims: dict | None = None, cuda_graph: bool = False):
+        """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
+        ort = self._ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
-        path = manifest.verify_file(self.spec["file"])
+        if self.threads:
+            opts.intra_op_num_threads = self.threads
+        for name, size in (dims or {}).items():
+            opts.add_free_dimension_override_by_name(name, int(size))
+        providers: list = ["CPUExecutionProvider"]
+        if self.device == "cuda":
+            cuda = {}
+            if self.stream is not None:
+                cuda["user_compute_stream"] = str(self.stream)
+            if cuda_graph:
+                cuda["enable_cuda_graph"] = "1"
+            providers.insert(0, ("CUDAExecutionProvider", cuda))
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=providers)
+            return ort.InferenceSession(str(self.path), opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines") from None
-        self._check_graph()
+            raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines"
+                               ) from None
+
+    def static_session(self, dims: dict):
+        """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape
+        arithmetic away and, on CUDA with cuda_graphs, captures the whole graph once and replays it."""
+        key = tuple(sorted(dims.items()))
+        if key not in self._static:
+            want_graph = self.cuda_graphs and self.device == "cuda"
+            try:
+                self._static[key] = self._open(dims, cuda_graph=want_graph)
+            except BackendError as exc:
+                if not want_graph:
+                    raise
+                self.graph_notes.append(f"{dict(dims)}: no CUDA graph ({exc})")
+                self._static[key] = self._open(dims)
+        return self._static[key]
 
     def _check_graph(self) -> None:
         expected_in, expected_out = graph_names(self.spec)

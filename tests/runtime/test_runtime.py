@@ -167,6 +167,33 @@ def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
     assert [r.tokens for r in again.lists] == [r.tokens for r in plain.recommend(hist, speculate="tree").lists]
 
 
+@pytest.mark.parametrize("batch,buckets", [(1, None), (4, None), (4, (1, 2, 4, 8))])
+def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, buckets, monkeypatch):
+    """Decode calls padded to fixed buckets, each on its own fixed-shape session (the CUDA-graph layout),
+    give the default path's lists and acceptance; padding never reaches the cache. With small buckets the
+    prefill and tree verify take the dynamic session, as a long prefill does with the default buckets."""
+    from padrec_runtime import devicecache
+    if buckets:
+        monkeypatch.setattr(devicecache, "BUCKETS", buckets)
+    plain = Recommender(engines_master)
+    static = Recommender(engines_master, io_binding=True, static_shapes=True)
+    hist = _histories(tiny[0], 11, batch)
+    for mode in ("off", "chain", "tree"):
+        for greedy in (True, False):
+            a = plain.recommend(hist, speculate=mode, greedy=greedy, seed=3)
+            b = static.recommend(hist, speculate=mode, greedy=greedy, seed=3)
+            assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed
+    target = static._bound[("target", batch)]
+    assert set(target.calls) - {"dynamic"} <= set(devicecache.BUCKETS)
+    assert (target.calls.get("dynamic", 0) > 0) == bool(buckets)
+    sessions = static.backends["target"]._static
+    assert len(sessions) >= 2  # AR (1 token) and verify buckets
+    for key, sess in sessions.items():  # every dimension fixed: batch, seq, past, past + seq
+        dims = dict(key)
+        shape = {i.name: i.shape for i in sess.get_inputs()}["attention_mask"]
+        assert shape == [dims["batch"], dims["seq"], dims["past_plus_seq"]]
+
+
 def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
     from padrec_export.onnx_export import export_engines
     from tests.conftest import LIMITS
