@@ -76,8 +76,10 @@ def demo(users, engine_dir, speculate):
 @click.option("--codebook", type=int, default=64)
 @click.option("--levels", type=int, default=4)
 @click.option("--users", type=int, default=None, help="train on the first N users only (smoke runs)")
+@click.option("--dropout", type=float, default=0.0, help="target dropout while training (embeddings, residuals)")
+@click.option("--stride", type=int, default=5, help="items between consecutive training windows of a user")
 def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, bf16, hidden, layers, heads, kv_heads,
-          intermediate, codebook, levels, users):
+          intermediate, codebook, levels, users, dropout, stride):
     """Semantic IDs, target and both drafts (PAD-Rec, plain EAGLE) on MovieLens."""
     import json as _json
 
@@ -86,10 +88,11 @@ def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, 
     size = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
                      intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
     report = train_all(dataset, out_dir, size,
-                       TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, dtype=dtype),
+                       TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, dtype=dtype,
+                                   dropout=dropout),
                        TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                    dtype=dtype),
-                       levels=levels, codebook=codebook, users=users)
+                       levels=levels, codebook=codebook, users=users, stride=stride)
     click.echo(_json.dumps(report, indent=2))
 
 

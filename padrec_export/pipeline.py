@@ -51,19 +51,22 @@ def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int,
 
 def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: TrainConfig = TrainConfig(),
               draft_cfg: TrainConfig = TrainConfig(epochs=4), levels: int = 4, codebook: int = 64,
-              users: int | None = None, progress: bool = True) -> dict:
-    """Catalogue, target, PAD-Rec and plain-EAGLE drafts under out/; returns the training report."""
+              users: int | None = None, progress: bool = True, stride: int = 5) -> dict:
+    """Catalogue, target, PAD-Rec and plain-EAGLE drafts under out/; returns the training report.
+    stride: items between a user's consecutive training windows (the target's; drafts use stride 5)."""
     out = Path(out)
     data = load_dataset(dataset)
     cat = prepare_catalogue(data, out, levels, codebook, target_cfg.seed, progress)
     split = make_split(data, users=users)
     seqs = [encode_example(cat, h, t) for h, t in split.train]
     valid = [encode_example(cat, h, t) for _, h, t in split.valid]
+    dense = seqs if stride == 5 else [encode_example(cat, h, t) for h, t in
+                                      make_split(data, users=users, stride=stride).train]
     tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=size.hidden, n_layers=size.layers,
                       n_heads=size.heads, n_kv_heads=size.kv_heads, intermediate_size=size.intermediate)
     t0 = time.perf_counter()
     list_len = 10 * (levels + 1)
-    target, curves = train_target(tc, seqs, target_cfg, progress, valid=valid, list_len=list_len)
+    target, curves = train_target(tc, dense, target_cfg, progress, valid=valid, list_len=list_len)
     curve, vcurve = curves["loss"], curves["valid"]
     report = {"dataset": dataset, "examples": len(seqs), "size": asdict(size),
               "target": {"train": target_cfg.to_dict(), "loss_first": curve[0], "loss_last": float(np.mean(curve[-20:])),
