@@ -114,7 +114,10 @@ class Attention(nn.Module):
         rep = self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
         scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * (self.head_dim ** -0.5)
-        scores = scores.masked_fill(~mask.repeat(1, rep, 1)[:, None], float("-inf"))
+        # additive float mask: every op stays on the GPU in ONNX Runtime (its CUDA Tile has no bool kernel,
+        # and one CPU node rules out CUDA-graph capture); identical to masked_fill(-inf)
+        bias = torch.where(mask, 0.0, float("-inf")).to(torch.float32)
+        scores = scores + bias.repeat(1, rep, 1)[:, None]
         attn = torch.softmax(scores, dim=-1).to(values.dtype)
         out = torch.matmul(attn, values).reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v

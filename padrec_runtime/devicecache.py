@@ -50,7 +50,7 @@ class BoundKVRunner:
 
     def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
                  static: bool = False, stream=None):
-        self.xp, self._ptr, self._host = array_module(device)
+        self.xp, self._ptr, _ = array_module(device)
         self.device, self.graph, self.graph_spec, self.spec = device, graph, graph_spec, spec
         self.backend, self.static = backend, static
         self.stream = stream if stream is not None else contextlib.nullcontext()
@@ -81,9 +81,24 @@ class BoundKVRunner:
         fn = binding.bind_output if output else binding.bind_input
         fn(name, self.device, 0, arr.dtype, list(arr.shape), self._ptr(arr))
 
+    def _packed(self, specs: dict, host: bool):
+        """One device buffer holding several tensors (name -> (shape, dtype)), 256-byte aligned, so a
+        single copy moves them all; returns (device buffer, device views, host buffer, host views)."""
+        offsets, total = {}, 0
+        for name, (shape, dtype) in specs.items():
+            offsets[name] = total
+            total += -(-int(np.prod(shape)) * np.dtype(dtype).itemsize // 256) * 256
+        blob = self.xp.zeros(max(total, 256), dtype=np.uint8)
+
+        def views(buf):
+            return {name: buf[offsets[name]:offsets[name] + int(np.prod(shape)) * np.dtype(dtype).itemsize]
+                    .view(dtype).reshape(shape) for name, (shape, dtype) in specs.items()}
+        hblob = (blob if self.xp is np else np.zeros(blob.shape, np.uint8)) if host else None
+        return blob, views(blob), hblob, (views(hblob) if host else None)
+
     def _buffers(self, session, T: int, inputs: bool):
         """A binding for T new tokens with the cache, new-KV and output buffers (and, for a bucket, the
-        input buffers) bound; (binding, new KV, outputs, inputs)."""
+        input buffers) bound. Inputs and outputs each live in one packed buffer: one copy each way."""
         xp, B, S = self.xp, self.batch, self.spec.max_len
         binding = session.io_binding()
         new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T, self.spec.head_dim), dtype=self.dtype)
@@ -92,36 +107,48 @@ class BoundKVRunner:
             self._bind(binding, v_in, self.cache[i, 1])
             self._bind(binding, k_out, new[i, 0], output=True)
             self._bind(binding, v_out, new[i, 1], output=True)
-        outs = {}
-        for name, t in self.graph_spec["outputs"].items():
-            outs[name] = xp.empty((B, T, t["shape"][-1]), dtype=numpy_dtype(t["dtype"]))
-            self._bind(binding, name, outs[name], output=True)
-        ins = {}
+        out_specs = {name: ((B, T, t["shape"][-1]), numpy_dtype(t["dtype"]))
+                     for name, t in self.graph_spec["outputs"].items()}
+        out_blob, outs, _, _ = self._packed(out_specs, host=False)
+        for name, arr in outs.items():
+            self._bind(binding, name, arr, output=True)
+        ins = None
         if inputs:
-            for name, t in self.graph_spec["inputs"].items():
-                if name.startswith("past."):
-                    continue
-                dims = [B, T] + ([S + T] if name == "attention_mask" else list(t["shape"][2:]))
-                ins[name] = xp.zeros(dims, dtype=numpy_dtype(t["dtype"]))
-                self._bind(binding, name, ins[name])
-        return binding, new, outs, ins
+            in_specs = {name: ((B, T, S + T) if name == "attention_mask" else (B, T, *t["shape"][2:]),
+                               numpy_dtype(t["dtype"]))
+                        for name, t in self.graph_spec["inputs"].items() if not name.startswith("past.")}
+            in_blob, dev_ins, host_blob, host_ins = self._packed(in_specs, host=True)
+            for name, arr in dev_ins.items():
+                self._bind(binding, name, arr)
+            ins = (in_blob, host_blob, host_ins)
+        return binding, new, (out_blob, outs), ins
 
-    def _padded(self, feeds: dict, mask: np.ndarray, T: int, P: int) -> dict:
-        """Feeds for P >= T tokens: padding tokens are zeros that attend only to themselves."""
-        if P == T:
-            return dict(feeds, attention_mask=mask)
+    def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int) -> None:
+        """Write the feeds for P >= T tokens into the host input views: padding tokens are zeros that
+        attend only to themselves, so they never change a real token's result."""
         S = self.spec.max_len
-        B = self.batch
-        out = {}
         for name, arr in feeds.items():
-            pad = np.zeros((B, P) + arr.shape[2:], dtype=arr.dtype)
-            pad[:, :T] = arr
-            out[name] = pad
-        m = np.zeros((B, P, S + P), dtype=bool)
-        m[:, :T, :S + T] = mask
-        m[:, np.arange(T, P), S + np.arange(T, P)] = True
-        out["attention_mask"] = m
-        return out
+            h = host_ins[name]
+            h[:, :T] = arr
+            if P > T:
+                h[:, T:] = 0
+        h = host_ins["attention_mask"]
+        h[...] = False
+        h[:, :T, :S + T] = mask
+        h[:, np.arange(T, P), S + np.arange(T, P)] = True
+
+    def _read(self, out_blob, outs: dict, T: int) -> dict:
+        """The outputs for the first T tokens, on the host, with one copy of the packed output buffer."""
+        if self.xp is np:
+            return {name: arr[:, :T].copy() for name, arr in outs.items()}  # the buffers are reused: copies
+        host = out_blob.get()
+        base = out_blob.data.ptr
+        result = {}
+        for name, arr in outs.items():
+            off = arr.data.ptr - base
+            view = host[off:off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+            result[name] = view[:, :T]
+        return result
 
     def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
         xp, S = self.xp, self.spec.max_len
@@ -141,15 +168,13 @@ class BoundKVRunner:
                 if first:
                     session = self.backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
                     self._by_seq[P] = self._buffers(session, P, inputs=True) + (session,)
-                binding, new, outs, ins, session = self._by_seq[P]
-                for name, arr in self._padded(feeds, mask, T, P).items():
-                    if xp is np:
-                        ins[name][...] = arr
-                    else:
-                        ins[name].set(np.ascontiguousarray(arr))
+                binding, new, (out_blob, outs), (in_blob, host_blob, host_ins), session = self._by_seq[P]
+                self._fill(host_ins, feeds, mask, T, P)
+                if xp is not np:
+                    in_blob.set(host_blob)
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
                 session = self.backend.session
-                binding, new, outs, _ = self._buffers(session, T, inputs=False)
+                binding, new, (out_blob, outs), _ = self._buffers(session, T, inputs=False)
                 keep = {name: xp.asarray(arr) for name, arr in dict(feeds, attention_mask=mask).items()}
                 for name, arr in keep.items():
                     self._bind(binding, name, arr)
@@ -168,7 +193,7 @@ class BoundKVRunner:
                 pos = start[:, None] + np.arange(T)
                 self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
             self.scratch += T
-            return {name: self._host(arr[:, :T]) for name, arr in outs.items()}
+            return self._read(out_blob, outs, T)
 
     def commit(self, select: list) -> None:
         """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""
