@@ -91,7 +91,7 @@ def rope(position_ids, head_dim: int, theta: float):
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     swap = torch.cat([torch.arange(half, 2 * half, device=x.device), torch.arange(0, half, device=x.device)])
-    return (x.float() * cos + x.float().index_select(-1, swap) * sin).to(x.dtype)
+    return x * cos + x.index_select(-1, swap) * sin  # in the model's dtype, as Hugging Face does
 
 
 class Attention(nn.Module):
@@ -113,12 +113,12 @@ class Attention(nn.Module):
         # grouped-query attention without repeating K/V: the query heads of a group share one K/V head
         rep = self.n_heads // self.n_kv
         q = q.reshape(B, self.n_kv, rep * T, self.head_dim)
-        scores = torch.matmul(q.float(), keys.float().transpose(-1, -2)) * (self.head_dim ** -0.5)
-        # additive float mask: every op stays on the GPU in ONNX Runtime (its CUDA Tile has no bool kernel,
+        # scores and softmax in the model's dtype (GEMM and softmax accumulate in fp32 on GPU): no casts, fewer
+        # kernels. Additive mask: every op stays on the GPU in ONNX Runtime (its CUDA Tile has no bool kernel,
         # and one CPU node rules out CUDA-graph capture); identical to masked_fill(-inf)
-        bias = torch.where(mask, 0.0, float("-inf")).to(torch.float32)
-        scores = scores + bias.repeat(1, rep, 1)[:, None]
-        attn = torch.softmax(scores, dim=-1).to(values.dtype)
+        scores = torch.matmul(q, keys.transpose(-1, -2)) * (self.head_dim ** -0.5)
+        bias = torch.where(mask, 0.0, float("-inf")).to(scores.dtype)
+        attn = torch.softmax(scores + bias.repeat(1, rep, 1)[:, None], dim=-1)
         out = torch.matmul(attn, values).reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
 
@@ -179,7 +179,7 @@ class Target(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         x = _drop(self.embed_tokens(input_ids.long()), self.dropout, self.training)
-        cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = (t.to(x.dtype) for t in rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
         new = []
         for layer, (pk, pv) in zip(self.layers, past):
             x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
@@ -234,7 +234,7 @@ class Draft(nn.Module):
             x = x + g * s
         else:
             x = x + 0.0 * s
-        cos, sin = rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = (t.to(x.dtype) for t in rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
         (pk, pv), = past
         h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
         return self.lm_head(self.norm(h)).float(), h, [(k, v)]

@@ -10,7 +10,8 @@ Static shapes: with `static=True` a call of T new tokens runs on a session built
 with bucket the next of BUCKETS at or above T (padding tokens see only themselves and are never kept), so
 every tensor has a fixed shape and a fixed address. On CUDA those sessions replay CUDA graphs (ONNX Runtime
 captures one per bucket on its first runs); calls longer than the largest bucket (a long prefill) run on
-the dynamic session. Every input of a bucket lives in one persistent buffer that each call overwrites.
+the dynamic session. Each bucket's session holds its own copy of the weights on the device: GPU memory
+grows with the buckets a workload touches (typically 3-5), in exchange for launch-free engine calls. Every input of a bucket lives in one persistent buffer that each call overwrites.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from .backends.base import cast_feeds, check_feeds, numpy_dtype
 from .errors import BackendError
 from .kvcache import CacheSpec, attention_mask
 
-BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # token counts with a static session (and a CUDA graph on GPU)
+BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts with a static session (a CUDA graph on GPU)
 
 
 def bucket(T: int) -> int | None:
