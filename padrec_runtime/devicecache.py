@@ -155,11 +155,10 @@ class BoundKVRunner:
         xp, S = self.xp, self.spec.max_len
         B, T = feeds["input_ids"].shape
         mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
-        feeds = cast_feeds(self.graph_spec, feeds)
         P = bucket(T) if self.static else None
-        key = P if P is not None else ("dynamic", T)
-        first = key not in self._by_seq and P is not None
-        if first or P is None:  # the feed check runs on each new shape (the loop's feeds keep their dtypes)
+        first = P is not None and P not in self._by_seq
+        if first or P is None:  # checked on each new shape (the loop's feeds keep their dtypes); a bucket's
+            feeds = cast_feeds(self.graph_spec, feeds)  # later calls cast while copying into its buffers
             probe = dict(feeds, attention_mask=mask)
             for k_in, v_in, _, _ in self._names:
                 probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)

@@ -328,6 +328,22 @@ def main():
                     {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
                      "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01))})
         rec = None
+    # PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)
+    recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
+    report["padrec_vs_eagle_b1"] = {}
+    for mode in ("chain", "tree"):
+        t = {name: [] for name in recs}
+        tau = {}
+        for _ in range(max(7, args.repeats)):
+            for name, r in recs.items():
+                t0 = time.perf_counter()
+                tau[name] = r.recommend(hist_all[:1], speculate=mode).tau
+                t[name].append((time.perf_counter() - t0) * 1e3)
+        med = {name: float(np.median(v)) for name, v in t.items()}
+        report["padrec_vs_eagle_b1"][mode] = {"ms": med, "tau": tau,
+                                              "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
+        log("padrec vs eagle", mode, json.dumps(report["padrec_vs_eagle_b1"][mode]))
+    recs = None
     # 2. PyTorch eager: the same SD loop, torch models on the card (device-resident KV)
     cat, target, draft, _ = load_trained(models, "padrec")
     target = target.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
