@@ -13,13 +13,17 @@ def main(path="benchmarks/results/gpu_bench_h200.json", out="benchmarks/results/
     d = json.load(open(path))
     series = {}
     for r in d["rows"]:
-        label = f"{r['engine']} {r['mode']}".replace("padrec-ort-cuda", "ours (ORT CUDA)")
+        if "/eagle" in r["engine"] or "-static" in r["engine"]:  # in the JSON; the plot keeps to the comparison
+            continue
+        label = f"{r['engine']} {r['mode']}".replace("padrec-ort-cuda-dynamic", "ours, no CUDA graphs").replace(
+            "padrec-ort-cuda", "ours (ORT CUDA graphs)").replace("/padrec", "").replace("/auto auto", " auto")
         series.setdefault(label, {})[r["batch"]] = r["ms_per_list"]
     batches = sorted({r["batch"] for r in d["rows"]})
     fig, ax = plt.subplots(figsize=(9, 4.2))
     width = 0.8 / len(series)
     for k, (label, pts) in enumerate(sorted(series.items())):
-        ax.bar(np.arange(len(batches)) + k * width, [pts.get(b, np.nan) for b in batches], width, label=label)
+        ax.bar(np.arange(len(batches)) + k * width, [pts.get(b, np.nan) for b in batches], width, label=label,
+               color=plt.cm.tab20(k % 20))
     ax.set_xticks(np.arange(len(batches)) + 0.4 - width / 2, [f"batch {b}" for b in batches])
     ax.set_yscale("log")
     ax.set_ylabel("ms per list (batch call, median)")

@@ -110,6 +110,25 @@ def test_target_training_is_deterministic_and_learns(small_training):
     assert d.alpha.item() != draft_cfg.alpha_init  # the slot coefficient is learnt
 
 
+def test_dropout_trains_differently_and_is_absent_in_eval_and_export(small_training, tmp_path):
+    cat, seqs, tc, cfg = small_training
+    torch.set_num_threads(2)
+    plain, _ = train_target(tc, seqs, cfg, progress=False)
+    dropped, _ = train_target(tc, seqs, TrainConfig(**{**cfg.to_dict(), "dropout": 0.3}), progress=False)
+    assert not all(torch.equal(x, y) for x, y in zip(plain.state_dict().values(), dropped.state_dict().values()))
+    ids = torch.from_numpy(seqs[0][None]).long()
+    T = ids.shape[1]
+    args = (ids, torch.arange(T)[None], torch.tril(torch.ones(T, T, dtype=torch.bool))[None], dropped.empty_past(1))
+    assert not dropped.training and torch.equal(dropped(*args)[0], dropped(*args)[0])  # eval: no dropout
+    dropped.train()
+    assert not torch.equal(dropped(*args)[0], dropped(*args)[0])  # training: dropout is live
+    dropped.eval()
+    import onnx
+    from padrec_export.onnx_export import export_graph
+    export_graph(dropped, False, "fp32", tmp_path / "t.onnx")
+    assert "Dropout" not in {n.op_type for n in onnx.load(str(tmp_path / "t.onnx")).graph.node}
+
+
 def test_train_all_writes_what_the_exporter_reads(tmp_path):
     pytest.importorskip("recbole")
     from padrec_export.pipeline import ModelSize, export_checkpoints, train_all
