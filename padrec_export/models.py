@@ -88,6 +88,17 @@ def rope(position_ids, head_dim: int, theta: float):
     return emb.cos(), emb.sin() * sign
 
 
+def rope_heads(position_ids, cfg, dtype):
+    """cos, signed sin (B, T, heads, head_dim) for the fused q|k|v heads of one layer: q and k heads rotate,
+    v heads get cos 1 and sin 0, which leaves them exactly as they are. One rotary pass then covers all
+    three (fewer kernels per layer than rotating q and k apart)."""
+    cos, sin = (t.transpose(1, 2) for t in rope(position_ids, cfg.head_dim, cfg.rope_theta))  # (B, T, 1, D)
+    rot, plain = cfg.n_heads + cfg.n_kv_heads, cfg.n_kv_heads
+    cos = torch.cat([cos.expand(-1, -1, rot, -1), torch.ones_like(cos).expand(-1, -1, plain, -1)], dim=2)
+    sin = torch.cat([sin.expand(-1, -1, rot, -1), torch.zeros_like(sin).expand(-1, -1, plain, -1)], dim=2)
+    return cos.to(dtype), sin.to(dtype)
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     swap = torch.cat([torch.arange(half, 2 * half, device=x.device), torch.arange(0, half, device=x.device)])
@@ -104,11 +115,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
+        """cos, sin from `rope_heads`: (B, T, n_heads + 2 n_kv, head_dim)."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(B, T, self.n_kv, self.head_dim).transpose(1, 2)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        # one projection for q|k|v (the weights are concatenated at trace time and folded into one initializer)
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        qkv = F.linear(x, w, b).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q, k, v = _rotate(qkv, cos, sin).transpose(1, 2).split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         # grouped-query attention without repeating K/V: the query heads of a group share one K/V head
         rep = self.n_heads // self.n_kv
@@ -179,7 +192,7 @@ class Target(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         x = _drop(self.embed_tokens(input_ids.long()), self.dropout, self.training)
-        cos, sin = (t.to(x.dtype) for t in rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
+        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         new = []
         for layer, (pk, pv) in zip(self.layers, past):
             x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
@@ -234,7 +247,7 @@ class Draft(nn.Module):
             x = x + g * s
         else:
             x = x + 0.0 * s
-        cos, sin = (t.to(x.dtype) for t in rope(position_ids, self.cfg.head_dim, self.cfg.rope_theta))
+        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         (pk, pv), = past
         h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
         return self.lm_head(self.norm(h)).float(), h, [(k, v)]
