@@ -73,7 +73,7 @@ class Recommender:
         a few fixed token counts, one session each (default with io_binding on CUDA). cuda_graphs: those
         sessions replay CUDA graphs (default with static_shapes on CUDA)."""
         # device-resident KV through ONNX Runtime IO binding: the default on CUDA
-        self.io_binding = (device == "cuda") if io_binding is None else io_binding
+        self.io_binding = (device == "cuda" and backend == "onnxruntime") if io_binding is None else io_binding
         if self.io_binding and backend != "onnxruntime":
             raise BackendError("io_binding: only the onnxruntime backend binds buffers | drop io_binding")
         self.static_shapes = (self.io_binding and device == "cuda") if static_shapes is None else static_shapes

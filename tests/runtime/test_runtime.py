@@ -167,6 +167,15 @@ def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
     assert [r.tokens for r in again.lists] == [r.tokens for r in plain.recommend(hist, speculate="tree").lists]
 
 
+def test_static_shape_options_are_checked(engines_master):
+    with pytest.raises(PadrecError, match="static_shapes: needs io_binding"):
+        Recommender(engines_master, static_shapes=True)
+    with pytest.raises(PadrecError, match="cuda_graphs: needs device='cuda'"):
+        Recommender(engines_master, io_binding=True, static_shapes=True, cuda_graphs=True)
+    rec = Recommender(engines_master, io_binding=True)  # CPU: static shapes stay off unless asked for
+    assert not rec.static_shapes and not rec.cuda_graphs
+
+
 @pytest.mark.parametrize("batch,buckets", [(1, None), (4, None), (4, (1, 2, 4, 8))])
 def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, buckets, monkeypatch):
     """Decode calls padded to fixed buckets, each on its own fixed-shape session (the CUDA-graph layout),
