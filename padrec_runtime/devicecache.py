@@ -10,18 +10,23 @@ Static shapes: with `static=True` a call of T new tokens runs on a session built
 with bucket the next of BUCKETS at or above T (padding tokens see only themselves and are never kept), so
 every tensor has a fixed shape and a fixed address. On CUDA those sessions replay CUDA graphs (ONNX Runtime
 captures one per bucket on its first runs); calls longer than the largest bucket (a long prefill) run on
-the dynamic session. Each bucket's session holds its own copy of the weights on the device: GPU memory
+the dynamic session. Sessions are shared by every runner of the same batch size, so each runner replays
+its own graphs (an ONNX Runtime graph annotation id per runner: a graph is tied to the buffers it was
+captured with). Each bucket's session holds its own copy of the weights on the device: GPU memory
 grows with the buckets a workload touches (typically 3-5), in exchange for launch-free engine calls. Every input of a bucket lives in one persistent buffer that each call overwrites.
 """
 from __future__ import annotations
 
 import contextlib
+import itertools
 
 import numpy as np
 
 from .backends.base import cast_feeds, check_feeds, numpy_dtype
 from .errors import BackendError
 from .kvcache import CacheSpec, attention_mask
+
+_GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts with a static session (a CUDA graph on GPU)
 
@@ -72,6 +77,11 @@ class BoundKVRunner:
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
         self._by_seq: dict = {}  # bucket -> _Bound, made once
+        self.graph_id = next(_GRAPH_IDS)
+        self._run_options = None
+        if static and hasattr(backend, "_ort"):  # this runner's own CUDA graphs in the shared static sessions
+            self._run_options = backend._ort.RunOptions()
+            self._run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
         self.calls: dict = {}  # (bucket or "dynamic") -> engine calls, for benchmarks
 
     @property
@@ -179,7 +189,7 @@ class BoundKVRunner:
                 for name, arr in keep.items():
                     self._bind(binding, name, arr)
             try:
-                session.run_with_iobinding(binding)
+                session.run_with_iobinding(binding, self._run_options if P is not None else None)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{self.graph}: onnxruntime run failed ({str(exc)[:300]})") from None
             self.calls[P or "dynamic"] = self.calls.get(P or "dynamic", 0) + 1

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import threading
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -98,6 +99,15 @@ class Recommender:
         self._lock = threading.Lock()
         self.device = device
         self._bound: dict = {}
+        # device caches of finished caller-owned sessions, reused by the next ones: the number of caches
+        # (and of CUDA graphs captured for them) stays at the peak of sessions open at once
+        self._pool: dict = {}
+        self._pool_lock = threading.Lock()
+
+    def _release(self, runners: list) -> None:
+        with self._pool_lock:
+            for graph, runner in runners:
+                self._pool.setdefault((graph, runner.batch), []).append(runner)
 
     @property
     def limits(self) -> dict:
@@ -113,8 +123,15 @@ class Recommender:
             def make():
                 return BoundKVRunner(self.backends[graph], graph, g, spec, batch, self.device,
                                      static=self.static_shapes, stream=self.stream)
-            if not reuse:  # a caller-owned session gets caches of its own
-                return make()
+            if not reuse:  # a caller-owned session gets caches of its own, from a pool (see `start`)
+                with self._pool_lock:
+                    free = self._pool.setdefault((graph, batch), [])
+                    runner = free.pop() if free else None
+                if runner is None:
+                    return make()
+                runner.lengths[:] = 0
+                runner.scratch = 0
+                return runner
             key = (graph, batch)
             if key not in self._bound:  # `recommend` (serialised) reuses device caches per batch size
                 self._bound[key] = make()
@@ -191,7 +208,16 @@ class Recommender:
         B = len(prompts)
         target = self._runner("target", B, need, _reuse)
         draft = self._runner("draft", B, need, _reuse) if cfg.speculate != "off" else None
-        return DecodeSession(target, draft, prompts, histories, constraint, cfg)
+        try:
+            session = DecodeSession(target, draft, prompts, histories, constraint, cfg)
+        except BaseException:
+            if self.io_binding and not _reuse:
+                self._release([(g, r) for g, r in (("target", target), ("draft", draft)) if r is not None])
+            raise
+        if self.io_binding and not _reuse:  # the caches go back to the pool once the session is dropped
+            weakref.finalize(session, self._release,
+                             [(g, r) for g, r in (("target", target), ("draft", draft)) if r is not None])
+        return session
 
     def recommend(self, histories, n_items: int | None = None, exclude_history: bool = True,
                   **options) -> RecommendResult:

@@ -167,6 +167,31 @@ def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
     assert [r.tokens for r in again.lists] == [r.tokens for r in plain.recommend(hist, speculate="tree").lists]
 
 
+def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
+    """Two caller-owned sessions stepped alternately on the static path (each with its own caches and, on
+    CUDA, its own graphs) give what `recommend` gives; finished sessions' caches are pooled and reused."""
+    import gc
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    h1, h2 = _histories(tiny[0], 21, 1), _histories(tiny[0], 22, 1)
+    want = [rec.recommend(h, speculate="chain").lists[0].tokens for h in (h1, h2)]
+    a, b = rec.start(h1, speculate="chain"), rec.start(h2, speculate="chain")
+    assert a.target is not b.target and a.target.graph_id != b.target.graph_id
+    while not (a.done and b.done):
+        for s in (a, b):
+            if not s.done:
+                s.step()
+    assert [a.result().tokens[0], b.result().tokens[0]] == want
+    ids = {a.target.graph_id, b.target.graph_id}
+    del a, b, s
+    gc.collect()
+    assert len(rec._pool[("target", 1)]) == 2
+    c = rec.start(h1, speculate="chain")
+    assert c.target.graph_id in ids  # a pooled cache, not a new one
+    while not c.done:
+        c.step()
+    assert c.result().tokens[0] == want[0]
+
+
 def test_static_shape_options_are_checked(engines_master):
     with pytest.raises(PadrecError, match="static_shapes: needs io_binding"):
         Recommender(engines_master, static_shapes=True)

@@ -1,0 +1,64 @@
+"""The CUDA path (device-resident KV, static buckets, CUDA graphs) against the dynamic CUDA path, on a GPU.
+
+Skipped without onnxruntime-gpu, cupy and a CUDA device (CI has none); run on the GPU machine with
+`python -m pytest tests/runtime/test_gpu.py` or `python tests/runtime/test_gpu.py`.
+"""
+import gc
+import tempfile
+from pathlib import Path
+
+
+def _cuda_ready() -> bool:
+    try:
+        import cupy
+        import onnxruntime as ort
+        return "CUDAExecutionProvider" in ort.get_available_providers() and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:  # no cupy, no CUDA build of onnxruntime, no device
+        return False
+
+
+def _engines(tmp: Path) -> Path:
+    from padrec_export.demo import default_model_dir
+    from padrec_export.pipeline import export_checkpoints
+    model = default_model_dir("ml-100k")
+    export_checkpoints(model / "target", model / "draft_padrec", tmp / "eng")
+    return tmp / "eng"
+
+
+def check_cuda_graph_sessions(engines: Path) -> dict:
+    from padrec_runtime.recommender import Recommender
+    graphs = Recommender(engines, device="cuda")
+    assert graphs.static_shapes and graphs.cuda_graphs
+    plain = Recommender(engines, device="cuda", static_shapes=False)
+    cat = graphs.catalogue
+    hists = [cat.item_ids[i:i + 12].tolist() for i in (0, 40, 80, 120)]
+    for mode in ("off", "chain", "tree"):
+        for batch in (hists[:1], hists):
+            a = [r.tokens for r in plain.recommend(batch, speculate=mode).lists]
+            for _ in range(3):  # first runs warm up and capture, later ones replay
+                assert [r.tokens for r in graphs.recommend(batch, speculate=mode).lists] == a, (mode, len(batch))
+    want = [[r.tokens for r in plain.recommend([h], speculate="chain").lists][0] for h in hists[:2]]
+    for _ in range(2):  # interleaved caller-owned sessions, then again on pooled caches and captured graphs
+        s1, s2 = graphs.start([hists[0]], speculate="chain"), graphs.start([hists[1]], speculate="chain")
+        while not (s1.done and s2.done):
+            for s in (s1, s2):
+                if not s.done:
+                    s.step()
+        assert [s1.result().tokens[0], s2.result().tokens[0]] == want
+        del s1, s2, s
+        gc.collect()
+    notes = [n for b in graphs.backends.values() for n in b.graph_notes]
+    assert not notes, notes
+    return {"ok": True, "pooled": {str(k): len(v) for k, v in graphs._pool.items()}}
+
+
+def test_cuda_graph_sessions_match_the_dynamic_path(tmp_path):
+    import pytest  # imported here so the GPU machine can run this file without pytest
+    if not _cuda_ready():
+        pytest.skip("needs onnxruntime-gpu, cupy and a CUDA device")
+    check_cuda_graph_sessions(_engines(tmp_path))
+
+
+if __name__ == "__main__":
+    with tempfile.TemporaryDirectory() as d:
+        print(check_cuda_graph_sessions(_engines(Path(d))))
