@@ -93,6 +93,8 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         base = next(x for x in rows if x["engine"] == r["engine"] and x["batch"] == r["batch"] and x["mode"] == "off")
         r["speedup_vs_ar"] = base["ms_per_list_median"] / r["ms_per_list_median"]
     return {"engines": str(engine_dir), "precision": rec.manifest.precision, "device": device, "repeats": repeats,
+            "runtime": {"io_binding": rec.io_binding, "static_shapes": rec.static_shapes,
+                        "cuda_graphs": rec.cuda_graphs},
             "hardware": hardware(), "n_items": rec.limits["n_items"], "draft_steps": rec.limits["draft_steps"],
             "tree": {"topk": rec.limits["tree_topk"], "size": rec.limits["tree_size"]},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}
