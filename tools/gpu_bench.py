@@ -327,7 +327,14 @@ def main():
                 add(f"{engine}/auto", "auto", batch, ms, res.tau,
                     {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
                      "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01))})
-        rec = None
+    rec = None
+    # deeper chains at batch 1 (the engines were trained with 4 unrolled steps; deeper steps reuse the last)
+    rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
+    for K in (2, 6, 8):
+        res, ms = timed(lambda: rec.recommend(hist_all[:1], speculate="chain", draft_steps=K), args.repeats)
+        add(f"{engine}/padrec", f"chain K={K}", 1, ms, res.tau,
+            {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1], "rounds": res.rounds})
+    rec = None
     # PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)
     recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
     report["padrec_vs_eagle_b1"] = {}
