@@ -55,18 +55,21 @@ class BoundKVRunner:
     """
 
     def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
-                 static: bool = False, stream=None):
+                 static: bool = False, stream=None, lock=None):
         self.xp, self._ptr, _ = array_module(device)
         self.device, self.graph, self.graph_spec, self.spec = device, graph, graph_spec, spec
         self.backend, self.static = backend, static
         self.stream = stream if stream is not None else contextlib.nullcontext()
+        # device work of every runner sharing the stream is serialised: a CUDA-graph capture on the shared
+        # stream must not see another thread's allocations, copies or kernels
+        self._guard = lock if lock is not None else contextlib.nullcontext()
         kv = graph_spec["kv"]
         self.dtype = numpy_dtype(kv["dtype"])
         self._names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
                        for i in range(spec.n_layers)]
         shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         try:
-            with self.stream:
+            with self._guard, self.stream:
                 self.cache = self.xp.zeros(shape, dtype=self.dtype)
         except Exception as exc:  # numpy MemoryError or cupy OutOfMemoryError
             if not isinstance(exc, MemoryError) and "OutOfMemory" not in type(exc).__name__:
@@ -173,7 +176,7 @@ class BoundKVRunner:
             for k_in, v_in, _, _ in self._names:
                 probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
             check_feeds(self.graph, self.graph_spec, probe)
-        with self.stream:
+        with self._guard, self.stream:
             if P is not None:
                 if first:
                     session = self.backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
@@ -211,7 +214,7 @@ class BoundKVRunner:
         M = max(counts, default=0)
         if M:
             S = self.spec.max_len
-            with self.stream:
+            with self._guard, self.stream:
                 if self.batch == 1:
                     n, idx = int(self.lengths[0]), np.asarray(select[0], dtype=np.int64)
                     if not np.array_equal(idx, np.arange(M)):  # the accepted path is not already in place

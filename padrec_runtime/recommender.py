@@ -103,6 +103,7 @@ class Recommender:
         # (and of CUDA graphs captured for them) stays at the peak of sessions open at once
         self._pool: dict = {}
         self._pool_lock = threading.Lock()
+        self._device_lock = threading.RLock()  # one engine call or cache update at a time on the device
 
     def _release(self, runners: list) -> None:
         with self._pool_lock:
@@ -122,7 +123,7 @@ class Recommender:
 
             def make():
                 return BoundKVRunner(self.backends[graph], graph, g, spec, batch, self.device,
-                                     static=self.static_shapes, stream=self.stream)
+                                     static=self.static_shapes, stream=self.stream, lock=self._device_lock)
             if not reuse:  # a caller-owned session gets caches of its own, from a pool (see `start`)
                 with self._pool_lock:
                     free = self._pool.setdefault((graph, batch), [])

@@ -50,6 +50,20 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
         assert [s1.result().tokens[0], s2.result().tokens[0]] == want
         del s1, s2, s
         gc.collect()
+    # caller-owned sessions from several threads at once (captures included: a fresh Recommender)
+    from concurrent.futures import ThreadPoolExecutor
+    fresh = Recommender(engines, device="cuda")
+    modes = ["chain", "tree"] * 4
+    want = [plain.recommend([hists[i % 4]], speculate=m).lists[0].tokens for i, m in enumerate(modes)]
+
+    def run(i):
+        s = fresh.start([hists[i % 4]], speculate=modes[i])
+        while not s.done:
+            s.step()
+        return s.result().tokens[0]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(2):
+            assert list(pool.map(run, range(len(modes)))) == want
     notes = [n for b in graphs.backends.values() for n in b.graph_notes]
     assert not notes, notes
     return {"ok": True, "pooled": {str(k): len(v) for k, v in graphs._pool.items()}}

@@ -192,6 +192,24 @@ def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
     assert c.result().tokens[0] == want[0]
 
 
+def test_caller_sessions_from_threads_on_device_caches(tiny, engines_master):
+    """Caller-owned sessions stepped from several threads at once (device work serialised per Recommender)
+    give the lists one thread gets."""
+    from concurrent.futures import ThreadPoolExecutor
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    hists = [_histories(tiny[0], 30 + i, 1) for i in range(6)]
+    want = [rec.recommend(h, speculate=mode).lists[0].tokens for h, mode in zip(hists, ["chain", "tree"] * 3)]
+
+    def run(i):
+        s = rec.start(hists[i], speculate=["chain", "tree"][i % 2])
+        while not s.done:
+            s.step()
+        return s.result().tokens[0]
+    with ThreadPoolExecutor(4) as pool:
+        for _ in range(3):
+            assert list(pool.map(run, range(6))) == want
+
+
 def test_static_shape_options_are_checked(engines_master):
     with pytest.raises(PadrecError, match="static_shapes: needs io_binding"):
         Recommender(engines_master, static_shapes=True)
