@@ -27,9 +27,10 @@ def graph_names(spec: dict) -> tuple[dict, dict]:
     return inputs, outputs
 
 
-def check_feeds(graph: str, spec: dict, feeds: dict) -> None:
-    """Names, dtypes, ranks and the shared batch / seq sizes of the feeds, before any engine runs."""
-    expected, _ = graph_names(spec)
+def check_feeds(graph: str, spec: dict, feeds: dict, expected: dict | None = None) -> None:
+    """Names, dtypes, ranks and the shared batch / seq sizes of the feeds, before any engine runs.
+    expected: `graph_names(spec)[0]`, when the caller keeps it (every engine call checks its feeds)."""
+    expected = graph_names(spec)[0] if expected is None else expected
     missing = sorted(set(expected) - set(feeds))
     extra = sorted(set(feeds) - set(expected))
     if missing or extra:

@@ -23,6 +23,7 @@ class OrtBackend:
                                "(or 'padrec[gpu]' for CUDA)") from None
         self._ort = ort
         self.graph_name, self.spec = graph, manifest.graph(graph)
+        self._expected = graph_names(self.spec)[0]
         self.device, self.threads, self.cuda_graphs, self.stream = device, threads, cuda_graphs, stream
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
@@ -98,7 +99,7 @@ class OrtBackend:
         self._outputs = [o.name for o in self.session.get_outputs()]
 
     def infer(self, feeds: dict) -> dict:
-        check_feeds(self.graph_name, self.spec, feeds)
+        check_feeds(self.graph_name, self.spec, feeds, self._expected)
         try:
             values = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types

@@ -97,7 +97,7 @@ class TrtBackend:
         return self._buffers[name][0]
 
     def infer(self, feeds: dict) -> dict:
-        check_feeds(self.graph_name, self.spec, feeds)
+        check_feeds(self.graph_name, self.spec, feeds, self._in)
         cu = self._cudart
         h2d, d2h = cu.cudaMemcpyKind.cudaMemcpyHostToDevice, cu.cudaMemcpyKind.cudaMemcpyDeviceToHost
         for name in self._in:
