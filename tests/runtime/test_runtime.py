@@ -131,6 +131,10 @@ def test_cli_recommend_and_errors(engines_master, engines):
     assert ok.returncode == 0, ok.stderr
     data = json.loads(ok.stdout)
     assert len(data["lists"][0]["item_ids"]) == 5 and data["tau"] >= 1
+    static = _cli("recommend", "--engines", str(engines_master), "--history", "1000,1001,1002", "--json",
+                  "--static-shapes")
+    assert static.returncode == 0, static.stderr
+    assert json.loads(static.stdout)["lists"] == data["lists"]
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
                       (["--history", "1,x"], "comma-separated")]:
         bad = _cli("recommend", "--engines", str(engines_master), *args)
