@@ -14,7 +14,8 @@ import numpy as np
 
 from .errors import InputError
 
-CANDIDATES = (("off", None), ("chain", 2), ("chain", 4), ("chain", 6), ("chain", 8), ("tree", 3), ("tree", 4), ("tree", 6))
+CANDIDATES = (("off", None), ("chain", 2), ("chain", 4), ("chain", 6), ("chain", 8),
+              ("tree", 3), ("tree", 4), ("tree", 6))
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,8 @@ captures one per bucket on its first runs); calls longer than the largest bucket
 the dynamic session. Sessions are shared by every runner of the same batch size, so each runner replays
 its own graphs (an ONNX Runtime graph annotation id per runner: a graph is tied to the buffers it was
 captured with). Each bucket's session holds its own copy of the weights on the device: GPU memory
-grows with the buckets a workload touches (typically 3-5), in exchange for launch-free engine calls. Every input of a bucket lives in one persistent buffer that each call overwrites.
+grows with the buckets a workload touches (typically 3-5), in exchange for launch-free engine calls.
+Every input of a bucket lives in one persistent buffer that each call overwrites.
 """
 from __future__ import annotations
 
@@ -67,6 +68,7 @@ class BoundKVRunner:
         self.dtype = numpy_dtype(kv["dtype"])
         self._names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
                        for i in range(spec.n_layers)]
+        self._kv_inputs = {name for k_in, v_in, _, _ in self._names for name in (k_in, v_in)}
         shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         try:
             with self._guard, self.stream:
@@ -79,7 +81,7 @@ class BoundKVRunner:
                                f"{batch} x {spec.max_len} positions | lower the batch or max_seq_len") from None
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
-        self._by_seq: dict = {}  # bucket -> _Bound, made once
+        self._by_seq: dict = {}  # bucket -> (binding, new KV, outputs, inputs, session), made once
         self.graph_id = next(_GRAPH_IDS)
         self._run_options = None
         if static and hasattr(backend, "_ort"):  # this runner's own CUDA graphs in the shared static sessions
@@ -130,7 +132,7 @@ class BoundKVRunner:
         if inputs:
             in_specs = {name: ((B, T, S + T) if name == "attention_mask" else (B, T, *t["shape"][2:]),
                                numpy_dtype(t["dtype"]))
-                        for name, t in self.graph_spec["inputs"].items() if not name.startswith("past.")}
+                        for name, t in self.graph_spec["inputs"].items() if name not in self._kv_inputs}
             in_blob, dev_ins, host_blob, host_ins = self._packed(in_specs, host=True)
             for name, arr in dev_ins.items():
                 self._bind(binding, name, arr)

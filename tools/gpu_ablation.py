@@ -114,7 +114,8 @@ def targets(args, device):
             curves["valid"] = [0.0] * epochs
         vt, _ = decode_all(target, None, v_hist, con, DecodeConfig(speculate="off"))
         tt, _ = decode_all(target, None, t_hist, con, DecodeConfig(speculate="off"))
-        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride, "dropout": dropout,
+        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride,
+               "dropout": dropout,
                "examples": len(train_seqs),
                "best_epoch": int(np.argmin(curves["valid"])) + 1, "train_s": time.perf_counter() - t0,
                "valid": ranking_metrics([cat.decode_list(t) for t in vt], v_truth, 10),
