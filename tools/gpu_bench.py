@@ -170,7 +170,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/padrec_llm")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--catalogue", default=".gpu_in/ml-100k/catalogue.json")
+    ap.add_argument("--catalogue", default="padrec_export/default_models/ml-100k/catalogue.json")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--draft-epochs", type=int, default=2)
