@@ -113,6 +113,8 @@ def evaluate(model_dir, dataset, users, json_path):
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(text + "\n")
     click.echo(text)
+
+
 @main.command()
 @click.option("--engines", "engine_dir", required=True, type=click.Path())
 @click.option("--target", "target_dir", required=True, type=click.Path(), help="target checkpoint the engines came from")

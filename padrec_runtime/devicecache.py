@@ -38,14 +38,14 @@ def bucket(T: int) -> int | None:
 
 
 def array_module(device: str):
-    """(array module, pointer-of, to-host) for 'cpu' (numpy) or 'cuda' (cupy)."""
+    """(array module, pointer-of) for 'cpu' (numpy) or 'cuda' (cupy)."""
     if device == "cpu":
-        return np, (lambda a: a.ctypes.data), (lambda a: a.copy())  # outputs are reused buffers: hand out copies
+        return np, (lambda a: a.ctypes.data)
     try:
         import cupy
     except ImportError:
         raise BackendError("cupy: not installed | pip install cupy-cuda12x (or cupy-cuda13x) for device='cuda'") from None
-    return cupy, (lambda a: a.data.ptr), cupy.asnumpy
+    return cupy, (lambda a: a.data.ptr)
 
 
 class BoundKVRunner:
@@ -57,7 +57,7 @@ class BoundKVRunner:
 
     def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
                  static: bool = False, stream=None, lock=None):
-        self.xp, self._ptr, _ = array_module(device)
+        self.xp, self._ptr = array_module(device)
         self.device, self.graph, self.graph_spec, self.spec = device, graph, graph_spec, spec
         self.backend, self.static = backend, static
         self.stream = stream if stream is not None else contextlib.nullcontext()
@@ -237,4 +237,9 @@ class BoundKVRunner:
         self.scratch = 0
 
     def discard(self) -> None:
+        self.scratch = 0
+
+    def reset(self) -> None:
+        """Empty the cache for a new batch of prompts (buffers, bindings and graphs are kept)."""
+        self.lengths[:] = 0
         self.scratch = 0

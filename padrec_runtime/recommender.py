@@ -130,15 +130,13 @@ class Recommender:
                     runner = free.pop() if free else None
                 if runner is None:
                     return make()
-                runner.lengths[:] = 0
-                runner.scratch = 0
+                runner.reset()
                 return runner
             key = (graph, batch)
             if key not in self._bound:  # `recommend` (serialised) reuses device caches per batch size
                 self._bound[key] = make()
             runner = self._bound[key]
-            runner.lengths[:] = 0
-            runner.scratch = 0
+            runner.reset()
             return runner
         spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], max_len)
         backend = self.backends[graph]

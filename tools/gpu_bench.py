@@ -20,6 +20,7 @@ from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
 from padrec_export.pipeline import ModelSize, TrainConfig, export_checkpoints, load_trained, train_all
 from padrec_export.reference import reference_generate
+from padrec_runtime.adaptive import choose
 from padrec_runtime.decode import DecodeConfig
 from padrec_runtime.layout import ListConstraint
 from padrec_runtime.recommender import Recommender
@@ -43,6 +44,18 @@ def timed(fn, repeats: int, sync=None):
             sync()
         times.append(time.perf_counter() - t0)
     return out, float(np.median(times)) * 1e3
+
+
+def alternate(fns: dict, repeats: int):
+    """Time several callables in turn, `repeats` rounds, so all see the same machine state;
+    returns ({name: ms samples}, {name: last result})."""
+    times, last = {name: [] for name in fns}, {}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            last[name] = fn()
+            times[name].append((time.perf_counter() - t0) * 1e3)
+    return times, last
 
 
 def copy_bandwidth_gbs(device) -> float:
@@ -312,17 +325,11 @@ def main():
             report["adaptive_plan"] = [c.__dict__ for c in plan]
             for batch in batches:  # auto and AR timed alternately, so both see the same machine state
                 hist = hist_all[:batch]
-                t_auto, t_ar = [], []
-                for _ in range(max(5, args.repeats)):
-                    for fn, acc in ((lambda: rec.recommend(hist, speculate="auto"), t_auto),
-                                    (lambda: rec.recommend(hist, speculate="off"), t_ar)):
-                        t0 = time.perf_counter()
-                        res_ = fn()
-                        acc.append((time.perf_counter() - t0) * 1e3)
-                        if acc is t_auto:
-                            res = res_
-                ms, ar = float(np.median(t_auto)), float(np.median(t_ar))
-                pick = next(c for c in plan if batch <= c.batch) if batch <= plan[-1].batch else plan[-1]
+                t, last = alternate({"auto": lambda: rec.recommend(hist, speculate="auto"),
+                                     "ar": lambda: rec.recommend(hist, speculate="off")}, max(5, args.repeats))
+                t_ar, res = t["ar"], last["auto"]
+                ms, ar = float(np.median(t["auto"])), float(np.median(t_ar))
+                pick = choose(plan, batch)
                 noise = float(np.std(t_ar) / ar)
                 add(f"{engine}/auto", "auto", batch, ms, res.tau,
                     {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
@@ -339,13 +346,9 @@ def main():
     recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
     report["padrec_vs_eagle_b1"] = {}
     for mode in ("chain", "tree"):
-        t = {name: [] for name in recs}
-        tau = {}
-        for _ in range(max(7, args.repeats)):
-            for name, r in recs.items():
-                t0 = time.perf_counter()
-                tau[name] = r.recommend(hist_all[:1], speculate=mode).tau
-                t[name].append((time.perf_counter() - t0) * 1e3)
+        t, last = alternate({name: (lambda r=r: r.recommend(hist_all[:1], speculate=mode)) for name, r in recs.items()},
+                            max(7, args.repeats))
+        tau = {name: res.tau for name, res in last.items()}
         med = {name: float(np.median(v)) for name, v in t.items()}
         report["padrec_vs_eagle_b1"][mode] = {"ms": med, "tau": tau,
                                               "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
