@@ -251,3 +251,68 @@ class Draft(nn.Module):
         (pk, pv), = past
         h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
         return self.lm_head(self.norm(h)).float(), h, [(k, v)]
+
+
+class DraftChain(nn.Module):
+    """A greedy draft round in one graph: the catch-up pass over newly committed positions, then K-1 draft
+    steps, each token the argmax over what the list grammar allows after the tokens before it. One engine
+    call per round instead of K: no host round trip between draft steps.
+
+    The grammar rides in the graph: the catalogue trie as tables (Catalogue.chain_tables), the trie nodes
+    whose items are all used (history and list so far) as a per-row input, and eos only once the list is
+    complete. (Items the chain itself completes are not banned for its later steps; the target, which alone
+    decides the output, rejects such a proposal, so the result stays lossless either way.)
+    Inputs as the draft's (step is 0 for catch-up and j for the j-th chain step) plus, per row, `last`: the
+    index of its last real catch-up token, `node`: the table row after that token, `left`: items still to
+    write, and `banned` (B, n_nodes + 2): ListConstraint.chain_ban. Outputs the K proposed tokens and the new
+    KV of the catch-up tokens followed by the K-1 chain steps (the runtime keeps only the catch-up's).
+    """
+
+    def __init__(self, draft: Draft, catalogue, steps: int):
+        super().__init__()
+        from padrec_runtime.layout import EOS, SEP
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        self.draft, self.steps = draft, steps
+        t = catalogue.chain_tables()
+        self.register_buffer("next_node", torch.as_tensor(t["next_node"]), persistent=False)
+        self.register_buffer("row_of", torch.as_tensor(t["row_of"]), persistent=False)
+        self.leaf_row = len(t["next_node"]) - 1
+        lay = catalogue.layout
+        ends = torch.zeros(2, lay.vocab_size)
+        ends[0, EOS] = ends[1, SEP] = float("-inf")  # row 0: items left, no eos; row 1: none left, no separator
+        self.register_buffer("ends", ends, persistent=False)
+        self.register_buffer("slot_of", torch.as_tensor(lay.slots(range(lay.vocab_size)), dtype=torch.long),
+                             persistent=False)
+
+    def forward(self, hidden_in, input_ids, position_ids, slot, last, node, left, banned, attention_mask, past):
+        B = input_ids.shape[0]
+        step = torch.zeros_like(input_ids)
+        logits, h, [(k, v)] = self.draft(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
+        (pk, pv), = past
+        idx = last.long().view(B, 1)
+        pick = idx[:, :, None]
+        logits = logits.gather(1, pick.expand(-1, -1, logits.shape[-1]))[:, 0]
+        h = h.gather(1, pick.expand(-1, -1, h.shape[-1]))
+        pos = position_ids.gather(1, idx)
+        row = attention_mask.gather(1, pick.expand(-1, -1, attention_mask.shape[-1]))  # (B, 1, past + seq)
+        keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+        at, left = node.long(), left.long()  # (B,) table row after the last committed token, items to go
+        tokens = []
+        for j in range(1, self.steps + 1):
+            nxt = self.next_node[at].long()  # (B, V) trie node each token leads to
+            bias = banned.gather(1, nxt).float() + self.ends[(left <= 0).long()]
+            tok = torch.argmax(logits + bias, dim=-1, keepdim=True)  # (B, 1)
+            tokens.append(tok)
+            if j == self.steps:
+                break
+            at = self.row_of[nxt.gather(1, tok)[:, 0]]
+            left = left - (at == self.leaf_row).long()
+            ids = tok.to(input_ids.dtype)
+            row = torch.cat([row, torch.ones_like(row[..., :1])], dim=-1)
+            logits, h, [(k1, v1)] = self.draft(h, ids, pos + j, torch.full_like(ids, j),
+                                               self.slot_of[tok].to(slot.dtype), row, [(keys, values)])
+            logits = logits[:, 0]
+            keys, values = torch.cat([keys, k1], dim=2), torch.cat([values, v1], dim=2)
+        S = pk.shape[2]
+        return torch.cat(tokens, dim=1).to(torch.int32), keys[:, :, S:], values[:, :, S:]

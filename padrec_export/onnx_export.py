@@ -16,7 +16,7 @@ from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
 from padrec_runtime.layout import SPECIAL_TOKENS, Catalogue
 from padrec_runtime.manifest import PRECISIONS, FORMAT, SCHEMA_VERSION, Manifest, write_manifest
 
-from .models import Draft, Target
+from .models import Draft, DraftChain, Target
 
 OPSET = 17
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -32,9 +32,21 @@ class ExportLimits:
     max_batch: int = 64
     max_items: int = 20  # longest list
     n_items: int = 10  # default list length
-    draft_steps: int = 4  # default K
+    draft_steps: int = 4  # default K (and the K of the fused greedy chain graph)
+    fused_chain: bool = True  # also export draft_chain.onnx: a greedy chain round's K draft steps in one call
     tree_topk: int = 4
     tree_size: int = 16
+
+
+class _FlatChain(nn.Module):
+    """Positional inputs / flat outputs around a DraftChain."""
+
+    def __init__(self, chain: DraftChain):
+        super().__init__()
+        self.chain = chain
+
+    def forward(self, hidden_in, ids, pos, slot, last, node, left, banned, mask, past_k, past_v):
+        return self.chain(hidden_in, ids, pos, slot, last, node, left, banned, mask, [(past_k, past_v)])
 
 
 class _Flat(nn.Module):
@@ -82,6 +94,54 @@ def graph_io(model, is_draft: bool, precision: str) -> tuple[dict, dict, dict]:
     return inputs, outputs, kv
 
 
+def chain_io(draft, steps: int, precision: str, n_nodes: int) -> tuple[dict, dict, dict]:
+    """Inputs, outputs and KV description of the fused greedy draft-chain graph (see DraftChain)."""
+    inputs, _, kv = graph_io(draft, True, precision)
+    del inputs["step"]
+    row = {"dtype": "int32", "shape": ["batch"]}
+    inputs = {**{k: v for k, v in inputs.items() if k != "attention_mask"}, "last": row, "node": row, "left": row,
+              "banned": {"dtype": "float16", "shape": ["batch", n_nodes + 2]},
+              "attention_mask": inputs["attention_mask"]}
+    outputs = {"tokens": {"dtype": "int32", "shape": ["batch", steps]}}
+    return inputs, outputs, kv
+
+
+def _export(module: nn.Module, example: tuple, path: Path, names_in: list, names_out: list, dyn: dict) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, example, str(path), input_names=names_in, output_names=names_out,
+                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+    slim_graph(path)
+
+
+def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision: str, path: Path) -> None:
+    """Write the fused greedy draft-chain graph: dynamic batch, seq and past axes, K fixed, trie tables inside."""
+    dtype = TORCH_DTYPES[precision]
+    model = copy.deepcopy(draft).to(dtype) if dtype != torch.float32 else draft
+    chain = DraftChain(model.eval(), catalogue, steps).to(next(model.parameters()).device).eval()
+    inputs, outputs, kv = chain_io(draft, steps, precision, len(catalogue.child_codes))
+    B, T, P = 2, 3, 5
+    c, dev = draft.cfg, next(model.parameters()).device
+    example = (torch.randn(B, T, c.hidden_size, dtype=dtype, device=dev),
+               torch.randint(0, c.vocab_size, (B, T), dtype=torch.int32, device=dev),
+               torch.arange(P, P + T, dtype=torch.int32, device=dev).repeat(B, 1),
+               torch.zeros(B, T, dtype=torch.int32, device=dev),
+               torch.full((B,), T - 1, dtype=torch.int32, device=dev),
+               torch.zeros(B, dtype=torch.int32, device=dev),
+               torch.full((B,), 3, dtype=torch.int32, device=dev),
+               torch.zeros(B, len(catalogue.child_codes) + 2, dtype=torch.float16, device=dev),
+               torch.ones(B, T, P + T, dtype=torch.bool, device=dev),
+               torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev),
+               torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev))
+    kv_in, kv_out = [kv["key_input"] % 0, kv["value_input"] % 0], [kv["key_output"] % 0, kv["value_output"] % 0]
+    dyn = {name: {0: "batch", 1: "seq"} for name in ("hidden_in", "input_ids", "position_ids", "slot")}
+    dyn.update({"last": {0: "batch"}, "node": {0: "batch"}, "left": {0: "batch"}, "banned": {0: "batch"},
+                "attention_mask": {0: "batch", 1: "seq", 2: "past_plus_seq"},
+                "tokens": {0: "batch"}, kv_in[0]: {0: "batch", 2: "past"}, kv_in[1]: {0: "batch", 2: "past"},
+                kv_out[0]: {0: "batch", 2: "seq_plus_steps"}, kv_out[1]: {0: "batch", 2: "seq_plus_steps"}})
+    _export(_FlatChain(chain), example, path, list(inputs) + kv_in, list(outputs) + kv_out, dyn)
+
+
 def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -> None:
     """Write one ONNX graph with dynamic batch, seq and past axes."""
     dtype = TORCH_DTYPES[precision]
@@ -116,12 +176,7 @@ def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -
             names_out.append(name_out)
             dyn[name_in] = {0: "batch", 2: "past"}
             dyn[name_out] = {0: "batch", 2: "seq"}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(_Flat(model, is_draft), tuple(example), str(path), input_names=names_in,
-                          output_names=names_out, dynamic_axes=dyn, opset_version=OPSET, dynamo=False,
-                          do_constant_folding=True)
-    slim_graph(path)
+    _export(_Flat(model, is_draft), tuple(example), path, names_in, names_out, dyn)
 
 
 def slim_graph(path: Path) -> None:
@@ -147,7 +202,7 @@ def _versions() -> dict:
 
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
                    precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True) -> Manifest:
-    """Write out_dir/{target,draft}.onnx, catalogue.json and manifest.json."""
+    """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json."""
     if precision not in TORCH_DTYPES:
         raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
     if target.cfg.vocab_size != catalogue.layout.vocab_size:
@@ -155,13 +210,22 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
                          f"{catalogue.layout.vocab_size} | the target was trained on another token layout")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("target.plan", "draft.plan", "manifest.json"):
+    for stale in ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", "manifest.json"):
         (out / stale).unlink(missing_ok=True)
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
+    if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
+        parts.append(("draft_chain", draft, True))
     atol, rtol = TOLERANCES[precision]
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
         file = f"{name}.onnx"
+        if name == "draft_chain":
+            K = limits.draft_steps
+            export_chain_graph(draft, catalogue, K, precision, out / file)
+            inputs, outputs, kv = chain_io(draft, K, precision, len(catalogue.child_codes))
+            graphs[name] = {"file": file, "hidden_size": draft.cfg.hidden_size, "inputs": inputs, "outputs": outputs,
+                            "kv": kv, "tolerances": {"tokens": {"atol": 0.0, "rtol": 0.0}}, "chain_steps": K}
+            continue
         export_graph(model, is_draft, precision, out / file)
         inputs, outputs, kv = graph_io(model, is_draft, precision)
         tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}

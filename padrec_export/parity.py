@@ -10,7 +10,8 @@ import torch
 from padrec_runtime.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
-from .reference import _call, next_token_logits
+from .models import DraftChain
+from .reference import _call, _call_chain, next_token_logits
 
 
 @dataclass
@@ -34,13 +35,15 @@ def torch_outputs(model, is_draft: bool, feeds: dict, precision: str) -> dict:
     """PyTorch outputs (as float32 numpy) of the model cast to the engine's precision."""
     if precision != "fp32":
         model = copy.deepcopy(model).to(TORCH_DTYPES[precision])
+    if isinstance(model, DraftChain):
+        return {"tokens": _call_chain(model, feeds)["tokens"]}  # its KV is the draft's, checked there
     return _call(model, feeds, 1 if is_draft else model.cfg.n_layers, is_draft)
 
 
 def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precision: str, seed: int = 0) -> list:
     """Comparisons of every output of every case between PyTorch and the backend."""
     rows = []
-    c = model.cfg
+    c = model.draft.cfg if isinstance(model, DraftChain) else model.cfg
     cases = graph_cases(spec, is_draft, vocab_size=c.vocab_size, n_slots=getattr(c, "n_slots", None),
                         n_steps=getattr(c, "max_steps", 0) + 1, seed=seed)
     for case, feeds in cases:
@@ -49,7 +52,7 @@ def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precisi
         for out, r in ref.items():
             g = np.asarray(got[out]).astype(np.float32)
             r = np.asarray(r).astype(np.float32)
-            tol = spec["tolerances"]["logits" if out == "logits" else "hidden"]
+            tol = spec["tolerances"][out if out in ("logits", "tokens") else "hidden"]
             diff = np.abs(g - r)
             rows.append(Comparison(name, case, out, float(diff.max()), float((diff / (np.abs(r) + 1e-3)).max()),
                                    tol["atol"], tol["rtol"],
@@ -90,10 +93,12 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
     rows = []
     for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):
-        model = draft if graph == "draft" else target
+        model = target if graph == "target" else draft
         if model is None:
             continue
-        rows += compare_graph(graph, model, graph == "draft", rec.backends[graph], m.graph(graph), m.precision, seed)
+        if graph == "draft_chain":
+            model = DraftChain(draft, rec.catalogue, m.graph(graph)["chain_steps"]).eval()
+        rows += compare_graph(graph, model, graph != "target", rec.backends[graph], m.graph(graph), m.precision, seed)
     report["tiers"]["graphs"] = {"ok": all(r.ok for r in rows), "rows": [r.to_dict() for r in rows]}
 
     cat = rec.catalogue

@@ -8,7 +8,7 @@ from padrec_runtime.decode import DecodeConfig, Generation, generate, max_cache_
 from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner, attention_mask
 from padrec_runtime.layout import BOS, ListConstraint
 
-from .models import Draft, Target
+from .models import Draft, DraftChain, Target
 
 
 def _tensor(v: np.ndarray, dtype) -> torch.Tensor:
@@ -34,6 +34,17 @@ def _call(model, feeds: dict, n_layers: int, draft: bool) -> dict:
     return out
 
 
+def _call_chain(chain: DraftChain, feeds: dict) -> dict:
+    """Run a DraftChain on numpy feeds named as in the draft_chain engine."""
+    dtype = next(chain.parameters()).dtype
+    t = {k: _tensor(v, dtype) for k, v in feeds.items()}
+    with torch.inference_mode():
+        tokens, k, v = chain(t["hidden_in"], t["input_ids"], t["position_ids"], t["slot"], t["last"], t["node"],
+                             t["left"], torch.from_numpy(np.asarray(feeds["banned"], np.float16)),
+                             t["attention_mask"], [(t[KV_INPUT[0] % 0], t[KV_INPUT[1] % 0])])
+    return {"tokens": tokens.numpy(), KV_OUTPUT[0] % 0: k.float().numpy(), KV_OUTPUT[1] % 0: v.float().numpy()}
+
+
 def next_token_logits(target: Target, ids) -> np.ndarray:
     """(V,) float32 logits after a whole token sequence, one causal pass without a cache."""
     ids = torch.as_tensor(np.asarray(ids, dtype=np.int32))[None]
@@ -50,10 +61,14 @@ def target_runner(target: Target, batch: int, max_len: int) -> KVRunner:
     return KVRunner(lambda f: _call(target, f, c.n_layers, False), spec, batch)
 
 
-def draft_runner(draft: Draft, batch: int, max_len: int) -> KVRunner:
+def draft_runner(draft: Draft, batch: int, max_len: int, chain: DraftChain | None = None) -> KVRunner:
+    """A host-cache runner over the draft; with `chain`, the fused draft-chain graph runs over the same cache."""
     c = draft.cfg
     spec = CacheSpec(1, c.n_kv_heads, c.head_dim, max_len)
-    return KVRunner(lambda f: _call(draft, f, 1, True), spec, batch)
+    runner = KVRunner(lambda f: _call(draft, f, 1, True), spec, batch)
+    if chain is not None:
+        runner.attach("draft_chain", lambda f: _call_chain(chain, f), {"chain_steps": chain.steps})
+    return runner
 
 
 class TorchKVRunner:
@@ -63,23 +78,35 @@ class TorchKVRunner:
     with a mask, writes the new tokens' KV behind each row's entries, and `commit` gathers accepted paths.
     """
 
-    def __init__(self, model, batch: int, max_len: int, draft: bool):
+    def __init__(self, model, batch: int, max_len: int, draft: bool, chain: DraftChain | None = None):
         c = model.cfg
         p = next(model.parameters())
         self.model, self.draft, self.device, self.dtype = model, draft, p.device, p.dtype
+        self.chain, self.chain_steps = chain, chain.steps if chain is not None else 0
         n_layers = 1 if draft else c.n_layers
         self.spec = CacheSpec(n_layers, c.n_kv_heads, c.head_dim, max_len)
         self.cache = torch.zeros(n_layers, 2, batch, c.n_kv_heads, max_len, c.head_dim, device=p.device, dtype=p.dtype)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
 
-    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+    def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         S = self.spec.max_len
         B, T = feeds["input_ids"].shape
         mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         dev = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(self.device, non_blocking=True)  # noqa: E731
         past = [(self.cache[i, 0, :B], self.cache[i, 1, :B]) for i in range(self.spec.n_layers)]
         with torch.inference_mode():
+            if graph == "draft_chain":
+                tokens, k, v = self.chain(dev(feeds["hidden_in"]).to(self.dtype), dev(feeds["input_ids"]),
+                                          dev(feeds["position_ids"]), dev(feeds["slot"]), dev(feeds["last"]),
+                                          dev(feeds["node"]), dev(feeds["left"]),
+                                          dev(np.asarray(feeds["banned"], np.float16)), dev(mask), past)
+                for b in range(B):
+                    start = int(self.lengths[b]) + self.scratch
+                    self.cache[0, 0, b, :, start:start + T] = k[b, :, :T]
+                    self.cache[0, 1, b, :, start:start + T] = v[b, :, :T]
+                self.scratch += T
+                return {"tokens": tokens.cpu().numpy()}
             if self.draft:
                 logits, hidden, new = self.model(dev(feeds["hidden_in"]).to(self.dtype), dev(feeds["input_ids"]),
                                                  dev(feeds["position_ids"]), dev(feeds["step"]), dev(feeds["slot"]),
@@ -143,8 +170,9 @@ class OracleDraftRunner(KVRunner):
 
 
 def reference_generate(target: Target, draft: Draft | None, histories: list, constraint: ListConstraint,
-                       cfg: DecodeConfig, oracle: bool = False) -> Generation:
-    """Decode with the PyTorch models; `oracle` swaps the draft for the target itself (tests)."""
+                       cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True) -> Generation:
+    """Decode with the PyTorch models; `oracle` swaps the draft for the target itself (tests). Greedy chain
+    rounds use the fused draft chain (as the runtime does with a draft_chain graph) unless fused_chain=False."""
     cat = constraint.catalogue
     prompts = [cat.prompt(h) for h in histories]
     n = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
@@ -155,8 +183,9 @@ def reference_generate(target: Target, draft: Draft | None, histories: list, con
         d = None
     elif oracle:
         d = OracleDraftRunner(target, B, n)
-    elif on_device:
-        d = TorchKVRunner(draft, B, n, True)
     else:
-        d = draft_runner(draft, B, n)
+        chain = None
+        if fused_chain and cfg.speculate == "chain" and cfg.sampling.greedy:
+            chain = DraftChain(draft, cat, cfg.draft_steps).to(next(draft.parameters()).device).eval()
+        d = TorchKVRunner(draft, B, n, True, chain) if on_device else draft_runner(draft, B, n, chain)
     return generate(t, d, prompts, histories, constraint, cfg)

@@ -49,7 +49,7 @@ class Node:
     parent: int  # index of the parent node in the row's node list, -1 for the root
     depth: int  # 1 for the root's children
     score: float  # draft log-probability of the path from the root
-    state: ConstraintState  # constraint state after this token
+    state: ConstraintState | None  # constraint state after this token (None: worked out if accepted)
     q: np.ndarray | None = None  # chain sampling: draft distribution over `allowed` the token was drawn from
     allowed: np.ndarray | None = None  # chain sampling: allowed token ids at the parent
     scratch: int = -1  # index of this token's entry in the draft's scratch KV, once expanded
@@ -65,6 +65,7 @@ class Root:
     state: ConstraintState  # constraint state after it
     draft_logits: np.ndarray | None = None  # (V,) draft prediction of the next token
     draft_hidden: np.ndarray | None = None  # (H,) draft feature behind that prediction
+    pending: tuple | None = None  # fused chain: (features, tokens, start) the draft has not seen yet
 
 
 @dataclass
@@ -133,7 +134,9 @@ class DecodeSession:
         self.constraint, self.cfg = constraint, cfg
         self.rng = np.random.default_rng(cfg.seed)
         self.clock = _Clock()
-        self.roots = prefill(target, self.draft, prompts, histories, constraint, cfg, self.rng, self.clock)
+        self.fused = fused_chain(self.draft, cfg)
+        self.roots = prefill(target, self.draft, prompts, histories, constraint, cfg, self.rng, self.clock,
+                             self.fused)
         self.out = Generation(tokens=[[r.token] for r in self.roots], committed=[[] for _ in self.roots])
 
     @property
@@ -143,12 +146,14 @@ class DecodeSession:
     def step(self) -> list:
         """Run one round; returns the tokens each row committed in it."""
         before = [len(t) for t in self.out.tokens]
-        if self.draft is not None:
+        if self.fused:
+            trees = propose_fused(self.draft, self.roots, self.constraint, self.clock)
+        elif self.draft is not None:
             trees = propose(self.draft, self.roots, self.constraint, self.cfg, self.rng, self.clock)
         else:
             trees = [[] for _ in self.roots]
         verdicts = verify(self.target, self.roots, trees, self.constraint, self.cfg, self.rng, self.clock)
-        accept(self.target, self.draft, self.roots, verdicts, self.constraint, self.out, self.clock)
+        accept(self.target, self.draft, self.roots, verdicts, self.constraint, self.out, self.clock, self.fused)
         self.out.rounds += 1
         return [t[n:] for t, n in zip(self.out.tokens, before)]
 
@@ -167,6 +172,12 @@ def generate(target: KVRunner, draft: KVRunner | None, prompts: list, histories:
     return session.result()
 
 
+def fused_chain(draft, cfg: DecodeConfig) -> bool:
+    """Whether rounds use the fused draft-chain graph: greedy chain speculation with the K it was exported for."""
+    return (draft is not None and cfg.speculate == "chain" and cfg.sampling.greedy
+            and getattr(draft, "chain_steps", 0) == cfg.draft_steps)
+
+
 def max_cache_len(prompt_len: int, constraint: ListConstraint, cfg: DecodeConfig) -> int:
     """KV positions a row can need: prompt, the list, and one round of speculation on top."""
     K = cfg.draft_steps
@@ -177,7 +188,7 @@ def max_cache_len(prompt_len: int, constraint: ListConstraint, cfg: DecodeConfig
     return prompt_len + constraint.list_length() + spec + 1
 
 
-def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock) -> list:
+def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock, fused: bool = False) -> list:
     """Run the prompts through the target (and the draft), choose each row's first token."""
     B = len(prompts)
     lens = [len(p) for p in prompts]
@@ -201,13 +212,17 @@ def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock) -> l
     if draft is not None:
         feats = [out["hidden"][b, :n] for b, n in enumerate(lens)]
         tokens = [np.append(prompts[b][1:], roots[b].token) for b in range(B)]
+        if fused:  # the last pair goes into the first round's chain call
+            for b, n in enumerate(lens):
+                roots[b].pending = (feats[b][n - 1:], tokens[b][n - 1:], n - 1)
+            feats, tokens = [f[:-1] for f in feats], [t[:-1] for t in tokens]
         _draft_catch_up(draft, roots, feats, tokens, [0] * B, constraint, clock)
     return roots
 
 
-def _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock) -> None:
-    """Feed the draft (target feature, next token) pairs of newly committed positions at step 0."""
-    B = len(roots)
+def _catch_up_feeds(feats, tokens, starts, constraint) -> tuple[dict, np.ndarray, list]:
+    """Draft feeds (step 0) and mask for (target feature, next token) pairs of newly committed positions."""
+    B = len(tokens)
     lens = [len(t) for t in tokens]
     ids = _pad(tokens, PAD, np.int32)
     T = ids.shape[1]
@@ -220,11 +235,17 @@ def _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock) -> N
         pos[b, :n] = starts[b] + np.arange(n)
         mask[b] = np.eye(T, dtype=bool)
         mask[b, :n, :n] = np.tril(np.ones((n, n), dtype=bool))
-    layout = constraint.catalogue.layout
+    feeds = {"hidden_in": hid, "input_ids": ids, "position_ids": pos, "step": np.zeros((B, T), np.int32),
+             "slot": constraint.catalogue.layout.slots(ids)}
+    return feeds, mask, lens
+
+
+def _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock) -> None:
+    """Feed the draft (target feature, next token) pairs of newly committed positions at step 0."""
+    feeds, mask, lens = _catch_up_feeds(feats, tokens, starts, constraint)
     t = time.perf_counter()
     draft.discard()
-    out = draft.forward({"hidden_in": hid, "input_ids": ids, "position_ids": pos,
-                         "step": np.zeros((B, T), np.int32), "slot": layout.slots(ids)}, mask)
+    out = draft.forward(feeds, mask)
     clock.draft += time.perf_counter() - t
     draft.commit([np.arange(n) for n in lens])
     for b, n in enumerate(lens):
@@ -294,6 +315,34 @@ def propose(draft, roots, constraint, cfg, rng, clock) -> list:
                 n.hidden = out["hidden"][b, t]
                 _add_children(nodes[b], i, out["logits"][b, t], n.state, n.score, depth + 1, constraint, cfg, rng)
     return [_select(row, cfg) for row in nodes]
+
+
+def propose_fused(draft, roots, constraint, clock) -> list:
+    """A greedy chain round's draft in one engine call (the draft_chain graph): the pending catch-up pairs,
+    then K draft tokens, each the draft's argmax over what the list grammar allows. Returns each row's chain."""
+    feats, tokens, starts = zip(*[r.pending if r.pending is not None and not r.state.done
+                                  else (np.zeros((0, 1), np.float32), np.zeros(0, np.int32), 0) for r in roots])
+    H = next(f.shape[-1] for f in feats if len(f))
+    feats = [f if len(f) else np.zeros((0, H), np.float32) for f in feats]
+    feeds, mask, lens = _catch_up_feeds(feats, tokens, starts, constraint)
+    del feeds["step"]
+    feeds["last"] = np.maximum(np.asarray(lens) - 1, 0).astype(np.int32)
+    cat = constraint.catalogue
+    feeds["node"] = np.array([cat.chain_row(r.state) for r in roots], dtype=np.int32)
+    feeds["left"] = np.array([constraint.n_items - r.state.n_done for r in roots], dtype=np.int32)
+    feeds["banned"] = np.stack([constraint.chain_ban(r.state) for r in roots])
+    t = time.perf_counter()
+    draft.discard()
+    out = draft.forward(feeds, mask, graph="draft_chain")
+    clock.draft += time.perf_counter() - t
+    draft.commit([np.arange(n) for n in lens])
+    chains = []
+    for b, r in enumerate(roots):
+        r.pending = None
+        live = not r.state.done
+        chains.append([Node(int(tok), i - 1, i + 1, 0.0, None) for i, tok in enumerate(out["tokens"][b])]
+                      if live else [])
+    return chains
 
 
 def _select(nodes: list, cfg: DecodeConfig) -> list:
@@ -368,7 +417,7 @@ def _walk(logits, root, tree, constraint, cfg, rng) -> Verdict:
         tokens.append(token)
         if nxt is None:
             return Verdict(path, tokens, constraint.advance(state, token))
-        cur, state = nxt, tree[nxt].state
+        cur, state = nxt, tree[nxt].state if tree[nxt].state is not None else constraint.advance(state, token)
         path.append(cur + 1)
     return Verdict(path, tokens, state)
 
@@ -396,8 +445,9 @@ def _accept_chain_sampled(logits, root, chain, constraint, cfg, rng) -> Verdict:
     return Verdict(path, tokens, constraint.advance(state, allowed[k]))
 
 
-def accept(target, draft, roots, verdicts, constraint, out, clock) -> None:
-    """Keep the accepted path's KV, record the committed tokens, feed the draft the real features."""
+def accept(target, draft, roots, verdicts, constraint, out, clock, fused: bool = False) -> None:
+    """Keep the accepted path's KV, record the committed tokens, feed the draft the real features (with the
+    fused chain: hand them to the next round's chain call)."""
     target.commit([v.path for v in verdicts])
     H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
     feats, tokens, starts = [], [], []
@@ -413,5 +463,8 @@ def accept(target, draft, roots, verdicts, constraint, out, clock) -> None:
         live = not r.state.done
         feats.append(v.features if live else np.zeros((0, H), np.float32))
         tokens.append(np.asarray(v.tokens if live else [], np.int32))
-    if draft is not None and any(not r.state.done for r in roots):
+    if fused:
+        for r, f, t, s in zip(roots, feats, tokens, starts):
+            r.pending = (f, t, s) if not r.state.done else None
+    elif draft is not None and any(not r.state.done for r in roots):
         _draft_catch_up(draft, roots, feats, tokens, starts, constraint, clock)

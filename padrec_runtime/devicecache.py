@@ -64,11 +64,9 @@ class BoundKVRunner:
         # device work of every runner sharing the stream is serialised: a CUDA-graph capture on the shared
         # stream must not see another thread's allocations, copies or kernels
         self._guard = lock if lock is not None else contextlib.nullcontext()
-        kv = graph_spec["kv"]
-        self.dtype = numpy_dtype(kv["dtype"])
-        self._names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
-                       for i in range(spec.n_layers)]
-        self._kv_inputs = {name for k_in, v_in, _, _ in self._names for name in (k_in, v_in)}
+        self.dtype = numpy_dtype(graph_spec["kv"]["dtype"])
+        self._graphs: dict = {}  # graph name -> (backend, spec, KV names, KV input names)
+        self.attach(graph, backend, graph_spec)
         shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         try:
             with self._guard, self.stream:
@@ -81,13 +79,28 @@ class BoundKVRunner:
                                f"{batch} x {spec.max_len} positions | lower the batch or max_seq_len") from None
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
-        self._by_seq: dict = {}  # bucket -> (binding, new KV, outputs, inputs, session), made once
+        self._by_seq: dict = {}  # (graph, bucket) -> (binding, new KV, outputs, inputs, session), made once
         self.graph_id = next(_GRAPH_IDS)
         self._run_options = None
         if static and hasattr(backend, "_ort"):  # this runner's own CUDA graphs in the shared static sessions
             self._run_options = backend._ort.RunOptions()
             self._run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
-        self.calls: dict = {}  # (bucket or "dynamic") -> engine calls, for benchmarks
+        self.calls: dict = {}  # (bucket or "dynamic"), or (graph, bucket) for attached graphs -> engine calls
+
+    def attach(self, graph: str, backend, graph_spec: dict) -> None:
+        """Let `forward(..., graph=graph)` run another graph over this cache (same KV layout), e.g. the fused
+        draft chain next to the draft."""
+        kv = graph_spec["kv"]
+        if kv["n_layers"] != self.spec.n_layers or numpy_dtype(kv["dtype"]) != self.dtype:
+            raise BackendError(f"{graph}: KV layout differs from {self.graph}'s | re-export the engines together")
+        names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
+                 for i in range(self.spec.n_layers)]
+        self._graphs[graph] = (backend, graph_spec, names, {n for k_in, v_in, _, _ in names for n in (k_in, v_in)})
+
+    @property
+    def chain_steps(self) -> int:
+        """K of an attached fused draft-chain graph (0 without one)."""
+        return self._graphs["draft_chain"][1]["chain_steps"] if "draft_chain" in self._graphs else 0
 
     @property
     def batch(self) -> int:
@@ -112,39 +125,45 @@ class BoundKVRunner:
         hblob = (blob if self.xp is np else np.zeros(blob.shape, np.uint8)) if host else None
         return blob, views(blob), hblob, (views(hblob) if host else None)
 
-    def _buffers(self, session, T: int, inputs: bool):
+    def _buffers(self, graph: str, session, T: int, inputs: bool):
         """A binding for T new tokens with the cache, new-KV and output buffers (and, for a bucket, the
         input buffers) bound. Inputs and outputs each live in one packed buffer: one copy each way."""
         xp, B, S = self.xp, self.batch, self.spec.max_len
+        _, gspec, names, kv_inputs = self._graphs[graph]
+        dims = {"batch": B, "seq": T, "past": S, "past_plus_seq": S + T}
         binding = session.io_binding()
-        new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T, self.spec.head_dim), dtype=self.dtype)
-        for i, (k_in, v_in, k_out, v_out) in enumerate(self._names):
+        extra = gspec.get("chain_steps", 1) - 1  # a chain graph also returns its draft steps' KV (not kept)
+        new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T + extra, self.spec.head_dim),
+                       dtype=self.dtype)
+        for i, (k_in, v_in, k_out, v_out) in enumerate(names):
             self._bind(binding, k_in, self.cache[i, 0])
             self._bind(binding, v_in, self.cache[i, 1])
             self._bind(binding, k_out, new[i, 0], output=True)
             self._bind(binding, v_out, new[i, 1], output=True)
-        out_specs = {name: ((B, T, t["shape"][-1]), numpy_dtype(t["dtype"]))
-                     for name, t in self.graph_spec["outputs"].items()}
+        out_specs = {name: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
+                     for name, t in gspec["outputs"].items()}
         out_blob, outs, _, _ = self._packed(out_specs, host=False)
         for name, arr in outs.items():
             self._bind(binding, name, arr, output=True)
         ins = None
         if inputs:
-            in_specs = {name: ((B, T, S + T) if name == "attention_mask" else (B, T, *t["shape"][2:]),
-                               numpy_dtype(t["dtype"]))
-                        for name, t in self.graph_spec["inputs"].items() if name not in self._kv_inputs}
+            in_specs = {name: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
+                        for name, t in gspec["inputs"].items() if name not in kv_inputs}
             in_blob, dev_ins, host_blob, host_ins = self._packed(in_specs, host=True)
             for name, arr in dev_ins.items():
                 self._bind(binding, name, arr)
             ins = (in_blob, host_blob, host_ins)
         return binding, new, (out_blob, outs), ins
 
-    def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int) -> None:
+    def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int, gspec: dict) -> None:
         """Write the feeds for P >= T tokens into the host input views: padding tokens are zeros that
         attend only to themselves, so they never change a real token's result."""
         S = self.spec.max_len
         for name, arr in feeds.items():
             h = host_ins[name]
+            if gspec["inputs"][name]["shape"][1:2] != ["seq"]:  # per row, not per token
+                h[...] = arr
+                continue
             h[:, :T] = arr
             if P > T:
                 h[:, T:] = 0
@@ -153,51 +172,58 @@ class BoundKVRunner:
         h[:, :T, :S + T] = mask
         h[:, np.arange(T, P), S + np.arange(T, P)] = True
 
-    def _read(self, out_blob, outs: dict, T: int) -> dict:
+    def _read(self, out_blob, outs: dict, T: int, gspec: dict) -> dict:
         """The outputs for the first T tokens, on the host, with one copy of the packed output buffer."""
-        if self.xp is np:
-            return {name: arr[:, :T].copy() for name, arr in outs.items()}  # the buffers are reused: copies
+        per_token = {name for name, t in gspec["outputs"].items() if t["shape"][1:2] == ["seq"]}
+        if self.xp is np:  # the buffers are reused: copies
+            return {name: (arr[:, :T] if name in per_token else arr).copy() for name, arr in outs.items()}
         host = out_blob.get()
         base = out_blob.data.ptr
         result = {}
         for name, arr in outs.items():
             off = arr.data.ptr - base
             view = host[off:off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
-            result[name] = view[:, :T]
+            result[name] = view[:, :T] if name in per_token else view
         return result
 
-    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+    def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
+        """Run T new tokens through this runner's graph (or an attached one) over the cache; the new tokens'
+        KV becomes scratch entries behind each row's committed ones."""
         xp, S = self.xp, self.spec.max_len
+        graph = graph or self.graph
+        backend, gspec, names, _ = self._graphs[graph]
         B, T = feeds["input_ids"].shape
         mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         P = bucket(T) if self.static else None
-        first = P is not None and P not in self._by_seq
+        key = (graph, P)
+        first = P is not None and key not in self._by_seq
         if first or P is None:  # checked on each new shape (the loop's feeds keep their dtypes); a bucket's
-            feeds = cast_feeds(self.graph_spec, feeds)  # later calls cast while copying into its buffers
+            feeds = cast_feeds(gspec, feeds)  # later calls cast while copying into its buffers
             probe = dict(feeds, attention_mask=mask)
-            for k_in, v_in, _, _ in self._names:
+            for k_in, v_in, _, _ in names:
                 probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
-            check_feeds(self.graph, self.graph_spec, probe)
+            check_feeds(graph, gspec, probe)
         with self._guard, self.stream:
             if P is not None:
                 if first:
-                    session = self.backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
-                    self._by_seq[P] = self._buffers(session, P, inputs=True) + (session,)
-                binding, new, (out_blob, outs), (in_blob, host_blob, host_ins), session = self._by_seq[P]
-                self._fill(host_ins, feeds, mask, T, P)
+                    session = backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
+                    self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
+                binding, new, (out_blob, outs), (in_blob, host_blob, host_ins), session = self._by_seq[key]
+                self._fill(host_ins, feeds, mask, T, P, gspec)
                 if xp is not np:
                     in_blob.set(host_blob)
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
-                session = self.backend.session
-                binding, new, (out_blob, outs), _ = self._buffers(session, T, inputs=False)
+                session = backend.session
+                binding, new, (out_blob, outs), _ = self._buffers(graph, session, T, inputs=False)
                 keep = {name: xp.asarray(arr) for name, arr in dict(feeds, attention_mask=mask).items()}
                 for name, arr in keep.items():
                     self._bind(binding, name, arr)
             try:
                 session.run_with_iobinding(binding, self._run_options if P is not None else None)
             except Exception as exc:  # onnxruntime raises its own exception types
-                raise BackendError(f"{self.graph}: onnxruntime run failed ({str(exc)[:300]})") from None
-            self.calls[P or "dynamic"] = self.calls.get(P or "dynamic", 0) + 1
+                raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
+            count = (P or "dynamic") if graph == self.graph else (graph, P or "dynamic")
+            self.calls[count] = self.calls.get(count, 0) + 1
             # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
             start = self.lengths + self.scratch
             if B == 1:
@@ -208,7 +234,7 @@ class BoundKVRunner:
                 pos = start[:, None] + np.arange(T)
                 self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
             self.scratch += T
-            return self._read(out_blob, outs, T)
+            return self._read(out_blob, outs, T, gspec)
 
     def commit(self, select: list) -> None:
         """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""

@@ -47,7 +47,8 @@ class KVRunner:
     """Runs one engine (a function of named numpy arrays) over its own KV cache."""
 
     def __init__(self, forward: Callable[[dict], dict], spec: CacheSpec, batch: int, dtype=np.float32):
-        self._forward = forward
+        self._forwards = {None: forward}
+        self.chain_steps = 0  # K of an attached fused draft-chain graph (see `attach`)
         self.spec = spec
         shape = (batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         nbytes = 2 * spec.n_layers * int(np.prod(shape)) * np.dtype(dtype).itemsize
@@ -64,11 +65,19 @@ class KVRunner:
     def batch(self) -> int:
         return len(self.lengths)
 
-    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
-        """Run the engine on T new tokens per row.
+    def attach(self, graph: str, forward: Callable[[dict], dict], graph_spec: dict) -> None:
+        """Let `forward(..., graph=graph)` run another engine over this cache (same KV layout), e.g. the fused
+        draft chain ("draft_chain") next to the draft."""
+        self._forwards[graph] = forward
+        if graph == "draft_chain":
+            self.chain_steps = graph_spec["chain_steps"]
+
+    def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
+        """Run the engine (or the attached `graph`) on T new tokens per row.
 
         new_mask: (B, T, scratch + T) bool, which scratch entries and new tokens each new token sees;
-        every token sees all committed entries of its row.
+        every token sees all committed entries of its row. The new tokens' KV becomes scratch entries (an
+        engine may return more KV entries than tokens, e.g. a chain's draft steps: only the first T are kept).
         """
         B, T = feeds["input_ids"].shape
         past = int(self.lengths.max()) + self.scratch
@@ -77,13 +86,13 @@ class KVRunner:
         for i in range(self.spec.n_layers):
             feeds[KV_INPUT[0] % i] = self.keys[i][:, :, :past]
             feeds[KV_INPUT[1] % i] = self.values[i][:, :, :past]
-        out = self._forward(feeds)
+        out = self._forwards[graph](feeds)
         for i in range(self.spec.n_layers):
             for buf, name in ((self.keys[i], KV_OUTPUT[0] % i), (self.values[i], KV_OUTPUT[1] % i)):
                 new = out[name]
                 for b in range(B):
                     start = int(self.lengths[b]) + self.scratch
-                    buf[b, :, start:start + T] = new[b]
+                    buf[b, :, start:start + T] = new[b, :, :T]
         self.scratch += T
         return out
 

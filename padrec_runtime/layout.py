@@ -109,6 +109,41 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def chain_tables(self) -> dict:
+        """The trie as tables for the fused draft-chain graph. Rows are the trie's inner nodes plus one row for
+        every leaf (a finished item). next_node (rows, V): the trie node each token leads to from a row, or
+        NOT_CHILD = n_nodes where the token may not follow (separator and eos after a leaf lead to ROOT_AGAIN
+        = n_nodes + 1); row_of (n_nodes + 2,): each node's row (leaves share the last row)."""
+        lay, L, C = self.layout, self.layout.levels, self.layout.codebook
+        n_nodes = len(self.child_codes)
+        inner = np.unique(self.item_nodes[:, :L])  # depth < L; the root (0) first
+        leaf_row = len(inner)
+        row_of = np.full(n_nodes + 2, leaf_row, dtype=np.int64)
+        row_of[inner] = np.arange(len(inner))
+        row_of[n_nodes:] = 0  # not a child (never chosen), back to the root
+        depth = np.zeros(n_nodes, dtype=np.int64)
+        for d in range(L + 1):
+            depth[self.item_nodes[:, d]] = d
+        next_node = np.full((leaf_row + 1, lay.vocab_size), n_nodes, dtype=np.int32)
+        for r, node in enumerate(inner):
+            next_node[r, lay.n_special + depth[node] * C + self.child_codes[node]] = self.child_nodes[node]
+        next_node[leaf_row, [SEP, EOS]] = n_nodes + 1
+        return {"next_node": next_node, "row_of": row_of}
+
+    def exhausted(self, used: frozenset) -> np.ndarray:
+        """(n_nodes,) bool: trie nodes every item under which is in `used`."""
+        idx = np.fromiter(used, dtype=np.int64, count=len(used))
+        count = np.bincount(self.item_nodes[idx, 1:].ravel(), minlength=len(self.child_codes))
+        out = count >= self.subtree_size
+        out[0] = len(used) >= len(self)
+        return out
+
+    def chain_row(self, state: "ConstraintState") -> int:
+        """The draft-chain table row (see chain_tables) of a decoding state's trie position."""
+        if getattr(self, "_row_of", None) is None:
+            self._row_of = self.chain_tables()["row_of"]
+        return int(self._row_of[state.node])
+
     def index_of(self, item_ids) -> np.ndarray:
         """Catalogue indices of item ids; unknown ids raise InputError naming them."""
         unknown = [int(i) for i in item_ids if int(i) not in self._index]
@@ -215,6 +250,21 @@ class ListConstraint:
             return ConstraintState(state.n_done, state.level + 1, node, state.used)
         item = cat.leaf_item[node]
         return ConstraintState(state.n_done + 1, layout.levels, node, state.used | {item})
+
+    def chain_ban(self, state: ConstraintState) -> np.ndarray:
+        """(n_nodes + 2,) float16 `banned` row of the draft-chain graph: -inf at trie nodes whose items are
+        all used and at NOT_CHILD, 0 elsewhere (see Catalogue.chain_tables). Cached per set of used items."""
+        bans = self.__dict__.setdefault("_bans", {})
+        row = bans.get(state.used)
+        if row is None:
+            n = len(self.catalogue.child_codes)
+            row = np.zeros(n + 2, dtype=np.float16)
+            row[:n][self.catalogue.exhausted(state.used)] = -np.inf
+            row[n] = -np.inf
+            if len(bans) > 256:
+                bans.clear()
+            bans[state.used] = row
+        return row
 
     def list_length(self) -> int:
         """Tokens in a complete output list, eos included."""

@@ -109,13 +109,24 @@ def _kv(v, path):
                           "head_dim": _int(1, 4096), "dtype": _one_of(*DTYPES)})
 
 
+GRAPHS = ("target", "draft", "draft_chain")  # draft_chain: a greedy chain round's K draft steps in one call
+_NEEDED = {  # graph -> (inputs, outputs) it must have
+    "target": (("input_ids", "position_ids", "attention_mask"), ("logits", "hidden")),
+    "draft": (("hidden_in", "input_ids", "position_ids", "step", "slot", "attention_mask"), ("logits", "hidden")),
+    "draft_chain": (("hidden_in", "input_ids", "position_ids", "slot", "last", "node", "left", "banned",
+                     "attention_mask"), ("tokens",)),
+}
+
+
 def _graph(v, path):
     g = _obj(v, path, {"file": _str, "hidden_size": _int(1, 1 << 16), "inputs": _map(_tensor),
-                       "outputs": _map(_tensor), "kv": _kv, "tolerances": _map(_tolerance)})
-    for name in ("input_ids", "position_ids", "attention_mask"):
+                       "outputs": _map(_tensor), "kv": _kv, "tolerances": _map(_tolerance)},
+             {"chain_steps": _int(1, 16)})
+    inputs, outputs = _NEEDED.get(path.rsplit(".", 1)[-1], _NEEDED["target"])
+    for name in inputs:
         if name not in g["inputs"]:
             _fail(f"{path}.inputs.{name}", "nothing", "this input")
-    for name in ("logits", "hidden"):
+    for name in outputs:
         if name not in g["outputs"]:
             _fail(f"{path}.outputs.{name}", "nothing", "this output")
     return g
@@ -229,16 +240,21 @@ def parse_manifest(data, root: Path = Path(".")) -> Manifest:
     _obj(data, "(top)", {"format": _str, "schema_version": _int(), "producer": _map(_str),
                          "precision": _one_of(*PRECISIONS), "model": _model,
                          "graphs": _map(_graph), "files": _map(_file)}, {"tensorrt": _engines})
-    unknown = sorted(set(data["graphs"]) - {"target", "draft"})
+    unknown = sorted(set(data["graphs"]) - set(GRAPHS))
     if unknown or "target" not in data["graphs"]:
-        _fail("graphs", sorted(data["graphs"]), "a target graph and optionally a draft graph")
+        _fail("graphs", sorted(data["graphs"]), "a target graph and optionally a draft (and draft_chain) graph")
+    if "draft_chain" in data["graphs"]:
+        chain = data["graphs"]["draft_chain"]
+        if "draft" not in data["graphs"]:
+            _fail("graphs.draft_chain", "a chain graph without a draft", "a draft graph beside it")
+        if "chain_steps" not in chain:
+            _fail("graphs.draft_chain.chain_steps", "nothing", "the number of draft tokens per call")
+        if chain["outputs"]["tokens"]["shape"][-1:] != [chain["chain_steps"]]:
+            _fail("graphs.draft_chain.outputs.tokens.shape", chain["outputs"]["tokens"]["shape"],
+                  f"['batch', {chain['chain_steps']}] (chain_steps)")
     for name, g in data["graphs"].items():
         if g["file"] not in data["files"]:
             _fail(f"graphs.{name}.file", g["file"], "a file listed under files")
-        needed = ("hidden_in", "step", "slot") if name == "draft" else ()
-        for inp in needed:
-            if inp not in g["inputs"]:
-                _fail(f"graphs.{name}.inputs.{inp}", "nothing", "this input")
         for key in ("key_input", "value_input", "key_output", "value_output"):
             if g["kv"][key].count("%d") != 1:
                 _fail(f"graphs.{name}.kv.{key}", g["kv"][key], "a name template with one %d")

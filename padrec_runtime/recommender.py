@@ -54,6 +54,8 @@ def _check_pairing(m) -> None:
     """The draft must read the target's features and speak its vocabulary."""
     vocab = m.layout.vocab_size
     for name, g in m.data["graphs"].items():
+        if "logits" not in g["outputs"]:  # draft_chain returns tokens
+            continue
         got = g["outputs"]["logits"]["shape"][-1]
         if got != vocab:
             raise ManifestError(f"graphs.{name}.outputs.logits: vocabulary {got} | layout has {vocab} | re-export")
@@ -122,8 +124,11 @@ class Recommender:
             spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.limits["max_seq_len"])
 
             def make():
-                return BoundKVRunner(self.backends[graph], graph, g, spec, batch, self.device,
-                                     static=self.static_shapes, stream=self.stream, lock=self._device_lock)
+                runner = BoundKVRunner(self.backends[graph], graph, g, spec, batch, self.device,
+                                       static=self.static_shapes, stream=self.stream, lock=self._device_lock)
+                for name in self._attached(graph):
+                    runner.attach(name, self.backends[name], self.manifest.graph(name))
+                return runner
             if not reuse:  # a caller-owned session gets caches of its own, from a pool (see `start`)
                 with self._pool_lock:
                     free = self._pool.setdefault((graph, batch), [])
@@ -139,8 +144,18 @@ class Recommender:
             runner.reset()
             return runner
         spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], max_len)
-        backend = self.backends[graph]
-        return KVRunner(lambda feeds: backend.infer(cast_feeds(g, feeds)), spec, batch, numpy_dtype(kv["dtype"]))
+        runner = KVRunner(self._infer(graph), spec, batch, numpy_dtype(kv["dtype"]))
+        for name in self._attached(graph):
+            runner.attach(name, self._infer(name), self.manifest.graph(name))
+        return runner
+
+    def _infer(self, graph: str):
+        backend, spec = self.backends[graph], self.manifest.graph(graph)
+        return lambda feeds: backend.infer(cast_feeds(spec, feeds))
+
+    def _attached(self, graph: str) -> list:
+        """Graphs that run over `graph`'s KV cache: the fused draft chain over the draft's."""
+        return ["draft_chain"] if graph == "draft" and "draft_chain" in self.backends else []
 
     def _check_histories(self, histories) -> list:
         lim = self.limits

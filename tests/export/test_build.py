@@ -10,15 +10,16 @@ from padrec_runtime.manifest import load_manifest
 trt = pytest.importorskip("tensorrt_rtx")
 
 
-def test_rtx_builds_both_graphs_and_records_it(engines):
+def test_rtx_builds_every_graph_and_records_it(engines):
     m = build_engines(engines, BuildOptions(builder="tensorrt_rtx"), progress=False)
-    for graph in ("target", "draft"):
+    for graph in ("target", "draft", "draft_chain"):
         plan = engines / f"{graph}.plan"
         assert plan.stat().st_size > 10_000
         assert m.data["files"][f"{graph}.plan"]["bytes"] == plan.stat().st_size
     rec = json.loads((engines / "manifest.json").read_text())["tensorrt"]
     assert rec["builder"] == "tensorrt_rtx" and rec["builder_version"] == trt.__version__
-    assert rec["plans"] == {"target": "target.plan", "draft": "draft.plan"}
+    assert rec["plans"] == {"target": "target.plan", "draft": "draft.plan", "draft_chain": "draft_chain.plan"}
+    assert rec["profile"]["draft_chain"]["last"]["max"] == [8]  # per-row input: batch only
     assert rec["profile"]["target"]["attention_mask"]["max"][2] == 160 + rec["profile"]["target"]["attention_mask"]["max"][1]
     load_manifest(engines)  # the updated manifest verifies
 

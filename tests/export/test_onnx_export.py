@@ -15,12 +15,15 @@ from padrec_runtime.errors import IntegrityError, ManifestError
 from padrec_runtime.manifest import load_manifest
 
 
-@pytest.mark.parametrize("graph", ["target", "draft"])
+@pytest.mark.parametrize("graph", ["target", "draft", "draft_chain"])
 def test_onnxruntime_matches_pytorch(tiny, engines_master, graph):
-    _, target, draft = tiny
+    from padrec_export.models import DraftChain
+    cat, target, draft = tiny
     m = load_manifest(engines_master)
     model = draft if graph == "draft" else target
-    rows = compare_graph(graph, model, graph == "draft", OrtBackend(m, graph), m.graph(graph), "fp32")
+    if graph == "draft_chain":
+        model = DraftChain(draft, cat, m.graph(graph)["chain_steps"]).eval()
+    rows = compare_graph(graph, model, graph != "target", OrtBackend(m, graph), m.graph(graph), "fp32")
     cases = {r.case for r in rows}
     assert {"prefill", "chain-verify", "tree-verify"} <= cases
     if graph == "draft":
@@ -30,6 +33,105 @@ def test_onnxruntime_matches_pytorch(tiny, engines_master, graph):
         assert r.ok, r
         if r.output == "logits":
             assert r.max_abs <= 1e-4, r
+    if graph == "draft_chain":  # K tokens per row, equal to PyTorch's exactly
+        assert {r.output for r in rows} == {"tokens"} and all(r.max_abs == 0 for r in rows)
+
+
+def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
+    """DraftChain (one graph per round) proposes what K separate draft calls with a constrained argmax would:
+    the catch-up pass, then each step fed its own token, hidden state, position, step index and slot, over
+    the KV of everything before it; choices follow the trie, avoid prefixes whose items are all used and end
+    with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie."""
+    import torch
+    from padrec_export.models import DraftChain
+    from padrec_runtime.layout import EOS, SEP, ConstraintState, ListConstraint
+    cat, _, draft = tiny
+    lay, K = cat.layout, 7  # more steps than an item has tokens: the chain crosses a separator
+    chain = DraftChain(draft, cat, K).eval()
+    con = ListConstraint(cat, n_items=5)
+    rng = np.random.default_rng(0)
+    B, T, P, H = 3, 4, 6, draft.cfg.hidden_size
+    kvh, hd = draft.cfg.n_kv_heads, draft.cfg.head_dim
+    ids = torch.as_tensor(rng.integers(5, lay.vocab_size, (B, T)), dtype=torch.int32)
+    ids[1, 1] = SEP
+    pos = torch.arange(P, P + T, dtype=torch.int32).repeat(B, 1)
+    hid = torch.randn(B, T, H)
+    slot = torch.as_tensor(lay.slots(ids.numpy()))
+    last = torch.tensor([3, 1, 2], dtype=torch.int32)
+    start = [(0, 0), (0, 0), (int(cat.item_nodes[5, 2]), 2)]  # (trie node, depth): root, root, a 2-code prefix
+    node = torch.tensor([cat.chain_row(ConstraintState(0, d, n, frozenset())) for n, d in start], dtype=torch.int32)
+    left = torch.tensor([2, 1, 1], dtype=torch.int32)  # row 1 ends its list after one more item
+    mask = torch.ones(B, T, P + T, dtype=torch.bool)
+    mask[:, :, P:] = torch.tril(torch.ones(T, T, dtype=torch.bool))
+    mask[2, :, 0] = False  # a padded past entry
+    pk, pv = torch.randn(B, kvh, P, hd), torch.randn(B, kvh, P, hd)
+
+    def run(used):
+        banned = torch.as_tensor(np.stack([con.chain_ban(ConstraintState(0, 0, 0, frozenset(u))) for u in used]))
+        with torch.inference_mode():
+            return chain(hid, ids, pos, slot, last, node, left, banned, mask, [(pk, pv)])
+
+    def items_of(b, toks):  # the items a chain completes, walking the trie from the row's start
+        (at, depth), out = start[b], []
+        for tok in toks:
+            if tok in (SEP, EOS):
+                at, depth = 0, 0
+                continue
+            code = tok - lay.n_special - depth * lay.codebook
+            at, depth = int(cat.child_nodes[at][list(cat.child_codes[at]).index(code)]), depth + 1
+            if depth == lay.levels:
+                out.append(cat.leaf_item[at])
+        return out
+
+    free, _, _ = run([set()] * B)
+    # use up every item of the catalogue that shares its first two codes with the first item each row starting
+    # at the root completes (row 2 starts inside a prefix, which decoding never leaves without an item)
+    used = []
+    for b in range(B):
+        first = items_of(b, free[b].tolist())[:1] if start[b][1] == 0 else []
+        prefix = [int(cat.item_nodes[i, 2]) for i in first]
+        used.append({i for i in range(len(cat)) if int(cat.item_nodes[i, 2]) in prefix})
+    tokens, k_new, _ = run(used)
+    assert tokens.shape == (B, K) and k_new.shape == (B, kvh, T + K - 1, hd)
+    with torch.inference_mode():
+        for b in range(B):
+            n = int(last[b])
+            x = ids[b:b + 1, :n + 1]
+            logits, h, [(k, v)] = draft(hid[b:b + 1, :n + 1], x, pos[b:b + 1, :n + 1], torch.zeros_like(x),
+                                        slot[b:b + 1, :n + 1], mask[b:b + 1, :n + 1, :P + n + 1],
+                                        [(pk[b:b + 1], pv[b:b + 1])])
+            keys, values = torch.cat([pk[b:b + 1], k], 2), torch.cat([pv[b:b + 1], v], 2)
+            seen = mask[b:b + 1, n:n + 1, :P + n + 1]
+            (at, depth), lg, h, togo = start[b], logits[0, -1], h[:, -1:], int(left[b])
+            gone = cat.exhausted(frozenset(used[b]))
+            want = []
+            for j in range(1, K + 1):
+                if depth < lay.levels:
+                    kids = [(c, m) for c, m in zip(cat.child_codes[at], cat.child_nodes[at]) if not gone[m]]
+                    allowed = [lay.n_special + depth * lay.codebook + int(c) for c, _ in kids]
+                else:
+                    allowed = [SEP] if togo > 0 else [EOS]
+                tok = allowed[int(torch.argmax(lg[allowed]))]
+                want.append(tok)
+                if depth < lay.levels:
+                    at, depth = int(kids[allowed.index(tok)][1]), depth + 1
+                    togo -= depth == lay.levels
+                else:
+                    at, depth = 0, 0
+                if j == K:
+                    break
+                seen = torch.cat([seen, torch.ones(1, 1, 1, dtype=torch.bool)], -1)
+                x = torch.tensor([[tok]], dtype=torch.int32)
+                lg, h, [(k, v)] = draft(h, x, pos[b:b + 1, n:n + 1] + j, torch.full_like(x, j),
+                                        torch.as_tensor(lay.slots(x.numpy())), seen, [(keys, values)])
+                keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+                lg = lg[0, -1]
+            assert tokens[b].tolist() == want, b
+            # the chain steps' KV follows the catch-up's (padding included) in the output
+            torch.testing.assert_close(k_new[b:b + 1, :, T:], keys[:, :, P + n + 1:])
+            assert not set(items_of(b, want)) & used[b]  # the used-up prefixes were routed round
+    assert any(used) and tokens.tolist() != free.tolist()
+    assert EOS in tokens[1].tolist() and SEP not in tokens[1].tolist()  # row 1: one item, then the end
 
 
 def test_fp16_export_within_its_tolerances(tiny, tmp_path):
@@ -90,6 +192,9 @@ def test_manifest_errors_name_the_dotted_key(engines):
         (lambda d: d["model"].update(colour="red"), r"model\.colour"),
         (lambda d: d["model"].pop("max_seq_len"), r"model\.max_seq_len"),
         (lambda d: d["model"]["layout"].update(vocab_size=7), r"model\.layout\.vocab_size"),
+        (lambda d: d["graphs"].pop("draft"), r"graphs\.draft_chain: expected a draft graph beside it"),
+        (lambda d: d["graphs"]["draft_chain"].update(chain_steps=5), r"graphs\.draft_chain\.outputs\.tokens\.shape"),
+        (lambda d: d["graphs"]["draft_chain"]["inputs"].pop("last"), r"graphs\.draft_chain\.inputs\.last"),
     ]
     for mutate, pattern in cases:
         d = json.loads(json.dumps(base))

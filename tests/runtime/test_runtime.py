@@ -59,7 +59,7 @@ def test_speculation_equals_ar_on_many_histories(tiny, rec):
     hist = [rng.choice(cat.item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(24)]
     ar = [r.tokens for part in (hist[:8], hist[8:16], hist[16:]) for r in rec.recommend(part, speculate="off").lists]
     for mode in ("chain", "tree"):
-        for k in (1, 2, 4):
+        for k in (1, 2, 3, 4):  # 3: greedy chain rounds run the fused draft-chain graph
             sd = [r.tokens for part in (hist[:8], hist[8:16], hist[16:])
                   for r in rec.recommend(part, speculate=mode, draft_steps=k).lists]
             assert sd == ar, (mode, k)
@@ -248,6 +248,31 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
         dims = dict(key)
         shape = {i.name: i.shape for i in sess.get_inputs()}["attention_mask"]
         assert shape == [dims["batch"], dims["seq"], dims["past_plus_seq"]]
+
+
+def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_master):
+    """Greedy chain rounds with the exported K run the draft_chain graph: one draft engine call per round
+    (the host loop makes K), lists equal to AR; another K, sampling or a tree keep the step-by-step draft."""
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    K = rec.manifest.graph("draft_chain")["chain_steps"]
+    hist = _histories(tiny[0], 5, 4)
+    ar = rec.recommend(hist, speculate="off")
+    fused = rec.recommend(hist, speculate="chain", draft_steps=K)
+    draft = rec._bound[("draft", 4)]
+    chain_calls = sum(n for key, n in draft.calls.items() if isinstance(key, tuple) and key[0] == "draft_chain")
+    plain_calls = sum(n for key, n in draft.calls.items() if not isinstance(key, tuple))
+    assert chain_calls == fused.rounds and plain_calls == 1  # the prefill's catch-up only
+    assert [r.tokens for r in fused.lists] == [r.tokens for r in ar.lists]
+    # the in-graph grammar proposes what the host loop would: acceptance as with the step-by-step draft
+    from padrec_export.reference import reference_generate
+    from padrec_runtime.layout import ListConstraint
+    loop_ref = reference_generate(tiny[1], tiny[2], hist, ListConstraint(tiny[0], n_items=5),
+                                  rec.config(speculate="chain", draft_steps=K), fused_chain=False)
+    assert loop_ref.tokens == [r.tokens for r in fused.lists] and abs(fused.tau - loop_ref.tau) <= 0.05 * loop_ref.tau
+    draft.calls.clear()
+    loop = rec.recommend(hist, speculate="chain", draft_steps=K - 1)
+    assert [r.tokens for r in loop.lists] == [r.tokens for r in ar.lists]
+    assert not any(isinstance(key, tuple) for key in draft.calls) and sum(draft.calls.values()) > loop.rounds
 
 
 def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
