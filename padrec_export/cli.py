@@ -22,10 +22,15 @@ main.add_command(recommend)
 @click.option("--max-seq-len", type=int, default=512)
 @click.option("--max-history", type=int, default=50)
 @click.option("--max-batch", type=int, default=64)
-def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch):
+@click.option("--draft-steps", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="default K, and the K of draft_chain.onnx (a greedy chain round's draft in one call)")
+@click.option("--no-fused-chain", is_flag=True, help="skip draft_chain.onnx (chain rounds then call the draft K times)")
+def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch, draft_steps,
+           no_fused_chain):
     """Export target (and draft) checkpoints to ONNX with a manifest."""
     from .pipeline import export_checkpoints
-    m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch)
+    m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch,
+                           draft_steps, not no_fused_chain)
     click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})")
 
 

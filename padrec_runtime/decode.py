@@ -29,6 +29,7 @@ class DecodeConfig:
     tree_size: int = 16  # tree: draft tokens verified per round
     sampling: SamplingConfig = SamplingConfig()
     seed: int = 0
+    fused_chain: bool = True  # greedy chain rounds use a draft_chain graph with this K where there is one
 
     def __post_init__(self):
         if self.speculate not in SPECULATE_MODES:
@@ -174,7 +175,7 @@ def generate(target: KVRunner, draft: KVRunner | None, prompts: list, histories:
 
 def fused_chain(draft, cfg: DecodeConfig) -> bool:
     """Whether rounds use the fused draft-chain graph: greedy chain speculation with the K it was exported for."""
-    return (draft is not None and cfg.speculate == "chain" and cfg.sampling.greedy
+    return (cfg.fused_chain and draft is not None and cfg.speculate == "chain" and cfg.sampling.greedy
             and getattr(draft, "chain_steps", 0) == cfg.draft_steps)
 
 

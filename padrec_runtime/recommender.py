@@ -189,14 +189,15 @@ class Recommender:
 
     def config(self, speculate: str = "chain", greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
                top_p: float = 1.0, seed: int = 0, draft_steps: int | None = None, tree_topk: int | None = None,
-               tree_size: int | None = None) -> DecodeConfig:
+               tree_size: int | None = None, fused_chain: bool = True) -> DecodeConfig:
         """A DecodeConfig with the manifest's defaults for whatever is left out."""
         lim = self.limits
         if speculate != "off" and "draft" not in self.backends:
             raise InputError("speculate: these engines have no draft | use speculate='off'")
         return DecodeConfig(speculate=speculate, draft_steps=draft_steps or lim["draft_steps"],
                             tree_topk=tree_topk or lim["tree_topk"], tree_size=tree_size or lim["tree_size"],
-                            sampling=SamplingConfig(greedy, temperature, top_k, top_p), seed=seed)
+                            sampling=SamplingConfig(greedy, temperature, top_k, top_p), seed=seed,
+                            fused_chain=fused_chain)
 
     def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
               **options) -> DecodeSession:
@@ -235,8 +236,9 @@ class Recommender:
 
     def recommend(self, histories, n_items: int | None = None, exclude_history: bool = True,
                   **options) -> RecommendResult:
-        """One list per history. options: speculate (off|chain|tree), greedy, temperature, top_k, top_p, seed,
-        draft_steps, tree_topk, tree_size."""
+        """One list per history. options: speculate (off|chain|tree|auto), greedy, temperature, top_k, top_p, seed,
+        draft_steps, tree_topk, tree_size, fused_chain (default on: greedy chain rounds with the exported K run
+        the draft_chain graph, one draft call per round)."""
         with self._lock:
             session = self.start(histories, n_items, exclude_history, _reuse=True, **options)
             while not session.done:

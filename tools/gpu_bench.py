@@ -190,6 +190,7 @@ def main():
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="train,export,bench")
+    ap.add_argument("--draft-steps", type=int, default=6, help="K of the engines (and of the fused chain graph)")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -220,7 +221,7 @@ def main():
             if not (eng / "manifest.json").exists():
                 t0 = time.perf_counter()
                 export_checkpoints(models / "target", models / f"draft_{name}", eng, precision, max_seq_len=256,
-                                   max_history=20, max_batch=64)
+                                   max_history=20, max_batch=64, draft_steps=args.draft_steps)
                 log(f"exported {name} in {time.perf_counter() - t0:.0f} s")
     if "bench" not in stages:
         return
@@ -248,8 +249,9 @@ def main():
 
     def run_modes(rec, engine, name, batch, modes):
         hist = hist_all[:batch]
-        for mode in modes:
-            res, ms = timed(lambda: rec.recommend(hist, speculate=mode), args.repeats)
+        for mode in modes:  # chain-loop: the chain's draft step by step (K engine calls), not the fused graph
+            opts = dict(speculate="chain", fused_chain=False) if mode == "chain-loop" else dict(speculate=mode)
+            res, ms = timed(lambda: rec.recommend(hist, **opts), args.repeats)
             toks = [r.tokens for r in res.lists]
             if mode == "off" and batch not in report.get("ar_tokens", {}):
                 report.setdefault("ar_tokens", {})[batch] = toks
@@ -267,12 +269,13 @@ def main():
             runner = rec._bound.get((graph, batch))
             if runner is None:
                 continue
-            for P, (binding, _, _, _, session) in sorted(runner._by_seq.items(), key=lambda kv: str(kv[0])):
-                session.run_with_iobinding(binding)
+            for (name, P), (binding, _, _, _, session) in sorted(runner._by_seq.items(), key=lambda kv: str(kv[0])):
+                opts = runner._run_options
+                session.run_with_iobinding(binding, opts)
                 t0 = time.perf_counter()
                 for _ in range(50):
-                    session.run_with_iobinding(binding)
-                out[f"{graph}/T{P}"] = (time.perf_counter() - t0) / 50 * 1e3
+                    session.run_with_iobinding(binding, opts)
+                out[f"{name}/T{P}"] = (time.perf_counter() - t0) / 50 * 1e3
         return out
 
     # 1. our runtime, ONNX Runtime CUDA with device-resident KV, three ways: dynamic shapes (one session),
@@ -286,7 +289,7 @@ def main():
         try:
             rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
             for batch in [b for b in (1, 8) if b in batches]:
-                run_modes(rec, engine, "padrec", batch, ["off", "chain", "tree"])
+                run_modes(rec, engine, "padrec", batch, ["off", "chain", "chain-loop", "tree"])
             report["engine_calls_ms"][engine] = engine_calls(rec, 1) if opts.get("static_shapes", True) else {}
             report["graph_notes"][engine] = [n for b in rec.backends.values() for n in b.graph_notes]
             report["gpu_mem_mib"][engine] = gpu_used_mib()
@@ -335,9 +338,10 @@ def main():
                     {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
                      "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01))})
     rec = None
-    # deeper chains at batch 1 (the engines were trained with 4 unrolled steps; deeper steps reuse the last)
+    # other depths at batch 1, step-by-step draft (the engines were trained with 4 unrolled steps; deeper
+    # steps reuse the last step embedding); the default K runs the fused chain graph above
     rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
-    for K in (2, 6, 8):
+    for K in (2, 4, 8):
         res, ms = timed(lambda: rec.recommend(hist_all[:1], speculate="chain", draft_steps=K), args.repeats)
         add(f"{engine}/padrec", f"chain K={K}", 1, ms, res.tau,
             {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1], "rounds": res.rounds})
@@ -361,8 +365,8 @@ def main():
     con = ListConstraint(cat, n_items=10)
     for batch in [b for b in batches if b <= 8]:
         hist = hist_all[:batch]
-        for mode in ("off", "chain", "tree"):
-            cfg = DecodeConfig(speculate=mode)
+        for mode in ("off", "chain", "tree"):  # chain: the same fused draft chain (DraftChain, eager), same K
+            cfg = DecodeConfig(speculate=mode, draft_steps=args.draft_steps if mode == "chain" else 4)
             g, ms = timed(lambda: reference_generate(target, draft, hist, con, cfg), 1, sync)
             add("pytorch-eager", mode, batch, ms, g.tau, {"identical_to_ar": g.tokens == report["ar_tokens"][batch]})
     # 3. PyTorch AR with the decode step in a CUDA graph (eager on CPU smoke runs)
