@@ -235,7 +235,9 @@ class Draft(nn.Module):
         z = torch.zeros(batch, c.n_kv_heads, 0, c.head_dim, device=device, dtype=dtype)
         return [(z, z)]
 
-    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
+    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past, rope=None):
+        """rope: precomputed (cos, sin) of `rope_heads` for these positions (the fused chain computes every
+        step's at once)."""
         e = self.embed_tokens(input_ids.long()).to(hidden_in.dtype)
         x = self.fc(torch.cat([e, hidden_in], dim=-1))
         # a switched-off signal is multiplied by an exact zero, so every draft graph keeps the same inputs
@@ -247,7 +249,7 @@ class Draft(nn.Module):
             x = x + g * s
         else:
             x = x + 0.0 * s
-        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
+        cos, sin = rope if rope is not None else rope_heads(position_ids, self.cfg, x.dtype)
         (pk, pv), = past
         h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
         return self.lm_head(self.norm(h)).float(), h, [(k, v)]
@@ -298,6 +300,9 @@ class DraftChain(nn.Module):
         row = attention_mask.gather(1, pick.expand(-1, -1, attention_mask.shape[-1]))  # (B, 1, past + seq)
         keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         at, left = node.long(), left.long()  # (B,) table row after the last committed token, items to go
+        if self.steps > 1:  # every chain step's rotary tables in one pass (positions pos + 1 .. pos + K - 1)
+            ahead = pos + torch.arange(1, self.steps, dtype=pos.dtype, device=pos.device)
+            cos, sin = rope_heads(ahead, self.draft.cfg, h.dtype)
         tokens = []
         for j in range(1, self.steps + 1):
             nxt = self.next_node[at].long()  # (B, V) trie node each token leads to
@@ -311,7 +316,8 @@ class DraftChain(nn.Module):
             ids = tok.to(input_ids.dtype)
             row = torch.cat([row, torch.ones_like(row[..., :1])], dim=-1)
             logits, h, [(k1, v1)] = self.draft(h, ids, pos + j, torch.full_like(ids, j),
-                                               self.slot_of[tok].to(slot.dtype), row, [(keys, values)])
+                                               self.slot_of[tok].to(slot.dtype), row, [(keys, values)],
+                                               (cos[:, j - 1:j], sin[:, j - 1:j]))
             logits = logits[:, 0]
             keys, values = torch.cat([keys, k1], dim=2), torch.cat([values, v1], dim=2)
         S = pk.shape[2]

@@ -346,6 +346,22 @@ def main():
         add(f"{engine}/padrec", f"chain K={K}", 1, ms, res.tau,
             {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1], "rounds": res.rounds})
     rec = None
+    # the fused chain's depth at batch 1: engines exported with K = 4 and 8 next to the default, timed alternately
+    depth = {args.draft_steps: engines["padrec"]}
+    for K in (4, 8):
+        if K != args.draft_steps:
+            depth[K] = work / f"eng_padrec_k{K}"
+            if not (depth[K] / "manifest.json").exists():
+                export_checkpoints(models / "target", models / "draft_padrec", depth[K], precision, max_seq_len=256,
+                                   max_history=20, max_batch=64, draft_steps=K)
+    recs = {K: Recommender(eng, device=device, io_binding=True, **opts) for K, eng in depth.items()}
+    t, last = alternate({K: (lambda r=r: r.recommend(hist_all[:1], speculate="chain")) for K, r in recs.items()},
+                        max(7, args.repeats))
+    report["fused_chain_depth_b1"] = {str(K): {"ms": float(np.median(t[K])), "tau": last[K].tau,
+                                               "identical_to_ar": [r.tokens for r in last[K].lists] ==
+                                               report["ar_tokens"][1]} for K in recs}
+    log("fused chain depth", json.dumps(report["fused_chain_depth_b1"]))
+    recs = None
     # PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)
     recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
     report["padrec_vs_eagle_b1"] = {}
