@@ -321,10 +321,9 @@ def propose(draft, roots, constraint, cfg, rng, clock) -> list:
 def propose_fused(draft, roots, constraint, clock) -> list:
     """A greedy chain round's draft in one engine call (the draft_chain graph): the pending catch-up pairs,
     then K draft tokens, each the draft's argmax over what the list grammar allows. Returns each row's chain."""
-    feats, tokens, starts = zip(*[r.pending if r.pending is not None and not r.state.done
-                                  else (np.zeros((0, 1), np.float32), np.zeros(0, np.int32), 0) for r in roots])
-    H = next(f.shape[-1] for f in feats if len(f))
-    feats = [f if len(f) else np.zeros((0, H), np.float32) for f in feats]
+    H = next(r.pending[0].shape[-1] for r in roots if r.pending is not None)
+    idle = (np.zeros((0, H), np.float32), np.zeros(0, np.int32), 0)  # a finished row: nothing to catch up
+    feats, tokens, starts = zip(*[r.pending if r.pending is not None else idle for r in roots])
     feeds, mask, lens = _catch_up_feeds(feats, tokens, starts, constraint)
     del feeds["step"]
     feeds["last"] = np.maximum(np.asarray(lens) - 1, 0).astype(np.int32)

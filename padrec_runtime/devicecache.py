@@ -65,7 +65,7 @@ class BoundKVRunner:
         # stream must not see another thread's allocations, copies or kernels
         self._guard = lock if lock is not None else contextlib.nullcontext()
         self.dtype = numpy_dtype(graph_spec["kv"]["dtype"])
-        self._graphs: dict = {}  # graph name -> (backend, spec, KV names, KV input names)
+        self._graphs: dict = {}  # graph name -> (backend, spec, KV names, KV input names, per-token names)
         self.attach(graph, backend, graph_spec)
         shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         try:
@@ -95,7 +95,10 @@ class BoundKVRunner:
             raise BackendError(f"{graph}: KV layout differs from {self.graph}'s | re-export the engines together")
         names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
                  for i in range(self.spec.n_layers)]
-        self._graphs[graph] = (backend, graph_spec, names, {n for k_in, v_in, _, _ in names for n in (k_in, v_in)})
+        per_token = {name for side in ("inputs", "outputs") for name, t in graph_spec[side].items()
+                     if t["shape"][1:2] == ["seq"]}  # tensors with one entry per token (the rest: per row)
+        self._graphs[graph] = (backend, graph_spec, names, {n for k_in, v_in, _, _ in names for n in (k_in, v_in)},
+                               per_token)
 
     @property
     def chain_steps(self) -> int:
@@ -129,7 +132,7 @@ class BoundKVRunner:
         """A binding for T new tokens with the cache, new-KV and output buffers (and, for a bucket, the
         input buffers) bound. Inputs and outputs each live in one packed buffer: one copy each way."""
         xp, B, S = self.xp, self.batch, self.spec.max_len
-        _, gspec, names, kv_inputs = self._graphs[graph]
+        _, gspec, names, kv_inputs, _ = self._graphs[graph]
         dims = {"batch": B, "seq": T, "past": S, "past_plus_seq": S + T}
         binding = session.io_binding()
         extra = gspec.get("chain_steps", 1) - 1  # a chain graph also returns its draft steps' KV (not kept)
@@ -155,13 +158,13 @@ class BoundKVRunner:
             ins = (in_blob, host_blob, host_ins)
         return binding, new, (out_blob, outs), ins
 
-    def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int, gspec: dict) -> None:
+    def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int, per_token: set) -> None:
         """Write the feeds for P >= T tokens into the host input views: padding tokens are zeros that
         attend only to themselves, so they never change a real token's result."""
         S = self.spec.max_len
         for name, arr in feeds.items():
             h = host_ins[name]
-            if gspec["inputs"][name]["shape"][1:2] != ["seq"]:  # per row, not per token
+            if name not in per_token:  # per row, not per token
                 h[...] = arr
                 continue
             h[:, :T] = arr
@@ -172,9 +175,8 @@ class BoundKVRunner:
         h[:, :T, :S + T] = mask
         h[:, np.arange(T, P), S + np.arange(T, P)] = True
 
-    def _read(self, out_blob, outs: dict, T: int, gspec: dict) -> dict:
+    def _read(self, out_blob, outs: dict, T: int, per_token: set) -> dict:
         """The outputs for the first T tokens, on the host, with one copy of the packed output buffer."""
-        per_token = {name for name, t in gspec["outputs"].items() if t["shape"][1:2] == ["seq"]}
         if self.xp is np:  # the buffers are reused: copies
             return {name: (arr[:, :T] if name in per_token else arr).copy() for name, arr in outs.items()}
         host = out_blob.get()
@@ -191,7 +193,7 @@ class BoundKVRunner:
         KV becomes scratch entries behind each row's committed ones."""
         xp, S = self.xp, self.spec.max_len
         graph = graph or self.graph
-        backend, gspec, names, _ = self._graphs[graph]
+        backend, gspec, names, _, per_token = self._graphs[graph]
         B, T = feeds["input_ids"].shape
         mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         P = bucket(T) if self.static else None
@@ -209,7 +211,7 @@ class BoundKVRunner:
                     session = backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
                     self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
                 binding, new, (out_blob, outs), (in_blob, host_blob, host_ins), session = self._by_seq[key]
-                self._fill(host_ins, feeds, mask, T, P, gspec)
+                self._fill(host_ins, feeds, mask, T, P, per_token)
                 if xp is not np:
                     in_blob.set(host_blob)
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
@@ -234,7 +236,7 @@ class BoundKVRunner:
                 pos = start[:, None] + np.arange(T)
                 self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
             self.scratch += T
-            return self._read(out_blob, outs, T, gspec)
+            return self._read(out_blob, outs, T, per_token)
 
     def commit(self, select: list) -> None:
         """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""

@@ -109,6 +109,16 @@ class Catalogue:
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    def _chain_rows(self) -> tuple[np.ndarray, np.ndarray]:
+        """(inner nodes, row_of) of chain_tables: the trie's inner nodes (depth < L, the root first) and each
+        node's table row, leaves sharing the last one; NOT_CHILD and ROOT_AGAIN map to the root's row."""
+        n_nodes = len(self.child_codes)
+        inner = np.unique(self.item_nodes[:, :self.layout.levels])
+        row_of = np.full(n_nodes + 2, len(inner), dtype=np.int64)
+        row_of[inner] = np.arange(len(inner))
+        row_of[n_nodes:] = 0
+        return inner, row_of
+
     def chain_tables(self) -> dict:
         """The trie as tables for the fused draft-chain graph. Rows are the trie's inner nodes plus one row for
         every leaf (a finished item). next_node (rows, V): the trie node each token leads to from a row, or
@@ -116,11 +126,8 @@ class Catalogue:
         = n_nodes + 1); row_of (n_nodes + 2,): each node's row (leaves share the last row)."""
         lay, L, C = self.layout, self.layout.levels, self.layout.codebook
         n_nodes = len(self.child_codes)
-        inner = np.unique(self.item_nodes[:, :L])  # depth < L; the root (0) first
+        inner, row_of = self._chain_rows()
         leaf_row = len(inner)
-        row_of = np.full(n_nodes + 2, leaf_row, dtype=np.int64)
-        row_of[inner] = np.arange(len(inner))
-        row_of[n_nodes:] = 0  # not a child (never chosen), back to the root
         depth = np.zeros(n_nodes, dtype=np.int64)
         for d in range(L + 1):
             depth[self.item_nodes[:, d]] = d
@@ -141,7 +148,7 @@ class Catalogue:
     def chain_row(self, state: "ConstraintState") -> int:
         """The draft-chain table row (see chain_tables) of a decoding state's trie position."""
         if getattr(self, "_row_of", None) is None:
-            self._row_of = self.chain_tables()["row_of"]
+            self._row_of = self._chain_rows()[1]
         return int(self._row_of[state.node])
 
     def index_of(self, item_ids) -> np.ndarray:
@@ -200,6 +207,7 @@ class ListConstraint:
     n_items: int = 10
     exclude_history: bool = True  # never recommend an item the user already has
     _cache: dict = field(default_factory=dict, repr=False)
+    _bans: dict = field(default_factory=dict, repr=False)  # used items -> chain_ban row
 
     def start(self, history_ids) -> ConstraintState:
         used = frozenset(self.catalogue.index_of(history_ids).tolist()) if self.exclude_history else frozenset()
@@ -254,7 +262,7 @@ class ListConstraint:
     def chain_ban(self, state: ConstraintState) -> np.ndarray:
         """(n_nodes + 2,) float16 `banned` row of the draft-chain graph: -inf at trie nodes whose items are
         all used and at NOT_CHILD, 0 elsewhere (see Catalogue.chain_tables). Cached per set of used items."""
-        bans = self.__dict__.setdefault("_bans", {})
+        bans = self._bans
         row = bans.get(state.used)
         if row is None:
             n = len(self.catalogue.child_codes)
