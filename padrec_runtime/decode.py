@@ -147,13 +147,14 @@ class DecodeSession:
     def step(self) -> list:
         """Run one round; returns the tokens each row committed in it."""
         before = [len(t) for t in self.out.tokens]
+        chain = None
         if self.fused:
-            trees = propose_fused(self.draft, self.roots, self.constraint, self.clock)
+            trees, chain = propose_fused(self.draft, self.roots, self.constraint, self.clock)
         elif self.draft is not None:
             trees = propose(self.draft, self.roots, self.constraint, self.cfg, self.rng, self.clock)
         else:
             trees = [[] for _ in self.roots]
-        verdicts = verify(self.target, self.roots, trees, self.constraint, self.cfg, self.rng, self.clock)
+        verdicts = verify(self.target, self.roots, trees, self.constraint, self.cfg, self.rng, self.clock, chain)
         accept(self.target, self.draft, self.roots, verdicts, self.constraint, self.out, self.clock, self.fused)
         self.out.rounds += 1
         return [t[n:] for t, n in zip(self.out.tokens, before)]
@@ -318,9 +319,35 @@ def propose(draft, roots, constraint, cfg, rng, clock) -> list:
     return [_select(row, cfg) for row in nodes]
 
 
-def propose_fused(draft, roots, constraint, clock) -> list:
+class _Done:
+    """The result of an engine call that has run already (runners without `launch`)."""
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    def result(self) -> dict:
+        return self.out
+
+
+def _launch(runner, feeds: dict, mask: np.ndarray, graph: str | None = None, take: dict | None = None):
+    """Queue an engine call where the runner can (device caches: `launch`), else run it now; either way the
+    returned object's `result()` gives the outputs. take: see BoundKVRunner.launch."""
+    if hasattr(runner, "launch"):
+        return runner.launch(feeds, mask, graph, take)
+    if take:
+        feeds = dict(feeds)
+        for name, (src, out, col) in take.items():
+            got = src.result()[out]
+            feeds[name] = np.array(feeds[name])
+            feeds[name][:, col:col + got.shape[1]] = got
+    return _Done(runner.forward(feeds, mask, graph=graph) if graph else runner.forward(feeds, mask))
+
+
+def propose_fused(draft, roots, constraint, clock) -> tuple:
     """A greedy chain round's draft in one engine call (the draft_chain graph): the pending catch-up pairs,
-    then K draft tokens, each the draft's argmax over what the list grammar allows. Returns each row's chain."""
+    then K draft tokens, each the draft's argmax over what the list grammar allows. Returns each row's chain,
+    its tokens not yet known, and the queued call that computes them: `verify` hands them to the target on
+    the device and reads them back with its own outputs, so a round waits for the device once."""
     H = next(r.pending[0].shape[-1] for r in roots if r.pending is not None)
     idle = (np.zeros((0, H), np.float32), np.zeros(0, np.int32), 0)  # a finished row: nothing to catch up
     feats, tokens, starts = zip(*[r.pending if r.pending is not None else idle for r in roots])
@@ -333,16 +360,13 @@ def propose_fused(draft, roots, constraint, clock) -> list:
     feeds["banned"] = np.stack([constraint.chain_ban(r.state) for r in roots])
     t = time.perf_counter()
     draft.discard()
-    out = draft.forward(feeds, mask, graph="draft_chain")
+    call = _launch(draft, feeds, mask, graph="draft_chain")
     clock.draft += time.perf_counter() - t
     draft.commit([np.arange(n) for n in lens])
-    chains = []
-    for b, r in enumerate(roots):
+    K = draft.chain_steps
+    for r in roots:
         r.pending = None
-        live = not r.state.done
-        chains.append([Node(int(tok), i - 1, i + 1, 0.0, None) for i, tok in enumerate(out["tokens"][b])]
-                      if live else [])
-    return chains
+    return [[Node(PAD, i - 1, i + 1, 0.0, None) for i in range(K)] if not r.state.done else [] for r in roots], call
 
 
 def _select(nodes: list, cfg: DecodeConfig) -> list:
@@ -362,8 +386,9 @@ def _select(nodes: list, cfg: DecodeConfig) -> list:
                  nodes[i].state, nodes[i].q, nodes[i].allowed) for i in chosen]
 
 
-def verify(target, roots, trees, constraint, cfg, rng, clock) -> list:
-    """One target pass over root + draft tokens per row (ancestor mask), then walk the accepted path."""
+def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> list:
+    """One target pass over root + draft tokens per row (ancestor mask), then walk the accepted path.
+    chain: the queued draft-chain call whose tokens the trees (chains) carry, from `propose_fused`."""
     B = len(roots)
     T = 1 + max(len(t) for t in trees)
     ids = np.full((B, T), PAD, np.int32)
@@ -381,7 +406,13 @@ def verify(target, roots, trees, constraint, cfg, rng, clock) -> list:
                 mask[b, t, a + 1] = True
                 a = tree[a].parent
     t0 = time.perf_counter()
-    out = target.forward({"input_ids": ids, "position_ids": pos}, mask)
+    take = {"input_ids": (chain, "tokens", 1)} if chain is not None else None
+    call = _launch(target, {"input_ids": ids, "position_ids": pos}, mask, take=take)
+    if chain is not None:
+        for tree, row in zip(trees, chain.result()["tokens"]):
+            for n, tok in zip(tree, row):
+                n.token = int(tok)
+    out = call.result()
     clock.verify += time.perf_counter() - t0
     verdicts = []
     for b, (r, tree) in enumerate(zip(roots, trees)):

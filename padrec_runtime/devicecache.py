@@ -48,6 +48,36 @@ def array_module(device: str):
     return cupy, (lambda a: a.data.ptr)
 
 
+def _pinned(shape) -> np.ndarray:
+    """Zeroed page-locked host memory: copies from it to the device are asynchronous (a copy from pageable
+    memory may wait for the stream, which would stall a queued engine call)."""
+    import cupyx
+    out = cupyx.empty_pinned(shape, dtype=np.uint8)
+    out[...] = 0
+    return out
+
+
+class Pending:
+    """An engine call queued on the device; `result()` waits for it and reads its outputs back (once).
+    Valid until the runner's next call of the same graph and bucket (which reuses the output buffers)."""
+
+    def __init__(self, runner, out_blob, outs: dict, T: int, per_token: set):
+        self._runner, self._blob, self._outs, self._T, self._per_token = runner, out_blob, outs, T, per_token
+        self._host = None
+
+    def device(self, name: str):
+        """The output where the engine wrote it (a device array; first T tokens of per-token outputs)."""
+        arr = self._outs[name]
+        return arr[:, :self._T] if name in self._per_token else arr
+
+    def result(self) -> dict:
+        if self._host is None:
+            r = self._runner  # the guard is re-entrant: a launch waiting on an unread call holds it already
+            with r._guard, r.stream:
+                self._host = r._read(self._blob, self._outs, self._T, self._per_token)
+        return self._host
+
+
 class BoundKVRunner:
     """A KVRunner whose cache lives with the engine (same interface: forward, commit, discard).
 
@@ -80,11 +110,14 @@ class BoundKVRunner:
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
         self._by_seq: dict = {}  # (graph, bucket) -> (binding, new KV, outputs, inputs, session), made once
+        self._unread: dict = {}  # (graph, bucket) -> its last Pending, until a later call of that key
         self.graph_id = next(_GRAPH_IDS)
         self._run_options = None
         if static and hasattr(backend, "_ort"):  # this runner's own CUDA graphs in the shared static sessions
             self._run_options = backend._ort.RunOptions()
             self._run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
+            if device != "cpu":  # a run returns once queued: `Pending.result` waits, on the same stream
+                self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.calls: dict = {}  # (bucket or "dynamic"), or (graph, bucket) for attached graphs -> engine calls
 
     def attach(self, graph: str, backend, graph_spec: dict) -> None:
@@ -125,7 +158,7 @@ class BoundKVRunner:
         def views(buf):
             return {name: buf[offsets[name]:offsets[name] + int(np.prod(shape)) * np.dtype(dtype).itemsize]
                     .view(dtype).reshape(shape) for name, (shape, dtype) in specs.items()}
-        hblob = (blob if self.xp is np else np.zeros(blob.shape, np.uint8)) if host else None
+        hblob = (blob if self.xp is np else _pinned(blob.shape)) if host else None
         return blob, views(blob), hblob, (views(hblob) if host else None)
 
     def _buffers(self, graph: str, session, T: int, inputs: bool):
@@ -155,7 +188,7 @@ class BoundKVRunner:
             in_blob, dev_ins, host_blob, host_ins = self._packed(in_specs, host=True)
             for name, arr in dev_ins.items():
                 self._bind(binding, name, arr)
-            ins = (in_blob, host_blob, host_ins)
+            ins = (in_blob, host_blob, host_ins, dev_ins)
         return binding, new, (out_blob, outs), ins
 
     def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int, per_token: set) -> None:
@@ -191,6 +224,13 @@ class BoundKVRunner:
     def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         """Run T new tokens through this runner's graph (or an attached one) over the cache; the new tokens'
         KV becomes scratch entries behind each row's committed ones."""
+        return self.launch(feeds, new_mask, graph).result()
+
+    def launch(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None, take: dict | None = None):
+        """`forward` without waiting: queues the call on the device and returns a Pending whose `result()`
+        reads the outputs back. take: {input name: (Pending, output name, first column)} copies another
+        call's device output into this call's input columns on the device (the draft chain's tokens into the
+        verify pass), so neither waits for the host in between."""
         xp, S = self.xp, self.spec.max_len
         graph = graph or self.graph
         backend, gspec, names, _, per_token = self._graphs[graph]
@@ -199,6 +239,13 @@ class BoundKVRunner:
         P = bucket(T) if self.static else None
         key = (graph, P)
         first = P is not None and key not in self._by_seq
+        if take and P is None:  # no bound input buffers to copy into: the host waits for the values
+            feeds = dict(feeds)
+            for name, (src, out, col) in take.items():
+                feeds[name] = np.array(feeds[name])
+                got = src.result()[out]
+                feeds[name][:, col:col + got.shape[1]] = got
+            take = None
         if first or P is None:  # checked on each new shape (the loop's feeds keep their dtypes); a bucket's
             feeds = cast_feeds(gspec, feeds)  # later calls cast while copying into its buffers
             probe = dict(feeds, attention_mask=mask)
@@ -210,10 +257,16 @@ class BoundKVRunner:
                 if first:
                     session = backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
                     self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
-                binding, new, (out_blob, outs), (in_blob, host_blob, host_ins), session = self._by_seq[key]
+                binding, new, (out_blob, outs), (in_blob, host_blob, host_ins, dev_ins), session = self._by_seq[key]
+                unread = self._unread.pop(key, None)
+                if unread is not None:  # its input copy may still be queued: wait before the host buffer changes
+                    unread.result()
                 self._fill(host_ins, feeds, mask, T, P, per_token)
                 if xp is not np:
                     in_blob.set(host_blob)
+                for name, (src, out, col) in (take or {}).items():  # device to device, in stream order
+                    got = src.device(out)
+                    dev_ins[name][:, col:col + got.shape[1]] = got
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
                 session = backend.session
                 binding, new, (out_blob, outs), _ = self._buffers(graph, session, T, inputs=False)
@@ -236,7 +289,10 @@ class BoundKVRunner:
                 pos = start[:, None] + np.arange(T)
                 self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
             self.scratch += T
-            return self._read(out_blob, outs, T, per_token)
+            pending = Pending(self, out_blob, outs, T, per_token)
+            if P is not None:
+                self._unread[key] = pending
+            return pending
 
     def commit(self, select: list) -> None:
         """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""

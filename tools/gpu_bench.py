@@ -263,7 +263,8 @@ def main():
                  "host_ms_per_round": split_ms["host"] / max(res.rounds, 1)})
 
     def engine_calls(rec, batch):
-        """Engine-only time per call of each static bucket (ONNX Runtime syncs at the end of a run)."""
+        """Per call of each static bucket: the engine's time (50 queued runs, then one wait: runs return
+        once queued) and the host's (how long a run call takes to return)."""
         out = {}
         for graph in ("target", "draft"):
             runner = rec._bound.get((graph, batch))
@@ -272,11 +273,43 @@ def main():
             for (name, P), (binding, _, _, _, session) in sorted(runner._by_seq.items(), key=lambda kv: str(kv[0])):
                 opts = runner._run_options
                 session.run_with_iobinding(binding, opts)
+                if rec.stream is not None:
+                    rec.stream.synchronize()
                 t0 = time.perf_counter()
                 for _ in range(50):
                     session.run_with_iobinding(binding, opts)
+                queued = time.perf_counter() - t0
+                if rec.stream is not None:
+                    rec.stream.synchronize()
                 out[f"{name}/T{P}"] = (time.perf_counter() - t0) / 50 * 1e3
+                out[f"{name}/T{P}/host"] = queued / 50 * 1e3
         return out
+
+    def graph_ops(path: Path) -> dict:
+        """Node counts of a graph as exported and as ONNX Runtime's CUDA provider runs it (batch 1, 8 tokens)."""
+        import collections
+
+        import onnx
+        import onnxruntime as ort
+        so = ort.SessionOptions()
+        so.optimized_model_filepath = str(work / "optimized.onnx")
+        for dim, n in {"batch": 1, "seq": 8, "past": 256, "past_plus_seq": 264}.items():
+            so.add_free_dimension_override_by_name(dim, n)
+        ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"] if device == "cuda" else None)
+        count = lambda m: dict(collections.Counter(n.op_type for n in m.graph.node).most_common())  # noqa: E731
+        res = {"exported": count(onnx.load(str(path), load_external_data=False)),
+               "optimized": count(onnx.load(str(work / "optimized.onnx"), load_external_data=False))}
+        (work / "optimized.onnx").unlink()
+        return res
+
+    report["graph_ops"] = {}
+    for g in ("target", "draft", "draft_chain"):
+        try:
+            report["graph_ops"][g] = graph_ops(engines["padrec"] / f"{g}.onnx")
+            log(g, "ops", json.dumps({k: sum(v.values()) for k, v in report["graph_ops"][g].items()}),
+                json.dumps(report["graph_ops"][g]["optimized"]))
+        except Exception as exc:  # a diagnostic only
+            log(g, "ops: failed", exc)
 
     # 1. our runtime, ONNX Runtime CUDA with device-resident KV, three ways: dynamic shapes (one session),
     # static buckets without CUDA graphs, static buckets replaying CUDA graphs (the default on CUDA).

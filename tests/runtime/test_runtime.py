@@ -298,3 +298,42 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
         assert c.ms <= c.ar_ms  # AR is a candidate: the choice is never slower on what was measured
     auto = rec.recommend(hist[:3], speculate="auto")
     assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
+
+
+def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_master):
+    """BoundKVRunner.launch queues an engine call and result() reads it later: a second queued call of the
+    same bucket (which reuses the buffers) does not change the first one's result, and `take` copies another
+    call's output into an input on the device exactly as if the host had written it there."""
+    from padrec_runtime.devicecache import bucket
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    target = rec._runner("target", 1, 64)
+    rng = np.random.default_rng(0)
+    ids = [rng.integers(3, 20, (1, 3)).astype(np.int32) for _ in range(2)]
+    mask = np.tril(np.ones((1, 3, 3), bool))
+
+    def feeds(i):
+        return {"input_ids": ids[i], "position_ids": np.arange(3, dtype=np.int32)[None]}
+    alone = []
+    for i in range(2):
+        target.reset()
+        alone.append(target.forward(feeds(i), mask)["logits"])
+    target.reset()
+    first = target.launch(feeds(0), mask)
+    target.discard()
+    second = target.launch(feeds(1), mask)  # same bucket: the first call's outputs are read before reuse
+    assert bucket(3) in {k[1] for k in target._unread}
+    np.testing.assert_allclose(first.result()["logits"], alone[0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(second.result()["logits"], alone[1], rtol=1e-5, atol=1e-5)
+
+    class Tokens:  # a finished call whose output is ids[1]'s last two tokens
+        def device(self, name):
+            return ids[1][:, 1:]
+
+        def result(self):
+            return {"tok": ids[1][:, 1:]}
+    target.reset()
+    blank = {"input_ids": np.concatenate([ids[1][:, :1], np.zeros((1, 2), np.int32)], 1),
+             "position_ids": feeds(1)["position_ids"]}
+    taken = target.launch(blank, mask, take={"input_ids": (Tokens(), "tok", 1)}).result()["logits"]
+    np.testing.assert_allclose(taken, alone[1], rtol=1e-5, atol=1e-5)
+    assert not np.allclose(alone[0], alone[1])
