@@ -115,7 +115,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
-        """cos, sin from `rope_heads`: (B, T, n_heads + 2 n_kv, head_dim)."""
+        """cos, sin from `rope_heads`: (B, T, n_heads + 2 n_kv, head_dim). mask: (B, T, past + T) bool, or the
+        additive bias it stands for, repeated per query head of a group: (B, 1, rep * T, past + T)."""
         B, T, _ = x.shape
         # one projection for q|k|v (the weights are concatenated at trace time and folded into one initializer)
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
@@ -130,8 +131,11 @@ class Attention(nn.Module):
         # kernels. Additive mask: every op stays on the GPU in ONNX Runtime (its CUDA Tile has no bool kernel,
         # and one CPU node rules out CUDA-graph capture); identical to masked_fill(-inf)
         scores = torch.matmul(q, keys.transpose(-1, -2)) * (self.head_dim ** -0.5)
-        bias = torch.where(mask, 0.0, float("-inf")).to(scores.dtype)
-        attn = torch.softmax(scores + bias.repeat(1, rep, 1)[:, None], dim=-1)
+        if mask.dtype == torch.bool:
+            bias = torch.where(mask, 0.0, float("-inf")).to(scores.dtype).repeat(1, rep, 1)[:, None]
+        else:  # already additive, (B, 1, rep * T, past + T) (the fused chain keeps one across its steps)
+            bias = mask
+        attn = torch.softmax(scores + bias, dim=-1)
         out = torch.matmul(attn, values).reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
 
@@ -191,7 +195,7 @@ class Target(nn.Module):
     dropout = 0.0
 
     def forward(self, input_ids, position_ids, attention_mask, past):
-        x = _drop(self.embed_tokens(input_ids.long()), self.dropout, self.training)
+        x = _drop(self.embed_tokens(input_ids), self.dropout, self.training)  # int32 ids: no cast
         cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         new = []
         for layer, (pk, pv) in zip(self.layers, past):
@@ -235,15 +239,17 @@ class Draft(nn.Module):
         z = torch.zeros(batch, c.n_kv_heads, 0, c.head_dim, device=device, dtype=dtype)
         return [(z, z)]
 
-    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past, rope=None):
-        """rope: precomputed (cos, sin) of `rope_heads` for these positions (the fused chain computes every
-        step's at once)."""
-        e = self.embed_tokens(input_ids.long()).to(hidden_in.dtype)
+    def features(self, hidden_in, input_ids, slot):
+        """fc over (token embedding, target feature) plus the slot signal (ids and slots int32 or int64)."""
+        e = self.embed_tokens(input_ids).to(hidden_in.dtype)
         x = self.fc(torch.cat([e, hidden_in], dim=-1))
         # a switched-off signal is multiplied by an exact zero, so every draft graph keeps the same inputs
-        slot_term = self.slot_embed(slot.long())
-        x = x + (self.alpha.to(x.dtype) if self.cfg.use_slot else 0.0) * slot_term
-        s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))
+        return x + (self.alpha.to(x.dtype) if self.cfg.use_slot else 0.0) * self.slot_embed(slot)
+
+    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past, rope=None):
+        """rope: precomputed (cos, sin) of `rope_heads` for these positions."""
+        x = self.features(hidden_in, input_ids, slot)
+        s = self.step_embed(step.clamp(0, self.cfg.max_steps - 1))
         if self.cfg.use_step:
             g = torch.sigmoid(self.gate(torch.cat([x, s], dim=-1)))
             x = x + g * s
@@ -277,9 +283,10 @@ class DraftChain(nn.Module):
             raise ValueError("steps must be >= 1")
         self.draft, self.steps = draft, steps
         t = catalogue.chain_tables()
-        self.register_buffer("next_node", torch.as_tensor(t["next_node"]), persistent=False)
+        # int64 tables: gathers index with them directly, no cast per step
+        self.register_buffer("next_node", torch.as_tensor(t["next_node"]).long(), persistent=False)
         self.register_buffer("row_of", torch.as_tensor(t["row_of"]), persistent=False)
-        self.leaf_row = len(t["next_node"]) - 1
+        self.register_buffer("is_leaf", (self.row_of == len(t["next_node"]) - 1).long(), persistent=False)
         lay = catalogue.layout
         ends = torch.zeros(2, lay.vocab_size)
         ends[0, EOS] = ends[1, SEP] = float("-inf")  # row 0: items left, no eos; row 1: none left, no separator
@@ -287,38 +294,56 @@ class DraftChain(nn.Module):
         self.register_buffer("slot_of", torch.as_tensor(lay.slots(range(lay.vocab_size)), dtype=torch.long),
                              persistent=False)
 
+    def _step_mix(self, x, j: int):
+        """The step signal of chain step j: the gate's half over the step embedding is a constant (folded at
+        export), so a step costs one matmul for it, not a concat and a wider one."""
+        d = self.draft
+        if not d.cfg.use_step:
+            return x
+        s = d.step_embed.weight[min(j, d.cfg.max_steps - 1)].to(x.dtype)
+        H = x.shape[-1]
+        w = d.gate.weight.to(x.dtype)
+        g = torch.sigmoid(F.linear(x, w[:, :H]) + (F.linear(s, w[:, H:]) + d.gate.bias.to(x.dtype)))
+        return x + g * s
+
     def forward(self, hidden_in, input_ids, position_ids, slot, last, node, left, banned, attention_mask, past):
+        d = self.draft
         B = input_ids.shape[0]
         step = torch.zeros_like(input_ids)
-        logits, h, [(k, v)] = self.draft(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
+        _, h, [(k, v)] = d(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
         (pk, pv), = past
         idx = last.long().view(B, 1)
         pick = idx[:, :, None]
-        logits = logits.gather(1, pick.expand(-1, -1, logits.shape[-1]))[:, 0]
-        h = h.gather(1, pick.expand(-1, -1, h.shape[-1]))
+        h = h.gather(1, pick.expand(-1, -1, h.shape[-1]))  # (B, 1, H) at each row's last catch-up token
+        logits = d.lm_head(d.norm(h))[:, 0]  # in the model's dtype: the grammar's bias is 0 or -inf, exact
         pos = position_ids.gather(1, idx)
         row = attention_mask.gather(1, pick.expand(-1, -1, attention_mask.shape[-1]))  # (B, 1, past + seq)
+        rep = d.cfg.n_heads // d.cfg.n_kv_heads
+        bias = torch.where(row, 0.0, float("-inf")).to(h.dtype)[:, None].expand(-1, -1, rep, -1)
+        zero = torch.zeros_like(bias[..., :1])
         keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
         at, left = node.long(), left.long()  # (B,) table row after the last committed token, items to go
+        banned = banned.to(h.dtype)
         if self.steps > 1:  # every chain step's rotary tables in one pass (positions pos + 1 .. pos + K - 1)
             ahead = pos + torch.arange(1, self.steps, dtype=pos.dtype, device=pos.device)
-            cos, sin = rope_heads(ahead, self.draft.cfg, h.dtype)
+            cos, sin = rope_heads(ahead, d.cfg, h.dtype)
+            cos, sin = cos.split(1, dim=1), sin.split(1, dim=1)
+        ends = self.ends.to(h.dtype)
         tokens = []
         for j in range(1, self.steps + 1):
-            nxt = self.next_node[at].long()  # (B, V) trie node each token leads to
-            bias = banned.gather(1, nxt).float() + self.ends[(left <= 0).long()]
-            tok = torch.argmax(logits + bias, dim=-1, keepdim=True)  # (B, 1)
+            nxt = self.next_node[at]  # (B, V) trie node each token leads to
+            bias_v = banned.gather(1, nxt) + torch.where((left <= 0)[:, None], ends[1], ends[0])
+            tok = torch.argmax(logits + bias_v, dim=-1, keepdim=True)  # (B, 1) int64
             tokens.append(tok)
             if j == self.steps:
                 break
-            at = self.row_of[nxt.gather(1, tok)[:, 0]]
-            left = left - (at == self.leaf_row).long()
-            ids = tok.to(input_ids.dtype)
-            row = torch.cat([row, torch.ones_like(row[..., :1])], dim=-1)
-            logits, h, [(k1, v1)] = self.draft(h, ids, pos + j, torch.full_like(ids, j),
-                                               self.slot_of[tok].to(slot.dtype), row, [(keys, values)],
-                                               (cos[:, j - 1:j], sin[:, j - 1:j]))
-            logits = logits[:, 0]
+            reached = nxt.gather(1, tok)[:, 0]
+            at = self.row_of[reached]
+            left = left - self.is_leaf[reached]
+            x = self._step_mix(d.features(h, tok, self.slot_of[tok]), j)
+            bias = torch.cat([bias, zero], dim=-1)
+            h, k1, v1 = d.layer(x, cos[j - 1], sin[j - 1], bias, keys, values)
+            logits = d.lm_head(d.norm(h))[:, 0]
             keys, values = torch.cat([keys, k1], dim=2), torch.cat([values, v1], dim=2)
         S = pk.shape[2]
         return torch.cat(tokens, dim=1).to(torch.int32), keys[:, :, S:], values[:, :, S:]

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import time
 
 import numpy as np
 
@@ -30,6 +31,7 @@ from .kvcache import CacheSpec, attention_mask
 _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved)
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts with a static session (a CUDA graph on GPU)
+_CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays (ONNX Runtime: one warm-up run, one capture)
 
 
 def bucket(T: int) -> int | None:
@@ -112,12 +114,17 @@ class BoundKVRunner:
         self._by_seq: dict = {}  # (graph, bucket) -> (binding, new KV, outputs, inputs, session), made once
         self._unread: dict = {}  # (graph, bucket) -> its last Pending, until a later call of that key
         self.graph_id = next(_GRAPH_IDS)
-        self._run_options = None
+        self._run_options = self._queued_options = None
         if static and hasattr(backend, "_ort"):  # this runner's own CUDA graphs in the shared static sessions
             self._run_options = backend._ort.RunOptions()
             self._run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
-            if device != "cpu":  # a run returns once queued: `Pending.result` waits, on the same stream
-                self._run_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+            self._queued_options = self._run_options
+            if device != "cpu":  # once a bucket's graph is captured its runs return once queued (Pending.result
+                # waits, on the same stream); its first runs, which capture, end with a sync as usual
+                self._queued_options = backend._ort.RunOptions()
+                self._queued_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
+                self._queued_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        self.launch_s: dict = {}  # as `calls`: host seconds spent in the engine's run call (to return)
         self.calls: dict = {}  # (bucket or "dynamic"), or (graph, bucket) for attached graphs -> engine calls
 
     def attach(self, graph: str, backend, graph_spec: dict) -> None:
@@ -273,12 +280,16 @@ class BoundKVRunner:
                 keep = {name: xp.asarray(arr) for name, arr in dict(feeds, attention_mask=mask).items()}
                 for name, arr in keep.items():
                     self._bind(binding, name, arr)
+            count = (P or "dynamic") if graph == self.graph else (graph, P or "dynamic")
+            done = self.calls.get(count, 0)
+            options = None if P is None else self._queued_options if done >= _CAPTURE_RUNS else self._run_options
+            t0 = time.perf_counter()
             try:
-                session.run_with_iobinding(binding, self._run_options if P is not None else None)
+                session.run_with_iobinding(binding, options)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
-            count = (P or "dynamic") if graph == self.graph else (graph, P or "dynamic")
-            self.calls[count] = self.calls.get(count, 0) + 1
+            self.launch_s[count] = self.launch_s.get(count, 0.0) + time.perf_counter() - t0
+            self.calls[count] = done + 1
             # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
             start = self.lengths + self.scratch
             if B == 1:

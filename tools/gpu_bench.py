@@ -271,7 +271,7 @@ def main():
             if runner is None:
                 continue
             for (name, P), (binding, _, _, _, session) in sorted(runner._by_seq.items(), key=lambda kv: str(kv[0])):
-                opts = runner._run_options
+                opts = runner._queued_options
                 session.run_with_iobinding(binding, opts)
                 if rec.stream is not None:
                     rec.stream.synchronize()
@@ -339,8 +339,20 @@ def main():
     import io
     import pstats
     rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
-    for mode in ("chain", "tree"):
+    report["launch_ms_b1"] = {}
+    for mode in ("off", "chain", "tree"):
         rec.recommend(hist_all[:1], speculate=mode)
+        runners = {g: rec._bound[(g, 1)] for g in ("target", "draft") if (g, 1) in rec._bound}
+        before = {g: (dict(r.calls), dict(r.launch_s)) for g, r in runners.items()}
+        for _ in range(5):
+            rec.recommend(hist_all[:1], speculate=mode)
+        report["launch_ms_b1"][mode] = {  # host time of one engine run call (returns once queued), per bucket
+            f"{g}/{key}": (r.launch_s[key] - before[g][1].get(key, 0.0)) / n * 1e3
+            for g, r in runners.items() for key in r.calls
+            if (n := r.calls[key] - before[g][0].get(key, 0)) > 0}
+        log("launch ms", mode, json.dumps(report["launch_ms_b1"][mode]))
+        if mode == "off":
+            continue
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(10):
