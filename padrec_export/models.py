@@ -249,7 +249,7 @@ class Draft(nn.Module):
     def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past, rope=None):
         """rope: precomputed (cos, sin) of `rope_heads` for these positions."""
         x = self.features(hidden_in, input_ids, slot)
-        s = self.step_embed(step.clamp(0, self.cfg.max_steps - 1))
+        s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))  # int64: CUDA has no int32 Clip
         if self.cfg.use_step:
             g = torch.sigmoid(self.gate(torch.cat([x, s], dim=-1)))
             x = x + g * s
@@ -294,18 +294,6 @@ class DraftChain(nn.Module):
         self.register_buffer("slot_of", torch.as_tensor(lay.slots(range(lay.vocab_size)), dtype=torch.long),
                              persistent=False)
 
-    def _step_mix(self, x, j: int):
-        """The step signal of chain step j: the gate's half over the step embedding is a constant (folded at
-        export), so a step costs one matmul for it, not a concat and a wider one."""
-        d = self.draft
-        if not d.cfg.use_step:
-            return x
-        s = d.step_embed.weight[min(j, d.cfg.max_steps - 1)].to(x.dtype)
-        H = x.shape[-1]
-        w = d.gate.weight.to(x.dtype)
-        g = torch.sigmoid(F.linear(x, w[:, :H]) + (F.linear(s, w[:, H:]) + d.gate.bias.to(x.dtype)))
-        return x + g * s
-
     def forward(self, hidden_in, input_ids, position_ids, slot, last, node, left, banned, attention_mask, past):
         d = self.draft
         B = input_ids.shape[0]
@@ -329,6 +317,21 @@ class DraftChain(nn.Module):
             cos, sin = rope_heads(ahead, d.cfg, h.dtype)
             cos, sin = cos.split(1, dim=1), sin.split(1, dim=1)
         ends = self.ends.to(h.dtype)
+        # Draft.features for a chain token, split: fc over (embedding, feature) is a per-token table (its
+        # embedding half, fc's bias and the token's slot signal, folded at export) plus a matmul of the feature
+        H = h.shape[-1]
+        w = d.fc.weight.to(h.dtype)
+        alpha = d.alpha.to(h.dtype) if d.cfg.use_slot else 0.0
+        token_part = (F.linear(d.embed_tokens.weight.to(h.dtype), w[:, :H], d.fc.bias.to(h.dtype))
+                      + alpha * d.slot_embed.weight.to(h.dtype)[self.slot_of])
+        w_hidden = w[:, H:]
+        # the step signal: the gate's half over the step embedding is a constant per step (folded at export),
+        # so a step costs one matmul for it, not a concat and a wider one
+        use_step = d.cfg.use_step
+        if use_step:
+            wg = d.gate.weight.to(h.dtype)
+            steps = d.step_embed.weight.to(h.dtype)[[min(j, d.cfg.max_steps - 1) for j in range(self.steps)]]
+            gate_x, gate_s = wg[:, :H], F.linear(steps, wg[:, H:], d.gate.bias.to(h.dtype))  # (K, H) per step
         tokens = []
         for j in range(1, self.steps + 1):
             nxt = self.next_node[at]  # (B, V) trie node each token leads to
@@ -340,7 +343,9 @@ class DraftChain(nn.Module):
             reached = nxt.gather(1, tok)[:, 0]
             at = self.row_of[reached]
             left = left - self.is_leaf[reached]
-            x = self._step_mix(d.features(h, tok, self.slot_of[tok]), j)
+            x = token_part[tok[:, 0]][:, None] + F.linear(h, w_hidden)
+            if use_step:
+                x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
             bias = torch.cat([bias, zero], dim=-1)
             h, k1, v1 = d.layer(x, cos[j - 1], sin[j - 1], bias, keys, values)
             logits = d.lm_head(d.norm(h))[:, 0]

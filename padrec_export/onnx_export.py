@@ -180,14 +180,41 @@ def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -
 
 
 def slim_graph(path: Path) -> None:
-    """Fold the exporter's shape arithmetic and dead nodes (onnxslim): fewer nodes, fewer launches per step."""
+    """Fold the exporter's shape arithmetic and dead nodes (onnxslim): fewer nodes, fewer launches per step;
+    then keep one copy of each constant (the exporter folds a weight once per use: the unrolled chain's
+    steps would each carry the draft layer's weights)."""
+    import onnx
     try:
-        import onnx
         import onnxslim
+        model = onnxslim.slim(str(path))
     except ImportError:  # optional: the graph is valid without it, only slower
-        return
-    model = onnxslim.slim(str(path))
+        model = onnx.load(str(path))
+    dedupe_initializers(model.graph)
     onnx.save(model, str(path))
+
+
+def dedupe_initializers(graph) -> int:
+    """Point every use of a repeated constant (same type, shape and bytes) at its first copy and drop the
+    rest; returns how many were dropped."""
+    first, rename, keep = {}, {}, []
+    for init in graph.initializer:
+        key = (init.data_type, tuple(init.dims), init.raw_data or init.SerializeToString())
+        if key in first:
+            rename[init.name] = first[key]
+        else:
+            first[key] = init.name
+            keep.append(init)
+    if rename:
+        for node in graph.node:
+            for i, name in enumerate(node.input):
+                if name in rename:
+                    node.input[i] = rename[name]
+        del graph.initializer[:]
+        graph.initializer.extend(keep)
+        inputs = [i for i in graph.input if i.name not in rename]  # old IRs list constants as inputs too
+        del graph.input[:]
+        graph.input.extend(inputs)
+    return len(rename)
 
 
 def _versions() -> dict:

@@ -214,11 +214,11 @@ def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock, fuse
     if draft is not None:
         feats = [out["hidden"][b, :n] for b, n in enumerate(lens)]
         tokens = [np.append(prompts[b][1:], roots[b].token) for b in range(B)]
-        if fused:  # the last pair goes into the first round's chain call
-            for b, n in enumerate(lens):
-                roots[b].pending = (feats[b][n - 1:], tokens[b][n - 1:], n - 1)
-            feats, tokens = [f[:-1] for f in feats], [t[:-1] for t in tokens]
-        _draft_catch_up(draft, roots, feats, tokens, [0] * B, constraint, clock)
+        if fused:  # the first round's chain call catches up on the whole prompt: no draft call of its own
+            for b in range(B):
+                roots[b].pending = (feats[b], tokens[b], 0)
+        else:
+            _draft_catch_up(draft, roots, feats, tokens, [0] * B, constraint, clock)
     return roots
 
 

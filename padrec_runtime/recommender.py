@@ -107,6 +107,33 @@ class Recommender:
         self._pool_lock = threading.Lock()
         self._device_lock = threading.RLock()  # one engine call or cache update at a time on the device
 
+    def close(self) -> None:
+        """Free the engines and device caches now (also on `with Recommender(...) as rec:` exit and when the
+        object is collected). Queued device work finishes first, so nothing the engines still use goes away
+        under them (CUDA sessions free their buffers through the stream they ran on)."""
+        if getattr(self, "stream", None) is not None:
+            self.stream.synchronize()
+        for name in ("_bound", "_pool"):
+            if hasattr(self, name):
+                getattr(self, name).clear()
+        if hasattr(self, "backends"):
+            self.backends.clear()
+        if getattr(self, "stream", None) is not None:
+            import cupy
+            cupy.cuda.Device().synchronize()  # the sessions' own cleanup work queued while they were freed
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: modules may already be gone
+            pass
+
     def _release(self, runners: list) -> None:
         with self._pool_lock:
             for graph, runner in runners:
@@ -202,6 +229,8 @@ class Recommender:
     def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
               **options) -> DecodeSession:
         """A caller-owned decode: call `.step()` until `.done`, then `.result()`."""
+        if not self.backends:
+            raise BackendError("recommender: closed | create a new Recommender for these engines")
         histories = self._check_histories(histories)
         lim = self.limits
         n_items = lim["n_items"] if n_items is None else n_items

@@ -8,6 +8,7 @@ Stages skip what `--work` already holds, so a warm machine can resume. `--small`
 CPU with a tiny model (a smoke test of this script, not a benchmark).
 """
 import argparse
+import faulthandler
 import json
 import shutil
 import time
@@ -30,6 +31,13 @@ QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4
 
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
+
+
+def close(*recs) -> None:
+    """Free recommenders' engines and device caches now (their queued device work finishes first)."""
+    for rec in recs:
+        if rec is not None:
+            rec.close()
 
 
 def timed(fn, repeats: int, sync=None):
@@ -180,6 +188,7 @@ def hf_generate(model_dir, con, histories, device, dtype):
 
 
 def main():
+    faulthandler.enable()  # a crash inside a native library still names the Python line
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/padrec_llm")
     ap.add_argument("--out", default="benchmarks/results")
@@ -317,7 +326,7 @@ def main():
                "padrec-ort-cuda-static": dict(static_shapes=True, cuda_graphs=False),
                "padrec-ort-cuda": dict()} if device == "cuda" else {"padrec-ort-cuda": dict(static_shapes=True)}
     report["engine_calls_ms"], report["graph_notes"], report["gpu_mem_mib"] = {}, {}, {}
-    best = None
+    best = rec = None
     for engine, opts in configs.items():
         try:
             rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
@@ -331,7 +340,7 @@ def main():
         except Exception as exc:  # a configuration that fails on this card is reported, the others still run
             report["graph_notes"][engine] = [f"failed: {type(exc).__name__}: {str(exc)[:500]}"]
             log(engine, "FAILED", exc)
-        rec = None
+        rec = close(rec)
     engine, opts = best
     report["runtime"] = engine
     # where a batch-1 round's host time goes (cProfile of the chosen runtime; text next to the JSON)
@@ -361,7 +370,7 @@ def main():
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
         (out / f"profile_b1_{mode}.txt").write_text(text.getvalue())
-    rec = None
+    rec = close(rec)
     for name, eng in engines.items():
         rec = Recommender(eng, device=device, io_binding=True, **opts)
         for batch in batches:
@@ -382,7 +391,7 @@ def main():
                 add(f"{engine}/auto", "auto", batch, ms, res.tau,
                     {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
                      "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01))})
-    rec = None
+    rec = close(rec)
     # other depths at batch 1, step-by-step draft (the engines were trained with 4 unrolled steps; deeper
     # steps reuse the last step embedding); the default K runs the fused chain graph above
     rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
@@ -390,7 +399,7 @@ def main():
         res, ms = timed(lambda: rec.recommend(hist_all[:1], speculate="chain", draft_steps=K), args.repeats)
         add(f"{engine}/padrec", f"chain K={K}", 1, ms, res.tau,
             {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1], "rounds": res.rounds})
-    rec = None
+    rec = close(rec)
     # the fused chain's depth at batch 1: engines exported with K = 4 and 8 next to the default, timed alternately
     depth = {args.draft_steps: engines["padrec"]}
     for K in (4, 8):
@@ -406,7 +415,7 @@ def main():
                                                "identical_to_ar": [r.tokens for r in last[K].lists] ==
                                                report["ar_tokens"][1]} for K in recs}
     log("fused chain depth", json.dumps(report["fused_chain_depth_b1"]))
-    recs = None
+    recs = close(*recs.values())
     # PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)
     recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
     report["padrec_vs_eagle_b1"] = {}
@@ -418,7 +427,7 @@ def main():
         report["padrec_vs_eagle_b1"][mode] = {"ms": med, "tau": tau,
                                               "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
         log("padrec vs eagle", mode, json.dumps(report["padrec_vs_eagle_b1"][mode]))
-    recs = None
+    recs = close(*recs.values())
     # 2. PyTorch eager: the same SD loop, torch models on the card (device-resident KV)
     cat, target, draft, _ = load_trained(models, "padrec")
     target = target.to(device, torch.float16 if device == "cuda" else torch.float32).eval()

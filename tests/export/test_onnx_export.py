@@ -216,3 +216,21 @@ def test_plain_eagle_draft_keeps_the_engine_contract(tiny, tmp_path):
     a = ort.infer(feeds)["logits"]
     b = ort.infer(dict(feeds, step=feeds["step"] + 1, slot=(feeds["slot"] + 1) % cat.layout.n_slots))["logits"]
     assert np.array_equal(a, b)
+
+
+def test_exported_graphs_keep_one_copy_of_each_weight(engines_master):
+    """The exporter folds a weight once per use; the unrolled chain would carry the draft layer K times.
+    Every graph keeps one copy of each constant, and the chain's weights are no larger than the draft's plus
+    its grammar tables and the per-token table it folds."""
+    import onnx
+    from onnx import numpy_helper
+    sizes = {}
+    for name in ("target", "draft", "draft_chain"):
+        graph = onnx.load(str(engines_master / f"{name}.onnx")).graph
+        keys = [(i.data_type, tuple(i.dims), numpy_helper.to_array(i).tobytes()) for i in graph.initializer]
+        big = [k for k in keys if len(k[2]) >= 256]
+        assert len(big) == len(set(big)), name
+        sizes[name] = sum(len(k[2]) for k in keys)
+    cat = json.loads((engines_master / "catalogue.json").read_text())
+    n_items = len(cat["item_ids"])
+    assert sizes["draft_chain"] < 2 * sizes["draft"] + 64 * n_items * 8 * 4

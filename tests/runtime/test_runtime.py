@@ -251,8 +251,8 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
 
 
 def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_master):
-    """Greedy chain rounds with the exported K run the draft_chain graph: one draft engine call per round
-    (the step-by-step loop makes K), lists equal to AR, and the in-graph grammar proposes what the host loop
+    """Greedy chain rounds with the exported K run the draft_chain graph: one draft engine call per round and
+    none besides (the first one catches up on the prompt; the step-by-step loop makes K per round), lists equal to AR, and the in-graph grammar proposes what the host loop
     would (same acceptance). Another K, or fused_chain=False, keeps the step-by-step draft."""
     rec = Recommender(engines_master, io_binding=True, static_shapes=True)
     K = rec.manifest.graph("draft_chain")["chain_steps"]
@@ -262,7 +262,7 @@ def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_mast
     draft = rec._bound[("draft", 4)]
     chain_calls = sum(n for key, n in draft.calls.items() if isinstance(key, tuple) and key[0] == "draft_chain")
     plain_calls = sum(n for key, n in draft.calls.items() if not isinstance(key, tuple))
-    assert chain_calls == fused.rounds and plain_calls == 1  # the prefill's catch-up only
+    assert chain_calls == fused.rounds and plain_calls == 0  # the first chain call catches up on the prompt
     assert [r.tokens for r in fused.lists] == [r.tokens for r in ar.lists]
     for opts in (dict(draft_steps=K, fused_chain=False), dict(draft_steps=K - 1)):
         draft.calls.clear()
@@ -337,3 +337,14 @@ def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_m
     taken = target.launch(blank, mask, take={"input_ids": (Tokens(), "tok", 1)}).result()["logits"]
     np.testing.assert_allclose(taken, alone[1], rtol=1e-5, atol=1e-5)
     assert not np.allclose(alone[0], alone[1])
+
+
+def test_close_frees_engines_and_later_calls_say_so(engines_master):
+    """close() (or leaving a `with` block) frees sessions and caches; a later call is a clear error."""
+    with Recommender(engines_master, io_binding=True, static_shapes=True) as rec:
+        hist = [rec.catalogue.item_ids[:3].tolist()]
+        assert len(rec.recommend(hist).lists) == 1
+        assert rec._bound and rec.backends
+    assert not rec._bound and not rec.backends
+    with pytest.raises(BackendError, match="closed"):
+        rec.recommend(hist)
