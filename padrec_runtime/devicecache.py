@@ -59,12 +59,29 @@ def _pinned(shape) -> np.ndarray:
     return out
 
 
+def _read(xp, out_blob, outs: dict, T: int, per_token: set) -> dict:
+    """The outputs for the first T tokens, on the host, with one copy of the packed output buffer."""
+    if xp is np:  # the buffers are reused: copies
+        return {name: (arr[:, :T] if name in per_token else arr).copy() for name, arr in outs.items()}
+    host = out_blob.get()
+    base = out_blob.data.ptr
+    result = {}
+    for name, arr in outs.items():
+        off = arr.data.ptr - base
+        view = host[off:off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
+        result[name] = view[:, :T] if name in per_token else view
+    return result
+
+
 class Pending:
     """An engine call queued on the device; `result()` waits for it and reads its outputs back (once).
     Valid until the runner's next call of the same graph and bucket (which reuses the output buffers)."""
 
     def __init__(self, runner, out_blob, outs: dict, T: int, per_token: set):
-        self._runner, self._blob, self._outs, self._T, self._per_token = runner, out_blob, outs, T, per_token
+        # what reading needs, not the runner: a runner keeps its last Pending per bucket, and a reference
+        # cycle would leave the runner's sessions to the cyclic garbage collector, freed at any later moment
+        self._guard, self._stream, self._xp = runner._guard, runner.stream, runner.xp
+        self._blob, self._outs, self._T, self._per_token = out_blob, outs, T, per_token
         self._host = None
 
     def device(self, name: str):
@@ -73,10 +90,9 @@ class Pending:
         return arr[:, :self._T] if name in self._per_token else arr
 
     def result(self) -> dict:
-        if self._host is None:
-            r = self._runner  # the guard is re-entrant: a launch waiting on an unread call holds it already
-            with r._guard, r.stream:
-                self._host = r._read(self._blob, self._outs, self._T, self._per_token)
+        if self._host is None:  # the guard is re-entrant: a launch waiting on an unread call holds it already
+            with self._guard, self._stream:
+                self._host = _read(self._xp, self._blob, self._outs, self._T, self._per_token)
         return self._host
 
 
@@ -125,6 +141,7 @@ class BoundKVRunner:
                 self._queued_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
                 self._queued_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.launch_s: dict = {}  # as `calls`: host seconds spent in the engine's run call (to return)
+        self._stream_owner = self.stream  # set last: when the runner goes, its sessions go before the stream
         self.calls: dict = {}  # (bucket or "dynamic"), or (graph, bucket) for attached graphs -> engine calls
 
     def attach(self, graph: str, backend, graph_spec: dict) -> None:
@@ -214,19 +231,6 @@ class BoundKVRunner:
         h[...] = False
         h[:, :T, :S + T] = mask
         h[:, np.arange(T, P), S + np.arange(T, P)] = True
-
-    def _read(self, out_blob, outs: dict, T: int, per_token: set) -> dict:
-        """The outputs for the first T tokens, on the host, with one copy of the packed output buffer."""
-        if self.xp is np:  # the buffers are reused: copies
-            return {name: (arr[:, :T] if name in per_token else arr).copy() for name, arr in outs.items()}
-        host = out_blob.get()
-        base = out_blob.data.ptr
-        result = {}
-        for name, arr in outs.items():
-            off = arr.data.ptr - base
-            view = host[off:off + arr.nbytes].view(arr.dtype).reshape(arr.shape)
-            result[name] = view[:, :T] if name in per_token else view
-        return result
 
     def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         """Run T new tokens through this runner's graph (or an attached one) over the cache; the new tokens'

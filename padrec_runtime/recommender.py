@@ -40,7 +40,7 @@ class RecommendResult:
 
 
 def _open_backend(manifest, graph: str, backend: str, device: str, trt_module: str, allow_host_code: bool,
-                  threads: int | None, cuda_graphs: bool = False, stream: int | None = None):
+                  threads: int | None, cuda_graphs: bool = False, stream=None):
     if backend == "onnxruntime":
         from .backends.onnxruntime import OrtBackend
         return OrtBackend(manifest, graph, device=device, threads=threads, cuda_graphs=cuda_graphs, stream=stream)
@@ -94,9 +94,8 @@ class Recommender:
             from .devicecache import array_module
             cupy = array_module("cuda")[0]
             self.stream = cupy.cuda.Stream(non_blocking=True)
-        stream_ptr = self.stream.ptr if self.stream is not None else None
         self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads,
-                                          self.cuda_graphs, stream_ptr)
+                                          self.cuda_graphs, self.stream)
                          for g in m.data["graphs"]}
         self._lock = threading.Lock()
         self.device = device
@@ -118,6 +117,8 @@ class Recommender:
                 getattr(self, name).clear()
         if hasattr(self, "backends"):
             self.backends.clear()
+        import gc
+        gc.collect()  # sessions held only by reference cycles go now, not at some later moment
         if getattr(self, "stream", None) is not None:
             import cupy
             cupy.cuda.Device().synchronize()  # the sessions' own cleanup work queued while they were freed

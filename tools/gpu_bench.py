@@ -117,7 +117,8 @@ def cuda_graph_ar(target, con, histories, max_len: int):
         s_ids = torch.zeros(B, 1, dtype=torch.int32, device=dev)
         s_pos = torch.zeros(B, 1, dtype=torch.int32, device=dev)
         s_mask = torch.zeros(B, 1, max_len + 1, dtype=torch.bool, device=dev)
-        s_write = torch.zeros(B, dtype=torch.int64, device=dev)
+        # warm-up and capture write their (garbage) KV at the last position, which no list reaches
+        s_write = torch.full((B,), max_len - 1, dtype=torch.int64, device=dev)
         if dev.type == "cuda":
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())

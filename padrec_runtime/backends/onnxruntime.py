@@ -24,7 +24,10 @@ class OrtBackend:
         self._ort = ort
         self.graph_name, self.spec = graph, manifest.graph(graph)
         self._expected = graph_names(self.spec)[0]
-        self.device, self.threads, self.cuda_graphs, self.stream = device, threads, cuda_graphs, stream
+        # stream: a CUDA stream pointer, or an object with `.ptr` (a cupy Stream) that this backend keeps alive
+        # for as long as its sessions, which synchronise and free buffers through it (see the end of __init__)
+        self.device, self.threads, self.cuda_graphs = device, threads, cuda_graphs
+        self.stream = getattr(stream, "ptr", stream)
         if device == "cuda":
             if "CUDAExecutionProvider" not in ort.get_available_providers():
                 raise BackendError("onnxruntime: CUDAExecutionProvider unavailable | install onnxruntime-gpu "
@@ -36,6 +39,7 @@ class OrtBackend:
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
         self.session = self._open()
         self._check_graph()
+        self._stream_owner = stream  # set last: when the backend goes, its sessions go before the stream
 
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
