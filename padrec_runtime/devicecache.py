@@ -129,14 +129,17 @@ class BoundKVRunner:
         self.scratch = 0
         self._by_seq: dict = {}  # (graph, bucket) -> (binding, new KV, outputs, inputs, session), made once
         self._unread: dict = {}  # (graph, bucket) -> its last Pending, until a later call of that key
+        self._graphed: set = set()  # (graph, bucket) keys whose session replays a CUDA graph
         self.graph_id = next(_GRAPH_IDS)
         self._run_options = self._queued_options = None
         if static and hasattr(backend, "_ort"):  # this runner's own CUDA graphs in the shared static sessions
             self._run_options = backend._ort.RunOptions()
             self._run_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
             self._queued_options = self._run_options
-            if device != "cpu":  # once a bucket's graph is captured its runs return once queued (Pending.result
-                # waits, on the same stream); its first runs, which capture, end with a sync as usual
+            if device != "cpu":  # once a bucket's graph is captured its replays return once queued
+                # (Pending.result waits, on the same stream). Only replays: a run that executes the graph node
+                # by node ends with a sync as usual (unsynced, ONNX Runtime frees its pinned host buffers from a
+                # stream callback, where CUDA forbids it: the process aborts)
                 self._queued_options = backend._ort.RunOptions()
                 self._queued_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
                 self._queued_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -266,8 +269,11 @@ class BoundKVRunner:
         with self._guard, self.stream:
             if P is not None:
                 if first:
-                    session = backend.static_session({"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
+                    dims = {"batch": B, "seq": P, "past": S, "past_plus_seq": S + P}
+                    session = backend.static_session(dims)
                     self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
+                    if getattr(backend, "replays_graph", lambda d: False)(dims):
+                        self._graphed.add(key)
                 binding, new, (out_blob, outs), (in_blob, host_blob, host_ins, dev_ins), session = self._by_seq[key]
                 unread = self._unread.pop(key, None)
                 if unread is not None:  # its input copy may still be queued: wait before the host buffer changes
@@ -286,7 +292,8 @@ class BoundKVRunner:
                     self._bind(binding, name, arr)
             count = (P or "dynamic") if graph == self.graph else (graph, P or "dynamic")
             done = self.calls.get(count, 0)
-            options = None if P is None else self._queued_options if done >= _CAPTURE_RUNS else self._run_options
+            options = (None if P is None else self._queued_options if key in self._graphed and done >= _CAPTURE_RUNS
+                       else self._run_options)
             t0 = time.perf_counter()
             try:
                 session.run_with_iobinding(binding, options)

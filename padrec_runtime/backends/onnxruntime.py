@@ -36,6 +36,7 @@ class OrtBackend:
             raise BackendError(f"onnxruntime device: got {device!r} | expected cpu or cuda")
         self.path = manifest.verify_file(self.spec["file"])
         self._static: dict = {}
+        self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
         self.session = self._open()
         self._check_graph()
@@ -72,12 +73,18 @@ class OrtBackend:
             want_graph = self.cuda_graphs and self.device == "cuda"
             try:
                 self._static[key] = self._open(dims, cuda_graph=want_graph)
+                if want_graph:
+                    self._graphed.add(key)
             except BackendError as exc:
                 if not want_graph:
                     raise
                 self.graph_notes.append(f"{dict(dims)}: no CUDA graph ({exc})")
                 self._static[key] = self._open(dims)
         return self._static[key]
+
+    def replays_graph(self, dims: dict) -> bool:
+        """Whether the static session for these dims replays a CUDA graph."""
+        return tuple(sorted(dims.items())) in self._graphed
 
     def _check_graph(self) -> None:
         expected_in, expected_out = graph_names(self.spec)
