@@ -103,6 +103,8 @@ class Generation:
 
 @dataclass
 class _Clock:
+    # seconds in engine calls; a fused chain round queues the draft chain and waits for it together with the
+    # verify pass, so there draft counts the queueing and verify the wait for both
     draft: float = 0.0  # seconds in draft engine calls
     verify: float = 0.0  # seconds in target engine calls
 

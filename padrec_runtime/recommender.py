@@ -106,7 +106,7 @@ class Recommender:
         self._pool_lock = threading.Lock()
         self._device_lock = threading.RLock()  # one engine call or cache update at a time on the device
 
-    def close(self) -> None:
+    def close(self, _collect: bool = True) -> None:
         """Free the engines and device caches now (also on `with Recommender(...) as rec:` exit and when the
         object is collected). Queued device work finishes first, so nothing the engines still use goes away
         under them (CUDA sessions free their buffers through the stream they ran on)."""
@@ -117,8 +117,9 @@ class Recommender:
                 getattr(self, name).clear()
         if hasattr(self, "backends"):
             self.backends.clear()
-        import gc
-        gc.collect()  # sessions held only by reference cycles go now, not at some later moment
+        if _collect:
+            import gc
+            gc.collect()  # sessions held only by reference cycles go now, not at some later moment
         if getattr(self, "stream", None) is not None:
             import cupy
             cupy.cuda.Device().synchronize()  # the sessions' own cleanup work queued while they were freed
@@ -131,7 +132,7 @@ class Recommender:
 
     def __del__(self):
         try:
-            self.close()
+            self.close(_collect=False)
         except Exception:  # interpreter shutdown: modules may already be gone
             pass
 

@@ -252,8 +252,9 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
 
 def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_master):
     """Greedy chain rounds with the exported K run the draft_chain graph: one draft engine call per round and
-    none besides (the first one catches up on the prompt; the step-by-step loop makes K per round), lists equal to AR, and the in-graph grammar proposes what the host loop
-    would (same acceptance). Another K, or fused_chain=False, keeps the step-by-step draft."""
+    none besides (the first one catches up on the prompt; the step-by-step loop makes K per round), lists equal
+    to AR, and the in-graph grammar proposes what the host loop would (same acceptance). Another K, or
+    fused_chain=False, keeps the step-by-step draft."""
     rec = Recommender(engines_master, io_binding=True, static_shapes=True)
     K = rec.manifest.graph("draft_chain")["chain_steps"]
     hist = _histories(tiny[0], 5, 4)
