@@ -1,9 +1,9 @@
 """Adaptive speculation: per batch size, the fastest of AR and a few speculation settings, from measurements.
 
 Speculation costs K draft passes and a wider target pass per round; it pays while the target pass is
-launch- or bandwidth-bound and stops paying as batches grow. `calibrate` times each candidate on the
-caller's own histories and keeps the fastest, AR included, so the chosen setting is never slower than AR
-on what was measured.
+launch- or bandwidth-bound and stops paying as batches grow. `calibrate` times the candidates in turn on
+the caller's own histories and keeps the fastest, AR included; speculation must beat AR by a margin (3%), so
+the chosen setting is never slower than AR on what was measured, nor merely within its noise.
 """
 from __future__ import annotations
 
@@ -29,30 +29,45 @@ class Choice:
     ar_ms: float  # AR on the same histories
 
 
-def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES) -> list:
-    """Choices (sorted by batch) measured on `histories` (at least max(batches) of them)."""
+MARGIN = 0.03  # speculation is chosen only when it beats AR by at least this fraction of AR's time
+
+
+def pick(times: dict, margin: float = MARGIN) -> tuple:
+    """The fastest setting of `times` ({(speculate, K): ms}, AR as ("off", None)), or AR unless that setting
+    beats AR by `margin`: a setting within the measurement noise of AR is not worth its risk."""
+    best = min(times, key=times.get)
+    ar = times[("off", None)]
+    return best if best == ("off", None) or times[best] <= ar * (1 - margin) else ("off", None)
+
+
+def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES,
+              margin: float = MARGIN) -> list:
+    """Choices (sorted by batch) measured on `histories` (at least max(batches) of them). Candidates are
+    timed in turn, `repeats` rounds, so all of them see the same machine state; medians are compared."""
     if len(histories) < max(batches):
         raise InputError(f"calibrate: {len(histories)} histories for batches up to {max(batches)}")
     plan = []
     for batch in sorted(batches):
         hist = histories[:batch]
-        times = {}
+        runs = {}
         for speculate, k in candidates:
             if speculate != "off" and "draft" not in rec.backends:
                 continue
-            run = lambda: rec.recommend(hist, speculate=speculate, draft_steps=k)  # noqa: E731
+            run = (lambda s=speculate, k=k: rec.recommend(hist, speculate=s, draft_steps=k))
             try:
-                run()
+                run()  # warm: first calls build sessions and, on CUDA, capture graphs
             except InputError:  # this setting does not fit the engines' limits
                 continue
-            samples = []
-            for _ in range(repeats):
+            runs[(speculate, k)] = run
+        samples = {key: [] for key in runs}
+        for _ in range(repeats):
+            for key, run in runs.items():
                 t0 = time.perf_counter()
                 run()
-                samples.append(time.perf_counter() - t0)
-            times[(speculate, k)] = float(np.median(samples)) * 1e3
-        (speculate, k), ms = min(times.items(), key=lambda kv: kv[1])
-        plan.append(Choice(batch, speculate, k, ms, times[("off", None)]))
+                samples[key].append(time.perf_counter() - t0)
+        times = {key: float(np.median(v)) * 1e3 for key, v in samples.items()}
+        speculate, k = pick(times, margin)
+        plan.append(Choice(batch, speculate, k, times[(speculate, k)], times[("off", None)]))
     return plan
 
 

@@ -385,7 +385,7 @@ def main():
                 continue  # measured above
             run_modes(rec, engine, name, batch, (["off"] if name == "padrec" else []) + ["chain", "tree"])
         if name == "padrec":  # adaptive: calibrate on these histories, then time speculate="auto"
-            plan = rec.calibrate(hist_all, batches, repeats=1)
+            plan = rec.calibrate(hist_all, batches, repeats=3)
             report["adaptive_plan"] = [c.__dict__ for c in plan]
             for batch in batches:  # auto and AR timed alternately, so both see the same machine state
                 hist = hist_all[:batch]

@@ -298,6 +298,12 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     for c in plan:
         assert c.ms <= c.ar_ms  # AR is a candidate: the choice is never slower on what was measured
     auto = rec.recommend(hist[:3], speculate="auto")
+    from padrec_runtime.adaptive import pick
+    ar = ("off", None)
+    assert pick({ar: 100.0, ("chain", 4): 90.0, ("tree", 4): 95.0}) == ("chain", 4)
+    assert pick({ar: 100.0, ("chain", 4): 98.5}) == ar  # within the margin: AR
+    assert pick({ar: 100.0, ("chain", 4): 98.5}, margin=0.0) == ("chain", 4)
+    assert pick({ar: 90.0, ("chain", 4): 95.0}) == ar
     assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
 
 
