@@ -246,8 +246,7 @@ class Draft(nn.Module):
         # a switched-off signal is multiplied by an exact zero, so every draft graph keeps the same inputs
         return x + (self.alpha.to(x.dtype) if self.cfg.use_slot else 0.0) * self.slot_embed(slot)
 
-    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past, rope=None):
-        """rope: precomputed (cos, sin) of `rope_heads` for these positions."""
+    def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
         x = self.features(hidden_in, input_ids, slot)
         s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))  # int64: CUDA has no int32 Clip
         if self.cfg.use_step:
@@ -255,7 +254,7 @@ class Draft(nn.Module):
             x = x + g * s
         else:
             x = x + 0.0 * s
-        cos, sin = rope if rope is not None else rope_heads(position_ids, self.cfg, x.dtype)
+        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         (pk, pv), = past
         h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
         return self.lm_head(self.norm(h)).float(), h, [(k, v)]
