@@ -15,6 +15,10 @@ its own graphs (an ONNX Runtime graph annotation id per runner: a graph is tied 
 captured with). Each bucket's session holds its own copy of the weights on the device: GPU memory
 grows with the buckets a workload touches (typically 3-5), in exchange for launch-free engine calls.
 Every input of a bucket lives in one persistent buffer that each call overwrites.
+
+Queued calls: `launch` returns a Pending instead of waiting; replays of a captured graph return as soon as
+they are queued, and `take` copies another call's device output into this call's inputs on the device, so a
+fused chain round (draft chain, then verify) waits for the device once.
 """
 from __future__ import annotations
 
