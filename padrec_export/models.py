@@ -247,6 +247,11 @@ class Draft(nn.Module):
         return x + (self.alpha.to(x.dtype) if self.cfg.use_slot else 0.0) * self.slot_embed(slot)
 
     def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
+        h, k, v = self.layer_out(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
+        return self.lm_head(self.norm(h)).float(), h, [(k, v)]
+
+    def layer_out(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
+        """The decoder layer's output (the draft's feature, before the head) and the new KV."""
         x = self.features(hidden_in, input_ids, slot)
         s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))  # int64: CUDA has no int32 Clip
         if self.cfg.use_step:
@@ -256,8 +261,7 @@ class Draft(nn.Module):
             x = x + 0.0 * s
         cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         (pk, pv), = past
-        h, k, v = self.layer(x, cos, sin, attention_mask, pk, pv)
-        return self.lm_head(self.norm(h)).float(), h, [(k, v)]
+        return self.layer(x, cos, sin, attention_mask, pk, pv)
 
 
 class DraftChain(nn.Module):
@@ -297,7 +301,7 @@ class DraftChain(nn.Module):
         d = self.draft
         B = input_ids.shape[0]
         step = torch.zeros_like(input_ids)
-        _, h, [(k, v)] = d(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
+        h, k, v = d.layer_out(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
         (pk, pv), = past
         idx = last.long().view(B, 1)
         pick = idx[:, :, None]

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import InputError
-from .kvcache import KVRunner
+from .kvcache import KVRunner, take_on_host
 from .layout import PAD, ConstraintState, ListConstraint
 from .sampling import SamplingConfig, allowed_logits, choose, distribution, log_softmax
 
@@ -336,12 +336,7 @@ def _launch(runner, feeds: dict, mask: np.ndarray, graph: str | None = None, tak
     returned object's `result()` gives the outputs. take: see BoundKVRunner.launch."""
     if hasattr(runner, "launch"):
         return runner.launch(feeds, mask, graph, take)
-    if take:
-        feeds = dict(feeds)
-        for name, (src, out, col) in take.items():
-            got = src.result()[out]
-            feeds[name] = np.array(feeds[name])
-            feeds[name][:, col:col + got.shape[1]] = got
+    feeds = take_on_host(feeds, take)
     return _Done(runner.forward(feeds, mask, graph=graph) if graph else runner.forward(feeds, mask))
 
 

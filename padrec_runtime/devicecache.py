@@ -30,7 +30,7 @@ import numpy as np
 
 from .backends.base import cast_feeds, check_feeds, numpy_dtype
 from .errors import BackendError
-from .kvcache import CacheSpec, attention_mask
+from .kvcache import CacheSpec, attention_mask, take_on_host
 
 _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved)
 
@@ -258,12 +258,7 @@ class BoundKVRunner:
         key = (graph, P)
         first = P is not None and key not in self._by_seq
         if take and P is None:  # no bound input buffers to copy into: the host waits for the values
-            feeds = dict(feeds)
-            for name, (src, out, col) in take.items():
-                feeds[name] = np.array(feeds[name])
-                got = src.result()[out]
-                feeds[name][:, col:col + got.shape[1]] = got
-            take = None
+            feeds, take = take_on_host(feeds, take), None
         if first or P is None:  # checked on each new shape (the loop's feeds keep their dtypes); a bucket's
             feeds = cast_feeds(gspec, feeds)  # later calls cast while copying into its buffers
             probe = dict(feeds, attention_mask=mask)
@@ -276,7 +271,7 @@ class BoundKVRunner:
                     dims = {"batch": B, "seq": P, "past": S, "past_plus_seq": S + P}
                     session = backend.static_session(dims)
                     self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
-                    if getattr(backend, "replays_graph", lambda d: False)(dims):
+                    if backend.replays_graph(dims):
                         self._graphed.add(key)
                 binding, new, (out_blob, outs), (in_blob, host_blob, host_ins, dev_ins), session = self._by_seq[key]
                 unread = self._unread.pop(key, None)

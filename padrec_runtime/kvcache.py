@@ -43,6 +43,20 @@ def attention_mask(lengths: np.ndarray, scratch: int, new_mask: np.ndarray, past
     return mask
 
 
+def take_on_host(feeds: dict, take: dict | None) -> dict:
+    """Feeds with `take`'s values written in: {input name: (call, output name, first column)} copies the
+    call's output (its `result()`, on the host) into the input's columns from `first column` on. Runners
+    without device buffers use this; device caches copy on the device instead (BoundKVRunner.launch)."""
+    if not take:
+        return feeds
+    feeds = dict(feeds)
+    for name, (src, out, col) in take.items():
+        got = src.result()[out]
+        feeds[name] = np.array(feeds[name])
+        feeds[name][:, col:col + got.shape[1]] = got
+    return feeds
+
+
 class KVRunner:
     """Runs one engine (a function of named numpy arrays) over its own KV cache."""
 
