@@ -405,10 +405,9 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
     t0 = time.perf_counter()
     take = {"input_ids": (chain, "tokens", 1)} if chain is not None else None
     call = _launch(target, {"input_ids": ids, "position_ids": pos}, mask, take=take)
-    if chain is not None:
-        for tree, row in zip(trees, chain.result()["tokens"]):
-            for n, tok in zip(tree, row):
-                n.token = int(tok)
+    if chain is not None:  # the chain's tokens arrive while the verify pass still runs: walk the grammar
+        for r, tree, row in zip(roots, trees, chain.result()["tokens"]):  # along them meanwhile
+            _chain_states(r, tree, row, constraint)
     out = call.result()
     clock.verify += time.perf_counter() - t0
     verdicts = []
@@ -424,6 +423,24 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
         v.features = out["hidden"][b, v.path]
         verdicts.append(v)
     return verdicts
+
+
+def _chain_states(root, chain, tokens, constraint) -> None:
+    """Fill a fused chain's nodes with its tokens and the grammar state after each, as far as the grammar
+    allows them (the chain does not ban items it completes itself; such a token is never accepted), so the
+    walk after the verify pass only compares."""
+    state = root.state
+    for n, tok in zip(chain, tokens):
+        n.token = int(tok)
+        if state is None or state.done:
+            state = None
+            continue
+        allowed = constraint.allowed(state)
+        k = int(np.searchsorted(allowed, n.token))
+        state = constraint.advance(state, n.token) if k < len(allowed) and allowed[k] == n.token else None
+        n.state = state
+        if state is not None:
+            constraint.allowed(state)  # computed now, read from the constraint's cache by the walk
 
 
 def _walk(logits, root, tree, constraint, cfg, rng) -> Verdict:

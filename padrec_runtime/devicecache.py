@@ -63,11 +63,12 @@ def _pinned(shape) -> np.ndarray:
     return out
 
 
-def _read(xp, out_blob, outs: dict, T: int, per_token: set) -> dict:
-    """The outputs for the first T tokens, on the host, with one copy of the packed output buffer."""
+def _read(xp, out_blob, outs: dict, T: int, per_token: set, host=None) -> dict:
+    """The outputs for the first T tokens, on the host. host: the page-locked copy of the packed output
+    buffer that the call queued behind itself (read once its event has passed), else one blocking copy."""
     if xp is np:  # the buffers are reused: copies
         return {name: (arr[:, :T] if name in per_token else arr).copy() for name, arr in outs.items()}
-    host = out_blob.get()
+    host = out_blob.get() if host is None else host.copy()  # a copy: the next call reuses the pinned buffer
     base = out_blob.data.ptr
     result = {}
     for name, arr in outs.items():
@@ -79,13 +80,18 @@ def _read(xp, out_blob, outs: dict, T: int, per_token: set) -> dict:
 
 class Pending:
     """An engine call queued on the device; `result()` waits for it and reads its outputs back (once).
-    Valid until the runner's next call of the same graph and bucket (which reuses the output buffers)."""
+    Valid until the runner's next call of the same graph and bucket (which reuses the output buffers).
 
-    def __init__(self, runner, out_blob, outs: dict, T: int, per_token: set):
+    A call of a static bucket on CUDA queues the copy of its outputs to page-locked memory right behind
+    itself, with an event: `result()` waits for that event only, not for work queued after the call (the
+    verify pass behind a draft chain keeps running while the host reads the chain's tokens)."""
+
+    def __init__(self, runner, out_blob, outs: dict, T: int, per_token: set, host=None, event=None):
         # what reading needs, not the runner: a runner keeps its last Pending per bucket, and a reference
         # cycle would leave the runner's sessions to the cyclic garbage collector, freed at any later moment
         self._guard, self._stream, self._xp = runner._guard, runner.stream, runner.xp
         self._blob, self._outs, self._T, self._per_token = out_blob, outs, T, per_token
+        self._pinned, self._event = host, event
         self._host = None
 
     def device(self, name: str):
@@ -94,9 +100,13 @@ class Pending:
         return arr[:, :self._T] if name in self._per_token else arr
 
     def result(self) -> dict:
-        if self._host is None:  # the guard is re-entrant: a launch waiting on an unread call holds it already
-            with self._guard, self._stream:
-                self._host = _read(self._xp, self._blob, self._outs, self._T, self._per_token)
+        if self._host is None:
+            if self._event is not None:  # outputs already on their way to the host: wait for this call only
+                self._event.synchronize()
+                self._host = _read(self._xp, self._blob, self._outs, self._T, self._per_token, self._pinned)
+            else:  # the guard is re-entrant: a launch waiting on an unread call holds it already
+                with self._guard, self._stream:
+                    self._host = _read(self._xp, self._blob, self._outs, self._T, self._per_token)
         return self._host
 
 
@@ -209,7 +219,7 @@ class BoundKVRunner:
             self._bind(binding, v_out, new[i, 1], output=True)
         out_specs = {name: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
                      for name, t in gspec["outputs"].items()}
-        out_blob, outs, _, _ = self._packed(out_specs, host=False)
+        out_blob, outs, out_host, _ = self._packed(out_specs, host=inputs)  # a bucket's: a pinned copy too
         for name, arr in outs.items():
             self._bind(binding, name, arr, output=True)
         ins = None
@@ -220,7 +230,7 @@ class BoundKVRunner:
             for name, arr in dev_ins.items():
                 self._bind(binding, name, arr)
             ins = (in_blob, host_blob, host_ins, dev_ins)
-        return binding, new, (out_blob, outs), ins
+        return binding, new, (out_blob, outs, out_host), ins
 
     def _fill(self, host_ins: dict, feeds: dict, mask: np.ndarray, T: int, P: int, per_token: set) -> None:
         """Write the feeds for P >= T tokens into the host input views: padding tokens are zeros that
@@ -273,7 +283,8 @@ class BoundKVRunner:
                     self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
                     if backend.replays_graph(dims):
                         self._graphed.add(key)
-                binding, new, (out_blob, outs), (in_blob, host_blob, host_ins, dev_ins), session = self._by_seq[key]
+                binding, new, (out_blob, outs, out_host), (in_blob, host_blob, host_ins, dev_ins), session = \
+                    self._by_seq[key]
                 unread = self._unread.pop(key, None)
                 if unread is not None:  # its input copy may still be queued: wait before the host buffer changes
                     unread.result()
@@ -285,7 +296,7 @@ class BoundKVRunner:
                     dev_ins[name][:, col:col + got.shape[1]] = got
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
                 session = backend.session
-                binding, new, (out_blob, outs), _ = self._buffers(graph, session, T, inputs=False)
+                binding, new, (out_blob, outs, out_host), _ = self._buffers(graph, session, T, inputs=False)
                 keep = {name: xp.asarray(arr) for name, arr in dict(feeds, attention_mask=mask).items()}
                 for name, arr in keep.items():
                     self._bind(binding, name, arr)
@@ -310,7 +321,14 @@ class BoundKVRunner:
                 pos = start[:, None] + np.arange(T)
                 self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
             self.scratch += T
-            pending = Pending(self, out_blob, outs, T, per_token)
+            event = None
+            if P is not None and xp is not np:  # outputs to the host behind the call, then its event
+                stream = xp.cuda.get_current_stream()  # self.stream, entered above
+                xp.cuda.runtime.memcpyAsync(out_host.ctypes.data, out_blob.data.ptr, out_blob.nbytes,
+                                            xp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+                event = xp.cuda.Event(block=False, disable_timing=True)
+                event.record(stream)
+            pending = Pending(self, out_blob, outs, T, per_token, out_host if event else None, event)
             if P is not None:
                 self._unread[key] = pending
             return pending

@@ -24,7 +24,7 @@ from padrec_export.reference import reference_generate
 from padrec_runtime.adaptive import choose
 from padrec_runtime.decode import DecodeConfig
 from padrec_runtime.layout import ListConstraint
-from padrec_runtime.recommender import Recommender
+from padrec_runtime.recommender import RecommendResult, Recommender
 
 QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
 
@@ -64,6 +64,17 @@ def alternate(fns: dict, repeats: int):
             last[name] = fn()
             times[name].append((time.perf_counter() - t0) * 1e3)
     return times, last
+
+
+def each(rec, hists: list, **opts):
+    """Recommend for `hists` one request per history (batch 1 over several users); the results merged:
+    every list, tau over all rounds, rounds and phase times summed."""
+    res = [rec.recommend([h], **opts) for h in hists]
+    committed = [c for r in res for c in r.committed]
+    flat = [n for row in committed for n in row]
+    time_s = {k: sum(r.time_s[k] for r in res) for k in res[0].time_s}
+    return RecommendResult([r.lists[0] for r in res], float(np.mean(flat)), sum(r.rounds for r in res), committed,
+                           time_s)
 
 
 def copy_bandwidth_gbs(device) -> float:
@@ -162,10 +173,13 @@ def cuda_graph_ar(target, con, histories, max_len: int):
     return out
 
 
-def hf_generate(model_dir, con, histories, device, dtype):
-    """Hugging Face generate, greedy, with the same list constraint as a prefix_allowed_tokens_fn."""
+def hf_model(model_dir, device, dtype):
     import transformers
-    hf = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+    return transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).to(device).eval()
+
+
+def hf_generate(hf, con, histories, device):
+    """Hugging Face generate, greedy, with the same list constraint as a prefix_allowed_tokens_fn."""
     cat = con.catalogue
     prompts = [cat.prompt(h) for h in histories]
     n = len(prompts[0])
@@ -200,10 +214,13 @@ def main():
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="train,export,bench")
-    ap.add_argument("--draft-steps", type=int, default=6, help="K of the engines (and of the fused chain graph)")
+    ap.add_argument("--draft-steps", type=int, default=8, help="K of the engines (and of the fused chain graph)")
+    ap.add_argument("--draft-train-steps", type=int, default=8, help="steps the drafts are unrolled in training")
+    ap.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
+    ap.add_argument("--depths", default="6,7", help="fused-chain depths compared at batch 1 with the default K "
+                                                    "(engines exported for each; '' for none)")
     ap.add_argument("--quick", action="store_true",
-                    help="only the default runtime configuration (no dynamic / static-without-graphs rows) and no "
-                         "fused-chain depth comparison")
+                    help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -222,6 +239,7 @@ def main():
         cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, device=device,
                           dtype="float32" if args.small else "bfloat16")
         dcfg = TrainConfig(epochs=args.draft_epochs, batch_size=128, lr=1e-3, device=device,
+                           draft_steps=args.draft_train_steps,
                            dtype="float32" if args.small else "bfloat16")
         t0 = time.perf_counter()
         rep = train_all("ml-100k", models, size, cfg, dcfg, users=40 if args.small else None, progress=False)
@@ -242,6 +260,7 @@ def main():
     split = make_split(load_dataset("ml-100k"))
     test = [h for _, h, _ in split.test]
     hist_all = [h[-20:] for h in test if len(h) >= 20][:max(batches)]
+    users = hist_all[:args.b1_users]  # batch 1 rows: one request per user, in turn; times are per list
     rows = []
 
     def add(engine, mode, batch, ms, tau=None, extra=None):
@@ -260,20 +279,38 @@ def main():
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**20
 
+    def call_name(graph, key) -> str:
+        """A runner's call-count key as engine_calls names it: graph/T<bucket> ('dynamic' for no bucket)."""
+        name, P = key if isinstance(key, tuple) else (graph, key)
+        return f"{name}/T{P}"
+
+    def request(rec, batch, **opts):
+        """One batch call, or at batch 1 one call per user of `users` (the time per list is then / len(users))."""
+        return each(rec, users, **opts) if batch == 1 else rec.recommend(hist_all[:batch], **opts)
+
+    def per_list(batch) -> int:
+        return len(users) if batch == 1 else 1
+
     def run_modes(rec, engine, name, batch, modes):
-        hist = hist_all[:batch]
         for mode in modes:  # chain-loop: the chain's draft step by step (K engine calls), not the fused graph
             opts = dict(speculate="chain", fused_chain=False) if mode == "chain-loop" else dict(speculate=mode)
-            res, ms = timed(lambda: rec.recommend(hist, **opts), args.repeats)
+            counted = {g: dict(r.calls) for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch}
+            res, ms = timed(lambda: request(rec, batch, **opts), args.repeats)
+            ms /= per_list(batch)
+            calls = {call_name(g, key): (n - counted.get(g, {}).get(key, 0)) / (args.repeats + 1) / per_list(batch)
+                     for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch for key, n in r.calls.items()
+                     if n > counted.get(g, {}).get(key, 0)}
             toks = [r.tokens for r in res.lists]
             if mode == "off" and batch not in report.get("ar_tokens", {}):
                 report.setdefault("ar_tokens", {})[batch] = toks
             same = toks == report["ar_tokens"][batch]
             split_ms = {k: v * 1e3 for k, v in res.time_s.items()}
+            split_ms = {k: v / per_list(batch) for k, v in split_ms.items()}
+            rounds = res.rounds / per_list(batch)
             add(f"{engine}/{name}" if mode != "off" else engine, mode, batch, ms, res.tau,
-                {"identical_to_ar": same, "rounds": res.rounds, "split_ms": split_ms,
-                 "verify_ms_per_round": split_ms["verify"] / (res.rounds + 1),
-                 "host_ms_per_round": split_ms["host"] / max(res.rounds, 1)})
+                {"identical_to_ar": same, "rounds": rounds, "split_ms": split_ms,
+                 "verify_ms_per_round": split_ms["verify"] / (rounds + 1),
+                 "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls})
 
     def engine_calls(rec, batch):
         """Per call of each static bucket: the engine's time (50 queued runs, then one wait: runs return
@@ -298,6 +335,22 @@ def main():
                 out[f"{name}/T{P}"] = (time.perf_counter() - t0) / 50 * 1e3
                 out[f"{name}/T{P}/host"] = queued / 50 * 1e3
         return out
+
+    def gpu_busy(engine, per_call: dict) -> None:
+        """Batch-1 rows of `engine`: engine time per list (its calls per list times each bucket's engine time
+        per call, measured alone) and the rest of the wall time, when the device waits for the host."""
+        for row in rows:
+            if row["batch"] != 1 or not row["engine"].startswith(engine) or "engine_calls_per_list" not in row:
+                continue
+            busy = 0.0
+            for key, n in row["engine_calls_per_list"].items():
+                ms = per_call.get(key)
+                if ms is None:  # a dynamic-shape call: not timed alone
+                    busy = None
+                    break
+                busy += n * ms
+            row["engine_ms_per_list"] = busy
+            row["device_idle_pct"] = None if busy is None else 100 * (1 - busy / row["ms_per_list"])
 
     def graph_ops(path: Path) -> dict:
         """Node counts of a graph as exported and as ONNX Runtime's CUDA provider runs it (batch 1, 8 tokens)."""
@@ -340,6 +393,7 @@ def main():
             for batch in [b for b in (1, 8) if b in batches]:
                 run_modes(rec, engine, "padrec", batch, ["off", "chain", "chain-loop", "tree"])
             report["engine_calls_ms"][engine] = engine_calls(rec, 1) if opts.get("static_shapes", True) else {}
+            gpu_busy(engine, report["engine_calls_ms"][engine])
             report["graph_notes"][engine] = [n for b in rec.backends.values() for n in b.graph_notes]
             report["gpu_mem_mib"][engine] = gpu_used_mib()
             log(engine, json.dumps(report["engine_calls_ms"][engine]), report["graph_notes"][engine])
@@ -357,11 +411,11 @@ def main():
     rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
     report["launch_ms_b1"] = {}
     for mode in ("off", "chain", "tree"):
-        rec.recommend(hist_all[:1], speculate=mode)
+        each(rec, users, speculate=mode)
         runners = {g: rec._bound[(g, 1)] for g in ("target", "draft") if (g, 1) in rec._bound}
         before = {g: (dict(r.calls), dict(r.launch_s)) for g, r in runners.items()}
-        for _ in range(5):
-            rec.recommend(hist_all[:1], speculate=mode)
+        for _ in range(2):
+            each(rec, users, speculate=mode)
         report["launch_ms_b1"][mode] = {  # host time of one engine run call (returns once queued), per bucket
             f"{g}/{key}": (r.launch_s[key] - before[g][1].get(key, 0.0)) / n * 1e3
             for g, r in runners.items() for key in r.calls
@@ -371,8 +425,8 @@ def main():
             continue
         prof = cProfile.Profile()
         prof.enable()
-        for _ in range(10):
-            rec.recommend(hist_all[:1], speculate=mode)
+        for _ in range(2):
+            each(rec, users, speculate=mode)
         prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
@@ -399,26 +453,29 @@ def main():
                     {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
                      "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01))})
     rec = close(rec)
-    # other depths at batch 1, step-by-step draft (the engines were trained with 4 unrolled steps; deeper
-    # steps reuse the last step embedding); the default K runs the fused chain graph above
+    # other depths at batch 1, step-by-step draft (the drafts were trained with --draft-train-steps unrolled steps;
+    # deeper steps reuse the last step embedding); the default K runs the fused chain graph above
     rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
-    for K in (2, 4, 8):
-        res, ms = timed(lambda: rec.recommend(hist_all[:1], speculate="chain", draft_steps=K), args.repeats)
+    for K in (2, 4, 6):
+        res, ms = timed(lambda: each(rec, users, speculate="chain", draft_steps=K), args.repeats)
+        ms /= len(users)
         add(f"{engine}/padrec", f"chain K={K}", 1, ms, res.tau,
-            {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1], "rounds": res.rounds})
+            {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1],
+             "rounds": res.rounds / len(users)})
     rec = close(rec)
-    # the fused chain's depth at batch 1: engines exported with K = 4 and 8 next to the default, timed alternately
+    # the fused chain's depth at batch 1: engines exported with each K of --depths next to the default, timed
+    # alternately
     depth = {args.draft_steps: engines["padrec"]}
-    for K in () if args.quick else (4, 8):
+    for K in [int(k) for k in args.depths.split(",") if k]:
         if K != args.draft_steps:
             depth[K] = work / f"eng_padrec_k{K}"
             if not (depth[K] / "manifest.json").exists():
                 export_checkpoints(models / "target", models / "draft_padrec", depth[K], precision, max_seq_len=256,
                                    max_history=20, max_batch=64, draft_steps=K)
     recs = {K: Recommender(eng, device=device, io_binding=True, **opts) for K, eng in depth.items()}
-    t, last = alternate({K: (lambda r=r: r.recommend(hist_all[:1], speculate="chain")) for K, r in recs.items()},
-                        max(7, args.repeats))
-    report["fused_chain_depth_b1"] = {str(K): {"ms": float(np.median(t[K])), "tau": last[K].tau,
+    t, last = alternate({K: (lambda r=r: each(r, users, speculate="chain")) for K, r in recs.items()},
+                        max(5, args.repeats))
+    report["fused_chain_depth_b1"] = {str(K): {"ms": float(np.median(t[K])) / len(users), "tau": last[K].tau,
                                                "identical_to_ar": [r.tokens for r in last[K].lists] ==
                                                report["ar_tokens"][1]} for K in recs}
     log("fused chain depth", json.dumps(report["fused_chain_depth_b1"]))
@@ -427,10 +484,10 @@ def main():
     recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
     report["padrec_vs_eagle_b1"] = {}
     for mode in ("chain", "tree"):
-        t, last = alternate({name: (lambda r=r: r.recommend(hist_all[:1], speculate=mode)) for name, r in recs.items()},
-                            max(7, args.repeats))
+        t, last = alternate({name: (lambda r=r: each(r, users, speculate=mode)) for name, r in recs.items()},
+                            max(5, args.repeats))
         tau = {name: res.tau for name, res in last.items()}
-        med = {name: float(np.median(v)) for name, v in t.items()}
+        med = {name: float(np.median(v)) / len(users) for name, v in t.items()}
         report["padrec_vs_eagle_b1"][mode] = {"ms": med, "tau": tau,
                                               "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
         log("padrec vs eagle", mode, json.dumps(report["padrec_vs_eagle_b1"][mode]))
@@ -440,26 +497,34 @@ def main():
     target = target.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
     draft = draft.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
     con = ListConstraint(cat, n_items=10)
+    def over(batch, fn):
+        """fn(histories) once per user at batch 1 (results concatenated), else once for the batch."""
+        if batch > 1:
+            return fn(hist_all[:batch])
+        outs = [fn([h]) for h in users]
+        return outs
+
     for batch in [b for b in batches if b <= 8]:
-        hist = hist_all[:batch]
         for mode in ("off", "chain", "tree"):  # chain: the same fused draft chain (DraftChain, eager), same K
             cfg = DecodeConfig(speculate=mode, draft_steps=args.draft_steps if mode == "chain" else 4)
-            g, ms = timed(lambda: reference_generate(target, draft, hist, con, cfg), 1, sync)
-            add("pytorch-eager", mode, batch, ms, g.tau, {"identical_to_ar": g.tokens == report["ar_tokens"][batch]})
+            gs, ms = timed(lambda: over(batch, lambda h: reference_generate(target, draft, h, con, cfg)), 1, sync)
+            gs = gs if batch == 1 else [gs]
+            toks = [t for g in gs for t in g.tokens]
+            tau = float(np.mean([n for g in gs for row in g.committed for n in row]))
+            add("pytorch-eager", mode, batch, ms / per_list(batch), tau,
+                {"identical_to_ar": toks == report["ar_tokens"][batch]})
     # 3. PyTorch AR with the decode step in a CUDA graph (eager on CPU smoke runs)
     for batch in [b for b in batches if b <= 8]:
-        hist = hist_all[:batch]
-        toks, ms = timed(lambda: cuda_graph_ar(target, con, hist, 256), args.repeats, sync)
+        toks, ms = timed(lambda: over(batch, lambda h: cuda_graph_ar(target, con, h, 256)), args.repeats, sync)
+        toks = [t for part in toks for t in part] if batch == 1 else toks
         same = toks == report["ar_tokens"][batch]
-        add("pytorch-cudagraph", "off", batch, ms, 1.0, {"identical_to_ar": same})
+        add("pytorch-cudagraph", "off", batch, ms / per_list(batch), 1.0, {"identical_to_ar": same})
     # 4. Hugging Face generate (same target as LlamaForCausalLM, same constraint)
-    for batch in [1]:
-        run = hf_generate(models / "target", con, hist_all[:batch], device,
-                          torch.float16 if device == "cuda" else torch.float32)
-        seqs, ms = timed(run, 1, sync)
-        n = len(cat.prompt(hist_all[0]))
-        same = [s[n:].tolist() for s in seqs] == report["ar_tokens"][batch]
-        add("hf-generate", "off", batch, ms, 1.0, {"identical_to_ar": same})
+    hf = hf_model(models / "target", device, torch.float16 if device == "cuda" else torch.float32)
+    seqs, ms = timed(lambda: [hf_generate(hf, con, [h], device)() for h in users], 1, sync)
+    n = len(cat.prompt(users[0]))
+    same = [s[n:].tolist() for part in seqs for s in part] == report["ar_tokens"][1]
+    add("hf-generate", "off", 1, ms / len(users), 1.0, {"identical_to_ar": same})
     # 5. the floor: target weight bytes / copy bandwidth
     if device == "cuda":
         bw = copy_bandwidth_gbs(device)
