@@ -40,12 +40,21 @@ def pick(times: dict, margin: float = MARGIN) -> tuple:
     return best if best == ("off", None) or times[best] <= ar * (1 - margin) else ("off", None)
 
 
+def candidates_for(rec, candidates=CANDIDATES) -> tuple:
+    """`candidates` plus a chain at the engines' own K (the depth the fused draft-chain graph was exported for,
+    usually the fastest chain), where it is not among them."""
+    own = ("chain", rec.limits["draft_steps"])
+    return tuple(candidates) + ((own,) if "draft" in rec.backends and own not in candidates else ())
+
+
 def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES,
               margin: float = MARGIN) -> list:
-    """Choices (sorted by batch) measured on `histories` (at least max(batches) of them). Candidates are
-    timed in turn, `repeats` rounds, so all of them see the same machine state; medians are compared."""
+    """Choices (sorted by batch) measured on `histories` (at least max(batches) of them). Candidates (and a
+    chain at the engines' K) are timed in turn, `repeats` rounds, so all of them see the same machine state;
+    medians are compared."""
     if len(histories) < max(batches):
         raise InputError(f"calibrate: {len(histories)} histories for batches up to {max(batches)}")
+    candidates = candidates_for(rec, candidates)
     plan = []
     for batch in sorted(batches):
         hist = histories[:batch]

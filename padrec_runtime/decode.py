@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from .errors import BackendError, InputError
 from .kvcache import KVRunner, take_on_host
 from .layout import PAD, ConstraintState, ListConstraint
 from .sampling import SamplingConfig, allowed_logits, choose, distribution, log_softmax
@@ -405,9 +405,11 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
     t0 = time.perf_counter()
     take = {"input_ids": (chain, "tokens", 1)} if chain is not None else None
     call = _launch(target, {"input_ids": ids, "position_ids": pos}, mask, take=take)
+    masks = None
     if chain is not None:  # the chain's tokens arrive while the verify pass still runs: walk the grammar
-        for r, tree, row in zip(roots, trees, chain.result()["tokens"]):  # along them meanwhile
-            _chain_states(r, tree, row, constraint)
+        V = constraint.catalogue.layout.vocab_size  # along them meanwhile
+        masks = [_chain_states(r, tree, row, constraint, V) if not r.state.done else None
+                 for r, tree, row in zip(roots, trees, chain.result()["tokens"])]
     out = call.result()
     clock.verify += time.perf_counter() - t0
     verdicts = []
@@ -418,6 +420,8 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
         logits = out["logits"][b]
         if cfg.speculate == "chain" and not cfg.sampling.greedy:
             v = _accept_chain_sampled(logits, r, tree, constraint, cfg, rng)
+        elif masks is not None:
+            v = _walk_chain(logits, r, tree, masks[b], constraint)
         else:
             v = _walk(logits, r, tree, constraint, cfg, rng)
         v.features = out["hidden"][b, v.path]
@@ -425,22 +429,53 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
     return verdicts
 
 
-def _chain_states(root, chain, tokens, constraint) -> None:
+def _chain_states(root, chain, tokens, constraint, V: int) -> np.ndarray:
     """Fill a fused chain's nodes with its tokens and the grammar state after each, as far as the grammar
-    allows them (the chain does not ban items it completes itself; such a token is never accepted), so the
-    walk after the verify pass only compares."""
-    state = root.state
-    for n, tok in zip(chain, tokens):
+    allows them (the chain does not ban items it completes itself; such a token is never accepted). Returns
+    the (positions, V) mask of what the grammar allows at each verify position the walk can reach (root
+    first), so the walk after the verify pass is one masked argmax."""
+    mask = np.zeros((len(chain) + 1, V), dtype=bool)
+    state, reach = root.state, 0
+    for i, (n, tok) in enumerate(zip(chain, tokens)):
         n.token = int(tok)
         if state is None or state.done:
             state = None
             continue
         allowed = constraint.allowed(state)
+        mask[i, allowed] = True
         k = int(np.searchsorted(allowed, n.token))
         state = constraint.advance(state, n.token) if k < len(allowed) and allowed[k] == n.token else None
         n.state = state
-        if state is not None:
-            constraint.allowed(state)  # computed now, read from the constraint's cache by the walk
+        reach = i + 1
+    if state is not None and not state.done:
+        mask[reach, constraint.allowed(state)] = True
+    return mask
+
+
+def _walk_chain(logits, root, chain, mask, constraint) -> Verdict:
+    """`_walk` for a greedy fused chain whose grammar masks `_chain_states` built: the target's constrained
+    argmax at every position at once, accepted up to the first position where it differs from the draft."""
+    n = len(chain) + 1
+    rows = logits[:n]
+    if not np.all(np.isfinite(rows[mask[:n]])):  # what allowed_logits checks, at every reachable position
+        raise BackendError("target: non-finite logits (NaN/inf) | the engine overflowed; rebuild in fp32 or bf16, "
+                           "or check the engine files")
+    picks = np.where(mask[:n], rows, -np.inf).argmax(axis=1)  # the first maximum: the lowest token id, as argmax
+    path, tokens, state = [0], [], root.state  # over the sorted allowed ids in `_walk`
+    for i, node in enumerate(chain):
+        if state.done:
+            return Verdict(path, tokens, state)
+        token = int(picks[i])
+        tokens.append(token)
+        if token != node.token:  # the bonus token
+            return Verdict(path, tokens, constraint.advance(state, token))
+        state = node.state
+        path.append(i + 1)
+    if state.done:
+        return Verdict(path, tokens, state)
+    token = int(picks[len(chain)])
+    tokens.append(token)
+    return Verdict(path, tokens, constraint.advance(state, token))
 
 
 def _walk(logits, root, tree, constraint, cfg, rng) -> Verdict:

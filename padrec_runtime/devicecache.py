@@ -158,6 +158,7 @@ class BoundKVRunner:
                 self._queued_options.add_run_config_entry("gpu_graph_id", str(self.graph_id))
                 self._queued_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.launch_s: dict = {}  # as `calls`: host seconds spent in the engine's run call (to return)
+        self.queued_at = 0.0  # time.perf_counter() when the last run call returned
         self._stream_owner = self.stream  # set last: when the runner goes, its sessions go before the stream
         self.calls: dict = {}  # (bucket or "dynamic"), or (graph, bucket) for attached graphs -> engine calls
 
@@ -309,7 +310,8 @@ class BoundKVRunner:
                 session.run_with_iobinding(binding, options)
             except Exception as exc:  # onnxruntime raises its own exception types
                 raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
-            self.launch_s[count] = self.launch_s.get(count, 0.0) + time.perf_counter() - t0
+            self.queued_at = time.perf_counter()
+            self.launch_s[count] = self.launch_s.get(count, 0.0) + self.queued_at - t0
             self.calls[count] = done + 1
             # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
             start = self.lengths + self.scratch

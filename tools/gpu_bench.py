@@ -128,7 +128,8 @@ def cuda_graph_ar(target, con, histories, max_len: int):
         s_ids = torch.zeros(B, 1, dtype=torch.int32, device=dev)
         s_pos = torch.zeros(B, 1, dtype=torch.int32, device=dev)
         s_mask = torch.zeros(B, 1, max_len + 1, dtype=torch.bool, device=dev)
-        # warm-up and capture write their (garbage) KV at the last position, which no list reaches
+        s_mask[:, 0, max_len] = True  # warm-up and capture: the token sees itself (all masked would be NaN)
+        # warm-up and capture write their KV at the last position, which no list reaches
         s_write = torch.full((B,), max_len - 1, dtype=torch.int64, device=dev)
         if dev.type == "cuda":
             stream = torch.cuda.Stream()
@@ -214,10 +215,10 @@ def main():
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="train,export,bench")
-    ap.add_argument("--draft-steps", type=int, default=8, help="K of the engines (and of the fused chain graph)")
+    ap.add_argument("--draft-steps", type=int, default=7, help="K of the engines (and of the fused chain graph)")
     ap.add_argument("--draft-train-steps", type=int, default=8, help="steps the drafts are unrolled in training")
     ap.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
-    ap.add_argument("--depths", default="6,7", help="fused-chain depths compared at batch 1 with the default K "
+    ap.add_argument("--depths", default="6,8", help="fused-chain depths compared at batch 1 with the default K "
                                                     "(engines exported for each; '' for none)")
     ap.add_argument("--quick", action="store_true",
                     help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
@@ -352,6 +353,38 @@ def main():
             row["engine_ms_per_list"] = busy
             row["device_idle_pct"] = None if busy is None else 100 * (1 - busy / row["ms_per_list"])
 
+    def critical_path(rec, mode) -> dict:
+        """Batch 1, per round: host time from the verify pass's outputs on the host to the next engine call
+        queued, when the device has nothing to do (the walk, the next round's feeds, the launch itself)."""
+        marks = []
+        runners = [(g, rec._bound[(g, 1)]) for g in ("target", "draft") if (g, 1) in rec._bound]
+        runners_by = dict(runners)
+        for g, runner in runners:
+            def launch(*a, _orig=runner.launch, _g=g, **k):
+                pending = _orig(*a, **k)
+                marks.append((_g, "queued", runners_by[_g].queued_at))  # when its run call returned
+
+                def result(_read=pending.result):
+                    out = _read()
+                    marks.append((_g, "read", time.perf_counter()))
+                    return out
+                pending.result = result
+                return pending
+            runner.launch = launch
+        try:
+            each(rec, users, speculate=mode)
+        finally:
+            for _, runner in runners:
+                del runner.launch
+        gaps, read = [], None
+        for g, what, t in marks:
+            if g == "target" and what == "read":
+                read = t
+            elif what == "queued" and read is not None:
+                gaps.append((t - read) * 1e3)
+                read = None
+        return {"median": float(np.median(gaps)), "mean": float(np.mean(gaps)), "rounds": len(gaps)}
+
     def graph_ops(path: Path) -> dict:
         """Node counts of a graph as exported and as ONNX Runtime's CUDA provider runs it (batch 1, 8 tokens)."""
         import collections
@@ -421,6 +454,8 @@ def main():
             for g, r in runners.items() for key in r.calls
             if (n := r.calls[key] - before[g][0].get(key, 0)) > 0}
         log("launch ms", mode, json.dumps(report["launch_ms_b1"][mode]))
+        report.setdefault("host_critical_ms_b1", {})[mode] = critical_path(rec, mode)
+        log("host critical path ms", mode, json.dumps(report["host_critical_ms_b1"][mode]))
         if mode == "off":
             continue
         prof = cProfile.Profile()

@@ -304,6 +304,10 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     assert pick({ar: 100.0, ("chain", 4): 98.5}) == ar  # within the margin: AR
     assert pick({ar: 100.0, ("chain", 4): 98.5}, margin=0.0) == ("chain", 4)
     assert pick({ar: 90.0, ("chain", 4): 95.0}) == ar
+    from padrec_runtime.adaptive import CANDIDATES, candidates_for
+    own = ("chain", rec.limits["draft_steps"])
+    assert own in candidates_for(rec) and set(CANDIDATES) <= set(candidates_for(rec))
+    assert candidates_for(rec, [ar, ("chain", 1)]) == (ar, ("chain", 1), own)  # the engines' K is always timed
     assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
 
 
