@@ -245,7 +245,11 @@ def main():
         t0 = time.perf_counter()
         rep = train_all("ml-100k", models, size, cfg, dcfg, users=40 if args.small else None, progress=False)
         report["train"] = {k: v for k, v in rep.items() if k != "size"}
+        report["train"]["seconds_total"] = time.perf_counter() - t0
+        (models / "train_report.json").write_text(json.dumps(report["train"], indent=2) + "\n")
         log(f"trained in {time.perf_counter() - t0:.0f} s")
+    elif (models / "train_report.json").exists():  # trained by an earlier call (stages split across calls)
+        report["train"] = json.loads((models / "train_report.json").read_text())
     engines = {name: work / f"eng_{name}" for name in ("padrec", "eagle")}
     precision = "fp32" if args.small else "fp16"
     if "export" in stages:

@@ -57,3 +57,46 @@ def test_slots_of_every_kind():
     toks = np.array([BOS, 5, 5 + 256, 5 + 512 + 9, 5 + 768 + 255, SEP, EOS, LIST])
     assert layout.slots(toks).tolist() == [5, 0, 1, 2, 3, 4, 4, 5]
     assert layout.vocab_size == 5 + 1024
+
+
+def test_fused_chain_walk_matches_the_general_walk():
+    """The fused chain's walk (grammar masks built ahead, one masked argmax) accepts exactly what the general
+    walk accepts: random logits with ties, chains that follow the target, stray from it, or leave the grammar."""
+    from padrec_runtime.decode import Node, Root, _chain_states, _walk, _walk_chain
+    from padrec_runtime.sampling import SamplingConfig
+
+    class Cfg:
+        sampling = SamplingConfig()
+
+    cat = small_catalogue()
+    V = cat.layout.vocab_size
+    rng = np.random.default_rng(0)
+    outcomes = set()
+    for trial in range(300):
+        con = ListConstraint(cat, n_items=2, exclude_history=True)
+        state = con.start([12] if trial % 2 else [])
+        for _ in range(rng.integers(0, 4)):  # somewhere inside the list
+            state = con.advance(state, rng.choice(con.allowed(state)))
+        K = int(rng.integers(1, 6))
+        logits = rng.integers(0, 3, size=(K + 1, V)).astype(np.float32)  # small integers: many ties
+        # a chain that copies the target's pick for a while, then a random (possibly disallowed) token
+        tokens, s = [], state
+        for i in range(K):
+            if s.done or rng.random() < 0.25:
+                tokens.append(int(rng.integers(0, V)))
+                s = s if s.done else None
+                break
+            allowed = con.allowed(s)
+            tok = int(allowed[np.argmax(logits[i][allowed])])
+            tokens.append(tok)
+            s = con.advance(s, tok)
+        tokens += [int(rng.integers(0, V)) for _ in range(K - len(tokens))]
+        root = Root(token=1, position=3, state=state)
+        chain = [Node(0, i - 1, i + 1, 0.0, None) for i in range(K)]
+        mask = _chain_states(root, chain, np.array(tokens), con, V)
+        fast = _walk_chain(logits, root, chain, mask, con)
+        slow = _walk(logits, root, [Node(t, i - 1, i + 1, 0.0, None) for i, t in enumerate(tokens)], con, Cfg,
+                     rng)
+        assert (fast.path, fast.tokens, fast.state) == (slow.path, slow.tokens, slow.state)
+        outcomes.add((len(fast.path) - 1 == K, fast.state.done))
+    assert len(outcomes) >= 3  # whole chains accepted, chains cut short, and lists finished were all seen
