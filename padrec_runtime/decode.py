@@ -228,17 +228,19 @@ def _catch_up_feeds(feats, tokens, starts, constraint) -> tuple[dict, np.ndarray
     """Draft feeds (step 0) and mask for (target feature, next token) pairs of newly committed positions."""
     B = len(tokens)
     lens = [len(t) for t in tokens]
-    ids = _pad(tokens, PAD, np.int32)
-    T = ids.shape[1]
+    T = max(1, max(lens))
     H = feats[0].shape[-1]
+    ids = np.full((B, T), PAD, np.int32)
     hid = np.zeros((B, T, H), dtype=np.float32)
     pos = np.zeros((B, T), dtype=np.int32)
-    mask = np.zeros((B, T, T), dtype=bool)
+    mask = np.repeat(np.eye(T, dtype=bool)[None], B, axis=0)  # padding tokens see only themselves
+    causal = np.tri(T, dtype=bool)
     for b, n in enumerate(lens):
-        hid[b, :n] = feats[b]
-        pos[b, :n] = starts[b] + np.arange(n)
-        mask[b] = np.eye(T, dtype=bool)
-        mask[b, :n, :n] = np.tril(np.ones((n, n), dtype=bool))
+        if n:
+            ids[b, :n] = tokens[b]
+            hid[b, :n] = feats[b]
+            pos[b, :n] = np.arange(starts[b], starts[b] + n)
+            mask[b, :n, :n] = causal[:n, :n]
     feeds = {"hidden_in": hid, "input_ids": ids, "position_ids": pos, "step": np.zeros((B, T), np.int32),
              "slot": constraint.catalogue.layout.slots(ids)}
     return feeds, mask, lens
