@@ -26,7 +26,7 @@ def main(path="benchmarks/results/gpu_bench_h200.json", out="benchmarks/results/
                color=plt.cm.tab20(k % 20))
     ax.set_xticks(np.arange(len(batches)) + 0.4 - width / 2, [f"batch {b}" for b in batches])
     ax.set_yscale("log")
-    ax.set_ylabel("ms per list (batch call, median)")
+    ax.set_ylabel("ms per list (median; batch 1: users in turn)")
     floor = d.get("floor", {}).get("floor_ms_per_target_step")
     ax.set_title(f"{d.get('gpu', '?')}: Qwen2.5-0.5B-shaped target (fp16), 10-item lists (50 tokens); "
                  f"weight floor {floor:.2f} ms/step", fontsize=9)
