@@ -408,8 +408,8 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
     take = {"input_ids": (chain, "tokens", 1)} if chain is not None else None
     call = _launch(target, {"input_ids": ids, "position_ids": pos}, mask, take=take)
     masks = None
-    if chain is not None:  # the chain's tokens arrive while the verify pass still runs: walk the grammar
-        V = constraint.catalogue.layout.vocab_size  # along them meanwhile
+    if chain is not None:  # the chain's tokens arrive while the verify pass still runs: walk the grammar along
+        V = constraint.catalogue.layout.vocab_size  # them meanwhile
         masks = [_chain_states(r, tree, row, constraint, V) if not r.state.done else None
                  for r, tree, row in zip(roots, trees, chain.result()["tokens"])]
     out = call.result()
@@ -462,8 +462,9 @@ def _walk_chain(logits, root, chain, mask, constraint) -> Verdict:
     if not np.all(np.isfinite(rows[mask[:n]])):  # what allowed_logits checks, at every reachable position
         raise BackendError("target: non-finite logits (NaN/inf) | the engine overflowed; rebuild in fp32 or bf16, "
                            "or check the engine files")
-    picks = np.where(mask[:n], rows, -np.inf).argmax(axis=1)  # the first maximum: the lowest token id, as argmax
-    path, tokens, state = [0], [], root.state  # over the sorted allowed ids in `_walk`
+    # the first maximum wins ties: the lowest token id, as argmax over the sorted allowed ids does in `_walk`
+    picks = np.where(mask[:n], rows, -np.inf).argmax(axis=1)
+    path, tokens, state = [0], [], root.state
     for i, node in enumerate(chain):
         if state.done:
             return Verdict(path, tokens, state)
