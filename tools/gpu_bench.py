@@ -481,11 +481,10 @@ def main():
             plan = rec.calibrate(hist_all, batches, repeats=3)
             report["adaptive_plan"] = [c.__dict__ for c in plan]
             for batch in batches:  # auto and AR timed alternately, so both see the same machine state
-                hist = hist_all[:batch]
-                t, last = alternate({"auto": lambda: rec.recommend(hist, speculate="auto"),
-                                     "ar": lambda: rec.recommend(hist, speculate="off")}, max(5, args.repeats))
-                t_ar, res = t["ar"], last["auto"]
-                ms, ar = float(np.median(t["auto"])), float(np.median(t_ar))
+                t, last = alternate({"auto": lambda: request(rec, batch, speculate="auto"),
+                                     "ar": lambda: request(rec, batch, speculate="off")}, max(5, args.repeats))
+                t_ar, res = [v / per_list(batch) for v in t["ar"]], last["auto"]
+                ms, ar = float(np.median(t["auto"])) / per_list(batch), float(np.median(t_ar))
                 pick = choose(plan, batch)
                 noise = float(np.std(t_ar) / ar)
                 add(f"{engine}/auto", "auto", batch, ms, res.tau,
