@@ -30,6 +30,7 @@ class DecodeConfig:
     sampling: SamplingConfig = SamplingConfig()
     seed: int = 0
     fused_chain: bool = True  # greedy chain rounds use a draft_chain graph with this K where there is one
+    device_rounds: bool = False  # fused chain on device caches: each round's next chain queued behind its verify
 
     def __post_init__(self):
         if self.speculate not in SPECULATE_MODES:
@@ -138,6 +139,8 @@ class DecodeSession:
         self.rng = np.random.default_rng(cfg.seed)
         self.clock = _Clock()
         self.fused = fused_chain(self.draft, cfg)
+        self.device = DeviceRounds(constraint) if self.fused and device_rounds(target, self.draft, cfg) else None
+        self.queued = None  # the next round's draft chain, already queued on the device
         self.roots = prefill(target, self.draft, prompts, histories, constraint, cfg, self.rng, self.clock,
                              self.fused)
         self.out = Generation(tokens=[[r.token] for r in self.roots], committed=[[] for _ in self.roots])
@@ -150,14 +153,23 @@ class DecodeSession:
         """Run one round; returns the tokens each row committed in it."""
         before = [len(t) for t in self.out.tokens]
         chain = None
-        if self.fused:
+        if self.queued is not None:  # queued on the device by the last round
+            trees, chain = _chains(self.roots, self.draft.chain_steps), self.queued
+        elif self.fused:
             trees, chain = propose_fused(self.draft, self.roots, self.constraint, self.clock)
         elif self.draft is not None:
             trees = propose(self.draft, self.roots, self.constraint, self.cfg, self.rng, self.clock)
         else:
             trees = [[] for _ in self.roots]
-        verdicts = verify(self.target, self.roots, trees, self.constraint, self.cfg, self.rng, self.clock, chain)
-        accept(self.target, self.draft, self.roots, verdicts, self.constraint, self.out, self.clock, self.fused)
+        self.queued = None
+        meanwhile = None
+        if self.device is not None:
+            def meanwhile(call, masks):
+                self.queued = self.device.queue(self.draft, call, self.roots, trees, masks, self.clock)
+        verdicts = verify(self.target, self.roots, trees, self.constraint, self.cfg, self.rng, self.clock, chain,
+                          meanwhile)
+        accept(self.target, self.draft, self.roots, verdicts, self.constraint, self.out, self.clock, self.fused,
+               queued=self.queued is not None)
         self.out.rounds += 1
         return [t[n:] for t, n in zip(self.out.tokens, before)]
 
@@ -180,6 +192,13 @@ def fused_chain(draft, cfg: DecodeConfig) -> bool:
     """Whether rounds use the fused draft-chain graph: greedy chain speculation with the K it was exported for."""
     return (cfg.fused_chain and draft is not None and cfg.speculate == "chain" and cfg.sampling.greedy
             and getattr(draft, "chain_steps", 0) == cfg.draft_steps)
+
+
+def device_rounds(target, draft, cfg: DecodeConfig) -> bool:
+    """Whether rounds queue their successor's draft chain on the device: asked for, and both caches bound to
+    the device with static buckets (the chain's inputs are written into its bound input buffers there)."""
+    return (cfg.device_rounds and getattr(draft, "static", False) and hasattr(target, "launch")
+            and hasattr(draft, "xp"))
 
 
 def max_cache_len(prompt_len: int, constraint: ListConstraint, cfg: DecodeConfig) -> int:
@@ -362,10 +381,127 @@ def propose_fused(draft, roots, constraint, clock) -> tuple:
     call = _launch(draft, feeds, mask, graph="draft_chain")
     clock.draft += time.perf_counter() - t
     draft.commit([np.arange(n) for n in lens])
-    K = draft.chain_steps
     for r in roots:
         r.pending = None
-    return [[Node(PAD, i - 1, i + 1, 0.0, None) for i in range(K)] if not r.state.done else [] for r in roots], call
+    return _chains(roots, draft.chain_steps), call
+
+
+def _chains(roots, K: int) -> list:
+    """Each live row's chain of K draft tokens, not yet known (the queued chain call computes them)."""
+    return [[Node(PAD, i - 1, i + 1, 0.0, None) for i in range(K)] if not r.state.done else [] for r in roots]
+
+
+class DeviceRounds:
+    """Greedy fused-chain rounds that go from one to the next without waiting for the host.
+
+    While a round's verify pass runs, the host has the round's draft tokens and builds, for every verify
+    position, what the list grammar allows there, plus the trie row, items left and `banned` row after each
+    possible number of accepted tokens. `queue` sends those tables to the device and queues, behind the
+    verify pass: the target's constrained picks (one masked argmax), the accepted count (the leading picks
+    that equal the draft's tokens), the bonus token, and from them the next chain call's inputs (the verify
+    pass's features, the picks as tokens, the trie row after the bonus, ...), then the next chain call. The
+    host reads the verify pass and walks the same picks for the output (`_walk_chain`, same masks) while the
+    next chain already runs. `banned` is the row of the state before the bonus token, updated on the device
+    where the bonus token completes an item (`ListConstraint.completion_bans`). Not queued when a row might finish in the round (the call would only delay the next request)."""
+
+    def __init__(self, constraint: ListConstraint):
+        self.constraint = constraint
+        self._tables = None  # the catalogue's chain tables on the device
+        self._staging: dict = {}  # batch -> packed host/device buffers for the per-round tables
+
+    def _device_tables(self, draft):
+        if self._tables is None:
+            cat = self.constraint.catalogue
+            t = cat.chain_tables()
+            leaf_row = len(t["next_node"]) - 1
+            host = {"next_node": t["next_node"].astype(np.int64), "row_of": t["row_of"].astype(np.int64),
+                    "is_leaf": (t["row_of"] == leaf_row).astype(np.int64),
+                    "slot_of": cat.layout.slots(np.arange(cat.layout.vocab_size)).astype(np.int64)}
+            with draft._guard, draft.stream:
+                self._tables = {k: draft.xp.asarray(v) for k, v in host.items()}
+        return self._tables
+
+    def _may_end(self, root, chain) -> bool:
+        """Whether the row's list can end in this round: eos due (or written) at a position the walk reaches."""
+        L, n_items = self.constraint.catalogue.layout.levels, self.constraint.n_items
+        for s in [root.state] + [n.state for n in chain]:
+            if s is None:
+                return False
+            if s.done or (s.level == L and s.n_done == n_items):
+                return True
+        return False
+
+    def queue(self, draft, call, roots, trees, masks, clock):
+        """Queue the next round's chain behind `call` (the verify pass); returns its Pending, or None."""
+        live = [m is not None for m in masks]
+        if not any(live) or all(self._may_end(r, tree) for r, tree, ok in zip(roots, trees, live) if ok):
+            return None
+        t0 = time.perf_counter()
+        con, cat = self.constraint, self.constraint.catalogue
+        B, K = len(roots), draft.chain_steps
+        T1, V = K + 1, cat.layout.vocab_size
+        n_ban, L = len(cat.child_codes) + 2, cat.layout.levels
+        if B not in self._staging:
+            specs = {"mask": ((B, T1, V), np.bool_), "tokens": ((B, K), np.int64), "rows": ((B, T1), np.int64),
+                     "left": ((B, T1), np.int64), "banned": ((B, T1, n_ban), np.float16),
+                     "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_)}
+            with draft._guard, draft.stream:
+                self._staging[B] = draft._packed(specs, host=True)
+        blob, dev, hblob, host = self._staging[B]
+        for arr in host.values():
+            arr[...] = 0
+        for b, (r, tree, mask) in enumerate(zip(roots, trees, masks)):
+            if mask is None:
+                continue
+            host["mask"][b] = mask
+            host["tokens"][b] = [n.token for n in tree]
+            for m, s in enumerate([r.state] + [n.state for n in tree]):
+                if s is None:
+                    break
+                host["rows"][b, m] = cat.chain_row(s)
+                host["left"][b, m] = con.n_items - s.n_done
+                host["banned"][b, m] = con.chain_ban(s)
+                if s.level == L - 1:  # the bonus token may complete an item
+                    host["path"][b, m], host["ends"][b, m] = con.completion_bans(s)
+                if s.done:
+                    break
+        tab = self._device_tables(draft)
+        xp = draft.xp
+        with draft._guard, draft.stream:
+            if xp is not np:
+                blob.set(hblob)
+            logits, hidden = call.device("logits")[:, :T1], call.device("hidden")[:, :T1]
+            picks = xp.where(dev["mask"], logits, -xp.inf).argmax(axis=2)  # first maximum, as `_walk_chain`
+            accepted = xp.cumprod((picks[:, :K] == dev["tokens"]).astype(np.int64), axis=1).sum(axis=1)
+            at = accepted[:, None]
+            bonus = xp.take_along_axis(picks, at, axis=1)[:, 0]
+            reached = tab["next_node"][xp.take_along_axis(dev["rows"], at, axis=1)[:, 0], bonus]
+            rows = xp.arange(B)
+            banned = dev["banned"][rows, accepted]  # the state's row, then what a completed item uses up
+            done = tab["is_leaf"][reached].astype(bool)
+            path, ends = dev["path"][rows, accepted], dev["ends"][rows, accepted] & done[:, None]
+            banned[rows[:, None], path] = xp.where(ends, -xp.inf, banned[rows[:, None], path])
+            banned[rows, reached] = xp.where(done, -xp.inf, banned[rows, reached])
+            take = {"hidden_in": (hidden, None, 0), "input_ids": (picks, None, 0),
+                    "slot": (tab["slot_of"][picks], None, 0), "last": (accepted, None, 0),
+                    "node": (tab["row_of"][reached], None, 0),
+                    "left": (xp.take_along_axis(dev["left"], at, axis=1)[:, 0] - tab["is_leaf"][reached], None, 0),
+                    "banned": (banned, None, 0)}
+        H = hidden.shape[-1]
+        pos = np.zeros((B, T1), np.int32)
+        mask = np.repeat(np.eye(T1, dtype=bool)[None], B, axis=0)  # finished rows: padding
+        for b, r in enumerate(roots):
+            if live[b]:
+                pos[b] = np.arange(r.position, r.position + T1)
+                mask[b] = np.tri(T1, dtype=bool)  # catch-up rows past the accepted ones are never used
+        feeds = {"hidden_in": np.zeros((B, T1, H), np.float32), "input_ids": np.zeros((B, T1), np.int32),
+                 "position_ids": pos, "slot": np.zeros((B, T1), np.int32), "last": np.zeros(B, np.int32),
+                 "node": np.zeros(B, np.int32), "left": np.zeros(B, np.int32),
+                 "banned": np.zeros((B, n_ban), np.float16)}
+        draft.discard()
+        queued = draft.launch(feeds, mask, graph="draft_chain", take=take)
+        clock.draft += time.perf_counter() - t0
+        return queued
 
 
 def _select(nodes: list, cfg: DecodeConfig) -> list:
@@ -385,9 +521,10 @@ def _select(nodes: list, cfg: DecodeConfig) -> list:
                  nodes[i].state, nodes[i].q, nodes[i].allowed) for i in chosen]
 
 
-def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> list:
+def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None, meanwhile=None) -> list:
     """One target pass over root + draft tokens per row (ancestor mask), then walk the accepted path.
-    chain: the queued draft-chain call whose tokens the trees (chains) carry, from `propose_fused`."""
+    chain: the queued draft-chain call whose tokens the trees (chains) carry, from `propose_fused`;
+    meanwhile(verify call, grammar masks): run once the chain's tokens are in, before the verify pass is read."""
     B = len(roots)
     T = 1 + max(len(t) for t in trees)
     ids = np.full((B, T), PAD, np.int32)
@@ -412,6 +549,8 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None) -> lis
         V = constraint.catalogue.layout.vocab_size  # them meanwhile
         masks = [_chain_states(r, tree, row, constraint, V) if not r.state.done else None
                  for r, tree, row in zip(roots, trees, chain.result()["tokens"])]
+        if meanwhile is not None:
+            meanwhile(call, masks)
     out = call.result()
     clock.verify += time.perf_counter() - t0
     verdicts = []
@@ -528,10 +667,13 @@ def _accept_chain_sampled(logits, root, chain, constraint, cfg, rng) -> Verdict:
     return Verdict(path, tokens, constraint.advance(state, allowed[k]))
 
 
-def accept(target, draft, roots, verdicts, constraint, out, clock, fused: bool = False) -> None:
+def accept(target, draft, roots, verdicts, constraint, out, clock, fused: bool = False, queued: bool = False) -> None:
     """Keep the accepted path's KV, record the committed tokens, feed the draft the real features (with the
-    fused chain: hand them to the next round's chain call)."""
+    fused chain: hand them to the next round's chain call; queued: that call already runs on the device,
+    its catch-up over this round's committed positions is kept)."""
     target.commit([v.path for v in verdicts])
+    if queued:
+        draft.commit([np.arange(len(v.path)) if v.tokens and not v.state.done else [] for v in verdicts])
     H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
     feats, tokens, starts = [], [], []
     for b, (r, v) in enumerate(zip(roots, verdicts)):
@@ -546,6 +688,8 @@ def accept(target, draft, roots, verdicts, constraint, out, clock, fused: bool =
         live = not r.state.done
         feats.append(v.features if live else np.zeros((0, H), np.float32))
         tokens.append(np.asarray(v.tokens if live else [], np.int32))
+    if queued:
+        return
     if fused:
         for r, f, t, s in zip(roots, feats, tokens, starts):
             r.pending = (f, t, s) if not r.state.done else None

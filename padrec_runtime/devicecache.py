@@ -259,7 +259,9 @@ class BoundKVRunner:
         """`forward` without waiting: queues the call on the device and returns a Pending whose `result()`
         reads the outputs back. take: {input name: (Pending, output name, first column)} copies another
         call's device output into this call's input columns on the device (the draft chain's tokens into the
-        verify pass), so neither waits for the host in between."""
+        verify pass), so neither waits for the host in between; (device array, None, first column) copies
+        that array (a per-row input takes it whole). Taken values replace the feeds' on a static bucket; on
+        the dynamic path (no bound input buffers) the host waits for Pending values instead."""
         xp, S = self.xp, self.spec.max_len
         graph = graph or self.graph
         backend, gspec, names, _, per_token = self._graphs[graph]
@@ -293,8 +295,12 @@ class BoundKVRunner:
                 if xp is not np:
                     in_blob.set(host_blob)
                 for name, (src, out, col) in (take or {}).items():  # device to device, in stream order
-                    got = src.device(out)
-                    dev_ins[name][:, col:col + got.shape[1]] = got
+                    got = src if out is None else src.device(out)
+                    dst = dev_ins[name]
+                    if dst.ndim == 1:  # one value per row
+                        dst[...] = got
+                    else:
+                        dst[:, col:col + got.shape[1]] = got
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
                 session = backend.session
                 binding, new, (out_blob, outs, out_host), _ = self._buffers(graph, session, T, inputs=False)

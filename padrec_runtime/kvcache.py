@@ -45,15 +45,19 @@ def attention_mask(lengths: np.ndarray, scratch: int, new_mask: np.ndarray, past
 
 def take_on_host(feeds: dict, take: dict | None) -> dict:
     """Feeds with `take`'s values written in: {input name: (call, output name, first column)} copies the
-    call's output (its `result()`, on the host) into the input's columns from `first column` on. Runners
-    without device buffers use this; device caches copy on the device instead (BoundKVRunner.launch)."""
+    call's output (its `result()`, on the host) into the input's columns from `first column` on; (array,
+    None, first column) copies that array (a device array is read back; a per-row input takes it whole).
+    Runners without device buffers use this; device caches copy on the device instead (BoundKVRunner.launch)."""
     if not take:
         return feeds
     feeds = dict(feeds)
     for name, (src, out, col) in take.items():
-        got = src.result()[out]
+        got = src.result()[out] if out is not None else src if isinstance(src, np.ndarray) else src.get()
         feeds[name] = np.array(feeds[name])
-        feeds[name][:, col:col + got.shape[1]] = got
+        if feeds[name].ndim == 1:
+            feeds[name][...] = got
+        else:
+            feeds[name][:, col:col + got.shape[1]] = got
     return feeds
 
 

@@ -274,6 +274,21 @@ class ListConstraint:
             bans[state.used] = row
         return row
 
+    def completion_bans(self, state: ConstraintState) -> tuple[np.ndarray, np.ndarray]:
+        """For a state whose next token completes an item (level L-1): the trie nodes from the root down to
+        the state's node (L of them) and, for each, whether completing one more item under it uses it up - so
+        `chain_ban` after that token is this state's row with those nodes and the new leaf at -inf."""
+        cat, L = self.catalogue, self.catalogue.layout.levels
+        if getattr(cat, "_an_item", None) is None:  # for each trie node, an item below it
+            cat._an_item = np.zeros(len(cat.child_codes), dtype=np.int64)
+            for d in range(L + 1):
+                cat._an_item[cat.item_nodes[:, d]] = np.arange(len(cat.item_nodes))
+        nodes = cat.item_nodes[cat._an_item[state.node], :L]
+        used = cat.item_nodes[list(state.used), 1:L].ravel() if state.used else np.zeros(0, dtype=np.int64)
+        count = (used[None, :] == nodes[:, None]).sum(axis=1)
+        count[0] = len(state.used)
+        return nodes, count + 1 >= cat.subtree_size[nodes]
+
     def list_length(self) -> int:
         """Tokens in a complete output list, eos included."""
         return self.n_items * (self.catalogue.layout.levels + 1)

@@ -297,8 +297,10 @@ def main():
         return len(users) if batch == 1 else 1
 
     def run_modes(rec, engine, name, batch, modes):
-        for mode in modes:  # chain-loop: the chain's draft step by step (K engine calls), not the fused graph
-            opts = dict(speculate="chain", fused_chain=False) if mode == "chain-loop" else dict(speculate=mode)
+        for mode in modes:  # chain-loop: the chain's draft step by step (K engine calls), not the fused graph;
+            # chain-dev: fused chain rounds with device_rounds (the next chain queued behind the verify pass)
+            opts = {"chain-loop": dict(speculate="chain", fused_chain=False),
+                    "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
             counted = {g: dict(r.calls) for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch}
             res, ms = timed(lambda: request(rec, batch, **opts), args.repeats)
             ms /= per_list(batch)
@@ -428,7 +430,7 @@ def main():
         try:
             rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
             for batch in [b for b in (1, 8) if b in batches]:
-                run_modes(rec, engine, "padrec", batch, ["off", "chain", "chain-loop", "tree"])
+                run_modes(rec, engine, "padrec", batch, ["off", "chain", "chain-dev", "chain-loop", "tree"])
             report["engine_calls_ms"][engine] = engine_calls(rec, 1) if opts.get("static_shapes", True) else {}
             gpu_busy(engine, report["engine_calls_ms"][engine])
             report["graph_notes"][engine] = [n for b in rec.backends.values() for n in b.graph_notes]

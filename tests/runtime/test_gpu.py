@@ -1,5 +1,6 @@
-"""CUDA graphs replay exactly what the same static-shape sessions compute without them, for batch calls and
-for interleaved caller-owned sessions (each device cache its own graphs), on a GPU. (Against the dynamic
+"""CUDA graphs replay exactly what the same static-shape sessions compute without them, for batch calls (the
+device-rounds chain, whose next chain's inputs are worked out by cupy on the device, included) and for
+interleaved caller-owned sessions (each device cache its own graphs), on a GPU. (Against the dynamic
 CUDA path lists can differ at fp32 near-ties: other shapes, other kernels; on the H200 the static path
 matched ONNX Runtime on CPU where the dynamic one did not, row 1 of batch 4, token 26.)
 
@@ -35,11 +36,15 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     plain = Recommender(engines, device="cuda", cuda_graphs=False)  # the same sessions, no graphs
     cat = graphs.catalogue
     hists = [cat.item_ids[i:i + 12].tolist() for i in (0, 40, 80, 120)]
-    for mode in ("off", "chain", "tree"):
+    for mode in ("off", "chain", "tree", "device_rounds"):
+        opts = dict(speculate="chain", device_rounds=True) if mode == "device_rounds" else dict(speculate=mode)
         for batch in (hists[:1], hists):
-            a = [r.tokens for r in plain.recommend(batch, speculate=mode).lists]
+            want = plain.recommend(batch, speculate=opts["speculate"])  # device rounds: as the host path
+            a = [r.tokens for r in want.lists]
             for _ in range(3):  # first runs warm up and capture, later ones replay
-                assert [r.tokens for r in graphs.recommend(batch, speculate=mode).lists] == a, (mode, len(batch))
+                got = graphs.recommend(batch, **opts)
+                assert [r.tokens for r in got.lists] == a, (mode, len(batch))
+                assert got.committed == want.committed, (mode, len(batch))  # the same rounds too
     want = [[r.tokens for r in plain.recommend([h], speculate="chain").lists][0] for h in hists[:2]]
     for _ in range(2):  # interleaved caller-owned sessions, then again on pooled caches and captured graphs
         s1, s2 = graphs.start([hists[0]], speculate="chain"), graphs.start([hists[1]], speculate="chain")

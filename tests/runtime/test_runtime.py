@@ -274,6 +274,54 @@ def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_mast
             assert loop.committed == fused.committed and loop.tau > 1.5
 
 
+def _chain_inputs(rec, batch) -> list:
+    """Start recording the effective inputs (after device-side copies) of every draft_chain call at `batch`, and
+    whether the call took them from the device (`queued`)."""
+    from padrec_runtime.devicecache import bucket
+    runner, calls = rec._bound[("draft", batch)], []
+
+    def launch(feeds, mask, graph=None, take=None, _orig=runner.launch):
+        pending = _orig(feeds, mask, graph, take)
+        if graph == "draft_chain":
+            ins = runner._by_seq[(graph, bucket(feeds["input_ids"].shape[1]))][3][3]
+            calls.append(dict({name: np.array(arr) for name, arr in ins.items()}, queued=bool(take)))
+        return pending
+    runner.launch = launch
+    return calls
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_master, batch):
+    """device_rounds: each round's next draft chain is queued behind its verify pass with inputs worked out
+    there (numpy buffers here; the same code runs on CUDA). Every such call sees exactly what the host path
+    feeds - features, tokens, positions, slots, last index, trie row, items left, banned trie nodes - so the
+    rounds and lists are the host path's, and the lists equal AR's."""
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    K = rec.manifest.graph("draft_chain")["chain_steps"]
+    hist = _histories(tiny[0], 7, batch)
+    ar = rec.recommend(hist, speculate="off")
+    rec.recommend(hist, speculate="chain", draft_steps=K)  # runners and sessions exist from here on
+    host_calls = _chain_inputs(rec, batch)
+    host = rec.recommend(hist, speculate="chain", draft_steps=K)
+    del rec._bound[("draft", batch)].launch
+    dev_calls = _chain_inputs(rec, batch)
+    dev = rec.recommend(hist, speculate="chain", draft_steps=K, device_rounds=True)
+    assert [r.tokens for r in dev.lists] == [r.tokens for r in ar.lists] == [r.tokens for r in host.lists]
+    assert dev.committed == host.committed and dev.tau > 1.5
+    assert len(dev_calls) == len(host_calls) == dev.rounds
+    for h, d in zip(host_calls, dev_calls):
+        for b in range(batch):
+            if h["input_ids"][b, 0] == 0:  # a finished row (padding)
+                continue
+            n = int(h["last"][b]) + 1
+            for name in ("hidden_in", "input_ids", "position_ids", "slot"):
+                np.testing.assert_allclose(d[name][b, :n], h[name][b, :n], rtol=1e-6, atol=1e-6, err_msg=name)
+            for name in ("last", "node", "left", "banned"):
+                np.testing.assert_array_equal(d[name][b], h[name][b], err_msg=name)
+    queued = sum(d["queued"] for d in dev_calls)
+    assert not any(h["queued"] for h in host_calls) and queued >= dev.rounds // 2  # most from the device path
+
+
 def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
     from padrec_export.onnx_export import export_engines
     from tests.conftest import LIMITS
