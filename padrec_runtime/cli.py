@@ -59,9 +59,12 @@ def print_result(result, as_json: bool) -> None:
 @click.option("--static-shapes/--dynamic-shapes", default=None,
               help="CUDA: fixed-shape bucket sessions with CUDA graphs (the default; fastest for a service) or one "
                    "dynamic session (opens faster: better for a single request)")
+@click.option("--device-rounds", is_flag=True,
+              help="greedy chain: queue each round's next draft chain on the device behind its verify pass "
+                   "(needs static shapes)")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def recommend(engine_dir, histories, n_items, backend, device, trt_module, allow_host_code, mode, temperature,
-              top_k, top_p, seed, speculate, draft_steps, static_shapes, as_json):
+              top_k, top_p, seed, speculate, draft_steps, static_shapes, device_rounds, as_json):
     """Write recommendation lists for one or more histories."""
     from .recommender import Recommender
     rec = Recommender(engine_dir, backend=backend, device=device, trt_module=trt_module,
@@ -69,5 +72,5 @@ def recommend(engine_dir, histories, n_items, backend, device, trt_module, allow
                       io_binding=True if static_shapes else None)
     result = rec.recommend([parse_ids(h) for h in histories], n_items=n_items, speculate=speculate,
                            greedy=mode == "greedy", temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           draft_steps=draft_steps)
+                           draft_steps=draft_steps, device_rounds=device_rounds)
     print_result(result, as_json)

@@ -245,6 +245,9 @@ class Recommender:
             pick = choose(self.plan, len(histories))
             options = dict(options, speculate=pick.speculate, draft_steps=pick.draft_steps)
         cfg = self.config(**options)
+        if cfg.device_rounds and not (self.io_binding and self.static_shapes):
+            raise InputError("device_rounds: needs device caches with static shapes | Recommender(..., "
+                             "io_binding=True, static_shapes=True) (the CUDA defaults)")
         constraint = ListConstraint(self.catalogue, n_items=n_items, exclude_history=exclude_history)
         prompts = [self.catalogue.prompt(h) for h in histories]
         need = max_cache_len(max(len(p) for p in prompts), constraint, cfg)

@@ -135,8 +135,13 @@ def test_cli_recommend_and_errors(engines_master, engines):
                   "--static-shapes")
     assert static.returncode == 0, static.stderr
     assert json.loads(static.stdout)["lists"] == data["lists"]
+    rounds = _cli("recommend", "--engines", str(engines_master), "--history", "1000,1001,1002", "--json",
+                  "--static-shapes", "--device-rounds")
+    assert rounds.returncode == 0, rounds.stderr
+    assert json.loads(rounds.stdout)["lists"] == data["lists"]
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
-                      (["--history", "1,x"], "comma-separated")]:
+                      (["--history", "1,x"], "comma-separated"),
+                      (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches")]:
         bad = _cli("recommend", "--engines", str(engines_master), *args)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     (engines / "target.onnx").write_bytes(b"garbage")
