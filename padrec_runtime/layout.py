@@ -208,6 +208,7 @@ class ListConstraint:
     exclude_history: bool = True  # never recommend an item the user already has
     _cache: dict = field(default_factory=dict, repr=False)
     _bans: dict = field(default_factory=dict, repr=False)  # used items -> chain_ban row
+    _completions: dict = field(default_factory=dict, repr=False)  # (node, used items) -> completion_bans
 
     def start(self, history_ids) -> ConstraintState:
         used = frozenset(self.catalogue.index_of(history_ids).tolist()) if self.exclude_history else frozenset()
@@ -278,6 +279,10 @@ class ListConstraint:
         """For a state whose next token completes an item (level L-1): the trie nodes from the root down to
         the state's node (L of them) and, for each, whether completing one more item under it uses it up - so
         `chain_ban` after that token is this state's row with those nodes and the new leaf at -inf."""
+        key = (state.node, state.used)
+        hit = self._completions.get(key)
+        if hit is not None:
+            return hit
         cat, L = self.catalogue, self.catalogue.layout.levels
         if getattr(cat, "_an_item", None) is None:  # for each trie node, an item below it
             cat._an_item = np.zeros(len(cat.child_codes), dtype=np.int64)
@@ -287,7 +292,10 @@ class ListConstraint:
         used = cat.item_nodes[list(state.used), 1:L].ravel() if state.used else np.zeros(0, dtype=np.int64)
         count = (used[None, :] == nodes[:, None]).sum(axis=1)
         count[0] = len(state.used)
-        return nodes, count + 1 >= cat.subtree_size[nodes]
+        if len(self._completions) > 100_000:
+            self._completions.clear()
+        self._completions[key] = (nodes, count + 1 >= cat.subtree_size[nodes])
+        return self._completions[key]
 
     def list_length(self) -> int:
         """Tokens in a complete output list, eos included."""

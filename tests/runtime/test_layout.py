@@ -100,3 +100,28 @@ def test_fused_chain_walk_matches_the_general_walk():
         assert (fast.path, fast.tokens, fast.state) == (slow.path, slow.tokens, slow.state)
         outcomes.add((len(fast.path) - 1 == K, fast.state.done))
     assert len(outcomes) >= 3  # whole chains accepted, chains cut short, and lists finished were all seen
+
+
+def test_completion_bans_give_the_ban_row_after_an_item_is_completed():
+    """chain_ban after the token that completes an item = the row before it, with completion_bans' used-up
+    nodes and the new leaf at -inf (what the device-rounds path computes on the device)."""
+    layout = TokenLayout(levels=3, codebook=3)
+    sids = [[0, 0, 0], [0, 0, 1], [0, 1, 0], [1, 0, 0], [1, 0, 2], [2, 2, 2]]
+    cat = Catalogue(layout, list(range(100, 106)), sids)
+    checked = set()
+    for history in ([], [100], [100, 103], [101, 102, 104]):
+        con = ListConstraint(cat, n_items=2, exclude_history=True)
+        start = con.start(history)
+        for a in con.allowed(start):
+            for b in con.allowed(con.advance(start, a)):
+                s = con.advance(con.advance(start, a), b)  # level L-1: the next token completes an item
+                assert s.level == layout.levels - 1
+                for c in con.allowed(s):
+                    after = con.advance(s, c)
+                    row = con.chain_ban(s).copy()
+                    nodes, ends = con.completion_bans(s)
+                    row[nodes[ends]] = -np.inf
+                    row[after.node] = -np.inf
+                    np.testing.assert_array_equal(row, con.chain_ban(after))
+                    checked.add(bool(ends[1:].any()))
+    assert checked == {True, False}  # completions that use up an inner node, and ones that do not
