@@ -3,7 +3,8 @@
 Speculation costs K draft passes and a wider target pass per round; it pays while the target pass is
 launch- or bandwidth-bound and stops paying as batches grow. `calibrate` times the candidates in turn on
 the caller's own histories and keeps the fastest, AR included; speculation must beat AR by a margin (3%), so
-the chosen setting is never slower than AR on what was measured, nor merely within its noise.
+the chosen setting is never slower than AR on what was measured, nor merely within its noise. A chain at the
+engines' own K is always a candidate, and so is that chain with device rounds where the caches allow them.
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class Choice:
     draft_steps: int | None
     ms: float  # measured median per batch call
     ar_ms: float  # AR on the same histories
+    device_rounds: bool = False  # fused chain rounds queued on the device (DecodeConfig.device_rounds)
 
 
 MARGIN = 0.03  # speculation is chosen only when it beats AR by at least this fraction of AR's time
@@ -42,9 +44,15 @@ def pick(times: dict, margin: float = MARGIN) -> tuple:
 
 def candidates_for(rec, candidates=CANDIDATES) -> tuple:
     """`candidates` plus a chain at the engines' own K (the depth the fused draft-chain graph was exported for,
-    usually the fastest chain), where it is not among them."""
+    usually the fastest chain), where it is not among them, and that chain with device rounds where the
+    recommender's caches allow them (("chain", K, True))."""
+    if "draft" not in rec.backends:
+        return tuple(candidates)
     own = ("chain", rec.limits["draft_steps"])
-    return tuple(candidates) + ((own,) if "draft" in rec.backends and own not in candidates else ())
+    extra = () if own in candidates else (own,)
+    if rec.io_binding and rec.static_shapes and "draft_chain" in rec.backends:
+        extra += (own + (True,),)
+    return tuple(candidates) + extra
 
 
 def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES,
@@ -59,15 +67,17 @@ def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candid
     for batch in sorted(batches):
         hist = histories[:batch]
         runs = {}
-        for speculate, k in candidates:
+        for key in candidates:
+            speculate, k, dev = (key + (False,))[:3]
             if speculate != "off" and "draft" not in rec.backends:
                 continue
-            run = (lambda s=speculate, k=k: rec.recommend(hist, speculate=s, draft_steps=k))
+            run = (lambda s=speculate, k=k, dev=dev:
+                   rec.recommend(hist, speculate=s, draft_steps=k, device_rounds=dev))
             try:
                 run()  # warm: first calls build sessions and, on CUDA, capture graphs
             except InputError:  # this setting does not fit the engines' limits
                 continue
-            runs[(speculate, k)] = run
+            runs[key] = run
         samples = {key: [] for key in runs}
         for _ in range(repeats):
             for key, run in runs.items():
@@ -75,8 +85,9 @@ def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candid
                 run()
                 samples[key].append(time.perf_counter() - t0)
         times = {key: float(np.median(v)) * 1e3 for key, v in samples.items()}
-        speculate, k = pick(times, margin)
-        plan.append(Choice(batch, speculate, k, times[(speculate, k)], times[("off", None)]))
+        best = pick(times, margin)
+        speculate, k, dev = (best + (False,))[:3]
+        plan.append(Choice(batch, speculate, k, times[best], times[("off", None)], dev))
     return plan
 
 

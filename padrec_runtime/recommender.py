@@ -243,7 +243,8 @@ class Recommender:
             if not getattr(self, "plan", None):
                 raise InputError("speculate='auto': no calibration | call Recommender.calibrate(histories) first")
             pick = choose(self.plan, len(histories))
-            options = dict(options, speculate=pick.speculate, draft_steps=pick.draft_steps)
+            options = dict(options, speculate=pick.speculate, draft_steps=pick.draft_steps,
+                           device_rounds=pick.device_rounds)
         cfg = self.config(**options)
         if cfg.device_rounds and not (self.io_binding and self.static_shapes):
             raise InputError("device_rounds: needs device caches with static shapes | Recommender(..., "

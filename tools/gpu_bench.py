@@ -490,7 +490,7 @@ def main():
                 pick = choose(plan, batch)
                 noise = float(np.std(t_ar) / ar)
                 add(f"{engine}/auto", "auto", batch, ms, res.tau,
-                    {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps], "ar_rel_std": noise,
+                    {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps, pick.device_rounds], "ar_rel_std": noise,
                      "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01))})
     rec = close(rec)
     # other depths at batch 1, step-by-step draft (the drafts were trained with --draft-train-steps unrolled steps;

@@ -361,6 +361,12 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     own = ("chain", rec.limits["draft_steps"])
     assert own in candidates_for(rec) and set(CANDIDATES) <= set(candidates_for(rec))
     assert candidates_for(rec, [ar, ("chain", 1)]) == (ar, ("chain", 1), own)  # the engines' K is always timed
+    static = Recommender(engines_master, io_binding=True, static_shapes=True)  # device rounds possible: timed too
+    assert candidates_for(static, [ar, own]) == (ar, own, own + (True,))
+    plan = static.calibrate(hist, batches=(1,), repeats=1)
+    assert plan[0].ms <= plan[0].ar_ms
+    picked = static.recommend(hist[:1], speculate="auto")
+    assert [r.tokens for r in picked.lists] == [r.tokens for r in static.recommend(hist[:1], speculate="off").lists]
     assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
 
 
