@@ -284,6 +284,12 @@ def main():
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**20
 
+    def mode_opts(mode) -> dict:
+        """recommend() options of a bench mode: chain-loop runs the chain's draft step by step (K engine calls),
+        not the fused graph; chain-dev runs fused chain rounds with device_rounds."""
+        return {"chain-loop": dict(speculate="chain", fused_chain=False),
+                "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
+
     def call_name(graph, key) -> str:
         """A runner's call-count key as engine_calls names it: graph/T<bucket> ('dynamic' for no bucket)."""
         name, P = key if isinstance(key, tuple) else (graph, key)
@@ -297,10 +303,8 @@ def main():
         return len(users) if batch == 1 else 1
 
     def run_modes(rec, engine, name, batch, modes):
-        for mode in modes:  # chain-loop: the chain's draft step by step (K engine calls), not the fused graph;
-            # chain-dev: fused chain rounds with device_rounds (the next chain queued behind the verify pass)
-            opts = {"chain-loop": dict(speculate="chain", fused_chain=False),
-                    "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
+        for mode in modes:
+            opts = mode_opts(mode)
             counted = {g: dict(r.calls) for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch}
             res, ms = timed(lambda: request(rec, batch, **opts), args.repeats)
             ms /= per_list(batch)
@@ -361,7 +365,9 @@ def main():
 
     def critical_path(rec, mode) -> dict:
         """Batch 1, per round: host time from the verify pass's outputs on the host to the next engine call
-        queued, when the device has nothing to do (the walk, the next round's feeds, the launch itself)."""
+        queued, when the device has nothing to do (the walk, the next round's feeds, the launch itself). With
+        device rounds the next chain is queued before that read: the gap is to the next verify call, which
+        the device needs only once that chain is done."""
         marks = []
         runners = [(g, rec._bound[(g, 1)]) for g in ("target", "draft") if (g, 1) in rec._bound]
         runners_by = dict(runners)
@@ -378,7 +384,7 @@ def main():
                 return pending
             runner.launch = launch
         try:
-            each(rec, users, speculate=mode)
+            each(rec, users, **mode_opts(mode))
         finally:
             for _, runner in runners:
                 del runner.launch
@@ -449,12 +455,12 @@ def main():
     import pstats
     rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
     report["launch_ms_b1"] = {}
-    for mode in ("off", "chain", "tree"):
-        each(rec, users, speculate=mode)
+    for mode in ("off", "chain", "chain-dev", "tree"):
+        each(rec, users, **mode_opts(mode))
         runners = {g: rec._bound[(g, 1)] for g in ("target", "draft") if (g, 1) in rec._bound}
         before = {g: (dict(r.calls), dict(r.launch_s)) for g, r in runners.items()}
         for _ in range(2):
-            each(rec, users, speculate=mode)
+            each(rec, users, **mode_opts(mode))
         report["launch_ms_b1"][mode] = {  # host time of one engine run call (returns once queued), per bucket
             f"{g}/{key}": (r.launch_s[key] - before[g][1].get(key, 0.0)) / n * 1e3
             for g, r in runners.items() for key in r.calls
@@ -467,7 +473,7 @@ def main():
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(2):
-            each(rec, users, speculate=mode)
+            each(rec, users, **mode_opts(mode))
         prof.disable()
         text = io.StringIO()
         pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
