@@ -402,15 +402,16 @@ class DeviceRounds:
     pass's features, the picks as tokens, the trie row after the bonus, ...), then the next chain call. The
     host reads the verify pass and walks the same picks for the output (`_walk_chain`, same masks) while the
     next chain already runs. `banned` is the row of the state before the bonus token, updated on the device
-    where the bonus token completes an item (`ListConstraint.completion_bans`). Not queued when a row might finish in the round (the call would only delay the next request)."""
+    where the bonus token completes an item (`ListConstraint.completion_bans`). Not queued when a row might
+    finish in the round (the call would only delay the next request)."""
 
     def __init__(self, constraint: ListConstraint):
         self.constraint = constraint
-        self._tables = None  # the catalogue's chain tables on the device
-        self._staging: dict = {}  # batch -> packed host/device buffers for the per-round tables
 
-    def _device_tables(self, draft):
-        if self._tables is None:
+    def _device_tables(self, draft) -> dict:
+        """The catalogue's chain tables on the draft's device, made once per runner (`BoundKVRunner.extras`)."""
+        tables = draft.extras.get("chain_tables")
+        if tables is None:
             cat = self.constraint.catalogue
             t = cat.chain_tables()
             leaf_row = len(t["next_node"]) - 1
@@ -418,8 +419,8 @@ class DeviceRounds:
                     "is_leaf": (t["row_of"] == leaf_row).astype(np.int64),
                     "slot_of": cat.layout.slots(np.arange(cat.layout.vocab_size)).astype(np.int64)}
             with draft._guard, draft.stream:
-                self._tables = {k: draft.xp.asarray(v) for k, v in host.items()}
-        return self._tables
+                tables = draft.extras["chain_tables"] = {k: draft.xp.asarray(v) for k, v in host.items()}
+        return tables
 
     def _may_end(self, root, chain) -> bool:
         """Whether the row's list can end in this round: eos due (or written) at a position the walk reaches."""
@@ -441,13 +442,14 @@ class DeviceRounds:
         B, K = len(roots), draft.chain_steps
         T1, V = K + 1, cat.layout.vocab_size
         n_ban, L = len(cat.child_codes) + 2, cat.layout.levels
-        if B not in self._staging:
+        staging = draft.extras.get(("rounds_staging", K))
+        if staging is None:  # packed page-locked host and device buffers, made once per runner
             specs = {"mask": ((B, T1, V), np.bool_), "tokens": ((B, K), np.int64), "rows": ((B, T1), np.int64),
                      "left": ((B, T1), np.int64), "banned": ((B, T1, n_ban), np.float16),
                      "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_)}
             with draft._guard, draft.stream:
-                self._staging[B] = draft._packed(specs, host=True)
-        blob, dev, hblob, host = self._staging[B]
+                staging = draft.extras[("rounds_staging", K)] = draft._packed(specs, host=True)
+        blob, dev, hblob, host = staging
         for arr in host.values():
             arr[...] = 0
         for b, (r, tree, mask) in enumerate(zip(roots, trees, masks)):
@@ -585,7 +587,8 @@ def _chain_states(root, chain, tokens, constraint, V: int) -> np.ndarray:
         allowed = constraint.allowed(state)
         mask[i, allowed] = True
         k = int(np.searchsorted(allowed, n.token))
-        state = constraint.advance(state, n.token) if k < len(allowed) and allowed[k] == n.token else None
+        ok = k < len(allowed) and allowed[k] == n.token
+        state = constraint.advance(state, n.token, checked=True) if ok else None
         n.state = state
         reach = i + 1
     if state is not None and not state.done:

@@ -159,6 +159,7 @@ class BoundKVRunner:
                 self._queued_options.add_run_config_entry("disable_synchronize_execution_providers", "1")
         self.launch_s: dict = {}  # as `calls`: host seconds spent in the engine's run call (to return)
         self.queued_at = 0.0  # time.perf_counter() when the last run call returned
+        self.extras: dict = {}  # what decode helpers keep per runner (DeviceRounds' device tables and buffers)
         self._stream_owner = self.stream  # set last: when the runner goes, its sessions go before the stream
         self.calls: dict = {}  # (bucket or "dynamic"), or (graph, bucket) for attached graphs -> engine calls
 

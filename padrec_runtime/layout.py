@@ -241,12 +241,15 @@ class ListConstraint:
         self._cache[key] = tokens
         return tokens
 
-    def advance(self, state: ConstraintState, token: int) -> ConstraintState:
-        """State after writing token; raises InputError if the token is not allowed."""
+    def advance(self, state: ConstraintState, token: int, checked: bool = False) -> ConstraintState:
+        """State after writing token; raises InputError if the token is not allowed (checked: the caller has
+        just looked it up in `allowed(state)`)."""
         token = int(token)
-        allowed = self.allowed(state)
-        if token not in allowed:
-            raise InputError(f"constraint: token {token} not allowed here (allowed: {allowed[:8].tolist()}...)")
+        if not checked:
+            allowed = self.allowed(state)
+            k = int(np.searchsorted(allowed, token))
+            if k == len(allowed) or allowed[k] != token:
+                raise InputError(f"constraint: token {token} not allowed here (allowed: {allowed[:8].tolist()}...)")
         layout, cat = self.catalogue.layout, self.catalogue
         if state.level == layout.levels:
             if token == EOS:
