@@ -584,11 +584,8 @@ def _chain_states(root, chain, tokens, constraint, V: int) -> np.ndarray:
         if state is None or state.done:
             state = None
             continue
-        allowed = constraint.allowed(state)
-        mask[i, allowed] = True
-        k = int(np.searchsorted(allowed, n.token))
-        ok = k < len(allowed) and allowed[k] == n.token
-        state = constraint.advance(state, n.token, checked=True) if ok else None
+        mask[i, constraint.allowed(state)] = True
+        state = constraint.advance(state, n.token, checked=True) if constraint.allows(state, n.token) else None
         n.state = state
         reach = i + 1
     if state is not None and not state.done:

@@ -354,7 +354,7 @@ class BoundKVRunner:
                     if not np.array_equal(idx, np.arange(M)):  # the accepted path is not already in place
                         src = self.xp.asarray(n + idx)
                         self.cache[:, :, 0, :, n:n + M] = self.cache[:, :, 0][..., src, :]
-                else:
+                elif not all(np.array_equal(idx, np.arange(len(idx))) for idx in select):  # else all in place
                     src = np.empty((self.batch, M), dtype=np.int64)
                     dst = np.empty((self.batch, M), dtype=np.int64)
                     for b, idx in enumerate(select):

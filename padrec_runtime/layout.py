@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -51,9 +52,9 @@ class TokenLayout:
         return slot
 
 
-@dataclass(frozen=True)
-class ConstraintState:
-    """Where one row stands in its list; immutable so that tree paths can branch cheaply."""
+class ConstraintState(NamedTuple):
+    """Where one row stands in its list; immutable so that tree paths can branch cheaply (a named tuple: the
+    decode loop makes one per token and row)."""
 
     n_done: int  # items completed in the list
     level: int  # next code level, L when a separator or eos is due
@@ -137,10 +138,16 @@ class Catalogue:
         next_node[leaf_row, [SEP, EOS]] = n_nodes + 1
         return {"next_node": next_node, "row_of": row_of}
 
-    def exhausted(self, used: frozenset) -> np.ndarray:
-        """(n_nodes,) bool: trie nodes every item under which is in `used`."""
+    def used_counts(self, used: frozenset) -> np.ndarray:
+        """(n_nodes,) int: how many items of `used` lie under each trie node (the root: all of them)."""
         idx = np.fromiter(used, dtype=np.int64, count=len(used))
         count = np.bincount(self.item_nodes[idx, 1:].ravel(), minlength=len(self.child_codes))
+        count[0] = len(used)
+        return count
+
+    def exhausted(self, used: frozenset, counts: np.ndarray | None = None) -> np.ndarray:
+        """(n_nodes,) bool: trie nodes every item under which is in `used` (counts: its `used_counts`)."""
+        count = self.used_counts(used) if counts is None else counts
         out = count >= self.subtree_size
         out[0] = len(used) >= len(self)
         return out
@@ -209,6 +216,8 @@ class ListConstraint:
     _cache: dict = field(default_factory=dict, repr=False)
     _bans: dict = field(default_factory=dict, repr=False)  # used items -> chain_ban row
     _completions: dict = field(default_factory=dict, repr=False)  # (node, used items) -> completion_bans
+    _sets: dict = field(default_factory=dict, repr=False)  # (node, used items) -> allowed tokens as a set
+    _counts: dict = field(default_factory=dict, repr=False)  # used items -> Catalogue.used_counts
 
     def start(self, history_ids) -> ConstraintState:
         used = frozenset(self.catalogue.index_of(history_ids).tolist()) if self.exclude_history else frozenset()
@@ -230,16 +239,36 @@ class ListConstraint:
             return hit
         cat = self.catalogue
         nodes = cat.child_nodes[state.node]
-        free = cat.subtree_size[nodes].copy()
-        if state.used:
-            used_nodes = cat.item_nodes[list(state.used), state.level + 1]
-            free -= (nodes[:, None] == used_nodes[None, :]).sum(axis=1)
+        free = cat.subtree_size[nodes] - self._used_counts(state.used)[nodes]
         codes = cat.child_codes[state.node][free > 0]
         tokens = layout.n_special + state.level * layout.codebook + codes
         if len(self._cache) > 100_000:
             self._cache.clear()
         self._cache[key] = tokens
         return tokens
+
+    def _used_counts(self, used: frozenset) -> np.ndarray:
+        """Catalogue.used_counts, cached per set of used items (it changes only when an item completes)."""
+        hit = self._counts.get(used)
+        if hit is None:
+            if len(self._counts) > 4096:
+                self._counts.clear()
+            hit = self._counts[used] = self.catalogue.used_counts(used)
+        return hit
+
+    def allows(self, state: ConstraintState, token: int) -> bool:
+        """Whether `token` may come next (`token in allowed(state)`, from a set cached with it)."""
+        if state.done:
+            return False
+        if state.level == self.catalogue.layout.levels:
+            return token == (EOS if state.n_done == self.n_items else SEP)
+        key = (state.node, state.used)
+        hit = self._sets.get(key)
+        if hit is None:
+            hit = self._sets[key] = frozenset(self.allowed(state).tolist())
+            if len(self._sets) > 100_000:
+                self._sets.clear()
+        return token in hit
 
     def advance(self, state: ConstraintState, token: int, checked: bool = False) -> ConstraintState:
         """State after writing token; raises InputError if the token is not allowed (checked: the caller has
@@ -271,7 +300,7 @@ class ListConstraint:
         if row is None:
             n = len(self.catalogue.child_codes)
             row = np.zeros(n + 2, dtype=np.float16)
-            row[:n][self.catalogue.exhausted(state.used)] = -np.inf
+            row[:n][self.catalogue.exhausted(state.used, self._used_counts(state.used))] = -np.inf
             row[n] = -np.inf
             if len(bans) > 256:
                 bans.clear()
@@ -292,9 +321,7 @@ class ListConstraint:
             for d in range(L + 1):
                 cat._an_item[cat.item_nodes[:, d]] = np.arange(len(cat.item_nodes))
         nodes = cat.item_nodes[cat._an_item[state.node], :L]
-        used = cat.item_nodes[list(state.used), 1:L].ravel() if state.used else np.zeros(0, dtype=np.int64)
-        count = (used[None, :] == nodes[:, None]).sum(axis=1)
-        count[0] = len(state.used)
+        count = self._used_counts(state.used)[nodes]
         if len(self._completions) > 100_000:
             self._completions.clear()
         self._completions[key] = (nodes, count + 1 >= cat.subtree_size[nodes])

@@ -125,3 +125,17 @@ def test_completion_bans_give_the_ban_row_after_an_item_is_completed():
                     np.testing.assert_array_equal(row, con.chain_ban(after))
                     checked.add(bool(ends[1:].any()))
     assert checked == {True, False}  # completions that use up an inner node, and ones that do not
+
+
+def test_allows_agrees_with_allowed():
+    cat = small_catalogue()
+    con = ListConstraint(cat, n_items=2, exclude_history=True)
+    states, seen, done = [con.start([12]), con.start([])], 0, 0
+    while states:
+        s = states.pop()
+        allowed = set(con.allowed(s).tolist())
+        assert all(con.allows(s, t) == (t in allowed) for t in range(cat.layout.vocab_size))
+        seen += 1
+        states += [con.advance(s, t) for t in allowed]
+        done += s.done
+    assert seen > 20 and done > 0  # finished lists too: nothing is allowed after eos
