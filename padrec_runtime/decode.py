@@ -555,6 +555,14 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None, meanwh
             meanwhile(call, masks)
     out = call.result()
     clock.verify += time.perf_counter() - t0
+    picks = None
+    if masks is not None:  # the target's constrained choice at every position of every row, in one pass
+        live = [b for b, m in enumerate(masks) if m is not None]
+        picks = [None] * B
+        if live:
+            T1 = masks[live[0]].shape[0]
+            for b, p in zip(live, _masked_picks(out["logits"][live, :T1], np.stack([masks[b] for b in live]))):
+                picks[b] = p
     verdicts = []
     for b, (r, tree) in enumerate(zip(roots, trees)):
         if r.state.done:
@@ -564,7 +572,7 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None, meanwh
         if cfg.speculate == "chain" and not cfg.sampling.greedy:
             v = _accept_chain_sampled(logits, r, tree, constraint, cfg, rng)
         elif masks is not None:
-            v = _walk_chain(logits, r, tree, masks[b], constraint)
+            v = _walk_chain(logits, r, tree, masks[b], constraint, picks[b])
         else:
             v = _walk(logits, r, tree, constraint, cfg, rng)
         v.features = out["hidden"][b, v.path]
@@ -593,16 +601,22 @@ def _chain_states(root, chain, tokens, constraint, V: int) -> np.ndarray:
     return mask
 
 
-def _walk_chain(logits, root, chain, mask, constraint) -> Verdict:
-    """`_walk` for a greedy fused chain whose grammar masks `_chain_states` built: the target's constrained
-    argmax at every position at once, accepted up to the first position where it differs from the draft."""
-    n = len(chain) + 1
-    rows = logits[:n]
-    if not np.all(np.isfinite(rows[mask[:n]])):  # what allowed_logits checks, at every reachable position
+def _masked_picks(logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Argmax over the last axis among what `mask` allows; the first maximum wins ties (the lowest token id, as
+    argmax over the sorted allowed ids in `_walk`). Non-finite allowed logits are an engine failure, as in
+    `allowed_logits`."""
+    if not np.all(np.isfinite(logits[mask])):
         raise BackendError("target: non-finite logits (NaN/inf) | the engine overflowed; rebuild in fp32 or bf16, "
                            "or check the engine files")
-    # the first maximum wins ties: the lowest token id, as argmax over the sorted allowed ids does in `_walk`
-    picks = np.where(mask[:n], rows, -np.inf).argmax(axis=1)
+    return np.where(mask, logits, -np.inf).argmax(axis=-1)
+
+
+def _walk_chain(logits, root, chain, mask, constraint, picks=None) -> Verdict:
+    """`_walk` for a greedy fused chain whose grammar masks `_chain_states` built: the target's constrained
+    argmax at every position at once (`picks`, when the caller has them for every row), accepted up to the
+    first position where it differs from the draft."""
+    if picks is None:
+        picks = _masked_picks(logits[:len(chain) + 1], mask[:len(chain) + 1])
     path, tokens, state = [0], [], root.state
     for i, node in enumerate(chain):
         if state.done:

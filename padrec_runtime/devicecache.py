@@ -354,7 +354,8 @@ class BoundKVRunner:
                     if not np.array_equal(idx, np.arange(M)):  # the accepted path is not already in place
                         src = self.xp.asarray(n + idx)
                         self.cache[:, :, 0, :, n:n + M] = self.cache[:, :, 0][..., src, :]
-                elif not all(np.array_equal(idx, np.arange(len(idx))) for idx in select):  # else all in place
+                elif not all(len(idx) == 0 or idx[-1] == len(idx) - 1 for idx in select):  # else all in place
+                    # (a selection is ascending, so it is the prefix 0..m-1 exactly when it ends at m-1)
                     src = np.empty((self.batch, M), dtype=np.int64)
                     dst = np.empty((self.batch, M), dtype=np.int64)
                     for b, idx in enumerate(select):

@@ -139,3 +139,14 @@ def test_allows_agrees_with_allowed():
         states += [con.advance(s, t) for t in allowed]
         done += s.done
     assert seen > 20 and done > 0  # finished lists too: nothing is allowed after eos
+
+
+def test_masked_picks_take_the_first_allowed_maximum_and_refuse_non_finite_logits():
+    from padrec_runtime.decode import _masked_picks
+    from padrec_runtime.errors import BackendError
+    logits = np.array([[5.0, 1.0, 1.0, np.nan], [0.0, 2.0, 2.0, 9.0]])
+    mask = np.array([[False, True, True, False], [True, True, True, False]])
+    assert _masked_picks(logits, mask).tolist() == [1, 1]  # 5 and 9 are not allowed; ties go to the lower id
+    mask[0, 3] = True
+    with pytest.raises(BackendError, match="non-finite logits"):
+        _masked_picks(logits, mask)
