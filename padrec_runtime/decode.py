@@ -532,14 +532,21 @@ def verify(target, roots, trees, constraint, cfg, rng, clock, chain=None, meanwh
     ids = np.full((B, T), PAD, np.int32)
     pos = np.zeros((B, T), np.int32)
     mask = _self_mask(B, T, 0)
+    causal = np.tri(T, dtype=bool)
     for b, (r, tree) in enumerate(zip(roots, trees)):
         if r.state.done:
             continue
         ids[b, 0], pos[b, 0] = r.token, r.position
-        for t, n in enumerate(tree, start=1):
-            ids[b, t], pos[b, t] = n.token, r.position + n.depth
+        if cfg.speculate == "chain":  # each node's parent is the one before it: a causal mask
+            n = len(tree) + 1
+            ids[b, 1:n] = [node.token for node in tree]
+            pos[b, :n] = np.arange(r.position, r.position + n)
+            mask[b, :n, :n] = causal[:n, :n]
+            continue
+        for t, node in enumerate(tree, start=1):
+            ids[b, t], pos[b, t] = node.token, r.position + node.depth
             mask[b, t, 0] = True
-            a = n.parent
+            a = node.parent
             while a >= 0:
                 mask[b, t, a + 1] = True
                 a = tree[a].parent
