@@ -296,8 +296,8 @@ class BoundKVRunner:
                 if xp is not np:
                     in_blob.set(host_blob)
                 for name, (src, out, col) in (take or {}).items():  # device to device, in stream order
-                    got = src if out is None else src.device(out)
                     dst = dev_ins[name]
+                    got = (src if out is None else src.device(out)).astype(dst.dtype, copy=False)
                     if dst.ndim == 1:  # one value per row
                         dst[...] = got
                     else:
