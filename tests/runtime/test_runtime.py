@@ -183,13 +183,18 @@ def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
     rec = Recommender(engines_master, io_binding=True, static_shapes=True)
     h1, h2 = _histories(tiny[0], 21, 1), _histories(tiny[0], 22, 1)
     want = [rec.recommend(h, speculate="chain").lists[0].tokens for h in (h1, h2)]
-    a, b = rec.start(h1, speculate="chain"), rec.start(h2, speculate="chain")
-    assert a.target is not b.target and a.target.graph_id != b.target.graph_id
-    while not (a.done and b.done):
-        for s in (a, b):
-            if not s.done:
-                s.step()
-    assert [a.result().tokens[0], b.result().tokens[0]] == want
+    for opts in (dict(device_rounds=True), {}):  # device rounds: a queued chain waits across the other's steps
+        a, b = rec.start(h1, speculate="chain", **opts), rec.start(h2, speculate="chain", **opts)
+        assert a.target is not b.target and a.target.graph_id != b.target.graph_id
+        while not (a.done and b.done):
+            for s in (a, b):
+                if not s.done:
+                    s.step()
+        assert [a.result().tokens[0], b.result().tokens[0]] == want
+        assert (a.device is not None) == bool(opts)
+        if opts:
+            del a, b, s
+            gc.collect()
     ids = {a.target.graph_id, b.target.graph_id}
     del a, b, s
     gc.collect()
