@@ -36,6 +36,7 @@ _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 i
 
 BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)  # token counts with a static session (a CUDA graph on GPU)
 _CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays (ONNX Runtime: one warm-up run, one capture)
+_KV_ROWS, _KV_POS = "(kv rows)", "(kv positions)"  # a bucket's packed inputs also carry its KV scatter indices
 
 
 def bucket(T: int) -> int | None:
@@ -228,9 +229,12 @@ class BoundKVRunner:
         if inputs:
             in_specs = {name: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
                         for name, t in gspec["inputs"].items() if name not in kv_inputs}
+            in_specs[_KV_ROWS] = in_specs[_KV_POS] = ((B, T), np.int64)  # where the new KV goes: up with the feeds
             in_blob, dev_ins, host_blob, host_ins = self._packed(in_specs, host=True)
+            host_ins[_KV_ROWS][...] = np.arange(B)[:, None]
             for name, arr in dev_ins.items():
-                self._bind(binding, name, arr)
+                if name not in (_KV_ROWS, _KV_POS):
+                    self._bind(binding, name, arr)
             ins = (in_blob, host_blob, host_ins, dev_ins)
         return binding, new, (out_blob, outs, out_host), ins
 
@@ -293,6 +297,7 @@ class BoundKVRunner:
                 if unread is not None:  # its input copy may still be queued: wait before the host buffer changes
                     unread.result()
                 self._fill(host_ins, feeds, mask, T, P, per_token)
+                host_ins[_KV_POS][...] = (self.lengths + self.scratch)[:, None] + np.arange(P)
                 if xp is not np:
                     in_blob.set(host_blob)
                 for name, (src, out, col) in (take or {}).items():  # device to device, in stream order
@@ -325,10 +330,13 @@ class BoundKVRunner:
             if B == 1:
                 n = int(start[0])
                 self.cache[:, :, 0, :, n:n + T] = new[:, :, 0, :, :T]
-            else:
-                rows = np.repeat(np.arange(B), T).reshape(B, T)
-                pos = start[:, None] + np.arange(T)
-                self.cache[:, :, xp.asarray(rows), :, xp.asarray(pos)] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
+            else:  # a bucket's indices went up with its feeds; a dynamic call sends them now
+                if P is not None:
+                    rows, pos = dev_ins[_KV_ROWS][:, :T], dev_ins[_KV_POS][:, :T]
+                else:
+                    rows = xp.asarray(np.repeat(np.arange(B), T).reshape(B, T))
+                    pos = xp.asarray(start[:, None] + np.arange(T))
+                self.cache[:, :, rows, :, pos] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
             self.scratch += T
             event = None
             if P is not None and xp is not np:  # outputs to the host behind the call, then its event
