@@ -152,6 +152,15 @@ class Catalogue:
         out[0] = len(used) >= len(self)
         return out
 
+    def ancestors(self, node: int) -> np.ndarray:
+        """The trie nodes from the root down to `node`, excluding it (depth of `node` entries)."""
+        if getattr(self, "_an_item", None) is None:  # for each trie node, an item below it
+            self._an_item = np.zeros(len(self.child_codes), dtype=np.int64)
+            for d in range(self.layout.levels + 1):
+                self._an_item[self.item_nodes[:, d]] = np.arange(len(self.item_nodes))
+        path = self.item_nodes[self._an_item[node]]
+        return path[:int(np.flatnonzero(path == node)[0])]
+
     def chain_row(self, state: "ConstraintState") -> int:
         """The draft-chain table row (see chain_tables) of a decoding state's trie position."""
         if getattr(self, "_row_of", None) is None:
@@ -206,6 +215,16 @@ class Catalogue:
             raise ManifestError(f"catalogue {path}: unreadable ({exc}) | re-export the engines") from None
 
 
+def _memo(cache: dict, key, make, cap: int = 100_000):
+    """cache[key], made by make() on a miss; a cache past `cap` entries starts over."""
+    hit = cache.get(key)
+    if hit is None:
+        if len(cache) > cap:
+            cache.clear()
+        hit = cache[key] = make()
+    return hit
+
+
 @dataclass
 class ListConstraint:
     """The list grammar: catalogue prefixes, no item twice, n_items items then eos."""
@@ -233,28 +252,16 @@ class ListConstraint:
         layout = self.catalogue.layout
         if state.level == layout.levels:
             return np.array([EOS if state.n_done == self.n_items else SEP], dtype=np.int64)
-        key = (state.node, state.used)
-        hit = self._cache.get(key)
-        if hit is not None:
-            return hit
-        cat = self.catalogue
-        nodes = cat.child_nodes[state.node]
-        free = cat.subtree_size[nodes] - self._used_counts(state.used)[nodes]
-        codes = cat.child_codes[state.node][free > 0]
-        tokens = layout.n_special + state.level * layout.codebook + codes
-        if len(self._cache) > 100_000:
-            self._cache.clear()
-        self._cache[key] = tokens
-        return tokens
+        def make():
+            cat = self.catalogue
+            nodes = cat.child_nodes[state.node]
+            free = cat.subtree_size[nodes] - self._used_counts(state.used)[nodes]
+            return layout.n_special + state.level * layout.codebook + cat.child_codes[state.node][free > 0]
+        return _memo(self._cache, (state.node, state.used), make)
 
     def _used_counts(self, used: frozenset) -> np.ndarray:
         """Catalogue.used_counts, cached per set of used items (it changes only when an item completes)."""
-        hit = self._counts.get(used)
-        if hit is None:
-            if len(self._counts) > 4096:
-                self._counts.clear()
-            hit = self._counts[used] = self.catalogue.used_counts(used)
-        return hit
+        return _memo(self._counts, used, lambda: self.catalogue.used_counts(used), cap=4096)
 
     def allows(self, state: ConstraintState, token: int) -> bool:
         """Whether `token` may come next (`token in allowed(state)`, from a set cached with it)."""
@@ -262,13 +269,7 @@ class ListConstraint:
             return False
         if state.level == self.catalogue.layout.levels:
             return token == (EOS if state.n_done == self.n_items else SEP)
-        key = (state.node, state.used)
-        hit = self._sets.get(key)
-        if hit is None:
-            hit = self._sets[key] = frozenset(self.allowed(state).tolist())
-            if len(self._sets) > 100_000:
-                self._sets.clear()
-        return token in hit
+        return token in _memo(self._sets, (state.node, state.used), lambda: frozenset(self.allowed(state).tolist()))
 
     def advance(self, state: ConstraintState, token: int, checked: bool = False) -> ConstraintState:
         """State after writing token; raises InputError if the token is not allowed (checked: the caller has
@@ -295,37 +296,23 @@ class ListConstraint:
     def chain_ban(self, state: ConstraintState) -> np.ndarray:
         """(n_nodes + 2,) float16 `banned` row of the draft-chain graph: -inf at trie nodes whose items are
         all used and at NOT_CHILD, 0 elsewhere (see Catalogue.chain_tables). Cached per set of used items."""
-        bans = self._bans
-        row = bans.get(state.used)
-        if row is None:
+        def make():
             n = len(self.catalogue.child_codes)
             row = np.zeros(n + 2, dtype=np.float16)
             row[:n][self.catalogue.exhausted(state.used, self._used_counts(state.used))] = -np.inf
             row[n] = -np.inf
-            if len(bans) > 256:
-                bans.clear()
-            bans[state.used] = row
-        return row
+            return row
+        return _memo(self._bans, state.used, make, cap=256)
 
     def completion_bans(self, state: ConstraintState) -> tuple[np.ndarray, np.ndarray]:
         """For a state whose next token completes an item (level L-1): the trie nodes from the root down to
         the state's node (L of them) and, for each, whether completing one more item under it uses it up - so
         `chain_ban` after that token is this state's row with those nodes and the new leaf at -inf."""
-        key = (state.node, state.used)
-        hit = self._completions.get(key)
-        if hit is not None:
-            return hit
-        cat, L = self.catalogue, self.catalogue.layout.levels
-        if getattr(cat, "_an_item", None) is None:  # for each trie node, an item below it
-            cat._an_item = np.zeros(len(cat.child_codes), dtype=np.int64)
-            for d in range(L + 1):
-                cat._an_item[cat.item_nodes[:, d]] = np.arange(len(cat.item_nodes))
-        nodes = cat.item_nodes[cat._an_item[state.node], :L]
-        count = self._used_counts(state.used)[nodes]
-        if len(self._completions) > 100_000:
-            self._completions.clear()
-        self._completions[key] = (nodes, count + 1 >= cat.subtree_size[nodes])
-        return self._completions[key]
+        def make():
+            cat = self.catalogue
+            nodes = np.append(cat.ancestors(state.node), state.node)
+            return nodes, self._used_counts(state.used)[nodes] + 1 >= cat.subtree_size[nodes]
+        return _memo(self._completions, (state.node, state.used), make)
 
     def list_length(self) -> int:
         """Tokens in a complete output list, eos included."""
