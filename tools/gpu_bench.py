@@ -19,6 +19,7 @@ import torch
 
 from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
+from padrec_export.models import GRAPH_FORMS
 from padrec_export.pipeline import ModelSize, TrainConfig, export_checkpoints, load_trained, train_all
 from padrec_export.reference import reference_generate
 from padrec_runtime.adaptive import choose
@@ -220,6 +221,8 @@ def main():
     ap.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
     ap.add_argument("--depths", default="6,8", help="fused-chain depths compared at batch 1 with the default K "
                                                     "(engines exported for each; '' for none)")
+    ap.add_argument("--graph-forms", default="", help="export forms of the graphs, e.g. rotary=gemm,mlp=fused "
+                    "(padrec_export.models.GRAPH_FORMS; tools/gpu_graph_forms.py times them); default: the code's")
     ap.add_argument("--quick", action="store_true",
                     help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
     args = ap.parse_args()
@@ -229,7 +232,9 @@ def main():
     size = ModelSize(32, 2, 2, 1, 64) if args.small else QWEN_05B
     models = work / "models"
     stages = args.stages.split(",")
-    report = {"hardware": hardware(), "size": size.__dict__}
+    if args.graph_forms:
+        GRAPH_FORMS.update(dict(kv.split("=") for kv in args.graph_forms.split(",")))
+    report = {"hardware": hardware(), "size": size.__dict__, "graph_forms": dict(GRAPH_FORMS)}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
         log("gpu", report["gpu"])

@@ -1,0 +1,165 @@
+"""Time the target graph's export forms (padrec_export.models.GRAPH_FORMS) on a GPU, one card, one run.
+
+A Qwen2.5-0.5B-shaped target with random weights is exported fp16 once per form; each form's engine runs the
+runtime's static-shape sessions (CUDA graph replay, device-resident inputs and outputs) for a 1-token step and
+an 8-token verify over a 256-position cache. Reports ms per call, kernels per call and GPU busy time per call
+(CUPTI via torch.profiler, on a session without CUDA graphs), the weight-bandwidth floor, and each form's
+largest logit difference from the first form's.
+
+    PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_graph_forms.py --out "$OUT"
+"""
+import argparse
+import json
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import padrec_export.models as models
+from padrec_export.onnx_export import export_graph, slim_graph
+from padrec_runtime.kvcache import KV_INPUT
+
+FORMS = [{"rotary": "gather", "mlp": "pair"}, {"rotary": "gemm", "mlp": "pair"},
+         {"rotary": "gemm", "mlp": "fused"}, {"rotary": "gather", "mlp": "fused"}]
+
+
+DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
+
+
+def session(path: Path, dims: dict, graph: bool):
+    import onnxruntime as ort
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    for name, size in dims.items():
+        opts.add_free_dimension_override_by_name(name, size)
+    cuda = {"enable_cuda_graph": "1"} if graph else {}
+    providers = [("CUDAExecutionProvider", cuda)] if DEVICE == "cuda" else []
+    return ort.InferenceSession(str(path), opts, providers=providers + ["CPUExecutionProvider"])
+
+
+def bound(sess, feeds: dict):
+    """An IO binding with every input and output on the device (fixed addresses, as CUDA graphs need)."""
+    import onnxruntime as ort
+    io = sess.io_binding()
+    keep = []
+    for name, value in feeds.items():
+        v = ort.OrtValue.ortvalue_from_numpy(value, DEVICE, 0)
+        keep.append(v)
+        io.bind_ortvalue_input(name, v)
+    for o in sess.get_outputs():
+        io.bind_output(o.name, DEVICE, 0)
+    sess.run_with_iobinding(io)  # first run allocates (and with a CUDA graph, captures)
+    return io, keep
+
+
+def feeds_for(cfg, T: int, past: int) -> dict:
+    rng = np.random.default_rng(0)
+    f = {"input_ids": rng.integers(4, cfg.vocab_size, (1, T)).astype(np.int32),
+         "position_ids": (past + np.arange(T, dtype=np.int32))[None],
+         "attention_mask": np.concatenate([np.ones((1, T, past), bool), np.tril(np.ones((1, T, T), bool))], -1)}
+    for i in range(cfg.n_layers):
+        for part in ("key", "value"):
+            f[KV_INPUT[part == "value"] % i] = (rng.standard_normal((1, cfg.n_kv_heads, past, cfg.head_dim)) * 0.5
+                                     ).astype(np.float16)
+    return f
+
+
+def kernel_profile(sess, feeds: dict, calls: int = 20) -> dict:
+    """Kernels per call and GPU busy ms per call (sum of kernel durations) of a session without CUDA graphs."""
+    if DEVICE != "cuda":
+        return {}
+    io, _keep = bound(sess, feeds)
+    for _ in range(3):
+        sess.run_with_iobinding(io)
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            sess.run_with_iobinding(io)
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = Counter()
+    for e in kernels:
+        busy[e.name[:80]] += e.device_time
+    return {"kernels_per_call": len(kernels) / calls,
+            "gpu_busy_ms_per_call": sum(busy.values()) / calls / 1e3,
+            "top_kernels_us_per_call": {k: v / calls for k, v in busy.most_common(12)}}
+
+
+def profile_or_note(path, dims, feeds) -> dict:
+    try:
+        return kernel_profile(session(path, dims, graph=False), feeds)
+    except Exception as exc:  # a diagnostic: the timings above stand without it
+        return {"profile_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--layers", type=int, default=24)
+    ap.add_argument("--vocab", type=int, default=1100)
+    ap.add_argument("--past", type=int, default=256)
+    ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--cpu", action="store_true", help="smoke run on CPU")
+    args = ap.parse_args()
+    global DEVICE
+    DEVICE = "cpu" if args.cpu else "cuda"
+    cfg = models.TargetConfig(vocab_size=args.vocab, hidden_size=896, n_layers=args.layers, n_heads=14,
+                              n_kv_heads=2, intermediate_size=4864, qkv_bias=True)
+    torch.manual_seed(0)
+    target = models.Target(cfg).to(DEVICE)
+    for name, p in target.named_parameters():  # norms away from 1 (onnxslim folds a weight of ones away)
+        if "norm" in name:
+            torch.nn.init.normal_(p, 1.0, 0.1)
+    n_bytes = sum(p.numel() for p in target.parameters()) * 2
+    x = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(10):
+        y.copy_(x)
+    sync()
+    bw = 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
+    del x, y
+    report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers, "past": args.past,
+              "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3, "forms": []}
+    tmp = Path(tempfile.mkdtemp())
+    first = {}
+    for form in FORMS:
+        models.GRAPH_FORMS.update(form)
+        path = tmp / f"target_{form['rotary']}_{form['mlp']}.onnx"
+        t0 = time.perf_counter()
+        export_graph(target, False, "fp16", path)
+        slim_graph(path)
+        row = {**form, "export_s": time.perf_counter() - t0}
+        for T in (1, 8):
+            dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
+            feeds = feeds_for(cfg, T, args.past)
+            sess = session(path, dims, graph=DEVICE == "cuda")
+            io, _keep = bound(sess, feeds)
+            for _ in range(20):
+                sess.run_with_iobinding(io)
+            times = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                sess.run_with_iobinding(io)
+                times.append(time.perf_counter() - t0)
+            logits = io.copy_outputs_to_cpu()[0].astype(np.float32)
+            first.setdefault(T, logits)
+            row[f"T{T}"] = {"ms": float(np.median(times)) * 1e3, "ms_p10": float(np.percentile(times, 10)) * 1e3,
+                            "max_logit_diff_vs_first_form": float(np.abs(logits - first[T]).max()),
+                            **profile_or_note(path, dims, feeds)}
+            row[f"T{T}"]["x_floor"] = row[f"T{T}"]["ms"] / report["floor_ms"]
+            del sess, io
+        report["forms"].append(row)
+        print(json.dumps(row), flush=True)
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "graph_forms.json").write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
