@@ -99,27 +99,10 @@ def rope_heads(position_ids, cfg, dtype):
     return cos.to(dtype), sin.to(dtype)
 
 
-def rotary(position_ids, cfg, dtype) -> tuple:
-    """What every layer's attention takes for RoPE, made once per pass: (cos, sin) from `rope_heads`, or
-    for the "gemm" rotary form both stacked, (B, T, 2, heads, head_dim)."""
-    cos, sin = rope_heads(position_ids, cfg, dtype)
-    return (torch.stack([cos, sin], dim=2),) if GRAPH_FORMS["rotary"] == "gemm" else (cos, sin)
-
-
-# How the exported graphs spell two parts of a layer (the math is the same either way; tools/gpu_graph_forms.py
-# times each on a GPU). rotary "gather": rotate-half as a gather of the projected heads; "gemm": the projection
-# also writes the rotated-half copy (its weight rows permuted at export), so RoPE is one product and one sum.
-# mlp "pair": gate and up as two matmuls; "fused": one matmul over both weights, split after.
-GRAPH_FORMS = {"rotary": "gather", "mlp": "pair"}
-
-
-def _swap(head_dim: int, device=None):
-    half = head_dim // 2
-    return torch.cat([torch.arange(half, 2 * half, device=device), torch.arange(0, half, device=device)])
-
-
 def _rotate(x, cos, sin):
-    return x * cos + x.index_select(-1, _swap(x.shape[-1], x.device)) * sin  # in the model's dtype, as HF does
+    half = x.shape[-1] // 2
+    swap = torch.cat([torch.arange(half, 2 * half, device=x.device), torch.arange(0, half, device=x.device)])
+    return x * cos + x.index_select(-1, swap) * sin  # in the model's dtype, as Hugging Face does
 
 
 class Attention(nn.Module):
@@ -131,24 +114,15 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, n_kv * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
 
-    def forward(self, x, rot, mask, past_k, past_v):
-        """rot from `rotary`. mask: (B, T, past + T) bool, or the
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        """cos, sin from `rope_heads`: (B, T, n_heads + 2 n_kv, head_dim). mask: (B, T, past + T) bool, or the
         additive bias it stands for, repeated per query head of a group: (B, 1, rep * T, past + T)."""
         B, T, _ = x.shape
         # one projection for q|k|v (the weights are concatenated at trace time and folded into one initializer)
         w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
         b = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        heads = self.n_heads + 2 * self.n_kv
-        if GRAPH_FORMS["rotary"] == "gemm":  # rows of the rotated-half copy: each head's halves swapped
-            rows = (torch.arange(heads, device=w.device)[:, None] * self.head_dim
-                    + _swap(self.head_dim, w.device)).reshape(-1)
-            w = torch.cat([w, w[rows]])
-            b = None if b is None else torch.cat([b, b[rows]])
-            both = F.linear(x, w, b).view(B, T, 2, heads, self.head_dim)
-            qkv = (both * rot[0]).sum(dim=2)
-        else:
-            qkv = _rotate(F.linear(x, w, b).view(B, T, heads, self.head_dim), *rot)
-        q, k, v = qkv.transpose(1, 2).split([self.n_heads, self.n_kv, self.n_kv], dim=1)
+        qkv = F.linear(x, w, b).view(B, T, self.n_heads + 2 * self.n_kv, self.head_dim)
+        q, k, v = _rotate(qkv, cos, sin).transpose(1, 2).split([self.n_heads, self.n_kv, self.n_kv], dim=1)
         keys, values = torch.cat([past_k, k], dim=2), torch.cat([past_v, v], dim=2)
         # grouped-query attention without repeating K/V: the query heads of a group share one K/V head
         rep = self.n_heads // self.n_kv
@@ -183,15 +157,11 @@ class DecoderLayer(nn.Module):
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
         self.down_proj = nn.Linear(intermediate, hidden, bias=False)
 
-    def forward(self, x, rot, mask, past_k, past_v):
-        a, k, v = self.self_attn(self.input_layernorm(x), rot, mask, past_k, past_v)
+    def forward(self, x, cos, sin, mask, past_k, past_v):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
         x = x + _drop(a, self.dropout, self.training)
         h = self.post_attention_layernorm(x)
-        if GRAPH_FORMS["mlp"] == "fused":
-            gate, up = F.linear(h, torch.cat([self.gate_proj.weight, self.up_proj.weight])).chunk(2, dim=-1)
-        else:
-            gate, up = self.gate_proj(h), self.up_proj(h)
-        m = self.down_proj(F.silu(gate) * up)
+        m = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
         return x + _drop(m, self.dropout, self.training), k, v
 
 
@@ -226,10 +196,10 @@ class Target(nn.Module):
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         x = _drop(self.embed_tokens(input_ids), self.dropout, self.training)  # int32 ids: no cast
-        rot = rotary(position_ids, self.cfg, x.dtype)
+        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         new = []
         for layer, (pk, pv) in zip(self.layers, past):
-            x, k, v = layer(x, rot, attention_mask, pk, pv)
+            x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
             new.append((k, v))
         hidden = self.norm(x)
         return self.lm_head(hidden).float(), hidden, new
@@ -289,8 +259,9 @@ class Draft(nn.Module):
             x = x + g * s
         else:
             x = x + 0.0 * s
+        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         (pk, pv), = past
-        return self.layer(x, rotary(position_ids, self.cfg, x.dtype), attention_mask, pk, pv)
+        return self.layer(x, cos, sin, attention_mask, pk, pv)
 
 
 class DraftChain(nn.Module):
@@ -346,7 +317,8 @@ class DraftChain(nn.Module):
         banned = banned.to(h.dtype)
         if self.steps > 1:  # every chain step's rotary tables in one pass (positions pos + 1 .. pos + K - 1)
             ahead = pos + torch.arange(1, self.steps, dtype=pos.dtype, device=pos.device)
-            rots = list(zip(*(t.split(1, dim=1) for t in rotary(ahead, d.cfg, h.dtype))))
+            cos, sin = rope_heads(ahead, d.cfg, h.dtype)
+            cos, sin = cos.split(1, dim=1), sin.split(1, dim=1)
         ends = self.ends.to(h.dtype)
         # Draft.features for a chain token, split: fc over (embedding, feature) is a per-token table (its
         # embedding half, fc's bias and the token's slot signal, folded at export) plus a matmul of the feature
@@ -378,7 +350,7 @@ class DraftChain(nn.Module):
             if use_step:
                 x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
             bias = torch.cat([bias, zero], dim=-1)
-            h, k1, v1 = d.layer(x, rots[j - 1], bias, keys, values)
+            h, k1, v1 = d.layer(x, cos[j - 1], sin[j - 1], bias, keys, values)
             logits = d.lm_head(d.norm(h))[:, 0]
             keys, values = torch.cat([keys, k1], dim=2), torch.cat([values, v1], dim=2)
         S = pk.shape[2]

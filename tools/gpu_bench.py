@@ -19,7 +19,6 @@ import torch
 
 from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
-from padrec_export.models import GRAPH_FORMS
 from padrec_export.pipeline import ModelSize, TrainConfig, export_checkpoints, load_trained, train_all
 from padrec_export.reference import reference_generate
 from padrec_runtime.adaptive import choose
@@ -76,6 +75,70 @@ def each(rec, hists: list, **opts):
     time_s = {k: sum(r.time_s[k] for r in res) for k in res[0].time_s}
     return RecommendResult([r.lists[0] for r in res], float(np.mean(flat)), sum(r.rounds for r in res), committed,
                            time_s)
+
+
+def first_differences(lists: list, ar_lists: list) -> list:
+    """Where each list that differs from AR's first leaves it: row (= index into the histories), position,
+    AR's token there, the list's token, and AR's tokens before it."""
+    out = []
+    for row, (got, ar) in enumerate(zip(lists, ar_lists)):
+        if got != ar:
+            at = next((i for i, (a, b) in enumerate(zip(got, ar)) if a != b), min(len(got), len(ar)))
+            out.append({"row": row, "at": at, "ar": ar[at] if at < len(ar) else None,
+                        "got": got[at] if at < len(got) else None, "prefix": ar[:at]})
+    return out
+
+
+def logit_margins(target, cat, histories: list, mismatches: list, device) -> None:
+    """For each differing position: the target's logits of AR's token and of the other one after AR's prefix,
+    in fp32 and in fp16 (a margin near zero is a near tie that rounding order can flip); added in place."""
+    for dtype in (torch.float32, torch.float16):
+        model = target.to(device, dtype)
+        for m in mismatches:
+            for r in m["rows"]:
+                if r["ar"] is None or r["got"] is None:
+                    continue
+                ids = list(cat.prompt(histories[r["row"]])) + list(r["prefix"])
+                T = len(ids)
+                with torch.inference_mode():
+                    logits, _, _ = model(torch.tensor([ids], device=device, dtype=torch.int32),
+                                         torch.arange(T, device=device, dtype=torch.int32)[None],
+                                         torch.tril(torch.ones(T, T, dtype=torch.bool, device=device))[None],
+                                         model.empty_past(1, device))
+                row = logits[0, -1].float()
+                r[f"logit_ar_{str(dtype)[6:]}"] = float(row[r["ar"]])
+                r[f"logit_got_{str(dtype)[6:]}"] = float(row[r["got"]])
+
+
+def gpu_timeline(fn) -> dict:
+    """What the GPU did while fn ran (CUPTI through torch.profiler; it sees ONNX Runtime's and cupy's work,
+    CUDA-graph replays included): wall ms, ms with at least one kernel or copy running, the rest idle."""
+    torch.cuda.synchronize()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        wall_ms = (time.perf_counter() - t0) * 1e3
+    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
+                   if e.device_type == torch.autograd.DeviceType.CUDA)
+    busy, end = 0.0, None
+    for a, b in spans:  # union of the intervals (us)
+        if end is None or a > end:
+            busy += b - a
+            end = b
+        elif b > end:
+            busy += b - end
+            end = b
+    return {"wall_ms": wall_ms, "gpu_busy_ms": busy / 1e3, "gpu_idle_pct": 100 * (1 - busy / 1e3 / wall_ms),
+            "gpu_ops": len(spans)}
+
+
+def release_torch_memory() -> None:
+    """Hand PyTorch's cached GPU memory back to the driver (ONNX Runtime allocates outside PyTorch's cache)."""
+    import gc
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def copy_bandwidth_gbs(device) -> float:
@@ -221,8 +284,6 @@ def main():
     ap.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
     ap.add_argument("--depths", default="6,8", help="fused-chain depths compared at batch 1 with the default K "
                                                     "(engines exported for each; '' for none)")
-    ap.add_argument("--graph-forms", default="", help="export forms of the graphs, e.g. rotary=gemm,mlp=fused "
-                    "(padrec_export.models.GRAPH_FORMS; tools/gpu_graph_forms.py times them); default: the code's")
     ap.add_argument("--quick", action="store_true",
                     help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
     args = ap.parse_args()
@@ -232,9 +293,7 @@ def main():
     size = ModelSize(32, 2, 2, 1, 64) if args.small else QWEN_05B
     models = work / "models"
     stages = args.stages.split(",")
-    if args.graph_forms:
-        GRAPH_FORMS.update(dict(kv.split("=") for kv in args.graph_forms.split(",")))
-    report = {"hardware": hardware(), "size": size.__dict__, "graph_forms": dict(GRAPH_FORMS)}
+    report = {"hardware": hardware(), "size": size.__dict__}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
         log("gpu", report["gpu"])
@@ -253,6 +312,7 @@ def main():
         report["train"]["seconds_total"] = time.perf_counter() - t0
         (models / "train_report.json").write_text(json.dumps(report["train"], indent=2) + "\n")
         log(f"trained in {time.perf_counter() - t0:.0f} s")
+        release_torch_memory()  # PyTorch's cached blocks from training would starve ONNX Runtime's sessions
     elif (models / "train_report.json").exists():  # trained by an earlier call (stages split across calls)
         report["train"] = json.loads((models / "train_report.json").read_text())
     engines = {name: work / f"eng_{name}" for name in ("padrec", "eagle")}
@@ -320,6 +380,12 @@ def main():
             if mode == "off" and batch not in report.get("ar_tokens", {}):
                 report.setdefault("ar_tokens", {})[batch] = toks
             same = toks == report["ar_tokens"][batch]
+            if not same:
+                report.setdefault("mismatches", []).append(
+                    {"engine": engine, "draft": name, "mode": mode, "batch": batch,
+                     "rows": first_differences(toks, report["ar_tokens"][batch]),
+                     "same_as_batch1_ar": toks == report["ar_tokens"].get(1) if batch == len(users) else None})
+                log("lists differ from AR", json.dumps(report["mismatches"][-1]))
             split_ms = {k: v * 1e3 for k, v in res.time_s.items()}
             split_ms = {k: v / per_list(batch) for k, v in split_ms.items()}
             rounds = res.rounds / per_list(batch)
@@ -473,6 +539,13 @@ def main():
         log("launch ms", mode, json.dumps(report["launch_ms_b1"][mode]))
         report.setdefault("host_critical_ms_b1", {})[mode] = critical_path(rec, mode)
         log("host critical path ms", mode, json.dumps(report["host_critical_ms_b1"][mode]))
+        if device == "cuda":
+            try:
+                timeline = gpu_timeline(lambda: each(rec, users, **mode_opts(mode)))
+            except Exception as exc:  # a diagnostic only
+                timeline = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            report.setdefault("gpu_timeline_b1", {})[mode] = timeline
+            log("gpu timeline", mode, json.dumps(report["gpu_timeline_b1"][mode]))
         if mode == "off":
             continue
         prof = cProfile.Profile()
@@ -548,6 +621,11 @@ def main():
     target = target.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
     draft = draft.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
     con = ListConstraint(cat, n_items=10)
+    if report.get("mismatches"):
+        logit_margins(target, cat, hist_all, report["mismatches"], device)
+        target = target.to(device, torch.float16 if device == "cuda" else torch.float32)
+        log("mismatch logits", json.dumps(report["mismatches"]))
+
     def over(batch, fn):
         """fn(histories) once per user at batch 1 (results concatenated), else once for the batch."""
         if batch > 1:

@@ -1,12 +1,10 @@
-"""Time the target graph's export forms (padrec_export.models.GRAPH_FORMS) on a GPU, one card, one run.
+"""Where a target step's time goes on a GPU: a Qwen2.5-0.5B-shaped target with random weights, exported fp16,
+run as the runtime runs it (a static-shape session replaying a CUDA graph, device-resident inputs and
+outputs) for a 1-token step and an 8-token verify over a 256-position cache. Reports ms per call against the
+weight-bandwidth floor, and kernels per call, GPU busy time per call and the largest kernels (CUPTI through
+torch.profiler, on a session without CUDA graphs, whose kernels are the same).
 
-A Qwen2.5-0.5B-shaped target with random weights is exported fp16 once per form; each form's engine runs the
-runtime's static-shape sessions (CUDA graph replay, device-resident inputs and outputs) for a 1-token step and
-an 8-token verify over a 256-position cache. Reports ms per call, kernels per call and GPU busy time per call
-(CUPTI via torch.profiler, on a session without CUDA graphs), the weight-bandwidth floor, and each form's
-largest logit difference from the first form's.
-
-    PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_graph_forms.py --out "$OUT"
+    PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_step_profile.py --out "$OUT"    # -> step_profile.json
 """
 import argparse
 import json
@@ -21,10 +19,6 @@ import torch
 import padrec_export.models as models
 from padrec_export.onnx_export import export_graph, slim_graph
 from padrec_runtime.kvcache import KV_INPUT
-
-FORMS = [{"rotary": "gather", "mlp": "pair"}, {"rotary": "gemm", "mlp": "pair"},
-         {"rotary": "gemm", "mlp": "fused"}, {"rotary": "gather", "mlp": "fused"}]
-
 
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
 
@@ -126,39 +120,31 @@ def main():
     bw = 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
     del x, y
     report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers, "past": args.past,
-              "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3, "forms": []}
-    tmp = Path(tempfile.mkdtemp())
-    first = {}
-    for form in FORMS:
-        models.GRAPH_FORMS.update(form)
-        path = tmp / f"target_{form['rotary']}_{form['mlp']}.onnx"
-        t0 = time.perf_counter()
-        export_graph(target, False, "fp16", path)
-        slim_graph(path)
-        row = {**form, "export_s": time.perf_counter() - t0}
-        for T in (1, 8):
-            dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
-            feeds = feeds_for(cfg, T, args.past)
-            sess = session(path, dims, graph=DEVICE == "cuda")
-            io, _keep = bound(sess, feeds)
-            for _ in range(20):
-                sess.run_with_iobinding(io)
-            times = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                sess.run_with_iobinding(io)
-                times.append(time.perf_counter() - t0)
-            logits = io.copy_outputs_to_cpu()[0].astype(np.float32)
-            first.setdefault(T, logits)
-            row[f"T{T}"] = {"ms": float(np.median(times)) * 1e3, "ms_p10": float(np.percentile(times, 10)) * 1e3,
-                            "max_logit_diff_vs_first_form": float(np.abs(logits - first[T]).max()),
-                            **profile_or_note(path, dims, feeds)}
-            row[f"T{T}"]["x_floor"] = row[f"T{T}"]["ms"] / report["floor_ms"]
-            del sess, io
-        report["forms"].append(row)
-        print(json.dumps(row), flush=True)
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "graph_forms.json").write_text(json.dumps(report, indent=2) + "\n")
+              "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
+    path = Path(tempfile.mkdtemp()) / "target.onnx"
+    t0 = time.perf_counter()
+    export_graph(target, False, "fp16", path)
+    slim_graph(path)
+    report["export_s"] = time.perf_counter() - t0
+    for T in (1, 8):
+        dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
+        feeds = feeds_for(cfg, T, args.past)
+        sess = session(path, dims, graph=DEVICE == "cuda")
+        io, _keep = bound(sess, feeds)
+        for _ in range(20):
+            sess.run_with_iobinding(io)
+        times = []
+        for _ in range(args.repeats):
+            t0 = time.perf_counter()
+            sess.run_with_iobinding(io)
+            times.append(time.perf_counter() - t0)
+        ms = float(np.median(times)) * 1e3
+        report[f"T{T}"] = {"ms": ms, "ms_p10": float(np.percentile(times, 10)) * 1e3, "x_floor": ms / report["floor_ms"],
+                           **profile_or_note(path, dims, feeds)}
+        print(f"T{T}", json.dumps(report[f"T{T}"]), flush=True)
+        del sess, io
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
