@@ -350,9 +350,11 @@ def main():
         return (total - free) / 2**20
 
     def mode_opts(mode) -> dict:
-        """recommend() options of a bench mode: chain-loop runs the chain's draft step by step (K engine calls),
-        not the fused graph; chain-dev runs fused chain rounds with device_rounds."""
-        return {"chain-loop": dict(speculate="chain", fused_chain=False),
+        """recommend() options of a bench mode: chain runs fused chain rounds from the host (device_rounds off),
+        chain-dev with device_rounds (the runtime's CUDA default, as in every other speculative row), chain-loop
+        the chain's draft step by step (K engine calls), not the fused graph."""
+        return {"chain": dict(speculate="chain", device_rounds=False),
+                "chain-loop": dict(speculate="chain", fused_chain=False, device_rounds=False),
                 "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
 
     def call_name(graph, key) -> str:

@@ -19,7 +19,7 @@ from gpu_bench import each  # noqa: E402
 from padrec_export.data import load_dataset, make_split  # noqa: E402
 from padrec_runtime.recommender import Recommender  # noqa: E402
 
-MODES = {"off": dict(speculate="off"), "chain": dict(speculate="chain"),
+MODES = {"off": dict(speculate="off"), "chain": dict(speculate="chain", device_rounds=False),
          "chain-dev": dict(speculate="chain", device_rounds=True)}
 
 

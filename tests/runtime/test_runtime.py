@@ -135,10 +135,11 @@ def test_cli_recommend_and_errors(engines_master, engines):
                   "--static-shapes")
     assert static.returncode == 0, static.stderr
     assert json.loads(static.stdout)["lists"] == data["lists"]
-    rounds = _cli("recommend", "--engines", str(engines_master), "--history", "1000,1001,1002", "--json",
-                  "--static-shapes", "--device-rounds")
-    assert rounds.returncode == 0, rounds.stderr
-    assert json.loads(rounds.stdout)["lists"] == data["lists"]
+    for flag in ("--device-rounds", "--host-rounds"):
+        rounds = _cli("recommend", "--engines", str(engines_master), "--history", "1000,1001,1002", "--json",
+                      "--static-shapes", flag)
+        assert rounds.returncode == 0, rounds.stderr
+        assert json.loads(rounds.stdout)["lists"] == data["lists"]
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
                       (["--history", "1,x"], "comma-separated"),
                       (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches")]:
@@ -298,6 +299,19 @@ def _chain_inputs(rec, batch) -> list:
         return pending
     runner.launch = launch
     return calls
+
+
+def test_device_rounds_default_on_cuda_device_caches_only(engines_master):
+    """device_rounds left out: on for device caches with static shapes on CUDA, off elsewhere; asked for, as
+    asked (the rule, checked on a CPU recommender whose device is then relabelled)."""
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    assert rec.config().device_rounds is False  # CPU
+    assert rec.config(device_rounds=True).device_rounds is True
+    rec.device = "cuda"
+    assert rec.config().device_rounds is True
+    assert rec.config(device_rounds=False).device_rounds is False
+    rec.static_shapes = False
+    assert rec.config().device_rounds is False
 
 
 @pytest.mark.parametrize("batch", [1, 4])
