@@ -61,7 +61,7 @@ def print_result(result, as_json: bool) -> None:
                    "dynamic session (opens faster: better for a single request)")
 @click.option("--device-rounds/--host-rounds", default=None,
               help="greedy chain: queue each round's next draft chain on the device behind its verify pass (needs "
-                   "static shapes; the default on CUDA with them) or start each chain from the host")
+                   "static shapes; the default on CUDA with them for one history) or start each chain from the host")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def recommend(engine_dir, histories, n_items, backend, device, trt_module, allow_host_code, mode, temperature,
               top_k, top_p, seed, speculate, draft_steps, static_shapes, device_rounds, as_json):

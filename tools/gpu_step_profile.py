@@ -119,7 +119,8 @@ def main():
     sync()
     bw = 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
     del x, y
-    report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers, "past": args.past,
+    report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers,
+              "past": args.past,
               "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
     path = Path(tempfile.mkdtemp()) / "target.onnx"
     t0 = time.perf_counter()
@@ -139,7 +140,8 @@ def main():
             sess.run_with_iobinding(io)
             times.append(time.perf_counter() - t0)
         ms = float(np.median(times)) * 1e3
-        report[f"T{T}"] = {"ms": ms, "ms_p10": float(np.percentile(times, 10)) * 1e3, "x_floor": ms / report["floor_ms"],
+        report[f"T{T}"] = {"ms": ms, "ms_p10": float(np.percentile(times, 10)) * 1e3,
+                           "x_floor": ms / report["floor_ms"],
                            **profile_or_note(path, dims, feeds)}
         print(f"T{T}", json.dumps(report[f"T{T}"]), flush=True)
         del sess, io

@@ -68,7 +68,8 @@ def idle_report(prof, wall_ms: float, min_gap_us: float = 10.0) -> dict:
             "idle_in_gaps_ms": sum(b - a for a, b in gaps) / 1e3,
             "idle_gaps_by_cuda_call_ms": dict(sorted(in_call.items(), key=lambda kv: -kv[1])),
             "idle_gaps_host_outside_cuda_calls_ms": uncovered,
-            "cuda_calls": {k: {"count": n, "ms": ms} for k, (n, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])}}
+            "cuda_calls": {k: {"count": n, "ms": ms}
+                           for k, (n, ms) in sorted(totals.items(), key=lambda kv: -kv[1][1])}}
 
 
 def main():
