@@ -36,7 +36,7 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     plain = Recommender(engines, device="cuda", cuda_graphs=False)  # the same sessions, no graphs
     cat = graphs.catalogue
     hists = [cat.item_ids[i:i + 12].tolist() for i in (0, 40, 80, 120)]
-    for mode in ("off", "chain", "tree", "host_rounds"):  # chain: device rounds (the CUDA default)
+    for mode in ("off", "chain", "tree", "host_rounds"):  # chain: device rounds at batch 1 (the CUDA default)
         opts = dict(speculate="chain", device_rounds=False) if mode == "host_rounds" else dict(speculate=mode)
         for batch in (hists[:1], hists):
             want = plain.recommend(batch, speculate=opts["speculate"], device_rounds=False)  # the host path
