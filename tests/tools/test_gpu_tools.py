@@ -1,0 +1,39 @@
+"""The GPU tools' own arithmetic (what they report comes from it): where lists leave AR's, and how a trace's
+GPU idle gaps are split among the host's CUDA calls. The GPU runs themselves happen on the device machine."""
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+torch = pytest.importorskip("torch")
+sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+from gpu_bench import first_differences  # noqa: E402
+from gpu_trace import idle_report, union  # noqa: E402
+
+
+def test_first_differences_names_row_position_and_tokens():
+    ar = [[5, 6, 8, 2], [1, 2, 3, 2], [4, 4, 2]]
+    got = [[5, 6, 7, 2], [1, 2, 3, 2], [4, 4]]
+    assert first_differences(got, ar) == [
+        {"row": 0, "at": 2, "ar": 8, "got": 7, "prefix": [5, 6]},
+        {"row": 2, "at": 2, "ar": 2, "got": None, "prefix": [4, 4]}]
+    assert first_differences(ar, ar) == []
+
+
+def _event(start, end, device, name="kernel"):
+    return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device, name=name)
+
+
+def test_idle_report_splits_gaps_among_cuda_calls():
+    cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
+    events = [_event(0, 100, cuda), _event(90, 150, cuda), _event(300, 400, cuda), _event(500, 520, cuda),
+              _event(160, 250, cpu, "cudaEventSynchronize"), _event(260, 290, cpu, "cudaGraphLaunch"),
+              _event(0, 10, cpu, "aten::add")]  # not a CUDA call: ignored
+    assert union([(0, 100), (90, 150), (300, 400)]) == [[0, 150], [300, 400]]
+    r = idle_report(SimpleNamespace(events=lambda: events), wall_ms=1.0)
+    assert r["gpu_busy_ms"] == pytest.approx(0.27)  # 150 + 100 + 20 us
+    assert r["gaps"] == 2 and r["idle_in_gaps_ms"] == pytest.approx(0.25)  # 150-300, 400-500
+    assert r["idle_gaps_by_cuda_call_ms"] == pytest.approx({"cudaEventSynchronize": 0.09, "cudaGraphLaunch": 0.03})
+    assert r["idle_gaps_host_outside_cuda_calls_ms"] == pytest.approx(0.13)
+    assert r["cuda_calls"]["cudaGraphLaunch"] == {"count": 1, "ms": pytest.approx(0.03)}
