@@ -581,8 +581,7 @@ def accept(target, draft, roots, verdicts, constraint, out, clock, fused: bool =
     target.commit([v.path for v in verdicts])
     if queued:
         draft.commit([np.arange(len(v.path)) if v.tokens and not v.state.done else [] for v in verdicts])
-    H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
-    feats, tokens, starts = [], [], []
+    starts = []
     for b, (r, v) in enumerate(zip(roots, verdicts)):
         if not r.state.done:
             out.tokens[b].extend(v.tokens)
@@ -592,11 +591,12 @@ def accept(target, draft, roots, verdicts, constraint, out, clock, fused: bool =
             r.token, r.state = v.tokens[-1], v.state
         else:
             starts.append(0)
-        live = not r.state.done
-        feats.append(v.features if live else np.zeros((0, H), np.float32))
-        tokens.append(np.asarray(v.tokens if live else [], np.int32))
-    if queued:
+    if queued:  # the next chain already has these features, on the device
         return
+    H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
+    live = [not r.state.done for r in roots]
+    feats = [v.features if ok else np.zeros((0, H), np.float32) for v, ok in zip(verdicts, live)]
+    tokens = [np.asarray(v.tokens if ok else [], np.int32) for v, ok in zip(verdicts, live)]
     if fused:
         for r, f, t, s in zip(roots, feats, tokens, starts):
             r.pending = (f, t, s) if not r.state.done else None

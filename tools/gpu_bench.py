@@ -110,6 +110,17 @@ def logit_margins(target, cat, histories: list, mismatches: list, device) -> Non
                 r[f"logit_got_{str(dtype)[6:]}"] = float(row[r["got"]])
 
 
+def union(spans: list) -> list:
+    """Merged, sorted (start, end) intervals."""
+    out = []
+    for a, b in sorted(spans):
+        if out and a <= out[-1][1]:
+            out[-1][1] = max(out[-1][1], b)
+        else:
+            out.append([a, b])
+    return out
+
+
 def gpu_timeline(fn) -> dict:
     """What the GPU did while fn ran (CUPTI through torch.profiler; it sees ONNX Runtime's and cupy's work,
     CUDA-graph replays included): wall ms, ms with at least one kernel or copy running, the rest idle."""
@@ -119,16 +130,9 @@ def gpu_timeline(fn) -> dict:
         fn()
         torch.cuda.synchronize()
         wall_ms = (time.perf_counter() - t0) * 1e3
-    spans = sorted((e.time_range.start, e.time_range.end) for e in prof.events()
-                   if e.device_type == torch.autograd.DeviceType.CUDA)
-    busy, end = 0.0, None
-    for a, b in spans:  # union of the intervals (us)
-        if end is None or a > end:
-            busy += b - a
-            end = b
-        elif b > end:
-            busy += b - end
-            end = b
+    spans = [(e.time_range.start, e.time_range.end) for e in prof.events()
+             if e.device_type == torch.autograd.DeviceType.CUDA]
+    busy = sum(b - a for a, b in union(spans))  # us
     return {"wall_ms": wall_ms, "gpu_busy_ms": busy / 1e3, "gpu_idle_pct": 100 * (1 - busy / 1e3 / wall_ms),
             "gpu_ops": len(spans)}
 
@@ -142,14 +146,15 @@ def release_torch_memory() -> None:
 
 
 def copy_bandwidth_gbs(device) -> float:
+    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
     x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
     y = torch.empty_like(x)
     y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     t0 = time.perf_counter()
     for _ in range(10):
         y.copy_(x)
-    torch.cuda.synchronize()
+    sync()
     return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0) / 1e9  # read + write
 
 

@@ -8,6 +8,7 @@ torch.profiler, on a session without CUDA graphs, whose kernels are the same).
 """
 import argparse
 import json
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -16,9 +17,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import padrec_export.models as models
-from padrec_export.onnx_export import export_graph, slim_graph
-from padrec_runtime.kvcache import KV_INPUT
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_bench import copy_bandwidth_gbs  # noqa: E402
+
+import padrec_export.models as models  # noqa: E402
+from padrec_export.onnx_export import export_graph, slim_graph  # noqa: E402
+from padrec_runtime.kvcache import KV_INPUT  # noqa: E402
 
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
 
@@ -108,17 +112,7 @@ def main():
         if "norm" in name:
             torch.nn.init.normal_(p, 1.0, 0.1)
     n_bytes = sum(p.numel() for p in target.parameters()) * 2
-    x = torch.empty(1 << 28, dtype=torch.float32, device=DEVICE)
-    y = torch.empty_like(x)
-    y.copy_(x)
-    sync = torch.cuda.synchronize if DEVICE == "cuda" else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    bw = 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0)
-    del x, y
+    bw = copy_bandwidth_gbs(DEVICE) * 1e9  # bytes/s
     report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers,
               "past": args.past,
               "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}

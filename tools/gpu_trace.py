@@ -14,24 +14,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_bench import each  # noqa: E402
+from gpu_bench import each, union  # noqa: E402
 
 from padrec_export.data import load_dataset, make_split  # noqa: E402
 from padrec_runtime.recommender import Recommender  # noqa: E402
 
 MODES = {"off": dict(speculate="off"), "chain": dict(speculate="chain", device_rounds=False),
          "chain-dev": dict(speculate="chain", device_rounds=True)}
-
-
-def union(spans: list) -> list:
-    """Merged, sorted (start, end) intervals."""
-    out = []
-    for a, b in sorted(spans):
-        if out and a <= out[-1][1]:
-            out[-1][1] = max(out[-1][1], b)
-        else:
-            out.append([a, b])
-    return out
 
 
 def idle_report(prof, wall_ms: float, min_gap_us: float = 10.0) -> dict:
