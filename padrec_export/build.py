@@ -118,8 +118,9 @@ def build_engines(engine_dir, opts: BuildOptions = BuildOptions(), progress: boo
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
     cache = cache_path.read_bytes() if cache_path and cache_path.exists() else None
     plans, profile = {}, {}
-    for graph in tqdm(list(manifest.data["graphs"]), desc=f"build ({opts.builder})", unit="engine",
-                      disable=not progress):
+    # graphs in ONNX Runtime's own contrib ops (the fused target) have no TensorRT build: the standard ones do
+    graphs = [g for g, spec in manifest.data["graphs"].items() if not spec.get("onnxruntime_only")]
+    for graph in tqdm(graphs, desc=f"build ({opts.builder})", unit="engine", disable=not progress):
         plan, cache, shapes = _build_one(trt, manifest, graph, opts, cache)
         file = f"{graph}.plan"
         (manifest.root / file).write_bytes(plan)

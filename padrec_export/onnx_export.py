@@ -16,6 +16,7 @@ from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
 from padrec_runtime.layout import SPECIAL_TOKENS, Catalogue
 from padrec_runtime.manifest import PRECISIONS, FORMAT, SCHEMA_VERSION, Manifest, write_manifest
 
+from .fused import GRAPH as FUSED_TARGET, export_gqa_target, gqa_io
 from .models import Draft, DraftChain, Target
 
 OPSET = 17
@@ -34,6 +35,7 @@ class ExportLimits:
     n_items: int = 10  # default list length
     draft_steps: int = 4  # default K (and the K of the fused greedy chain graph)
     fused_chain: bool = True  # also export draft_chain.onnx: a greedy chain round's K draft steps in one call
+    fused_target: bool = True  # also export target_gqa.onnx (fp32 / fp16): the target in ONNX Runtime's fused ops
     tree_topk: int = 4
     tree_size: int = 16
 
@@ -237,12 +239,15 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
                          f"{catalogue.layout.vocab_size} | the target was trained on another token layout")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", "manifest.json"):
+    for stale in ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
+                  "manifest.json"):
         (out / stale).unlink(missing_ok=True)
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
         parts.append(("draft_chain", draft, True))
+    if limits.fused_target and precision in ("fp32", "fp16"):  # ONNX Runtime's fused ops have no bf16 on CPU
+        parts.append((FUSED_TARGET, target, False))
     atol, rtol = TOLERANCES[precision]
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
         file = f"{name}.onnx"
@@ -252,6 +257,13 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
             inputs, outputs, kv = chain_io(draft, K, precision, len(catalogue.child_codes))
             graphs[name] = {"file": file, "hidden_size": draft.cfg.hidden_size, "inputs": inputs, "outputs": outputs,
                             "kv": kv, "tolerances": {"tokens": {"atol": 0.0, "rtol": 0.0}}, "chain_steps": K}
+            continue
+        if name == FUSED_TARGET:
+            export_gqa_target(target, precision, limits.max_seq_len, out / file)
+            inputs, outputs, kv = gqa_io(target, precision, limits.max_seq_len)
+            tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
+            graphs[name] = {"file": file, "hidden_size": target.cfg.hidden_size, "inputs": inputs,
+                            "outputs": outputs, "kv": kv, "tolerances": tol, "onnxruntime_only": True}
             continue
         export_graph(model, is_draft, precision, out / file)
         inputs, outputs, kv = graph_io(model, is_draft, precision)

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from padrec_runtime.kvcache import KV_INPUT
 from padrec_runtime.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
@@ -60,6 +61,37 @@ def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precisi
     return rows
 
 
+def compare_fused_target(target, backend, spec: dict, precision: str, seed: int = 0) -> list:
+    """The fused target (target_gqa: cache in place, positions implied) against PyTorch: a prompt as one
+    call, then a 3-token verify-shaped call over the cache the first one wrote; logits and hidden of both."""
+    kv, rng = spec["kv"], np.random.default_rng(seed)
+    c = target.cfg
+    n, T = 11, 3
+    ids = rng.integers(0, c.vocab_size, (1, n + T)).astype(np.int32)
+    model = copy.deepcopy(target).to(TORCH_DTYPES[precision]) if precision != "fp32" else target
+    feeds = {"input_ids": ids, "position_ids": np.arange(n + T, dtype=np.int32)[None],
+             "attention_mask": np.tri(n + T, dtype=bool)[None]}
+    for i in range(c.n_layers):
+        for tmpl in KV_INPUT:
+            feeds[tmpl % i] = np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
+    ref = _call(model.eval(), feeds, c.n_layers, False)
+    dt = np.float16 if precision == "fp16" else np.float32
+    pairs = [(kv[f"{part}_input"] % i, kv[f"{part}_output"] % i) for i in range(c.n_layers) for part in ("key", "value")]
+    cache = {name: np.zeros((1, c.n_kv_heads, kv["max_len"], c.head_dim), dt) for name, _ in pairs}
+    rows = []
+    for case, lo, hi in (("prompt", 0, n), ("verify_after_cache", n, n + T)):
+        got = backend.infer({"input_ids": ids[:, lo:hi], "seqlens_k": np.array([hi - 1], np.int32),
+                             "total_sequence_length": np.array(kv["max_len"], np.int32), **cache})
+        cache = {name: got[out] for name, out in pairs}  # what the call wrote, in for the next
+        for out in ("logits", "hidden"):
+            g, r = np.asarray(got[out], np.float32), ref[out][:, lo:hi]
+            tol = spec["tolerances"][out]
+            diff = np.abs(g - r)
+            rows.append(Comparison("target_gqa", case, out, float(diff.max()), float((diff / (np.abs(r) + 1e-3)).max()),
+                                   tol["atol"], tol["rtol"], bool(np.all(diff <= tol["atol"] + tol["rtol"] * np.abs(r)))))
+    return rows
+
+
 def _first_divergence(a: list, b: list):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -93,6 +125,12 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
     rows = []
     for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):
+        if graph == "target_gqa":  # ONNX Runtime only; a CPU session of its own where the runtime holds none
+            if backend == "onnxruntime":
+                from padrec_runtime.backends.onnxruntime import OrtBackend
+                be = rec.backends.get(graph) or OrtBackend(m, graph, device=device)
+                rows += compare_fused_target(target, be, m.graph(graph), m.precision, seed)
+            continue
         model = target if graph == "target" else draft
         if model is None:
             continue

@@ -129,6 +129,8 @@ class BoundKVRunner:
         self._guard = lock if lock is not None else contextlib.nullcontext()
         self.dtype = numpy_dtype(graph_spec["kv"]["dtype"])
         self._graphs: dict = {}  # graph name -> (backend, spec, KV names, KV input names, per-token names)
+        self._stand_in: dict = {}  # graph -> an attached in-place graph that runs its causal calls (target_gqa)
+        self._total = np.array(spec.max_len, dtype=np.int32)  # the in-place graphs' host scalar input
         self.attach(graph, backend, graph_spec)
         shape = (spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim)
         try:
@@ -170,6 +172,11 @@ class BoundKVRunner:
         kv = graph_spec["kv"]
         if kv["n_layers"] != self.spec.n_layers or numpy_dtype(kv["dtype"]) != self.dtype:
             raise BackendError(f"{graph}: KV layout differs from {self.graph}'s | re-export the engines together")
+        if kv.get("in_place") and graph != self.graph:  # runs this runner's causal calls (see _route)
+            if kv.get("max_len") != self.spec.max_len:
+                raise BackendError(f"{graph}: cache of {kv.get('max_len')} positions | {self.graph}'s holds "
+                                   f"{self.spec.max_len} | re-export the engines together")
+            self._stand_in[self.graph] = graph
         names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
                  for i in range(self.spec.n_layers)]
         per_token = {name for side in ("inputs", "outputs") for name, t in graph_spec[side].items()
@@ -213,13 +220,16 @@ class BoundKVRunner:
         dims = {"batch": B, "seq": T, "past": S, "past_plus_seq": S + T}
         binding = session.io_binding()
         extra = gspec.get("chain_steps", 1) - 1  # a chain graph also returns its draft steps' KV (not kept)
-        new = xp.empty((self.spec.n_layers, 2, B, self.spec.n_kv_heads, T + extra, self.spec.head_dim),
-                       dtype=self.dtype)
+        in_place = gspec["kv"].get("in_place", False)
+        new = None if in_place else xp.empty(
+            (self.spec.n_layers, 2, B, self.spec.n_kv_heads, T + extra, self.spec.head_dim), dtype=self.dtype)
         for i, (k_in, v_in, k_out, v_out) in enumerate(names):
             self._bind(binding, k_in, self.cache[i, 0])
             self._bind(binding, v_in, self.cache[i, 1])
-            self._bind(binding, k_out, new[i, 0], output=True)
-            self._bind(binding, v_out, new[i, 1], output=True)
+            self._bind(binding, k_out, (self.cache if in_place else new)[i, 0], output=True)
+            self._bind(binding, v_out, (self.cache if in_place else new)[i, 1], output=True)
+        if "total_sequence_length" in gspec["inputs"]:  # a host scalar (ONNX Runtime reads it on the CPU)
+            binding.bind_input("total_sequence_length", "cpu", 0, np.int32, [], self._total.ctypes.data)
         out_specs = {name: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
                      for name, t in gspec["outputs"].items()}
         out_blob, outs, out_host, _ = self._packed(out_specs, host=inputs)  # a bucket's: a pinned copy too
@@ -228,7 +238,8 @@ class BoundKVRunner:
         ins = None
         if inputs:
             in_specs = {name: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
-                        for name, t in gspec["inputs"].items() if name not in kv_inputs}
+                        for name, t in gspec["inputs"].items()
+                        if name not in kv_inputs and name != "total_sequence_length"}
             in_specs[_KV_ROWS] = in_specs[_KV_POS] = ((B, T), np.int64)  # where the new KV goes: up with the feeds
             in_blob, dev_ins, host_blob, host_ins = self._packed(in_specs, host=True)
             host_ins[_KV_ROWS][...] = np.arange(B)[:, None]
@@ -250,10 +261,30 @@ class BoundKVRunner:
             h[:, :T] = arr
             if P > T:
                 h[:, T:] = 0
+        if "attention_mask" not in host_ins:  # an in-place graph: causal, no mask
+            return
         h = host_ins["attention_mask"]
         h[...] = False
         h[:, :T, :S + T] = mask
         h[:, np.arange(T, P), S + np.arange(T, P)] = True
+
+    def _route(self, graph: str, feeds: dict, new_mask: np.ndarray, P: int, take: dict | None) -> str:
+        """The attached in-place graph where it computes exactly what `graph` would: no scratch entries, every
+        row's new tokens causal at positions following its cache, a batch of one or one token per row (ONNX
+        Runtime's GroupQueryAttention takes several new tokens only for a single row), and room in the
+        cache for the padded call (it writes every padding token's KV too). Else `graph`."""
+        fused = self._stand_in.get(graph)
+        if fused is None or self.scratch:
+            return graph
+        B, T = new_mask.shape[:2]
+        if (B > 1 and T > 1) or int(self.lengths.max()) + P > self.spec.max_len:
+            return graph
+        if take and not set(take) <= set(self._graphs[fused][1]["inputs"]):
+            return graph
+        pos = feeds.get("position_ids")
+        if pos is None or not np.array_equal(pos, self.lengths[:, None] + np.arange(T)):
+            return graph
+        return fused if (new_mask == np.tri(T, dtype=bool)).all() else graph
 
     def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         """Run T new tokens through this runner's graph (or an attached one) over the cache; the new tokens'
@@ -268,25 +299,30 @@ class BoundKVRunner:
         that array (a per-row input takes it whole). Taken values replace the feeds' on a static bucket; on
         the dynamic path (no bound input buffers) the host waits for Pending values instead."""
         xp, S = self.xp, self.spec.max_len
-        graph = graph or self.graph
-        backend, gspec, names, _, per_token = self._graphs[graph]
         B, T = feeds["input_ids"].shape
         mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         P = bucket(T) if self.static else None
+        graph = self._route(graph or self.graph, feeds, new_mask, P or T, take)
+        backend, gspec, names, _, per_token = self._graphs[graph]
+        in_place = gspec["kv"].get("in_place", False)
+        if in_place:  # causal over each row's cache: its length after this call says where the tokens go
+            feeds = {"input_ids": feeds["input_ids"],
+                     "seqlens_k": (self.lengths + (P or T) - 1).astype(np.int32)}
         key = (graph, P)
         first = P is not None and key not in self._by_seq
         if take and P is None:  # no bound input buffers to copy into: the host waits for the values
             feeds, take = take_on_host(feeds, take), None
         if first or P is None:  # checked on each new shape (the loop's feeds keep their dtypes); a bucket's
             feeds = cast_feeds(gspec, feeds)  # later calls cast while copying into its buffers
-            probe = dict(feeds, attention_mask=mask)
+            probe = dict(feeds, total_sequence_length=self._total) if in_place else dict(feeds, attention_mask=mask)
             for k_in, v_in, _, _ in names:
                 probe[k_in] = probe[v_in] = np.empty((B, self.spec.n_kv_heads, S, self.spec.head_dim), self.dtype)
             check_feeds(graph, gspec, probe)
         with self._guard, self.stream:
             if P is not None:
                 if first:
-                    dims = {"batch": B, "seq": P, "past": S, "past_plus_seq": S + P}
+                    dims = ({"batch": B, "seq": P, "max_seq_len": S} if in_place else
+                            {"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
                     session = backend.static_session(dims)
                     self._by_seq[key] = self._buffers(graph, session, P, inputs=True) + (session,)
                     if backend.replays_graph(dims):
@@ -310,7 +346,8 @@ class BoundKVRunner:
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
                 session = backend.session
                 binding, new, (out_blob, outs, out_host), _ = self._buffers(graph, session, T, inputs=False)
-                keep = {name: xp.asarray(arr) for name, arr in dict(feeds, attention_mask=mask).items()}
+                keep = {name: xp.asarray(arr) for name, arr in (feeds if in_place else dict(feeds, attention_mask=mask)
+                                                                 ).items()}
                 for name, arr in keep.items():
                     self._bind(binding, name, arr)
             count = (P or "dynamic") if graph == self.graph else (graph, P or "dynamic")
@@ -325,18 +362,8 @@ class BoundKVRunner:
             self.queued_at = time.perf_counter()
             self.launch_s[count] = self.launch_s.get(count, 0.0) + self.queued_at - t0
             self.calls[count] = done + 1
-            # one scatter writes every row's new KV behind its committed and scratch entries, all layers at once
-            start = self.lengths + self.scratch
-            if B == 1:
-                n = int(start[0])
-                self.cache[:, :, 0, :, n:n + T] = new[:, :, 0, :, :T]
-            else:  # a bucket's indices went up with its feeds; a dynamic call sends them now
-                if P is not None:
-                    rows, pos = dev_ins[_KV_ROWS][:, :T], dev_ins[_KV_POS][:, :T]
-                else:
-                    rows = xp.asarray(np.repeat(np.arange(B), T).reshape(B, T))
-                    pos = xp.asarray(start[:, None] + np.arange(T))
-                self.cache[:, :, rows, :, pos] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
+            if not in_place:  # (an in-place graph has written its new KV behind each row's entries itself)
+                self._scatter(new, B, T, dev_ins if P is not None else None)
             self.scratch += T
             event = None
             if P is not None and xp is not np:  # outputs to the host behind the call, then its event
@@ -349,6 +376,21 @@ class BoundKVRunner:
             if P is not None:
                 self._unread[key] = pending
             return pending
+
+    def _scatter(self, new, B: int, T: int, dev_ins: dict | None) -> None:
+        """One scatter writes every row's new KV behind its committed and scratch entries, all layers at once.
+        dev_ins: a bucket's device inputs, whose packed upload carried the scatter indices."""
+        xp, start = self.xp, self.lengths + self.scratch
+        if B == 1:
+            n = int(start[0])
+            self.cache[:, :, 0, :, n:n + T] = new[:, :, 0, :, :T]
+            return
+        if dev_ins is not None:
+            rows, pos = dev_ins[_KV_ROWS][:, :T], dev_ins[_KV_POS][:, :T]
+        else:  # a dynamic call sends them now
+            rows = xp.asarray(np.repeat(np.arange(B), T).reshape(B, T))
+            pos = xp.asarray(start[:, None] + np.arange(T))
+        self.cache[:, :, rows, :, pos] = new[..., :T, :].transpose(2, 4, 0, 1, 3, 5)
 
     def commit(self, select: list) -> None:
         """Keep each row's selected scratch entries (one gather and one scatter for the whole batch)."""

@@ -13,8 +13,8 @@ from .errors import IntegrityError, ManifestError
 from .layout import SPECIAL_TOKENS, TokenLayout
 
 FORMAT = "padrec-engines"
-SCHEMA_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+SCHEMA_VERSION = 2  # 2: the optional fused target graph (target_gqa)
+SUPPORTED_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 
@@ -104,24 +104,29 @@ def _file(v, path):
 
 
 def _kv(v, path):
+    # in_place: the whole cache (max_len positions) is bound as input and output, the graph writes new KV
     return _obj(v, path, {"key_input": _str, "value_input": _str, "key_output": _str, "value_output": _str,
                           "n_layers": _int(1, 1024), "n_kv_heads": _int(1, 1024),
-                          "head_dim": _int(1, 4096), "dtype": _one_of(*DTYPES)})
+                          "head_dim": _int(1, 4096), "dtype": _one_of(*DTYPES)},
+                {"in_place": _bool, "max_len": _int(1, 1 << 20)})
 
 
-GRAPHS = ("target", "draft", "draft_chain")  # draft_chain: a greedy chain round's K draft steps in one call
+# draft_chain: a greedy chain round's K draft steps in one call; target_gqa: the target in ONNX Runtime's fused
+# contrib ops with the cache written in place, for causal calls (padrec_export/fused.py)
+GRAPHS = ("target", "draft", "draft_chain", "target_gqa")
 _NEEDED = {  # graph -> (inputs, outputs) it must have
     "target": (("input_ids", "position_ids", "attention_mask"), ("logits", "hidden")),
     "draft": (("hidden_in", "input_ids", "position_ids", "step", "slot", "attention_mask"), ("logits", "hidden")),
     "draft_chain": (("hidden_in", "input_ids", "position_ids", "slot", "last", "node", "left", "banned",
                      "attention_mask"), ("tokens",)),
+    "target_gqa": (("input_ids", "seqlens_k", "total_sequence_length"), ("logits", "hidden")),
 }
 
 
 def _graph(v, path):
     g = _obj(v, path, {"file": _str, "hidden_size": _int(1, 1 << 16), "inputs": _map(_tensor),
                        "outputs": _map(_tensor), "kv": _kv, "tolerances": _map(_tolerance)},
-             {"chain_steps": _int(1, 16)})
+             {"chain_steps": _int(1, 16), "onnxruntime_only": _bool})
     inputs, outputs = _NEEDED.get(path.rsplit(".", 1)[-1], _NEEDED["target"])
     for name in inputs:
         if name not in g["inputs"]:
@@ -252,6 +257,11 @@ def parse_manifest(data, root: Path = Path(".")) -> Manifest:
         if chain["outputs"]["tokens"]["shape"][-1:] != [chain["chain_steps"]]:
             _fail("graphs.draft_chain.outputs.tokens.shape", chain["outputs"]["tokens"]["shape"],
                   f"['batch', {chain['chain_steps']}] (chain_steps)")
+    if "target_gqa" in data["graphs"]:
+        kv = data["graphs"]["target_gqa"]["kv"]
+        if not kv.get("in_place") or kv.get("max_len") != data["model"]["max_seq_len"]:
+            _fail("graphs.target_gqa.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
+                  f"in_place true and max_len {data['model']['max_seq_len']} (model.max_seq_len)")
     for name, g in data["graphs"].items():
         if g["file"] not in data["files"]:
             _fail(f"graphs.{name}.file", g["file"], "a file listed under files")

@@ -71,10 +71,13 @@ class Recommender:
 
     def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
                  allow_host_code: bool = False, threads: int | None = 1, io_binding: bool | None = None,
-                 static_shapes: bool | None = None, cuda_graphs: bool | None = None):
+                 static_shapes: bool | None = None, cuda_graphs: bool | None = None, fused_target: bool | None = None):
         """io_binding: KV cache on the engine's device (default on CUDA). static_shapes: decode calls padded to
         a few fixed token counts, one session each (default with io_binding on CUDA). cuda_graphs: those
-        sessions replay CUDA graphs (default with static_shapes on CUDA)."""
+        sessions replay CUDA graphs (default with static_shapes on CUDA). fused_target: causal target calls
+        (prefill, AR steps, chain verify; a batch of one, or one token per row) run the engines' target_gqa
+        graph, ONNX Runtime's fused ops writing the cache in place (default: on with io_binding where the
+        engines have it; tree verify passes keep the standard target)."""
         # device-resident KV through ONNX Runtime IO binding: the default on CUDA
         self.io_binding = (device == "cuda" and backend == "onnxruntime") if io_binding is None else io_binding
         if self.io_binding and backend != "onnxruntime":
@@ -87,6 +90,11 @@ class Recommender:
             raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
+        has_fused = "target_gqa" in m.data["graphs"]
+        self.fused_target = (self.io_binding and has_fused) if fused_target is None else fused_target
+        if self.fused_target and not (self.io_binding and has_fused):
+            raise BackendError("fused_target: needs io_binding (the graph writes the bound cache in place) and engines "
+                               "with a target_gqa graph | drop fused_target or re-export with padrec >= 0.1 (fp16/fp32)")
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order
@@ -96,7 +104,7 @@ class Recommender:
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads,
                                           self.cuda_graphs, self.stream)
-                         for g in m.data["graphs"]}
+                         for g in m.data["graphs"] if g != "target_gqa" or self.fused_target}
         self._lock = threading.Lock()
         self.device = device
         self._bound: dict = {}
@@ -183,8 +191,10 @@ class Recommender:
         return lambda feeds: backend.infer(cast_feeds(spec, feeds))
 
     def _attached(self, graph: str) -> list:
-        """Graphs that run over `graph`'s KV cache: the fused draft chain over the draft's."""
-        return ["draft_chain"] if graph == "draft" and "draft_chain" in self.backends else []
+        """Graphs that run over `graph`'s KV cache: the fused draft chain over the draft's, the fused target
+        over the target's."""
+        fused = {"draft": "draft_chain", "target": "target_gqa"}.get(graph)
+        return [fused] if fused in self.backends else []
 
     def _check_histories(self, histories) -> list:
         lim = self.limits

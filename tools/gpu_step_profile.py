@@ -21,9 +21,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import copy_bandwidth_gbs  # noqa: E402
 
 import padrec_export.models as models  # noqa: E402
+from padrec_export.fused import KV_IN_PLACE, export_gqa_target  # noqa: E402
 from padrec_export.onnx_export import export_graph, slim_graph  # noqa: E402
 from padrec_runtime.kvcache import KV_INPUT  # noqa: E402
 
+CUDA_OPTIONS = {}  # --cuda-options
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
 
 
@@ -33,24 +35,39 @@ def session(path: Path, dims: dict, graph: bool):
     opts.log_severity_level = 3
     for name, size in dims.items():
         opts.add_free_dimension_override_by_name(name, size)
-    cuda = {"enable_cuda_graph": "1"} if graph else {}
+    cuda = dict(CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if graph else {}))
     providers = [("CUDAExecutionProvider", cuda)] if DEVICE == "cuda" else []
     return ort.InferenceSession(str(path), opts, providers=providers + ["CPUExecutionProvider"])
 
 
 def bound(sess, feeds: dict):
-    """An IO binding with every input and output on the device (fixed addresses, as CUDA graphs need)."""
+    """An IO binding with every input and output on the device (fixed addresses, as CUDA graphs need); the
+    fused target's cache is bound as its input and its output, and its total_sequence_length on the host."""
     import onnxruntime as ort
     io = sess.io_binding()
-    keep = []
+    keep = {}
     for name, value in feeds.items():
-        v = ort.OrtValue.ortvalue_from_numpy(value, DEVICE, 0)
-        keep.append(v)
+        v = ort.OrtValue.ortvalue_from_numpy(value, "cpu" if name == "total_sequence_length" else DEVICE, 0)
+        keep[name] = v
         io.bind_ortvalue_input(name, v)
     for o in sess.get_outputs():
-        io.bind_output(o.name, DEVICE, 0)
+        if o.name.endswith(".out"):  # the fused target's in-place cache
+            io.bind_ortvalue_output(o.name, keep[o.name[:-len(".out")]])
+        else:
+            io.bind_output(o.name, DEVICE, 0)
     sess.run_with_iobinding(io)  # first run allocates (and with a CUDA graph, captures)
     return io, keep
+
+
+def gqa_feeds_for(cfg, T: int, past: int, max_len: int) -> dict:
+    """The fused target's feeds: T tokens behind `past` cached ones in a max_len cache."""
+    rng = np.random.default_rng(0)
+    f = {"input_ids": rng.integers(4, cfg.vocab_size, (1, T)).astype(np.int32),
+         "seqlens_k": np.array([past + T - 1], np.int32), "total_sequence_length": np.array(max_len, np.int32)}
+    for i in range(cfg.n_layers):
+        for tmpl in KV_IN_PLACE:
+            f[tmpl % i] = (rng.standard_normal((1, cfg.n_kv_heads, max_len, cfg.head_dim)) * 0.5).astype(np.float16)
+    return f
 
 
 def feeds_for(cfg, T: int, past: int) -> dict:
@@ -93,15 +110,35 @@ def profile_or_note(path, dims, feeds) -> dict:
         return {"profile_error": f"{type(exc).__name__}: {str(exc)[:300]}"}
 
 
+def time_calls(path, dims: dict, feeds: dict, repeats: int, floor_ms: float) -> dict:
+    """Median ms per replayed call, its multiple of the floor, and the kernel profile."""
+    sess = session(path, dims, graph=DEVICE == "cuda")
+    io, _keep = bound(sess, feeds)
+    for _ in range(20):
+        sess.run_with_iobinding(io)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        sess.run_with_iobinding(io)
+        times.append(time.perf_counter() - t0)
+    ms = float(np.median(times)) * 1e3
+    return {"ms": ms, "ms_p10": float(np.percentile(times, 10)) * 1e3, "x_floor": ms / floor_ms,
+            **profile_or_note(path, dims, feeds)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=1100)
     ap.add_argument("--past", type=int, default=256)
+    ap.add_argument("--max-len", type=int, default=512, help="the fused target's cache length")
+    ap.add_argument("--graphs", default="standard,gqa", help="target forms to time: standard, gqa (fused)")
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--cuda-options", default="{}", help="CUDA execution provider options, JSON")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU")
     args = ap.parse_args()
+    CUDA_OPTIONS.update(json.loads(args.cuda_options))
     global DEVICE
     DEVICE = "cpu" if args.cpu else "cuda"
     cfg = models.TargetConfig(vocab_size=args.vocab, hidden_size=896, n_layers=args.layers, n_heads=14,
@@ -116,29 +153,28 @@ def main():
     report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers,
               "past": args.past,
               "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
-    path = Path(tempfile.mkdtemp()) / "target.onnx"
-    t0 = time.perf_counter()
-    export_graph(target, False, "fp16", path)
-    slim_graph(path)
-    report["export_s"] = time.perf_counter() - t0
-    for T in (1, 8):
-        dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
-        feeds = feeds_for(cfg, T, args.past)
-        sess = session(path, dims, graph=DEVICE == "cuda")
-        io, _keep = bound(sess, feeds)
-        for _ in range(20):
-            sess.run_with_iobinding(io)
-        times = []
-        for _ in range(args.repeats):
-            t0 = time.perf_counter()
-            sess.run_with_iobinding(io)
-            times.append(time.perf_counter() - t0)
-        ms = float(np.median(times)) * 1e3
-        report[f"T{T}"] = {"ms": ms, "ms_p10": float(np.percentile(times, 10)) * 1e3,
-                           "x_floor": ms / report["floor_ms"],
-                           **profile_or_note(path, dims, feeds)}
-        print(f"T{T}", json.dumps(report[f"T{T}"]), flush=True)
-        del sess, io
+    tmp = Path(tempfile.mkdtemp())
+    for form in args.graphs.split(","):
+        path = tmp / f"{form}.onnx"
+        t0 = time.perf_counter()
+        if form == "standard":
+            export_graph(target, False, "fp16", path)
+            slim_graph(path)
+        elif form == "gqa":
+            export_gqa_target(target, "fp16", args.max_len, path)
+        else:
+            ap.error(f"--graphs: {form!r} | expected standard or gqa")
+        into = report if form == "standard" else report.setdefault(form, {})  # standard: the keys as before
+        into["export_s"] = time.perf_counter() - t0
+        for T in (1, 8):
+            if form == "standard":
+                dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
+                feeds = feeds_for(cfg, T, args.past)
+            else:
+                dims = {"batch": 1, "seq": T, "max_seq_len": args.max_len}
+                feeds = gqa_feeds_for(cfg, T, args.past, args.max_len)
+            into[f"T{T}"] = time_calls(path, dims, feeds, args.repeats, report["floor_ms"])
+            print(form, f"T{T}", json.dumps(into[f"T{T}"]), flush=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -49,7 +49,7 @@ def check_feeds(graph: str, spec: dict, feeds: dict, expected: dict | None = Non
             want = sizes.setdefault(dim, size) if isinstance(dim, str) else dim
             if size != want:
                 raise InputError(f"{graph}: input '{name}' | dimension {dim} is {size}, elsewhere {want}")
-    if sizes.get("past_plus_seq", 0) != sizes.get("past", 0) + sizes.get("seq", 0):
+    if "past_plus_seq" in sizes and sizes["past_plus_seq"] != sizes.get("past", 0) + sizes.get("seq", 0):
         raise InputError(f"{graph}: input 'attention_mask' | last dimension {sizes.get('past_plus_seq')} | "
                          f"expected past + seq = {sizes.get('past', 0) + sizes.get('seq', 0)}")
 

@@ -31,14 +31,17 @@ def test_parity_passes_then_fails_on_a_perturbed_graph(tiny, engines, tmp_path):
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "PASS" in ok.stdout and json.loads((tmp_path / "ok.json").read_text())["ok"]
     assert (tmp_path / "ok.md").read_text().startswith("# padrec parity")
+    rows = json.loads((tmp_path / "ok.json").read_text())["tiers"]["graphs"]["rows"]
+    assert {r["case"] for r in rows if r["graph"] == "target_gqa"} == {"prompt", "verify_after_cache"}
 
-    model = onnx.load(engines / "target.onnx")
-    init = next(i for i in model.graph.initializer if "lm_head" in i.name or i.name.endswith("weight")
-                and len(i.dims) == 2)
-    w = numpy_helper.to_array(init).copy()
-    w[:, :4] += 0.05  # a small, real-looking corruption of one weight
-    init.CopyFrom(numpy_helper.from_array(w, init.name))
-    onnx.save(model, engines / "target.onnx")
+    for graph in ("target", "target_gqa"):
+        model = onnx.load(engines / f"{graph}.onnx")
+        init = next(i for i in model.graph.initializer if "lm_head" in i.name or i.name.endswith("weight")
+                    and len(i.dims) == 2)
+        w = numpy_helper.to_array(init).copy()
+        w[:, :4] += 0.05  # a small, real-looking corruption of one weight
+        init.CopyFrom(numpy_helper.from_array(w, init.name))
+        onnx.save(model, engines / f"{graph}.onnx")
     write_manifest(engines, load_manifest(engines, verify=False).data)  # re-sign: only numbers can catch it now
     bad = _cli("parity", "--engines", str(engines), "--target", str(t), "--draft", str(d), "--histories", "8",
                "--report", str(tmp_path / "bad.json"))
@@ -46,7 +49,7 @@ def test_parity_passes_then_fails_on_a_perturbed_graph(tiny, engines, tmp_path):
     assert "FAIL target/" in bad.stdout and "tier 1 graphs: FAIL" in bad.stdout
     report = json.loads((tmp_path / "bad.json").read_text())
     failed = {r["output"] for r in report["tiers"]["graphs"]["rows"] if not r["ok"]}
-    assert failed and all(r["graph"] == "target" for r in report["tiers"]["graphs"]["rows"] if not r["ok"])
+    assert failed and {r["graph"] for r in report["tiers"]["graphs"]["rows"] if not r["ok"]} == {"target", "target_gqa"}
 
 
 def test_polygraphy_runs_with_the_shipped_data_loader(engines_master):

@@ -116,9 +116,9 @@ def test_bad_engine_directories(engines, tmp_path):
     with pytest.raises(IntegrityError, match="draft.onnx: missing"):
         Recommender(engines)
     m = json.loads((engines / "manifest.json").read_text())
-    m["schema_version"] = 2
+    m["schema_version"] = 3
     (engines / "manifest.json").write_text(json.dumps(m))
-    with pytest.raises(ManifestError, match="schema_version: got 2 .* reads versions 1"):
+    with pytest.raises(ManifestError, match="schema_version: got 3 .* reads versions 1, 2"):
         Recommender(engines)
 
 
@@ -243,7 +243,8 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
     if buckets:
         monkeypatch.setattr(devicecache, "BUCKETS", buckets)
     plain = Recommender(engines_master)
-    static = Recommender(engines_master, io_binding=True, static_shapes=True)
+    # the standard target's sessions (the fused target has its own test below)
+    static = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
     hist = _histories(tiny[0], 11, batch)
     for mode in ("off", "chain", "tree"):
         for greedy in (True, False):
@@ -259,6 +260,66 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
         dims = dict(key)
         shape = {i.name: i.shape for i in sess.get_inputs()}["attention_mask"]
         assert shape == [dims["batch"], dims["seq"], dims["past_plus_seq"]]
+
+
+@pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])
+def test_fused_target_gives_the_same_lists(tiny, engines_master, batch, static):
+    """The target_gqa graph (ONNX Runtime's fused ops, cache written in place) runs every causal target call
+    it can take (prefill, AR steps and chain verify for one history; one-token steps for a batch) and gives
+    the standard target's lists and acceptance in every mode; tree verify passes stay on the standard target."""
+    plain = Recommender(engines_master, io_binding=True, static_shapes=static, fused_target=False)
+    fused = Recommender(engines_master, io_binding=True, static_shapes=static)
+    assert fused.fused_target and "target_gqa" not in plain.backends
+    hist = _histories(tiny[0], 13, batch)
+    for mode in ("off", "chain", "tree"):
+        for greedy in (True, False):
+            a = plain.recommend(hist, speculate=mode, greedy=greedy, seed=4)
+            b = fused.recommend(hist, speculate=mode, greedy=greedy, seed=4)
+            assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed, mode
+    calls = fused._bound[("target", batch)].calls
+    by_graph = {}
+    for key, n in calls.items():
+        graph = key[0] if isinstance(key, tuple) else "target"
+        by_graph[graph] = by_graph.get(graph, 0) + n
+    assert by_graph["target_gqa"] > 0 and by_graph["target"] > 0  # tree verify passes on the standard target
+    if batch == 1:  # every AR step, prefill and chain verify: more fused calls than tree verify passes
+        assert by_graph["target_gqa"] > by_graph["target"]
+
+
+def test_fused_target_routes_only_causal_calls(tiny, engines_master):
+    """BoundKVRunner._route sends a call to the in-place graph only where it computes the same thing."""
+    import numpy as np
+    rec = Recommender(engines_master, io_binding=True)
+    runner = rec._runner("target", 1, 100)
+    tri = np.tri(3, dtype=bool)[None]
+    pos = np.arange(3)[None]
+    assert runner._route("target", {"position_ids": pos}, tri, 3, None) == "target_gqa"
+    assert runner._route("target", {"position_ids": pos + 1}, tri, 3, None) == "target"  # positions off
+    tree = tri.copy()
+    tree[0, 2, 1] = False  # a sibling, not a parent
+    assert runner._route("target", {"position_ids": pos}, tree, 3, None) == "target"
+    runner.lengths[:] = rec.limits["max_seq_len"] - 2  # the padded call would run past the cache
+    assert runner._route("target", {"position_ids": pos + runner.lengths[0]}, tri, 3, None) == "target"
+    runner.reset()
+    runner.scratch = 1
+    assert runner._route("target", {"position_ids": pos}, tri, 3, None) == "target"
+    runner.reset()
+    two = rec._runner("target", 2, 100)  # several rows: one token each only
+    assert two._route("target", {"position_ids": np.zeros((2, 1), int)}, np.ones((2, 1, 1), bool), 1, None) \
+        == "target_gqa"
+    assert two._route("target", {"position_ids": np.tile(pos, (2, 1))}, np.tile(tri, (2, 1, 1)), 3, None) == "target"
+
+
+def test_fused_target_options(engines_master, engines):
+    import json
+    with pytest.raises(PadrecError, match="fused_target: needs io_binding"):
+        Recommender(engines_master, fused_target=True)
+    assert not Recommender(engines_master).fused_target  # the host cache path keeps the standard target
+    m = json.loads((engines / "manifest.json").read_text())
+    m["graphs"]["target_gqa"]["kv"]["max_len"] = 64
+    (engines / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ManifestError, match="graphs.target_gqa.kv"):
+        Recommender(engines, io_binding=True)
 
 
 def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_master):

@@ -1,0 +1,155 @@
+"""The target as an ONNX Runtime graph of fused contrib ops (GroupQueryAttention with the KV cache written in
+place, SkipSimplifiedLayerNormalization, QuickGelu): about a third of the standard graph's kernels per step.
+
+Written node by node from the Target's weights (not traced), so its form does not depend on the exporter.
+Its contract differs from the standard target's in two ways, both recorded in the manifest:
+- The cache is bound whole, (batch, kv_heads, max_seq_len, head_dim) per layer, as both the past input and the
+  present output (ONNX Runtime shares the buffer); the op writes each new token's KV at its position.
+- No mask and no position ids: `seqlens_k` (batch,) is each row's cache length after this call minus one, and
+  attention is causal over the row's cache. Token i of a call sits at position seqlens_k - seq + 1 + i, which
+  is also its rotary position. So it serves prefill, AR steps and chain verify passes (every token sees all
+  before it), not tree verify (the standard target does those, over the same cache).
+`total_sequence_length` is a host scalar the op uses for checks only: the runtime passes max_seq_len.
+ONNX Runtime only (com.microsoft ops): TensorRT builds skip it.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .models import Target
+
+GRAPH = "target_gqa"
+KV_IN_PLACE = ("cache.%d.key", "cache.%d.value")  # the layer's whole cache, bound as input and output
+_ONNX_DTYPES = {"fp32": 1, "fp16": 10}  # onnx.TensorProto FLOAT, FLOAT16 (numpy has no bf16)
+
+
+def gqa_io(target: Target, precision: str, max_seq_len: int) -> tuple[dict, dict, dict]:
+    """Inputs, outputs (name -> dtype, symbolic shape) and the KV description of the fused target."""
+    from padrec_runtime.manifest import PRECISIONS
+    dt, c = PRECISIONS[precision], target.cfg
+    inputs = {"input_ids": {"dtype": "int32", "shape": ["batch", "seq"]},
+              "seqlens_k": {"dtype": "int32", "shape": ["batch"]},
+              "total_sequence_length": {"dtype": "int32", "shape": []}}
+    outputs = {"logits": {"dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
+               "hidden": {"dtype": dt, "shape": ["batch", "seq", c.hidden_size]}}
+    kv = {"key_input": KV_IN_PLACE[0], "value_input": KV_IN_PLACE[1], "key_output": KV_IN_PLACE[0] + ".out",
+          "value_output": KV_IN_PLACE[1] + ".out", "n_layers": c.n_layers, "n_kv_heads": c.n_kv_heads,
+          "head_dim": c.head_dim, "dtype": dt, "in_place": True, "max_len": max_seq_len}
+    return inputs, outputs, kv
+
+
+class _Builder:
+    """Nodes and initializers of one graph, with unique value names."""
+
+    def __init__(self, np_dtype, onnx_dtype: int):
+        self.nodes, self.inits, self.np_dtype, self.onnx_dtype = [], [], np_dtype, onnx_dtype
+        self._n = 0
+
+    def const(self, name: str, value: np.ndarray, dtype=None) -> str:
+        from onnx import numpy_helper
+        arr = np.ascontiguousarray(value, dtype=dtype or self.np_dtype)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        return name
+
+    def op(self, op_type: str, inputs: list, n_out: int = 1, domain: str = "", **attrs):
+        from onnx import helper
+        self._n += 1
+        outs = [f"{op_type}_{self._n}_{i}" for i in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, name=f"{op_type}_{self._n}", domain=domain,
+                                           **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _w(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
+
+
+def rotary_cache(cfg, positions: int) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (positions, head_dim / 2) in fp32, as `models.rope` computes them (non-interleaved halves)."""
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv
+    return freqs.cos().numpy(), freqs.sin().numpy()
+
+
+def build_gqa_target(target: Target, precision: str, max_seq_len: int):
+    """The fused target as an onnx ModelProto (weights inside)."""
+    from onnx import helper, TensorProto
+    if precision not in ("fp32", "fp16"):
+        raise NotImplementedError(f"fused target: precision {precision} | export fp16 or fp32")
+    c = target.cfg
+    np_dt = np.float16 if precision == "fp16" else np.float32
+    b = _Builder(np_dt, _ONNX_DTYPES[precision])
+    eps = float(c.rms_eps)
+
+    def linear(x, weight, name):  # weights stored (in, out): on an H200 faster than FusedMatMul with transB
+        return b.op("MatMul", [x, b.const(name, _w(weight).T)])
+    # the padded tokens of a static bucket sit past the cache's last row: their rotary rows must exist too
+    cos, sin = rotary_cache(c, max_seq_len + 256)
+    b.const("rotary.cos", cos)
+    b.const("rotary.sin", sin)
+    x = b.op("Gather", [b.const("embed_tokens", _w(target.embed_tokens.weight)), "input_ids"])
+    residual, pending = x, None  # pending: the branch output still to be added to the residual
+
+    def norm(weight, name):
+        nonlocal residual, pending
+        gamma = b.const(name, _w(weight))
+        if pending is None:
+            return b.op("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=eps, stash_type=1)
+        out, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], n_out=4,
+                                   domain="com.microsoft", epsilon=eps)
+        pending = None
+        return out
+
+    for i, layer in enumerate(target.layers):
+        a = layer.self_attn
+        h = norm(layer.input_layernorm.weight, f"l{i}.input_norm")
+        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
+        qkv = linear(h, w, f"l{i}.qkv")
+        if a.q_proj.bias is not None:
+            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+            qkv = b.op("Add", [qkv, b.const(f"l{i}.qkv_bias", _w(bias))])
+        k_in, v_in = KV_IN_PLACE[0] % i, KV_IN_PLACE[1] % i
+        attn = f"l{i}.attn"
+        b.nodes.append(helper.make_node(  # its cache outputs are the graph's (no copy): bound to the inputs
+            "GroupQueryAttention", [qkv, "", "", k_in, v_in, "seqlens_k", "total_sequence_length", "rotary.cos",
+                                    "rotary.sin"], [attn, k_in + ".out", v_in + ".out"], name=f"l{i}.gqa",
+            domain="com.microsoft", num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, do_rotary=1,
+            rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
+        pending = linear(attn, a.o_proj.weight, f"l{i}.o")
+        h = norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
+        gate = linear(h, layer.gate_proj.weight, f"l{i}.gate")
+        up = linear(h, layer.up_proj.weight, f"l{i}.up")
+        act = b.op("Mul", [b.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0), up])  # silu(gate) * up
+        pending = linear(act, layer.down_proj.weight, f"l{i}.down")
+    hidden = norm(target.norm.weight, "final_norm")
+    logits = b.op("Cast", [linear(hidden, target.lm_head.weight, "lm_head")],
+                  to=TensorProto.FLOAT)
+    # name the graph's outputs
+    b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
+    b.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
+    inputs, outputs, kv = gqa_io(target, precision, max_seq_len)
+    cache_shape = ["batch", c.n_kv_heads, "max_seq_len", c.head_dim]
+    dt = b.onnx_dtype
+    g_in = [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq"]),
+            helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
+            helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
+    g_out = [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "seq", c.vocab_size]),
+             helper.make_tensor_value_info("hidden", dt, ["batch", "seq", c.hidden_size])]
+    for i in range(c.n_layers):
+        for tmpl in (kv["key_input"], kv["value_input"]):
+            g_in.append(helper.make_tensor_value_info(tmpl % i, dt, cache_shape))
+        for tmpl in (kv["key_output"], kv["value_output"]):
+            g_out.append(helper.make_tensor_value_info(tmpl % i, dt, cache_shape))
+    graph = helper.make_graph(b.nodes, GRAPH, g_in, g_out, b.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
+                             producer_name="padrec", ir_version=8)  # readable by older ONNX Runtimes too
+
+
+def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Path) -> None:
+    """Write the fused target graph (see the module docstring)."""
+    import onnx
+    model = build_gqa_target(target, precision, max_seq_len)
+    onnx.save(model, str(path))
