@@ -77,7 +77,7 @@ class Recommender:
         sessions replay CUDA graphs (default with static_shapes on CUDA). fused_target: causal target calls
         (prefill, AR steps, chain verify; a batch of one, or one token per row) run the engines' target_gqa
         graph, ONNX Runtime's fused ops writing the cache in place (default: on with io_binding where the
-        engines have it; tree verify passes keep the standard target)."""
+        engines have it, except fp32 engines on CUDA; tree verify passes keep the standard target)."""
         # device-resident KV through ONNX Runtime IO binding: the default on CUDA
         self.io_binding = (device == "cuda" and backend == "onnxruntime") if io_binding is None else io_binding
         if self.io_binding and backend != "onnxruntime":
@@ -91,10 +91,15 @@ class Recommender:
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
         has_fused = "target_gqa" in m.data["graphs"]
-        self.fused_target = (self.io_binding and has_fused) if fused_target is None else fused_target
+        # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
+        cuda_fp32 = device == "cuda" and m.precision == "fp32"
+        self.fused_target = (self.io_binding and has_fused and not cuda_fp32) if fused_target is None else fused_target
         if self.fused_target and not (self.io_binding and has_fused):
             raise BackendError("fused_target: needs io_binding (the graph writes the bound cache in place) and engines "
-                               "with a target_gqa graph | drop fused_target or re-export with padrec >= 0.1 (fp16/fp32)")
+                               "with a target_gqa graph | drop fused_target or re-export (fp16 or fp32)")
+        if self.fused_target and cuda_fp32:
+            raise BackendError("fused_target: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 only; "
+                               "export fp16 engines or drop fused_target")
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order

@@ -483,7 +483,7 @@ def main():
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.optimized_model_filepath = str(work / "optimized.onnx")
-        for dim, n in {"batch": 1, "seq": 8, "past": 256, "past_plus_seq": 264}.items():
+        for dim, n in {"batch": 1, "seq": 8, "past": 256, "past_plus_seq": 264, "max_seq_len": 256}.items():
             so.add_free_dimension_override_by_name(dim, n)
         ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"] if device == "cuda" else None)
         count = lambda m: dict(collections.Counter(n.op_type for n in m.graph.node).most_common())  # noqa: E731
@@ -493,7 +493,7 @@ def main():
         return res
 
     report["graph_ops"] = {}
-    for g in ("target", "draft", "draft_chain"):
+    for g in ("target", "target_gqa", "draft", "draft_chain"):
         try:
             report["graph_ops"][g] = graph_ops(engines["padrec"] / f"{g}.onnx")
             log(g, "ops", json.dumps({k: sum(v.values()) for k, v in report["graph_ops"][g].items()}),
@@ -503,11 +503,15 @@ def main():
 
     # 1. our runtime, ONNX Runtime CUDA with device-resident KV, three ways: dynamic shapes (one session),
     # static buckets without CUDA graphs, static buckets replaying CUDA graphs (the default on CUDA).
+    # Each with the fused target (target_gqa, the default) but one: the standard target's graph, CUDA graphs.
     configs = {"padrec-ort-cuda-dynamic": dict(static_shapes=False),
                "padrec-ort-cuda-static": dict(static_shapes=True, cuda_graphs=False),
-               "padrec-ort-cuda": dict()} if device == "cuda" else {"padrec-ort-cuda": dict(static_shapes=True)}
+               "padrec-ort-cuda-standard-target": dict(fused_target=False),
+               "padrec-ort-cuda": dict()}
+    if device != "cuda":
+        configs = {k: dict(v, static_shapes=True) for k, v in configs.items() if k.endswith(("cuda", "target"))}
     if args.quick:
-        configs = {"padrec-ort-cuda": configs["padrec-ort-cuda"]}
+        configs = {k: v for k, v in configs.items() if k.endswith(("cuda", "target"))}
     report["engine_calls_ms"], report["graph_notes"], report["gpu_mem_mib"] = {}, {}, {}
     best = rec = None
     for engine, opts in configs.items():

@@ -21,18 +21,21 @@ def _cuda_ready() -> bool:
         return False
 
 
-def _engines(tmp: Path) -> Path:
+def _engines(tmp: Path, precision: str = "fp32") -> Path:
     from padrec_export.demo import default_model_dir
     from padrec_export.pipeline import export_checkpoints
     model = default_model_dir("ml-100k")
-    export_checkpoints(model / "target", model / "draft_padrec", tmp / "eng")
-    return tmp / "eng"
+    export_checkpoints(model / "target", model / "draft_padrec", tmp / f"eng_{precision}", precision)
+    return tmp / f"eng_{precision}"
 
 
 def check_cuda_graph_sessions(engines: Path) -> dict:
+    """fp16 engines run the fused target (target_gqa) by default: its CUDA graphs, in-place cache writes and
+    routing are checked by the same comparisons; fp32 engines keep the standard target on CUDA."""
     from padrec_runtime.recommender import Recommender
     graphs = Recommender(engines, device="cuda")
     assert graphs.static_shapes and graphs.cuda_graphs
+    assert graphs.fused_target == (graphs.manifest.precision == "fp16")
     plain = Recommender(engines, device="cuda", cuda_graphs=False)  # the same sessions, no graphs
     cat = graphs.catalogue
     hists = [cat.item_ids[i:i + 12].tolist() for i in (0, 40, 80, 120)]
@@ -71,16 +74,22 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
             assert list(pool.map(run, range(len(modes)))) == want
     notes = [n for b in graphs.backends.values() for n in b.graph_notes]
     assert not notes, notes
-    return {"ok": True, "pooled": {str(k): len(v) for k, v in graphs._pool.items()}}
+    fused_calls = sum(n for r in graphs._bound.values() for key, n in r.calls.items()
+                      if isinstance(key, tuple) and key[0] == "target_gqa")
+    assert (fused_calls > 0) == graphs.fused_target
+    return {"ok": True, "precision": graphs.manifest.precision, "fused_target_calls": fused_calls,
+            "pooled": {str(k): len(v) for k, v in graphs._pool.items()}}
 
 
 def test_cuda_graphs_replay_what_the_sessions_compute(tmp_path):
     import pytest  # imported here so the GPU machine can run this file without pytest
     if not _cuda_ready():
         pytest.skip("needs onnxruntime-gpu, cupy and a CUDA device")
-    check_cuda_graph_sessions(_engines(tmp_path))
+    for precision in ("fp32", "fp16"):
+        check_cuda_graph_sessions(_engines(tmp_path, precision))
 
 
 if __name__ == "__main__":
     with tempfile.TemporaryDirectory() as d:
-        print(check_cuda_graph_sessions(_engines(Path(d))))
+        for precision in ("fp32", "fp16"):
+            print(check_cuda_graph_sessions(_engines(Path(d), precision)))
