@@ -16,6 +16,7 @@ def main(path="benchmarks/results/gpu_bench_h200.json", out="benchmarks/results/
         if "/eagle" in r["engine"] or "-static" in r["engine"]:  # in the JSON; the plot keeps to the comparison
             continue
         label = f"{r['engine']} {r['mode']}".replace("padrec-ort-cuda-dynamic", "ours, no CUDA graphs").replace(
+            "padrec-ort-cuda-standard-target", "ours, standard target").replace(
             "padrec-ort-cuda", "ours (ORT CUDA graphs)").replace("/padrec", "").replace("/auto auto", " auto")
         series.setdefault(label, {})[r["batch"]] = r["ms_per_list"]
     batches = sorted({r["batch"] for r in d["rows"]})
