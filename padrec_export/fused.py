@@ -19,25 +19,34 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .models import Target
+from .models import Target, rotary_cache
 
 GRAPH = "target_gqa"
 KV_IN_PLACE = ("cache.%d.key", "cache.%d.value")  # the layer's whole cache, bound as input and output
 _ONNX_DTYPES = {"fp32": 1, "fp16": 10}  # onnx.TensorProto FLOAT, FLOAT16 (numpy has no bf16)
 
 
+def gqa_inputs() -> dict:
+    """The inputs every in-place graph has besides its own: where each row's tokens go, the host scalar."""
+    return {"seqlens_k": {"dtype": "int32", "shape": ["batch"]},
+            "total_sequence_length": {"dtype": "int32", "shape": []}}
+
+
+def in_place_kv(max_seq_len: int) -> dict:
+    """The KV description's keys of a graph writing the whole bound cache in place."""
+    return {"key_input": KV_IN_PLACE[0], "value_input": KV_IN_PLACE[1], "key_output": KV_IN_PLACE[0] + ".out",
+            "value_output": KV_IN_PLACE[1] + ".out", "in_place": True, "max_len": max_seq_len}
+
+
 def gqa_io(target: Target, precision: str, max_seq_len: int) -> tuple[dict, dict, dict]:
     """Inputs, outputs (name -> dtype, symbolic shape) and the KV description of the fused target."""
     from padrec_runtime.manifest import PRECISIONS
     dt, c = PRECISIONS[precision], target.cfg
-    inputs = {"input_ids": {"dtype": "int32", "shape": ["batch", "seq"]},
-              "seqlens_k": {"dtype": "int32", "shape": ["batch"]},
-              "total_sequence_length": {"dtype": "int32", "shape": []}}
+    inputs = {"input_ids": {"dtype": "int32", "shape": ["batch", "seq"]}, **gqa_inputs()}
     outputs = {"logits": {"dtype": "float32", "shape": ["batch", "seq", c.vocab_size]},
                "hidden": {"dtype": dt, "shape": ["batch", "seq", c.hidden_size]}}
-    kv = {"key_input": KV_IN_PLACE[0], "value_input": KV_IN_PLACE[1], "key_output": KV_IN_PLACE[0] + ".out",
-          "value_output": KV_IN_PLACE[1] + ".out", "n_layers": c.n_layers, "n_kv_heads": c.n_kv_heads,
-          "head_dim": c.head_dim, "dtype": dt, "in_place": True, "max_len": max_seq_len}
+    kv = {**in_place_kv(max_seq_len), "n_layers": c.n_layers, "n_kv_heads": c.n_kv_heads, "head_dim": c.head_dim,
+          "dtype": dt}
     return inputs, outputs, kv
 
 
@@ -67,13 +76,6 @@ def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def rotary_cache(cfg, positions: int) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (positions, head_dim / 2) in fp32, as `models.rope` computes them (non-interleaved halves)."""
-    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
-    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv
-    return freqs.cos().numpy(), freqs.sin().numpy()
-
-
 def build_gqa_target(target: Target, precision: str, max_seq_len: int):
     """The fused target as an onnx ModelProto (weights inside)."""
     from onnx import helper, TensorProto
@@ -88,8 +90,8 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int):
         return b.op("MatMul", [x, b.const(name, _w(weight).T)])
     # the padded tokens of a static bucket sit past the cache's last row: their rotary rows must exist too
     cos, sin = rotary_cache(c, max_seq_len + 256)
-    b.const("rotary.cos", cos)
-    b.const("rotary.sin", sin)
+    b.const("rotary.cos", cos.numpy())
+    b.const("rotary.sin", sin.numpy())
     x = b.op("Gather", [b.const("embed_tokens", _w(target.embed_tokens.weight)), "input_ids"])
     residual, pending = x, None  # pending: the branch output still to be added to the residual
 

@@ -99,6 +99,56 @@ def rope_heads(position_ids, cfg, dtype):
     return cos.to(dtype), sin.to(dtype)
 
 
+def rotary_cache(cfg, positions: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (positions, head_dim / 2) in fp32 for positions 0.., as `rope` computes them: the tables ONNX
+    Runtime's GroupQueryAttention rotates with (non-interleaved halves)."""
+    inv = 1.0 / cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, dtype=torch.float32) / cfg.head_dim)
+    freqs = torch.arange(positions, dtype=torch.float32)[:, None] * inv
+    return freqs.cos(), freqs.sin()
+
+
+class GroupQueryAttention(torch.autograd.Function):
+    """ONNX Runtime's com.microsoft GroupQueryAttention over a cache written in place: packed q|k|v (B, S, .),
+    rotary inside from cos / sin tables, each row's new tokens at positions seqlens_k - S + 1 .., causal over
+    the row's cache. `forward` is the computation in PyTorch; an exported graph holds the contrib op."""
+
+    @staticmethod
+    def forward(ctx, qkv, cache_k, cache_v, seqlens_k, total, cos, sin, n_heads: int, n_kv: int, scale: float):
+        B, S, _ = qkv.shape
+        D, L = cache_k.shape[-1], cache_k.shape[2]
+        qkv = qkv.view(B, S, n_heads + 2 * n_kv, D)
+        pos = (seqlens_k.long() - S + 1)[:, None] + torch.arange(S, device=qkv.device)  # (B, S)
+        c = torch.cat([cos[pos], cos[pos]], -1)[:, :, None].to(qkv.dtype)  # (B, S, 1, D)
+        s = torch.cat([-sin[pos], sin[pos]], -1)[:, :, None].to(qkv.dtype)
+        rot = n_heads + n_kv
+        q, k = _rotate(qkv[:, :, :rot], c, s).split([n_heads, n_kv], dim=2)
+        v = qkv[:, :, rot:]
+        rows = torch.arange(B, device=qkv.device)[:, None]
+        present_k, present_v = cache_k.clone(), cache_v.clone()
+        present_k[rows, :, pos] = k  # (B, S, kv heads, D) at each row's positions
+        present_v[rows, :, pos] = v
+        rep = n_heads // n_kv
+        q = q.permute(0, 2, 1, 3).reshape(B, n_kv, rep * S, D)  # query heads of a group share one K/V head
+        scores = torch.matmul(q, present_k.transpose(-1, -2)) * scale  # (B, kv, rep * S, L)
+        visible = torch.arange(L, device=qkv.device)[None, None, :] <= pos[:, :, None]  # (B, S, L)
+        bias = torch.where(visible, 0.0, float("-inf")).to(scores.dtype).repeat(1, rep, 1)[:, None]
+        out = torch.matmul(torch.softmax(scores + bias, dim=-1), present_v).reshape(B, n_heads, S, D)
+        return out.transpose(1, 2).reshape(B, S, n_heads * D), present_k, present_v
+
+    @staticmethod
+    def symbolic(g, qkv, cache_k, cache_v, seqlens_k, total, cos, sin, n_heads: int, n_kv: int, scale: float):
+        from torch.onnx._internal.torchscript_exporter.symbolic_helper import _optional_input_placeholder_tensor
+        none = _optional_input_placeholder_tensor(g)
+        out, k, v = g.op("com.microsoft::GroupQueryAttention", qkv, none, none, cache_k, cache_v, seqlens_k, total, cos,
+                         sin, num_heads_i=n_heads, kv_num_heads_i=n_kv, do_rotary_i=1, rotary_interleaved_i=0,
+                         scale_f=float(scale), outputs=3)
+        head_dim = round(scale ** -2)  # the exporter cannot infer a contrib op's output types: set them
+        out.setType(qkv.type().with_sizes([None, None, n_heads * head_dim]))
+        k.setType(cache_k.type())
+        v.setType(cache_v.type())
+        return out, k, v
+
+
 def _rotate(x, cos, sin):
     half = x.shape[-1] // 2
     swap = torch.cat([torch.arange(half, 2 * half, device=x.device), torch.arange(0, half, device=x.device)])
@@ -139,6 +189,15 @@ class Attention(nn.Module):
         out = torch.matmul(attn, values).reshape(B, self.n_heads, T, self.head_dim)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1)), k, v
 
+    def forward_in_place(self, x, seqlens_k, total, cache_k, cache_v, cos, sin):
+        """The same attention as GroupQueryAttention over a whole cache (B, kv heads, max_len, D): output and
+        the cache with the new tokens' KV written at their positions."""
+        w = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
+        b = None if self.q_proj.bias is None else torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
+        out, k, v = GroupQueryAttention.apply(F.linear(x, w, b), cache_k, cache_v, seqlens_k, total, cos, sin,
+                                              self.n_heads, self.n_kv, self.head_dim ** -0.5)
+        return self.o_proj(out), k, v
+
 
 def _drop(x, p: float, training: bool):
     """Training-time dropout; absent from eval and from every exported graph."""
@@ -159,10 +218,17 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, past_k, past_v)
-        x = x + _drop(a, self.dropout, self.training)
+        return self._mlp(x + _drop(a, self.dropout, self.training)), k, v
+
+    def forward_in_place(self, x, seqlens_k, total, cache_k, cache_v, cos, sin):
+        """`forward` with Attention.forward_in_place: returns the output and the whole updated cache."""
+        a, k, v = self.self_attn.forward_in_place(self.input_layernorm(x), seqlens_k, total, cache_k, cache_v, cos, sin)
+        return self._mlp(x + a), k, v
+
+    def _mlp(self, x):
         h = self.post_attention_layernorm(x)
         m = self.down_proj(F.silu(self.gate_proj(h)) * self.up_proj(h))
-        return x + _drop(m, self.dropout, self.training), k, v
+        return x + _drop(m, self.dropout, self.training)
 
 
 class Target(nn.Module):
@@ -252,16 +318,19 @@ class Draft(nn.Module):
 
     def layer_out(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
         """The decoder layer's output (the draft's feature, before the head) and the new KV."""
+        x = self.layer_in(hidden_in, input_ids, step, slot)
+        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
+        (pk, pv), = past
+        return self.layer(x, cos, sin, attention_mask, pk, pv)
+
+    def layer_in(self, hidden_in, input_ids, step, slot):
+        """The decoder layer's input: features plus the step signal."""
         x = self.features(hidden_in, input_ids, slot)
         s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))  # int64: CUDA has no int32 Clip
         if self.cfg.use_step:
             g = torch.sigmoid(self.gate(torch.cat([x, s], dim=-1)))
-            x = x + g * s
-        else:
-            x = x + 0.0 * s
-        cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
-        (pk, pv), = past
-        return self.layer(x, cos, sin, attention_mask, pk, pv)
+            return x + g * s
+        return x + 0.0 * s
 
 
 class DraftChain(nn.Module):
@@ -277,9 +346,10 @@ class DraftChain(nn.Module):
     index of its last real catch-up token, `node`: the table row after that token, `left`: items still to
     write, and `banned` (B, n_nodes + 2): ListConstraint.chain_ban. Outputs the K proposed tokens and the new
     KV of the catch-up tokens followed by the K-1 chain steps (the runtime keeps only the catch-up's).
+    max_len: the draft cache's length, for `forward_in_place` (the round over a whole cache written in place).
     """
 
-    def __init__(self, draft: Draft, catalogue, steps: int):
+    def __init__(self, draft: Draft, catalogue, steps: int, max_len: int = 0):
         super().__init__()
         from padrec_runtime.layout import EOS, SEP
         if steps < 1:
@@ -296,6 +366,10 @@ class DraftChain(nn.Module):
         self.register_buffer("ends", ends, persistent=False)
         self.register_buffer("slot_of", torch.as_tensor(lay.slots(range(lay.vocab_size)), dtype=torch.long),
                              persistent=False)
+        if max_len:  # forward_in_place: GroupQueryAttention's rotary tables (padding of a bucket may run past)
+            cos, sin = rotary_cache(draft.cfg, max_len + 256)
+            self.register_buffer("rotary_cos", cos, persistent=False)
+            self.register_buffer("rotary_sin", sin, persistent=False)
 
     def forward(self, hidden_in, input_ids, position_ids, slot, last, node, left, banned, attention_mask, past):
         d = self.draft
@@ -305,20 +379,56 @@ class DraftChain(nn.Module):
         (pk, pv), = past
         idx = last.long().view(B, 1)
         pick = idx[:, :, None]
-        h = h.gather(1, pick.expand(-1, -1, h.shape[-1]))  # (B, 1, H) at each row's last catch-up token
-        logits = d.lm_head(d.norm(h))[:, 0]  # in the model's dtype: the grammar's bias is 0 or -inf, exact
         pos = position_ids.gather(1, idx)
         row = attention_mask.gather(1, pick.expand(-1, -1, attention_mask.shape[-1]))  # (B, 1, past + seq)
         rep = d.cfg.n_heads // d.cfg.n_kv_heads
         bias = torch.where(row, 0.0, float("-inf")).to(h.dtype)[:, None].expand(-1, -1, rep, -1)
         zero = torch.zeros_like(bias[..., :1])
-        keys, values = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
-        at, left = node.long(), left.long()  # (B,) table row after the last committed token, items to go
-        banned = banned.to(h.dtype)
+        kv = {"keys": torch.cat([pk, k], dim=2), "values": torch.cat([pv, v], dim=2), "bias": bias}
         if self.steps > 1:  # every chain step's rotary tables in one pass (positions pos + 1 .. pos + K - 1)
             ahead = pos + torch.arange(1, self.steps, dtype=pos.dtype, device=pos.device)
             cos, sin = rope_heads(ahead, d.cfg, h.dtype)
             cos, sin = cos.split(1, dim=1), sin.split(1, dim=1)
+
+        def layer(j, x):  # the draft layer for chain step j over the cache, the catch-up and steps before j
+            kv["bias"] = torch.cat([kv["bias"], zero], dim=-1)
+            out, k1, v1 = d.layer(x, cos[j - 1], sin[j - 1], kv["bias"], kv["keys"], kv["values"])
+            kv["keys"], kv["values"] = torch.cat([kv["keys"], k1], dim=2), torch.cat([kv["values"], v1], dim=2)
+            return out
+
+        tokens = self._chain(h, idx, node, left, banned, layer)
+        S = pk.shape[2]
+        return tokens, kv["keys"][:, :, S:], kv["values"][:, :, S:]
+
+    def forward_in_place(self, hidden_in, input_ids, slot, last, node, left, banned, seqlens_k, total, cache_k,
+                         cache_v):
+        """The same round over the draft's whole cache (B, kv heads, max_len, D) with GroupQueryAttention, which
+        writes the catch-up tokens' KV at positions seqlens_k - seq + 1 .. and chain step j's right behind the
+        row's last real catch-up token (over padding). Returns the tokens and the updated cache."""
+        d = self.draft
+        B, T = input_ids.shape
+        x = d.layer_in(hidden_in, input_ids, torch.zeros_like(input_ids), slot)
+        cos, sin = self.rotary_cos.to(x.dtype), self.rotary_sin.to(x.dtype)
+        h, ck, cv = d.layer.forward_in_place(x, seqlens_k, total, cache_k, cache_v, cos, sin)
+        cache = {"k": ck, "v": cv}
+        at_last = seqlens_k - T + 1 + last  # (B,) int32: the position of each row's last real catch-up token
+
+        def layer(j, x):
+            out, cache["k"], cache["v"] = d.layer.forward_in_place(x, at_last + j, total, cache["k"], cache["v"],
+                                                                   cos, sin)
+            return out
+
+        tokens = self._chain(h, last.long().view(B, 1), node, left, banned, layer)
+        return tokens, cache["k"], cache["v"]
+
+    def _chain(self, h, idx, node, left, banned, layer):
+        """The K greedy grammar-masked draft tokens from the catch-up's output h (at each row's index idx);
+        layer(j, x) runs the draft layer for step j."""
+        d = self.draft
+        h = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, 1, H) at each row's last catch-up token
+        logits = d.lm_head(d.norm(h))[:, 0]  # in the model's dtype: the grammar's bias is 0 or -inf, exact
+        at, left = node.long(), left.long()  # (B,) table row after the last committed token, items to go
+        banned = banned.to(h.dtype)
         ends = self.ends.to(h.dtype)
         # Draft.features for a chain token, split: fc over (embedding, feature) is a per-token table (its
         # embedding half, fc's bias and the token's slot signal, folded at export) plus a matmul of the feature
@@ -349,9 +459,6 @@ class DraftChain(nn.Module):
             x = token_part[tok[:, 0]][:, None] + F.linear(h, w_hidden)
             if use_step:
                 x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
-            bias = torch.cat([bias, zero], dim=-1)
-            h, k1, v1 = d.layer(x, cos[j - 1], sin[j - 1], bias, keys, values)
+            h = layer(j, x)
             logits = d.lm_head(d.norm(h))[:, 0]
-            keys, values = torch.cat([keys, k1], dim=2), torch.cat([values, v1], dim=2)
-        S = pk.shape[2]
-        return torch.cat(tokens, dim=1).to(torch.int32), keys[:, :, S:], values[:, :, S:]
+        return torch.cat(tokens, dim=1).to(torch.int32)

@@ -16,7 +16,7 @@ from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
 from padrec_runtime.layout import SPECIAL_TOKENS, Catalogue
 from padrec_runtime.manifest import PRECISIONS, FORMAT, SCHEMA_VERSION, Manifest, write_manifest
 
-from .fused import GRAPH as FUSED_TARGET, export_gqa_target, gqa_io
+from .fused import GRAPH as FUSED_TARGET, export_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
 
 OPSET = 17
@@ -41,13 +41,16 @@ class ExportLimits:
 
 
 class _FlatChain(nn.Module):
-    """Positional inputs / flat outputs around a DraftChain."""
+    """Positional inputs / flat outputs around a DraftChain (its in-place form with in_place)."""
 
-    def __init__(self, chain: DraftChain):
+    def __init__(self, chain: DraftChain, in_place: bool = False):
         super().__init__()
-        self.chain = chain
+        self.chain, self.in_place = chain, in_place
 
-    def forward(self, hidden_in, ids, pos, slot, last, node, left, banned, mask, past_k, past_v):
+    def forward(self, *args):
+        if self.in_place:
+            return self.chain.forward_in_place(*args)
+        hidden_in, ids, pos, slot, last, node, left, banned, mask, past_k, past_v = args
         return self.chain(hidden_in, ids, pos, slot, last, node, left, banned, mask, [(past_k, past_v)])
 
 
@@ -96,8 +99,9 @@ def graph_io(model, is_draft: bool, precision: str) -> tuple[dict, dict, dict]:
     return inputs, outputs, kv
 
 
-def chain_io(draft, steps: int, precision: str, n_nodes: int) -> tuple[dict, dict, dict]:
-    """Inputs, outputs and KV description of the fused greedy draft-chain graph (see DraftChain)."""
+def chain_io(draft, steps: int, precision: str, n_nodes: int, max_len: int = 0) -> tuple[dict, dict, dict]:
+    """Inputs, outputs and KV description of the fused greedy draft-chain graph (see DraftChain); with max_len
+    its in-place form (DraftChain.forward_in_place: no positions or mask, the whole cache bound in place)."""
     inputs, _, kv = graph_io(draft, True, precision)
     del inputs["step"]
     row = {"dtype": "int32", "shape": ["batch"]}
@@ -105,6 +109,10 @@ def chain_io(draft, steps: int, precision: str, n_nodes: int) -> tuple[dict, dic
               "banned": {"dtype": "float16", "shape": ["batch", n_nodes + 2]},
               "attention_mask": inputs["attention_mask"]}
     outputs = {"tokens": {"dtype": "int32", "shape": ["batch", steps]}}
+    if max_len:
+        del inputs["position_ids"], inputs["attention_mask"]
+        inputs.update(gqa_inputs())
+        kv.update(in_place_kv(max_len))
     return inputs, outputs, kv
 
 
@@ -116,32 +124,44 @@ def _export(module: nn.Module, example: tuple, path: Path, names_in: list, names
     slim_graph(path)
 
 
-def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision: str, path: Path) -> None:
-    """Write the fused greedy draft-chain graph: dynamic batch, seq and past axes, K fixed, trie tables inside."""
+def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision: str, path: Path,
+                       max_len: int = 0) -> None:
+    """Write the fused greedy draft-chain graph: dynamic batch, seq and past axes, K fixed, trie tables inside.
+    max_len: its in-place form over a cache of max_len positions (ONNX Runtime's GroupQueryAttention)."""
     dtype = TORCH_DTYPES[precision]
     model = copy.deepcopy(draft).to(dtype) if dtype != torch.float32 else draft
-    chain = DraftChain(model.eval(), catalogue, steps).to(next(model.parameters()).device).eval()
-    inputs, outputs, kv = chain_io(draft, steps, precision, len(catalogue.child_codes))
+    dev = next(model.parameters()).device
+    chain = DraftChain(model.eval(), catalogue, steps, max_len).to(dev).eval()
+    inputs, outputs, kv = chain_io(draft, steps, precision, len(catalogue.child_codes), max_len)
     B, T, P = 2, 3, 5
-    c, dev = draft.cfg, next(model.parameters()).device
-    example = (torch.randn(B, T, c.hidden_size, dtype=dtype, device=dev),
-               torch.randint(0, c.vocab_size, (B, T), dtype=torch.int32, device=dev),
-               torch.arange(P, P + T, dtype=torch.int32, device=dev).repeat(B, 1),
-               torch.zeros(B, T, dtype=torch.int32, device=dev),
-               torch.full((B,), T - 1, dtype=torch.int32, device=dev),
-               torch.zeros(B, dtype=torch.int32, device=dev),
-               torch.full((B,), 3, dtype=torch.int32, device=dev),
-               torch.zeros(B, len(catalogue.child_codes) + 2, dtype=torch.float16, device=dev),
-               torch.ones(B, T, P + T, dtype=torch.bool, device=dev),
-               torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev),
-               torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev))
+    c = draft.cfg
+    head = (torch.randn(B, T, c.hidden_size, dtype=dtype, device=dev),
+            torch.randint(0, c.vocab_size, (B, T), dtype=torch.int32, device=dev))
+    rows = (torch.zeros(B, T, dtype=torch.int32, device=dev),
+            torch.full((B,), T - 1, dtype=torch.int32, device=dev),
+            torch.zeros(B, dtype=torch.int32, device=dev),
+            torch.full((B,), 3, dtype=torch.int32, device=dev),
+            torch.zeros(B, len(catalogue.child_codes) + 2, dtype=torch.float16, device=dev))
     kv_in, kv_out = [kv["key_input"] % 0, kv["value_input"] % 0], [kv["key_output"] % 0, kv["value_output"] % 0]
     dyn = {name: {0: "batch", 1: "seq"} for name in ("hidden_in", "input_ids", "position_ids", "slot")}
     dyn.update({"last": {0: "batch"}, "node": {0: "batch"}, "left": {0: "batch"}, "banned": {0: "batch"},
-                "attention_mask": {0: "batch", 1: "seq", 2: "past_plus_seq"},
-                "tokens": {0: "batch"}, kv_in[0]: {0: "batch", 2: "past"}, kv_in[1]: {0: "batch", 2: "past"},
-                kv_out[0]: {0: "batch", 2: "seq_plus_steps"}, kv_out[1]: {0: "batch", 2: "seq_plus_steps"}})
-    _export(_FlatChain(chain), example, path, list(inputs) + kv_in, list(outputs) + kv_out, dyn)
+                "tokens": {0: "batch"}})
+    if max_len:
+        cache = torch.randn(B, c.n_kv_heads, max_len, c.head_dim, dtype=dtype, device=dev)
+        example = head + rows + (torch.full((B,), P + T - 1, dtype=torch.int32, device=dev),
+                                 torch.tensor(max_len, dtype=torch.int32, device=dev), cache, cache.clone())
+        dyn.update({"seqlens_k": {0: "batch"}, **{n: {0: "batch", 2: "max_seq_len"} for n in kv_in + kv_out}})
+        del dyn["position_ids"]
+    else:
+        example = head + (torch.arange(P, P + T, dtype=torch.int32, device=dev).repeat(B, 1),) + rows + (
+            torch.ones(B, T, P + T, dtype=torch.bool, device=dev),
+            torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev),
+            torch.randn(B, c.n_kv_heads, P, c.head_dim, dtype=dtype, device=dev))
+        dyn.update({"attention_mask": {0: "batch", 1: "seq", 2: "past_plus_seq"},
+                    kv_in[0]: {0: "batch", 2: "past"}, kv_in[1]: {0: "batch", 2: "past"},
+                    kv_out[0]: {0: "batch", 2: "seq_plus_steps"}, kv_out[1]: {0: "batch", 2: "seq_plus_steps"}})
+    _export(_FlatChain(chain, in_place=bool(max_len)), example, path, list(inputs) + kv_in,
+            list(outputs) + kv_out, dyn)
 
 
 def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -> None:
@@ -240,7 +260,7 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
-                  "manifest.json"):
+                  "draft_chain_gqa.onnx", "manifest.json"):
         (out / stale).unlink(missing_ok=True)
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
@@ -248,15 +268,19 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
         parts.append(("draft_chain", draft, True))
     if limits.fused_target and precision in ("fp32", "fp16"):  # ONNX Runtime's fused ops have no bf16 on CPU
         parts.append((FUSED_TARGET, target, False))
+        if draft is not None and limits.fused_chain:
+            parts.append(("draft_chain_gqa", draft, True))
     atol, rtol = TOLERANCES[precision]
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
         file = f"{name}.onnx"
-        if name == "draft_chain":
-            K = limits.draft_steps
-            export_chain_graph(draft, catalogue, K, precision, out / file)
-            inputs, outputs, kv = chain_io(draft, K, precision, len(catalogue.child_codes))
+        if name in ("draft_chain", "draft_chain_gqa"):
+            K, max_len = limits.draft_steps, (limits.max_seq_len if name == "draft_chain_gqa" else 0)
+            export_chain_graph(draft, catalogue, K, precision, out / file, max_len)
+            inputs, outputs, kv = chain_io(draft, K, precision, len(catalogue.child_codes), max_len)
             graphs[name] = {"file": file, "hidden_size": draft.cfg.hidden_size, "inputs": inputs, "outputs": outputs,
                             "kv": kv, "tolerances": {"tokens": {"atol": 0.0, "rtol": 0.0}}, "chain_steps": K}
+            if max_len:
+                graphs[name]["onnxruntime_only"] = True
             continue
         if name == FUSED_TARGET:
             export_gqa_target(target, precision, limits.max_seq_len, out / file)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from padrec_runtime.kvcache import KV_INPUT
+from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
 from padrec_runtime.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
@@ -92,6 +92,46 @@ def compare_fused_target(target, backend, spec: dict, precision: str, seed: int 
     return rows
 
 
+def compare_in_place_chain(draft, catalogue, backend, spec: dict, precision: str, seed: int = 0) -> list:
+    """The in-place chain round (draft_chain_gqa) against PyTorch's standard DraftChain on the same inputs: its
+    tokens, the catch-up tokens' KV where the standard path keeps them and each chain step's right behind
+    the last real catch-up token (cases with padding behind it too), and the cache before the call kept."""
+    K, L, c = spec["chain_steps"], spec["kv"]["max_len"], draft.cfg
+    model = copy.deepcopy(draft).to(TORCH_DTYPES[precision]) if precision != "fp32" else draft
+    chain = DraftChain(model.eval(), catalogue, K).eval()
+    dt = np.float16 if precision == "fp16" else np.float32
+    rng, P, rows = np.random.default_rng(seed), 9, []
+    for T, last in ((4, 3), (5, 1), (1, 0)):
+        feeds = {"hidden_in": rng.standard_normal((1, T, c.hidden_size)).astype(dt),
+                 "input_ids": rng.integers(5, catalogue.layout.vocab_size, (1, T)).astype(np.int32),
+                 "last": np.array([last], np.int32), "node": np.zeros(1, np.int32), "left": np.array([3], np.int32),
+                 "banned": np.zeros((1, len(catalogue.child_codes) + 2), np.float16)}
+        feeds["slot"] = catalogue.layout.slots(feeds["input_ids"]).astype(np.int32)
+        past = [rng.standard_normal((1, c.n_kv_heads, P, c.head_dim)).astype(dt) for _ in range(2)]
+        mask = np.concatenate([np.ones((1, T, P), bool), np.tri(T, dtype=bool)[None]], -1)
+        ref = _call_chain(chain, dict(feeds, position_ids=np.arange(P, P + T, dtype=np.int32)[None],
+                                      attention_mask=mask, **{KV_INPUT[0] % 0: past[0], KV_INPUT[1] % 0: past[1]}))
+        cache = [np.zeros((1, c.n_kv_heads, L, c.head_dim), dt) for _ in range(2)]
+        for buf, p in zip(cache, past):
+            buf[:, :, :P] = p
+        kv = spec["kv"]
+        got = backend.infer(dict(feeds, seqlens_k=np.array([P + T - 1], np.int32),
+                                 total_sequence_length=np.array(L, np.int32),
+                                 **{kv["key_input"] % 0: cache[0], kv["value_input"] % 0: cache[1]}))
+        case = f"catch-up {T}, last {last}"
+        tok = np.abs(got["tokens"].astype(np.int64) - ref["tokens"]).astype(np.float32)
+        rows.append(Comparison("draft_chain_gqa", case, "tokens", float(tok.max()), float(tok.max()), 0.0, 0.0,
+                               bool((tok == 0).all())))
+        tol = spec["tolerances"].get("hidden", {"atol": 1e-4 if precision == "fp32" else 5e-2, "rtol": 0.0})
+        for part, out in (("key", KV_OUTPUT[0] % 0), ("value", KV_OUTPUT[1] % 0)):
+            g = np.asarray(got[kv[f"{part}_output"] % 0], np.float32)
+            want = np.concatenate([past[part == "value"], ref[out][:, :, :last + 1], ref[out][:, :, T:T + K - 1]], 2)
+            diff = np.abs(g[:, :, :P + last + K] - want.astype(np.float32))
+            rows.append(Comparison("draft_chain_gqa", case, f"cache.{part}", float(diff.max()), float(diff.max()),
+                                   tol["atol"], 0.0, bool(diff.max() <= tol["atol"])))
+    return rows
+
+
 def _first_divergence(a: list, b: list):
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None if len(a) == len(b) else min(len(a), len(b)))
 
@@ -125,11 +165,12 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
     rows = []
     for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):
-        if graph == "target_gqa":  # ONNX Runtime only; a CPU session of its own where the runtime holds none
-            if backend == "onnxruntime":
+        if graph in ("target_gqa", "draft_chain_gqa"):  # ONNX Runtime only; a session of its own where the
+            if backend == "onnxruntime" and (graph == "target_gqa" or draft is not None):  # runtime holds none
                 from padrec_runtime.backends.onnxruntime import OrtBackend
                 be = rec.backends.get(graph) or OrtBackend(m, graph, device=device)
-                rows += compare_fused_target(target, be, m.graph(graph), m.precision, seed)
+                rows += (compare_fused_target(target, be, m.graph(graph), m.precision, seed) if graph == "target_gqa"
+                         else compare_in_place_chain(draft, rec.catalogue, be, m.graph(graph), m.precision, seed))
             continue
         model = target if graph == "target" else draft
         if model is None:

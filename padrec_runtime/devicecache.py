@@ -31,6 +31,7 @@ import numpy as np
 from .backends.base import cast_feeds, check_feeds, numpy_dtype
 from .errors import BackendError
 from .kvcache import CacheSpec, attention_mask, take_on_host
+from .manifest import IN_PLACE
 
 _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved)
 
@@ -172,11 +173,11 @@ class BoundKVRunner:
         kv = graph_spec["kv"]
         if kv["n_layers"] != self.spec.n_layers or numpy_dtype(kv["dtype"]) != self.dtype:
             raise BackendError(f"{graph}: KV layout differs from {self.graph}'s | re-export the engines together")
-        if kv.get("in_place") and graph != self.graph:  # runs this runner's causal calls (see _route)
+        if kv.get("in_place"):  # runs the causal calls of the graph it stands in for (see _route)
             if kv.get("max_len") != self.spec.max_len:
                 raise BackendError(f"{graph}: cache of {kv.get('max_len')} positions | {self.graph}'s holds "
                                    f"{self.spec.max_len} | re-export the engines together")
-            self._stand_in[self.graph] = graph
+            self._stand_in[IN_PLACE[graph]] = graph
         names = [(kv["key_input"] % i, kv["value_input"] % i, kv["key_output"] % i, kv["value_output"] % i)
                  for i in range(self.spec.n_layers)]
         per_token = {name for side in ("inputs", "outputs") for name, t in graph_spec[side].items()
@@ -277,7 +278,8 @@ class BoundKVRunner:
         if fused is None or self.scratch:
             return graph
         B, T = new_mask.shape[:2]
-        if (B > 1 and T > 1) or int(self.lengths.max()) + P > self.spec.max_len:
+        steps = self._graphs[fused][1].get("chain_steps", 1) - 1  # a chain writes its steps' KV behind too
+        if (B > 1 and T > 1) or int(self.lengths.max()) + P + steps > self.spec.max_len:
             return graph
         if take and not set(take) <= set(self._graphs[fused][1]["inputs"]):
             return graph
@@ -306,8 +308,8 @@ class BoundKVRunner:
         backend, gspec, names, _, per_token = self._graphs[graph]
         in_place = gspec["kv"].get("in_place", False)
         if in_place:  # causal over each row's cache: its length after this call says where the tokens go
-            feeds = {"input_ids": feeds["input_ids"],
-                     "seqlens_k": (self.lengths + (P or T) - 1).astype(np.int32)}
+            feeds = {name: arr for name, arr in feeds.items() if name in gspec["inputs"]}
+            feeds["seqlens_k"] = (self.lengths + (P or T) - 1).astype(np.int32)
         key = (graph, P)
         first = P is not None and key not in self._by_seq
         if take and P is None:  # no bound input buffers to copy into: the host waits for the values

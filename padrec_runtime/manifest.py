@@ -111,15 +111,19 @@ def _kv(v, path):
                 {"in_place": _bool, "max_len": _int(1, 1 << 20)})
 
 
-# draft_chain: a greedy chain round's K draft steps in one call; target_gqa: the target in ONNX Runtime's fused
-# contrib ops with the cache written in place, for causal calls (padrec_export/fused.py)
-GRAPHS = ("target", "draft", "draft_chain", "target_gqa")
+# draft_chain: a greedy chain round's K draft steps in one call; target_gqa, draft_chain_gqa: the target and the
+# chain round with ONNX Runtime's GroupQueryAttention writing the cache in place, for causal calls
+# (padrec_export/fused.py, DraftChain.forward_in_place)
+GRAPHS = ("target", "draft", "draft_chain", "target_gqa", "draft_chain_gqa")
+IN_PLACE = {"target_gqa": "target", "draft_chain_gqa": "draft_chain"}  # in-place graph -> the graph it stands in for
 _NEEDED = {  # graph -> (inputs, outputs) it must have
     "target": (("input_ids", "position_ids", "attention_mask"), ("logits", "hidden")),
     "draft": (("hidden_in", "input_ids", "position_ids", "step", "slot", "attention_mask"), ("logits", "hidden")),
     "draft_chain": (("hidden_in", "input_ids", "position_ids", "slot", "last", "node", "left", "banned",
                      "attention_mask"), ("tokens",)),
     "target_gqa": (("input_ids", "seqlens_k", "total_sequence_length"), ("logits", "hidden")),
+    "draft_chain_gqa": (("hidden_in", "input_ids", "slot", "last", "node", "left", "banned", "seqlens_k",
+                         "total_sequence_length"), ("tokens",)),
 }
 
 
@@ -248,19 +252,25 @@ def parse_manifest(data, root: Path = Path(".")) -> Manifest:
     unknown = sorted(set(data["graphs"]) - set(GRAPHS))
     if unknown or "target" not in data["graphs"]:
         _fail("graphs", sorted(data["graphs"]), "a target graph and optionally a draft (and draft_chain) graph")
-    if "draft_chain" in data["graphs"]:
-        chain = data["graphs"]["draft_chain"]
+    for name in ("draft_chain", "draft_chain_gqa"):
+        if name not in data["graphs"]:
+            continue
+        chain = data["graphs"][name]
         if "draft" not in data["graphs"]:
-            _fail("graphs.draft_chain", "a chain graph without a draft", "a draft graph beside it")
+            _fail(f"graphs.{name}", "a chain graph without a draft", "a draft graph beside it")
         if "chain_steps" not in chain:
-            _fail("graphs.draft_chain.chain_steps", "nothing", "the number of draft tokens per call")
+            _fail(f"graphs.{name}.chain_steps", "nothing", "the number of draft tokens per call")
         if chain["outputs"]["tokens"]["shape"][-1:] != [chain["chain_steps"]]:
-            _fail("graphs.draft_chain.outputs.tokens.shape", chain["outputs"]["tokens"]["shape"],
+            _fail(f"graphs.{name}.outputs.tokens.shape", chain["outputs"]["tokens"]["shape"],
                   f"['batch', {chain['chain_steps']}] (chain_steps)")
-    if "target_gqa" in data["graphs"]:
-        kv = data["graphs"]["target_gqa"]["kv"]
+    for name, stands_for in IN_PLACE.items():
+        if name not in data["graphs"]:
+            continue
+        if stands_for not in data["graphs"]:
+            _fail(f"graphs.{name}", f"an in-place graph without {stands_for}", f"a {stands_for} graph beside it")
+        kv = data["graphs"][name]["kv"]
         if not kv.get("in_place") or kv.get("max_len") != data["model"]["max_seq_len"]:
-            _fail("graphs.target_gqa.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
+            _fail(f"graphs.{name}.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
                   f"in_place true and max_len {data['model']['max_seq_len']} (model.max_seq_len)")
     for name, g in data["graphs"].items():
         if g["file"] not in data["files"]:

@@ -12,7 +12,7 @@ from .errors import BackendError, InputError, ManifestError
 from .backends.base import cast_feeds, numpy_dtype
 from .kvcache import CacheSpec, KVRunner
 from .layout import Catalogue, ListConstraint
-from .manifest import load_manifest
+from .manifest import IN_PLACE, load_manifest
 from .sampling import SamplingConfig
 
 BACKENDS = ("onnxruntime", "tensorrt")
@@ -76,8 +76,9 @@ class Recommender:
         a few fixed token counts, one session each (default with io_binding on CUDA). cuda_graphs: those
         sessions replay CUDA graphs (default with static_shapes on CUDA). fused_target: causal target calls
         (prefill, AR steps, chain verify; a batch of one, or one token per row) run the engines' target_gqa
-        graph, ONNX Runtime's fused ops writing the cache in place (default: on with io_binding where the
-        engines have it, except fp32 engines on CUDA; tree verify passes keep the standard target)."""
+        graph, ONNX Runtime's fused ops writing the cache in place, and fused chain rounds of one history their
+        draft_chain_gqa graph (default: on with io_binding where the engines have them, except fp32 engines on
+        CUDA; tree verify passes and batches of chain rounds keep the standard graphs)."""
         # device-resident KV through ONNX Runtime IO binding: the default on CUDA
         self.io_binding = (device == "cuda" and backend == "onnxruntime") if io_binding is None else io_binding
         if self.io_binding and backend != "onnxruntime":
@@ -90,7 +91,7 @@ class Recommender:
             raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
         self.manifest = load_manifest(engine_dir)
         m = self.manifest
-        has_fused = "target_gqa" in m.data["graphs"]
+        has_fused = "target_gqa" in m.data["graphs"]  # (with a draft chain, draft_chain_gqa beside it)
         # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
         cuda_fp32 = device == "cuda" and m.precision == "fp32"
         self.fused_target = (self.io_binding and has_fused and not cuda_fp32) if fused_target is None else fused_target
@@ -109,7 +110,7 @@ class Recommender:
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads,
                                           self.cuda_graphs, self.stream)
-                         for g in m.data["graphs"] if g != "target_gqa" or self.fused_target}
+                         for g in m.data["graphs"] if g not in IN_PLACE or self.fused_target}
         self._lock = threading.Lock()
         self.device = device
         self._bound: dict = {}
@@ -196,10 +197,10 @@ class Recommender:
         return lambda feeds: backend.infer(cast_feeds(spec, feeds))
 
     def _attached(self, graph: str) -> list:
-        """Graphs that run over `graph`'s KV cache: the fused draft chain over the draft's, the fused target
-        over the target's."""
-        fused = {"draft": "draft_chain", "target": "target_gqa"}.get(graph)
-        return [fused] if fused in self.backends else []
+        """Graphs that run over `graph`'s KV cache: the fused draft chain over the draft's, and the in-place
+        graphs standing in for the target and the chain."""
+        attached = {"draft": ["draft_chain", "draft_chain_gqa"], "target": ["target_gqa"]}.get(graph, [])
+        return [g for g in attached if g in self.backends]
 
     def _check_histories(self, histories) -> list:
         lim = self.limits

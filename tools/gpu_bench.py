@@ -493,7 +493,7 @@ def main():
         return res
 
     report["graph_ops"] = {}
-    for g in ("target", "target_gqa", "draft", "draft_chain"):
+    for g in ("target", "target_gqa", "draft", "draft_chain", "draft_chain_gqa"):
         try:
             report["graph_ops"][g] = graph_ops(engines["padrec"] / f"{g}.onnx")
             log(g, "ops", json.dumps({k: sum(v.values()) for k, v in report["graph_ops"][g].items()}),

@@ -140,7 +140,8 @@ def test_train_all_writes_what_the_exporter_reads(tmp_path):
     assert report["target"]["best_epoch"] == 1 and set(report) >= {"draft_padrec", "draft_eagle"}
     assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == {"levels": 4, "codebook": 64}
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng")
-    assert set(m.data["files"]) == {"target.onnx", "draft.onnx", "draft_chain.onnx", "target_gqa.onnx", "catalogue.json"}
+    assert set(m.data["files"]) == {"target.onnx", "draft.onnx", "draft_chain.onnx", "target_gqa.onnx", "draft_chain_gqa.onnx",
+                                   "catalogue.json"}
     assert m.graph("target_gqa")["onnxruntime_only"] and m.graph("target_gqa")["kv"]["in_place"]
 
 

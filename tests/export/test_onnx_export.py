@@ -6,7 +6,7 @@ import numpy as np
 import onnx
 import pytest
 
-from padrec_export.parity import compare_graph
+from padrec_export.parity import compare_fused_target, compare_graph, compare_in_place_chain
 
 from tests.conftest import polygraphy_cli
 from padrec_runtime.qa_feeds import graph_cases
@@ -35,6 +35,17 @@ def test_onnxruntime_matches_pytorch(tiny, engines_master, graph):
             assert r.max_abs <= 1e-4, r
     if graph == "draft_chain":  # K tokens per row, equal to PyTorch's exactly
         assert {r.output for r in rows} == {"tokens"} and all(r.max_abs == 0 for r in rows)
+
+
+def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
+    """draft_chain_gqa (ONNX Runtime's GroupQueryAttention over the whole cache, written in place) proposes the
+    standard chain's tokens exactly and writes the KV the standard path would keep (parity.compare_in_place_chain:
+    catch-up of 4, 5 with padding behind the last real token, and 1)."""
+    cat, _, draft = tiny
+    m = load_manifest(engines_master)
+    rows = compare_in_place_chain(draft, cat, OrtBackend(m, "draft_chain_gqa"), m.graph("draft_chain_gqa"), "fp32")
+    assert len(rows) == 9 and all(r.ok for r in rows), [r for r in rows if not r.ok]
+    assert all(r.max_abs == 0 for r in rows if r.output == "tokens")
 
 
 def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
@@ -141,6 +152,8 @@ def test_fp16_export_within_its_tolerances(tiny, tmp_path):
     for graph, model in (("target", target), ("draft", draft)):
         rows = compare_graph(graph, model, graph == "draft", OrtBackend(m, graph), m.graph(graph), "fp16")
         assert all(r.ok for r in rows), [r for r in rows if not r.ok][:3]
+    rows = compare_fused_target(target, OrtBackend(m, "target_gqa"), m.graph("target_gqa"), "fp16")
+    assert len(rows) == 4 and all(r.ok for r in rows), [r for r in rows if not r.ok][:3]
     assert next(iter(target.parameters())).dtype.is_floating_point and target.lm_head.weight.dtype.itemsize == 4
 
 

@@ -264,26 +264,36 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
 
 @pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])
 def test_fused_target_gives_the_same_lists(tiny, engines_master, batch, static):
-    """The target_gqa graph (ONNX Runtime's fused ops, cache written in place) runs every causal target call
-    it can take (prefill, AR steps and chain verify for one history; one-token steps for a batch) and gives
-    the standard target's lists and acceptance in every mode; tree verify passes stay on the standard target."""
+    """The in-place graphs (ONNX Runtime's fused ops writing the cache in place) run every causal call they can
+    take - target_gqa: prefill, AR steps and chain verify for one history, one-token steps for a batch;
+    draft_chain_gqa: fused chain rounds of one history, device rounds included - and give the standard graphs'
+    lists and acceptance in every mode; tree verify passes stay on the standard target."""
     plain = Recommender(engines_master, io_binding=True, static_shapes=static, fused_target=False)
     fused = Recommender(engines_master, io_binding=True, static_shapes=static)
     assert fused.fused_target and "target_gqa" not in plain.backends
     hist = _histories(tiny[0], 13, batch)
-    for mode in ("off", "chain", "tree"):
+    for mode in ("off", "chain", "tree", "chain-dev"):  # chain-dev: device rounds (queued in-place chains)
         for greedy in (True, False):
-            a = plain.recommend(hist, speculate=mode, greedy=greedy, seed=4)
-            b = fused.recommend(hist, speculate=mode, greedy=greedy, seed=4)
+            opts = dict(speculate="chain", device_rounds=True) if mode == "chain-dev" else dict(speculate=mode)
+            if mode == "chain-dev" and (not greedy or not static):
+                continue
+            a = plain.recommend(hist, greedy=greedy, seed=4, **opts)
+            b = fused.recommend(hist, greedy=greedy, seed=4, **opts)
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed, mode
-    calls = fused._bound[("target", batch)].calls
-    by_graph = {}
-    for key, n in calls.items():
-        graph = key[0] if isinstance(key, tuple) else "target"
-        by_graph[graph] = by_graph.get(graph, 0) + n
-    assert by_graph["target_gqa"] > 0 and by_graph["target"] > 0  # tree verify passes on the standard target
-    if batch == 1:  # every AR step, prefill and chain verify: more fused calls than tree verify passes
-        assert by_graph["target_gqa"] > by_graph["target"]
+
+    def by_graph(runner, default):
+        out = {}
+        for key, n in runner.calls.items():
+            graph = key[0] if isinstance(key, tuple) else default
+            out[graph] = out.get(graph, 0) + n
+        return out
+    target, draft = by_graph(fused._bound[("target", batch)], "target"), by_graph(fused._bound[("draft", batch)], "draft")
+    assert target["target_gqa"] > 0 and target["target"] > 0  # tree verify passes on the standard target
+    if batch == 1:  # every AR step, prefill and chain verify: more fused calls than tree verify passes; every
+        assert target["target_gqa"] > target["target"]  # fused chain round in place
+        assert draft["draft_chain_gqa"] > 0 and "draft_chain" not in draft
+    else:  # several rows: chain rounds (catch-up of several tokens) on the standard chain graph
+        assert draft["draft_chain"] > 0 and "draft_chain_gqa" not in draft
 
 
 def test_fused_target_routes_only_causal_calls(tiny, engines_master):
@@ -383,7 +393,8 @@ def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_mas
     there (numpy buffers here; the same code runs on CUDA). Every such call sees exactly what the host path
     feeds - features, tokens, positions, slots, last index, trie row, items left, banned trie nodes - so the
     rounds and lists are the host path's, and the lists equal AR's."""
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    # the standard chain graph's input buffers (the in-place chain's device rounds: test_fused_target_...)
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
     K = rec.manifest.graph("draft_chain")["chain_steps"]
     hist = _histories(tiny[0], 7, batch)
     ar = rec.recommend(hist, speculate="off")
