@@ -25,12 +25,15 @@ main.add_command(recommend)
 @click.option("--draft-steps", type=click.IntRange(1, 16), default=4, show_default=True,
               help="default K, and the K of draft_chain.onnx (a greedy chain round's draft in one call)")
 @click.option("--no-fused-chain", is_flag=True, help="skip draft_chain.onnx (chain rounds then call the draft K times)")
+@click.option("--no-in-place", is_flag=True,
+              help="skip target_gqa.onnx and draft_chain_gqa.onnx (ONNX Runtime-only graphs writing the KV cache in "
+                   "place; the CUDA runtime's default for fp16 engines)")
 def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch, draft_steps,
-           no_fused_chain):
+           no_fused_chain, no_in_place):
     """Export target (and draft) checkpoints to ONNX with a manifest."""
     from .pipeline import export_checkpoints
     m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch,
-                           draft_steps, not no_fused_chain)
+                           draft_steps, not no_fused_chain, not no_in_place)
     click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})")
 
 

@@ -111,7 +111,7 @@ def with_titles(cat: Catalogue, dataset: str | None) -> Catalogue:
 
 
 def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
-                       max_batch=64, draft_steps: int = 4, fused_chain: bool = True):
+                       max_batch=64, draft_steps: int = 4, fused_chain: bool = True, fused_target: bool = True):
     """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory."""
     target_dir = Path(target_dir)
     meta_path = target_dir / "padrec.json"
@@ -129,7 +129,7 @@ def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq
     target = load_target(target_dir)
     draft = load_draft(draft_dir, target) if draft_dir else None
     limits = ExportLimits(max_seq_len=max_seq_len, max_history=max_history, max_batch=max_batch,
-                          draft_steps=draft_steps, fused_chain=fused_chain)
+                          draft_steps=draft_steps, fused_chain=fused_chain, fused_target=fused_target)
     return export_engines(target, draft, cat, out_dir, precision, limits)
 
 

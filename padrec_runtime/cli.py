@@ -61,15 +61,19 @@ def print_result(result, as_json: bool) -> None:
                    "dynamic session (opens faster: better for a single request)")
 @click.option("--device-rounds/--host-rounds", default=None,
               help="greedy chain: queue each round's next draft chain on the device behind its verify pass (needs "
-                   "static shapes; the default on CUDA with them for one history) or start each chain from the host")
+                   "static shapes; the default on CUDA with them and the standard graphs for one history) or start "
+                   "each chain from the host")
+@click.option("--in-place/--standard-graphs", "fused_target", default=None,
+              help="CUDA: run causal calls on the engines' in-place graphs (target_gqa, draft_chain_gqa; the default "
+                   "for fp16 engines that have them) or on the standard graphs only")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def recommend(engine_dir, histories, n_items, backend, device, trt_module, allow_host_code, mode, temperature,
-              top_k, top_p, seed, speculate, draft_steps, static_shapes, device_rounds, as_json):
+              top_k, top_p, seed, speculate, draft_steps, static_shapes, device_rounds, fused_target, as_json):
     """Write recommendation lists for one or more histories."""
     from .recommender import Recommender
     rec = Recommender(engine_dir, backend=backend, device=device, trt_module=trt_module,
                       allow_host_code=allow_host_code, static_shapes=static_shapes,
-                      io_binding=True if static_shapes else None)
+                      io_binding=True if static_shapes or fused_target else None, fused_target=fused_target)
     result = rec.recommend([parse_ids(h) for h in histories], n_items=n_items, speculate=speculate,
                            greedy=mode == "greedy", temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
                            draft_steps=draft_steps, device_rounds=device_rounds)

@@ -48,6 +48,19 @@ def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
     assert all(r.max_abs == 0 for r in rows if r.output == "tokens")
 
 
+def test_export_without_in_place_graphs(tiny, tmp_path):
+    """`padrec export --no-in-place` (ExportLimits.fused_target=False) writes no ONNX Runtime-only graph, and
+    the runtime then keeps the standard graphs even with device caches; bf16 engines never have them."""
+    from padrec_export.onnx_export import ExportLimits, export_engines
+    from padrec_runtime.recommender import Recommender
+    cat, target, draft = tiny
+    m = export_engines(target, draft, cat, tmp_path / "std", "fp32", ExportLimits(fused_target=False), progress=False)
+    assert set(m.data["graphs"]) == {"target", "draft", "draft_chain"}
+    assert not Recommender(tmp_path / "std", io_binding=True).fused_target
+    m = export_engines(target, None, cat, tmp_path / "bf16", "bf16", progress=False)
+    assert set(m.data["graphs"]) == {"target"}
+
+
 def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
     """DraftChain (one graph per round) proposes what K separate draft calls with a constrained argmax would:
     the catch-up pass, then each step fed its own token, hidden state, position, step index and slot, over

@@ -135,9 +135,9 @@ def test_cli_recommend_and_errors(engines_master, engines):
                   "--static-shapes")
     assert static.returncode == 0, static.stderr
     assert json.loads(static.stdout)["lists"] == data["lists"]
-    for flag in ("--device-rounds", "--host-rounds"):
+    for flags in (["--device-rounds"], ["--host-rounds"], ["--in-place"], ["--standard-graphs"]):
         rounds = _cli("recommend", "--engines", str(engines_master), "--history", "1000,1001,1002", "--json",
-                      "--static-shapes", flag)
+                      "--static-shapes", *flags)
         assert rounds.returncode == 0, rounds.stderr
         assert json.loads(rounds.stdout)["lists"] == data["lists"]
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
