@@ -4,6 +4,8 @@ One buffer (layers, key|value, batch, kv_heads, max_len, head_dim) holds the cac
 contiguous slice of it, bound in place, so no cache ever crosses the bus. Engines write the new tokens'
 KV into a bound output buffer; one device copy per row moves them behind the row's committed entries, and
 `commit` gathers a round's accepted path on the device. Only logits and hidden states are read back.
+In-place graphs (target_gqa, draft_chain_gqa) have the cache bound as their KV output too and write the new
+KV there themselves; `_route` gives them the calls they compute exactly, the standard graphs the rest.
 The same code runs with numpy on CPU (tests) and cupy on CUDA.
 
 Static shapes: with `static=True` a call of T new tokens runs on a session built for exactly (batch, bucket)
