@@ -239,8 +239,8 @@ class Recommender:
         """A DecodeConfig with the manifest's defaults for whatever is left out. device_rounds None: on for a
         single request on CUDA device caches with static shapes and the standard graphs, else off (H100, three
         runs: at batch 1 never slower than host rounds, 0-9% faster; at batch 8 equal to 8% slower: the
-        per-row tables it builds add host work; with the in-place graphs (fused_target) 6% and 33% slower
-        than host rounds in two runs)."""
+        per-row tables it builds add host work; with the in-place graphs (fused_target) 6%, 33% and 17%
+        slower than host rounds in three runs)."""
         lim = self.limits
         if speculate != "off" and "draft" not in self.backends:
             raise InputError("speculate: these engines have no draft | use speculate='off'")

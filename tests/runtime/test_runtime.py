@@ -454,6 +454,9 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     assert pick({ar: 100.0, ("chain", 4): 98.5}) == ar  # within the margin: AR
     assert pick({ar: 100.0, ("chain", 4): 98.5}, margin=0.0) == ("chain", 4)
     assert pick({ar: 90.0, ("chain", 4): 95.0}) == ar
+    # its slowest run must not be slower than AR's median: a noisy win is no win
+    assert pick({ar: 100.0, ("chain", 4): 90.0}, worst={ar: 104.0, ("chain", 4): 120.0}) == ar
+    assert pick({ar: 100.0, ("chain", 4): 90.0}, worst={ar: 104.0, ("chain", 4): 99.0}) == ("chain", 4)
     from padrec_runtime.adaptive import CANDIDATES, candidates_for
     own = ("chain", rec.limits["draft_steps"])
     assert own in candidates_for(rec) and set(CANDIDATES) <= set(candidates_for(rec))
