@@ -41,6 +41,14 @@ def torch_outputs(model, is_draft: bool, feeds: dict, precision: str) -> dict:
     return _call(model, feeds, 1 if is_draft else model.cfg.n_layers, is_draft)
 
 
+def _compare(graph: str, case: str, output: str, got, ref, tol: dict) -> Comparison:
+    """How far an engine output is from PyTorch's, against the tolerance {"atol", "rtol"}."""
+    g, r = np.asarray(got, np.float32), np.asarray(ref, np.float32)
+    diff = np.abs(g - r)
+    return Comparison(graph, case, output, float(diff.max()), float((diff / (np.abs(r) + 1e-3)).max()),
+                      tol["atol"], tol["rtol"], bool(np.all(diff <= tol["atol"] + tol["rtol"] * np.abs(r))))
+
+
 def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precision: str, seed: int = 0) -> list:
     """Comparisons of every output of every case between PyTorch and the backend."""
     rows = []
@@ -51,13 +59,8 @@ def compare_graph(name: str, model, is_draft: bool, backend, spec: dict, precisi
         ref = torch_outputs(model, is_draft, feeds, precision)
         got = backend.infer(feeds)
         for out, r in ref.items():
-            g = np.asarray(got[out]).astype(np.float32)
-            r = np.asarray(r).astype(np.float32)
             tol = spec["tolerances"][out if out in ("logits", "tokens") else "hidden"]
-            diff = np.abs(g - r)
-            rows.append(Comparison(name, case, out, float(diff.max()), float((diff / (np.abs(r) + 1e-3)).max()),
-                                   tol["atol"], tol["rtol"],
-                                   bool(np.all(diff <= tol["atol"] + tol["rtol"] * np.abs(r)))))
+            rows.append(_compare(name, case, out, got[out], r, tol))
     return rows
 
 
@@ -76,7 +79,8 @@ def compare_fused_target(target, backend, spec: dict, precision: str, seed: int 
             feeds[tmpl % i] = np.zeros((1, c.n_kv_heads, 0, c.head_dim), np.float32)
     ref = _call(model.eval(), feeds, c.n_layers, False)
     dt = np.float16 if precision == "fp16" else np.float32
-    pairs = [(kv[f"{part}_input"] % i, kv[f"{part}_output"] % i) for i in range(c.n_layers) for part in ("key", "value")]
+    pairs = [(kv[f"{part}_input"] % i, kv[f"{part}_output"] % i)
+             for i in range(c.n_layers) for part in ("key", "value")]
     cache = {name: np.zeros((1, c.n_kv_heads, kv["max_len"], c.head_dim), dt) for name, _ in pairs}
     rows = []
     for case, lo, hi in (("prompt", 0, n), ("verify_after_cache", n, n + T)):
@@ -84,11 +88,7 @@ def compare_fused_target(target, backend, spec: dict, precision: str, seed: int 
                              "total_sequence_length": np.array(kv["max_len"], np.int32), **cache})
         cache = {name: got[out] for name, out in pairs}  # what the call wrote, in for the next
         for out in ("logits", "hidden"):
-            g, r = np.asarray(got[out], np.float32), ref[out][:, lo:hi]
-            tol = spec["tolerances"][out]
-            diff = np.abs(g - r)
-            rows.append(Comparison("target_gqa", case, out, float(diff.max()), float((diff / (np.abs(r) + 1e-3)).max()),
-                                   tol["atol"], tol["rtol"], bool(np.all(diff <= tol["atol"] + tol["rtol"] * np.abs(r)))))
+            rows.append(_compare("target_gqa", case, out, got[out], ref[out][:, lo:hi], spec["tolerances"][out]))
     return rows
 
 
@@ -96,7 +96,8 @@ def compare_in_place_chain(draft, catalogue, backend, spec: dict, precision: str
     """The in-place chain round (draft_chain_gqa) against PyTorch's standard DraftChain on the same inputs: its
     tokens, the catch-up tokens' KV where the standard path keeps them and each chain step's right behind
     the last real catch-up token (cases with padding behind it too), and the cache before the call kept."""
-    K, L, c = spec["chain_steps"], spec["kv"]["max_len"], draft.cfg
+    K, kv, c = spec["chain_steps"], spec["kv"], draft.cfg
+    L = kv["max_len"]
     model = copy.deepcopy(draft).to(TORCH_DTYPES[precision]) if precision != "fp32" else draft
     chain = DraftChain(model.eval(), catalogue, K).eval()
     dt = np.float16 if precision == "fp16" else np.float32
@@ -114,21 +115,17 @@ def compare_in_place_chain(draft, catalogue, backend, spec: dict, precision: str
         cache = [np.zeros((1, c.n_kv_heads, L, c.head_dim), dt) for _ in range(2)]
         for buf, p in zip(cache, past):
             buf[:, :, :P] = p
-        kv = spec["kv"]
         got = backend.infer(dict(feeds, seqlens_k=np.array([P + T - 1], np.int32),
                                  total_sequence_length=np.array(L, np.int32),
                                  **{kv["key_input"] % 0: cache[0], kv["value_input"] % 0: cache[1]}))
         case = f"catch-up {T}, last {last}"
-        tok = np.abs(got["tokens"].astype(np.int64) - ref["tokens"]).astype(np.float32)
-        rows.append(Comparison("draft_chain_gqa", case, "tokens", float(tok.max()), float(tok.max()), 0.0, 0.0,
-                               bool((tok == 0).all())))
-        tol = spec["tolerances"].get("hidden", {"atol": 1e-4 if precision == "fp32" else 5e-2, "rtol": 0.0})
+        rows.append(_compare("draft_chain_gqa", case, "tokens", got["tokens"], ref["tokens"],
+                             spec["tolerances"]["tokens"]))
+        tol = {"atol": 1e-4 if precision == "fp32" else 5e-2, "rtol": 0.0}
         for part, out in (("key", KV_OUTPUT[0] % 0), ("value", KV_OUTPUT[1] % 0)):
-            g = np.asarray(got[kv[f"{part}_output"] % 0], np.float32)
             want = np.concatenate([past[part == "value"], ref[out][:, :, :last + 1], ref[out][:, :, T:T + K - 1]], 2)
-            diff = np.abs(g[:, :, :P + last + K] - want.astype(np.float32))
-            rows.append(Comparison("draft_chain_gqa", case, f"cache.{part}", float(diff.max()), float(diff.max()),
-                                   tol["atol"], 0.0, bool(diff.max() <= tol["atol"])))
+            rows.append(_compare("draft_chain_gqa", case, f"cache.{part}",
+                                 got[kv[f"{part}_output"] % 0][:, :, :P + last + K], want, tol))
     return rows
 
 

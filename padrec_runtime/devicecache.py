@@ -304,11 +304,13 @@ class BoundKVRunner:
         the dynamic path (no bound input buffers) the host waits for Pending values instead."""
         xp, S = self.xp, self.spec.max_len
         B, T = feeds["input_ids"].shape
-        mask = attention_mask(self.lengths, self.scratch, new_mask, S, S)
         P = bucket(T) if self.static else None
         graph = self._route(graph or self.graph, feeds, new_mask, P or T, take)
         backend, gspec, names, _, per_token = self._graphs[graph]
         in_place = gspec["kv"].get("in_place", False)
+        # the engine mask (which also refuses an overflowing cache); an in-place call has none, and _route
+        # made sure of its room
+        mask = None if in_place else attention_mask(self.lengths, self.scratch, new_mask, S, S)
         if in_place:  # causal over each row's cache: its length after this call says where the tokens go
             feeds = {name: arr for name, arr in feeds.items() if name in gspec["inputs"]}
             feeds["seqlens_k"] = (self.lengths + (P or T) - 1).astype(np.int32)
@@ -337,7 +339,8 @@ class BoundKVRunner:
                 if unread is not None:  # its input copy may still be queued: wait before the host buffer changes
                     unread.result()
                 self._fill(host_ins, feeds, mask, T, P, per_token)
-                host_ins[_KV_POS][...] = (self.lengths + self.scratch)[:, None] + np.arange(P)
+                if not in_place:  # where _scatter puts the new KV
+                    host_ins[_KV_POS][...] = (self.lengths + self.scratch)[:, None] + np.arange(P)
                 if xp is not np:
                     in_blob.set(host_blob)
                 for name, (src, out, col) in (take or {}).items():  # device to device, in stream order

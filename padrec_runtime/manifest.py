@@ -13,7 +13,7 @@ from .errors import IntegrityError, ManifestError
 from .layout import SPECIAL_TOKENS, TokenLayout
 
 FORMAT = "padrec-engines"
-SCHEMA_VERSION = 2  # 2: the optional fused target graph (target_gqa)
+SCHEMA_VERSION = 2  # 2: the optional in-place graphs (target_gqa, draft_chain_gqa)
 SUPPORTED_VERSIONS = (1, 2)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
@@ -251,7 +251,8 @@ def parse_manifest(data, root: Path = Path(".")) -> Manifest:
                          "graphs": _map(_graph), "files": _map(_file)}, {"tensorrt": _engines})
     unknown = sorted(set(data["graphs"]) - set(GRAPHS))
     if unknown or "target" not in data["graphs"]:
-        _fail("graphs", sorted(data["graphs"]), "a target graph and optionally a draft (and draft_chain) graph")
+        _fail("graphs", sorted(data["graphs"]),
+              "a target graph and optionally draft, draft_chain and the in-place target_gqa, draft_chain_gqa")
     for name in ("draft_chain", "draft_chain_gqa"):
         if name not in data["graphs"]:
             continue
