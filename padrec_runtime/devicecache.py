@@ -295,13 +295,16 @@ class BoundKVRunner:
         KV becomes scratch entries behind each row's committed ones."""
         return self.launch(feeds, new_mask, graph).result()
 
-    def launch(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None, take: dict | None = None):
+    def launch(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None, take: dict | None = None,
+               fill=None):
         """`forward` without waiting: queues the call on the device and returns a Pending whose `result()`
         reads the outputs back. take: {input name: (Pending, output name, first column)} copies another
         call's device output into this call's input columns on the device (the draft chain's tokens into the
         verify pass), so neither waits for the host in between; (device array, None, first column) copies
         that array (a per-row input takes it whole). Taken values replace the feeds' on a static bucket; on
-        the dynamic path (no bound input buffers) the host waits for Pending values instead."""
+        the dynamic path (no bound input buffers) the host waits for Pending values instead.
+        fill(device inputs): writes inputs on the device after the feeds' upload and `take`'s copies, in stream
+        order (DeviceRounds' accept step); static buckets only."""
         xp, S = self.xp, self.spec.max_len
         B, T = feeds["input_ids"].shape
         P = bucket(T) if self.static else None
@@ -316,6 +319,9 @@ class BoundKVRunner:
             feeds["seqlens_k"] = (self.lengths + (P or T) - 1).astype(np.int32)
         key = (graph, P)
         first = P is not None and key not in self._by_seq
+        if fill is not None and P is None:
+            raise BackendError(f"{graph}: device-written inputs need a static bucket | T={T} is above the largest "
+                               f"({BUCKETS[-1]}); use static shapes and a shorter call")
         if take and P is None:  # no bound input buffers to copy into: the host waits for the values
             feeds, take = take_on_host(feeds, take), None
         if first or P is None:  # checked on each new shape (the loop's feeds keep their dtypes); a bucket's
@@ -350,6 +356,8 @@ class BoundKVRunner:
                         dst[...] = got
                     else:
                         dst[:, col:col + got.shape[1]] = got
+                if fill is not None:
+                    fill(dev_ins)
             else:  # dynamic shapes; buffers for one call only (prompt lengths vary without bound)
                 session = backend.session
                 binding, new, (out_blob, outs, out_host), _ = self._buffers(graph, session, T, inputs=False)

@@ -6,7 +6,114 @@ import time
 
 import numpy as np
 
+from .errors import BackendError
 from .layout import ListConstraint
+
+# The accept step of a row as one CUDA kernel (one block per row): the target's grammar-masked pick at every
+# verify position (first maximum wins, as numpy's argmax), the accepted count, the bonus token and from them
+# the next chain call's inputs, written straight into that call's bound input buffers. `accept_reference`
+# is the same computation in array ops (numpy on CPU; the GPU test compares the two).
+_ACCEPT_CUDA = r"""
+extern "C" __global__ void padrec_accept(
+        const float* logits, long long row_stride, long long pos_stride, const bool* mask,
+        const long long* tokens, const long long* rows, const long long* left, const unsigned short* banned,
+        const long long* path, const bool* ends, const long long* next_node, const long long* row_of,
+        const long long* is_leaf, const long long* slot_of, int T1, int V, int L, int n_ban, int P,
+        int* out_ids, int* out_slot, int* out_last, int* out_node, int* out_left, unsigned short* out_banned) {
+    extern __shared__ int picks[];  // (T1,)
+    __shared__ int s_acc;
+    __shared__ long long s_reached;
+    const unsigned short NEG_INF = 0xFC00;  // float16 -inf
+    const long long b = blockIdx.x;
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    for (int m = warp; m < T1; m += warps) {  // one warp per verify position
+        const float* x = logits + b * row_stride + m * pos_stride;
+        const bool* ok = mask + (b * T1 + m) * V;
+        float best = __int_as_float(0xff800000);
+        int arg = V;
+        for (int v = lane; v < V; v += 32) {
+            float val = ok[v] ? x[v] : __int_as_float(0xff800000);
+            if (val > best || (val == best && v < arg)) { best = val; arg = v; }
+        }
+        for (int off = 16; off > 0; off >>= 1) {
+            float ob = __shfl_down_sync(0xffffffffu, best, off);
+            int oa = __shfl_down_sync(0xffffffffu, arg, off);
+            if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
+        }
+        if (lane == 0) picks[m] = arg;
+    }
+    __syncthreads();
+    const int K = T1 - 1;
+    if (threadIdx.x == 0) {
+        int acc = 0;
+        while (acc < K && picks[acc] == tokens[b * K + acc]) acc++;
+        long long reached = next_node[rows[b * T1 + acc] * V + picks[acc]];
+        s_acc = acc;
+        s_reached = reached;
+        out_last[b] = acc;
+        out_node[b] = (int)row_of[reached];
+        out_left[b] = (int)(left[b * T1 + acc] - is_leaf[reached]);
+    }
+    __syncthreads();
+    const long long at = b * T1 + s_acc;
+    for (int j = threadIdx.x; j < n_ban; j += blockDim.x) out_banned[b * n_ban + j] = banned[at * n_ban + j];
+    for (int m = threadIdx.x; m < T1; m += blockDim.x) {
+        out_ids[b * P + m] = picks[m];
+        out_slot[b * P + m] = (int)slot_of[picks[m]];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0 && is_leaf[s_reached]) {  // the bonus token completes an item
+        for (int l = 0; l < L; l++)
+            if (ends[at * L + l]) out_banned[b * n_ban + path[at * L + l]] = NEG_INF;
+        out_banned[b * n_ban + s_reached] = NEG_INF;
+    }
+}
+"""
+_KERNELS: dict = {}  # array module -> compiled accept kernel (once per process)
+_OUT_DTYPES = {"input_ids": np.int32, "slot": np.int32, "last": np.int32, "node": np.int32, "left": np.int32,
+               "banned": np.float16}
+
+
+def accept_reference(xp, logits, dev: dict, tab: dict, K: int) -> dict:
+    """The accept step in array ops: logits (B, K+1, V) of the verify pass; dev: the host tables (see
+    DeviceRounds.queue) on the device; tab: the catalogue's chain tables. Returns the next chain call's
+    inputs: input_ids and slot (B, K+1), last, node, left (B,), banned (B, n_ban)."""
+    picks = xp.where(dev["mask"], logits, -xp.inf).argmax(axis=2)  # first maximum, as `_walk_chain`
+    accepted = xp.cumprod((picks[:, :K] == dev["tokens"]).astype(np.int64), axis=1).sum(axis=1)
+    at = accepted[:, None]
+    bonus = xp.take_along_axis(picks, at, axis=1)[:, 0]
+    reached = tab["next_node"][xp.take_along_axis(dev["rows"], at, axis=1)[:, 0], bonus]
+    rows = xp.arange(len(picks))
+    banned = dev["banned"][rows, accepted]  # the state's row, then what a completed item uses up
+    done = tab["is_leaf"][reached].astype(bool)
+    path, ends = dev["path"][rows, accepted], dev["ends"][rows, accepted] & done[:, None]
+    banned[rows[:, None], path] = xp.where(ends, -xp.inf, banned[rows[:, None], path])
+    banned[rows, reached] = xp.where(done, -xp.inf, banned[rows, reached])
+    return {"input_ids": picks, "slot": tab["slot_of"][picks], "last": accepted, "node": tab["row_of"][reached],
+            "left": xp.take_along_axis(dev["left"], at, axis=1)[:, 0] - tab["is_leaf"][reached], "banned": banned}
+
+
+def accept_kernel(xp, logits, dev: dict, tab: dict, K: int, ins: dict) -> None:
+    """`accept_reference` as one CUDA kernel launch on the current stream, writing into `ins` (the chain
+    bucket's device inputs: input_ids and slot (B, P >= K+1) int32, last, node, left (B,) int32, banned
+    (B, n_ban) float16)."""
+    for name, dtype in _OUT_DTYPES.items():
+        if ins[name].dtype != dtype or not ins[name].flags.c_contiguous:
+            raise BackendError(f"draft_chain: input {name!r} | got {ins[name].dtype} | expected {np.dtype(dtype)} "
+                               "(contiguous) | re-export the engines")
+    if logits.dtype != np.float32 or logits.strides[2] != 4:
+        raise BackendError(f"target: output 'logits' | got {logits.dtype} | expected float32 | re-export the engines")
+    kernel = _KERNELS.get(xp)
+    if kernel is None:
+        kernel = _KERNELS[xp] = xp.RawKernel(_ACCEPT_CUDA, "padrec_accept")
+    B, T1, V = logits.shape
+    n_ban, L = dev["banned"].shape[2], dev["path"].shape[2]
+    i32, i64 = np.int32, np.int64
+    kernel((B,), (256,), (logits, i64(logits.strides[0] // 4), i64(logits.strides[1] // 4), dev["mask"],
+                          dev["tokens"], dev["rows"], dev["left"], dev["banned"], dev["path"], dev["ends"],
+                          tab["next_node"], tab["row_of"], tab["is_leaf"], tab["slot_of"], i32(T1), i32(V), i32(L),
+                          i32(n_ban), i32(ins["input_ids"].shape[1]), ins["input_ids"], ins["slot"], ins["last"],
+                          ins["node"], ins["left"], ins["banned"]), shared_mem=4 * T1)
 
 
 class DeviceRounds:
@@ -90,23 +197,16 @@ class DeviceRounds:
         with draft._guard, draft.stream:
             if xp is not np:
                 blob.set(hblob)
-            logits, hidden = call.device("logits")[:, :T1], call.device("hidden")[:, :T1]
-            picks = xp.where(dev["mask"], logits, -xp.inf).argmax(axis=2)  # first maximum, as `_walk_chain`
-            accepted = xp.cumprod((picks[:, :K] == dev["tokens"]).astype(np.int64), axis=1).sum(axis=1)
-            at = accepted[:, None]
-            bonus = xp.take_along_axis(picks, at, axis=1)[:, 0]
-            reached = tab["next_node"][xp.take_along_axis(dev["rows"], at, axis=1)[:, 0], bonus]
-            rows = xp.arange(B)
-            banned = dev["banned"][rows, accepted]  # the state's row, then what a completed item uses up
-            done = tab["is_leaf"][reached].astype(bool)
-            path, ends = dev["path"][rows, accepted], dev["ends"][rows, accepted] & done[:, None]
-            banned[rows[:, None], path] = xp.where(ends, -xp.inf, banned[rows[:, None], path])
-            banned[rows, reached] = xp.where(done, -xp.inf, banned[rows, reached])
-            take = {"hidden_in": (hidden, None, 0), "input_ids": (picks, None, 0),
-                    "slot": (tab["slot_of"][picks], None, 0), "last": (accepted, None, 0),
-                    "node": (tab["row_of"][reached], None, 0),
-                    "left": (xp.take_along_axis(dev["left"], at, axis=1)[:, 0] - tab["is_leaf"][reached], None, 0),
-                    "banned": (banned, None, 0)}
+        logits, hidden = call.device("logits")[:, :T1], call.device("hidden")[:, :T1]
+
+        def fill(ins: dict) -> None:  # on the device, behind the chain call's upload of its feeds
+            ins["hidden_in"][:, :T1] = hidden.astype(ins["hidden_in"].dtype, copy=False)
+            if xp is np:
+                for name, arr in accept_reference(xp, logits, dev, tab, K).items():
+                    ins[name][..., :arr.shape[-1]] = arr  # per token: the first K+1 columns
+            else:
+                accept_kernel(xp, logits, dev, tab, K, ins)
+
         H = hidden.shape[-1]
         pos = np.zeros((B, T1), np.int32)
         mask = np.repeat(np.eye(T1, dtype=bool)[None], B, axis=0)  # finished rows: padding
@@ -119,6 +219,6 @@ class DeviceRounds:
                  "node": np.zeros(B, np.int32), "left": np.zeros(B, np.int32),
                  "banned": np.zeros((B, n_ban), np.float16)}
         draft.discard()
-        queued = draft.launch(feeds, mask, graph="draft_chain", take=take)
+        queued = draft.launch(feeds, mask, graph="draft_chain", fill=fill)
         clock.draft += time.perf_counter() - t0
         return queued

@@ -1,5 +1,6 @@
 """CUDA graphs replay exactly what the same static-shape sessions compute without them, for batch calls (the
-device-rounds chain, whose next chain's inputs are worked out by cupy on the device, included) and for
+device-rounds chain, whose next chain's inputs one CUDA kernel works out on the device, included; the kernel
+also alone against its array-op reference) and for
 interleaved caller-owned sessions (each device cache its own graphs), on a GPU. (Against the dynamic
 CUDA path lists can differ at fp32 near-ties: other shapes, other kernels; on the H200 the static path
 matched ONNX Runtime on CPU where the dynamic one did not, row 1 of batch 4, token 26.)
@@ -39,8 +40,9 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     plain = Recommender(engines, device="cuda", cuda_graphs=False)  # the same sessions, no graphs
     cat = graphs.catalogue
     hists = [cat.item_ids[i:i + 12].tolist() for i in (0, 40, 80, 120)]
-    for mode in ("off", "chain", "tree", "host_rounds"):  # chain: device rounds at batch 1 (the CUDA default)
-        opts = dict(speculate="chain", device_rounds=False) if mode == "host_rounds" else dict(speculate=mode)
+    for mode in ("off", "chain", "tree", "host_rounds", "device_rounds"):  # chain: the default rounds
+        opts = (dict(speculate="chain", device_rounds=mode == "device_rounds") if mode.endswith("_rounds")
+                else dict(speculate=mode))
         for batch in (hists[:1], hists):
             want = plain.recommend(batch, speculate=opts["speculate"], device_rounds=False)  # the host path
             a = [r.tokens for r in want.lists]
@@ -81,6 +83,56 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
             "pooled": {str(k): len(v) for k, v in graphs._pool.items()}}
 
 
+def check_accept_kernel(seed: int = 0) -> dict:
+    """DeviceRounds' accept kernel writes exactly what `accept_reference` computes (cupy arrays for both), over
+    random tables with ties among the logits and every accepted count from 0 to K; input columns past K+1
+    are left alone."""
+    import cupy as cp
+    import numpy as np
+    from padrec_runtime.rounds import accept_kernel, accept_reference
+    rng = np.random.default_rng(seed)
+    B, K, V, L, n_nodes, n_rows, P = 9, 7, 261, 4, 500, 40, 16
+    T1, n_ban = K + 1, n_nodes + 2
+    logits = rng.integers(-20, 20, (B, T1, V)).astype(np.float32) / 4  # many equal values: ties
+    mask = rng.random((B, T1, V)) < 0.3
+    mask[0, 3] = False  # a position where nothing is allowed
+    picks = np.where(mask, logits, -np.inf).argmax(axis=2)
+    tokens = picks[:, :K].copy()
+    for b in range(B):  # row b accepts min(b, K) draft tokens
+        if b < K:
+            tokens[b, b] = (picks[b, b] + 1) % V
+    host = {"mask": mask, "tokens": tokens.astype(np.int64), "rows": rng.integers(0, n_rows, (B, T1)),
+            "left": rng.integers(0, 10, (B, T1)),
+            "banned": np.where(rng.random((B, T1, n_ban)) < 0.2, -np.inf, 0).astype(np.float16),
+            "path": np.argsort(rng.random((B, T1, n_nodes)), axis=2)[..., :L], "ends": rng.random((B, T1, L)) < 0.5}
+    row_of = rng.integers(0, n_rows, n_ban)
+    tab = {"next_node": rng.integers(0, n_ban, (n_rows, V)), "row_of": row_of,
+           "is_leaf": (rng.random(n_ban) < 0.5).astype(np.int64), "slot_of": rng.integers(0, L + 1, V)}
+    dev = {k: cp.asarray(v) for k, v in host.items()}
+    tab = {k: cp.asarray(v) for k, v in tab.items()}
+    padded = cp.zeros((B, 16, V), np.float32)  # the verify bucket's buffer: logits are a (B, T1, V) view of it
+    padded[:, :T1] = cp.asarray(logits)
+    want = accept_reference(cp, padded[:, :T1], dev, tab, K)
+    ins = {"input_ids": cp.full((B, P), -7, np.int32), "slot": cp.full((B, P), -7, np.int32),
+           "last": cp.zeros(B, np.int32), "node": cp.zeros(B, np.int32), "left": cp.zeros(B, np.int32),
+           "banned": cp.zeros((B, n_ban), np.float16)}
+    accept_kernel(cp, padded[:, :T1], dev, tab, K, ins)
+    for name, arr in want.items():
+        got = ins[name][:, :T1] if name in ("input_ids", "slot") else ins[name]
+        np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(arr).astype(got.dtype), err_msg=name)
+    assert (cp.asnumpy(ins["input_ids"][:, T1:]) == -7).all() and (cp.asnumpy(ins["slot"][:, T1:]) == -7).all()
+    accepted = cp.asnumpy(ins["last"]).tolist()
+    assert accepted == [min(b, K) for b in range(B)], accepted
+    return {"ok": True, "accepted": accepted}
+
+
+def test_accept_kernel_matches_the_reference():
+    import pytest
+    if not _cuda_ready():
+        pytest.skip("needs onnxruntime-gpu, cupy and a CUDA device")
+    check_accept_kernel()
+
+
 def test_cuda_graphs_replay_what_the_sessions_compute(tmp_path):
     import pytest  # imported here so the GPU machine can run this file without pytest
     if not _cuda_ready():
@@ -90,6 +142,7 @@ def test_cuda_graphs_replay_what_the_sessions_compute(tmp_path):
 
 
 if __name__ == "__main__":
+    print(check_accept_kernel())
     with tempfile.TemporaryDirectory() as d:
         for precision in ("fp32", "fp16"):
             print(check_cuda_graph_sessions(_engines(Path(d), precision)))

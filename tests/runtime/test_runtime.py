@@ -362,11 +362,11 @@ def _chain_inputs(rec, batch) -> list:
     from padrec_runtime.devicecache import bucket
     runner, calls = rec._bound[("draft", batch)], []
 
-    def launch(feeds, mask, graph=None, take=None, _orig=runner.launch):
-        pending = _orig(feeds, mask, graph, take)
+    def launch(feeds, mask, graph=None, take=None, fill=None, _orig=runner.launch):
+        pending = _orig(feeds, mask, graph, take, fill)
         if graph == "draft_chain":
             ins = runner._by_seq[(graph, bucket(feeds["input_ids"].shape[1]))][3][3]
-            calls.append(dict({name: np.array(arr) for name, arr in ins.items()}, queued=bool(take)))
+            calls.append(dict({name: np.array(arr) for name, arr in ins.items()}, queued=fill is not None))
         return pending
     runner.launch = launch
     return calls
