@@ -237,10 +237,9 @@ class Recommender:
                tree_size: int | None = None, fused_chain: bool = True, device_rounds: bool | None = None,
                batch: int = 1) -> DecodeConfig:
         """A DecodeConfig with the manifest's defaults for whatever is left out. device_rounds None: on for a
-        single request on CUDA device caches with static shapes and the standard graphs, else off (H100, three
-        runs: at batch 1 never slower than host rounds, 0-9% faster; at batch 8 equal to 8% slower: the
-        per-row tables it builds add host work; with the in-place graphs (fused_target) 6%, 33% and 17%
-        slower than host rounds in three runs)."""
+        single request on CUDA device caches with static shapes, else off (H100: at batch 1 with the accept
+        step as one kernel 9% faster than host rounds on the in-place graphs, 11% on the standard ones; at
+        batch 8 the per-row tables it builds on the host cost more than it saves)."""
         lim = self.limits
         if speculate != "off" and "draft" not in self.backends:
             raise InputError("speculate: these engines have no draft | use speculate='off'")
@@ -252,8 +251,7 @@ class Recommender:
                             fused_chain=fused_chain, device_rounds=device_rounds)
 
     def _device_rounds_default(self, batch: int) -> bool:
-        return (batch == 1 and self.device == "cuda" and bool(self.io_binding) and bool(self.static_shapes)
-                and not self.fused_target)
+        return batch == 1 and self.device == "cuda" and bool(self.io_binding) and bool(self.static_shapes)
 
     def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
               **options) -> DecodeSession:
