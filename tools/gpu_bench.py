@@ -280,7 +280,7 @@ def main():
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-100k/catalogue.json")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--draft-epochs", type=int, default=4)
+    ap.add_argument("--draft-epochs", type=int, default=8, help="epochs of each draft (PAD-Rec and EAGLE alike)")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="train,export,bench")
