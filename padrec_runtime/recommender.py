@@ -237,9 +237,9 @@ class Recommender:
                tree_size: int | None = None, fused_chain: bool = True, device_rounds: bool | None = None,
                batch: int = 1) -> DecodeConfig:
         """A DecodeConfig with the manifest's defaults for whatever is left out. device_rounds None: on for a
-        single request on CUDA device caches with static shapes, else off (H100: at batch 1 with the accept
-        step as one kernel 9% faster than host rounds on the in-place graphs, 11% on the standard ones; at
-        batch 8 the per-row tables it builds on the host cost more than it saves)."""
+        single request on CUDA device caches with static shapes, else off (H100, three runs: at batch 1, with
+        the accept step as one kernel, 9-10% faster than host rounds on the in-place graphs and 8-11% on the
+        standard ones; for batches `calibrate` decides, the per-row tables cost host time)."""
         lim = self.limits
         if speculate != "off" and "draft" not in self.backends:
             raise InputError("speculate: these engines have no draft | use speculate='off'")

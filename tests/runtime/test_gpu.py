@@ -1,7 +1,7 @@
 """CUDA graphs replay exactly what the same static-shape sessions compute without them, for batch calls (the
-device-rounds chain, whose next chain's inputs one CUDA kernel works out on the device, included; the kernel
-also alone against its array-op reference) and for
-interleaved caller-owned sessions (each device cache its own graphs), on a GPU. (Against the dynamic
+device-rounds chain included, whose next chain's inputs one CUDA kernel works out on the device; the kernel
+is also checked alone against its array-op reference) and for interleaved caller-owned sessions (each
+device cache its own graphs), on a GPU. (Against the dynamic
 CUDA path lists can differ at fp32 near-ties: other shapes, other kernels; on the H200 the static path
 matched ONNX Runtime on CPU where the dynamic one did not, row 1 of batch 4, token 26.)
 
