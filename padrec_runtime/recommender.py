@@ -300,7 +300,7 @@ class Recommender:
         draft_steps, tree_topk, tree_size, fused_chain (default on: greedy chain rounds with the exported K run
         the draft_chain graph, one draft call per round), device_rounds (each fused-chain round queues the next
         round's chain on the device behind its verify pass, `rounds.DeviceRounds`; needs io_binding and static
-        shapes; default: on with those and the standard graphs on CUDA for a single history, off elsewhere)."""
+        shapes; default: on with those on CUDA for a single history, off elsewhere)."""
         with self._lock:
             session = self.start(histories, n_items, exclude_history, _reuse=True, **options)
             while not session.done:
