@@ -77,6 +77,26 @@ def each(rec, hists: list, **opts):
                            time_s)
 
 
+def round_idle(row: dict, per_call: dict) -> dict | None:
+    """A batch-1 row's device wait per round in steady state: per list, the wall time and the engine time
+    (calls per list x each bucket's engine ms, measured alone) less the once-per-list calls (each graph's
+    largest bucket called exactly once: the prefill and the first chain's catch-up over the prompt), over the
+    row's rounds. An upper bound for the host's share of a round: the request's own setup is in it. None
+    where a call was not timed alone (dynamic shapes) or the row has no rounds."""
+    calls, rounds = row.get("engine_calls_per_list") or {}, row.get("rounds") or 0
+    if not calls or rounds <= 0 or any(key not in per_call for key in calls):
+        return None
+    largest = {}
+    for key in calls:
+        graph, bucket = key.rsplit("/T", 1)
+        largest[graph] = max(largest.get(graph, 0), int(bucket))
+    once = sum(per_call[key] for key, n in calls.items()
+               if n == 1 and int(key.rsplit("/T", 1)[1]) == largest[key.rsplit("/T", 1)[0]])
+    engine = (sum(n * per_call[key] for key, n in calls.items()) - once) / rounds
+    wall = (row["ms_per_list"] - once) / rounds
+    return {"wall_ms": wall, "engine_ms": engine, "device_idle_pct": 100 * (1 - engine / wall)}
+
+
 def first_differences(lists: list, ar_lists: list) -> list:
     """Where each list that differs from AR's first leaves it: row (= index into the histories), position,
     AR's token there, the list's token, and AR's tokens before it."""
@@ -440,6 +460,8 @@ def main():
                 busy += n * ms
             row["engine_ms_per_list"] = busy
             row["device_idle_pct"] = None if busy is None else 100 * (1 - busy / row["ms_per_list"])
+            if row["mode"] != "off":
+                row["round"] = round_idle(row, per_call)  # steady state: the host's share of a round, at most
 
     def critical_path(rec, mode) -> dict:
         """Batch 1, per round: host time from the verify pass's outputs on the host to the next engine call
