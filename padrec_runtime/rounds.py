@@ -93,10 +93,10 @@ def accept_reference(xp, logits, dev: dict, tab: dict, K: int) -> dict:
             "left": xp.take_along_axis(dev["left"], at, axis=1)[:, 0] - tab["is_leaf"][reached], "banned": banned}
 
 
-def accept_kernel(xp, logits, dev: dict, tab: dict, K: int, ins: dict) -> None:
-    """`accept_reference` as one CUDA kernel launch on the current stream, writing into `ins` (the chain
-    bucket's device inputs: input_ids and slot (B, P >= K+1) int32, last, node, left (B,) int32, banned
-    (B, n_ban) float16)."""
+def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict) -> None:
+    """`accept_reference` as one CUDA kernel launch on the current stream (K: the verify positions of
+    `logits` less one), writing into `ins` (the chain bucket's device inputs: input_ids and slot
+    (B, P >= K+1) int32, last, node, left (B,) int32, banned (B, n_ban) float16)."""
     for name, dtype in _OUT_DTYPES.items():
         if ins[name].dtype != dtype or not ins[name].flags.c_contiguous:
             raise BackendError(f"draft_chain: input {name!r} | got {ins[name].dtype} | expected {np.dtype(dtype)} "
@@ -205,7 +205,7 @@ class DeviceRounds:
                 for name, arr in accept_reference(xp, logits, dev, tab, K).items():
                     ins[name][..., :arr.shape[-1]] = arr  # per token: the first K+1 columns
             else:
-                accept_kernel(xp, logits, dev, tab, K, ins)
+                accept_kernel(xp, logits, dev, tab, ins)
 
         H = hidden.shape[-1]
         pos = np.zeros((B, T1), np.int32)

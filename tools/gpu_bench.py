@@ -86,12 +86,11 @@ def round_idle(row: dict, per_call: dict) -> dict | None:
     calls, rounds = row.get("engine_calls_per_list") or {}, row.get("rounds") or 0
     if not calls or rounds <= 0 or any(key not in per_call for key in calls):
         return None
+    split = {key: (key.rsplit("/T", 1)[0], int(key.rsplit("/T", 1)[1])) for key in calls}  # graph, bucket
     largest = {}
-    for key in calls:
-        graph, bucket = key.rsplit("/T", 1)
-        largest[graph] = max(largest.get(graph, 0), int(bucket))
-    once = sum(per_call[key] for key, n in calls.items()
-               if n == 1 and int(key.rsplit("/T", 1)[1]) == largest[key.rsplit("/T", 1)[0]])
+    for graph, bucket in split.values():
+        largest[graph] = max(largest.get(graph, 0), bucket)
+    once = sum(per_call[key] for key, n in calls.items() if n == 1 and split[key][1] == largest[split[key][0]])
     engine = (sum(n * per_call[key] for key, n in calls.items()) - once) / rounds
     wall = (row["ms_per_list"] - once) / rounds
     return {"wall_ms": wall, "engine_ms": engine, "device_idle_pct": 100 * (1 - engine / wall)}

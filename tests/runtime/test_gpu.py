@@ -116,7 +116,7 @@ def check_accept_kernel(seed: int = 0) -> dict:
     ins = {"input_ids": cp.full((B, P), -7, np.int32), "slot": cp.full((B, P), -7, np.int32),
            "last": cp.zeros(B, np.int32), "node": cp.zeros(B, np.int32), "left": cp.zeros(B, np.int32),
            "banned": cp.zeros((B, n_ban), np.float16)}
-    accept_kernel(cp, padded[:, :T1], dev, tab, K, ins)
+    accept_kernel(cp, padded[:, :T1], dev, tab, ins)
     for name, arr in want.items():
         got = ins[name][:, :T1] if name in ("input_ids", "slot") else ins[name]
         np.testing.assert_array_equal(cp.asnumpy(got), cp.asnumpy(arr).astype(got.dtype), err_msg=name)
