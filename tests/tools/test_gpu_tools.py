@@ -29,7 +29,10 @@ def test_idle_report_splits_gaps_among_cuda_calls():
     cuda, cpu = torch.autograd.DeviceType.CUDA, torch.autograd.DeviceType.CPU
     events = [_event(0, 100, cuda), _event(90, 150, cuda), _event(300, 400, cuda), _event(500, 520, cuda),
               _event(160, 250, cpu, "cudaEventSynchronize"), _event(260, 290, cpu, "cudaGraphLaunch"),
-              _event(0, 10, cpu, "aten::add")]  # not a CUDA call: ignored
+              _event(0, 10, cpu, "aten::add"),  # not a CUDA call: ignored
+              # phases: step spans both gaps, verify nests in it over 170-280, Pending.result in verify 200-220
+              _event(140, 480, cpu, "DecodeSession.step"), _event(170, 280, cpu, "verify"),
+              _event(200, 220, cpu, "Pending.result")]
     assert union([(0, 100), (90, 150), (300, 400)]) == [[0, 150], [300, 400]]
     r = idle_report(SimpleNamespace(events=lambda: events), wall_ms=1.0)
     assert r["gpu_busy_ms"] == pytest.approx(0.27)  # 150 + 100 + 20 us
@@ -37,6 +40,9 @@ def test_idle_report_splits_gaps_among_cuda_calls():
     assert r["idle_gaps_by_cuda_call_ms"] == pytest.approx({"cudaEventSynchronize": 0.09, "cudaGraphLaunch": 0.03})
     assert r["idle_gaps_host_outside_cuda_calls_ms"] == pytest.approx(0.13)
     assert r["cuda_calls"]["cudaGraphLaunch"] == {"count": 1, "ms": pytest.approx(0.03)}
+    # 150-300: step 150-170 and 280-300, verify 170-200 and 220-280, result 200-220; 400-480 step, 480-500 none
+    assert r["idle_gaps_by_phase_ms"] == pytest.approx({"DecodeSession.step": 0.12, "verify": 0.09,
+                                                        "Pending.result": 0.02, "none": 0.02})
 
 
 def test_round_idle_takes_the_once_per_list_calls_out():
