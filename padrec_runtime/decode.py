@@ -141,9 +141,9 @@ class DecodeSession:
         self.clock = _Clock()
         self.fused = fused_chain(self.draft, cfg)
         self.device = DeviceRounds(constraint) if self.fused and device_rounds(target, self.draft, cfg) else None
-        self.queued = None  # the next round's draft chain, already queued on the device
-        self.roots = prefill(target, self.draft, prompts, histories, constraint, cfg, self.rng, self.clock,
-                             self.fused)
+        # the next round's draft chain, already queued on the device (with device rounds: from the prefill on)
+        self.roots, self.queued = prefill(target, self.draft, prompts, histories, constraint, cfg, self.rng,
+                                          self.clock, self.fused, self.device)
         self.out = Generation(tokens=[[r.token] for r in self.roots], committed=[[] for _ in self.roots])
 
     @property
@@ -212,8 +212,10 @@ def max_cache_len(prompt_len: int, constraint: ListConstraint, cfg: DecodeConfig
     return prompt_len + constraint.list_length() + spec + 1
 
 
-def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock, fused: bool = False) -> list:
-    """Run the prompts through the target (and the draft), choose each row's first token."""
+def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock, fused: bool = False,
+            device: DeviceRounds | None = None) -> tuple:
+    """Run the prompts through the target (and the draft), choose each row's first token. Returns the rows'
+    roots and the first round's chain where `device` queued it right behind the prefill (else None)."""
     B = len(prompts)
     lens = [len(p) for p in prompts]
     ids = _pad(prompts, PAD, np.int32)
@@ -222,18 +224,29 @@ def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock, fuse
     for b, n in enumerate(lens):
         mask[b, n:] = np.eye(T, dtype=bool)[n:]
     pos = np.broadcast_to(np.arange(T, dtype=np.int32), (B, T)).copy()
+    states = [constraint.start(h) for h in histories]
     t = time.perf_counter()
-    out = target.forward({"input_ids": ids, "position_ids": pos}, mask)
+    call = _launch(target, {"input_ids": ids, "position_ids": pos}, mask)
+    queued = None
+    if device is not None:  # the first chain's catch-up: the prompt, then the token the device picks
+        before = clock.draft
+        H = call.device("hidden").shape[-1]
+        feeds, chain_mask, _ = _catch_up_feeds([np.zeros((n, H), np.float32) for n in lens],
+                                               [np.append(p[1:], PAD) for p in prompts], [0] * B, constraint)
+        del feeds["step"]
+        feeds["last"] = np.asarray(lens, np.int32) - 1
+        queued = device.queue_first(draft, call, feeds, chain_mask, lens, states, clock)
+        t += clock.draft - before  # the queueing counts as draft time
+    out = call.result()
     clock.verify += time.perf_counter() - t
     target.commit([np.arange(n) for n in lens])
     roots = []
     for b, n in enumerate(lens):
-        state = constraint.start(histories[b])
-        allowed = constraint.allowed(state)
+        allowed = constraint.allowed(states[b])
         x = allowed_logits(out["logits"][b, n - 1], allowed, "target")
         token = int(allowed[choose(x, cfg.sampling, rng)])
-        roots.append(Root(token, n, constraint.advance(state, token)))
-    if draft is not None:
+        roots.append(Root(token, n, constraint.advance(states[b], token)))
+    if draft is not None and queued is None:
         feats = [out["hidden"][b, :n] for b, n in enumerate(lens)]
         tokens = [np.append(prompts[b][1:], roots[b].token) for b in range(B)]
         if fused:  # the first round's chain call catches up on the whole prompt: no draft call of its own
@@ -241,7 +254,7 @@ def prefill(target, draft, prompts, histories, constraint, cfg, rng, clock, fuse
                 roots[b].pending = (feats[b], tokens[b], 0)
         else:
             _draft_catch_up(draft, roots, feats, tokens, [0] * B, constraint, clock)
-    return roots
+    return roots, queued
 
 
 def _catch_up_feeds(feats, tokens, starts, constraint) -> tuple[dict, np.ndarray, list]:

@@ -83,6 +83,7 @@ class Catalogue:
             raise ManifestError("catalogue.sids | two items share a semantic ID | resolve collisions on export")
         self.titles = list(titles) if titles is not None else None
         self._index = {int(i): k for k, i in enumerate(self.item_ids)}
+        self._by_tokens = None  # each item's code tokens -> its id (decode_list), made on first use
         self._build_trie()
 
     def _build_trie(self) -> None:
@@ -185,7 +186,14 @@ class Catalogue:
         """Item ids written in a generated token list (codes only; separators skipped)."""
         L, n_sp, C = self.layout.levels, self.layout.n_special, self.layout.codebook
         codes = [int(t) for t in tokens if t >= n_sp]
-        items = []
+        by_tokens = self._by_tokens
+        if by_tokens is None:
+            toks = self.layout.code_tokens(self.sids).tolist()
+            by_tokens = self._by_tokens = {tuple(t): int(i) for t, i in zip(toks, self.item_ids)}
+        items = [by_tokens.get(tuple(codes[s:s + L])) for s in range(0, len(codes) - L + 1, L)]
+        if None not in items:
+            return items
+        items = []  # a code outside the catalogue: the trie walk names it
         for start in range(0, len(codes) - L + 1, L):
             node = 0
             for level, tok in enumerate(codes[start:start + L]):

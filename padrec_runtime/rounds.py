@@ -11,15 +11,17 @@ from .layout import ListConstraint
 
 # The accept step of a row as one CUDA kernel (one block per row): the target's grammar-masked pick at every
 # verify position (first maximum wins, as numpy's argmax), the accepted count, the bonus token and from them
-# the next chain call's inputs, written straight into that call's bound input buffers. `accept_reference`
-# is the same computation in array ops (numpy on CPU; the GPU test compares the two).
+# the next chain call's inputs, written straight into that call's bound input buffers, each row's tokens from
+# its column col0 on (0 behind a verify pass; behind the prefill, the prompt's last column: the first chain's
+# catch-up pairs the prompt with the tokens after it). `accept_reference` is the same computation in array ops
+# (numpy on CPU; the GPU test compares the two).
 _ACCEPT_CUDA = r"""
 extern "C" __global__ void padrec_accept(
         const float* logits, long long row_stride, long long pos_stride, const bool* mask,
         const long long* tokens, const long long* rows, const long long* left, const unsigned short* banned,
         const long long* path, const bool* ends, const long long* next_node, const long long* row_of,
-        const long long* is_leaf, const long long* slot_of, int T1, int V, int L, int n_ban, int P,
-        int* out_ids, int* out_slot, int* out_last, int* out_node, int* out_left, unsigned short* out_banned) {
+        const long long* is_leaf, const long long* slot_of, const int* col0, int T1, int V, int L, int n_ban,
+        int P, int* out_ids, int* out_slot, int* out_last, int* out_node, int* out_left, unsigned short* out_banned) {
     extern __shared__ int picks[];  // (T1,)
     __shared__ int s_acc;
     __shared__ long long s_reached;
@@ -50,7 +52,7 @@ extern "C" __global__ void padrec_accept(
         long long reached = next_node[rows[b * T1 + acc] * V + picks[acc]];
         s_acc = acc;
         s_reached = reached;
-        out_last[b] = acc;
+        out_last[b] = col0[b] + acc;
         out_node[b] = (int)row_of[reached];
         out_left[b] = (int)(left[b * T1 + acc] - is_leaf[reached]);
     }
@@ -58,8 +60,8 @@ extern "C" __global__ void padrec_accept(
     const long long at = b * T1 + s_acc;
     for (int j = threadIdx.x; j < n_ban; j += blockDim.x) out_banned[b * n_ban + j] = banned[at * n_ban + j];
     for (int m = threadIdx.x; m < T1; m += blockDim.x) {
-        out_ids[b * P + m] = picks[m];
-        out_slot[b * P + m] = (int)slot_of[picks[m]];
+        out_ids[b * P + col0[b] + m] = picks[m];
+        out_slot[b * P + col0[b] + m] = (int)slot_of[picks[m]];
     }
     __syncthreads();
     if (threadIdx.x == 0 && is_leaf[s_reached]) {  // the bonus token completes an item
@@ -93,10 +95,23 @@ def accept_reference(xp, logits, dev: dict, tab: dict, K: int) -> dict:
             "left": xp.take_along_axis(dev["left"], at, axis=1)[:, 0] - tab["is_leaf"][reached], "banned": banned}
 
 
-def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict) -> None:
+def write_accepted(ins: dict, out: dict, col0: np.ndarray) -> None:
+    """Write `accept_reference`'s result into the chain call's inputs as the kernel does: each row's tokens and
+    slots from its column col0 on, `last` counted from there too."""
+    rows = np.arange(len(col0))[:, None]
+    cols = col0[:, None] + np.arange(out["input_ids"].shape[1])
+    for name in ("input_ids", "slot"):
+        ins[name][rows, cols] = out[name]
+    ins["last"][...] = col0 + out["last"]
+    for name in ("node", "left", "banned"):
+        ins[name][...] = out[name]
+
+
+def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict, col0=None) -> None:
     """`accept_reference` as one CUDA kernel launch on the current stream (K: the verify positions of
     `logits` less one), writing into `ins` (the chain bucket's device inputs: input_ids and slot
-    (B, P >= K+1) int32, last, node, left (B,) int32, banned (B, n_ban) float16)."""
+    (B, P >= K+1) int32, last, node, left (B,) int32, banned (B, n_ban) float16) as `write_accepted` does;
+    col0: (B,) int32 on the device, None for zeros."""
     for name, dtype in _OUT_DTYPES.items():
         if ins[name].dtype != dtype or not ins[name].flags.c_contiguous:
             raise BackendError(f"draft_chain: input {name!r} | got {ins[name].dtype} | expected {np.dtype(dtype)} "
@@ -109,11 +124,15 @@ def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict) -> None:
     B, T1, V = logits.shape
     n_ban, L = dev["banned"].shape[2], dev["path"].shape[2]
     i32, i64 = np.int32, np.int64
+    if col0 is None:
+        col0 = xp.zeros(B, dtype=i32)
+    elif col0.dtype != i32 or col0.shape != (B,):
+        raise BackendError(f"accept kernel: col0 | got {col0.dtype} {col0.shape} | expected int32 ({B},)")
     kernel((B,), (256,), (logits, i64(logits.strides[0] // 4), i64(logits.strides[1] // 4), dev["mask"],
                           dev["tokens"], dev["rows"], dev["left"], dev["banned"], dev["path"], dev["ends"],
-                          tab["next_node"], tab["row_of"], tab["is_leaf"], tab["slot_of"], i32(T1), i32(V), i32(L),
-                          i32(n_ban), i32(ins["input_ids"].shape[1]), ins["input_ids"], ins["slot"], ins["last"],
-                          ins["node"], ins["left"], ins["banned"]), shared_mem=4 * T1)
+                          tab["next_node"], tab["row_of"], tab["is_leaf"], tab["slot_of"], col0, i32(T1), i32(V),
+                          i32(L), i32(n_ban), i32(ins["input_ids"].shape[1]), ins["input_ids"], ins["slot"],
+                          ins["last"], ins["node"], ins["left"], ins["banned"]), shared_mem=4 * T1)
 
 
 class DeviceRounds:
@@ -128,7 +147,9 @@ class DeviceRounds:
     host reads the verify pass and walks the same picks for the output (`_walk_chain`, same masks) while the
     next chain already runs. `banned` is the row of the state before the bonus token, updated on the device
     where the bonus token completes an item (`ListConstraint.completion_bans`). Not queued when a row might
-    finish in the round (the call would only delay the next request)."""
+    finish in the round (the call would only delay the next request; on the default model 4 of 393 rounds
+    were such a round that did not finish). The first round's chain is queued the same way behind the prefill
+    (`queue_first`): the host never stands between the prefill and the first verify pass."""
 
     def __init__(self, constraint: ListConstraint):
         self.constraint = constraint
@@ -157,32 +178,32 @@ class DeviceRounds:
                 return True
         return False
 
-    def queue(self, draft, call, roots, trees, masks, clock):
-        """Queue the next round's chain behind `call` (the verify pass); returns its Pending, or None."""
-        live = [m is not None for m in masks]
-        if not any(live) or all(self._may_end(r, tree) for r, tree, ok in zip(roots, trees, live) if ok):
-            return None
-        t0 = time.perf_counter()
+    def _stage(self, draft, K: int, rows: list, col0) -> dict:
+        """Send the host tables of a batch to the device (packed page-locked buffers, made once per runner and K).
+        rows: per row None (nothing to verify) or (grammar mask (K+1, V), draft tokens (K,), the grammar state
+        at each verify position, root first, None past the last one the walk can reach); col0: see
+        `write_accepted`."""
         con, cat = self.constraint, self.constraint.catalogue
-        B, K = len(roots), draft.chain_steps
-        T1, V = K + 1, cat.layout.vocab_size
+        B, T1, V = len(rows), K + 1, cat.layout.vocab_size
         n_ban, L = len(cat.child_codes) + 2, cat.layout.levels
         staging = draft.extras.get(("rounds_staging", K))
-        if staging is None:  # packed page-locked host and device buffers, made once per runner
+        if staging is None:
             specs = {"mask": ((B, T1, V), np.bool_), "tokens": ((B, K), np.int64), "rows": ((B, T1), np.int64),
                      "left": ((B, T1), np.int64), "banned": ((B, T1, n_ban), np.float16),
-                     "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_)}
+                     "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_), "col0": ((B,), np.int32)}
             with draft._guard, draft.stream:
                 staging = draft.extras[("rounds_staging", K)] = draft._packed(specs, host=True)
         blob, dev, hblob, host = staging
         for arr in host.values():
             arr[...] = 0
-        for b, (r, tree, mask) in enumerate(zip(roots, trees, masks)):
-            if mask is None:
+        host["col0"][...] = col0
+        for b, row in enumerate(rows):
+            if row is None:
                 continue
+            mask, tokens, states = row
             host["mask"][b] = mask
-            host["tokens"][b] = [n.token for n in tree]
-            for m, s in enumerate([r.state] + [n.state for n in tree]):
+            host["tokens"][b] = tokens
+            for m, s in enumerate(states):
                 if s is None:
                     break
                 host["rows"][b, m] = cat.chain_row(s)
@@ -192,21 +213,40 @@ class DeviceRounds:
                     host["path"][b, m], host["ends"][b, m] = con.completion_bans(s)
                 if s.done:
                     break
-        tab = self._device_tables(draft)
-        xp = draft.xp
         with draft._guard, draft.stream:
-            if xp is not np:
+            if draft.xp is not np:
                 blob.set(hblob)
-        logits, hidden = call.device("logits")[:, :T1], call.device("hidden")[:, :T1]
+        return dev
+
+    def _launch(self, draft, feeds: dict, mask, hidden, logits, dev: dict):
+        """Queue the chain call whose inputs the accept step completes on the device: `hidden` (the target's
+        features) into its first columns, then the picks from `logits` (B, K+1, V) from each row's column
+        dev["col0"] on."""
+        xp, tab = draft.xp, self._device_tables(draft)
 
         def fill(ins: dict) -> None:  # on the device, behind the chain call's upload of its feeds
-            ins["hidden_in"][:, :T1] = hidden.astype(ins["hidden_in"].dtype, copy=False)
+            ins["hidden_in"][:, :hidden.shape[1]] = hidden.astype(ins["hidden_in"].dtype, copy=False)
             if xp is np:
-                for name, arr in accept_reference(xp, logits, dev, tab, K).items():
-                    ins[name][..., :arr.shape[-1]] = arr  # per token: the first K+1 columns
+                write_accepted(ins, accept_reference(xp, logits, dev, tab, logits.shape[1] - 1), dev["col0"])
             else:
-                accept_kernel(xp, logits, dev, tab, ins)
+                accept_kernel(xp, logits, dev, tab, ins, dev["col0"])
 
+        draft.discard()
+        return draft.launch(feeds, mask, graph="draft_chain", fill=fill)
+
+    def queue(self, draft, call, roots, trees, masks, clock):
+        """Queue the next round's chain behind `call` (the verify pass); returns its Pending, or None."""
+        live = [m is not None for m in masks]
+        if not any(live) or all(self._may_end(r, tree) for r, tree, ok in zip(roots, trees, live) if ok):
+            return None
+        t0 = time.perf_counter()
+        cat = self.constraint.catalogue
+        B, K = len(roots), draft.chain_steps
+        T1, n_ban = K + 1, len(cat.child_codes) + 2
+        rows = [None if mask is None else (mask, [n.token for n in tree], [r.state] + [n.state for n in tree])
+                for r, tree, mask in zip(roots, trees, masks)]
+        dev = self._stage(draft, K, rows, 0)
+        logits, hidden = call.device("logits")[:, :T1], call.device("hidden")[:, :T1]
         H = hidden.shape[-1]
         pos = np.zeros((B, T1), np.int32)
         mask = np.repeat(np.eye(T1, dtype=bool)[None], B, axis=0)  # finished rows: padding
@@ -218,7 +258,36 @@ class DeviceRounds:
                  "position_ids": pos, "slot": np.zeros((B, T1), np.int32), "last": np.zeros(B, np.int32),
                  "node": np.zeros(B, np.int32), "left": np.zeros(B, np.int32),
                  "banned": np.zeros((B, n_ban), np.float16)}
-        draft.discard()
-        queued = draft.launch(feeds, mask, graph="draft_chain", fill=fill)
+        queued = self._launch(draft, feeds, mask, hidden, logits, dev)
+        clock.draft += time.perf_counter() - t0
+        return queued
+
+    def queue_first(self, draft, call, feeds: dict, mask, lens: list, states: list, clock):
+        """Queue the first round's chain behind the prefill `call`, with nothing between them on the host. Its
+        catch-up pairs the prompt's features (the prefill's, copied on the device) with the prompt's next
+        tokens (feeds: the catch-up feeds of `propose_fused` but for what the device writes); the token after
+        the prompt is the target's grammar-masked pick at the prompt's last position, taken there by the accept
+        step with nothing to verify, which also writes the trie row, items left and banned nodes after it.
+        states: each row's grammar state at the start. Returns the chain's Pending."""
+        t0 = time.perf_counter()
+        con, xp = self.constraint, draft.xp
+        V, n_ban = con.catalogue.layout.vocab_size, len(con.catalogue.child_codes) + 2
+        rows = []
+        for s in states:
+            allowed = np.zeros((1, V), dtype=bool)
+            allowed[0, con.allowed(s)] = True
+            rows.append((allowed, [], [s]))
+        B, last = len(lens), np.asarray(lens) - 1
+        dev = self._stage(draft, 0, rows, last)
+        logits = call.device("logits")
+        if (last == last[0]).all():
+            logits = logits[:, last[0]:last[0] + 1]
+        else:  # each row's last prompt position (a gather on the device, behind the tables' upload)
+            with draft._guard, draft.stream:
+                logits = logits[xp.arange(B), dev["col0"]][:, None]
+        feeds = dict(feeds, node=np.zeros(B, np.int32), left=np.zeros(B, np.int32),
+                     banned=np.zeros((B, n_ban), np.float16))
+        queued = self._launch(draft, feeds, mask, call.device("hidden"), logits, dev)
+        draft.commit([np.arange(n) for n in lens])
         clock.draft += time.perf_counter() - t0
         return queued

@@ -86,10 +86,10 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
 def check_accept_kernel(seed: int = 0) -> dict:
     """DeviceRounds' accept kernel writes exactly what `accept_reference` computes (cupy arrays for both), over
     random tables with ties among the logits and every accepted count from 0 to K; input columns past K+1
-    are left alone."""
+    are left alone; with a column offset per row, what `write_accepted` writes."""
     import cupy as cp
     import numpy as np
-    from padrec_runtime.rounds import accept_kernel, accept_reference
+    from padrec_runtime.rounds import accept_kernel, accept_reference, write_accepted
     rng = np.random.default_rng(seed)
     B, K, V, L, n_nodes, n_rows, P = 9, 7, 261, 4, 500, 40, 16
     T1, n_ban = K + 1, n_nodes + 2
@@ -123,7 +123,15 @@ def check_accept_kernel(seed: int = 0) -> dict:
     assert (cp.asnumpy(ins["input_ids"][:, T1:]) == -7).all() and (cp.asnumpy(ins["slot"][:, T1:]) == -7).all()
     accepted = cp.asnumpy(ins["last"]).tolist()
     assert accepted == [min(b, K) for b in range(B)], accepted
-    return {"ok": True, "accepted": accepted}
+    # each row's tokens from its own column on (the first chain, behind the prefill), as write_accepted puts them
+    col0 = rng.integers(0, P - T1 + 1, B).astype(np.int32)
+    fresh = {name: cp.full(arr.shape, -7, arr.dtype) for name, arr in ins.items()}
+    accept_kernel(cp, padded[:, :T1], dev, tab, fresh, cp.asarray(col0))
+    ref = {name: np.full(arr.shape, -7, arr.dtype) for name, arr in ins.items()}
+    write_accepted(ref, {name: cp.asnumpy(arr) for name, arr in want.items()}, col0)
+    for name, arr in ref.items():
+        np.testing.assert_array_equal(cp.asnumpy(fresh[name]), arr, err_msg=f"{name} from col0")
+    return {"ok": True, "accepted": accepted, "col0": col0.tolist()}
 
 
 def test_accept_kernel_matches_the_reference():

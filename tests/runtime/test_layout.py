@@ -18,6 +18,9 @@ def test_prompt_and_slots():
     assert p.tolist() == [BOS, 5 + 0, 5 + 3 + 1, SEP, 5 + 1, 5 + 3 + 2, LIST]
     assert cat.layout.slots(p).tolist() == [3, 0, 1, 2, 0, 1, 3]
     assert cat.decode_list([5, 8, SEP, 7, 8, EOS]) == [10, 13]
+    assert cat.decode_list([6, 10, SEP]) == [12]
+    with pytest.raises(InputError, match="code 2 at level 1 is not in the catalogue"):
+        cat.decode_list([5, 8, SEP, 5, 10, EOS])  # (0, 2): no such item
 
 
 def test_constraint_walks_the_trie_and_forbids_repeats():

@@ -394,9 +394,9 @@ def test_device_rounds_default_on_cuda_device_caches_only(engines_master):
 @pytest.mark.parametrize("batch", [1, 4])
 def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_master, batch):
     """device_rounds: each round's next draft chain is queued behind its verify pass with inputs worked out
-    there (numpy buffers here; the same code runs on CUDA). Every such call sees exactly what the host path
-    feeds - features, tokens, positions, slots, last index, trie row, items left, banned trie nodes - so the
-    rounds and lists are the host path's, and the lists equal AR's."""
+    there (numpy buffers here; the same code runs on CUDA), the first round's behind the prefill. Every such
+    call sees exactly what the host path feeds - features, tokens, positions, slots, last index, trie row, items
+    left, banned trie nodes - so the rounds and lists are the host path's, and the lists equal AR's."""
     # the standard chain graph's input buffers (the in-place chain's device rounds: test_fused_target_...)
     rec = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
     K = rec.manifest.graph("draft_chain")["chain_steps"]
@@ -422,6 +422,7 @@ def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_mas
                 np.testing.assert_array_equal(d[name][b], h[name][b], err_msg=name)
     queued = sum(d["queued"] for d in dev_calls)
     assert not any(h["queued"] for h in host_calls) and queued >= dev.rounds // 2  # most from the device path
+    assert dev_calls[0]["queued"]  # the first chain too: queued behind the prefill, its first token picked there
 
 
 def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
