@@ -372,7 +372,9 @@ class DraftChain(nn.Module):
         layer(j, x) runs the draft layer for step j."""
         d = self.draft
         h = h.gather(1, idx[:, :, None].expand(-1, -1, h.shape[-1]))  # (B, 1, H) at each row's last catch-up token
-        logits = d.lm_head(d.norm(h))[:, 0]  # in the model's dtype: the grammar's bias is 0 or -inf, exact
+        # in the model's dtype: the grammar's bias is 0 or -inf, exact. flatten, not [:, 0]: in the exported
+        # graph a Flatten / Reshape to a constant shape aliases its input where an index is a Gather kernel
+        logits = d.lm_head(d.norm(h)).flatten(1)
         at, left = node.long(), left.long()  # (B,) table row after the last committed token, items to go
         banned = banned.to(h.dtype)
         ends = self.ends.to(h.dtype)
@@ -399,12 +401,12 @@ class DraftChain(nn.Module):
             tokens.append(tok)
             if j == self.steps:
                 break
-            reached = nxt.gather(1, tok)[:, 0]
+            reached = nxt.gather(1, tok).flatten()
             at = self.row_of[reached]
             left = left - self.is_leaf[reached]
-            x = token_part[tok[:, 0]][:, None] + F.linear(h, w_hidden)
+            x = token_part[tok.flatten()][:, None] + F.linear(h, w_hidden)
             if use_step:
                 x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
             h = layer(j, x)
-            logits = d.lm_head(d.norm(h))[:, 0]
+            logits = d.lm_head(d.norm(h)).flatten(1)
         return torch.cat(tokens, dim=1).to(torch.int32)
