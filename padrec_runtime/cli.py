@@ -61,7 +61,7 @@ def print_result(result, as_json: bool) -> None:
                    "dynamic session (opens faster: better for a single request)")
 @click.option("--device-rounds/--host-rounds", default=None,
               help="greedy chain: queue each round's next draft chain on the device behind its verify pass (needs "
-                   "static shapes; the default on CUDA with them for one history) or start "
+                   "static shapes; the default on CUDA with them for up to 8 histories) or start "
                    "each chain from the host")
 @click.option("--in-place/--standard-graphs", "fused_target", default=None,
               help="CUDA: run causal calls on the engines' in-place graphs (target_gqa, draft_chain_gqa; the default "

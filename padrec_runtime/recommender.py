@@ -17,6 +17,8 @@ from .sampling import SamplingConfig
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
+DEVICE_ROUNDS_MAX_BATCH = 8  # device rounds by default up to this batch (measured on an H100, see `config`)
+
 
 @dataclass(frozen=True)
 class Recommendation:
@@ -236,10 +238,10 @@ class Recommender:
                top_p: float = 1.0, seed: int = 0, draft_steps: int | None = None, tree_topk: int | None = None,
                tree_size: int | None = None, fused_chain: bool = True, device_rounds: bool | None = None,
                batch: int = 1) -> DecodeConfig:
-        """A DecodeConfig with the manifest's defaults for whatever is left out. device_rounds None: on for a
-        single request on CUDA device caches with static shapes, else off (H100, three runs: at batch 1, with
-        the accept step as one kernel, 9-10% faster than host rounds on the in-place graphs and 8-11% on the
-        standard ones; for batches `calibrate` decides, the per-row tables cost host time)."""
+        """A DecodeConfig with the manifest's defaults for whatever is left out. device_rounds None: on for up to
+        DEVICE_ROUNDS_MAX_BATCH histories on CUDA device caches with static shapes, else off (H100: 9-15% less
+        time per list than host rounds at batch 1 in sessions 16-17, 18-24% less at batch 8 in session 17's two
+        runs and session 16's calibration; larger batches not timed with them: `calibrate` can choose them)."""
         lim = self.limits
         if speculate != "off" and "draft" not in self.backends:
             raise InputError("speculate: these engines have no draft | use speculate='off'")
@@ -251,7 +253,7 @@ class Recommender:
                             fused_chain=fused_chain, device_rounds=device_rounds)
 
     def _device_rounds_default(self, batch: int) -> bool:
-        return batch == 1 and self.device == "cuda" and bool(self.io_binding) and bool(self.static_shapes)
+        return batch <= DEVICE_ROUNDS_MAX_BATCH and self.device == "cuda" and bool(self.io_binding) and bool(self.static_shapes)
 
     def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
               **options) -> DecodeSession:
@@ -300,7 +302,7 @@ class Recommender:
         draft_steps, tree_topk, tree_size, fused_chain (default on: greedy chain rounds with the exported K run
         the draft_chain graph, one draft call per round), device_rounds (each fused-chain round queues the next
         round's chain on the device behind its verify pass, `rounds.DeviceRounds`; needs io_binding and static
-        shapes; default: on with those on CUDA for a single history, off elsewhere)."""
+        shapes; default: on with those on CUDA for up to 8 histories, off elsewhere)."""
         with self._lock:
             session = self.start(histories, n_items, exclude_history, _reuse=True, **options)
             while not session.done:

@@ -373,7 +373,7 @@ def _chain_inputs(rec, batch) -> list:
 
 
 def test_device_rounds_default_on_cuda_device_caches_only(engines_master):
-    """device_rounds left out: on for one history on device caches with static shapes on CUDA (standard or
+    """device_rounds left out: on for up to 8 histories on device caches with static shapes on CUDA (standard or
     in-place graphs), off elsewhere; asked for, as asked (the rule, checked on a CPU recommender whose device is then
     relabelled)."""
     rec = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
@@ -381,8 +381,9 @@ def test_device_rounds_default_on_cuda_device_caches_only(engines_master):
     assert rec.config(device_rounds=True).device_rounds is True
     rec.device = "cuda"
     assert rec.config().device_rounds is True
-    assert rec.config(batch=8).device_rounds is False
-    assert rec.config(batch=8, device_rounds=True).device_rounds is True
+    assert rec.config(batch=8).device_rounds is True  # up to DEVICE_ROUNDS_MAX_BATCH (measured at 1 and 8)
+    assert rec.config(batch=9).device_rounds is False
+    assert rec.config(batch=32, device_rounds=True).device_rounds is True
     assert rec.config(device_rounds=False).device_rounds is False
     rec.fused_target = True  # the in-place graphs too
     assert rec.config().device_rounds is True
