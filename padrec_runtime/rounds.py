@@ -6,6 +6,7 @@ import time
 
 import numpy as np
 
+from . import devicecache
 from .errors import BackendError
 from .layout import ListConstraint
 
@@ -268,7 +269,10 @@ class DeviceRounds:
         tokens (feeds: the catch-up feeds of `propose_fused` but for what the device writes); the token after
         the prompt is the target's grammar-masked pick at the prompt's last position, taken there by the accept
         step with nothing to verify, which also writes the trie row, items left and banned nodes after it.
-        states: each row's grammar state at the start. Returns the chain's Pending."""
+        states: each row's grammar state at the start. Returns the chain's Pending, or None where the prompt
+        is longer than the largest static bucket (the first chain then starts from the host)."""
+        if devicecache.bucket(feeds["input_ids"].shape[1]) is None:
+            return None
         t0 = time.perf_counter()
         con, xp = self.constraint, draft.xp
         V, n_ban = con.catalogue.layout.vocab_size, len(con.catalogue.child_codes) + 2

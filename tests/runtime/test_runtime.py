@@ -426,6 +426,31 @@ def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_mas
     assert dev_calls[0]["queued"]  # the first chain too: queued behind the prefill, its first token picked there
 
 
+def test_device_rounds_start_from_the_host_past_the_largest_bucket(tiny, engines_master, monkeypatch):
+    """A prompt longer than every static bucket runs its prefill and first chain on the dynamic path, where
+    nothing can be written on the device: the first chain then starts from the host, later rounds queue as
+    usual, and the lists stay AR's."""
+    from padrec_runtime import devicecache
+    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    hist = _histories(tiny[0], 8, 4)  # prompts of 7 to 57 tokens
+    ar = rec.recommend(hist, speculate="off")
+    rec.recommend(hist, speculate="chain")  # the runners exist from here on
+    runner, chains = rec._bound[("draft", 4)], []
+
+    def launch(feeds, mask, graph=None, take=None, fill=None, _orig=runner.launch):
+        if graph == "draft_chain":
+            chains.append((feeds["input_ids"].shape[1], fill is not None))
+        return _orig(feeds, mask, graph, take, fill)
+    runner.launch = launch
+    for buckets, first_queued in ((devicecache.BUCKETS, True), ((1, 2, 4, 8, 16, 32), False)):
+        monkeypatch.setattr(devicecache, "BUCKETS", buckets)
+        chains.clear()
+        dev = rec.recommend(hist, speculate="chain", device_rounds=True)
+        assert [r.tokens for r in dev.lists] == [r.tokens for r in ar.lists] and dev.tau > 1.5
+        assert chains[0] == (max(len(rec.catalogue.prompt(h)) for h in hist), first_queued)
+        assert sum(q for _, q in chains[1:]) >= dev.rounds // 2  # later rounds queued on the device as usual
+
+
 def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
     from padrec_export.onnx_export import export_engines
     from tests.conftest import LIMITS
