@@ -394,14 +394,19 @@ def main():
         return len(users) if batch == 1 else 1
 
     def run_modes(rec, engine, name, batch, modes):
+        """Time `modes` in turn (`alternate`: a slow spell of the machine hits them alike), after one pass of
+        each that warms it up and counts the engine calls a list makes."""
+        calls = {}
         for mode in modes:
-            opts = mode_opts(mode)
             counted = {g: dict(r.calls) for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch}
-            res, ms = timed(lambda: request(rec, batch, **opts), args.repeats)
-            ms /= per_list(batch)
-            calls = {call_name(g, key): (n - counted.get(g, {}).get(key, 0)) / (args.repeats + 1) / per_list(batch)
-                     for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch for key, n in r.calls.items()
-                     if n > counted.get(g, {}).get(key, 0)}
+            request(rec, batch, **mode_opts(mode))
+            calls[mode] = {call_name(g, key): (n - counted.get(g, {}).get(key, 0)) / per_list(batch)
+                           for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch
+                           for key, n in r.calls.items() if n > counted.get(g, {}).get(key, 0)}
+        t, last = alternate({mode: (lambda o=mode_opts(mode): request(rec, batch, **o)) for mode in modes},
+                            args.repeats)
+        for mode in modes:
+            res, ms = last[mode], float(np.median(t[mode])) / per_list(batch)
             toks = [r.tokens for r in res.lists]
             if mode == "off" and batch not in report.get("ar_tokens", {}):
                 report.setdefault("ar_tokens", {})[batch] = toks
@@ -418,7 +423,7 @@ def main():
             add(f"{engine}/{name}" if mode != "off" else engine, mode, batch, ms, res.tau,
                 {"identical_to_ar": same, "rounds": rounds, "split_ms": split_ms,
                  "verify_ms_per_round": split_ms["verify"] / (rounds + 1),
-                 "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls})
+                 "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls[mode]})
 
     def engine_calls(rec, batch):
         """Per call of each static bucket: the engine's time (50 queued runs, then one wait: runs return
