@@ -253,7 +253,8 @@ class Recommender:
                             fused_chain=fused_chain, device_rounds=device_rounds)
 
     def _device_rounds_default(self, batch: int) -> bool:
-        return batch <= DEVICE_ROUNDS_MAX_BATCH and self.device == "cuda" and bool(self.io_binding) and bool(self.static_shapes)
+        return (batch <= DEVICE_ROUNDS_MAX_BATCH and self.device == "cuda" and bool(self.io_binding)
+                and bool(self.static_shapes))
 
     def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
               **options) -> DecodeSession:
