@@ -77,8 +77,9 @@ def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def build_gqa_target(target: Target, precision: str, max_seq_len: int):
-    """The fused target as an onnx ModelProto (weights inside)."""
+def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False):
+    """The fused target as an onnx ModelProto (weights inside). `gate_up`: the MLP's gate and up projections as
+    one MatMul split in two (one larger GEMM instead of two)."""
     from onnx import helper, TensorProto
     if precision not in ("fp32", "fp16"):
         raise NotImplementedError(f"fused target: precision {precision} | export fp16 or fp32")
@@ -123,8 +124,12 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int):
             rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
         pending = linear(attn, a.o_proj.weight, f"l{i}.o")
         h = norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
-        gate = linear(h, layer.gate_proj.weight, f"l{i}.gate")
-        up = linear(h, layer.up_proj.weight, f"l{i}.up")
+        if gate_up:
+            both = linear(h, torch.cat([layer.gate_proj.weight, layer.up_proj.weight]), f"l{i}.gate_up")
+            gate, up = b.op("Split", [both], n_out=2, axis=-1)  # opset 17: equal halves
+        else:
+            gate = linear(h, layer.gate_proj.weight, f"l{i}.gate")
+            up = linear(h, layer.up_proj.weight, f"l{i}.up")
         act = b.op("Mul", [b.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0), up])  # silu(gate) * up
         pending = linear(act, layer.down_proj.weight, f"l{i}.down")
     hidden = norm(target.norm.weight, "final_norm")
@@ -151,8 +156,8 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int):
                              producer_name="padrec", ir_version=8)  # readable by older ONNX Runtimes too
 
 
-def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Path) -> None:
+def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Path, gate_up: bool = False) -> None:
     """Write the fused target graph (see the module docstring)."""
     import onnx
-    model = build_gqa_target(target, precision, max_seq_len)
+    model = build_gqa_target(target, precision, max_seq_len, gate_up)
     onnx.save(model, str(path))

@@ -7,7 +7,9 @@ torch.profiler, on a session without CUDA graphs, whose kernels are the same).
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_step_profile.py --out "$OUT"    # -> step_profile.json
 """
 import argparse
+import contextlib
 import json
+import os
 import sys
 import tempfile
 import time
@@ -27,6 +29,25 @@ from padrec_runtime.kvcache import KV_INPUT  # noqa: E402
 
 CUDA_OPTIONS = {}  # --cuda-options
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
+GEMM_TUNE = {"ep.cuda.enable_gemm_auto_tune": "1"}  # ONNX Runtime >= 1.31: per shape, the fastest of cuBLAS and
+# its small-M GEMV kernels, measured when a session first runs the shape
+# --variants: the fused target's forms and ONNX Runtime settings timed in one process, each against the default.
+# env: variables ONNX Runtime reads when it makes a session's kernels; config: session config entries;
+# disabled: graph optimizers turned off; gate_up: the MLP's gate and up projections as one MatMul.
+NO_GEMM = ["MatMulAddFusion"]  # keeps the QKV projection a MatMul (+ bias Add) instead of a Gemm, which is untuned
+VARIANTS = {
+    "default": {},
+    "gemm_tune": {"config": GEMM_TUNE},
+    "gemm_tune_replay": {"config": GEMM_TUNE, "env": {"ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1"}},
+    "gemm_tune_no_gemm_fusion": {"config": GEMM_TUNE, "disabled": NO_GEMM},
+    "gemm_tune_all": {"config": GEMM_TUNE, "disabled": NO_GEMM, "gate_up": True},
+    "small_n_gemv": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}},
+    "small_n_gemv_no_gemm_fusion": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}, "disabled": NO_GEMM},
+    "small_n_gemv_all": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}, "disabled": NO_GEMM, "gate_up": True},
+    "gate_up": {"gate_up": True},
+    "no_flash_decode": {"env": {"ORT_DISABLE_FLASH_DECODE": "1"}},
+}
+VARIANT: dict = {}  # the one being timed
 
 
 def session(path: Path, dims: dict, graph: bool):
@@ -35,9 +56,28 @@ def session(path: Path, dims: dict, graph: bool):
     opts.log_severity_level = 3
     for name, size in dims.items():
         opts.add_free_dimension_override_by_name(name, size)
+    for key, value in VARIANT.get("config", {}).items():
+        opts.add_session_config_entry(key, value)
     cuda = dict(CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if graph else {}))
     providers = [("CUDAExecutionProvider", cuda)] if DEVICE == "cuda" else []
-    return ort.InferenceSession(str(path), opts, providers=providers + ["CPUExecutionProvider"])
+    with variant_env(VARIANT.get("env", {})):
+        return ort.InferenceSession(str(path), opts, providers=providers + ["CPUExecutionProvider"],
+                                    disabled_optimizers=VARIANT.get("disabled") or None)
+
+
+@contextlib.contextmanager
+def variant_env(env: dict):
+    """Environment variables set while a session is made (ONNX Runtime reads them when it makes its kernels)."""
+    before = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def bound(sess, feeds: dict):
@@ -140,6 +180,41 @@ def time_calls(path, dims: dict, feeds: dict, repeats: int, floor_ms: float) -> 
             "host_ms_per_queued_call": host_ms, **profile_or_note(path, dims, feeds)}
 
 
+def time_variants(paths: dict, variants: list, cases: dict, repeats: int, floor_ms: float, rounds: int = 10) -> dict:
+    """The fused target's variants, each timed at every case (T -> dims, feeds) as a replayed call: every session
+    is made and warmed first, then all are timed in turn over `rounds` rounds (a slow spell of the machine hits
+    them alike). Per variant and T: median ms, its multiple of the floor, and the kernel profile."""
+    live = {}
+    for name in variants:
+        VARIANT.clear()
+        VARIANT.update(VARIANTS[name])
+        for T, (dims, feeds) in cases.items():
+            sess = session(paths[bool(VARIANT.get("gate_up"))], dims, graph=DEVICE == "cuda")
+            io, keep = bound(sess, feeds)
+            for _ in range(20):
+                sess.run_with_iobinding(io)
+            live[name, T] = (sess, io, keep)
+    times = {key: [] for key in live}
+    for _ in range(rounds):
+        for key, (sess, io, _keep) in live.items():
+            for _ in range(max(1, repeats // rounds)):
+                t0 = time.perf_counter()
+                sess.run_with_iobinding(io)
+                times[key].append(time.perf_counter() - t0)
+    live.clear()
+    out: dict = {}
+    for (name, T), ts in times.items():
+        VARIANT.clear()
+        VARIANT.update(VARIANTS[name])
+        ms = float(np.median(ts)) * 1e3
+        out.setdefault(name, {})[f"T{T}"] = {
+            "ms": ms, "ms_p10": float(np.percentile(ts, 10)) * 1e3, "x_floor": ms / floor_ms,
+            **profile_or_note(paths[bool(VARIANT.get("gate_up"))], *cases[T])}
+        print("gqa", name, f"T{T}", json.dumps(out[name][f"T{T}"]), flush=True)
+    VARIANT.clear()
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -148,6 +223,8 @@ def main():
     ap.add_argument("--past", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=512, help="the fused target's cache length")
     ap.add_argument("--graphs", default="standard,gqa", help="target forms to time: standard, gqa (fused)")
+    ap.add_argument("--variants", default="default",
+                    help="the fused target's variants to time, comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=300)
     ap.add_argument("--cuda-options", default="{}", help="CUDA execution provider options, JSON")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU")
@@ -168,27 +245,36 @@ def main():
               "past": args.past,
               "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
     tmp = Path(tempfile.mkdtemp())
+    variants = args.variants.split(",")
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        ap.error(f"--variants: unknown {unknown} | choose from {', '.join(VARIANTS)}")
     for form in args.graphs.split(","):
-        path = tmp / f"{form}.onnx"
-        t0 = time.perf_counter()
-        if form == "standard":
+        if form not in ("standard", "gqa"):
+            ap.error(f"--graphs: {form!r} | expected standard or gqa")
+        if form == "standard":  # its keys at the top level, as before
+            path = tmp / "standard.onnx"
+            t0 = time.perf_counter()
             export_graph(target, False, "fp16", path)
             slim_graph(path)
-        elif form == "gqa":
-            export_gqa_target(target, "fp16", args.max_len, path)
-        else:
-            ap.error(f"--graphs: {form!r} | expected standard or gqa")
-        into = report if form == "standard" else report.setdefault(form, {})  # standard: the keys as before
-        into["export_s"] = time.perf_counter() - t0
-        for T in (1, 8):
-            if form == "standard":
+            report["export_s"] = time.perf_counter() - t0
+            for T in (1, 8):
                 dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
-                feeds = feeds_for(cfg, T, args.past)
-            else:
-                dims = {"batch": 1, "seq": T, "max_seq_len": args.max_len}
-                feeds = gqa_feeds_for(cfg, T, args.past, args.max_len)
-            into[f"T{T}"] = time_calls(path, dims, feeds, args.repeats, report["floor_ms"])
-            print(form, f"T{T}", json.dumps(into[f"T{T}"]), flush=True)
+                report[f"T{T}"] = time_calls(path, dims, feeds_for(cfg, T, args.past), args.repeats, report["floor_ms"])
+                print(form, f"T{T}", json.dumps(report[f"T{T}"]), flush=True)
+            continue
+        t0 = time.perf_counter()
+        paths = {}
+        for gate_up in sorted({bool(VARIANTS[v].get("gate_up")) for v in variants}):
+            paths[gate_up] = tmp / f"gqa{'_gate_up' * gate_up}.onnx"
+            export_gqa_target(target, "fp16", args.max_len, paths[gate_up], gate_up=gate_up)
+        cases = {T: ({"batch": 1, "seq": T, "max_seq_len": args.max_len}, gqa_feeds_for(cfg, T, args.past, args.max_len))
+                 for T in (1, 8)}
+        into = report.setdefault("gqa", {"export_s": time.perf_counter() - t0})
+        timed = time_variants(paths, variants, cases, args.repeats, report["floor_ms"])
+        into.update(timed.pop("default", {}))  # the default's keys where they always were
+        if timed:
+            into["variants"] = timed
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
 

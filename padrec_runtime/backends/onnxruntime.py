@@ -1,10 +1,18 @@
 """ONNX Runtime backend: one InferenceSession per graph, feeds checked against the manifest before each run."""
 from __future__ import annotations
 
+import os
+
 from ..errors import BackendError, ManifestError
 from ..manifest import Manifest
 from .base import check_feeds, graph_names
 
+# CUDA sessions ask ONNX Runtime (>= 1.31; older ones ignore the entry) to time, per MatMul shape, cuBLAS against
+# its small-M GEMV kernels on the session's first run of the shape and keep the fastest: on an H100 the fused
+# target's 1-token step 1.19 -> 1.16 ms and its 8-token verify 1.37 -> 1.31 ms (tools/gpu_step_profile.py,
+# benchmarks/results/step_profile_h100_s18.json). ORT_CUDA_GEMM_AUTO_TUNE in the environment decides instead
+# (0: cuBLAS only, the same kernels on every run).
+GEMM_TUNE_ENTRY, GEMM_TUNE_ENV = "ep.cuda.enable_gemm_auto_tune", "ORT_CUDA_GEMM_AUTO_TUNE"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
@@ -44,6 +52,15 @@ class OrtBackend:
 
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
+        opts, providers = self._options(dims, cuda_graph)
+        try:
+            return self._ort.InferenceSession(str(self.path), opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines"
+                               ) from None
+
+    def _options(self, dims: dict | None, cuda_graph: bool) -> tuple:
+        """The session options and execution providers of a session (see `_open`)."""
         ort = self._ort
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
@@ -53,17 +70,15 @@ class OrtBackend:
             opts.add_free_dimension_override_by_name(name, int(size))
         providers: list = ["CPUExecutionProvider"]
         if self.device == "cuda":
+            if GEMM_TUNE_ENV not in os.environ:
+                opts.add_session_config_entry(GEMM_TUNE_ENTRY, "1")
             cuda = {}
             if self.stream is not None:
                 cuda["user_compute_stream"] = str(self.stream)
             if cuda_graph:
                 cuda["enable_cuda_graph"] = "1"
             providers.insert(0, ("CUDAExecutionProvider", cuda))
-        try:
-            return ort.InferenceSession(str(self.path), opts, providers=providers)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines"
-                               ) from None
+        return opts, providers
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape

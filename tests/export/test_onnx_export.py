@@ -48,6 +48,50 @@ def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
     assert all(r.max_abs == 0 for r in rows if r.output == "tokens")
 
 
+def test_fused_target_with_gate_up_in_one_matmul_gives_the_same_logits(tiny, tmp_path):
+    """The profiling form of the fused target (gate and up projections as one MatMul, split in two) computes what
+    the shipped form does."""
+    from padrec_export.fused import KV_IN_PLACE, export_gqa_target
+    import onnxruntime as ort
+    _, target, _ = tiny
+    c, n = target.cfg, 16
+    feeds = {"input_ids": np.array([[5, 9, 7]], np.int32), "seqlens_k": np.array([2], np.int32),
+             "total_sequence_length": np.array(n, np.int32)}
+    feeds.update({t % i: np.zeros((1, c.n_kv_heads, n, c.head_dim), np.float32)
+                  for i in range(c.n_layers) for t in KV_IN_PLACE})
+    logits = []
+    for gate_up in (False, True):
+        export_gqa_target(target, "fp32", n, tmp_path / f"{gate_up}.onnx", gate_up=gate_up)
+        nodes = {x.op_type for x in onnx.load(tmp_path / f"{gate_up}.onnx").graph.node}
+        assert ("Split" in nodes) == gate_up
+        sess = ort.InferenceSession(str(tmp_path / f"{gate_up}.onnx"), providers=["CPUExecutionProvider"])
+        logits.append(sess.run(["logits"], {k: v.copy() for k, v in feeds.items()})[0])
+    assert np.abs(logits[0] - logits[1]).max() <= 1e-5 and np.abs(logits[0]).max() > 1e-2
+
+
+def test_cuda_sessions_ask_for_tuned_gemms_unless_the_environment_decides(engines_master, monkeypatch):
+    """CUDA sessions carry ONNX Runtime's GEMM auto-tune entry; with ORT_CUDA_GEMM_AUTO_TUNE set they leave the
+    choice to it; CPU sessions never carry it."""
+    from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY, GEMM_TUNE_ENV
+    b = OrtBackend(load_manifest(engines_master), "target")
+
+    def entry(opts):
+        try:
+            return opts.get_session_config_entry(GEMM_TUNE_ENTRY)
+        except RuntimeError:  # onnxruntime: no such entry
+            return None
+    monkeypatch.delenv(GEMM_TUNE_ENV, raising=False)
+    opts, providers = b._options({"batch": 1}, cuda_graph=False)
+    assert entry(opts) is None and providers == ["CPUExecutionProvider"]
+    b.device = "cuda"  # the options only: no CUDA session is made
+    opts, providers = b._options({"batch": 1}, cuda_graph=True)
+    assert entry(opts) == "1"
+    assert providers[0] == ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
+    monkeypatch.setenv(GEMM_TUNE_ENV, "0")
+    opts, _ = b._options({"batch": 1}, cuda_graph=False)
+    assert entry(opts) is None
+
+
 def test_export_without_in_place_graphs(tiny, tmp_path):
     """`padrec export --no-in-place` (ExportLimits.fused_target=False) writes no ONNX Runtime-only graph, and
     the runtime then keeps the standard graphs even with device caches; bf16 engines never have them."""
