@@ -46,6 +46,7 @@ VARIANTS = {
     "small_n_gemv_all": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}, "disabled": NO_GEMM, "gate_up": True},
     "gate_up": {"gate_up": True},
     "no_flash_decode": {"env": {"ORT_DISABLE_FLASH_DECODE": "1"}},
+    "gemm_tune_no_flash": {"config": GEMM_TUNE, "env": {"ORT_DISABLE_FLASH_ATTENTION": "1"}},
 }
 VARIANT: dict = {}  # the one being timed
 
