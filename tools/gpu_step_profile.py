@@ -216,6 +216,31 @@ def time_variants(paths: dict, variants: list, cases: dict, repeats: int, floor_
     return out
 
 
+def verify_parity(path, cfg, past: int, max_len: int, T: int = 8) -> dict:
+    """Whether a T-token verify pass computes what T one-token steps compute, over the same cache (the runtime's
+    in-place IO binding, no CUDA graph: the same kernels): the logits' largest difference, the positions whose
+    logits are equal bit for bit, and those whose argmax agrees."""
+    feeds = gqa_feeds_for(cfg, 1, past, max_len)  # `past` cached positions of random KV
+    tokens = np.random.default_rng(1).integers(4, cfg.vocab_size, T).astype(np.int32)
+    step = session(path, {"batch": 1, "seq": 1, "max_seq_len": max_len}, graph=False)
+    io, keep = bound(step, feeds)
+    at = [o.name for o in step.get_outputs()].index("logits")
+    steps = []
+    for i in range(T):
+        keep["input_ids"].update_inplace(tokens[i:i + 1][None])
+        keep["seqlens_k"].update_inplace(np.array([past + i], np.int32))
+        step.run_with_iobinding(io)
+        steps.append(io.get_outputs()[at].numpy()[0, 0].copy())  # on CPU the bound output is reused
+    steps = np.stack(steps)
+    verify = session(path, {"batch": 1, "seq": T, "max_seq_len": max_len}, graph=False)
+    io, keep = bound(verify, dict(feeds, input_ids=tokens[None], seqlens_k=np.array([past + T - 1], np.int32)))
+    verify.run_with_iobinding(io)
+    once = io.get_outputs()[[o.name for o in verify.get_outputs()].index("logits")].numpy()[0]
+    return {"T": T, "max_abs_diff": float(np.abs(once - steps).max()),
+            "bitwise_equal_positions": int(sum(np.array_equal(a, b) for a, b in zip(once, steps))),
+            "argmax_equal_positions": int((once.argmax(-1) == steps.argmax(-1)).sum())}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
@@ -227,6 +252,8 @@ def main():
     ap.add_argument("--variants", default="default",
                     help="the fused target's variants to time, comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=300)
+    ap.add_argument("--parity", action="store_true",
+                    help="per variant, only whether an 8-token verify pass gives the 8 one-token steps' logits")
     ap.add_argument("--cuda-options", default="{}", help="CUDA execution provider options, JSON")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU")
     args = ap.parse_args()
@@ -272,6 +299,15 @@ def main():
         cases = {T: ({"batch": 1, "seq": T, "max_seq_len": args.max_len}, gqa_feeds_for(cfg, T, args.past, args.max_len))
                  for T in (1, 8)}
         into = report.setdefault("gqa", {"export_s": time.perf_counter() - t0})
+        if args.parity:
+            for name in variants:
+                VARIANT.clear()
+                VARIANT.update(VARIANTS[name])
+                into.setdefault("verify_parity", {})[name] = verify_parity(
+                    paths[bool(VARIANT.get("gate_up"))], cfg, args.past, args.max_len)
+                print("parity", name, json.dumps(into["verify_parity"][name]), flush=True)
+            VARIANT.clear()
+            continue
         timed = time_variants(paths, variants, cases, args.repeats, report["floor_ms"])
         into.update(timed.pop("default", {}))  # the default's keys where they always were
         if timed:
