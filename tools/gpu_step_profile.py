@@ -100,14 +100,14 @@ def bound(sess, feeds: dict):
     return io, keep
 
 
-def gqa_feeds_for(cfg, T: int, past: int, max_len: int) -> dict:
-    """The fused target's feeds: T tokens behind `past` cached ones in a max_len cache."""
+def gqa_feeds_for(cfg, T: int, past: int, max_len: int, dtype=np.float16) -> dict:
+    """The fused target's feeds: T tokens behind `past` cached ones in a max_len cache (of `dtype`)."""
     rng = np.random.default_rng(0)
     f = {"input_ids": rng.integers(4, cfg.vocab_size, (1, T)).astype(np.int32),
          "seqlens_k": np.array([past + T - 1], np.int32), "total_sequence_length": np.array(max_len, np.int32)}
     for i in range(cfg.n_layers):
         for tmpl in KV_IN_PLACE:
-            f[tmpl % i] = (rng.standard_normal((1, cfg.n_kv_heads, max_len, cfg.head_dim)) * 0.5).astype(np.float16)
+            f[tmpl % i] = (rng.standard_normal((1, cfg.n_kv_heads, max_len, cfg.head_dim)) * 0.5).astype(dtype)
     return f
 
 
@@ -216,11 +216,11 @@ def time_variants(paths: dict, variants: list, cases: dict, repeats: int, floor_
     return out
 
 
-def verify_parity(path, cfg, past: int, max_len: int, T: int = 8) -> dict:
+def verify_parity(path, cfg, past: int, max_len: int, T: int = 8, dtype=np.float16) -> dict:
     """Whether a T-token verify pass computes what T one-token steps compute, over the same cache (the runtime's
     in-place IO binding, no CUDA graph: the same kernels): the logits' largest difference, the positions whose
     logits are equal bit for bit, and those whose argmax agrees."""
-    feeds = gqa_feeds_for(cfg, 1, past, max_len)  # `past` cached positions of random KV
+    feeds = gqa_feeds_for(cfg, 1, past, max_len, dtype)  # `past` cached positions of random KV
     tokens = np.random.default_rng(1).integers(4, cfg.vocab_size, T).astype(np.int32)
     step = session(path, {"batch": 1, "seq": 1, "max_seq_len": max_len}, graph=False)
     io, keep = bound(step, feeds)

@@ -58,3 +58,19 @@ def test_round_idle_takes_the_once_per_list_calls_out():
     assert r["device_idle_pct"] == pytest.approx(100 * (1 - 1.92 / 2.28))
     assert round_idle(dict(row, rounds=0), per_call) is None
     assert round_idle(row, {k: v for k, v in per_call.items() if k != "chain/T2"}) is None  # a call not timed alone
+
+
+def test_verify_parity_compares_steps_and_one_pass_over_the_same_cache(tmp_path):
+    """The step profile's parity check on CPU in fp32: 8 one-token steps over the in-place cache and one 8-token
+    pass agree to float rounding (a harness that lost a step's KV or reused an output buffer would not)."""
+    import numpy as np
+    import gpu_step_profile as sp
+    import padrec_export.models as models
+    from padrec_export.fused import export_gqa_target
+    cfg = models.TargetConfig(vocab_size=120, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              intermediate_size=96, qkv_bias=True)
+    torch.manual_seed(0)
+    export_gqa_target(models.Target(cfg), "fp32", 48, tmp_path / "t.onnx")
+    sp.DEVICE = "cpu"
+    r = sp.verify_parity(tmp_path / "t.onnx", cfg, past=20, max_len=48, dtype=np.float32)
+    assert r["T"] == 8 and r["argmax_equal_positions"] == 8 and r["max_abs_diff"] < 1e-4
