@@ -58,9 +58,9 @@ class _Builder:
         self.nodes, self.inits, self.np_dtype, self.onnx_dtype = [], [], np_dtype, onnx_dtype
         self._n = 0
 
-    def const(self, name: str, value: np.ndarray) -> str:
+    def const(self, name: str, value: np.ndarray, dtype=None) -> str:
         from onnx import numpy_helper
-        arr = np.ascontiguousarray(value, dtype=self.np_dtype)
+        arr = np.ascontiguousarray(value, dtype=dtype or self.np_dtype)
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -133,8 +133,9 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
         act = b.op("Mul", [b.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0), up])  # silu(gate) * up
         pending = linear(act, layer.down_proj.weight, f"l{i}.down")
     hidden = norm(target.norm.weight, "final_norm")
-    logits = b.op("Cast", [linear(hidden, target.lm_head.weight, "lm_head")],
-                  to=TensorProto.FLOAT)
+    # the head in fp32, as Target computes it (its forward says why): fp32 weights, fp32 logits
+    head = b.const("lm_head", _w(target.lm_head.weight).T, np.float32)
+    logits = b.op("MatMul", [b.op("Cast", [hidden], to=TensorProto.FLOAT) if precision == "fp16" else hidden, head])
     # name the graph's outputs
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     b.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))

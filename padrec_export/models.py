@@ -214,7 +214,10 @@ class Target(nn.Module):
             x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
             new.append((k, v))
         hidden = self.norm(x)
-        return self.lm_head(hidden).float(), hidden, new
+        # logits in fp32 whatever the weights' precision: fp16 logits round to 1/256 near 7, where a greedy pick
+        # between two items often differs by less; the one-token step and the verify pass would then break such
+        # ties by their own rounding (an H100 list in session 18 differed from AR at one token so)
+        return F.linear(hidden.float(), self.lm_head.weight.float()), hidden, new
 
 
 class Draft(nn.Module):

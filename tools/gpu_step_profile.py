@@ -218,27 +218,32 @@ def time_variants(paths: dict, variants: list, cases: dict, repeats: int, floor_
 
 def verify_parity(path, cfg, past: int, max_len: int, T: int = 8, dtype=np.float16) -> dict:
     """Whether a T-token verify pass computes what T one-token steps compute, over the same cache (the runtime's
-    in-place IO binding, no CUDA graph: the same kernels): the logits' largest difference, the positions whose
-    logits are equal bit for bit, and those whose argmax agrees."""
+    in-place IO binding, no CUDA graph: the same kernels): per output (logits, hidden), the largest difference and
+    the positions equal bit for bit; and the positions whose argmax agrees."""
     feeds = gqa_feeds_for(cfg, 1, past, max_len, dtype)  # `past` cached positions of random KV
     tokens = np.random.default_rng(1).integers(4, cfg.vocab_size, T).astype(np.int32)
+    names = ("logits", "hidden")
     step = session(path, {"batch": 1, "seq": 1, "max_seq_len": max_len}, graph=False)
     io, keep = bound(step, feeds)
-    at = [o.name for o in step.get_outputs()].index("logits")
-    steps = []
+    at = [[o.name for o in step.get_outputs()].index(n) for n in names]
+    steps = {n: [] for n in names}
     for i in range(T):
         keep["input_ids"].update_inplace(tokens[i:i + 1][None])
         keep["seqlens_k"].update_inplace(np.array([past + i], np.int32))
         step.run_with_iobinding(io)
-        steps.append(io.get_outputs()[at].numpy()[0, 0].copy())  # on CPU the bound output is reused
-    steps = np.stack(steps)
+        for n, j in zip(names, at):
+            steps[n].append(io.get_outputs()[j].numpy()[0, 0].copy())  # on CPU the bound output is reused
     verify = session(path, {"batch": 1, "seq": T, "max_seq_len": max_len}, graph=False)
     io, keep = bound(verify, dict(feeds, input_ids=tokens[None], seqlens_k=np.array([past + T - 1], np.int32)))
     verify.run_with_iobinding(io)
-    once = io.get_outputs()[[o.name for o in verify.get_outputs()].index("logits")].numpy()[0]
-    return {"T": T, "max_abs_diff": float(np.abs(once - steps).max()),
-            "bitwise_equal_positions": int(sum(np.array_equal(a, b) for a, b in zip(once, steps))),
-            "argmax_equal_positions": int((once.argmax(-1) == steps.argmax(-1)).sum())}
+    out = {"T": T}
+    for n in names:
+        once, each_step = io.get_outputs()[[o.name for o in verify.get_outputs()].index(n)].numpy()[0], np.stack(steps[n])
+        out[n] = {"max_abs_diff": float(np.abs(once.astype(np.float32) - each_step.astype(np.float32)).max()),
+                  "bitwise_equal_positions": int(sum(np.array_equal(a, b) for a, b in zip(once, each_step)))}
+        if n == "logits":
+            out["argmax_equal_positions"] = int((once.argmax(-1) == each_step.argmax(-1)).sum())
+    return out
 
 
 def main():

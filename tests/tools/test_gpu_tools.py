@@ -73,4 +73,5 @@ def test_verify_parity_compares_steps_and_one_pass_over_the_same_cache(tmp_path)
     export_gqa_target(models.Target(cfg), "fp32", 48, tmp_path / "t.onnx")
     sp.DEVICE = "cpu"
     r = sp.verify_parity(tmp_path / "t.onnx", cfg, past=20, max_len=48, dtype=np.float32)
-    assert r["T"] == 8 and r["argmax_equal_positions"] == 8 and r["max_abs_diff"] < 1e-4
+    assert r["T"] == 8 and r["argmax_equal_positions"] == 8
+    assert r["logits"]["max_abs_diff"] < 1e-4 and r["hidden"]["max_abs_diff"] < 1e-4
