@@ -484,6 +484,9 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     # its slowest run must not be slower than AR's median: a noisy win is no win
     assert pick({ar: 100.0, ("chain", 4): 90.0}, worst={ar: 104.0, ("chain", 4): 120.0}) == ar
     assert pick({ar: 100.0, ("chain", 4): 90.0}, worst={ar: 104.0, ("chain", 4): 99.0}) == ("chain", 4)
+    # and its fastest run must beat AR's fastest by the margin: a median won in AR's slow spell is no win
+    assert pick({ar: 100.0, ("chain", 4): 90.0}, fastest={ar: 80.0, ("chain", 4): 79.0}) == ar
+    assert pick({ar: 100.0, ("chain", 4): 90.0}, fastest={ar: 95.0, ("chain", 4): 85.0}) == ("chain", 4)
     from padrec_runtime.adaptive import CANDIDATES, candidates_for
     own = ("chain", rec.limits["draft_steps"])
     assert own in candidates_for(rec) and set(CANDIDATES) <= set(candidates_for(rec))
