@@ -4,8 +4,8 @@ Speculation costs K draft passes and a wider target pass per round; it pays whil
 launch- or bandwidth-bound and stops paying as batches grow. `calibrate` times the candidates in turn on
 the caller's own histories and keeps the fastest, AR included; speculation must beat AR by a margin (3%) on
 the medians and on the fastest runs, and its slowest run AR's median, so the chosen setting is never slower
-than AR on what was measured, nor merely within its noise. A chain at the engines' own K is always a candidate, and so is that chain with device
-rounds where the caches allow them.
+than AR on what was measured, nor merely within its noise. A chain at the engines' own K is always a
+candidate, and so is that chain with device rounds where the caches allow them.
 """
 from __future__ import annotations
 

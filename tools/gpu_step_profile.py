@@ -238,7 +238,8 @@ def verify_parity(path, cfg, past: int, max_len: int, T: int = 8, dtype=np.float
     verify.run_with_iobinding(io)
     out = {"T": T}
     for n in names:
-        once, each_step = io.get_outputs()[[o.name for o in verify.get_outputs()].index(n)].numpy()[0], np.stack(steps[n])
+        each_step = np.stack(steps[n])
+        once = io.get_outputs()[[o.name for o in verify.get_outputs()].index(n)].numpy()[0]
         out[n] = {"max_abs_diff": float(np.abs(once.astype(np.float32) - each_step.astype(np.float32)).max()),
                   "bitwise_equal_positions": int(sum(np.array_equal(a, b) for a, b in zip(once, each_step)))}
         if n == "logits":
@@ -301,8 +302,8 @@ def main():
         for gate_up in sorted({bool(VARIANTS[v].get("gate_up")) for v in variants}):
             paths[gate_up] = tmp / f"gqa{'_gate_up' * gate_up}.onnx"
             export_gqa_target(target, "fp16", args.max_len, paths[gate_up], gate_up=gate_up)
-        cases = {T: ({"batch": 1, "seq": T, "max_seq_len": args.max_len}, gqa_feeds_for(cfg, T, args.past, args.max_len))
-                 for T in (1, 8)}
+        cases = {T: ({"batch": 1, "seq": T, "max_seq_len": args.max_len},
+                     gqa_feeds_for(cfg, T, args.past, args.max_len)) for T in (1, 8)}
         into = report.setdefault("gqa", {"export_s": time.perf_counter() - t0})
         if args.parity:
             for name in variants:
