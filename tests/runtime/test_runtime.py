@@ -500,6 +500,25 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
 
 
+def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master, monkeypatch):
+    """calibrate hands `pick` every candidate's median, slowest and fastest run, in that order of spread."""
+    import padrec_runtime.adaptive as adaptive
+    seen = []
+
+    def spy(times, margin, worst=None, fastest=None):
+        seen.append((times, worst, fastest))
+        return ("off", None)
+    monkeypatch.setattr(adaptive, "pick", spy)
+    rec = Recommender(engines_master)
+    hist = [h for s in range(2) for h in _histories(tiny[0], s, 4)][:2]
+    plan = rec.calibrate(hist, batches=(2,), repeats=3)
+    assert plan[0].speculate == "off" and len(seen) == 1
+    times, worst, fastest = seen[0]
+    assert set(times) == set(worst) == set(fastest) and ("off", None) in times and len(times) > 1
+    assert all(fastest[k] <= times[k] <= worst[k] for k in times)
+    assert any(fastest[k] < worst[k] for k in times)
+
+
 def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_master):
     """BoundKVRunner.launch queues an engine call and result() reads it later: a second queued call of the
     same bucket (which reuses the buffers) does not change the first one's result, and `take` copies another
