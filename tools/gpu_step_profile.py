@@ -7,7 +7,6 @@ torch.profiler, on a session without CUDA graphs, whose kernels are the same).
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_step_profile.py --out "$OUT"    # -> step_profile.json
 """
 import argparse
-import contextlib
 import json
 import os
 import sys
@@ -15,6 +14,7 @@ import tempfile
 import time
 from collections import Counter
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 import torch
@@ -61,24 +61,9 @@ def session(path: Path, dims: dict, graph: bool):
         opts.add_session_config_entry(key, value)
     cuda = dict(CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if graph else {}))
     providers = [("CUDAExecutionProvider", cuda)] if DEVICE == "cuda" else []
-    with variant_env(VARIANT.get("env", {})):
+    with mock.patch.dict(os.environ, VARIANT.get("env", {})):  # ONNX Runtime reads them as it makes its kernels
         return ort.InferenceSession(str(path), opts, providers=providers + ["CPUExecutionProvider"],
                                     disabled_optimizers=VARIANT.get("disabled") or None)
-
-
-@contextlib.contextmanager
-def variant_env(env: dict):
-    """Environment variables set while a session is made (ONNX Runtime reads them when it makes its kernels)."""
-    before = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        for k, v in before.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 def bound(sess, feeds: dict):
