@@ -10,7 +10,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from padrec_runtime.recommender import Recommender
+from padrec_runtime.api.recommender import Recommender
 
 MODES = ("off", "chain", "tree")
 
@@ -74,7 +74,7 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         if engine == "runtime":
             run = lambda: rec.recommend(hist, speculate=mode)  # noqa: E731
         else:
-            from padrec_runtime.layout import ListConstraint
+            from padrec_runtime.grammar import ListConstraint
 
             from .reference import reference_generate
             con = ListConstraint(rec.catalogue, n_items=rec.limits["n_items"])

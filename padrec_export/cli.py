@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import click
 
-from padrec_runtime.cli import PadrecGroup, recommend
+from padrec_runtime.api.cli import PadrecGroup, recommend
 
 
 @click.group(cls=PadrecGroup)
@@ -164,7 +164,7 @@ def bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, 
     import json as _json
     from pathlib import Path
 
-    from padrec_runtime.cli import parse_ids
+    from padrec_runtime.api.cli import parse_ids
 
     from .bench import bench_plot, bench_table, run_bench
     report = run_bench(engine_dir, backend, device, parse_ids(batches, "batch"), repeats, target_dir, draft_dir, dataset)

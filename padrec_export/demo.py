@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from padrec_runtime.recommender import Recommender
+from padrec_runtime.api.recommender import Recommender
 
 from .data import load_dataset, make_split
 from .pipeline import export_checkpoints

@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from padrec_runtime.decode import DecodeConfig
-from padrec_runtime.layout import ListConstraint
+from padrec_runtime.loop import DecodeConfig
+from padrec_runtime.grammar import ListConstraint
 
 from .reference import reference_generate
 

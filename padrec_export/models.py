@@ -300,7 +300,7 @@ class DraftChain(nn.Module):
 
     def __init__(self, draft: Draft, catalogue, steps: int, max_len: int = 0):
         super().__init__()
-        from padrec_runtime.layout import EOS, SEP
+        from padrec_runtime.grammar import EOS, SEP
         if steps < 1:
             raise ValueError("steps must be >= 1")
         self.draft, self.steps = draft, steps

@@ -12,8 +12,8 @@ from torch import nn
 from tqdm import tqdm
 
 from padrec_runtime.errors import InputError
-from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
-from padrec_runtime.layout import SPECIAL_TOKENS, Catalogue
+from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
+from padrec_runtime.grammar import SPECIAL_TOKENS, Catalogue
 from padrec_runtime.manifest import PRECISIONS, FORMAT, SCHEMA_VERSION, Manifest, write_manifest
 
 from .fused import GRAPH as FUSED_TARGET, export_gqa_target, gqa_inputs, gqa_io, in_place_kv

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT
-from padrec_runtime.qa_feeds import graph_cases
+from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
+from padrec_export.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
 from .models import DraftChain
@@ -148,9 +148,9 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok'])."""
     from tqdm import tqdm
 
-    from padrec_runtime.decode import DecodeConfig
-    from padrec_runtime.layout import ListConstraint
-    from padrec_runtime.recommender import Recommender
+    from padrec_runtime.loop import DecodeConfig
+    from padrec_runtime.grammar import ListConstraint
+    from padrec_runtime.api.recommender import Recommender
 
     from .checkpoint import load_draft, load_target
     from .reference import reference_generate

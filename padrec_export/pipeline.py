@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from padrec_runtime.decode import DecodeConfig
+from padrec_runtime.loop import DecodeConfig
 from padrec_runtime.errors import CheckpointError
-from padrec_runtime.layout import Catalogue, ListConstraint, TokenLayout
+from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
 
 from .checkpoint import load_draft, load_target, save_draft, save_target
 from .data import Interactions, item_titles, load_dataset, make_split

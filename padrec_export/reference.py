@@ -4,9 +4,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from padrec_runtime.decode import DecodeConfig, Generation, generate, max_cache_len
-from padrec_runtime.kvcache import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner, attention_mask
-from padrec_runtime.layout import BOS, ListConstraint
+from padrec_runtime.loop import DecodeConfig, Generation, generate, max_cache_len
+from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner, attention_mask
+from padrec_runtime.grammar import BOS, ListConstraint
 
 from .models import Draft, DraftChain, Target
 

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from padrec_runtime.layout import Catalogue, TokenLayout
+from padrec_runtime.grammar import Catalogue, TokenLayout
 
 from .models import Draft, DraftConfig, Target, TargetConfig
 

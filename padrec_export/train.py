@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from padrec_runtime.layout import EOS, PAD, SEP, Catalogue
+from padrec_runtime.grammar import EOS, PAD, SEP, Catalogue
 
 from .models import Draft, DraftConfig, Target, TargetConfig
 

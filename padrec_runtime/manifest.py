@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import IntegrityError, ManifestError
-from .layout import SPECIAL_TOKENS, TokenLayout
+from .grammar import SPECIAL_TOKENS, TokenLayout
 
 FORMAT = "padrec-engines"
 SCHEMA_VERSION = 2  # 2: the optional in-place graphs (target_gqa, draft_chain_gqa)

@@ -21,8 +21,8 @@ from padrec_export.models import DraftConfig, TargetConfig
 from padrec_export.pipeline import baseline_lists, ranking_metrics
 from padrec_export.reference import reference_generate
 from padrec_export.train import TrainConfig, encode_example, train_draft, train_target
-from padrec_runtime.decode import DecodeConfig
-from padrec_runtime.layout import Catalogue, ListConstraint, TokenLayout
+from padrec_runtime.loop import DecodeConfig
+from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
 
 VARIANTS = {  # name: (use_slot, use_step, unrolled steps, seed)
     "eagle": (False, False, 4, 0), "padrec": (True, True, 4, 0),

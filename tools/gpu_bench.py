@@ -21,10 +21,10 @@ from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
 from padrec_export.pipeline import ModelSize, TrainConfig, export_checkpoints, load_trained, train_all
 from padrec_export.reference import reference_generate
-from padrec_runtime.adaptive import choose
-from padrec_runtime.decode import DecodeConfig
-from padrec_runtime.layout import ListConstraint
-from padrec_runtime.recommender import RecommendResult, Recommender
+from padrec_runtime.api.adaptive import choose
+from padrec_runtime.loop import DecodeConfig
+from padrec_runtime.grammar import ListConstraint
+from padrec_runtime.api.recommender import RecommendResult, Recommender
 
 QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
 

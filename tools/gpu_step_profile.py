@@ -25,7 +25,7 @@ from gpu_bench import copy_bandwidth_gbs  # noqa: E402
 import padrec_export.models as models  # noqa: E402
 from padrec_export.fused import KV_IN_PLACE, export_gqa_target  # noqa: E402
 from padrec_export.onnx_export import export_graph, slim_graph  # noqa: E402
-from padrec_runtime.kvcache import KV_INPUT  # noqa: E402
+from padrec_runtime.cache.host import KV_INPUT  # noqa: E402
 
 CUDA_OPTIONS = {}  # --cuda-options
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)

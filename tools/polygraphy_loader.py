@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from padrec_runtime.manifest import load_manifest
-from padrec_runtime.qa_feeds import graph_cases
+from padrec_export.qa_feeds import graph_cases
 
 
 def _engine_dir() -> Path:

@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/soak_cpu")
     args = ap.parse_args()
-    from padrec_runtime.recommender import Recommender
+    from padrec_runtime.api.recommender import Recommender
     tmp = tempfile.TemporaryDirectory()
     engines = args.engines
     if engines is None:

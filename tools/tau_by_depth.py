@@ -14,8 +14,8 @@ from padrec_export.data import load_dataset, make_split
 from padrec_export.demo import default_model_dir
 from padrec_export.pipeline import DRAFTS, load_trained
 from padrec_export.reference import reference_generate
-from padrec_runtime.decode import DecodeConfig
-from padrec_runtime.layout import ListConstraint
+from padrec_runtime.loop import DecodeConfig
+from padrec_runtime.grammar import ListConstraint
 
 
 def main():

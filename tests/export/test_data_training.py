@@ -12,7 +12,7 @@ from padrec_export.models import DraftConfig, TargetConfig
 from padrec_export.semantic_ids import embed_texts, residual_kmeans
 from padrec_export.train import TrainConfig, _draft_step_mask, encode_example, train_draft, train_target
 from padrec_runtime.errors import PadrecError
-from padrec_runtime.layout import Catalogue, ListConstraint, TokenLayout
+from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
 
 
 @pytest.fixture(scope="module")

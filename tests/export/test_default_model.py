@@ -4,7 +4,7 @@ import pytest
 from padrec_export.data import load_dataset, make_split
 from padrec_export.demo import default_model_dir, run_demo
 from padrec_export.pipeline import export_checkpoints
-from padrec_runtime.recommender import Recommender
+from padrec_runtime.api.recommender import Recommender
 
 
 @pytest.fixture(scope="module")

@@ -9,7 +9,7 @@ import pytest
 from padrec_export.parity import compare_fused_target, compare_graph, compare_in_place_chain
 
 from tests.conftest import polygraphy_cli
-from padrec_runtime.qa_feeds import graph_cases
+from padrec_export.qa_feeds import graph_cases
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.errors import IntegrityError, ManifestError
 from padrec_runtime.manifest import load_manifest
@@ -96,7 +96,7 @@ def test_export_without_in_place_graphs(tiny, tmp_path):
     """`padrec export --no-in-place` (ExportLimits.fused_target=False) writes no ONNX Runtime-only graph, and
     the runtime then keeps the standard graphs even with device caches; bf16 engines never have them."""
     from padrec_export.onnx_export import ExportLimits, export_engines
-    from padrec_runtime.recommender import Recommender
+    from padrec_runtime.api.recommender import Recommender
     cat, target, draft = tiny
     m = export_engines(target, draft, cat, tmp_path / "std", "fp32", ExportLimits(fused_target=False), progress=False)
     assert set(m.data["graphs"]) == {"target", "draft", "draft_chain"}
@@ -112,7 +112,7 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
     with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie."""
     import torch
     from padrec_export.models import DraftChain
-    from padrec_runtime.layout import EOS, SEP, ConstraintState, ListConstraint
+    from padrec_runtime.grammar import EOS, SEP, ConstraintState, ListConstraint
     cat, _, draft = tiny
     lay, K = cat.layout, 7  # more steps than an item has tokens: the chain crosses a separator
     chain = DraftChain(draft, cat, K).eval()

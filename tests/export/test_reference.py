@@ -4,8 +4,8 @@ import pytest
 
 from padrec_export.reference import reference_generate
 from padrec_export.tiny import TinySpec, tiny_setup
-from padrec_runtime.decode import DecodeConfig
-from padrec_runtime.layout import EOS, SEP, ListConstraint
+from padrec_runtime.loop import DecodeConfig
+from padrec_runtime.grammar import EOS, SEP, ListConstraint
 
 CONFIGS = {
     "gqa-L3": TinySpec(seed=1, levels=3, codebook=8, heads=4, kv_heads=2),

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-import padrec_runtime.decode as decode
+import padrec_runtime.loop.session as decode
 from padrec_export.reference import next_token_logits, reference_generate
 from padrec_export.tiny import TinySpec, tiny_setup
-from padrec_runtime.decode import DecodeConfig
-from padrec_runtime.layout import ListConstraint
-from padrec_runtime.sampling import SamplingConfig, allowed_logits, distribution
+from padrec_runtime.loop import DecodeConfig
+from padrec_runtime.grammar import ListConstraint
+from padrec_runtime.loop.sampling import SamplingConfig, allowed_logits, distribution
 
 SPEC = TinySpec(seed=4, levels=2, codebook=3, n_items=6, hidden=32, heads=2, kv_heads=1)
 HISTORY = [1000]

@@ -15,7 +15,7 @@ sys.meta_path.insert(0, _BlockTorch())
 
 
 def main(engine_dir: str, golden_path: str) -> None:
-    from padrec_runtime.recommender import Recommender
+    from padrec_runtime.api.recommender import Recommender
 
     golden = json.loads(open(golden_path).read())
     assert golden["format"] == "padrec-golden" and golden["version"] == 1, golden.get("format")

@@ -33,7 +33,7 @@ def _engines(tmp: Path, precision: str = "fp32") -> Path:
 def check_cuda_graph_sessions(engines: Path) -> dict:
     """fp16 engines run the fused target (target_gqa) by default: its CUDA graphs, in-place cache writes and
     routing are checked by the same comparisons; fp32 engines keep the standard target on CUDA."""
-    from padrec_runtime.recommender import Recommender
+    from padrec_runtime.api.recommender import Recommender
     graphs = Recommender(engines, device="cuda")
     assert graphs.static_shapes and graphs.cuda_graphs
     assert graphs.fused_target == (graphs.manifest.precision == "fp16")
@@ -89,7 +89,7 @@ def check_accept_kernel(seed: int = 0) -> dict:
     are left alone; with a column offset per row, what `write_accepted` writes."""
     import cupy as cp
     import numpy as np
-    from padrec_runtime.rounds import accept_kernel, accept_reference, write_accepted
+    from padrec_runtime.cache.rounds import accept_kernel, accept_reference, write_accepted
     rng = np.random.default_rng(seed)
     B, K, V, L, n_nodes, n_rows, P = 9, 7, 261, 4, 500, 40, 16
     T1, n_ban = K + 1, n_nodes + 2

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from padrec_runtime.errors import InputError, ManifestError
-from padrec_runtime.layout import BOS, EOS, LIST, SEP, Catalogue, ListConstraint, TokenLayout
+from padrec_runtime.grammar import BOS, EOS, LIST, SEP, Catalogue, ListConstraint, TokenLayout
 
 
 def small_catalogue():
@@ -65,8 +65,8 @@ def test_slots_of_every_kind():
 def test_fused_chain_walk_matches_the_general_walk():
     """The fused chain's walk (grammar masks built ahead, one masked argmax) accepts exactly what the general
     walk accepts: random logits with ties, chains that follow the target, stray from it, or leave the grammar."""
-    from padrec_runtime.decode import Node, Root, _chain_states, _walk, _walk_chain
-    from padrec_runtime.sampling import SamplingConfig
+    from padrec_runtime.loop.session import Node, Root, _chain_states, _walk, _walk_chain
+    from padrec_runtime.loop.sampling import SamplingConfig
 
     class Cfg:
         sampling = SamplingConfig()
@@ -145,7 +145,7 @@ def test_allows_agrees_with_allowed():
 
 
 def test_masked_picks_take_the_first_allowed_maximum_and_refuse_non_finite_logits():
-    from padrec_runtime.decode import _masked_picks
+    from padrec_runtime.loop.session import _masked_picks
     from padrec_runtime.errors import BackendError
     logits = np.array([[5.0, 1.0, 1.0, np.nan], [0.0, 2.0, 2.0, 9.0]])
     mask = np.array([[False, True, True, False], [True, True, True, False]])

@@ -15,7 +15,7 @@ from padrec_export.onnx_export import export_engines
 from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.errors import BackendError, InputError, ManifestError, PadrecError
 from padrec_runtime.manifest import load_manifest, parse_manifest, write_manifest
-from padrec_runtime.recommender import Recommender
+from padrec_runtime.api.recommender import Recommender
 from tests.conftest import LIMITS
 
 HIST = [[1000, 1001, 1002], [1010]]
@@ -92,7 +92,7 @@ def test_nan_logits_are_reported_not_decoded(engines):
 
 
 def test_out_of_memory_is_a_clear_error_and_the_recommender_survives(engines_master, monkeypatch):
-    import padrec_runtime.kvcache as kvcache
+    import padrec_runtime.cache.host as kvcache
     rec = Recommender(engines_master)
     real_zeros = np.zeros
     calls = {"n": 0}

@@ -9,7 +9,7 @@ import pytest
 
 from padrec_export.golden import write_golden
 from padrec_runtime.errors import BackendError, InputError, IntegrityError, ManifestError, PadrecError
-from padrec_runtime.recommender import Recommender
+from padrec_runtime.api.recommender import Recommender
 
 HERE = Path(__file__).parent
 
@@ -40,7 +40,7 @@ def test_import_blocks_nothing_it_needs():
             "    def find_spec(self, n, p=None, t=None):\n"
             "        if n == 'torch' or n.startswith('torch.'): raise ImportError('blocked')\n"
             "sys.meta_path.insert(0, B())\n"
-            "import padrec_runtime, padrec_runtime.recommender, padrec_runtime.cli\n"
+            "import padrec_runtime, padrec_runtime.api.recommender, padrec_runtime.api.cli\n"
             "import padrec_runtime.backends.onnxruntime, padrec_runtime.backends.tensorrt\n"
             "assert 'torch' not in sys.modules and 'padrec_export' not in sys.modules\n"
             "print('ok')")
@@ -239,7 +239,7 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
     """Decode calls padded to fixed buckets, each on its own fixed-shape session (the CUDA-graph layout),
     give the default path's lists and acceptance; padding never reaches the cache. With small buckets the
     prefill and tree verify take the dynamic session, as a long prefill does with the default buckets."""
-    from padrec_runtime import devicecache
+    from padrec_runtime.cache import device as devicecache
     if buckets:
         monkeypatch.setattr(devicecache, "BUCKETS", buckets)
     plain = Recommender(engines_master)
@@ -359,7 +359,7 @@ def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_mast
 def _chain_inputs(rec, batch) -> list:
     """Start recording the effective inputs (after device-side copies) of every draft_chain call at `batch`, and
     whether the call took them from the device (`queued`)."""
-    from padrec_runtime.devicecache import bucket
+    from padrec_runtime.cache.device import bucket
     runner, calls = rec._bound[("draft", batch)], []
 
     def launch(feeds, mask, graph=None, take=None, fill=None, _orig=runner.launch):
@@ -430,7 +430,7 @@ def test_device_rounds_start_from_the_host_past_the_largest_bucket(tiny, engines
     """A prompt longer than every static bucket runs its prefill and first chain on the dynamic path, where
     nothing can be written on the device: the first chain then starts from the host, later rounds queue as
     usual, and the lists stay AR's."""
-    from padrec_runtime import devicecache
+    from padrec_runtime.cache import device as devicecache
     rec = Recommender(engines_master, io_binding=True, static_shapes=True)
     hist = _histories(tiny[0], 8, 4)  # prompts of 7 to 57 tokens
     ar = rec.recommend(hist, speculate="off")
@@ -475,7 +475,7 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     for c in plan:
         assert c.ms <= c.ar_ms  # AR is a candidate: the choice is never slower on what was measured
     auto = rec.recommend(hist[:3], speculate="auto")
-    from padrec_runtime.adaptive import pick
+    from padrec_runtime.api.adaptive import pick
     ar = ("off", None)
     assert pick({ar: 100.0, ("chain", 4): 90.0, ("tree", 4): 95.0}) == ("chain", 4)
     assert pick({ar: 100.0, ("chain", 4): 98.5}) == ar  # within the margin: AR
@@ -487,7 +487,7 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     # and its fastest run must beat AR's fastest by the margin: a median won in AR's slow spell is no win
     assert pick({ar: 100.0, ("chain", 4): 90.0}, fastest={ar: 80.0, ("chain", 4): 79.0}) == ar
     assert pick({ar: 100.0, ("chain", 4): 90.0}, fastest={ar: 95.0, ("chain", 4): 85.0}) == ("chain", 4)
-    from padrec_runtime.adaptive import CANDIDATES, candidates_for
+    from padrec_runtime.api.adaptive import CANDIDATES, candidates_for
     own = ("chain", rec.limits["draft_steps"])
     assert own in candidates_for(rec) and set(CANDIDATES) <= set(candidates_for(rec))
     assert candidates_for(rec, [ar, ("chain", 1)]) == (ar, ("chain", 1), own)  # the engines' K is always timed
@@ -502,7 +502,7 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
 
 def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master, monkeypatch):
     """calibrate hands `pick` every candidate's median, slowest and fastest run, in that order of spread."""
-    import padrec_runtime.adaptive as adaptive
+    import padrec_runtime.api.adaptive as adaptive
     seen = []
 
     def spy(times, margin, worst=None, fastest=None):
@@ -523,7 +523,7 @@ def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_m
     """BoundKVRunner.launch queues an engine call and result() reads it later: a second queued call of the
     same bucket (which reuses the buffers) does not change the first one's result, and `take` copies another
     call's output into an input on the device exactly as if the host had written it there."""
-    from padrec_runtime.devicecache import bucket
+    from padrec_runtime.cache.device import bucket
     rec = Recommender(engines_master, io_binding=True, static_shapes=True)
     target = rec._runner("target", 1, 64)
     rng = np.random.default_rng(0)

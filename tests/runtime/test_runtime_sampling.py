@@ -3,9 +3,9 @@ import pytest
 
 from padrec_export.onnx_export import ExportLimits, export_engines
 from padrec_export.tiny import tiny_setup
-from padrec_runtime.layout import ListConstraint
-from padrec_runtime.recommender import Recommender
-from padrec_runtime.sampling import SamplingConfig
+from padrec_runtime.grammar import ListConstraint
+from padrec_runtime.api.recommender import Recommender
+from padrec_runtime.loop.sampling import SamplingConfig
 from tests.export.test_sampling import HISTORY, SPEC, chi_square_p, exact_law
 
 

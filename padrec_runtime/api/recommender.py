@@ -7,13 +7,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .decode import DecodeConfig, DecodeSession, max_cache_len
-from .errors import BackendError, InputError, ManifestError
-from .backends.base import cast_feeds, numpy_dtype
-from .kvcache import CacheSpec, KVRunner
-from .layout import Catalogue, ListConstraint
-from .manifest import IN_PLACE, load_manifest
-from .sampling import SamplingConfig
+from ..loop.session import DecodeConfig, DecodeSession, max_cache_len
+from ..errors import BackendError, InputError, ManifestError
+from ..backends.base import cast_feeds, numpy_dtype
+from ..cache.host import CacheSpec, KVRunner
+from ..grammar import Catalogue, ListConstraint
+from ..manifest import IN_PLACE, load_manifest
+from ..loop.sampling import SamplingConfig
 
 BACKENDS = ("onnxruntime", "tensorrt")
 
@@ -44,10 +44,10 @@ class RecommendResult:
 def _open_backend(manifest, graph: str, backend: str, device: str, trt_module: str, allow_host_code: bool,
                   threads: int | None, cuda_graphs: bool = False, stream=None):
     if backend == "onnxruntime":
-        from .backends.onnxruntime import OrtBackend
+        from ..backends.onnxruntime import OrtBackend
         return OrtBackend(manifest, graph, device=device, threads=threads, cuda_graphs=cuda_graphs, stream=stream)
     if backend == "tensorrt":
-        from .backends.tensorrt import TrtBackend
+        from ..backends.tensorrt import TrtBackend
         return TrtBackend(manifest, graph, module=trt_module, allow_host_code=allow_host_code)
     raise BackendError(f"backend: got {backend!r} | expected one of {', '.join(BACKENDS)}")
 
@@ -107,7 +107,7 @@ class Recommender:
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order
         if self.io_binding and device == "cuda":
-            from .devicecache import array_module
+            from ..cache.device import array_module
             cupy = array_module("cuda")[0]
             self.stream = cupy.cuda.Stream(non_blocking=True)
         self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads,
@@ -165,7 +165,7 @@ class Recommender:
         g = self.manifest.graph(graph)
         kv = g["kv"]
         if self.io_binding:
-            from .devicecache import BoundKVRunner
+            from ..cache.device import BoundKVRunner
             spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.limits["max_seq_len"])
 
             def make():

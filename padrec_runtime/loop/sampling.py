@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BackendError
+from ..errors import BackendError
 
 
 @dataclass(frozen=True)

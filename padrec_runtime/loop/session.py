@@ -11,10 +11,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import BackendError, InputError
-from .kvcache import KVRunner, take_on_host
-from .layout import PAD, ConstraintState, ListConstraint
-from .rounds import DeviceRounds
+from ..errors import BackendError, InputError
+from ..cache.host import KVRunner, take_on_host
+from ..grammar import PAD, ConstraintState, ListConstraint
+from ..cache.rounds import DeviceRounds
 from .sampling import SamplingConfig, allowed_logits, choose, distribution, log_softmax
 
 SPECULATE_MODES = ("off", "chain", "tree")

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import InputError
+from ..errors import InputError
 
 CANDIDATES = (("off", None), ("chain", 2), ("chain", 4), ("chain", 6), ("chain", 8),
               ("tree", 3), ("tree", 4), ("tree", 6))

@@ -5,7 +5,7 @@ import json
 
 import click
 
-from .errors import InputError, PadrecError
+from ..errors import InputError, PadrecError
 
 
 class PadrecGroup(click.Group):

@@ -1,4 +1,4 @@
-"""Token layout shared by exporter and runtime: vocabulary, item catalogue, slots and the list constraint.
+"""Token layout and item catalogue, shared by exporter and runtime: vocabulary, slots, the item trie.
 
 A list is ``item <sep> item <sep> ... item <eos>``; an item is L semantic-ID codes, level l drawn from
 its own token range. The prompt is ``<bos> item <sep> ... item <list>``. Pure numpy, no torch.
@@ -6,13 +6,12 @@ its own token range. The prompt is ``<bos> item <sep> ... item <list>``. Pure nu
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple
 
 import numpy as np
 
-from .errors import InputError, ManifestError
+from ..errors import InputError, ManifestError
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<list>")
 PAD, BOS, EOS, SEP, LIST = range(len(SPECIAL_TOKENS))
@@ -50,17 +49,6 @@ class TokenLayout:
         slot[code] = (tokens[code] - self.n_special) // self.codebook
         slot[(tokens == SEP) | (tokens == EOS)] = self.levels
         return slot
-
-
-class ConstraintState(NamedTuple):
-    """Where one row stands in its list; immutable so that tree paths can branch cheaply (a named tuple: the
-    decode loop makes one per token and row)."""
-
-    n_done: int  # items completed in the list
-    level: int  # next code level, L when a separator or eos is due
-    node: int  # trie node of the current item prefix
-    used: frozenset  # catalogue indices that may not be written again
-    done: bool = False  # eos written
 
 
 class Catalogue:
@@ -221,107 +209,3 @@ class Catalogue:
             return cls(layout, data["item_ids"], data["sids"], data.get("titles"))
         except (KeyError, ValueError, TypeError) as exc:
             raise ManifestError(f"catalogue {path}: unreadable ({exc}) | re-export the engines") from None
-
-
-def _memo(cache: dict, key, make, cap: int = 100_000):
-    """cache[key], made by make() on a miss; a cache past `cap` entries starts over."""
-    hit = cache.get(key)
-    if hit is None:
-        if len(cache) > cap:
-            cache.clear()
-        hit = cache[key] = make()
-    return hit
-
-
-@dataclass
-class ListConstraint:
-    """The list grammar: catalogue prefixes, no item twice, n_items items then eos."""
-
-    catalogue: Catalogue
-    n_items: int = 10
-    exclude_history: bool = True  # never recommend an item the user already has
-    _cache: dict = field(default_factory=dict, repr=False)
-    _bans: dict = field(default_factory=dict, repr=False)  # used items -> chain_ban row
-    _completions: dict = field(default_factory=dict, repr=False)  # (node, used items) -> completion_bans
-    _sets: dict = field(default_factory=dict, repr=False)  # (node, used items) -> allowed tokens as a set
-    _counts: dict = field(default_factory=dict, repr=False)  # used items -> Catalogue.used_counts
-
-    def start(self, history_ids) -> ConstraintState:
-        used = frozenset(self.catalogue.index_of(history_ids).tolist()) if self.exclude_history else frozenset()
-        free = len(self.catalogue) - len(used)
-        if not 1 <= self.n_items <= free:
-            raise InputError(f"n_items: got {self.n_items} | expected 1..{free} for this history and catalogue")
-        return ConstraintState(n_done=0, level=0, node=0, used=used)
-
-    def allowed(self, state: ConstraintState) -> np.ndarray:
-        """Token ids that may come next, sorted; empty once eos is written."""
-        if state.done:
-            return np.zeros(0, dtype=np.int64)
-        layout = self.catalogue.layout
-        if state.level == layout.levels:
-            return np.array([EOS if state.n_done == self.n_items else SEP], dtype=np.int64)
-        def make():
-            cat = self.catalogue
-            nodes = cat.child_nodes[state.node]
-            free = cat.subtree_size[nodes] - self._used_counts(state.used)[nodes]
-            return layout.n_special + state.level * layout.codebook + cat.child_codes[state.node][free > 0]
-        return _memo(self._cache, (state.node, state.used), make)
-
-    def _used_counts(self, used: frozenset) -> np.ndarray:
-        """Catalogue.used_counts, cached per set of used items (it changes only when an item completes)."""
-        return _memo(self._counts, used, lambda: self.catalogue.used_counts(used), cap=4096)
-
-    def allows(self, state: ConstraintState, token: int) -> bool:
-        """Whether `token` may come next (`token in allowed(state)`, from a set cached with it)."""
-        if state.done:
-            return False
-        if state.level == self.catalogue.layout.levels:
-            return token == (EOS if state.n_done == self.n_items else SEP)
-        return token in _memo(self._sets, (state.node, state.used), lambda: frozenset(self.allowed(state).tolist()))
-
-    def advance(self, state: ConstraintState, token: int, checked: bool = False) -> ConstraintState:
-        """State after writing token; raises InputError if the token is not allowed (checked: the caller has
-        just looked it up in `allowed(state)`)."""
-        token = int(token)
-        if not checked:
-            allowed = self.allowed(state)
-            k = int(np.searchsorted(allowed, token))
-            if k == len(allowed) or allowed[k] != token:
-                raise InputError(f"constraint: token {token} not allowed here (allowed: {allowed[:8].tolist()}...)")
-        layout, cat = self.catalogue.layout, self.catalogue
-        if state.level == layout.levels:
-            if token == EOS:
-                return ConstraintState(state.n_done, state.level, 0, state.used, done=True)
-            return ConstraintState(state.n_done, 0, 0, state.used)
-        code = token - layout.n_special - state.level * layout.codebook
-        pos = int(np.searchsorted(cat.child_codes[state.node], code))
-        node = int(cat.child_nodes[state.node][pos])
-        if state.level + 1 < layout.levels:
-            return ConstraintState(state.n_done, state.level + 1, node, state.used)
-        item = cat.leaf_item[node]
-        return ConstraintState(state.n_done + 1, layout.levels, node, state.used | {item})
-
-    def chain_ban(self, state: ConstraintState) -> np.ndarray:
-        """(n_nodes + 2,) float16 `banned` row of the draft-chain graph: -inf at trie nodes whose items are
-        all used and at NOT_CHILD, 0 elsewhere (see Catalogue.chain_tables). Cached per set of used items."""
-        def make():
-            n = len(self.catalogue.child_codes)
-            row = np.zeros(n + 2, dtype=np.float16)
-            row[:n][self.catalogue.exhausted(state.used, self._used_counts(state.used))] = -np.inf
-            row[n] = -np.inf
-            return row
-        return _memo(self._bans, state.used, make, cap=256)
-
-    def completion_bans(self, state: ConstraintState) -> tuple[np.ndarray, np.ndarray]:
-        """For a state whose next token completes an item (level L-1): the trie nodes from the root down to
-        the state's node (L of them) and, for each, whether completing one more item under it uses it up - so
-        `chain_ban` after that token is this state's row with those nodes and the new leaf at -inf."""
-        def make():
-            cat = self.catalogue
-            nodes = np.append(cat.ancestors(state.node), state.node)
-            return nodes, self._used_counts(state.used)[nodes] + 1 >= cat.subtree_size[nodes]
-        return _memo(self._completions, (state.node, state.used), make)
-
-    def list_length(self) -> int:
-        """Tokens in a complete output list, eos included."""
-        return self.n_items * (self.catalogue.layout.levels + 1)

@@ -6,9 +6,9 @@ import time
 
 import numpy as np
 
-from . import devicecache
-from .errors import BackendError
-from .layout import ListConstraint
+from . import device as devicecache
+from ..errors import BackendError
+from ..grammar import ListConstraint
 
 # The accept step of a row as one CUDA kernel (one block per row): the target's grammar-masked pick at every
 # verify position (first maximum wins, as numpy's argmax), the accepted count, the bonus token and from them

@@ -30,10 +30,10 @@ import time
 
 import numpy as np
 
-from .backends.base import cast_feeds, check_feeds, numpy_dtype
-from .errors import BackendError
-from .kvcache import CacheSpec, attention_mask, take_on_host
-from .manifest import IN_PLACE
+from ..backends.base import cast_feeds, check_feeds, numpy_dtype
+from ..errors import BackendError
+from .host import CacheSpec, attention_mask, take_on_host
+from ..manifest import IN_PLACE
 
 _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved)
 

@@ -11,7 +11,7 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import BackendError, InputError
+from ..errors import BackendError, InputError
 
 KV_INPUT = ("past.%d.key", "past.%d.value")
 KV_OUTPUT = ("new.%d.key", "new.%d.value")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .backends.base import numpy_dtype
+from padrec_runtime.backends.base import numpy_dtype
 
 
 def tree_mask(parents: list) -> np.ndarray:

@@ -1,0 +1,1 @@
+"""KV caches: on the host (numpy) and on the engine's device (bound buffers, static buckets, queued rounds)."""
