@@ -10,7 +10,7 @@ import time
 import numpy as np
 from tqdm import tqdm
 
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender
 
 MODES = ("off", "chain", "tree")
 
@@ -72,13 +72,13 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
     for batch, mode, engine in tqdm(jobs, desc="bench", disable=not progress):
         hist = hist_all[:batch]
         if engine == "runtime":
-            run = lambda: rec.recommend(hist, speculate=mode)  # noqa: E731
+            run = lambda: rec.recommend(hist, params=DecodeParams(speculate=mode))  # noqa: E731
         else:
             from padrec_runtime.grammar import ListConstraint
 
             from .reference import reference_generate
             con = ListConstraint(rec.catalogue, n_items=rec.limits["n_items"])
-            cfg = rec.config(speculate=mode)
+            cfg = rec.decode_config(DecodeParams(speculate=mode), len(hist))
             run = lambda: reference_generate(torch_models[0], torch_models[1], hist, con, cfg)  # noqa: E731
         m = _measure(run, repeats)
         res = m["result"]
@@ -93,8 +93,8 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         base = next(x for x in rows if x["engine"] == r["engine"] and x["batch"] == r["batch"] and x["mode"] == "off")
         r["speedup_vs_ar"] = base["ms_per_list_median"] / r["ms_per_list_median"]
     return {"engines": str(engine_dir), "precision": rec.manifest.precision, "device": device, "repeats": repeats,
-            "runtime": {"io_binding": rec.io_binding, "static_shapes": rec.static_shapes,
-                        "cuda_graphs": rec.cuda_graphs},
+            "runtime": {"device_cache": rec.settings.device_cache, "static_shapes": rec.settings.static_shapes,
+                        "cuda_graphs": rec.settings.cuda_graphs},
             "hardware": hardware(), "n_items": rec.limits["n_items"], "draft_steps": rec.limits["draft_steps"],
             "tree": {"topk": rec.limits["tree_topk"], "size": rec.limits["tree_size"]},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender
 
 from .data import load_dataset, make_split
 from .pipeline import export_checkpoints
@@ -33,12 +33,12 @@ def demo_histories(rec: Recommender, dataset: str, users: int) -> tuple[list, li
             [f"random history {k}" for k in range(users)]
 
 
-def _timed(rec: Recommender, hist: list, repeats: int, **opts):
-    rec.recommend(hist, **opts)  # warm-up
+def _timed(rec: Recommender, hist: list, repeats: int, params: DecodeParams):
+    rec.recommend(hist, params=params)  # warm-up
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
-        out = rec.recommend(hist, **opts)
+        out = rec.recommend(hist, params=params)
         times.append(time.perf_counter() - t0)
     return out, float(np.median(times))
 
@@ -55,8 +55,8 @@ def run_demo(users: int = 3, engine_dir=None, speculate: str = "chain", dataset:
         histories, names = demo_histories(rec, dataset, users)
         summary = {"users": []}
         for name, hist in zip(names, histories):
-            ar, t_ar = _timed(rec, [hist], repeats, speculate="off")
-            sd, t_sd = _timed(rec, [hist], repeats, speculate=speculate)
+            ar, t_ar = _timed(rec, [hist], repeats, DecodeParams(speculate="off"))
+            sd, t_sd = _timed(rec, [hist], repeats, DecodeParams(speculate=speculate))
             lst = sd.lists[0]
             click.echo(f"\n{name}: history of {len(hist)} items, last: "
                        + "; ".join(t for t in (_titles(rec, hist[-3:]) or map(str, hist[-3:]))))

@@ -308,13 +308,12 @@ class DraftChain(nn.Module):
         # int64 tables: gathers index with them directly, no cast per step
         self.register_buffer("next_node", torch.as_tensor(t["next_node"]).long(), persistent=False)
         self.register_buffer("row_of", torch.as_tensor(t["row_of"]), persistent=False)
-        self.register_buffer("is_leaf", (self.row_of == len(t["next_node"]) - 1).long(), persistent=False)
+        self.register_buffer("is_leaf", torch.as_tensor(t["is_leaf"]), persistent=False)
         lay = catalogue.layout
         ends = torch.zeros(2, lay.vocab_size)
         ends[0, EOS] = ends[1, SEP] = float("-inf")  # row 0: items left, no eos; row 1: none left, no separator
         self.register_buffer("ends", ends, persistent=False)
-        self.register_buffer("slot_of", torch.as_tensor(lay.slots(range(lay.vocab_size)), dtype=torch.long),
-                             persistent=False)
+        self.register_buffer("slot_of", torch.as_tensor(t["slot_of"]), persistent=False)
         if max_len:  # forward_in_place: GroupQueryAttention's rotary tables (padding of a bucket may run past)
             cos, sin = rotary_cache(draft.cfg, max_len + 256)
             self.register_buffer("rotary_cos", cos, persistent=False)

@@ -150,7 +150,7 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
 
     from padrec_runtime.loop import DecodeConfig
     from padrec_runtime.grammar import ListConstraint
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender
 
     from .checkpoint import load_draft, load_target
     from .reference import reference_generate
@@ -188,10 +188,10 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     lists, taus = [], []
     modes = ["off"] + (["chain", "tree"] if draft is not None and "draft" in rec.backends else [])
     for mode in tqdm(modes, desc="parity: lists", disable=not progress):
-        cfg = rec.config(speculate=mode)
+        cfg = rec.decode_config(DecodeParams(speculate=mode), 8)
         for s in range(0, len(histories), 8):
             part = histories[s:s + 8]
-            got = rec.recommend(part, speculate=mode)
+            got = rec.recommend(part, params=DecodeParams(speculate=mode))
             ref = reference_generate(target, draft, part, con, cfg)
             for h, g, want in zip(part, got.lists, ref.tokens):
                 i = _first_divergence(g.tokens, want)

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from padrec_runtime.loop import DecodeConfig, Generation, generate, max_cache_len
-from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT, CacheSpec, KVRunner, attention_mask
+from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT, CacheSpec, HostCalls, KVRunner, attention_mask
 from padrec_runtime.grammar import BOS, ListConstraint
 
 from .models import Draft, DraftChain, Target
@@ -71,7 +71,7 @@ def draft_runner(draft: Draft, batch: int, max_len: int, chain: DraftChain | Non
     return runner
 
 
-class TorchKVRunner:
+class TorchKVRunner(HostCalls):
     """The KVRunner interface over a torch model whose KV cache stays on its device (PyTorch eager baseline).
 
     Cache: (layers, key|value, batch, kv_heads, max_len, head_dim); each call attends over the whole buffer
@@ -148,8 +148,9 @@ class OracleDraftRunner(KVRunner):
         self.inner = target_runner(target, batch, max_len + 1)
         self.spec, self.lengths = self.inner.spec, self.inner.lengths
         self.scratch = 0
+        self.chain_steps = 0
 
-    def forward(self, feeds: dict, new_mask: np.ndarray) -> dict:
+    def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         B = feeds["input_ids"].shape[0]
         if self.inner.lengths.max() == 0 and self.inner.scratch == 0:
             self.inner.forward({"input_ids": np.full((B, 1), BOS, np.int32),

@@ -23,3 +23,7 @@ class BackendError(PadrecError):
 
 class CheckpointError(PadrecError):
     """A checkpoint does not match its config, or a draft does not match its target."""
+
+
+class DeadlineError(PadrecError):
+    """A request ran past its deadline and was cut."""

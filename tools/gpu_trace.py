@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import each, union  # noqa: E402
 
 from padrec_export.data import load_dataset, make_split  # noqa: E402
-from padrec_runtime.api.recommender import Recommender  # noqa: E402
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions  # noqa: E402
 
 MODES = {"off": dict(speculate="off"), "chain": dict(speculate="chain", device_rounds=False),
          "chain-dev": dict(speculate="chain", device_rounds=True)}
@@ -119,7 +119,7 @@ def main():
     split = make_split(load_dataset("ml-100k"))
     users = [h[-20:] for _, h, _ in split.test if len(h) >= 20][:args.users]
     mark_phases()
-    rec = Recommender(args.engines, device="cuda", io_binding=True)
+    rec = Recommender(args.engines, device="cuda", options=RuntimeOptions(device_cache=True))
     report = {"gpu": torch.cuda.get_device_name(0), "users": len(users), "modes": {}}
     for mode, opts in MODES.items():
         for _ in range(2):  # sessions built, graphs captured

@@ -41,7 +41,7 @@ def main():
     ap.add_argument("--samples", type=int, default=100)
     ap.add_argument("--out", default="benchmarks/results/soak_cpu")
     args = ap.parse_args()
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
     tmp = tempfile.TemporaryDirectory()
     engines = args.engines
     if engines is None:
@@ -58,8 +58,7 @@ def main():
     trace, t0 = [], time.perf_counter()
     for k in tqdm(range(args.requests), desc="soak", mininterval=5):
         hist = rng.choice(ids, size=int(rng.integers(1, 21)), replace=False).tolist()
-        res = rec.recommend([hist], n_items=args.n_items, speculate=modes[k % 3],
-                            greedy=bool(k % 2), seed=k)
+        res = rec.recommend([hist], n_items=args.n_items, params=DecodeParams(speculate=modes[k % 3], greedy=bool(k % 2), seed=k))
         assert len(res.lists[0].item_ids) == args.n_items
         if k % every == 0 or k == args.requests - 1:
             trace.append({"request": k + 1, "seconds": time.perf_counter() - t0, "rss_mib": rss_mib(),

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
+from .options import DecodeParams
 
 CANDIDATES = (("off", None), ("chain", 2), ("chain", 4), ("chain", 6), ("chain", 8),
               ("tree", 3), ("tree", 4), ("tree", 6))
@@ -61,7 +62,7 @@ def candidates_for(rec, candidates=CANDIDATES) -> tuple:
         return tuple(candidates)
     own = ("chain", rec.limits["draft_steps"])
     extra = () if own in candidates else (own,)
-    if rec.io_binding and rec.static_shapes and "draft_chain" in rec.backends:
+    if rec.settings.device_cache and rec.settings.static_shapes and "draft_chain" in rec.backends:
         extra += (own + (True,),)
     return tuple(candidates) + extra
 
@@ -82,8 +83,8 @@ def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candid
             speculate, k, dev = (key + (False,))[:3]
             if speculate != "off" and "draft" not in rec.backends:
                 continue
-            run = (lambda s=speculate, k=k, dev=dev:
-                   rec.recommend(hist, speculate=s, draft_steps=k, device_rounds=dev))
+            params = DecodeParams(speculate=speculate, draft_steps=k, device_rounds=dev)
+            run = (lambda p=params: rec.recommend(hist, params=p))
             try:
                 run()  # warm: first calls build sessions and, on CUDA, capture graphs
             except InputError:  # this setting does not fit the engines' limits

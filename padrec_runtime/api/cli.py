@@ -1,11 +1,16 @@
-"""Runtime CLI commands (no torch): `padrec recommend`."""
+"""The runtime's CLI (no torch): `padrec recommend`, and the option groups every engine-running command shares."""
 from __future__ import annotations
 
 import json
+import re
 
 import click
 
 from ..errors import InputError, PadrecError
+from .options import BACKENDS, DEVICES, TRT_MODULES, DecodeParams, RuntimeOptions
+
+CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
+_ID = re.compile(r"[0-9]+", re.ASCII)
 
 
 class PadrecGroup(click.Group):
@@ -18,11 +23,101 @@ class PadrecGroup(click.Group):
             raise click.ClickException(str(exc)) from None
 
 
+class OptionGroup:
+    """Options several commands share (Polygraphy's argument groups): `add` decorates a command with them,
+    `parse` takes their values out of the command's keyword arguments and builds the settings object."""
+
+    names: tuple = ()  # the keyword arguments its options give the command
+    options: tuple = ()  # click.option decorators
+
+    def add(self, command):
+        for option in reversed(self.options):
+            command = option(command)
+        return command
+
+    def take(self, kwargs: dict) -> dict:
+        return {k: kwargs.pop(k) for k in self.names}
+
+
+class EngineArgs(OptionGroup):
+    """Where and how engines run: --engines, --backend, --device and the RuntimeOptions."""
+
+    names = ("engine_dir", "backend", "device", "threads", "trt_module", "allow_host_code", "device_cache",
+             "static_shapes", "in_place")
+    options = (
+        click.option("--engines", "engine_dir", required=True, type=click.Path(),
+                     help="engine directory written by `padrec export`"),
+        click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", help="inference backend"),
+        click.option("--device", type=click.Choice(DEVICES), default="cpu", help="where the engines run"),
+        click.option("--threads", type=click.IntRange(1, 1024), default=1, help="ONNX Runtime CPU threads"),
+        click.option("--trt-module", type=click.Choice(TRT_MODULES), default="tensorrt",
+                     help="TensorRT runtime package (--backend tensorrt)"),
+        click.option("--allow-host-code", is_flag=True, help="load TensorRT plans that embed host code"),
+        click.option("--device-cache/--host-cache", default=None, show_default="device on CUDA",
+                     help="KV cache on the engine's device (ONNX Runtime IO binding) or on the host"),
+        click.option("--static-shapes/--dynamic-shapes", default=None, show_default="static on CUDA",
+                     help="CUDA: fixed-shape bucket sessions replaying CUDA graphs (fastest for a service) or one "
+                          "dynamic session (opens faster)"),
+        click.option("--in-place/--standard-graphs", default=None, show_default="in place for fp16/bf16 on CUDA",
+                     help="run causal calls on the in-place graphs (target_gqa, draft_chain_gqa) or the standard "
+                          "graphs only"),
+    )
+
+    def parse(self, kwargs: dict) -> dict:
+        """Recommender(**result): engine_dir, device, backend and options."""
+        v = self.take(kwargs)
+        device_cache = v["device_cache"]
+        if device_cache is None and (v["static_shapes"] or v["in_place"]):
+            device_cache = True  # both need the device cache: asking for them asks for it
+        options = RuntimeOptions(threads=v["threads"], device_cache=device_cache, static_shapes=v["static_shapes"],
+                                 in_place=v["in_place"], trt_module=v["trt_module"],
+                                 allow_host_code=v["allow_host_code"])
+        return {"engine_dir": v["engine_dir"], "device": v["device"], "backend": v["backend"], "options": options}
+
+
+class DecodeArgs(OptionGroup):
+    """How lists are decoded: DecodeParams."""
+
+    names = ("speculate", "draft_steps", "tree_topk", "tree_size", "mode", "temperature", "top_k", "top_p", "seed",
+             "device_rounds")
+    options = (
+        click.option("--speculate", type=click.Choice(["off", "chain", "tree"]), default="chain",
+                     help="off: target only (AR); chain or tree speculation"),
+        click.option("--draft-steps", type=click.IntRange(1, 16), default=None, show_default="the engines' K",
+                     help="draft tokens per round (K)"),
+        click.option("--tree-topk", type=click.IntRange(1, 64), default=None, show_default="the engines'",
+                     help="tree: children per expanded node"),
+        click.option("--tree-size", type=click.IntRange(1, 1024), default=None, show_default="the engines'",
+                     help="tree: draft tokens verified per round"),
+        click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy",
+                     help="greedy lists, or sampled with the options below"),
+        click.option("--temperature", type=click.FloatRange(1e-4, 1e4), default=1.0, help="sampling temperature"),
+        click.option("--top-k", type=click.IntRange(0), default=0, help="sample among the k best (0: all)"),
+        click.option("--top-p", type=click.FloatRange(1e-6, 1.0), default=1.0, help="nucleus sampling mass"),
+        click.option("--seed", type=click.IntRange(0), default=0, help="sampling seed"),
+        click.option("--device-rounds/--host-rounds", default=None, show_default="device up to 8 histories on CUDA",
+                     help="greedy chain: queue each round's next draft chain on the device behind its verify pass"),
+    )
+
+    def parse(self, kwargs: dict) -> DecodeParams:
+        v = self.take(kwargs)
+        return DecodeParams(speculate=v["speculate"], draft_steps=v["draft_steps"], tree_topk=v["tree_topk"],
+                            tree_size=v["tree_size"], greedy=v["mode"] == "greedy", temperature=v["temperature"],
+                            top_k=v["top_k"], top_p=v["top_p"], seed=v["seed"], device_rounds=v["device_rounds"])
+
+
+ENGINE, DECODE = EngineArgs(), DecodeArgs()
+
+
 def parse_ids(text: str, what: str = "history") -> list:
-    try:
-        return [int(x) for x in text.replace(" ", "").split(",") if x]
-    except ValueError:
-        raise InputError(f"--{what}: got {text!r} | expected comma-separated item ids, e.g. 12,7,301") from None
+    """Comma-separated ASCII integers ("12,7,301"); anything else is an InputError naming the option."""
+    parts = [x.strip() for x in text.split(",") if x.strip()]
+    example = "12,7,301" if what == "history" else "1,8,32"
+    if not parts:
+        raise InputError(f"--{what}: empty | expected comma-separated non-negative integers, e.g. {example}")
+    if not all(_ID.fullmatch(x) for x in parts):
+        raise InputError(f"--{what}: got {text!r} | expected comma-separated non-negative integers, e.g. {example}")
+    return [int(x) for x in parts]
 
 
 def print_result(result, as_json: bool) -> None:
@@ -40,41 +135,16 @@ def print_result(result, as_json: bool) -> None:
                f"(draft {t['draft'] * 1e3:.1f}, verify {t['verify'] * 1e3:.1f}, host {t['host'] * 1e3:.1f})")
 
 
-@click.command()
-@click.option("--engines", "engine_dir", required=True, type=click.Path(), help="engine directory")
+@click.command(context_settings=CONTEXT)
+@ENGINE.add
 @click.option("--history", "histories", required=True, multiple=True,
               help="comma-separated item ids, oldest first; repeat for a batch")
-@click.option("--n-items", type=int, default=None, help="list length (default: the manifest's)")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option("--trt-module", type=click.Choice(["tensorrt", "tensorrt_lean", "tensorrt_rtx"]), default="tensorrt")
-@click.option("--allow-host-code", is_flag=True, help="load TensorRT plans that embed host code")
-@click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy")
-@click.option("--temperature", type=float, default=1.0)
-@click.option("--top-k", type=int, default=0)
-@click.option("--top-p", type=float, default=1.0)
-@click.option("--seed", type=int, default=0)
-@click.option("--speculate", type=click.Choice(["off", "chain", "tree"]), default="chain")
-@click.option("--draft-steps", type=int, default=None, help="K (default: the manifest's)")
-@click.option("--static-shapes/--dynamic-shapes", default=None,
-              help="CUDA: fixed-shape bucket sessions with CUDA graphs (the default; fastest for a service) or one "
-                   "dynamic session (opens faster: better for a single request)")
-@click.option("--device-rounds/--host-rounds", default=None,
-              help="greedy chain: queue each round's next draft chain on the device behind its verify pass (needs "
-                   "static shapes; the default on CUDA with them for up to 8 histories) or start "
-                   "each chain from the host")
-@click.option("--in-place/--standard-graphs", "fused_target", default=None,
-              help="CUDA: run causal calls on the engines' in-place graphs (target_gqa, draft_chain_gqa; the default "
-                   "for fp16 engines that have them) or on the standard graphs only")
+@click.option("--n-items", type=click.IntRange(1), default=None, show_default="the engines'", help="list length")
+@DECODE.add
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def recommend(engine_dir, histories, n_items, backend, device, trt_module, allow_host_code, mode, temperature,
-              top_k, top_p, seed, speculate, draft_steps, static_shapes, device_rounds, fused_target, as_json):
+def recommend(histories, n_items, as_json, **kwargs):
     """Write recommendation lists for one or more histories."""
     from .recommender import Recommender
-    rec = Recommender(engine_dir, backend=backend, device=device, trt_module=trt_module,
-                      allow_host_code=allow_host_code, static_shapes=static_shapes,
-                      io_binding=True if static_shapes or fused_target else None, fused_target=fused_target)
-    result = rec.recommend([parse_ids(h) for h in histories], n_items=n_items, speculate=speculate,
-                           greedy=mode == "greedy", temperature=temperature, top_k=top_k, top_p=top_p, seed=seed,
-                           draft_steps=draft_steps, device_rounds=device_rounds)
-    print_result(result, as_json)
+    engine, params = ENGINE.parse(kwargs), DECODE.parse(kwargs)
+    rec = Recommender(**engine)
+    print_result(rec.recommend([parse_ids(h) for h in histories], n_items=n_items, params=params), as_json)

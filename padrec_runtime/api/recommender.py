@@ -1,23 +1,21 @@
 """The service API: a Recommender opened on an engine directory writes recommendation lists."""
 from __future__ import annotations
 
+import dataclasses
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..loop.session import DecodeConfig, DecodeSession, max_cache_len
-from ..errors import BackendError, InputError, ManifestError
-from ..backends.base import cast_feeds, numpy_dtype
-from ..cache.host import CacheSpec, KVRunner
+from ..backends import open_backend
+from ..errors import BackendError, DeadlineError, InputError, ManifestError
 from ..grammar import Catalogue, ListConstraint
+from ..loop import DecodeSession, max_cache_len
 from ..manifest import IN_PLACE, load_manifest
-from ..loop.sampling import SamplingConfig
-
-BACKENDS = ("onnxruntime", "tensorrt")
-
-DEVICE_ROUNDS_MAX_BATCH = 8  # device rounds by default up to this batch (measured on an H100, see `config`)
+from .caches import CacheStore
+from .options import DecodeParams, RuntimeOptions, request_cost, resolve_runtime
 
 
 @dataclass(frozen=True)
@@ -41,15 +39,38 @@ class RecommendResult:
     time_s: dict = field(default_factory=dict)  # total / draft / verify / host seconds
 
 
-def _open_backend(manifest, graph: str, backend: str, device: str, trt_module: str, allow_host_code: bool,
-                  threads: int | None, cuda_graphs: bool = False, stream=None):
-    if backend == "onnxruntime":
-        from ..backends.onnxruntime import OrtBackend
-        return OrtBackend(manifest, graph, device=device, threads=threads, cuda_graphs=cuda_graphs, stream=stream)
-    if backend == "tensorrt":
-        from ..backends.tensorrt import TrtBackend
-        return TrtBackend(manifest, graph, module=trt_module, allow_host_code=allow_host_code)
-    raise BackendError(f"backend: got {backend!r} | expected one of {', '.join(BACKENDS)}")
+def describe(catalogue: Catalogue, tokens) -> Recommendation:
+    """A token list (complete or not) as items: ids, semantic IDs and titles of every complete item."""
+    items = catalogue.decode_list(tokens)
+    idx = catalogue.index_of(items)
+    titles = [catalogue.titles[i] for i in idx] if catalogue.titles is not None else None
+    return Recommendation(items, catalogue.sids[idx].tolist(), titles, [int(t) for t in tokens])
+
+
+class Stream:
+    """A caller-owned decode for services that stream lists as they grow: `step()` until `done`; `partial()`
+    gives every row's complete items so far, `result()` the finished lists."""
+
+    def __init__(self, session: DecodeSession, catalogue: Catalogue):
+        self.session, self.catalogue = session, catalogue
+
+    @property
+    def done(self) -> bool:
+        return self.session.done
+
+    def step(self) -> list:
+        """Run one round; returns the tokens each row committed in it."""
+        return self.session.step()
+
+    def partial(self) -> list:
+        """Per row, a Recommendation of the items completed so far."""
+        return [describe(self.catalogue, toks) for toks in self.session.out.tokens]
+
+    def result(self) -> RecommendResult:
+        g = self.session.result()
+        return RecommendResult([describe(self.catalogue, toks) for toks in g.tokens], g.tau, g.rounds, g.committed,
+                               {"total": g.time_total_s, "draft": g.time_draft_s, "verify": g.time_verify_s,
+                                "host": g.time_host_s})
 
 
 def _check_pairing(m) -> None:
@@ -68,74 +89,65 @@ def _check_pairing(m) -> None:
                                 "the draft was not trained for this target; export them together")
 
 
-class Recommender:
-    """Loads engines once; `recommend` may be called from several threads (calls are serialised)."""
+def _as_params(params) -> DecodeParams:
+    """A request's DecodeParams (None: the defaults; a dict: its fields, unknown keys named)."""
+    if params is None:
+        return DecodeParams()
+    if isinstance(params, DecodeParams):
+        return params
+    if isinstance(params, dict):
+        known = {f.name for f in dataclasses.fields(DecodeParams)}
+        unknown = sorted(set(params) - known)
+        if unknown:
+            raise InputError(f"params: unknown {unknown} | DecodeParams fields: {', '.join(sorted(known))}")
+        return DecodeParams(**params)
+    raise InputError(f"params: got {type(params).__name__} | expected DecodeParams(...) or a dict of its fields")
 
-    def __init__(self, engine_dir, backend: str = "onnxruntime", device: str = "cpu", trt_module: str = "tensorrt",
-                 allow_host_code: bool = False, threads: int | None = 1, io_binding: bool | None = None,
-                 static_shapes: bool | None = None, cuda_graphs: bool | None = None, fused_target: bool | None = None):
-        """io_binding: KV cache on the engine's device (default on CUDA). static_shapes: decode calls padded to
-        a few fixed token counts, one session each (default with io_binding on CUDA). cuda_graphs: those
-        sessions replay CUDA graphs (default with static_shapes on CUDA). fused_target: causal target calls
-        (prefill, AR steps, chain verify; a batch of one, or one token per row) run the engines' target_gqa
-        graph, ONNX Runtime's fused ops writing the cache in place, and fused chain rounds of one history their
-        draft_chain_gqa graph (default: on with io_binding where the engines have them, except fp32 engines on
-        CUDA; tree verify passes and batches of chain rounds keep the standard graphs)."""
-        # device-resident KV through ONNX Runtime IO binding: the default on CUDA
-        self.io_binding = (device == "cuda" and backend == "onnxruntime") if io_binding is None else io_binding
-        if self.io_binding and backend != "onnxruntime":
-            raise BackendError("io_binding: only the onnxruntime backend binds buffers | drop io_binding")
-        self.static_shapes = (self.io_binding and device == "cuda") if static_shapes is None else static_shapes
-        if self.static_shapes and not self.io_binding:
-            raise BackendError("static_shapes: needs io_binding (fixed buffers) | pass io_binding=True")
-        self.cuda_graphs = (self.static_shapes and device == "cuda") if cuda_graphs is None else cuda_graphs
-        if self.cuda_graphs and not (self.static_shapes and device == "cuda"):
-            raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
-        self.manifest = load_manifest(engine_dir)
-        m = self.manifest
-        has_fused = "target_gqa" in m.data["graphs"]  # (with a draft chain, draft_chain_gqa beside it)
-        # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
-        cuda_fp32 = device == "cuda" and m.precision == "fp32"
-        self.fused_target = (self.io_binding and has_fused and not cuda_fp32) if fused_target is None else fused_target
-        if self.fused_target and not (self.io_binding and has_fused):
-            raise BackendError("fused_target: needs io_binding (the graph writes the bound cache in place) and engines "
-                               "with a target_gqa graph | drop fused_target or re-export (fp16 or fp32)")
-        if self.fused_target and cuda_fp32:
-            raise BackendError("fused_target: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 only; "
-                               "export fp16 engines or drop fused_target")
+
+class Recommender:
+    """Loads engines once; `recommend` may be called from several threads (calls are serialised).
+
+    device: cpu | cuda; backend: onnxruntime | tensorrt; options: how engines run (RuntimeOptions; its None
+    fields are decided once here, see `settings`); tracer: told about every engine call (padrec_runtime.trace)."""
+
+    def __init__(self, engine_dir, device: str = "cpu", backend: str = "onnxruntime",
+                 options: RuntimeOptions | None = None, tracer=None):
+        options = RuntimeOptions() if options is None else options
+        if not isinstance(options, RuntimeOptions):
+            raise InputError(f"options: got {type(options).__name__} | expected RuntimeOptions(...)")
+        self.manifest = m = load_manifest(engine_dir)
+        self.settings = resolve_runtime(options, backend, device, m.precision, "target_gqa" in m.data["graphs"])
         self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order
-        if self.io_binding and device == "cuda":
+        if self.settings.device_cache and device == "cuda":
             from ..cache.device import array_module
-            cupy = array_module("cuda")[0]
-            self.stream = cupy.cuda.Stream(non_blocking=True)
-        self.backends = {g: _open_backend(m, g, backend, device, trt_module, allow_host_code, threads,
-                                          self.cuda_graphs, self.stream)
-                         for g in m.data["graphs"] if g not in IN_PLACE or self.fused_target}
+            self.stream = array_module("cuda")[0].cuda.Stream(non_blocking=True)
+        self.backends = {g: open_backend(m, g, self.settings, self.stream)
+                         for g in m.data["graphs"] if g not in IN_PLACE or self.settings.in_place}
+        self.caches = CacheStore(m, self.backends, self.settings, self.stream, tracer)
+        self.plan = None  # adaptive speculation's choices, once calibrated
         self._lock = threading.Lock()
-        self.device = device
-        self._bound: dict = {}
-        # device caches of finished caller-owned sessions, reused by the next ones: the number of caches
-        # (and of CUDA graphs captured for them) stays at the peak of sessions open at once
-        self._pool: dict = {}
-        self._pool_lock = threading.Lock()
-        self._device_lock = threading.RLock()  # one engine call or cache update at a time on the device
 
-    def close(self, _collect: bool = True) -> None:
-        """Free the engines and device caches now (also on `with Recommender(...) as rec:` exit and when the
-        object is collected). Queued device work finishes first, so nothing the engines still use goes away
-        under them (CUDA sessions free their buffers through the stream they ran on)."""
+    @property
+    def limits(self) -> dict:
+        """The engines' limits and defaults (manifest `model`)."""
+        return self.manifest.model
+
+    def close(self) -> None:
+        """Free the engines and device caches now (also on `with Recommender(...) as rec:` exit). Queued device
+        work finishes first, so nothing the engines still use goes away under them."""
+        self._free()
+        import gc
+        gc.collect()  # sessions held only by reference cycles go now, not at some later moment
+
+    def _free(self) -> None:
         if getattr(self, "stream", None) is not None:
             self.stream.synchronize()
-        for name in ("_bound", "_pool"):
-            if hasattr(self, name):
-                getattr(self, name).clear()
+        if hasattr(self, "caches"):
+            self.caches.clear()
         if hasattr(self, "backends"):
             self.backends.clear()
-        if _collect:
-            import gc
-            gc.collect()  # sessions held only by reference cycles go now, not at some later moment
         if getattr(self, "stream", None) is not None:
             import cupy
             cupy.cuda.Device().synchronize()  # the sessions' own cleanup work queued while they were freed
@@ -148,85 +160,9 @@ class Recommender:
 
     def __del__(self):
         try:
-            self.close(_collect=False)
+            self._free()
         except Exception:  # interpreter shutdown: modules may already be gone
             pass
-
-    def _release(self, runners: list) -> None:
-        with self._pool_lock:
-            for graph, runner in runners:
-                self._pool.setdefault((graph, runner.batch), []).append(runner)
-
-    @property
-    def limits(self) -> dict:
-        return self.manifest.model
-
-    def _runner(self, graph: str, batch: int, max_len: int, reuse: bool = False):
-        g = self.manifest.graph(graph)
-        kv = g["kv"]
-        if self.io_binding:
-            from ..cache.device import BoundKVRunner
-            spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.limits["max_seq_len"])
-
-            def make():
-                runner = BoundKVRunner(self.backends[graph], graph, g, spec, batch, self.device,
-                                       static=self.static_shapes, stream=self.stream, lock=self._device_lock)
-                for name in self._attached(graph):
-                    runner.attach(name, self.backends[name], self.manifest.graph(name))
-                return runner
-            if not reuse:  # a caller-owned session gets caches of its own, from a pool (see `start`)
-                with self._pool_lock:
-                    free = self._pool.setdefault((graph, batch), [])
-                    runner = free.pop() if free else None
-                if runner is None:
-                    return make()
-                runner.reset()
-                return runner
-            key = (graph, batch)
-            if key not in self._bound:  # `recommend` (serialised) reuses device caches per batch size
-                self._bound[key] = make()
-            runner = self._bound[key]
-            runner.reset()
-            return runner
-        spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], max_len)
-        runner = KVRunner(self._infer(graph), spec, batch, numpy_dtype(kv["dtype"]))
-        for name in self._attached(graph):
-            runner.attach(name, self._infer(name), self.manifest.graph(name))
-        return runner
-
-    def _infer(self, graph: str):
-        backend, spec = self.backends[graph], self.manifest.graph(graph)
-        return lambda feeds: backend.infer(cast_feeds(spec, feeds))
-
-    def _attached(self, graph: str) -> list:
-        """Graphs that run over `graph`'s KV cache: the fused draft chain over the draft's, and the in-place
-        graphs standing in for the target and the chain."""
-        attached = {"draft": ["draft_chain", "draft_chain_gqa"], "target": ["target_gqa"]}.get(graph, [])
-        return [g for g in attached if g in self.backends]
-
-    def _check_histories(self, histories) -> list:
-        lim = self.limits
-        if not isinstance(histories, (list, tuple)) or not histories:
-            raise InputError("histories: expected a non-empty list of histories (lists of item ids)")
-        if len(histories) > lim["max_batch"]:
-            raise InputError(f"histories: batch of {len(histories)} | the engines take at most {lim['max_batch']}; "
-                             "split the batch")
-        out = []
-        for b, h in enumerate(histories):
-            if isinstance(h, np.ndarray):
-                h = h.tolist()
-            if not isinstance(h, (list, tuple)) or not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool)
-                                                           for i in h):
-                raise InputError(f"histories[{b}]: expected a list of integer item ids, got {h!r:.80}")
-            if not h:
-                raise InputError(f"histories[{b}]: empty | give at least one item the user interacted with")
-            if len(h) > lim["max_history"]:
-                raise InputError(f"histories[{b}]: {len(h)} items | the engines take at most {lim['max_history']}; "
-                                 "keep the most recent ones")
-            if len(set(h)) != len(h):
-                raise InputError(f"histories[{b}]: item ids repeat | give each item once")
-            out.append([int(i) for i in h])
-        return out
 
     def calibrate(self, histories: list, batches=(1, 8, 32), repeats: int = 3) -> list:
         """Measure AR and speculation settings per batch size; `speculate="auto"` then uses the fastest."""
@@ -234,88 +170,120 @@ class Recommender:
         self.plan = calibrate(self, histories, batches, repeats)
         return self.plan
 
-    def config(self, speculate: str = "chain", greedy: bool = True, temperature: float = 1.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int = 0, draft_steps: int | None = None, tree_topk: int | None = None,
-               tree_size: int | None = None, fused_chain: bool = True, device_rounds: bool | None = None,
-               batch: int = 1) -> DecodeConfig:
-        """A DecodeConfig with the manifest's defaults for whatever is left out. device_rounds None: on for up to
-        DEVICE_ROUNDS_MAX_BATCH histories on CUDA device caches with static shapes, else off (H100: 9-15% less
-        time per list than host rounds at batch 1 in sessions 16-17, 18-24% less at batch 8 in session 17's two
-        runs and session 16's calibration; larger batches not timed with them: `calibrate` can choose them)."""
-        lim = self.limits
-        if speculate != "off" and "draft" not in self.backends:
-            raise InputError("speculate: these engines have no draft | use speculate='off'")
-        if device_rounds is None:
-            device_rounds = self._device_rounds_default(batch)
-        return DecodeConfig(speculate=speculate, draft_steps=draft_steps or lim["draft_steps"],
-                            tree_topk=tree_topk or lim["tree_topk"], tree_size=tree_size or lim["tree_size"],
-                            sampling=SamplingConfig(greedy, temperature, top_k, top_p), seed=seed,
-                            fused_chain=fused_chain, device_rounds=device_rounds)
+    def recommend(self, histories, n_items: int | None = None, params: DecodeParams | dict | None = None,
+                  exclude_history: bool = True) -> RecommendResult:
+        """One list per history (a list of item ids, oldest first). params: how to decode (DecodeParams)."""
+        params = _as_params(params)
+        with self._lock:
+            stream = Stream(self._session(histories, n_items, params, exclude_history, shared=True), self.catalogue)
+            t0 = time.perf_counter()
+            while not stream.done:
+                stream.step()
+                if params.deadline_s is not None and time.perf_counter() - t0 > params.deadline_s:
+                    raise DeadlineError(f"request: past its deadline of {params.deadline_s:g} s after "
+                                        f"{stream.session.out.rounds} rounds | raise deadline_s, or ask for fewer "
+                                        "histories or items")
+            return stream.result()
 
-    def _device_rounds_default(self, batch: int) -> bool:
-        return (batch <= DEVICE_ROUNDS_MAX_BATCH and self.device == "cuda" and bool(self.io_binding)
-                and bool(self.static_shapes))
+    def start(self, histories, n_items: int | None = None, params: DecodeParams | dict | None = None,
+              exclude_history: bool = True) -> Stream:
+        """A caller-owned decode (own caches, leased from a pool): call `.step()` until `.done`."""
+        return Stream(self._session(histories, n_items, _as_params(params), exclude_history, shared=False),
+                      self.catalogue)
 
-    def start(self, histories, n_items: int | None = None, exclude_history: bool = True, _reuse: bool = False,
-              **options) -> DecodeSession:
-        """A caller-owned decode: call `.step()` until `.done`, then `.result()`."""
+    def _session(self, histories, n_items, params: DecodeParams, exclude_history: bool, shared: bool):
         if not self.backends:
             raise BackendError("recommender: closed | create a new Recommender for these engines")
         histories = self._check_histories(histories)
-        lim = self.limits
-        n_items = lim["n_items"] if n_items is None else n_items
-        if not isinstance(n_items, int) or not 1 <= n_items <= lim["max_items"]:
-            raise InputError(f"n_items: got {n_items!r} | expected 1..{lim['max_items']}")
-        if options.get("speculate") == "auto":
-            from .adaptive import choose
-            if not getattr(self, "plan", None):
-                raise InputError("speculate='auto': no calibration | call Recommender.calibrate(histories) first")
-            pick = choose(self.plan, len(histories))
-            options = dict(options, speculate=pick.speculate, draft_steps=pick.draft_steps,
-                           device_rounds=pick.device_rounds)
-        cfg = self.config(**options, batch=len(histories))
-        if cfg.device_rounds and not (self.io_binding and self.static_shapes):
-            raise InputError("device_rounds: needs device caches with static shapes | Recommender(..., "
-                             "io_binding=True, static_shapes=True) (the CUDA defaults)")
-        constraint = ListConstraint(self.catalogue, n_items=n_items, exclude_history=exclude_history)
+        n_items = self._check_n_items(n_items)
+        if not isinstance(exclude_history, (bool, np.bool_)):
+            raise InputError(f"exclude_history: got {exclude_history!r} | expected True or False")
+        cfg = self.decode_config(params, len(histories))
+        constraint = ListConstraint(self.catalogue, n_items=n_items, exclude_history=bool(exclude_history))
         prompts = [self.catalogue.prompt(h) for h in histories]
+        self._check_budget(prompts, constraint, cfg)
         need = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
-        if need > lim["max_seq_len"]:
-            raise InputError(f"request needs {need} KV positions | the engines hold {lim['max_seq_len']}; use a "
-                             "shorter history, fewer items or less speculation")
-        B = len(prompts)
-        target = self._runner("target", B, need, _reuse)
-        draft = self._runner("draft", B, need, _reuse) if cfg.speculate != "off" else None
+        graphs = ("target",) if cfg.speculate == "off" else ("target", "draft")
+        if not self.settings.device_cache:
+            caches = [self.caches.host_cache(g, len(prompts), need) for g in graphs]
+            return DecodeSession(caches[0], caches[1] if len(caches) > 1 else None, prompts, histories, constraint, cfg)
+        take = self.caches.shared if shared else self.caches.lease
+        leased = [(g, take(g, len(prompts))) for g in graphs]
         try:
-            session = DecodeSession(target, draft, prompts, histories, constraint, cfg)
+            session = DecodeSession(leased[0][1], leased[1][1] if len(leased) > 1 else None, prompts, histories,
+                                    constraint, cfg)
         except BaseException:
-            if self.io_binding and not _reuse:
-                self._release([(g, r) for g, r in (("target", target), ("draft", draft)) if r is not None])
+            if not shared:
+                self.caches.give_back(leased)
             raise
-        if self.io_binding and not _reuse:  # the caches go back to the pool once the session is dropped
-            weakref.finalize(session, self._release,
-                             [(g, r) for g, r in (("target", target), ("draft", draft)) if r is not None])
+        if not shared:  # the caches go back to the pool once the session is dropped
+            weakref.finalize(session, self.caches.give_back, leased)
         return session
 
-    def recommend(self, histories, n_items: int | None = None, exclude_history: bool = True,
-                  **options) -> RecommendResult:
-        """One list per history. options: speculate (off|chain|tree|auto), greedy, temperature, top_k, top_p, seed,
-        draft_steps, tree_topk, tree_size, fused_chain (default on: greedy chain rounds with the exported K run
-        the draft_chain graph, one draft call per round), device_rounds (each fused-chain round queues the next
-        round's chain on the device behind its verify pass, `rounds.DeviceRounds`; needs io_binding and static
-        shapes; default: on with those on CUDA for up to 8 histories, off elsewhere)."""
-        with self._lock:
-            session = self.start(histories, n_items, exclude_history, _reuse=True, **options)
-            while not session.done:
-                session.step()
-            g = session.result()
-        lists = []
-        cat = self.catalogue
-        for toks in g.tokens:
-            items = cat.decode_list(toks)
-            idx = cat.index_of(items)
-            titles = [cat.titles[i] for i in idx] if cat.titles is not None else None
-            lists.append(Recommendation(items, cat.sids[idx].tolist(), titles, [int(t) for t in toks]))
-        return RecommendResult(lists, g.tau, g.rounds, g.committed,
-                               {"total": g.time_total_s, "draft": g.time_draft_s, "verify": g.time_verify_s,
-                                "host": g.time_host_s})
+    def decode_config(self, params: DecodeParams, batch: int):
+        """The loop's DecodeConfig for a request of `batch` histories (`auto` resolved from the calibration)."""
+        if params.speculate == "auto":
+            from .adaptive import choose
+            if not self.plan:
+                raise InputError("speculate='auto': no calibration | call Recommender.calibrate(histories) first")
+            pick = choose(self.plan, batch)
+            params = dataclasses.replace(params, speculate=pick.speculate, draft_steps=pick.draft_steps,
+                                         device_rounds=pick.device_rounds)
+        if params.speculate != "off" and "draft" not in self.backends:
+            raise InputError("speculate: these engines have no draft | use speculate='off'")
+        s = self.settings
+        default_rounds = s.device == "cuda" and s.device_cache and s.static_shapes and batch <= s.device_rounds_max_batch
+        cfg = params.plan(self.limits, default_rounds)
+        if cfg.device_rounds and not (s.device_cache and s.static_shapes):
+            raise InputError("device_rounds: needs device caches with static shapes | RuntimeOptions("
+                             "device_cache=True, static_shapes=True) (the CUDA defaults)")
+        return cfg
+
+    def _check_budget(self, prompts: list, constraint: ListConstraint, cfg) -> None:
+        need = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
+        if need > self.limits["max_seq_len"]:
+            raise InputError(f"request needs {need} KV positions | the engines hold {self.limits['max_seq_len']}; "
+                             "use a shorter history, fewer items or less speculation")
+        cost, budget = request_cost(len(prompts), constraint.list_length(), cfg), self.settings.max_request_tokens
+        if cost > budget:
+            raise InputError(f"request: up to {cost} verified tokens | the budget is {budget} "
+                             "(RuntimeOptions.max_request_tokens) | split the batch or use a smaller tree_size")
+
+    def _check_n_items(self, n_items) -> int:
+        lim = self.limits["max_items"]
+        if n_items is None:
+            return self.limits["n_items"]
+        if isinstance(n_items, (bool, np.bool_)) or not isinstance(n_items, (int, np.integer)) \
+                or not 1 <= n_items <= lim:
+            raise InputError(f"n_items: got {n_items!r} | expected an integer in 1..{lim}")
+        return int(n_items)
+
+    def _check_histories(self, histories) -> list:
+        lim = self.limits
+        if isinstance(histories, np.ndarray):
+            histories = histories.tolist()
+        if not isinstance(histories, (list, tuple)) or not histories:
+            raise InputError("histories: expected a non-empty list of histories (lists of item ids)")
+        if all(isinstance(h, (int, np.integer)) and not isinstance(h, (bool, np.bool_)) for h in histories):
+            raise InputError(f"histories: got a flat list of item ids {list(histories)[:5]!r:.60} | wrap one user's "
+                             "history in a list: [[12, 7, 301]]")
+        if len(histories) > lim["max_batch"]:
+            raise InputError(f"histories: batch of {len(histories)} | the engines take at most {lim['max_batch']}; "
+                             "split the batch")
+        return [self._check_history(b, h) for b, h in enumerate(histories)]
+
+    def _check_history(self, b: int, h) -> list:
+        lim = self.limits
+        if isinstance(h, np.ndarray):
+            h = h.tolist()
+        if not isinstance(h, (list, tuple)) or not all(isinstance(i, (int, np.integer))
+                                                       and not isinstance(i, (bool, np.bool_)) for i in h):
+            raise InputError(f"histories[{b}]: expected a list of integer item ids, got {h!r:.80}")
+        if not h:
+            raise InputError(f"histories[{b}]: empty | give at least one item the user interacted with")
+        if len(h) > lim["max_history"]:
+            raise InputError(f"histories[{b}]: {len(h)} items | the engines take at most {lim['max_history']}; "
+                             "keep the most recent ones")
+        if len(set(h)) != len(h):
+            raise InputError(f"histories[{b}]: item ids repeat | give each item once")
+        return [int(i) for i in h]

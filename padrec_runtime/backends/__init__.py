@@ -1,0 +1,24 @@
+"""Backends run one graph of an engine directory: ONNX Runtime (CPU, CUDA; binds device buffers) and TensorRT
+(plans, host-side KV). Each is imported only when chosen, so a host with one of them imports the runtime."""
+from __future__ import annotations
+
+from typing import Protocol
+
+
+class Backend(Protocol):
+    """One graph, opened and checked against the manifest; `infer` checks its feeds, then runs."""
+
+    name: str
+    binds_device_buffers: bool  # capability: device caches can bind buffers to it (new_binding, bind, run_bound)
+
+    def infer(self, feeds: dict) -> dict: ...
+
+
+def open_backend(manifest, graph: str, settings, stream=None) -> Backend:
+    """The backend `settings.backend` names, opened on `graph` (settings: padrec_runtime.api.options.Settings)."""
+    if settings.backend == "onnxruntime":
+        from .onnxruntime import OrtBackend
+        return OrtBackend(manifest, graph, device=settings.device, threads=settings.threads,
+                          cuda_graphs=settings.cuda_graphs, stream=stream)
+    from .tensorrt import TrtBackend
+    return TrtBackend(manifest, graph, module=settings.trt_module, allow_host_code=settings.allow_host_code)

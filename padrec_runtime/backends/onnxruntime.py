@@ -21,6 +21,7 @@ class OrtBackend:
     """Runs one graph of an engine directory with ONNX Runtime on CPU or CUDA."""
 
     name = "onnxruntime"
+    binds_device_buffers = True  # capability: IO binding of caller-owned buffers (device KV caches)
 
     def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
                  cuda_graphs: bool = False, stream: int | None = None):
@@ -132,3 +133,36 @@ class OrtBackend:
             raise BackendError(f"{self.graph_name}: onnxruntime run failed ({str(exc)[:300]})") from None
         return dict(zip(self._outputs, values))
 
+
+    # IO binding, for device caches (padrec_runtime.cache.device): buffers bound by address, runs that replay
+    # a captured CUDA graph per cache, and runs that return once queued.
+
+    def new_binding(self, session):
+        return session.io_binding()
+
+    @staticmethod
+    def bind(binding, name: str, arr, device: str, ptr: int, output: bool = False) -> None:
+        fn = binding.bind_output if output else binding.bind_input
+        fn(name, device, 0, arr.dtype, list(arr.shape), ptr)
+
+    @staticmethod
+    def bind_host_scalar(binding, name: str, arr) -> None:
+        """A host scalar input (ONNX Runtime reads total_sequence_length on the CPU)."""
+        binding.bind_input(name, "cpu", 0, arr.dtype, [], arr.ctypes.data)
+
+    def run_options(self, graph_id: int, queued: bool):
+        """Options of a cache's runs: its own CUDA graphs in the shared static sessions (an annotation id per
+        cache: a graph is tied to the buffers it was captured with); `queued`: the run returns once queued
+        (only for replays of a captured graph: a run that executes node by node must end with a sync, or ONNX
+        Runtime frees its pinned host buffers from a stream callback, where CUDA forbids it)."""
+        options = self._ort.RunOptions()
+        options.add_run_config_entry("gpu_graph_id", str(graph_id))
+        if queued:
+            options.add_run_config_entry("disable_synchronize_execution_providers", "1")
+        return options
+
+    def run_bound(self, graph: str, session, binding, options) -> None:
+        try:
+            session.run_with_iobinding(binding, options)
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None

@@ -54,6 +54,7 @@ class TrtBackend:
     """Runs one graph's TensorRT plan; numpy in and out, one stream, buffers reused across calls."""
 
     name = "tensorrt"
+    binds_device_buffers = False  # the KV cache stays on the host (numpy in and out of each call)
 
     def __init__(self, manifest: Manifest, graph: str, module: str = "tensorrt", allow_host_code: bool = False):
         build = manifest.tensorrt

@@ -47,7 +47,7 @@ def take_on_host(feeds: dict, take: dict | None) -> dict:
     """Feeds with `take`'s values written in: {input name: (call, output name, first column)} copies the
     call's output (its `result()`, on the host) into the input's columns from `first column` on; (array,
     None, first column) copies that array (a device array is read back; a per-row input takes it whole).
-    Runners without device buffers use this; device caches copy on the device instead (BoundKVRunner.launch)."""
+    Caches without device buffers use this; device caches copy on the device instead (DeviceCache.launch)."""
     if not take:
         return feeds
     feeds = dict(feeds)
@@ -61,7 +61,30 @@ def take_on_host(feeds: dict, take: dict | None) -> dict:
     return feeds
 
 
-class KVRunner:
+class Done:
+    """The result of an engine call that has run already (host caches run calls when they are launched)."""
+
+    def __init__(self, out: dict):
+        self.out = out
+
+    def result(self) -> dict:
+        return self.out
+
+
+class HostCalls:
+    """`launch` for caches whose engine calls run at once on the host: values to `take` are read back first."""
+
+    queues_on_device = False  # capability: calls cannot be queued with inputs written on the device
+
+    def launch(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None, take: dict | None = None,
+               fill=None) -> Done:
+        if fill is not None:
+            raise BackendError("device-written inputs need a device cache with static shapes | "
+                               "RuntimeOptions(device_cache=True, static_shapes=True)")
+        return Done(self.forward(take_on_host(feeds, take), new_mask, graph))
+
+
+class KVRunner(HostCalls):
     """Runs one engine (a function of named numpy arrays) over its own KV cache."""
 
     def __init__(self, forward: Callable[[dict], dict], spec: CacheSpec, batch: int, dtype=np.float32):

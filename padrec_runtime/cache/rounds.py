@@ -3,75 +3,17 @@ its inputs worked out there from tables the host builds while the verify pass ru
 from __future__ import annotations
 
 import time
+from importlib import resources
 
 import numpy as np
 
-from . import device as devicecache
 from ..errors import BackendError
 from ..grammar import ListConstraint
+from .buckets import bucket
 
-# The accept step of a row as one CUDA kernel (one block per row): the target's grammar-masked pick at every
-# verify position (first maximum wins, as numpy's argmax), the accepted count, the bonus token and from them
-# the next chain call's inputs, written straight into that call's bound input buffers, each row's tokens from
-# its column col0 on (0 behind a verify pass; behind the prefill, the prompt's last column: the first chain's
-# catch-up pairs the prompt with the tokens after it). `accept_reference` is the same computation in array ops
-# (numpy on CPU; the GPU test compares the two).
-_ACCEPT_CUDA = r"""
-extern "C" __global__ void padrec_accept(
-        const float* logits, long long row_stride, long long pos_stride, const bool* mask,
-        const long long* tokens, const long long* rows, const long long* left, const unsigned short* banned,
-        const long long* path, const bool* ends, const long long* next_node, const long long* row_of,
-        const long long* is_leaf, const long long* slot_of, const int* col0, int T1, int V, int L, int n_ban,
-        int P, int* out_ids, int* out_slot, int* out_last, int* out_node, int* out_left, unsigned short* out_banned) {
-    extern __shared__ int picks[];  // (T1,)
-    __shared__ int s_acc;
-    __shared__ long long s_reached;
-    const unsigned short NEG_INF = 0xFC00;  // float16 -inf
-    const long long b = blockIdx.x;
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-    for (int m = warp; m < T1; m += warps) {  // one warp per verify position
-        const float* x = logits + b * row_stride + m * pos_stride;
-        const bool* ok = mask + (b * T1 + m) * V;
-        float best = __int_as_float(0xff800000);
-        int arg = V;
-        for (int v = lane; v < V; v += 32) {
-            float val = ok[v] ? x[v] : __int_as_float(0xff800000);
-            if (val > best || (val == best && v < arg)) { best = val; arg = v; }
-        }
-        for (int off = 16; off > 0; off >>= 1) {
-            float ob = __shfl_down_sync(0xffffffffu, best, off);
-            int oa = __shfl_down_sync(0xffffffffu, arg, off);
-            if (ob > best || (ob == best && oa < arg)) { best = ob; arg = oa; }
-        }
-        if (lane == 0) picks[m] = arg;
-    }
-    __syncthreads();
-    const int K = T1 - 1;
-    if (threadIdx.x == 0) {
-        int acc = 0;
-        while (acc < K && picks[acc] == tokens[b * K + acc]) acc++;
-        long long reached = next_node[rows[b * T1 + acc] * V + picks[acc]];
-        s_acc = acc;
-        s_reached = reached;
-        out_last[b] = col0[b] + acc;
-        out_node[b] = (int)row_of[reached];
-        out_left[b] = (int)(left[b * T1 + acc] - is_leaf[reached]);
-    }
-    __syncthreads();
-    const long long at = b * T1 + s_acc;
-    for (int j = threadIdx.x; j < n_ban; j += blockDim.x) out_banned[b * n_ban + j] = banned[at * n_ban + j];
-    for (int m = threadIdx.x; m < T1; m += blockDim.x) {
-        out_ids[b * P + col0[b] + m] = picks[m];
-        out_slot[b * P + col0[b] + m] = (int)slot_of[picks[m]];
-    }
-    __syncthreads();
-    if (threadIdx.x == 0 && is_leaf[s_reached]) {  // the bonus token completes an item
-        for (int l = 0; l < L; l++)
-            if (ends[at * L + l]) out_banned[b * n_ban + path[at * L + l]] = NEG_INF;
-        out_banned[b * n_ban + s_reached] = NEG_INF;
-    }
-}
-"""
+# The accept step of a row as one CUDA kernel, shipped as kernels/accept.cu (0 as col0 behind a verify pass;
+# behind the prefill, the prompt's last column: the first chain's catch-up pairs the prompt with the tokens
+# after it). `accept_reference` is the same computation in array ops (numpy on CPU; the GPU test compares them).
 _KERNELS: dict = {}  # array module -> compiled accept kernel (once per process)
 _OUT_DTYPES = {"input_ids": np.int32, "slot": np.int32, "last": np.int32, "node": np.int32, "left": np.int32,
                "banned": np.float16}
@@ -81,7 +23,7 @@ def accept_reference(xp, logits, dev: dict, tab: dict, K: int) -> dict:
     """The accept step in array ops: logits (B, K+1, V) of the verify pass; dev: the host tables (see
     DeviceRounds.queue) on the device; tab: the catalogue's chain tables. Returns the next chain call's
     inputs: input_ids and slot (B, K+1), last, node, left (B,), banned (B, n_ban)."""
-    picks = xp.where(dev["mask"], logits, -xp.inf).argmax(axis=2)  # first maximum, as `_walk_chain`
+    picks = xp.where(dev["mask"], logits, -xp.inf).argmax(axis=2)  # first maximum, as `ChainPicks`
     accepted = xp.cumprod((picks[:, :K] == dev["tokens"]).astype(np.int64), axis=1).sum(axis=1)
     at = accepted[:, None]
     bonus = xp.take_along_axis(picks, at, axis=1)[:, 0]
@@ -121,7 +63,8 @@ def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict, col0=None) -> Non
         raise BackendError(f"target: output 'logits' | got {logits.dtype} | expected float32 | re-export the engines")
     kernel = _KERNELS.get(xp)
     if kernel is None:
-        kernel = _KERNELS[xp] = xp.RawKernel(_ACCEPT_CUDA, "padrec_accept")
+        source = resources.files(__package__).joinpath("kernels/accept.cu").read_text()
+        kernel = _KERNELS[xp] = xp.RawKernel(source, "padrec_accept")
     B, T1, V = logits.shape
     n_ban, L = dev["banned"].shape[2], dev["path"].shape[2]
     i32, i64 = np.int32, np.int64
@@ -145,7 +88,7 @@ class DeviceRounds:
     verify pass: the target's constrained picks (one masked argmax), the accepted count (the leading picks
     that equal the draft's tokens), the bonus token, and from them the next chain call's inputs (the verify
     pass's features, the picks as tokens, the trie row after the bonus, ...), then the next chain call. The
-    host reads the verify pass and walks the same picks for the output (`_walk_chain`, same masks) while the
+    host reads the verify pass and walks the same picks for the output (`ChainPicks`, same masks) while the
     next chain already runs. `banned` is the row of the state before the bonus token, updated on the device
     where the bonus token completes an item (`ListConstraint.completion_bans`). Not queued when a row might
     finish in the round (the call would only delay the next request; on the default model 4 of 393 rounds
@@ -156,18 +99,10 @@ class DeviceRounds:
         self.constraint = constraint
 
     def _device_tables(self, draft) -> dict:
-        """The catalogue's chain tables on the draft's device, made once per runner (`BoundKVRunner.extras`)."""
-        tables = draft.extras.get("chain_tables")
-        if tables is None:
-            cat = self.constraint.catalogue
-            t = cat.chain_tables()
-            leaf_row = len(t["next_node"]) - 1
-            host = {"next_node": t["next_node"].astype(np.int64), "row_of": t["row_of"].astype(np.int64),
-                    "is_leaf": (t["row_of"] == leaf_row).astype(np.int64),
-                    "slot_of": cat.layout.slots(np.arange(cat.layout.vocab_size)).astype(np.int64)}
-            with draft._guard, draft.stream:
-                tables = draft.extras["chain_tables"] = {k: draft.xp.asarray(v) for k, v in host.items()}
-        return tables
+        """The catalogue's chain tables (the grammar the chain graph and the host walk use) on the draft's
+        device, made once per cache."""
+        host = self.constraint.catalogue.chain_tables()
+        return draft.memo("chain_tables", lambda: {k: draft.xp.asarray(v.astype(np.int64)) for k, v in host.items()})
 
     def _may_end(self, root, chain) -> bool:
         """Whether the row's list can end in this round: eos due (or written) at a position the walk reaches."""
@@ -187,14 +122,11 @@ class DeviceRounds:
         con, cat = self.constraint, self.constraint.catalogue
         B, T1, V = len(rows), K + 1, cat.layout.vocab_size
         n_ban, L = len(cat.child_codes) + 2, cat.layout.levels
-        staging = draft.extras.get(("rounds_staging", K))
-        if staging is None:
-            specs = {"mask": ((B, T1, V), np.bool_), "tokens": ((B, K), np.int64), "rows": ((B, T1), np.int64),
-                     "left": ((B, T1), np.int64), "banned": ((B, T1, n_ban), np.float16),
-                     "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_), "col0": ((B,), np.int32)}
-            with draft._guard, draft.stream:
-                staging = draft.extras[("rounds_staging", K)] = draft._packed(specs, host=True)
-        blob, dev, hblob, host = staging
+        specs = {"mask": ((B, T1, V), np.bool_), "tokens": ((B, K), np.int64), "rows": ((B, T1), np.int64),
+                 "left": ((B, T1), np.int64), "banned": ((B, T1, n_ban), np.float16),
+                 "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_), "col0": ((B,), np.int32)}
+        staging = draft.memo(("rounds_staging", K), lambda: draft.packed(specs, host=True))
+        dev, host = staging.views, staging.host
         for arr in host.values():
             arr[...] = 0
         host["col0"][...] = col0
@@ -214,9 +146,9 @@ class DeviceRounds:
                     host["path"][b, m], host["ends"][b, m] = con.completion_bans(s)
                 if s.done:
                     break
-        with draft._guard, draft.stream:
-            if draft.xp is not np:
-                blob.set(hblob)
+        if draft.xp is not np:
+            with draft.work():
+                staging.blob.set(staging.host_blob)
         return dev
 
     def _launch(self, draft, feeds: dict, mask, hidden, logits, dev: dict):
@@ -266,12 +198,12 @@ class DeviceRounds:
     def queue_first(self, draft, call, feeds: dict, mask, lens: list, states: list, clock):
         """Queue the first round's chain behind the prefill `call`, with nothing between them on the host. Its
         catch-up pairs the prompt's features (the prefill's, copied on the device) with the prompt's next
-        tokens (feeds: the catch-up feeds of `propose_fused` but for what the device writes); the token after
+        tokens (feeds: the catch-up feeds of `FusedChain.propose` but for what the device writes); the token after
         the prompt is the target's grammar-masked pick at the prompt's last position, taken there by the accept
         step with nothing to verify, which also writes the trie row, items left and banned nodes after it.
         states: each row's grammar state at the start. Returns the chain's Pending, or None where the prompt
         is longer than the largest static bucket (the first chain then starts from the host)."""
-        if devicecache.bucket(feeds["input_ids"].shape[1]) is None:
+        if bucket(feeds["input_ids"].shape[1]) is None:
             return None
         t0 = time.perf_counter()
         con, xp = self.constraint, draft.xp
@@ -287,7 +219,7 @@ class DeviceRounds:
         if (last == last[0]).all():
             logits = logits[:, last[0]:last[0] + 1]
         else:  # each row's last prompt position (a gather on the device, behind the tables' upload)
-            with draft._guard, draft.stream:
+            with draft.work():
                 logits = logits[xp.arange(B), dev["col0"]][:, None]
         feeds = dict(feeds, node=np.zeros(B, np.int32), left=np.zeros(B, np.int32),
                      banned=np.zeros((B, n_ban), np.float16))

@@ -72,6 +72,8 @@ class Catalogue:
         self.titles = list(titles) if titles is not None else None
         self._index = {int(i): k for k, i in enumerate(self.item_ids)}
         self._by_tokens = None  # each item's code tokens -> its id (decode_list), made on first use
+        self._row_of = None  # each trie node's chain-table row (chain_row), made on first use
+        self._an_item = None  # for each trie node, an item below it (ancestors), made on first use
         self._build_trie()
 
     def _build_trie(self) -> None:
@@ -113,7 +115,9 @@ class Catalogue:
         """The trie as tables for the fused draft-chain graph. Rows are the trie's inner nodes plus one row for
         every leaf (a finished item). next_node (rows, V): the trie node each token leads to from a row, or
         NOT_CHILD = n_nodes where the token may not follow (separator and eos after a leaf lead to ROOT_AGAIN
-        = n_nodes + 1); row_of (n_nodes + 2,): each node's row (leaves share the last row)."""
+        = n_nodes + 1); row_of (n_nodes + 2,): each node's row (leaves share the last row); is_leaf
+        (n_nodes + 2,): 1 where a node ends an item; slot_of (V,): every token's item slot. The grammar as data,
+        in one place: the chain graph, the device accept kernel and the host walk's trie come from here."""
         lay, L, C = self.layout, self.layout.levels, self.layout.codebook
         n_nodes = len(self.child_codes)
         inner, row_of = self._chain_rows()
@@ -125,7 +129,8 @@ class Catalogue:
         for r, node in enumerate(inner):
             next_node[r, lay.n_special + depth[node] * C + self.child_codes[node]] = self.child_nodes[node]
         next_node[leaf_row, [SEP, EOS]] = n_nodes + 1
-        return {"next_node": next_node, "row_of": row_of}
+        return {"next_node": next_node, "row_of": row_of, "is_leaf": (row_of == leaf_row).astype(np.int64),
+                "slot_of": lay.slots(np.arange(lay.vocab_size)).astype(np.int64)}
 
     def used_counts(self, used: frozenset) -> np.ndarray:
         """(n_nodes,) int: how many items of `used` lie under each trie node (the root: all of them)."""
@@ -143,7 +148,7 @@ class Catalogue:
 
     def ancestors(self, node: int) -> np.ndarray:
         """The trie nodes from the root down to `node`, excluding it (depth of `node` entries)."""
-        if getattr(self, "_an_item", None) is None:  # for each trie node, an item below it
+        if self._an_item is None:  # for each trie node, an item below it
             self._an_item = np.zeros(len(self.child_codes), dtype=np.int64)
             for d in range(self.layout.levels + 1):
                 self._an_item[self.item_nodes[:, d]] = np.arange(len(self.item_nodes))
@@ -152,7 +157,7 @@ class Catalogue:
 
     def chain_row(self, state: "ConstraintState") -> int:
         """The draft-chain table row (see chain_tables) of a decoding state's trie position."""
-        if getattr(self, "_row_of", None) is None:
+        if self._row_of is None:
             self._row_of = self._chain_rows()[1]
         return int(self._row_of[state.node])
 

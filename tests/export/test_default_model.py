@@ -4,7 +4,7 @@ import pytest
 from padrec_export.data import load_dataset, make_split
 from padrec_export.demo import default_model_dir, run_demo
 from padrec_export.pipeline import export_checkpoints
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 
 
 @pytest.fixture(scope="module")
@@ -20,9 +20,9 @@ def test_speculative_equals_ar_on_held_out_users(default_engines):
     split = make_split(load_dataset("ml-100k"))
     hist = [h for _, h, _ in split.test[:64]]
     for part in (hist[:32], hist[32:]):
-        ar = [r.tokens for r in default_engines.recommend(part, speculate="off").lists]
+        ar = [r.tokens for r in default_engines.recommend(part, params=DecodeParams(speculate="off")).lists]
         for mode in ("chain", "tree"):
-            res = default_engines.recommend(part, speculate=mode)
+            res = default_engines.recommend(part, params=DecodeParams(speculate=mode))
             assert [r.tokens for r in res.lists] == ar
             assert res.tau > 2.5  # a trained draft: most proposals accepted
 

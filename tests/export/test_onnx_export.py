@@ -96,11 +96,11 @@ def test_export_without_in_place_graphs(tiny, tmp_path):
     """`padrec export --no-in-place` (ExportLimits.fused_target=False) writes no ONNX Runtime-only graph, and
     the runtime then keeps the standard graphs even with device caches; bf16 engines never have them."""
     from padrec_export.onnx_export import ExportLimits, export_engines
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
     cat, target, draft = tiny
     m = export_engines(target, draft, cat, tmp_path / "std", "fp32", ExportLimits(fused_target=False), progress=False)
     assert set(m.data["graphs"]) == {"target", "draft", "draft_chain"}
-    assert not Recommender(tmp_path / "std", io_binding=True).fused_target
+    assert not Recommender(tmp_path / "std", options=RuntimeOptions(device_cache=True)).settings.in_place
     m = export_engines(target, None, cat, tmp_path / "bf16", "bf16", progress=False)
     assert set(m.data["graphs"]) == {"target"}
 

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 from scipy.stats import chi2
 
-import padrec_runtime.loop.session as decode
+import padrec_runtime.loop.state as decode
+from padrec_runtime.loop.accept import ChainSampler
 from padrec_export.reference import next_token_logits, reference_generate
 from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.loop import DecodeConfig
@@ -123,6 +124,8 @@ def test_wrong_acceptance_rule_fails_the_test(models, monkeypatch, wrong_rule):
     con, target, draft = models
     cfg = CASES[1]
     law = exact_law(target, con, cfg.sampling)
-    monkeypatch.setattr(decode, "_accept_chain_sampled", wrong_rule)
+    def accept(self, scored, b, root, tree):  # the wrong rule in the sampler's place
+        return wrong_rule(scored.logits[b], root, tree, self.constraint, cfg, self.rng)
+    monkeypatch.setattr(ChainSampler, "accept", accept)
     counts, _ = sample_counts(target, draft, con, cfg)
     assert chi_square_p(law, counts) < 1e-6

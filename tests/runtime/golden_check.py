@@ -15,14 +15,13 @@ sys.meta_path.insert(0, _BlockTorch())
 
 
 def main(engine_dir: str, golden_path: str) -> None:
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 
     golden = json.loads(open(golden_path).read())
     assert golden["format"] == "padrec-golden" and golden["version"] == 1, golden.get("format")
     rec = Recommender(engine_dir)
     for case in golden["cases"]:
-        res = rec.recommend(case["histories"], n_items=case["n_items"], speculate=case["speculate"],
-                            draft_steps=case["draft_steps"], tree_topk=case["tree_topk"], tree_size=case["tree_size"])
+        res = rec.recommend(case["histories"], n_items=case["n_items"], params=DecodeParams(speculate=case["speculate"], draft_steps=case["draft_steps"], tree_topk=case["tree_topk"], tree_size=case["tree_size"]))
         got = [r.tokens for r in res.lists]
         for b, (g, want) in enumerate(zip(got, case["tokens"])):
             first = next((i for i, (x, y) in enumerate(zip(g, want)) if x != y), None)

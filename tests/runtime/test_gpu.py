@@ -33,54 +33,55 @@ def _engines(tmp: Path, precision: str = "fp32") -> Path:
 def check_cuda_graph_sessions(engines: Path) -> dict:
     """fp16 engines run the fused target (target_gqa) by default: its CUDA graphs, in-place cache writes and
     routing are checked by the same comparisons; fp32 engines keep the standard target on CUDA."""
-    from padrec_runtime.api.recommender import Recommender
-    graphs = Recommender(engines, device="cuda")
-    assert graphs.static_shapes and graphs.cuda_graphs
-    assert graphs.fused_target == (graphs.manifest.precision == "fp16")
-    plain = Recommender(engines, device="cuda", cuda_graphs=False)  # the same sessions, no graphs
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+    from padrec_runtime.trace import CallCounter
+    counter = CallCounter()
+    graphs = Recommender(engines, device="cuda", tracer=counter)
+    assert graphs.settings.static_shapes and graphs.settings.cuda_graphs
+    assert graphs.settings.in_place == (graphs.manifest.precision == "fp16")
+    plain = Recommender(engines, device="cuda", options=RuntimeOptions(cuda_graphs=False))  # the same sessions, no graphs
     cat = graphs.catalogue
     hists = [cat.item_ids[i:i + 12].tolist() for i in (0, 40, 80, 120)]
     for mode in ("off", "chain", "tree", "host_rounds", "device_rounds"):  # chain: the default rounds
         opts = (dict(speculate="chain", device_rounds=mode == "device_rounds") if mode.endswith("_rounds")
                 else dict(speculate=mode))
         for batch in (hists[:1], hists):
-            want = plain.recommend(batch, speculate=opts["speculate"], device_rounds=False)  # the host path
+            want = plain.recommend(batch, params=DecodeParams(speculate=opts["speculate"], device_rounds=False))  # the host path
             a = [r.tokens for r in want.lists]
             for _ in range(3):  # first runs warm up and capture, later ones replay
-                got = graphs.recommend(batch, **opts)
+                got = graphs.recommend(batch, params=DecodeParams(**opts))
                 assert [r.tokens for r in got.lists] == a, (mode, len(batch))
                 assert got.committed == want.committed, (mode, len(batch))  # the same rounds too
-    want = [[r.tokens for r in plain.recommend([h], speculate="chain").lists][0] for h in hists[:2]]
+    want = [[r.tokens for r in plain.recommend([h], params=DecodeParams(speculate="chain")).lists][0] for h in hists[:2]]
     for _ in range(2):  # interleaved caller-owned sessions, then again on pooled caches and captured graphs
-        s1, s2 = graphs.start([hists[0]], speculate="chain"), graphs.start([hists[1]], speculate="chain")
+        s1, s2 = graphs.start([hists[0]], params=DecodeParams(speculate="chain")), graphs.start([hists[1]], params=DecodeParams(speculate="chain"))
         while not (s1.done and s2.done):
             for s in (s1, s2):
                 if not s.done:
                     s.step()
-        assert [s1.result().tokens[0], s2.result().tokens[0]] == want
+        assert [s1.result().lists[0].tokens, s2.result().lists[0].tokens] == want
         del s1, s2, s
         gc.collect()
     # caller-owned sessions from several threads at once (captures included: a fresh Recommender)
     from concurrent.futures import ThreadPoolExecutor
     fresh = Recommender(engines, device="cuda")
     modes = ["chain", "tree"] * 4
-    want = [plain.recommend([hists[i % 4]], speculate=m).lists[0].tokens for i, m in enumerate(modes)]
+    want = [plain.recommend([hists[i % 4]], params=DecodeParams(speculate=m)).lists[0].tokens for i, m in enumerate(modes)]
 
     def run(i):
-        s = fresh.start([hists[i % 4]], speculate=modes[i])
+        s = fresh.start([hists[i % 4]], params=DecodeParams(speculate=modes[i]))
         while not s.done:
             s.step()
-        return s.result().tokens[0]
+        return s.result().lists[0].tokens
     with ThreadPoolExecutor(4) as pool:
         for _ in range(2):
             assert list(pool.map(run, range(len(modes)))) == want
     notes = [n for b in graphs.backends.values() for n in b.graph_notes]
     assert not notes, notes
-    fused_calls = sum(n for r in graphs._bound.values() for key, n in r.calls.items()
-                      if isinstance(key, tuple) and key[0] == "target_gqa")
-    assert (fused_calls > 0) == graphs.fused_target
+    fused_calls = counter.count("target", "target_gqa")
+    assert (fused_calls > 0) == graphs.settings.in_place
     return {"ok": True, "precision": graphs.manifest.precision, "fused_target_calls": fused_calls,
-            "pooled": {str(k): len(v) for k, v in graphs._pool.items()}}
+            "pooled": {g: graphs.caches.pooled(g, 1) for g in ("target", "draft")}}
 
 
 def check_accept_kernel(seed: int = 0) -> dict:

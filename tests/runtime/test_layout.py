@@ -65,11 +65,9 @@ def test_slots_of_every_kind():
 def test_fused_chain_walk_matches_the_general_walk():
     """The fused chain's walk (grammar masks built ahead, one masked argmax) accepts exactly what the general
     walk accepts: random logits with ties, chains that follow the target, stray from it, or leave the grammar."""
-    from padrec_runtime.loop.session import Node, Root, _chain_states, _walk, _walk_chain
+    from padrec_runtime.loop.accept import ChainPicks, TargetWalk, chain_states
     from padrec_runtime.loop.sampling import SamplingConfig
-
-    class Cfg:
-        sampling = SamplingConfig()
+    from padrec_runtime.loop.state import Node, Root, Scored
 
     cat = small_catalogue()
     V = cat.layout.vocab_size
@@ -96,10 +94,10 @@ def test_fused_chain_walk_matches_the_general_walk():
         tokens += [int(rng.integers(0, V)) for _ in range(K - len(tokens))]
         root = Root(token=1, position=3, state=state)
         chain = [Node(0, i - 1, i + 1, 0.0, None) for i in range(K)]
-        mask = _chain_states(root, chain, np.array(tokens), con, V)
-        fast = _walk_chain(logits, root, chain, mask, con)
-        slow = _walk(logits, root, [Node(t, i - 1, i + 1, 0.0, None) for i, t in enumerate(tokens)], con, Cfg,
-                     rng)
+        mask = chain_states(root, chain, np.array(tokens), con, V)
+        fast = ChainPicks(con).accept(Scored(logits[None], None, [mask]), 0, root, chain)
+        slow = TargetWalk(con, SamplingConfig(), rng).accept(
+            Scored(logits[None], None), 0, root, [Node(t, i - 1, i + 1, 0.0, None) for i, t in enumerate(tokens)])
         assert (fast.path, fast.tokens, fast.state) == (slow.path, slow.tokens, slow.state)
         outcomes.add((len(fast.path) - 1 == K, fast.state.done))
     assert len(outcomes) >= 3  # whole chains accepted, chains cut short, and lists finished were all seen
@@ -145,7 +143,7 @@ def test_allows_agrees_with_allowed():
 
 
 def test_masked_picks_take_the_first_allowed_maximum_and_refuse_non_finite_logits():
-    from padrec_runtime.loop.session import _masked_picks
+    from padrec_runtime.loop.accept import masked_picks as _masked_picks
     from padrec_runtime.errors import BackendError
     logits = np.array([[5.0, 1.0, 1.0, np.nan], [0.0, 2.0, 2.0, 9.0]])
     mask = np.array([[False, True, True, False], [True, True, True, False]])

@@ -15,7 +15,7 @@ from padrec_export.onnx_export import export_engines
 from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.errors import BackendError, InputError, ManifestError, PadrecError
 from padrec_runtime.manifest import load_manifest, parse_manifest, write_manifest
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 from tests.conftest import LIMITS
 
 HIST = [[1000, 1001, 1002], [1010]]
@@ -23,7 +23,7 @@ HIST = [[1000, 1001, 1002], [1010]]
 
 @pytest.fixture(scope="module")
 def clean_lists(engines_master):
-    return [r.tokens for r in Recommender(engines_master).recommend(HIST, speculate="tree").lists]
+    return [r.tokens for r in Recommender(engines_master).recommend(HIST, params=DecodeParams(speculate="tree")).lists]
 
 
 def _truncate(p):
@@ -59,7 +59,7 @@ def test_corruption_matrix(engines, clean_lists, file, damage):
         return
     # only a manifest edit that keeps it valid can get here: it must not change any list
     assert file == "manifest.json"
-    assert [r.tokens for r in rec.recommend(HIST, speculate="tree").lists] == clean_lists
+    assert [r.tokens for r in rec.recommend(HIST, params=DecodeParams(speculate="tree")).lists] == clean_lists
 
 
 def test_wrong_version_and_mismatched_draft(engines, tmp_path):
@@ -88,7 +88,7 @@ def test_nan_logits_are_reported_not_decoded(engines):
     rec = Recommender(engines)
     for mode in ("off", "chain"):
         with pytest.raises(BackendError, match="non-finite logits"):
-            rec.recommend(HIST, speculate=mode)
+            rec.recommend(HIST, params=DecodeParams(speculate=mode))
 
 
 def test_out_of_memory_is_a_clear_error_and_the_recommender_survives(engines_master, monkeypatch):
@@ -115,13 +115,13 @@ def test_threads_give_the_single_thread_lists(tiny, engines_master):
     rng = np.random.default_rng(0)
     ids = tiny[0].item_ids
     requests = [rng.choice(ids, size=int(rng.integers(1, 6)), replace=False).tolist() for _ in range(500)]
-    expected = [rec.recommend([h], n_items=2, speculate="chain").lists[0].tokens for h in requests]
+    expected = [rec.recommend([h], n_items=2, params=DecodeParams(speculate="chain")).lists[0].tokens for h in requests]
     results, errors = {}, []
 
     def worker(k):
         try:
             order = np.random.default_rng(k).permutation(len(requests))
-            results[k] = {int(i): rec.recommend([requests[i]], n_items=2, speculate="chain").lists[0].tokens
+            results[k] = {int(i): rec.recommend([requests[i]], n_items=2, params=DecodeParams(speculate="chain")).lists[0].tokens
                           for i in order}
         except Exception as exc:  # any failure in a thread must surface in the test
             errors.append(exc)
@@ -186,7 +186,7 @@ def fuzz_rec(engines_master):
        draft_steps=st.one_of(st.none(), st.integers(-1, 20)))
 def test_fuzzed_requests_raise_input_error_or_give_valid_lists(fuzz_rec, histories, n_items, speculate, draft_steps):
     try:
-        res = fuzz_rec.recommend(histories, n_items=n_items, speculate=speculate, draft_steps=draft_steps)
+        res = fuzz_rec.recommend(histories, n_items=n_items, params=DecodeParams(speculate=speculate, draft_steps=draft_steps))
     except InputError:
         return
     n = n_items or 5

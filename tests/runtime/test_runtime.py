@@ -9,7 +9,9 @@ import pytest
 
 from padrec_export.golden import write_golden
 from padrec_runtime.errors import BackendError, InputError, IntegrityError, ManifestError, PadrecError
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+from padrec_runtime.loop.propose import DeviceChain
+from padrec_runtime.trace import CallCounter
 
 HERE = Path(__file__).parent
 
@@ -57,37 +59,42 @@ def test_speculation_equals_ar_on_many_histories(tiny, rec):
     cat = tiny[0]
     rng = np.random.default_rng(11)
     hist = [rng.choice(cat.item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(24)]
-    ar = [r.tokens for part in (hist[:8], hist[8:16], hist[16:]) for r in rec.recommend(part, speculate="off").lists]
+    ar = [r.tokens for part in (hist[:8], hist[8:16], hist[16:]) for r in rec.recommend(part, params=DecodeParams(speculate="off")).lists]
     for mode in ("chain", "tree"):
         for k in (1, 2, 3, 4):  # 3: greedy chain rounds run the fused draft-chain graph
             sd = [r.tokens for part in (hist[:8], hist[8:16], hist[16:])
-                  for r in rec.recommend(part, speculate=mode, draft_steps=k).lists]
+                  for r in rec.recommend(part, params=DecodeParams(speculate=mode, draft_steps=k)).lists]
             assert sd == ar, (mode, k)
 
 
 def test_batch_equals_rows_alone(tiny, rec):
     hist = _histories(tiny[0], 3, 4)
     for mode in ("off", "chain", "tree"):
-        batch = rec.recommend(hist, speculate=mode)
+        batch = rec.recommend(hist, params=DecodeParams(speculate=mode))
         for b, h in enumerate(hist):
-            assert rec.recommend([h], speculate=mode).lists[0].tokens == batch.lists[b].tokens
+            assert rec.recommend([h], params=DecodeParams(speculate=mode)).lists[0].tokens == batch.lists[b].tokens
 
 
 def test_results_carry_items_sids_titles(tiny, rec):
     cat = tiny[0]
-    r = rec.recommend([[1000, 1001]], n_items=4, speculate="tree").lists[0]
+    r = rec.recommend([[1000, 1001]], n_items=4, params=DecodeParams(speculate="tree")).lists[0]
     assert len(r.item_ids) == 4 and len(set(r.item_ids)) == 4 and not {1000, 1001} & set(r.item_ids)
     idx = cat.index_of(r.item_ids)
     assert r.sids == cat.sids[idx].tolist() and r.titles == [cat.titles[i] for i in idx]
 
 
 def test_step_api_streams_the_same_list(rec):
-    session = rec.start([[1003, 1004]], speculate="chain")
-    pieces = []
+    session = rec.start([[1003, 1004]], params=DecodeParams(speculate="chain"))
+    pieces, items_seen = [], []
     while not session.done:
         pieces += session.step()[0]
-    full = rec.recommend([[1003, 1004]], speculate="chain").lists[0].tokens
-    assert session.result().tokens[0] == full and pieces == full[1:]
+        so_far = session.partial()[0]  # the complete items so far, with titles when the catalogue has them
+        items_seen.append(so_far.item_ids)
+    full = rec.recommend([[1003, 1004]], params=DecodeParams(speculate="chain")).lists[0].tokens
+    assert session.result().lists[0].tokens == full and pieces == full[1:]
+    final = session.result().lists[0].item_ids
+    assert all(seen == final[:len(seen)] for seen in items_seen) and items_seen[-1] == final
+    assert [len(seen) for seen in items_seen] == sorted(len(seen) for seen in items_seen) and len(items_seen[0]) < 5
 
 
 @pytest.mark.parametrize("histories,options,pattern", [
@@ -105,8 +112,9 @@ def test_step_api_streams_the_same_list(rec):
     ([[1000]], {"greedy": False, "temperature": 0.0}, "temperature"),
 ])
 def test_bad_requests_raise_input_error(rec, histories, options, pattern):
+    options = dict(options)
     with pytest.raises(InputError, match=pattern):
-        rec.recommend(histories, **options)
+        rec.recommend(histories, n_items=options.pop("n_items", None), params=options)
 
 
 def test_bad_engine_directories(engines, tmp_path):
@@ -155,9 +163,9 @@ def test_tensorrt_backend_as_far_as_this_machine_goes(engines):
     from padrec_export.build import BuildOptions, build_engines
     build_engines(engines, BuildOptions(builder="tensorrt_rtx"), progress=False)
     with pytest.raises(BackendError, match="cannot run on the tensorrt runtime"):
-        Recommender(engines, backend="tensorrt", trt_module="tensorrt")
+        Recommender(engines, backend="tensorrt", options=RuntimeOptions(trt_module="tensorrt"))
     with pytest.raises(BackendError) as err:
-        Recommender(engines, backend="tensorrt", trt_module="tensorrt_rtx")
+        Recommender(engines, backend="tensorrt", options=RuntimeOptions(trt_module="tensorrt_rtx"))
     # no GPU here: deserialization is where it stops, with what a user on an unsupported GPU reads
     assert "could not deserialize" in str(err.value) and "rebuild on the target machine" in str(err.value)
     with pytest.raises(PadrecError, match="backend"):
@@ -166,72 +174,72 @@ def test_tensorrt_backend_as_far_as_this_machine_goes(engines):
 
 def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
     """The IO-binding path (device-resident KV, in-place writes) on CPU buffers equals the default path."""
-    plain, bound = Recommender(engines_master), Recommender(engines_master, io_binding=True)
+    plain, bound = Recommender(engines_master), Recommender(engines_master, options=RuntimeOptions(device_cache=True))
     hist = _histories(tiny[0], 5, 4)
     for mode in ("off", "chain", "tree"):
         for greedy in (True, False):
-            a = plain.recommend(hist, speculate=mode, greedy=greedy, seed=7)
-            b = bound.recommend(hist, speculate=mode, greedy=greedy, seed=7)
+            a = plain.recommend(hist, params=DecodeParams(speculate=mode, greedy=greedy, seed=7))
+            b = bound.recommend(hist, params=DecodeParams(speculate=mode, greedy=greedy, seed=7))
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed
-    again = bound.recommend(hist, speculate="tree")  # reused device caches start clean
-    assert [r.tokens for r in again.lists] == [r.tokens for r in plain.recommend(hist, speculate="tree").lists]
+    again = bound.recommend(hist, params=DecodeParams(speculate="tree"))  # reused device caches start clean
+    assert [r.tokens for r in again.lists] == [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate="tree")).lists]
 
 
 def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
     """Two caller-owned sessions stepped alternately on the static path (each with its own caches and, on
     CUDA, its own graphs) give what `recommend` gives; finished sessions' caches are pooled and reused."""
     import gc
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
     h1, h2 = _histories(tiny[0], 21, 1), _histories(tiny[0], 22, 1)
-    want = [rec.recommend(h, speculate="chain").lists[0].tokens for h in (h1, h2)]
+    want = [rec.recommend(h, params=DecodeParams(speculate="chain")).lists[0].tokens for h in (h1, h2)]
     for opts in (dict(device_rounds=True), {}):  # device rounds: a queued chain waits across the other's steps
-        a, b = rec.start(h1, speculate="chain", **opts), rec.start(h2, speculate="chain", **opts)
-        assert a.target is not b.target and a.target.graph_id != b.target.graph_id
+        a, b = rec.start(h1, params=DecodeParams(speculate="chain", **opts)), rec.start(h2, params=DecodeParams(speculate="chain", **opts))
+        assert a.session.target is not b.session.target and a.session.target.graph_id != b.session.target.graph_id
         while not (a.done and b.done):
             for s in (a, b):
                 if not s.done:
                     s.step()
-        assert [a.result().tokens[0], b.result().tokens[0]] == want
-        assert (a.device is not None) == bool(opts)
+        assert [a.result().lists[0].tokens, b.result().lists[0].tokens] == want
+        assert isinstance(a.session.proposer, DeviceChain) == bool(opts)
         if opts:
             del a, b, s
             gc.collect()
-    ids = {a.target.graph_id, b.target.graph_id}
+    ids = {a.session.target.graph_id, b.session.target.graph_id}
     del a, b, s
     gc.collect()
-    assert len(rec._pool[("target", 1)]) == 2
-    c = rec.start(h1, speculate="chain")
-    assert c.target.graph_id in ids  # a pooled cache, not a new one
+    assert rec.caches.pooled("target", 1) == 2
+    c = rec.start(h1, params=DecodeParams(speculate="chain"))
+    assert c.session.target.graph_id in ids  # a pooled cache, not a new one
     while not c.done:
         c.step()
-    assert c.result().tokens[0] == want[0]
+    assert c.result().lists[0].tokens == want[0]
 
 
 def test_caller_sessions_from_threads_on_device_caches(tiny, engines_master):
     """Caller-owned sessions stepped from several threads at once (device work serialised per Recommender)
     give the lists one thread gets."""
     from concurrent.futures import ThreadPoolExecutor
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
     hists = [_histories(tiny[0], 30 + i, 1) for i in range(6)]
-    want = [rec.recommend(h, speculate=mode).lists[0].tokens for h, mode in zip(hists, ["chain", "tree"] * 3)]
+    want = [rec.recommend(h, params=DecodeParams(speculate=mode)).lists[0].tokens for h, mode in zip(hists, ["chain", "tree"] * 3)]
 
     def run(i):
-        s = rec.start(hists[i], speculate=["chain", "tree"][i % 2])
+        s = rec.start(hists[i], params=DecodeParams(speculate=["chain", "tree"][i % 2]))
         while not s.done:
             s.step()
-        return s.result().tokens[0]
+        return s.result().lists[0].tokens
     with ThreadPoolExecutor(4) as pool:
         for _ in range(3):
             assert list(pool.map(run, range(6))) == want
 
 
 def test_static_shape_options_are_checked(engines_master):
-    with pytest.raises(PadrecError, match="static_shapes: needs io_binding"):
-        Recommender(engines_master, static_shapes=True)
+    with pytest.raises(PadrecError, match="static_shapes: needs device_cache"):
+        Recommender(engines_master, options=RuntimeOptions(static_shapes=True))
     with pytest.raises(PadrecError, match="cuda_graphs: needs device='cuda'"):
-        Recommender(engines_master, io_binding=True, static_shapes=True, cuda_graphs=True)
-    rec = Recommender(engines_master, io_binding=True)  # CPU: static shapes stay off unless asked for
-    assert not rec.static_shapes and not rec.cuda_graphs
+        Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, cuda_graphs=True))
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True))  # CPU: static shapes stay off unless asked for
+    assert not rec.settings.static_shapes and not rec.settings.cuda_graphs
 
 
 @pytest.mark.parametrize("batch,buckets", [(1, None), (4, None), (4, (1, 2, 4, 8))])
@@ -239,21 +247,23 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
     """Decode calls padded to fixed buckets, each on its own fixed-shape session (the CUDA-graph layout),
     give the default path's lists and acceptance; padding never reaches the cache. With small buckets the
     prefill and tree verify take the dynamic session, as a long prefill does with the default buckets."""
-    from padrec_runtime.cache import device as devicecache
+    from padrec_runtime.cache import buckets as devicecache
     if buckets:
         monkeypatch.setattr(devicecache, "BUCKETS", buckets)
     plain = Recommender(engines_master)
     # the standard target's sessions (the fused target has its own test below)
-    static = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
+    counter = CallCounter()
+    static = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False),
+                         tracer=counter)
     hist = _histories(tiny[0], 11, batch)
     for mode in ("off", "chain", "tree"):
         for greedy in (True, False):
-            a = plain.recommend(hist, speculate=mode, greedy=greedy, seed=3)
-            b = static.recommend(hist, speculate=mode, greedy=greedy, seed=3)
+            a = plain.recommend(hist, params=DecodeParams(speculate=mode, greedy=greedy, seed=3))
+            b = static.recommend(hist, params=DecodeParams(speculate=mode, greedy=greedy, seed=3))
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed
-    target = static._bound[("target", batch)]
-    assert set(target.calls) - {"dynamic"} <= set(devicecache.BUCKETS)
-    assert (target.calls.get("dynamic", 0) > 0) == bool(buckets)
+    target = {bucket: n for (cache, _, bucket), n in counter.calls.items() if cache == "target"}
+    assert set(target) - {None} <= set(devicecache.BUCKETS)
+    assert (target.get(None, 0) > 0) == bool(buckets)  # None: the dynamic session
     sessions = static.backends["target"]._static
     assert len(sessions) >= 2  # AR (1 token) and verify buckets
     for key, sess in sessions.items():  # every dimension fixed: batch, seq, past, past + seq
@@ -268,26 +278,23 @@ def test_fused_target_gives_the_same_lists(tiny, engines_master, batch, static):
     take - target_gqa: prefill, AR steps and chain verify for one history, one-token steps for a batch;
     draft_chain_gqa: fused chain rounds of one history, device rounds included - and give the standard graphs'
     lists and acceptance in every mode; tree verify passes stay on the standard target."""
-    plain = Recommender(engines_master, io_binding=True, static_shapes=static, fused_target=False)
-    fused = Recommender(engines_master, io_binding=True, static_shapes=static)
-    assert fused.fused_target and "target_gqa" not in plain.backends
+    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=static, in_place=False))
+    counter = CallCounter()
+    fused = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=static), tracer=counter)
+    assert fused.settings.in_place and "target_gqa" not in plain.backends
     hist = _histories(tiny[0], 13, batch)
     for mode in ("off", "chain", "tree", "chain-dev"):  # chain-dev: device rounds (queued in-place chains)
         for greedy in (True, False):
             opts = dict(speculate="chain", device_rounds=True) if mode == "chain-dev" else dict(speculate=mode)
             if mode == "chain-dev" and (not greedy or not static):
                 continue
-            a = plain.recommend(hist, greedy=greedy, seed=4, **opts)
-            b = fused.recommend(hist, greedy=greedy, seed=4, **opts)
+            a = plain.recommend(hist, params=DecodeParams(greedy=greedy, seed=4, **opts))
+            b = fused.recommend(hist, params=DecodeParams(greedy=greedy, seed=4, **opts))
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed, mode
 
-    def by_graph(runner, default):
-        out = {}
-        for key, n in runner.calls.items():
-            graph = key[0] if isinstance(key, tuple) else default
-            out[graph] = out.get(graph, 0) + n
-        return out
-    target, draft = by_graph(fused._bound[("target", batch)], "target"), by_graph(fused._bound[("draft", batch)], "draft")
+    def by_graph(cache):
+        return {graph: counter.count(cache, graph) for c, graph, _ in counter.calls if c == cache}
+    target, draft = by_graph("target"), by_graph("draft")
     assert target["target_gqa"] > 0 and target["target"] > 0  # tree verify passes on the standard target
     if batch == 1:  # every AR step, prefill and chain verify: more fused calls than tree verify passes; every
         assert target["target_gqa"] > target["target"]  # fused chain round in place
@@ -297,10 +304,10 @@ def test_fused_target_gives_the_same_lists(tiny, engines_master, batch, static):
 
 
 def test_fused_target_routes_only_causal_calls(tiny, engines_master):
-    """BoundKVRunner._route sends a call to the in-place graph only where it computes the same thing."""
+    """DeviceCache._route sends a call to the in-place graph only where it computes the same thing."""
     import numpy as np
-    rec = Recommender(engines_master, io_binding=True)
-    runner = rec._runner("target", 1, 100)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True))
+    runner = rec.caches.lease("target", 1)
     tri = np.tri(3, dtype=bool)[None]
     pos = np.arange(3)[None]
     assert runner._route("target", {"position_ids": pos}, tri, 3, None) == "target_gqa"
@@ -314,7 +321,7 @@ def test_fused_target_routes_only_causal_calls(tiny, engines_master):
     runner.scratch = 1
     assert runner._route("target", {"position_ids": pos}, tri, 3, None) == "target"
     runner.reset()
-    two = rec._runner("target", 2, 100)  # several rows: one token each only
+    two = rec.caches.lease("target", 2)  # several rows: one token each only
     assert two._route("target", {"position_ids": np.zeros((2, 1), int)}, np.ones((2, 1, 1), bool), 1, None) \
         == "target_gqa"
     assert two._route("target", {"position_ids": np.tile(pos, (2, 1))}, np.tile(tri, (2, 1, 1)), 3, None) == "target"
@@ -322,14 +329,14 @@ def test_fused_target_routes_only_causal_calls(tiny, engines_master):
 
 def test_fused_target_options(engines_master, engines):
     import json
-    with pytest.raises(PadrecError, match="fused_target: needs io_binding"):
-        Recommender(engines_master, fused_target=True)
-    assert not Recommender(engines_master).fused_target  # the host cache path keeps the standard target
+    with pytest.raises(PadrecError, match="in_place: needs device_cache"):
+        Recommender(engines_master, options=RuntimeOptions(in_place=True))
+    assert not Recommender(engines_master).settings.in_place  # the host cache path keeps the standard target
     m = json.loads((engines / "manifest.json").read_text())
     m["graphs"]["target_gqa"]["kv"]["max_len"] = 64
     (engines / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="graphs.target_gqa.kv"):
-        Recommender(engines, io_binding=True)
+        Recommender(engines, options=RuntimeOptions(device_cache=True))
 
 
 def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_master):
@@ -337,59 +344,62 @@ def test_fused_chain_is_one_draft_call_per_round_and_lossless(tiny, engines_mast
     none besides (the first one catches up on the prompt; the step-by-step loop makes K per round), lists equal
     to AR, and the in-graph grammar proposes what the host loop would (same acceptance). Another K, or
     fused_chain=False, keeps the step-by-step draft."""
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    counter = CallCounter()
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True), tracer=counter)
     K = rec.manifest.graph("draft_chain")["chain_steps"]
     hist = _histories(tiny[0], 5, 4)
-    ar = rec.recommend(hist, speculate="off")
-    fused = rec.recommend(hist, speculate="chain", draft_steps=K)
-    draft = rec._bound[("draft", 4)]
-    chain_calls = sum(n for key, n in draft.calls.items() if isinstance(key, tuple) and key[0] == "draft_chain")
-    plain_calls = sum(n for key, n in draft.calls.items() if not isinstance(key, tuple))
-    assert chain_calls == fused.rounds and plain_calls == 0  # the first chain call catches up on the prompt
+    ar = rec.recommend(hist, params=DecodeParams(speculate="off"))
+    counter.clear()
+    fused = rec.recommend(hist, params=DecodeParams(speculate="chain", draft_steps=K))
+    chain_calls = counter.count("draft", "draft_chain")
+    assert chain_calls == fused.rounds and counter.count("draft", "draft") == 0  # the first catches up on the prompt
     assert [r.tokens for r in fused.lists] == [r.tokens for r in ar.lists]
     for opts in (dict(draft_steps=K, fused_chain=False), dict(draft_steps=K - 1)):
-        draft.calls.clear()
-        loop = rec.recommend(hist, speculate="chain", **opts)
+        counter.clear()
+        loop = rec.recommend(hist, params=DecodeParams(speculate="chain", **opts))
         assert [r.tokens for r in loop.lists] == [r.tokens for r in ar.lists]
-        assert not any(isinstance(key, tuple) for key in draft.calls) and sum(draft.calls.values()) > loop.rounds
+        assert counter.count("draft", "draft_chain") == 0 and counter.count("draft", "draft") > loop.rounds
         if opts["draft_steps"] == K:
             assert loop.committed == fused.committed and loop.tau > 1.5
 
 
-def _chain_inputs(rec, batch) -> list:
-    """Start recording the effective inputs (after device-side copies) of every draft_chain call at `batch`, and
-    whether the call took them from the device (`queued`)."""
-    from padrec_runtime.cache.device import bucket
-    runner, calls = rec._bound[("draft", batch)], []
+class ChainInputs:
+    """A tracer recording every draft_chain call: its effective inputs (after device-side copies, static buckets),
+    its token count and whether its inputs were written on the device (`queued`)."""
 
-    def launch(feeds, mask, graph=None, take=None, fill=None, _orig=runner.launch):
-        pending = _orig(feeds, mask, graph, take, fill)
-        if graph == "draft_chain":
-            ins = runner._by_seq[(graph, bucket(feeds["input_ids"].shape[1]))][3][3]
-            calls.append(dict({name: np.array(arr) for name, arr in ins.items()}, queued=fill is not None))
-        return pending
-    runner.launch = launch
-    return calls
+    def __init__(self):
+        self.calls = []
+
+    def engine_call(self, call) -> None:
+        if call.graph in ("draft_chain", "draft_chain_gqa"):
+            ins = {name: np.array(arr) for name, arr in (call.inputs or {}).items()}
+            self.calls.append(dict(ins, queued=call.queued, tokens=call.tokens))
 
 
 def test_device_rounds_default_on_cuda_device_caches_only(engines_master):
-    """device_rounds left out: on for up to 8 histories on device caches with static shapes on CUDA (standard or
-    in-place graphs), off elsewhere; asked for, as asked (the rule, checked on a CPU recommender whose device is then
-    relabelled)."""
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
-    assert rec.config().device_rounds is False  # CPU
-    assert rec.config(device_rounds=True).device_rounds is True
-    rec.device = "cuda"
-    assert rec.config().device_rounds is True
-    assert rec.config(batch=8).device_rounds is True  # up to DEVICE_ROUNDS_MAX_BATCH (measured at 1 and 8)
-    assert rec.config(batch=9).device_rounds is False
-    assert rec.config(batch=32, device_rounds=True).device_rounds is True
-    assert rec.config(device_rounds=False).device_rounds is False
-    rec.fused_target = True  # the in-place graphs too
-    assert rec.config().device_rounds is True
-    rec.fused_target = False
-    rec.static_shapes = False
-    assert rec.config().device_rounds is False
+    """device_rounds left out: on for up to RuntimeOptions.device_rounds_max_batch histories on device caches with
+    static shapes on CUDA (standard or in-place graphs), off elsewhere; asked for, as asked (the rule, checked on a
+    CPU recommender whose settings are then relabelled)."""
+    import dataclasses
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False))
+
+    def rounds(batch=1, **params):
+        return rec.decode_config(DecodeParams(**params), batch).device_rounds
+    assert rounds() is False  # CPU
+    assert rounds(device_rounds=True) is True
+    cpu = rec.settings
+    rec.settings = dataclasses.replace(cpu, device="cuda")
+    assert rounds() is True
+    assert rounds(8) is True  # up to device_rounds_max_batch (measured at 1 and 8)
+    assert rounds(9) is False
+    assert rounds(32, device_rounds=True) is True
+    assert rounds(device_rounds=False) is False
+    rec.settings = dataclasses.replace(cpu, device="cuda", in_place=True)  # the in-place graphs too
+    assert rounds() is True
+    rec.settings = dataclasses.replace(cpu, device="cuda", device_rounds_max_batch=2)
+    assert rounds(2) is True and rounds(3) is False
+    rec.settings = dataclasses.replace(cpu, device="cuda", static_shapes=False)
+    assert rounds() is False
 
 
 @pytest.mark.parametrize("batch", [1, 4])
@@ -399,16 +409,17 @@ def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_mas
     call sees exactly what the host path feeds - features, tokens, positions, slots, last index, trie row, items
     left, banned trie nodes - so the rounds and lists are the host path's, and the lists equal AR's."""
     # the standard chain graph's input buffers (the in-place chain's device rounds: test_fused_target_...)
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True, fused_target=False)
+    recorder = ChainInputs()
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False),
+                      tracer=recorder)
     K = rec.manifest.graph("draft_chain")["chain_steps"]
     hist = _histories(tiny[0], 7, batch)
-    ar = rec.recommend(hist, speculate="off")
-    rec.recommend(hist, speculate="chain", draft_steps=K)  # runners and sessions exist from here on
-    host_calls = _chain_inputs(rec, batch)
-    host = rec.recommend(hist, speculate="chain", draft_steps=K)
-    del rec._bound[("draft", batch)].launch
-    dev_calls = _chain_inputs(rec, batch)
-    dev = rec.recommend(hist, speculate="chain", draft_steps=K, device_rounds=True)
+    ar = rec.recommend(hist, params=DecodeParams(speculate="off"))
+    rec.recommend(hist, params=DecodeParams(speculate="chain", draft_steps=K))  # caches and sessions exist from here on
+    recorder.calls = host_calls = []
+    host = rec.recommend(hist, params=DecodeParams(speculate="chain", draft_steps=K))
+    recorder.calls = dev_calls = []
+    dev = rec.recommend(hist, params=DecodeParams(speculate="chain", draft_steps=K, device_rounds=True))
     assert [r.tokens for r in dev.lists] == [r.tokens for r in ar.lists] == [r.tokens for r in host.lists]
     assert dev.committed == host.committed and dev.tau > 1.5
     assert len(dev_calls) == len(host_calls) == dev.rounds
@@ -430,22 +441,16 @@ def test_device_rounds_start_from_the_host_past_the_largest_bucket(tiny, engines
     """A prompt longer than every static bucket runs its prefill and first chain on the dynamic path, where
     nothing can be written on the device: the first chain then starts from the host, later rounds queue as
     usual, and the lists stay AR's."""
-    from padrec_runtime.cache import device as devicecache
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
+    from padrec_runtime.cache import buckets as devicecache
+    recorder = ChainInputs()
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True), tracer=recorder)
     hist = _histories(tiny[0], 8, 4)  # prompts of 7 to 57 tokens
-    ar = rec.recommend(hist, speculate="off")
-    rec.recommend(hist, speculate="chain")  # the runners exist from here on
-    runner, chains = rec._bound[("draft", 4)], []
-
-    def launch(feeds, mask, graph=None, take=None, fill=None, _orig=runner.launch):
-        if graph == "draft_chain":
-            chains.append((feeds["input_ids"].shape[1], fill is not None))
-        return _orig(feeds, mask, graph, take, fill)
-    runner.launch = launch
+    ar = rec.recommend(hist, params=DecodeParams(speculate="off"))
     for buckets, first_queued in ((devicecache.BUCKETS, True), ((1, 2, 4, 8, 16, 32), False)):
         monkeypatch.setattr(devicecache, "BUCKETS", buckets)
-        chains.clear()
-        dev = rec.recommend(hist, speculate="chain", device_rounds=True)
+        recorder.calls = []
+        dev = rec.recommend(hist, params=DecodeParams(speculate="chain", device_rounds=True))
+        chains = [(c["tokens"], c["queued"]) for c in recorder.calls]
         assert [r.tokens for r in dev.lists] == [r.tokens for r in ar.lists] and dev.tau > 1.5
         assert chains[0] == (max(len(rec.catalogue.prompt(h)) for h in hist), first_queued)
         assert sum(q for _, q in chains[1:]) >= dev.rounds // 2  # later rounds queued on the device as usual
@@ -458,9 +463,9 @@ def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
     export_engines(target, draft, cat, tmp_path / "fp16", "fp16", LIMITS, progress=False)
     rec = Recommender(tmp_path / "fp16")
     hist = _histories(cat, 6, 4)
-    ar = rec.recommend(hist, speculate="off")
+    ar = rec.recommend(hist, params=DecodeParams(speculate="off"))
     for mode in ("chain", "tree"):
-        res = rec.recommend(hist, speculate=mode)
+        res = rec.recommend(hist, params=DecodeParams(speculate=mode))
         assert [r.tokens for r in res.lists] == [r.tokens for r in ar.lists]  # lossless holds per precision
     assert all(len(set(r.item_ids)) == 5 for r in ar.lists)
 
@@ -468,13 +473,13 @@ def test_fp16_engines_run_and_give_valid_lists(tiny, tmp_path):
 def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     rec = Recommender(engines_master)
     with pytest.raises(InputError, match="calibrat"):
-        rec.recommend([[1000]], speculate="auto")
+        rec.recommend([[1000]], params=DecodeParams(speculate="auto"))
     hist = [h for s in range(3) for h in _histories(tiny[0], s, 4)][:8]
     plan = rec.calibrate(hist, batches=(1, 8), repeats=1)
     assert [c.batch for c in plan] == [1, 8]
     for c in plan:
         assert c.ms <= c.ar_ms  # AR is a candidate: the choice is never slower on what was measured
-    auto = rec.recommend(hist[:3], speculate="auto")
+    auto = rec.recommend(hist[:3], params=DecodeParams(speculate="auto"))
     from padrec_runtime.api.adaptive import pick
     ar = ("off", None)
     assert pick({ar: 100.0, ("chain", 4): 90.0, ("tree", 4): 95.0}) == ("chain", 4)
@@ -491,13 +496,13 @@ def test_adaptive_speculation_picks_a_measured_setting(tiny, engines_master):
     own = ("chain", rec.limits["draft_steps"])
     assert own in candidates_for(rec) and set(CANDIDATES) <= set(candidates_for(rec))
     assert candidates_for(rec, [ar, ("chain", 1)]) == (ar, ("chain", 1), own)  # the engines' K is always timed
-    static = Recommender(engines_master, io_binding=True, static_shapes=True)  # device rounds possible: timed too
+    static = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))  # device rounds possible: timed too
     assert candidates_for(static, [ar, own]) == (ar, own, own + (True,))
     plan = static.calibrate(hist, batches=(1,), repeats=1)
     assert plan[0].ms <= plan[0].ar_ms
-    picked = static.recommend(hist[:1], speculate="auto")
-    assert [r.tokens for r in picked.lists] == [r.tokens for r in static.recommend(hist[:1], speculate="off").lists]
-    assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], speculate="off").lists]
+    picked = static.recommend(hist[:1], params=DecodeParams(speculate="auto"))
+    assert [r.tokens for r in picked.lists] == [r.tokens for r in static.recommend(hist[:1], params=DecodeParams(speculate="off")).lists]
+    assert [r.tokens for r in auto.lists] == [r.tokens for r in rec.recommend(hist[:3], params=DecodeParams(speculate="off")).lists]
 
 
 def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master, monkeypatch):
@@ -520,12 +525,12 @@ def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master,
 
 
 def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_master):
-    """BoundKVRunner.launch queues an engine call and result() reads it later: a second queued call of the
+    """DeviceCache.launch queues an engine call and result() reads it later: a second queued call of the
     same bucket (which reuses the buffers) does not change the first one's result, and `take` copies another
     call's output into an input on the device exactly as if the host had written it there."""
-    from padrec_runtime.cache.device import bucket
-    rec = Recommender(engines_master, io_binding=True, static_shapes=True)
-    target = rec._runner("target", 1, 64)
+    from padrec_runtime.cache.buckets import bucket
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    target = rec.caches.lease("target", 1)
     rng = np.random.default_rng(0)
     ids = [rng.integers(3, 20, (1, 3)).astype(np.int32) for _ in range(2)]
     mask = np.tril(np.ones((1, 3, 3), bool))
@@ -560,10 +565,10 @@ def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_m
 
 def test_close_frees_engines_and_later_calls_say_so(engines_master):
     """close() (or leaving a `with` block) frees sessions and caches; a later call is a clear error."""
-    with Recommender(engines_master, io_binding=True, static_shapes=True) as rec:
+    with Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True)) as rec:
         hist = [rec.catalogue.item_ids[:3].tolist()]
         assert len(rec.recommend(hist).lists) == 1
-        assert rec._bound and rec.backends
-    assert not rec._bound and not rec.backends
+        assert rec.caches and rec.backends
+    assert not rec.caches and not rec.backends
     with pytest.raises(BackendError, match="closed"):
         rec.recommend(hist)

@@ -4,7 +4,7 @@ import pytest
 from padrec_export.onnx_export import ExportLimits, export_engines
 from padrec_export.tiny import tiny_setup
 from padrec_runtime.grammar import ListConstraint
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 from padrec_runtime.loop.sampling import SamplingConfig
 from tests.export.test_sampling import HISTORY, SPEC, chi_square_p, exact_law
 
@@ -27,7 +27,7 @@ def test_runtime_sampling_keeps_target_law(setup, speculate, options):
     law = exact_law(target, con, SamplingConfig(greedy=False, temperature=options.get("temperature", 1.0)))
     counts, taus = {}, []
     for seed in range(6):
-        res = rec.recommend([HISTORY] * 500, speculate=speculate, greedy=False, seed=seed, **options)
+        res = rec.recommend([HISTORY] * 500, params=DecodeParams(speculate=speculate, greedy=False, seed=seed, **options))
         taus.append(res.tau)
         for r in res.lists:
             counts[tuple(r.tokens)] = counts.get(tuple(r.tokens), 0) + 1

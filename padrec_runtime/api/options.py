@@ -1,0 +1,186 @@
+"""Settings, each resolved once: `RuntimeOptions` (how engines run) and `DecodeParams` (how lists are decoded).
+
+Both are frozen dataclasses checked field by field against one table of rules when made, so a bad value is an
+`InputError` naming the field, what was got and what is expected - never a TypeError deep in the loop.
+`resolve_runtime` turns RuntimeOptions into `Settings` for one engine directory and device (every tri-state
+decided, one error per impossible combination); `DecodeParams.plan` turns a request's parameters into the
+loop's `DecodeConfig` with the manifest's defaults.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from ..errors import BackendError, InputError
+from ..loop.sampling import SamplingConfig
+from ..loop.session import DecodeConfig
+
+BACKENDS = ("onnxruntime", "tensorrt")
+DEVICES = ("cpu", "cuda")
+SPECULATE = ("off", "chain", "tree", "auto")
+TRT_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_rtx")
+
+
+def _check(owner: str, name: str, value, kind: str, lo=None, hi=None, choices=None, optional=False):
+    """The one rule table's check: value of `kind` (bool | int | float | str) within lo..hi or choices.
+    numpy scalars count as their Python kind; bools are never numbers. Returns the value as a Python type."""
+    where = f"{owner}.{name}"
+    if value is None:
+        if optional:
+            return None
+        raise InputError(f"{where}: got None | expected {kind} | pass a value or leave the field out")
+    if kind == "bool":
+        if not isinstance(value, (bool, np.bool_)):
+            raise InputError(f"{where}: got {value!r} | expected True or False")
+        return bool(value)
+    if kind == "str":
+        if not isinstance(value, str) or (choices and value not in choices):
+            raise InputError(f"{where}: got {value!r} | expected one of {', '.join(choices)}")
+        return value
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer) if kind == "int"
+                                                              else (int, float, np.integer, np.floating)):
+        raise InputError(f"{where}: got {value!r} ({type(value).__name__}) | expected {'an integer' if kind == 'int' else 'a number'}"
+                         f"{_range(lo, hi)}")
+    value = int(value) if kind == "int" else float(value)
+    if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
+        raise InputError(f"{where}: got {value!r} | expected {'an integer' if kind == 'int' else 'a finite number'}"
+                         f"{_range(lo, hi)}")
+    return value
+
+
+def _range(lo, hi) -> str:
+    if lo is None and hi is None:
+        return ""
+    return f" in {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
+
+
+def _validate(obj, rules: dict) -> None:
+    """Check and normalise every field of a frozen dataclass against its rules (name -> _check keywords)."""
+    owner = type(obj).__name__
+    for f in fields(obj):
+        value = _check(owner, f.name, getattr(obj, f.name), **rules[f.name])
+        object.__setattr__(obj, f.name, value)
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How a Recommender runs its engines. None: decided from the device and the engines (see `resolve_runtime`)."""
+
+    threads: int | None = 1  # ONNX Runtime intra-op threads on CPU (None: ONNX Runtime's default)
+    device_cache: bool | None = None  # KV cache resident on the engine's device (ONNX Runtime IO binding); CUDA default
+    static_shapes: bool | None = None  # calls padded to fixed token buckets, one session each; CUDA default
+    cuda_graphs: bool | None = None  # bucket sessions replay CUDA graphs; CUDA default
+    in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
+    device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)
+    max_request_tokens: int = 131072  # budget: histories x list tokens x tokens verified per round (see `request_cost`)
+    trt_module: str = "tensorrt"  # tensorrt | tensorrt_lean | tensorrt_rtx
+    allow_host_code: bool = False  # load TensorRT plans that embed host code (version-compatible builds)
+
+    def __post_init__(self):
+        _validate(self, {"threads": dict(kind="int", lo=1, hi=1024, optional=True),
+                         "device_cache": dict(kind="bool", optional=True),
+                         "static_shapes": dict(kind="bool", optional=True),
+                         "cuda_graphs": dict(kind="bool", optional=True),
+                         "in_place": dict(kind="bool", optional=True),
+                         "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
+                         "max_request_tokens": dict(kind="int", lo=1),
+                         "trt_module": dict(kind="str", choices=TRT_MODULES),
+                         "allow_host_code": dict(kind="bool")})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """RuntimeOptions resolved for one engine directory, backend and device: every choice made."""
+
+    backend: str
+    device: str
+    threads: int | None
+    device_cache: bool
+    static_shapes: bool
+    cuda_graphs: bool
+    in_place: bool
+    device_rounds_max_batch: int
+    max_request_tokens: int
+    trt_module: str
+    allow_host_code: bool
+
+
+def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precision: str, has_in_place: bool) -> Settings:
+    """Decide every setting once; raises BackendError naming the impossible combination and the way out."""
+    backend = _check("Recommender", "backend", backend, "str", choices=BACKENDS)
+    device = _check("Recommender", "device", device, "str", choices=DEVICES)
+    o, cuda, ort = options, device == "cuda", backend == "onnxruntime"
+    device_cache = (cuda and ort) if o.device_cache is None else o.device_cache
+    if device_cache and not ort:
+        raise BackendError("device_cache: only the onnxruntime backend binds device buffers | drop device_cache "
+                           "(TensorRT keeps the KV cache on the host)")
+    static = (device_cache and cuda) if o.static_shapes is None else o.static_shapes
+    if static and not device_cache:
+        raise BackendError("static_shapes: needs device_cache (fixed buffers) | pass device_cache=True")
+    graphs = (static and cuda) if o.cuda_graphs is None else o.cuda_graphs
+    if graphs and not (static and cuda):
+        raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
+    # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
+    cuda_fp32 = cuda and precision == "fp32"
+    in_place = (device_cache and has_in_place and not cuda_fp32) if o.in_place is None else o.in_place
+    if in_place and not (device_cache and has_in_place):
+        raise BackendError("in_place: needs device_cache (the graph writes the bound cache in place) and engines "
+                           "with a target_gqa graph | drop in_place or re-export without --no-in-place")
+    if in_place and cuda_fp32:
+        raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
+                           "export fp16 engines or drop in_place")
+    return Settings(backend, device, o.threads, device_cache, static, graphs, in_place, o.device_rounds_max_batch,
+                    o.max_request_tokens, o.trt_module, o.allow_host_code)
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """How one request's lists are decoded. None: the engines' default (manifest) or the runtime's rule."""
+
+    speculate: str = "chain"  # off (AR) | chain | tree | auto (the calibrated fastest, see Recommender.calibrate)
+    draft_steps: int | None = None  # K: draft tokens per round (chain), tree depth (tree)
+    tree_topk: int | None = None  # tree: children per expanded node and nodes expanded per depth
+    tree_size: int | None = None  # tree: draft tokens verified per round
+    greedy: bool = True  # False: sample (temperature, top_k, top_p, seed)
+    temperature: float = 1.0
+    top_k: int = 0  # 0 keeps every allowed token
+    top_p: float = 1.0  # 1.0 keeps every allowed token
+    seed: int = 0
+    fused_chain: bool = True  # greedy chain rounds at the exported K run the one-call draft_chain graph
+    device_rounds: bool | None = None  # fused chain rounds queued on the device (None: the runtime's rule)
+    deadline_s: float | None = None  # cut the request with a DeadlineError past this many seconds
+
+    def __post_init__(self):
+        _validate(self, {"speculate": dict(kind="str", choices=SPECULATE),
+                         "draft_steps": dict(kind="int", lo=1, hi=16, optional=True),
+                         "tree_topk": dict(kind="int", lo=1, hi=64, optional=True),
+                         "tree_size": dict(kind="int", lo=1, hi=1024, optional=True),
+                         "greedy": dict(kind="bool"),
+                         "temperature": dict(kind="float", lo=1e-4, hi=1e4),
+                         "top_k": dict(kind="int", lo=0, hi=1 << 20),
+                         "top_p": dict(kind="float", lo=1e-6, hi=1.0),
+                         "seed": dict(kind="int", lo=0, hi=(1 << 63) - 1),
+                         "fused_chain": dict(kind="bool"),
+                         "device_rounds": dict(kind="bool", optional=True),
+                         "deadline_s": dict(kind="float", lo=1e-6, optional=True)})
+
+    def plan(self, limits: dict, device_rounds_default: bool) -> DecodeConfig:
+        """The loop's DecodeConfig: the manifest's defaults for what is left out (`auto` resolved before)."""
+        if self.speculate == "auto":
+            raise InputError("speculate='auto': resolved by Recommender from its calibration | call "
+                             "Recommender.recommend, not DecodeParams.plan")
+        return DecodeConfig(speculate=self.speculate, draft_steps=self.draft_steps or limits["draft_steps"],
+                            tree_topk=self.tree_topk or limits["tree_topk"],
+                            tree_size=self.tree_size or limits["tree_size"],
+                            sampling=SamplingConfig(self.greedy, self.temperature, self.top_k, self.top_p),
+                            seed=self.seed, fused_chain=self.fused_chain,
+                            device_rounds=device_rounds_default if self.device_rounds is None else self.device_rounds)
+
+
+def request_cost(batch: int, list_tokens: int, cfg: DecodeConfig) -> int:
+    """Upper bound of the tokens the target processes for a request: every row, every list token, each round
+    verifying its root plus its draft tokens (a chain: K, a tree: tree_size)."""
+    width = 1 if cfg.speculate == "off" else 1 + (cfg.tree_size if cfg.speculate == "tree" else cfg.draft_steps)
+    return batch * list_tokens * width
