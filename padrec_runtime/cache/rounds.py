@@ -101,8 +101,9 @@ class DeviceRounds:
     def _device_tables(self, draft) -> dict:
         """The catalogue's chain tables (the grammar the chain graph and the host walk use) on the draft's
         device, made once per cache."""
-        host = self.constraint.catalogue.chain_tables()
-        return draft.memo("chain_tables", lambda: {k: draft.xp.asarray(v.astype(np.int64)) for k, v in host.items()})
+        def make():
+            return {k: draft.xp.asarray(v.astype(np.int64)) for k, v in self.constraint.catalogue.chain_tables().items()}
+        return draft.memo("chain_tables", make)
 
     def _may_end(self, root, chain) -> bool:
         """Whether the row's list can end in this round: eos due (or written) at a position the walk reaches."""
