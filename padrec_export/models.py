@@ -216,12 +216,13 @@ class Target(nn.Module):
         hidden = self.norm(x)
         # logits in fp32 whatever the weights' precision: fp16 logits round to 1/256 near 7, where a greedy pick
         # between two items often differs by less; the one-token step and the verify pass would then break such
-        # ties by their own rounding (an H100 list in session 18 differed from AR at one token so)
+        # ties by their own rounding (an H100 bench list once differed from AR at one token so)
         return F.linear(hidden.float(), self.lm_head.weight.float()), hidden, new
 
 
 class Draft(nn.Module):
-    """PAD-Rec draft (DESIGN.md §1); with use_slot and use_step off it is the plain EAGLE draft."""
+    """PAD-Rec draft: an EAGLE-style draft plus gated item-slot and draft-step embeddings; with use_slot and
+    use_step off it is the plain EAGLE draft."""
 
     def __init__(self, cfg: DraftConfig, target: Target):
         super().__init__()

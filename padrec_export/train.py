@@ -1,4 +1,4 @@
-"""Training: the target on list-wise sequences, then the draft against the frozen target (DESIGN.md §1).
+"""Training: the target on list-wise sequences, then the draft against the frozen target (EAGLE loss, unrolled over the draft steps).
 
 Draft loss (EAGLE): SmoothL1 between the draft's feature and the target's next feature, plus 0.1 x
 cross-entropy against the target's next-token distribution; unrolled over K steps on the draft's own

@@ -130,7 +130,7 @@ def targets(args, device):
         (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")  # after every row
     # retrain both drafts for the chosen target (the default budget) and pack the model directory
     row, target, tc = best
-    work = Path("/tmp/ml9k_pick")
+    work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     (work / "ml-9k").mkdir(parents=True)
     shutil.copy(args.catalogue, work / "ml-9k" / "catalogue.json")
@@ -157,6 +157,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("part", choices=["drafts", "targets"])
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--work", default="ml9k_pick", help="scratch directory for the chosen ml-9k models (targets)")
     ap.add_argument("--epochs", type=int, default=12)
     ap.add_argument("--users", type=int, default=None)
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-9k/catalogue.json")

@@ -1,4 +1,4 @@
-"""One-call GPU benchmark (issue 8): train (or reuse) an LLM-scale target and its drafts on MovieLens,
+"""One-call GPU benchmark: train (or reuse) an LLM-scale target and its drafts on MovieLens,
 export fp16 engines, then time our runtime (ONNX Runtime CUDA, device-resident KV) against PyTorch eager,
 PyTorch with a CUDA graph, Hugging Face `generate`, and the weight-bandwidth floor, all on one card.
 
@@ -24,7 +24,9 @@ from padrec_export.reference import reference_generate
 from padrec_runtime.api.adaptive import choose
 from padrec_runtime.loop import DecodeConfig
 from padrec_runtime.grammar import ListConstraint
-from padrec_runtime.api.recommender import RecommendResult, Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+from padrec_runtime.api.recommender import RecommendResult
+from padrec_runtime.trace import CallCounter
 
 QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
 
@@ -69,31 +71,12 @@ def alternate(fns: dict, repeats: int):
 def each(rec, hists: list, **opts):
     """Recommend for `hists` one request per history (batch 1 over several users); the results merged:
     every list, tau over all rounds, rounds and phase times summed."""
-    res = [rec.recommend([h], **opts) for h in hists]
+    res = [rec.recommend([h], params=DecodeParams(**opts)) for h in hists]
     committed = [c for r in res for c in r.committed]
     flat = [n for row in committed for n in row]
     time_s = {k: sum(r.time_s[k] for r in res) for k in res[0].time_s}
     return RecommendResult([r.lists[0] for r in res], float(np.mean(flat)), sum(r.rounds for r in res), committed,
                            time_s)
-
-
-def round_idle(row: dict, per_call: dict) -> dict | None:
-    """A batch-1 row's device wait per round in steady state: per list, the wall time and the engine time
-    (calls per list x each bucket's engine ms, measured alone) less the once-per-list calls (each graph's
-    largest bucket called exactly once: the prefill and the first chain's catch-up over the prompt), over the
-    row's rounds. An upper bound for the host's share of a round: the request's own setup is in it. None
-    where a call was not timed alone (dynamic shapes) or the row has no rounds."""
-    calls, rounds = row.get("engine_calls_per_list") or {}, row.get("rounds") or 0
-    if not calls or rounds <= 0 or any(key not in per_call for key in calls):
-        return None
-    split = {key: (key.rsplit("/T", 1)[0], int(key.rsplit("/T", 1)[1])) for key in calls}  # graph, bucket
-    largest = {}
-    for graph, bucket in split.values():
-        largest[graph] = max(largest.get(graph, 0), bucket)
-    once = sum(per_call[key] for key, n in calls.items() if n == 1 and split[key][1] == largest[split[key][0]])
-    engine = (sum(n * per_call[key] for key, n in calls.items()) - once) / rounds
-    wall = (row["ms_per_list"] - once) / rounds
-    return {"wall_ms": wall, "engine_ms": engine, "device_idle_pct": 100 * (1 - engine / wall)}
 
 
 def first_differences(lists: list, ar_lists: list) -> list:
@@ -294,7 +277,7 @@ def hf_generate(hf, con, histories, device):
 def main():
     faulthandler.enable()  # a crash inside a native library still names the Python line
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", default="/tmp/padrec_llm")
+    ap.add_argument("--work", required=True, help="scratch directory for models and engines (reused across calls)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-100k/catalogue.json")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model")
@@ -381,14 +364,23 @@ def main():
                 "chain-loop": dict(speculate="chain", fused_chain=False, device_rounds=False),
                 "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
 
-    def call_name(graph, key) -> str:
-        """A runner's call-count key as engine_calls names it: graph/T<bucket> ('dynamic' for no bucket)."""
-        name, P = key if isinstance(key, tuple) else (graph, key)
-        return f"{name}/T{P}"
+    def call_name(key) -> str:
+        """A CallCounter key as the report names it: graph/T<bucket> (TNone: the dynamic session)."""
+        _, graph, bucket = key
+        return f"{graph}/T{bucket}"
 
     def request(rec, batch, **opts):
         """One batch call, or at batch 1 one call per user of `users` (the time per list is then / len(users))."""
-        return each(rec, users, **opts) if batch == 1 else rec.recommend(hist_all[:batch], **opts)
+        return each(rec, users, **opts) if batch == 1 else rec.recommend(hist_all[:batch], params=DecodeParams(**opts))
+
+    counters = {}
+
+    def open_rec(eng, **opts):
+        """A Recommender on the card with device caches (opts: RuntimeOptions fields), its engine calls counted."""
+        counter = CallCounter()
+        rec = Recommender(eng, device=device, options=RuntimeOptions(device_cache=True, **opts), tracer=counter)
+        counters[id(rec)] = counter
+        return rec
 
     def per_list(batch) -> int:
         return len(users) if batch == 1 else 1
@@ -397,12 +389,11 @@ def main():
         """Time `modes` in turn (`alternate`: a slow spell of the machine hits them alike), after one pass of
         each that warms it up and counts the engine calls a list makes."""
         calls = {}
+        counter = counters[id(rec)]
         for mode in modes:
-            counted = {g: dict(r.calls) for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch}
+            counter.clear()
             request(rec, batch, **mode_opts(mode))
-            calls[mode] = {call_name(g, key): (n - counted.get(g, {}).get(key, 0)) / per_list(batch)
-                           for (g, b), r in getattr(rec, "_bound", {}).items() if b == batch
-                           for key, n in r.calls.items() if n > counted.get(g, {}).get(key, 0)}
+            calls[mode] = {call_name(key): n / per_list(batch) for key, n in counter.calls.items()}
         t, last = alternate({mode: (lambda o=mode_opts(mode): request(rec, batch, **o)) for mode in modes},
                             args.repeats)
         for mode in modes:
@@ -424,82 +415,6 @@ def main():
                 {"identical_to_ar": same, "rounds": rounds, "split_ms": split_ms,
                  "verify_ms_per_round": split_ms["verify"] / (rounds + 1),
                  "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls[mode]})
-
-    def engine_calls(rec, batch):
-        """Per call of each static bucket: the engine's time (50 queued runs, then one wait: runs return
-        once queued) and the host's (how long a run call takes to return)."""
-        out = {}
-        for graph in ("target", "draft"):
-            runner = rec._bound.get((graph, batch))
-            if runner is None:
-                continue
-            for (name, P), (binding, _, _, _, session) in sorted(runner._by_seq.items(), key=lambda kv: str(kv[0])):
-                # queued (unsynced) runs only where the session replays a CUDA graph, as the runner does
-                opts = runner._queued_options if (name, P) in runner._graphed else runner._run_options
-                session.run_with_iobinding(binding, opts)
-                if rec.stream is not None:
-                    rec.stream.synchronize()
-                t0 = time.perf_counter()
-                for _ in range(50):
-                    session.run_with_iobinding(binding, opts)
-                queued = time.perf_counter() - t0
-                if rec.stream is not None:
-                    rec.stream.synchronize()
-                out[f"{name}/T{P}"] = (time.perf_counter() - t0) / 50 * 1e3
-                out[f"{name}/T{P}/host"] = queued / 50 * 1e3
-        return out
-
-    def gpu_busy(engine, per_call: dict) -> None:
-        """Batch-1 rows of `engine`: engine time per list (its calls per list times each bucket's engine time
-        per call, measured alone) and the rest of the wall time, when the device waits for the host."""
-        for row in rows:
-            if row["batch"] != 1 or not row["engine"].startswith(engine) or "engine_calls_per_list" not in row:
-                continue
-            busy = 0.0
-            for key, n in row["engine_calls_per_list"].items():
-                ms = per_call.get(key)
-                if ms is None:  # a dynamic-shape call: not timed alone
-                    busy = None
-                    break
-                busy += n * ms
-            row["engine_ms_per_list"] = busy
-            row["device_idle_pct"] = None if busy is None else 100 * (1 - busy / row["ms_per_list"])
-            if row["mode"] != "off":
-                row["round"] = round_idle(row, per_call)  # steady state: the host's share of a round, at most
-
-    def critical_path(rec, mode) -> dict:
-        """Batch 1, per round: host time from the verify pass's outputs on the host to the next engine call
-        queued, when the device has nothing to do (the walk, the next round's feeds, the launch itself). With
-        device rounds the next chain is queued before that read: the gap is to the next verify call, which
-        the device needs only once that chain is done."""
-        marks = []
-        runners = [(g, rec._bound[(g, 1)]) for g in ("target", "draft") if (g, 1) in rec._bound]
-        runners_by = dict(runners)
-        for g, runner in runners:
-            def launch(*a, _orig=runner.launch, _g=g, **k):
-                pending = _orig(*a, **k)
-                marks.append((_g, "queued", runners_by[_g].queued_at))  # when its run call returned
-
-                def result(_read=pending.result):
-                    out = _read()
-                    marks.append((_g, "read", time.perf_counter()))
-                    return out
-                pending.result = result
-                return pending
-            runner.launch = launch
-        try:
-            each(rec, users, **mode_opts(mode))
-        finally:
-            for _, runner in runners:
-                del runner.launch
-        gaps, read = [], None
-        for g, what, t in marks:
-            if g == "target" and what == "read":
-                read = t
-            elif what == "queued" and read is not None:
-                gaps.append((t - read) * 1e3)
-                read = None
-        return {"median": float(np.median(gaps)), "mean": float(np.mean(gaps)), "rounds": len(gaps)}
 
     def graph_ops(path: Path) -> dict:
         """Node counts of a graph as exported and as ONNX Runtime's CUDA provider runs it (batch 1, 8 tokens)."""
@@ -532,24 +447,22 @@ def main():
     # Each with the fused target (target_gqa, the default) but one: the standard target's graph, CUDA graphs.
     configs = {"padrec-ort-cuda-dynamic": dict(static_shapes=False),
                "padrec-ort-cuda-static": dict(static_shapes=True, cuda_graphs=False),
-               "padrec-ort-cuda-standard-target": dict(fused_target=False),
+               "padrec-ort-cuda-standard-target": dict(in_place=False),
                "padrec-ort-cuda": dict()}
     if device != "cuda":
         configs = {k: dict(v, static_shapes=True) for k, v in configs.items() if k.endswith(("cuda", "target"))}
     if args.quick:
         configs = {k: v for k, v in configs.items() if k.endswith(("cuda", "target"))}
-    report["engine_calls_ms"], report["graph_notes"], report["gpu_mem_mib"] = {}, {}, {}
+    report["graph_notes"], report["gpu_mem_mib"] = {}, {}
     best = rec = None
     for engine, opts in configs.items():
         try:
-            rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
+            rec = open_rec(engines["padrec"], **opts)
             for batch in [b for b in (1, 8) if b in batches]:
                 run_modes(rec, engine, "padrec", batch, ["off", "chain", "chain-dev", "chain-loop", "tree"])
-            report["engine_calls_ms"][engine] = engine_calls(rec, 1) if opts.get("static_shapes", True) else {}
-            gpu_busy(engine, report["engine_calls_ms"][engine])
             report["graph_notes"][engine] = [n for b in rec.backends.values() for n in b.graph_notes]
             report["gpu_mem_mib"][engine] = gpu_used_mib()
-            log(engine, json.dumps(report["engine_calls_ms"][engine]), report["graph_notes"][engine])
+            log(engine, report["graph_notes"][engine])
             best = (engine, opts)
         except Exception as exc:  # a configuration that fails on this card is reported, the others still run
             report["graph_notes"][engine] = [f"failed: {type(exc).__name__}: {str(exc)[:500]}"]
@@ -561,7 +474,7 @@ def main():
     import cProfile
     import io
     import pstats
-    rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
+    rec = open_rec(engines["padrec"], **opts)
     # the headline at batch 1: AR and the default speculation (chain, device rounds) timed in turn, several
     # rounds, so a slow spell of the machine hits both alike (the table's rows run one after the other)
     each(rec, users, speculate="chain")
@@ -576,17 +489,13 @@ def main():
     report["launch_ms_b1"] = {}
     for mode in ("off", "chain", "chain-dev", "tree"):
         each(rec, users, **mode_opts(mode))
-        runners = {g: rec._bound[(g, 1)] for g in ("target", "draft") if (g, 1) in rec._bound}
-        before = {g: (dict(r.calls), dict(r.launch_s)) for g, r in runners.items()}
+        counter = counters[id(rec)]
+        counter.clear()
         for _ in range(2):
             each(rec, users, **mode_opts(mode))
         report["launch_ms_b1"][mode] = {  # host time of one engine run call (returns once queued), per bucket
-            f"{g}/{key}": (r.launch_s[key] - before[g][1].get(key, 0.0)) / n * 1e3
-            for g, r in runners.items() for key in r.calls
-            if (n := r.calls[key] - before[g][0].get(key, 0)) > 0}
+            call_name(key): counter.launch_s[key] / n * 1e3 for key, n in counter.calls.items()}
         log("launch ms", mode, json.dumps(report["launch_ms_b1"][mode]))
-        report.setdefault("host_critical_ms_b1", {})[mode] = critical_path(rec, mode)
-        log("host critical path ms", mode, json.dumps(report["host_critical_ms_b1"][mode]))
         if device == "cuda":
             try:
                 timeline = gpu_timeline(lambda: each(rec, users, **mode_opts(mode)))
@@ -606,7 +515,7 @@ def main():
         (out / f"profile_b1_{mode}.txt").write_text(text.getvalue())
     rec = close(rec)
     for name, eng in engines.items():
-        rec = Recommender(eng, device=device, io_binding=True, **opts)
+        rec = open_rec(eng, **opts)
         for batch in batches:
             if name == "padrec" and batch in (1, 8):
                 continue  # measured above
@@ -628,7 +537,7 @@ def main():
     rec = close(rec)
     # other depths at batch 1, step-by-step draft (the drafts were trained with --draft-train-steps unrolled steps;
     # deeper steps reuse the last step embedding); the default K runs the fused chain graph above
-    rec = Recommender(engines["padrec"], device=device, io_binding=True, **opts)
+    rec = open_rec(engines["padrec"], **opts)
     for K in (2, 4, 6):
         res, ms = timed(lambda: each(rec, users, speculate="chain", draft_steps=K), args.repeats)
         ms /= len(users)
@@ -645,7 +554,7 @@ def main():
             if not (depth[K] / "manifest.json").exists():
                 export_checkpoints(models / "target", models / "draft_padrec", depth[K], precision, max_seq_len=256,
                                    max_history=20, max_batch=64, draft_steps=K)
-    recs = {K: Recommender(eng, device=device, io_binding=True, **opts) for K, eng in depth.items()}
+    recs = {K: open_rec(eng, **opts) for K, eng in depth.items()}
     t, last = alternate({K: (lambda r=r: each(r, users, speculate="chain")) for K, r in recs.items()},
                         max(5, args.repeats))
     report["fused_chain_depth_b1"] = {str(K): {"ms": float(np.median(t[K])) / len(users), "tau": last[K].tau,
@@ -654,7 +563,7 @@ def main():
     log("fused chain depth", json.dumps(report["fused_chain_depth_b1"]))
     recs = close(*recs.values())
     # PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)
-    recs = {name: Recommender(eng, device=device, io_binding=True, **opts) for name, eng in engines.items()}
+    recs = {name: open_rec(eng, **opts) for name, eng in engines.items()}
     report["padrec_vs_eagle_b1"] = {}
     for mode in ("chain", "tree"):
         t, last = alternate({name: (lambda r=r: each(r, users, speculate=mode)) for name, r in recs.items()},

@@ -1,7 +1,7 @@
 """Where batch-1 GPU idle time goes: CUPTI traces (torch.profiler) of our runtime's AR, fused-chain and
 device-round requests, each GPU idle gap matched with the CUDA runtime calls the host was in meanwhile.
 
-    bash tools/gpu_bench.sh --stages train,export     # engines under /tmp/padrec_llm (the bench's work dir)
+    bash tools/gpu_bench.sh --work DIR --stages train,export     # engines under DIR/eng_padrec
     PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD python3 tools/gpu_trace.py --out "$OUT"   # -> gpu_trace.json
 
 Each idle gap is also split among the runtime's phases (PHASES: the innermost one the host was in).
@@ -26,10 +26,14 @@ MODES = {"off": dict(speculate="off"), "chain": dict(speculate="chain", device_r
 
 # the runtime's phases, marked in the trace (torch.profiler.record_function around each call): an idle gap's
 # time goes to the innermost phase the host was in meanwhile
-PHASES = {"recommender": ["Recommender.recommend", "Recommender.start"],
-          "decode": ["DecodeSession.step", "prefill", "propose_fused", "verify", "accept", "_chain_states"],
-          "rounds": ["DeviceRounds.queue"],
-          "devicecache": ["BoundKVRunner.launch", "BoundKVRunner.forward", "Pending.result"]}
+PHASES = {"api.recommender": ["Recommender.recommend", "Recommender.start"],
+          "loop.session": ["DecodeSession.step", "DecodeSession._prefill", "DecodeSession._verify",
+                           "DecodeSession._commit", "chain_states"],
+          "loop.propose": ["FusedChain.propose", "DeviceChain.propose"],
+          "loop.accept": ["ChainPicks.accept"],
+          "cache.rounds": ["DeviceRounds.queue"],
+          "cache.device": ["DeviceCache.launch", "DeviceCache.forward"],
+          "cache.buckets": ["Pending.result"]}
 
 
 def mark_phases() -> None:
@@ -110,7 +114,7 @@ def idle_report(prof, wall_ms: float, min_gap_us: float = 3.0) -> dict:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--engines", default="/tmp/padrec_llm/eng_padrec")
+    ap.add_argument("--engines", required=True, help="fp16 engine directory (gpu_bench.py --work DIR: DIR/eng_padrec)")
     ap.add_argument("--users", type=int, default=8)
     ap.add_argument("--out", default="benchmarks/results")
     args = ap.parse_args()
