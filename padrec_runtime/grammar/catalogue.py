@@ -148,10 +148,11 @@ class Catalogue:
 
     def ancestors(self, node: int) -> np.ndarray:
         """The trie nodes from the root down to `node`, excluding it (depth of `node` entries)."""
-        if self._an_item is None:  # for each trie node, an item below it
-            self._an_item = np.zeros(len(self.child_codes), dtype=np.int64)
+        if self._an_item is None:  # for each trie node, an item below it; published whole (threads share it)
+            an_item = np.zeros(len(self.child_codes), dtype=np.int64)
             for d in range(self.layout.levels + 1):
-                self._an_item[self.item_nodes[:, d]] = np.arange(len(self.item_nodes))
+                an_item[self.item_nodes[:, d]] = np.arange(len(self.item_nodes))
+            self._an_item = an_item
         path = self.item_nodes[self._an_item[node]]
         return path[:int(np.flatnonzero(path == node)[0])]
 
