@@ -1,0 +1,108 @@
+"""Requests checked at the boundary: every DecodeParams / RuntimeOptions field, n_items, histories, the budget and
+the deadline each end in a named PadrecError or a correct list - never another exception or a quietly changed value."""
+import math
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from padrec_runtime import DeadlineError, DecodeParams, InputError, PadrecError, Recommender, RuntimeOptions
+
+HIST = [[1000, 1001, 1002]]
+
+# values a careless caller sends: wrong types, non-finite numbers, out-of-range numbers, numpy scalars
+ODD = st.one_of(st.none(), st.booleans(), st.text(max_size=3), st.integers(-10, 10**6),
+                st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([np.int64(3), np.float32(0.5), [], {}]))
+FIELDS = ["speculate", "draft_steps", "tree_topk", "tree_size", "greedy", "temperature", "top_k", "top_p", "seed",
+          "fused_chain", "device_rounds", "deadline_s"]
+
+
+@pytest.fixture(scope="module")
+def rec(engines_master):
+    return Recommender(engines_master)
+
+
+@pytest.fixture(scope="module")
+def ar_list(rec):
+    return rec.recommend(HIST, params=DecodeParams(speculate="off")).lists[0].tokens
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(field=st.sampled_from(FIELDS), value=ODD)
+def test_every_request_field_gives_a_named_error_or_a_correct_list(rec, ar_list, field, value):
+    try:
+        params = DecodeParams(**{field: value})
+    except InputError as exc:
+        assert f"DecodeParams.{field}" in str(exc)
+        return
+    # accepted: the value kept its meaning (no bool as a number, no non-finite number, no zero turned default)
+    got = getattr(params, field)
+    if isinstance(value, (bool, np.bool_)):
+        assert isinstance(got, bool) and field in ("greedy", "fused_chain", "device_rounds")
+    if isinstance(got, float):
+        assert math.isfinite(got)
+    if field in ("draft_steps", "tree_topk", "tree_size") and got is not None:
+        assert got >= 1
+    try:
+        res = rec.recommend(HIST, params=params)
+    except PadrecError:
+        return  # e.g. device_rounds on a host cache, a deadline too short: named
+    items = res.lists[0].item_ids
+    assert len(items) == rec.limits["n_items"] and len(set(items)) == len(items)
+    if params.greedy and params.speculate != "auto":
+        assert res.lists[0].tokens == ar_list  # lossless, whatever the speculation settings
+
+
+@pytest.mark.parametrize("value", [True, 0, -1, 2.5, "3", np.float64(3.0), 10**6])
+def test_n_items_must_be_an_integer_in_range(rec, value):
+    with pytest.raises(InputError, match="n_items"):
+        rec.recommend(HIST, n_items=value)
+
+
+def test_numpy_integers_are_accepted_where_python_integers_are(rec):
+    a = rec.recommend(HIST, n_items=np.int64(3), params=DecodeParams(draft_steps=np.int32(2)))
+    b = rec.recommend([np.array(HIST[0], dtype=np.int64)], n_items=3, params=DecodeParams(draft_steps=2))
+    assert a.lists[0].tokens == b.lists[0].tokens and len(a.lists[0].item_ids) == 3
+
+
+def test_unknown_parameters_and_wrong_containers_are_named(rec):
+    with pytest.raises(InputError, match=r"unknown \['temprature'\]"):
+        rec.recommend(HIST, params={"temprature": 0.5})
+    with pytest.raises(InputError, match="expected DecodeParams"):
+        rec.recommend(HIST, params=[("speculate", "off")])
+    with pytest.raises(InputError, match="wrap one user's history"):
+        rec.recommend([1000, 1001, 1002])
+    with pytest.raises(InputError, match="integer item ids"):
+        rec.recommend([[1000, True]])
+    with pytest.raises(InputError, match="expected RuntimeOptions"):
+        Recommender(rec.manifest.root, options={"threads": 2})
+    with pytest.raises(InputError, match="RuntimeOptions.threads"):
+        RuntimeOptions(threads=0)
+
+
+def test_request_budget_refuses_work_beyond_it(engines_master):
+    small = Recommender(engines_master, options=RuntimeOptions(max_request_tokens=200))
+    fine = small.recommend(HIST, params=DecodeParams(speculate="off"))  # 1 x 20 list tokens x 1: within 200
+    assert len(fine.lists[0].item_ids) == small.limits["n_items"]
+    with pytest.raises(InputError, match=r"budget is 200 .*max_request_tokens"):
+        small.recommend(HIST * 8, params=DecodeParams(speculate="tree", tree_size=8))
+    assert small.recommend(HIST, params=DecodeParams(speculate="off")).lists[0].tokens == fine.lists[0].tokens
+
+
+def test_deadline_cuts_a_request_and_the_next_one_runs(engines_master):
+    rec = Recommender(engines_master)
+    with pytest.raises(DeadlineError, match="deadline of 1e-06 s"):
+        rec.recommend(HIST, params=DecodeParams(deadline_s=1e-6))
+    assert len(rec.recommend(HIST, params=DecodeParams(deadline_s=60.0)).lists[0].item_ids) == rec.limits["n_items"]
+
+
+@pytest.mark.parametrize("args,msg", [(["--temperature", "nan"], "temperature"), (["--seed", "-1"], "--seed"),
+                                      (["--history", "1_2"], "--history"), (["--history", "\uff11\uff12"], "--history"),
+                                      (["--draft-steps", "0"], "--draft-steps"), (["--n-items", "0"], "--n-items")])
+def test_cli_refuses_bad_values_without_a_traceback(engines_master, args, msg):
+    argv = ["recommend", "--engines", str(engines_master), "--history", "1000,1001"]
+    out = subprocess.run([sys.executable, "-m", "padrec_export.cli", *argv, *args], capture_output=True, text=True)
+    assert out.returncode in (1, 2) and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
