@@ -4,6 +4,7 @@ from __future__ import annotations
 import click
 
 from padrec_runtime.api.cli import PadrecGroup, recommend
+from padrec_serve.cli import client, serve
 
 
 @click.group(cls=PadrecGroup)
@@ -12,6 +13,8 @@ def main():
 
 
 main.add_command(recommend)
+main.add_command(serve)
+main.add_command(client)
 
 
 @main.command()

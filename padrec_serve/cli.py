@@ -1,0 +1,64 @@
+"""`padrec serve` and `padrec client`: thin click commands over padrec_serve."""
+from __future__ import annotations
+
+import json
+import logging
+
+import click
+
+from padrec_runtime.api.cli import parse_ids
+
+
+@click.command()
+@click.option("--engines", "engine_dir", required=True, type=click.Path(exists=True), help="engine directory")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
+@click.option("--http-port", type=int, default=8000, show_default=True)
+@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Triton's Prometheus metrics")
+@click.option("--padrec-metrics-port", type=int, default=8003, show_default=True, help="padrec's Prometheus metrics")
+@click.option("--max-batch", type=click.IntRange(1, 1024), default=32, show_default=True,
+              help="histories per dynamic batch (capped at the engines' max batch)")
+@click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
+              help="how long the batcher waits for more requests")
+@click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="model instances, each with its own engines (one per GPU: see docs/serving.md)")
+@click.option("--deadline-s", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="cut a request decoding longer than this (DeadlineError)")
+@click.option("--calibrate/--no-calibrate", default=True, show_default=True,
+              help="time AR against speculation per batch size at start, for speculate=auto")
+def serve(engine_dir, device, http_port, grpc_port, metrics_port, padrec_metrics_port, max_batch, max_queue_delay_us,
+          instances, deadline_s, calibrate):
+    """Serve recommendation lists over KServe v2 (HTTP and gRPC) with Triton Inference Server."""
+    from .server import ServeConfig, serve as run
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(ServeConfig(engine_dir, device, http_port, grpc_port, metrics_port, padrec_metrics_port, max_batch,
+                    max_queue_delay_us, instances, deadline_s, calibrate))
+
+
+@click.command()
+@click.option("--url", default="localhost:8000", show_default=True, help="host:port of the server")
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--history", "histories", required=True, multiple=True,
+              help="comma-separated item ids, oldest first; repeat for more requests")
+@click.option("--n-items", type=int, default=None)
+@click.option("--speculate", type=click.Choice(["auto", "off", "chain", "tree"]), default=None)
+@click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy")
+@click.option("--temperature", type=float, default=None)
+@click.option("--top-k", type=int, default=None)
+@click.option("--top-p", type=float, default=None)
+@click.option("--seed", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="print JSON")
+def client(url, protocol, histories, n_items, speculate, mode, temperature, top_k, top_p, seed, as_json):
+    """Ask a running `padrec serve` for lists."""
+    from .client import Client
+    with Client(url, protocol) as c:
+        lists = c.recommend([parse_ids(h) for h in histories], n_items, speculate=speculate, greedy=mode == "greedy",
+                            temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
+    if as_json:
+        click.echo(json.dumps([x.__dict__ for x in lists]))
+        return
+    for b, x in enumerate(lists):
+        click.echo(f"list {b} (tau {x.tau:.2f}):")
+        for rank, item in enumerate(x.item_ids):
+            title = f"  {x.titles[rank]}" if x.titles[rank] else ""
+            click.echo(f"  {rank + 1:2d}. item {item:<6d} sid {x.sids[rank]}{title}")

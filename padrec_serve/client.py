@@ -1,0 +1,99 @@
+"""A client of `padrec serve` over KServe v2 (tritonclient, HTTP or gRPC): histories in, lists out."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from padrec_runtime.errors import BackendError, InputError, PadrecError
+
+from .runtime import DeadlineError
+from .schema import MODEL_NAME
+
+ERRORS = {"InputError": InputError, "DeadlineError": DeadlineError}
+
+
+@dataclass(frozen=True)
+class ServedList:
+    """One list as the server returned it."""
+
+    item_ids: list
+    sids: list
+    titles: list
+    tau: float
+
+
+def _module(protocol: str):
+    try:
+        if protocol == "grpc":
+            import tritonclient.grpc as tc
+        elif protocol == "http":
+            import tritonclient.http as tc
+        else:
+            raise InputError(f"protocol: got {protocol!r} | expected http or grpc")
+    except ImportError as exc:
+        raise BackendError(f"padrec client: {exc} | pip install 'padrec[serve]'") from None
+    return tc
+
+
+def request_inputs(tc, history, n_items=None, **params) -> list:
+    """Triton inputs of one request: the history (one row) and the decode parameters that are given."""
+    values = {"history": np.array([history], dtype=np.int64)}
+    if n_items is not None:
+        values["n_items"] = np.array([[n_items]], dtype=np.int32)
+    kinds = {"speculate": np.object_, "greedy": np.bool_, "temperature": np.float32, "top_k": np.int32,
+             "top_p": np.float32, "seed": np.int64}
+    for name, value in params.items():
+        if value is not None:
+            values[name] = np.array([[value.encode() if name == "speculate" else value]], dtype=kinds[name])
+    out = []
+    for name, a in values.items():
+        dtype = "BYTES" if a.dtype == np.object_ else tc.np_to_triton_dtype(a.dtype)
+        x = tc.InferInput(name, list(a.shape), dtype)
+        x.set_data_from_numpy(a)
+        out.append(x)
+    return out
+
+
+def read_lists(result) -> list:
+    """ServedList per row of a response; a padrec error in it raises its PadrecError class."""
+    error = result.as_numpy("error").reshape(-1)[0]
+    error = error.decode() if isinstance(error, bytes) else str(error)
+    if error:
+        kind, _, message = error.partition(": ")
+        raise ERRORS.get(kind, PadrecError)(message if kind in ERRORS else error)
+    items, sids = result.as_numpy("item_ids"), result.as_numpy("sids")
+    titles, tau = result.as_numpy("titles"), result.as_numpy("tau")
+    lists = []
+    for b in range(items.shape[0]):
+        n = int((items[b] >= 0).sum())
+        lists.append(ServedList(items[b, :n].tolist(), sids[b, :n].tolist(),
+                                [t.decode() if isinstance(t, bytes) else str(t) for t in titles[b, :n]],
+                                float(tau[b, 0])))
+    return lists
+
+
+class Client:
+    """One connection to a server; `recommend` sends one request per history."""
+
+    def __init__(self, url: str = "localhost:8000", protocol: str = "http", timeout_s: float = 60.0):
+        self.tc = _module(protocol)
+        self.protocol = protocol
+        kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
+        self.conn = self.tc.InferenceServerClient(url, **kw)
+
+    def recommend_one(self, history, n_items=None, **params) -> ServedList:
+        result = self.conn.infer(MODEL_NAME, request_inputs(self.tc, history, n_items, **params))
+        return read_lists(result)[0]
+
+    def recommend(self, histories, n_items=None, **params) -> list:
+        return [self.recommend_one(h, n_items, **params) for h in histories]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,62 @@
+"""The served model's infer function without Triton: per-request checks, grouping by params, fallback, deadline."""
+import numpy as np
+import pytest
+
+from padrec_runtime.api.recommender import Recommender
+from padrec_serve.model import ServeModel
+
+
+@pytest.fixture(scope="module")
+def rec(engines_master):
+    return Recommender(engines_master)
+
+
+def request(history, **params):
+    """A Triton request as PyTriton hands it over: name -> array with a batch dimension."""
+    req = {"history": np.array([history], dtype=np.int64)}
+    for name, value in params.items():
+        dtype = {"speculate": np.bytes_, "greedy": np.bool_, "temperature": np.float32, "top_p": np.float32}.get(
+            name, np.int64)
+        req[name] = np.array([[value.encode() if isinstance(value, str) else value]], dtype=dtype)
+    return req
+
+
+def error_of(out: dict) -> str:
+    return out["error"].reshape(-1)[0].decode()
+
+
+def test_mixed_params_in_one_batch_decode_as_separate_calls(rec):
+    ids = rec.catalogue.item_ids.tolist()
+    hist = [ids[0:3], ids[5:9], ids[10:12]]
+    reqs = [request(hist[0], speculate="off", n_items=3), request(hist[1], speculate="chain"),
+            request(hist[2], greedy=False, temperature=0.7, seed=11, speculate="off"),
+            request(hist[0], speculate="tree", n_items=3)]
+    out = ServeModel(rec)(reqs)
+    assert [error_of(o) for o in out] == [""] * 4
+    want = [rec.recommend([hist[0]], n_items=3, speculate="off").lists[0].item_ids,
+            rec.recommend([hist[1]], speculate="chain").lists[0].item_ids,
+            rec.recommend([hist[2]], greedy=False, temperature=0.7, seed=11, speculate="off").lists[0].item_ids,
+            rec.recommend([hist[0]], n_items=3, speculate="off").lists[0].item_ids]
+    assert [o["item_ids"][0].tolist() for o in out] == want
+
+
+def test_a_history_the_batch_call_rejects_fails_alone(rec):
+    """A history that passes the request checks but that the runtime refuses in a batch: the batch call fails,
+    each member is decoded alone, and only that member gets the error."""
+    ids = rec.catalogue.item_ids.tolist()
+    good = [ids[0:2], ids[3:6]]
+    model = ServeModel(rec)
+    model.known = {**model.known, 99999: -1}  # let an id the catalogue lacks past the request checks
+    out = model([request(good[0]), request([99999, ids[7]]), request(good[1])])
+    assert "unknown item ids [99999]" in error_of(out[1])
+    assert error_of(out[0]) == error_of(out[2]) == ""
+    assert out[2]["item_ids"][0].tolist() == rec.recommend([good[1]], speculate="off").lists[0].item_ids
+
+
+def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
+    ids = rec.catalogue.item_ids.tolist()
+    out = ServeModel(rec, deadline_s=1e-9)([request(ids[0:4]), request(ids[4:6])])
+    for o in out:
+        assert error_of(o).startswith("DeadlineError: request: decoding took over the server's deadline")
+    ok = ServeModel(rec, deadline_s=60)([request(ids[0:4])])
+    assert error_of(ok[0]) == ""
