@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import json
-import logging
+import sys
 
 import click
 
@@ -14,8 +14,7 @@ from padrec_runtime.api.cli import parse_ids
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Triton's Prometheus metrics")
-@click.option("--padrec-metrics-port", type=int, default=8003, show_default=True, help="padrec's Prometheus metrics")
+@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics (Triton's, padrec's)")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=32, show_default=True,
               help="histories per dynamic batch (capped at the engines' max batch)")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
@@ -26,13 +25,12 @@ from padrec_runtime.api.cli import parse_ids
               help="cut a request decoding longer than this (DeadlineError)")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="time AR against speculation per batch size at start, for speculate=auto")
-def serve(engine_dir, device, http_port, grpc_port, metrics_port, padrec_metrics_port, max_batch, max_queue_delay_us,
-          instances, deadline_s, calibrate):
+def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances,
+          deadline_s, calibrate):
     """Serve recommendation lists over KServe v2 (HTTP and gRPC) with Triton Inference Server."""
     from .server import ServeConfig, serve as run
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(ServeConfig(engine_dir, device, http_port, grpc_port, metrics_port, padrec_metrics_port, max_batch,
-                    max_queue_delay_us, instances, deadline_s, calibrate))
+    sys.exit(run(ServeConfig(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
+                             instances, deadline_s, calibrate)))
 
 
 @click.command()

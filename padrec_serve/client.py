@@ -55,13 +55,14 @@ def request_inputs(tc, history, n_items=None, **params) -> list:
     return out
 
 
+def raise_served(message: str):
+    """The PadrecError a server error message names ("InputError: ..."); other errors as PadrecError."""
+    kind, _, rest = message.partition(": ")
+    raise ERRORS.get(kind, PadrecError)(rest if kind in ERRORS else message) from None
+
+
 def read_lists(result) -> list:
-    """ServedList per row of a response; a padrec error in it raises its PadrecError class."""
-    error = result.as_numpy("error").reshape(-1)[0]
-    error = error.decode() if isinstance(error, bytes) else str(error)
-    if error:
-        kind, _, message = error.partition(": ")
-        raise ERRORS.get(kind, PadrecError)(message if kind in ERRORS else error)
+    """ServedList per row of a response."""
     items, sids = result.as_numpy("item_ids"), result.as_numpy("sids")
     titles, tau = result.as_numpy("titles"), result.as_numpy("tau")
     lists = []
@@ -83,7 +84,10 @@ class Client:
         self.conn = self.tc.InferenceServerClient(url, **kw)
 
     def recommend_one(self, history, n_items=None, **params) -> ServedList:
-        result = self.conn.infer(MODEL_NAME, request_inputs(self.tc, history, n_items, **params))
+        try:
+            result = self.conn.infer(MODEL_NAME, request_inputs(self.tc, history, n_items, **params))
+        except self.tc.InferenceServerException as exc:
+            raise_served(exc.message())
         return read_lists(result)[0]
 
     def recommend(self, histories, n_items=None, **params) -> list:

@@ -1,8 +1,9 @@
-"""The served model: a dynamic batch of Triton requests checked one by one, grouped by params, decoded."""
+"""The served model's logic: a dynamic batch of requests checked one by one, grouped by params, decoded."""
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -15,39 +16,52 @@ from .schema import parse_request
 LOG = logging.getLogger("padrec.serve")
 
 
-def error_text(exc: BaseException) -> str:
-    return f"{type(exc).__name__}: {exc}"
+@dataclass(frozen=True)
+class Reply:
+    """What one request gets: its outputs, or the error that stopped it."""
+
+    outputs: dict | None  # name -> array, rows stacked
+    error: Exception | None = None
+
+    @property
+    def outcome(self) -> str:
+        if self.error is None:
+            return "ok"
+        if isinstance(self.error, DeadlineError):
+            return "deadline"
+        return "client_error" if isinstance(self.error, PadrecError) else "server_error"
 
 
 class ServeModel:
-    """The infer function of one model instance (one Recommender); Triton calls it with a list of requests."""
+    """One model instance (one Recommender): `__call__` takes the requests of a dynamic batch (name -> array
+    dicts) and returns a Reply per request; `on_decoded(batch, tau, rounds, seconds)` sees every runtime call."""
 
-    def __init__(self, rec, metrics=None, deadline_s: float | None = None):
+    def __init__(self, rec, deadline_s: float | None = None, on_decoded=None):
         self.rec = rec
-        self.metrics = metrics
         self.deadline_s = deadline_s
+        self.on_decoded = on_decoded
         self.limits = rec.limits
         self.known = {int(i): k for k, i in enumerate(rec.catalogue.item_ids)}
         self.has_draft = "draft" in rec.backends
         self.max_batch = rec.limits["max_batch"]
+        self.levels = rec.catalogue.sids.shape[1]
 
     def __call__(self, requests: list) -> list:
-        slots: dict = {}  # (request, row) -> Decoded list fields, or an error text
+        slots: dict = {}  # (request, row) -> (item_ids, sids, titles, tau) or an exception
         groups = defaultdict(list)
+        calibrated = bool(getattr(self.rec, "plan", None))
         for r, req in enumerate(requests):
             try:
-                jobs = parse_request(dict(req.items()), self.limits, self.known, self.has_draft,
-                                     bool(getattr(self.rec, "plan", None)))
+                jobs = parse_request(req, self.limits, self.known, self.has_draft, calibrated)
             except PadrecError as exc:
-                slots[(r, 0)] = error_text(exc)
-                self._count("client_error")
+                slots[(r, 0)] = exc
                 continue
             for row, job in enumerate(jobs):
                 groups[job.params].append(((r, row), job.history))
         for params, members in groups.items():
             for start in range(0, len(members), self.max_batch):
                 self._decode_group(params, members[start:start + self.max_batch], slots)
-        return [self._response(r, slots) for r in range(len(requests))]
+        return [self._reply(r, slots) for r in range(len(requests))]
 
     def _decode_group(self, params, members: list, slots: dict) -> None:
         """One runtime call for the group; if it fails, each member alone, so one bad history fails alone
@@ -57,54 +71,36 @@ class ServeModel:
         except Exception as exc:
             if len(members) == 1 or isinstance(exc, DeadlineError):
                 for key, _ in members:
-                    self._record_failure(key, exc, slots)
+                    slots[key] = self._logged(exc)
                 return
         for member in members:
             try:
                 self._decode(params, [member], slots)
             except Exception as exc:
-                self._record_failure(member[0], exc, slots)
+                slots[member[0]] = self._logged(exc)
 
-    def _record_failure(self, key, exc: Exception, slots: dict) -> None:
-        if isinstance(exc, DeadlineError):
-            outcome, text = "deadline", error_text(exc)
-        elif isinstance(exc, PadrecError):
-            outcome, text = "client_error", error_text(exc)
-        else:  # an engine failure: reported to this client, logged; the server goes on
+    @staticmethod
+    def _logged(exc: Exception) -> Exception:
+        if not isinstance(exc, PadrecError):  # an engine failure: this request gets it, the server goes on
             LOG.error("decode failed", exc_info=exc)
-            outcome, text = "server_error", f"ServerError: {error_text(exc)}"
-        slots[key] = text
-        self._count(outcome)
+        return exc
 
     def _decode(self, params, members: list, slots: dict) -> None:
         out = runtime.decode(self.rec, [h for _, h in members], params, self.deadline_s)
         for b, (key, _) in enumerate(members):
             slots[key] = (out.item_ids[b], out.sids[b], out.titles[b], out.tau)
-        if self.metrics is not None:
-            m = self.metrics
-            m.batch_size.observe(len(members))
-            m.tau.observe(out.tau)
-            m.rounds.inc(out.rounds)
-            m.decode_s.observe(out.time_s)
-        self._count("ok", len(members))
+        if self.on_decoded is not None:
+            self.on_decoded(len(members), out.tau, out.rounds, out.time_s)
 
-    def _count(self, outcome: str, n: int = 1) -> None:
-        if self.metrics is not None:
-            self.metrics.requests.labels(outcome).inc(n)
-
-    def _response(self, r: int, slots: dict) -> dict:
+    def _reply(self, r: int, slots: dict) -> Reply:
         """Request r's outputs: its rows stacked (lists padded with -1 / "" to the longest), or its error."""
-        rows = [v for (q, _), v in sorted(slots.items()) if q == r]
-        errors = [v for v in rows if isinstance(v, str)]
-        levels = self.rec.catalogue.sids.shape[1]
+        rows = [v for (q, _), v in sorted(slots.items(), key=lambda kv: kv[0]) if q == r]
+        errors = [v for v in rows if isinstance(v, Exception)]
         if errors:
-            # one placeholder item: PyTriton cannot pass zero-size tensors
-            return {"item_ids": np.full((1, 1), -1, np.int64), "sids": np.full((1, 1, levels), -1, np.int32),
-                    "titles": np.full((1, 1), b"", np.bytes_), "tau": np.zeros((1, 1), np.float32),
-                    "error": np.array([[errors[0].encode()]], dtype=np.bytes_)}
+            return Reply(None, errors[0])
         n = max(len(v[0]) for v in rows)
         item_ids = np.full((len(rows), n), -1, np.int64)
-        sids = np.full((len(rows), n, levels), -1, np.int32)
+        sids = np.full((len(rows), n, self.levels), -1, np.int32)
         titles = np.full((len(rows), n), b"", dtype=object)
         for b, (items, s, t, _) in enumerate(rows):
             item_ids[b, :len(items)] = items
@@ -112,5 +108,4 @@ class ServeModel:
             if t is not None:
                 titles[b, :len(items)] = [x.encode() for x in t]
         tau = np.array([[v[3]] for v in rows], np.float32)
-        return {"item_ids": item_ids, "sids": sids, "titles": titles.astype(np.bytes_), "tau": tau,
-                "error": np.full((len(rows), 1), b"", dtype=np.bytes_)}
+        return Reply({"item_ids": item_ids, "sids": sids, "titles": titles, "tau": tau})

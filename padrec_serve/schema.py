@@ -36,7 +36,6 @@ OUTPUTS = (
     TensorSpec("sids", np.int32, (-1, -1)),  # (items, levels) semantic IDs
     TensorSpec("titles", np.bytes_, (-1,)),  # empty strings where the catalogue has no titles
     TensorSpec("tau", np.float32, (1,)),  # tokens per target pass of the batch this request was decoded in
-    TensorSpec("error", np.bytes_, (1,)),  # "" or "ErrorClass: message" (see docs/serving.md, errors)
 )
 
 

@@ -1,20 +1,23 @@
-"""`padrec serve`: Triton Inference Server (through PyTriton) with padrec bound as a dynamically batched model."""
+"""`padrec serve`: Triton Inference Server (the build PyTriton ships) with padrec as a Python-backend model."""
 from __future__ import annotations
 
-import logging
+import os
+import shutil
 import signal
+import subprocess
+import sys
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
-from padrec_runtime.errors import BackendError
+from padrec_runtime.errors import BackendError, InputError
 
-from . import runtime
-from .metrics import ServeMetrics
-from .model import ServeModel
 from .schema import INPUTS, MODEL_NAME, OUTPUTS
 
-LOG = logging.getLogger("padrec.serve")
+TRITON_TYPES = {np.int64: "TYPE_INT64", np.int32: "TYPE_INT32", np.float32: "TYPE_FP32", np.bool_: "TYPE_BOOL",
+                np.bytes_: "TYPE_STRING"}
 
 
 @dataclass(frozen=True)
@@ -25,8 +28,7 @@ class ServeConfig:
     device: str = "cpu"
     http_port: int = 8000
     grpc_port: int = 8001
-    metrics_port: int = 8002  # Triton's metrics
-    padrec_metrics_port: int = 8003  # padrec's metrics (prometheus_client)
+    metrics_port: int = 8002  # Triton's metrics and padrec's
     max_batch: int = 32  # Triton's max_batch_size: histories per dynamic batch
     max_queue_delay_us: int = 2000  # how long the batcher waits to fill a batch
     instances: int = 1  # model instances, each with its own Recommender
@@ -35,58 +37,87 @@ class ServeConfig:
     exit_timeout_s: int = 5  # in-flight requests get this long on shutdown
 
 
-def import_pytriton():
+def triton_dist() -> Path:
+    """The Triton server build inside the PyTriton wheel."""
     try:
-        from pytriton import model_config, triton
+        import pytriton
     except ImportError as exc:
-        raise BackendError(f"padrec serve: {exc} | needs PyTriton | pip install 'padrec[serve]' (a venv made with "
-                           "a Python that has its shared libpython, e.g. Debian's /usr/bin/python3.11)") from None
-    return model_config, triton
+        raise BackendError(f"padrec serve: {exc} | needs Triton from PyTriton | pip install 'padrec[serve]' in a venv "
+                           "made with a Python that has its shared libpython (e.g. Debian's /usr/bin/python3.11)") \
+            from None
+    return Path(pytriton.__file__).parent
 
 
-def calibration_batches(max_batch: int) -> tuple:
-    return tuple(sorted({b for b in (1, 4, 16, max_batch) if b <= max_batch}))
+def _tensor_block(specs, ragged: bool) -> str:
+    rows = []
+    for s in specs:
+        extra = ", optional: true" if s.optional else ""
+        extra += ", allow_ragged_batch: true" if ragged and s.shape == (-1,) else ""
+        rows.append(f'  {{ name: "{s.name}", data_type: {TRITON_TYPES[s.dtype]}, dims: {list(s.shape)}{extra} }}')
+    return ",\n".join(rows)
 
 
-def build_models(config: ServeConfig, metrics: ServeMetrics) -> list:
-    """One ServeModel (and Recommender) per instance, calibrated for `auto` when the engines have a draft."""
-    models = []
-    for k in range(config.instances):
-        rec = runtime.open_recommender(config.engine_dir, config.device)
-        max_batch = min(config.max_batch, rec.limits["max_batch"])
-        if config.calibrate and "draft" in rec.backends:
-            plan = runtime.calibrate(rec, calibration_batches(max_batch))
-            LOG.info("instance %d: auto speculation %s", k,
-                     ", ".join(f"batch<={c.batch}: {c.speculate}" + (f" K={c.draft_steps}" if c.draft_steps else "")
-                               for c in plan))
-        models.append(ServeModel(rec, metrics, config.deadline_s))
-    return models
+def model_config(config: ServeConfig) -> str:
+    """config.pbtxt of the padrec model."""
+    params = {"engine_dir": str(Path(config.engine_dir).resolve()), "device": config.device,
+              "deadline_s": "" if config.deadline_s is None else str(config.deadline_s),
+              "calibrate": "1" if config.calibrate else "0"}
+    kind = "KIND_GPU" if config.device == "cuda" else "KIND_CPU"
+    return "\n".join([
+        f'name: "{MODEL_NAME}"', 'backend: "python"', f"max_batch_size: {config.max_batch}",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {config.max_queue_delay_us} }}",
+        f"instance_group [ {{ count: {config.instances}, kind: {kind} }} ]",
+        "input [\n" + _tensor_block(INPUTS, ragged=True) + "\n]",
+        "output [\n" + _tensor_block(OUTPUTS, ragged=False) + "\n]",
+        *(f'parameters {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in params.items()), ""])
 
 
-def triton_tensors(specs, Tensor) -> list:
-    return [Tensor(name=s.name, dtype=np.bytes_ if s.dtype is np.bytes_ else s.dtype, shape=s.shape,
-                   optional=s.optional) for s in specs]
+def prepare(config: ServeConfig, workdir: Path) -> list:
+    """A model repository and a Python backend (with the stub for this interpreter) in workdir; the command."""
+    if not (Path(config.engine_dir) / "manifest.json").is_file():
+        raise InputError(f"--engines: {config.engine_dir} has no manifest.json | give an engine directory "
+                         "(padrec export --out DIR)")
+    dist = triton_dist() / "tritonserver"
+    version = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"
+    if not stub.exists():
+        raise BackendError(f"padrec serve: Python {version} | Triton's Python backend has stubs for "
+                           f"{sorted(p.name for p in stub.parents[1].iterdir())} | use one of those")
+    backend = workdir / "backends" / "python"
+    backend.mkdir(parents=True)
+    for f in (dist / "backends" / "python").iterdir():
+        if f.is_file():
+            (backend / f.name).symlink_to(f)
+    shutil.copy(stub, backend / stub.name)
+    model = workdir / "models" / MODEL_NAME
+    (model / "1").mkdir(parents=True)
+    (model / "config.pbtxt").write_text(model_config(config))
+    package_root = Path(__file__).resolve().parents[1]
+    (model / "1" / "model.py").write_text(
+        f"import sys\nsys.path.insert(0, {str(package_root)!r})\n"
+        "from padrec_serve.triton_model import TritonPythonModel  # noqa: F401,E402\n")
+    return [str(dist / "bin" / "tritonserver"), f"--model-repository={workdir / 'models'}",
+            f"--backend-directory={workdir / 'backends'}", f"--http-port={config.http_port}",
+            f"--grpc-port={config.grpc_port}", f"--metrics-port={config.metrics_port}",
+            f"--exit-timeout-secs={config.exit_timeout_s}", "--disable-auto-complete-config", "--log-verbose=0",
+            "--strict-readiness=true"]
 
 
-def serve(config: ServeConfig) -> None:
-    """Start Triton, bind padrec, block until SIGINT or SIGTERM, then stop Triton and its processes."""
-    mc, tr = import_pytriton()
-    metrics = ServeMetrics()
-    models = build_models(config, metrics)
-    max_batch = min(config.max_batch, models[0].max_batch)
-    triton_config = tr.TritonConfig(http_port=config.http_port, grpc_port=config.grpc_port,
-                                    metrics_port=config.metrics_port, exit_timeout_secs=config.exit_timeout_s,
-                                    log_verbose=0)
-    signal.signal(signal.SIGTERM, lambda *_: signal.raise_signal(signal.SIGINT))  # Kubernetes stops with SIGTERM
-    # PyTriton guards these endpoints with a token of its own; statistics (read-only) stay open for operators
-    security = tr.TritonSecurityConfig(restricted_endpoints=[e for e in tr.DEFAULT_PROTECTED_ENDPOINTS
-                                                             if e != "statistics"])
-    with tr.Triton(config=triton_config, security_config=security) as triton:
-        triton.bind(model_name=MODEL_NAME, infer_func=models, inputs=triton_tensors(INPUTS, mc.Tensor),
-                    outputs=triton_tensors(OUTPUTS, mc.Tensor), strict=True,
-                    config=mc.ModelConfig(max_batch_size=max_batch, batcher=mc.DynamicBatcher(
-                        max_queue_delay_microseconds=config.max_queue_delay_us)))
-        metrics.serve(config.padrec_metrics_port)
-        LOG.info("padrec serving %s: HTTP :%d, gRPC :%d, metrics :%d (Triton) and :%d (padrec)", config.engine_dir,
-                 config.http_port, config.grpc_port, config.metrics_port, config.padrec_metrics_port)
-        triton.serve()
+def server_env() -> dict:
+    """Triton's libraries on the library path and this interpreter first on PATH (the stub runs its libpython)."""
+    env = dict(os.environ)
+    libs = triton_dist().parent / "nvidia_pytriton.libs"
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
+    env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
+    return env
+
+
+def serve(config: ServeConfig) -> int:
+    """Run Triton with padrec until SIGINT or SIGTERM (passed on to Triton, which drains and exits); its exit code."""
+    with tempfile.TemporaryDirectory(prefix="padrec-serve-") as tmp:
+        cmd = prepare(config, Path(tmp))
+        proc = subprocess.Popen(cmd, env=server_env())
+        forward = lambda signum, _frame: proc.send_signal(signum)  # noqa: E731
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, forward)
+        return proc.wait()

@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def serve_python() -> str | None:
     """An interpreter that can run the server: this one if it has PyTriton, else the set-up's .venv-serve."""
     for py in (sys.executable, str(ROOT / ".venv-serve" / "bin" / "python")):
-        if Path(py).exists() and subprocess.run([py, "-c", "import pytriton, prometheus_client"],
+        if Path(py).exists() and subprocess.run([py, "-c", "import pytriton"],
                                                 capture_output=True).returncode == 0:
             return py
     return None
@@ -75,7 +75,7 @@ class ServerProcess:
     """A `padrec serve` child process and where it listens."""
 
     proc: subprocess.Popen
-    ports: dict  # http, grpc, metrics, padrec_metrics
+    ports: dict  # http, grpc, metrics
     log: Path
     pids: set = field(default_factory=set)  # the server and every process it started, seen while it ran
 
@@ -112,14 +112,12 @@ class ServerProcess:
 
 def start_server(engine_dir, log: Path, python: str, *args, ready_s: float = 240) -> ServerProcess:
     """`padrec serve` on free ports; returns once Triton reports the model ready."""
-    http, grpc, metrics, padrec_metrics = free_ports(4)
+    http, grpc, metrics = free_ports(3)
     cmd = [python, "-m", "padrec_export.cli", "serve", "--engines", str(engine_dir), "--http-port", str(http),
-           "--grpc-port", str(grpc), "--metrics-port", str(metrics), "--padrec-metrics-port", str(padrec_metrics),
-           *args]
+           "--grpc-port", str(grpc), "--metrics-port", str(metrics), *args]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
-    server = ServerProcess(proc, {"http": http, "grpc": grpc, "metrics": metrics,
-                                  "padrec_metrics": padrec_metrics}, log)
+    server = ServerProcess(proc, {"http": http, "grpc": grpc, "metrics": metrics}, log)
     end = time.time() + ready_s
     while time.time() < end:
         if proc.poll() is not None:

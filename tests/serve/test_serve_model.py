@@ -21,8 +21,8 @@ def request(history, **params):
     return req
 
 
-def error_of(out: dict) -> str:
-    return out["error"].reshape(-1)[0].decode()
+def error_of(reply) -> str:
+    return "" if reply.error is None else f"{type(reply.error).__name__}: {reply.error}"
 
 
 def test_mixed_params_in_one_batch_decode_as_separate_calls(rec):
@@ -37,7 +37,7 @@ def test_mixed_params_in_one_batch_decode_as_separate_calls(rec):
             rec.recommend([hist[1]], speculate="chain").lists[0].item_ids,
             rec.recommend([hist[2]], greedy=False, temperature=0.7, seed=11, speculate="off").lists[0].item_ids,
             rec.recommend([hist[0]], n_items=3, speculate="off").lists[0].item_ids]
-    assert [o["item_ids"][0].tolist() for o in out] == want
+    assert [o.outputs["item_ids"][0].tolist() for o in out] == want
 
 
 def test_a_history_the_batch_call_rejects_fails_alone(rec):
@@ -50,7 +50,7 @@ def test_a_history_the_batch_call_rejects_fails_alone(rec):
     out = model([request(good[0]), request([99999, ids[7]]), request(good[1])])
     assert "unknown item ids [99999]" in error_of(out[1])
     assert error_of(out[0]) == error_of(out[2]) == ""
-    assert out[2]["item_ids"][0].tolist() == rec.recommend([good[1]], speculate="off").lists[0].item_ids
+    assert out[2].outputs["item_ids"][0].tolist() == rec.recommend([good[1]], speculate="off").lists[0].item_ids
 
 
 def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
@@ -58,5 +58,6 @@ def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
     out = ServeModel(rec, deadline_s=1e-9)([request(ids[0:4]), request(ids[4:6])])
     for o in out:
         assert error_of(o).startswith("DeadlineError: request: decoding took over the server's deadline")
+        assert o.outcome == "deadline"
     ok = ServeModel(rec, deadline_s=60)([request(ids[0:4])])
     assert error_of(ok[0]) == ""
