@@ -14,9 +14,10 @@ from padrec_runtime.api.cli import parse_ids
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
 @click.option("--http-port", type=int, default=8000, show_default=True)
 @click.option("--grpc-port", type=int, default=8001, show_default=True)
-@click.option("--metrics-port", type=int, default=8002, show_default=True, help="Prometheus metrics (Triton's, padrec's)")
+@click.option("--metrics-port", type=int, default=8002, show_default=True,
+              help="Prometheus metrics (Triton's and padrec's)")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=32, show_default=True,
-              help="histories per dynamic batch (capped at the engines' max batch)")
+              help="requests per dynamic batch (decoded in chunks of the engines' max batch)")
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
               help="how long the batcher waits for more requests")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -45,11 +46,14 @@ def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max
 @click.option("--top-k", type=int, default=None)
 @click.option("--top-p", type=float, default=None)
 @click.option("--seed", type=int, default=None)
+@click.option("--wait-s", type=float, default=0, help="wait this long for the server to be ready")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
-def client(url, protocol, histories, n_items, speculate, mode, temperature, top_k, top_p, seed, as_json):
+def client(url, protocol, histories, n_items, speculate, mode, temperature, top_k, top_p, seed, wait_s, as_json):
     """Ask a running `padrec serve` for lists."""
     from .client import Client
     with Client(url, protocol) as c:
+        if wait_s:
+            c.wait_ready(wait_s)
         lists = c.recommend([parse_ids(h) for h in histories], n_items, speculate=speculate, greedy=mode == "greedy",
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)
     if as_json:

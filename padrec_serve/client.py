@@ -1,6 +1,7 @@
 """A client of `padrec serve` over KServe v2 (tritonclient, HTTP or gRPC): histories in, lists out."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -82,6 +83,19 @@ class Client:
         self.protocol = protocol
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self.conn = self.tc.InferenceServerClient(url, **kw)
+
+    def wait_ready(self, timeout_s: float) -> None:
+        """Block until the server reports the padrec model ready; BackendError after timeout_s."""
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                if self.conn.is_model_ready(MODEL_NAME):
+                    return
+            except Exception:  # not listening yet
+                pass
+            if time.monotonic() > end:
+                raise BackendError(f"server: not ready after {timeout_s:g} s | start `padrec serve` or check --url")
+            time.sleep(0.5)
 
     def recommend_one(self, history, n_items=None, **params) -> ServedList:
         try:

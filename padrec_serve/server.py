@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +18,7 @@ from padrec_runtime.errors import BackendError, InputError
 
 from .schema import INPUTS, MODEL_NAME, OUTPUTS
 
+RESTRICTED = "model-repository,shared-memory,trace,logging"
 TRITON_TYPES = {np.int64: "TYPE_INT64", np.int32: "TYPE_INT32", np.float32: "TYPE_FP32", np.bool_: "TYPE_BOOL",
                 np.bytes_: "TYPE_STRING"}
 
@@ -92,6 +95,8 @@ def prepare(config: ServeConfig, workdir: Path) -> list:
     model = workdir / "models" / MODEL_NAME
     (model / "1").mkdir(parents=True)
     (model / "config.pbtxt").write_text(model_config(config))
+    # model loading, shared memory, tracing and log settings stay behind a key nobody is given (statistics open)
+    restricted = f"{RESTRICTED}:triton-access-token={secrets.token_urlsafe(32)}"
     package_root = Path(__file__).resolve().parents[1]
     (model / "1" / "model.py").write_text(
         f"import sys\nsys.path.insert(0, {str(package_root)!r})\n"
@@ -100,14 +105,21 @@ def prepare(config: ServeConfig, workdir: Path) -> list:
             f"--backend-directory={workdir / 'backends'}", f"--http-port={config.http_port}",
             f"--grpc-port={config.grpc_port}", f"--metrics-port={config.metrics_port}",
             f"--exit-timeout-secs={config.exit_timeout_s}", "--disable-auto-complete-config", "--log-verbose=0",
-            "--strict-readiness=true"]
+            "--strict-readiness=true", f"--http-restricted-api={restricted}",
+            f"--grpc-restricted-protocol={restricted}"]
 
 
 def server_env() -> dict:
-    """Triton's libraries on the library path and this interpreter first on PATH (the stub runs its libpython)."""
+    """This interpreter's libpython and Triton's libraries on the library path, the interpreter first on PATH:
+    Triton's Python-backend stub embeds a libpython3.X and runs this venv's packages; another build's libpython
+    (the system's, found first otherwise) fails inside the stub (`'_thread.RLock' object has no attribute ...`)."""
     env = dict(os.environ)
     libs = triton_dist().parent / "nvidia_pytriton.libs"
-    env["LD_LIBRARY_PATH"] = ":".join(p for p in (env.get("LD_LIBRARY_PATH"), str(libs)) if p)
+    if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
+        raise BackendError(f"padrec serve: {sys.executable} has no shared libpython | Triton's Python backend embeds "
+                           "one | make the serving venv with a Python built with --enable-shared")
+    libdir = sysconfig.get_config_var("LIBDIR")
+    env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH"), str(libs)) if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env
 

@@ -11,7 +11,7 @@ import pytest
 
 from padrec_runtime.api.recommender import Recommender
 
-from .server_proc import ROOT, port_free, serve_python, start_server
+from padrec_serve.process import ROOT, port_free, serve_python, start_server
 
 pytest.importorskip("tritonclient.http")
 pytest.importorskip("tritonclient.grpc")
@@ -179,7 +179,8 @@ def test_bad_requests_do_not_fail_their_batch(server, rec):
 def test_client_command_prints_the_lists(server, rec):
     hist = histories(rec, 2, seed=6)
     args = [SERVE_PYTHON, "-m", "padrec_export.cli", "client", "--url", server.grpc, "--protocol", "grpc",
-            "--n-items", str(N_ITEMS), "--json"] + [a for h in hist for a in ("--history", ",".join(map(str, h)))]
+            "--n-items", str(N_ITEMS), "--wait-s", "30", "--json"]
+    args += [a for h in hist for a in ("--history", ",".join(map(str, h)))]
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     got = [x["item_ids"] for x in json.loads(out.stdout)]
@@ -188,13 +189,19 @@ def test_client_command_prints_the_lists(server, rec):
     assert bad.returncode == 1 and "unknown item ids" in bad.stderr and "Traceback" not in bad.stderr
 
 
-def test_metrics_and_health(server):
+def test_metrics_health_and_closed_admin_endpoints(server):
     assert server.get("http", "/v2/health/ready") == ""
+    req = urllib.request.Request(f"http://{server.http}/v2/repository/models/padrec/unload", data=b"{}", method="POST")
+    with pytest.raises(urllib.error.HTTPError) as denied:
+        urllib.request.urlopen(req, timeout=10)
+    assert denied.value.code == 403
+    assert server.get("http", "/v2/models/padrec/ready") == ""
     triton = server.get("metrics", "/metrics")
     assert 'nv_inference_request_success{model="padrec"' in triton
     ok = [line for line in triton.splitlines() if line.startswith("padrec_requests{") and 'outcome="ok"' in line]
     assert ok and float(ok[0].split()[-1]) > 400, ok
-    bad = [line for line in triton.splitlines() if line.startswith("padrec_requests{") and 'outcome="client_error"' in line]
+    bad = [line for line in triton.splitlines()
+           if line.startswith("padrec_requests{") and 'outcome="client_error"' in line]
     assert bad and float(bad[0].split()[-1]) >= 10, bad
     assert "padrec_batch_size_bucket" in triton and "padrec_tau_count" in triton and "padrec_rounds{" in triton
 

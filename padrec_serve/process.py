@@ -1,4 +1,4 @@
-"""Starting and stopping a real `padrec serve` process for the tests and tools, on free loopback ports."""
+"""A `padrec serve` child process on free loopback ports: start, wait until ready, stop, see what it left."""
 from __future__ import annotations
 
 import json
@@ -12,16 +12,30 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) holding padrec_serve
 
 
 def serve_python() -> str | None:
-    """An interpreter that can run the server: this one if it has PyTriton, else the set-up's .venv-serve."""
+    """An interpreter that can run the server: this one if it has PyTriton, else the set-up's .venv-serve (a
+    checkout's), else None."""
     for py in (sys.executable, str(ROOT / ".venv-serve" / "bin" / "python")):
         if Path(py).exists() and subprocess.run([py, "-c", "import pytriton"],
                                                 capture_output=True).returncode == 0:
             return py
     return None
+
+
+def rss_mib(pids) -> float:
+    """Resident memory of these processes together, MiB."""
+    total = 0
+    for p in pids:
+        try:
+            for line in Path(f"/proc/{p}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1])
+        except OSError:
+            continue
+    return total / 1024
 
 
 def free_ports(n: int) -> list:
