@@ -22,7 +22,7 @@ from padrec_runtime.api.cli import parse_ids
               help="how long the batcher waits for more requests")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
               help="model instances, each with its own engines (one per GPU: see docs/serving.md)")
-@click.option("--deadline-s", type=click.FloatRange(min=0, min_open=True), default=None,
+@click.option("--deadline-s", type=click.FloatRange(min=0.001), default=None,
               help="cut a request decoding longer than this (DeadlineError)")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="time AR against speculation per batch size at start, for speculate=auto")

@@ -8,7 +8,7 @@ import numpy as np
 
 from padrec_runtime.errors import BackendError, InputError, PadrecError
 
-from .runtime import DeadlineError
+from padrec_runtime.errors import DeadlineError
 from .schema import MODEL_NAME
 
 ERRORS = {"InputError": InputError, "DeadlineError": DeadlineError}

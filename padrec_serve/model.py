@@ -10,7 +10,7 @@ import numpy as np
 from padrec_runtime.errors import PadrecError
 
 from . import runtime
-from .runtime import DeadlineError
+from padrec_runtime.errors import DeadlineError
 from .schema import parse_request
 
 LOG = logging.getLogger("padrec.serve")
@@ -49,25 +49,25 @@ class ServeModel:
     def __call__(self, requests: list) -> list:
         slots: dict = {}  # (request, row) -> (item_ids, sids, titles, tau) or an exception
         groups = defaultdict(list)
-        calibrated = bool(getattr(self.rec, "plan", None))
+        calibrated = bool(self.rec.plan)
         for r, req in enumerate(requests):
             try:
-                jobs = parse_request(req, self.limits, self.known, self.has_draft, calibrated)
+                jobs = parse_request(req, self.limits, self.known, self.has_draft, calibrated, self.deadline_s)
             except PadrecError as exc:
                 slots[(r, 0)] = exc
                 continue
             for row, job in enumerate(jobs):
-                groups[job.params].append(((r, row), job.history))
-        for params, members in groups.items():
+                groups[(job.n_items, job.params)].append(((r, row), job.history))
+        for group, members in groups.items():
             for start in range(0, len(members), self.max_batch):
-                self._decode_group(params, members[start:start + self.max_batch], slots)
+                self._decode_group(group, members[start:start + self.max_batch], slots)
         return [self._reply(r, slots) for r in range(len(requests))]
 
-    def _decode_group(self, params, members: list, slots: dict) -> None:
+    def _decode_group(self, group: tuple, members: list, slots: dict) -> None:
         """One runtime call for the group; if it fails, each member alone, so one bad history fails alone
         (a group cut at the deadline is not retried)."""
         try:
-            return self._decode(params, members, slots)
+            return self._decode(group, members, slots)
         except Exception as exc:
             if len(members) == 1 or isinstance(exc, DeadlineError):
                 for key, _ in members:
@@ -75,7 +75,7 @@ class ServeModel:
                 return
         for member in members:
             try:
-                self._decode(params, [member], slots)
+                self._decode(group, [member], slots)
             except Exception as exc:
                 slots[member[0]] = self._logged(exc)
 
@@ -85,8 +85,9 @@ class ServeModel:
             LOG.error("decode failed", exc_info=exc)
         return exc
 
-    def _decode(self, params, members: list, slots: dict) -> None:
-        out = runtime.decode(self.rec, [h for _, h in members], params, self.deadline_s)
+    def _decode(self, group: tuple, members: list, slots: dict) -> None:
+        n_items, params = group
+        out = runtime.decode(self.rec, [h for _, h in members], n_items, params)
         for b, (key, _) in enumerate(members):
             slots[key] = (out.item_ids[b], out.sids[b], out.titles[b], out.tau)
         if self.on_decoded is not None:

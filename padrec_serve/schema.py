@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from padrec_runtime import DecodeParams
 from padrec_runtime.errors import InputError
 
 MODEL_NAME = "padrec"  # the model's name on the server (/v2/models/padrec)
@@ -40,24 +41,12 @@ OUTPUTS = (
 
 
 @dataclass(frozen=True)
-class Params:
-    """Decode parameters of a request; requests with equal Params decode as one batch."""
-
-    n_items: int
-    speculate: str = "auto"
-    greedy: bool = True
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-@dataclass(frozen=True)
 class Job:
-    """One checked history and how to decode it."""
+    """One checked history and how to decode it; jobs with equal (n_items, params) decode as one batch."""
 
     history: tuple
-    params: Params
+    n_items: int
+    params: DecodeParams
 
 
 def _scalar(req: dict, name: str, kinds: str, default):
@@ -77,9 +66,10 @@ def kinds_name(kinds: str) -> str:
     return {"iu": "an integer", "f": "a float", "fiu": "a number", "b": "a bool", "SO": "a string"}.get(kinds, kinds)
 
 
-def parse_params(req: dict, limits: dict, has_draft: bool, calibrated: bool) -> Params:
-    """Params of one request, every value checked against the engines' limits (speculate defaults to auto on a
-    calibrated server, else to the engines' chain)."""
+def parse_params(req: dict, limits: dict, has_draft: bool, calibrated: bool,
+                 deadline_s: float | None = None) -> tuple:
+    """(n_items, DecodeParams) of one request, every value checked against the engines' limits (speculate
+    defaults to auto on a calibrated server, else to the engines' chain); the server's deadline goes along."""
     n_items = _scalar(req, "n_items", "iu", limits["n_items"])
     if not 1 <= n_items <= limits["max_items"]:
         raise InputError(f"n_items: got {n_items} | expected 1..{limits['max_items']} | ask for fewer items")
@@ -106,7 +96,8 @@ def parse_params(req: dict, limits: dict, has_draft: bool, calibrated: bool) -> 
         raise InputError(f"seed: got {seed} | expected >= 0")
     if greedy:  # sampling settings do not change a greedy list: one group for all greedy requests
         temperature, top_k, top_p, seed = 1.0, 0, 1.0, 0
-    return Params(int(n_items), speculate, bool(greedy), float(temperature), int(top_k), float(top_p), int(seed))
+    return int(n_items), DecodeParams(speculate=speculate, greedy=bool(greedy), temperature=float(temperature),
+                                      top_k=int(top_k), top_p=float(top_p), seed=int(seed), deadline_s=deadline_s)
 
 
 def parse_histories(req: dict, limits: dict, known: dict) -> list:
@@ -134,10 +125,11 @@ def parse_histories(req: dict, limits: dict, known: dict) -> list:
     return out
 
 
-def parse_request(req: dict, limits: dict, known: dict, has_draft: bool, calibrated: bool) -> list:
+def parse_request(req: dict, limits: dict, known: dict, has_draft: bool, calibrated: bool,
+                  deadline_s: float | None = None) -> list:
     """Jobs of one Triton request (a request of b rows is b histories with the same params)."""
     extra = sorted(set(req) - {s.name for s in INPUTS})
     if extra:
         raise InputError(f"inputs: unknown {extra} | expected {[s.name for s in INPUTS]}")
-    params = parse_params(req, limits, has_draft, calibrated)
-    return [Job(h, params) for h in parse_histories(req, limits, known)]
+    n_items, params = parse_params(req, limits, has_draft, calibrated, deadline_s)
+    return [Job(h, n_items, params) for h in parse_histories(req, limits, known)]

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender
 from padrec_serve.client import Client
 from padrec_serve.process import serve_python, start_server
 
@@ -74,11 +74,11 @@ def run_level(url: str, histories: list, concurrency: int, speculate: str, reque
 
 def in_process_ms(rec, histories: list, repeats: int = 20) -> float:
     """Median in-process time of one batch-1 list (the floor the server adds its overhead to)."""
-    rec.recommend(histories[:1], speculate="chain")
+    rec.recommend(histories[:1], params=DecodeParams(speculate="chain"))
     times = []
     for k in range(repeats):
         t0 = time.perf_counter()
-        rec.recommend([histories[k % len(histories)]], speculate="chain")
+        rec.recommend([histories[k % len(histories)]], params=DecodeParams(speculate="chain"))
         times.append(time.perf_counter() - t0)
     return float(np.median(times)) * 1e3
 

@@ -85,7 +85,8 @@ def main():
         finally:
             result_code = server.stop()
         result.update(engines="embedded default ml-100k" if not args.engines else str(args.engines),
-                      server_exit_code=result_code, passed=bool(result["failures"] == 0 and result["rss_growth"] < 0.05))
+                      server_exit_code=result_code,
+                      passed=bool(result["failures"] == 0 and result["rss_growth"] < 0.05))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps({k: v for k, v in result.items() if k != "trace"}, indent=1))

@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender
 
 from padrec_serve.process import ROOT, port_free, serve_python, start_server
 
@@ -37,6 +37,11 @@ def server(engines_master, tmp_path_factory):
     srv.stop()
 
 
+def want_lists(rec, hists, speculate="off") -> list:
+    """The in-process Recommender's lists."""
+    return rec.recommend(hists, n_items=N_ITEMS, params=DecodeParams(speculate=speculate)).lists
+
+
 def histories(rec, n, seed=0):
     rng = np.random.default_rng(seed)
     ids = rec.catalogue.item_ids
@@ -61,7 +66,7 @@ def history_input(ids, dtype="INT64", shape=None):
 @pytest.mark.parametrize("speculate", ["off", "chain", "tree"])
 def test_http_and_grpc_answer_as_recommend(server, rec, speculate):
     hist = histories(rec, 5, seed=1)
-    want = rec.recommend(hist, n_items=N_ITEMS, speculate=speculate).lists
+    want = want_lists(rec, hist, speculate)
     for url, protocol in ((server.http, "http"), (server.grpc, "grpc")):
         with Client(url, protocol) as c:
             got = c.recommend(hist, N_ITEMS, speculate=speculate)
@@ -77,7 +82,7 @@ def test_curl_json_request_answers_as_recommend(server, rec):
                                        {"name": "speculate", "shape": [1, 1], "datatype": "BYTES", "data": ["auto"]}])
     assert status == 200, body
     out = {o["name"]: o["data"] for o in body["outputs"]}
-    assert out["item_ids"] == rec.recommend([hist], n_items=N_ITEMS, speculate="off").lists[0].item_ids
+    assert out["item_ids"] == want_lists(rec, [hist])[0].item_ids
 
 
 def test_concurrent_requests_batch_and_match_single_requests(server, rec):
@@ -146,7 +151,7 @@ def _error_of(status, body) -> str:
 
 def test_bad_requests_get_named_client_errors_and_the_server_goes_on(server, rec):
     good = histories(rec, 1, seed=4)[0]
-    want = rec.recommend([good], n_items=N_ITEMS, speculate="off").lists[0].item_ids
+    want = want_lists(rec, [good])[0].item_ids
     cases = _bad_requests(rec)
     assert len(cases) == 20
     for what, inputs, words in cases:
@@ -158,7 +163,7 @@ def test_bad_requests_get_named_client_errors_and_the_server_goes_on(server, rec
 
 def test_bad_requests_do_not_fail_their_batch(server, rec):
     good = histories(rec, 16, seed=5)
-    want = {tuple(h): rec.recommend([h], n_items=N_ITEMS, speculate="off").lists[0].item_ids for h in good}
+    want = {tuple(h): want_lists(rec, [h])[0].item_ids for h in good}
     bad = [[int(good[0][0]), 7], [int(good[1][0])] * 2]
 
     def run(k):
@@ -184,7 +189,7 @@ def test_client_command_prints_the_lists(server, rec):
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     got = [x["item_ids"] for x in json.loads(out.stdout)]
-    assert got == [x.item_ids for x in rec.recommend(hist, n_items=N_ITEMS, speculate="off").lists]
+    assert got == [x.item_ids for x in want_lists(rec, hist)]
     bad = subprocess.run(args[:-4] + ["--history", "1,1"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 1 and "unknown item ids" in bad.stderr and "Traceback" not in bad.stderr
 

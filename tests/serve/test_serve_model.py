@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from padrec_runtime.api.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender
 from padrec_serve.model import ServeModel
 
 
@@ -21,6 +21,10 @@ def request(history, **params):
     return req
 
 
+def listed(rec, history, n_items=None, **params) -> list:
+    return rec.recommend([history], n_items, params=DecodeParams(**params)).lists[0].item_ids
+
+
 def error_of(reply) -> str:
     return "" if reply.error is None else f"{type(reply.error).__name__}: {reply.error}"
 
@@ -33,10 +37,9 @@ def test_mixed_params_in_one_batch_decode_as_separate_calls(rec):
             request(hist[0], speculate="tree", n_items=3)]
     out = ServeModel(rec)(reqs)
     assert [error_of(o) for o in out] == [""] * 4
-    want = [rec.recommend([hist[0]], n_items=3, speculate="off").lists[0].item_ids,
-            rec.recommend([hist[1]], speculate="chain").lists[0].item_ids,
-            rec.recommend([hist[2]], greedy=False, temperature=0.7, seed=11, speculate="off").lists[0].item_ids,
-            rec.recommend([hist[0]], n_items=3, speculate="off").lists[0].item_ids]
+    want = [listed(rec, hist[0], 3, speculate="off"), listed(rec, hist[1], speculate="chain"),
+            listed(rec, hist[2], greedy=False, temperature=0.7, seed=11, speculate="off"),
+            listed(rec, hist[0], 3, speculate="off")]
     assert [o.outputs["item_ids"][0].tolist() for o in out] == want
 
 
@@ -50,14 +53,14 @@ def test_a_history_the_batch_call_rejects_fails_alone(rec):
     out = model([request(good[0]), request([99999, ids[7]]), request(good[1])])
     assert "unknown item ids [99999]" in error_of(out[1])
     assert error_of(out[0]) == error_of(out[2]) == ""
-    assert out[2].outputs["item_ids"][0].tolist() == rec.recommend([good[1]], speculate="off").lists[0].item_ids
+    assert out[2].outputs["item_ids"][0].tolist() == listed(rec, good[1], speculate="off")
 
 
 def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
     ids = rec.catalogue.item_ids.tolist()
-    out = ServeModel(rec, deadline_s=1e-9)([request(ids[0:4]), request(ids[4:6])])
+    out = ServeModel(rec, deadline_s=1e-6)([request(ids[0:4]), request(ids[4:6])])
     for o in out:
-        assert error_of(o).startswith("DeadlineError: request: decoding took over the server's deadline")
+        assert error_of(o).startswith("DeadlineError: request: past its deadline")
         assert o.outcome == "deadline"
     ok = ServeModel(rec, deadline_s=60)([request(ids[0:4])])
     assert error_of(ok[0]) == ""
