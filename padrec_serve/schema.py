@@ -50,12 +50,13 @@ class Job:
 
 
 def _scalar(req: dict, name: str, kinds: str, default):
-    """The one value of an optional (1,)-shaped input (a (1, 1) array from a batch-1 request)."""
+    """The one value of an optional (1,)-shaped input: (rows, 1), one value per history row, all equal."""
     if name not in req:
         return default
     a = np.asarray(req[name])
-    if a.size != 1:
-        raise InputError(f"{name}: got shape {list(a.shape)} | expected one value | send [[value]]")
+    if a.size == 0 or a.ndim != 2 or a.shape[1] != 1 or len(set(a.reshape(-1).tolist())) != 1:
+        raise InputError(f"{name}: got {a.reshape(-1).tolist()[:8]} of shape {list(a.shape)} | expected one value "
+                         "per history row, the same for all rows | send [[value]], or one request per setting")
     if a.dtype.kind not in kinds:
         raise InputError(f"{name}: got dtype {a.dtype} | expected {kinds_name(kinds)} | send the documented type")
     v = a.reshape(-1)[0]

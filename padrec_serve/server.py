@@ -45,9 +45,9 @@ def triton_dist() -> Path:
     try:
         import pytriton
     except ImportError as exc:
-        raise BackendError(f"padrec serve: {exc} | needs Triton from PyTriton | pip install 'padrec[serve]' in a venv "
-                           "made with a Python that has its shared libpython (e.g. Debian's /usr/bin/python3.11)") \
-            from None
+        raise BackendError(f"padrec serve: {exc} | needs Triton from PyTriton | run .venv-serve/bin/padrec serve "
+                           "(tools/setup.sh makes it), or pip install 'padrec[serve]' in a venv of its own (PyTriton "
+                           "pins numpy<2)") from None
     return Path(pytriton.__file__).parent
 
 

@@ -64,3 +64,13 @@ def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
         assert o.outcome == "deadline"
     ok = ServeModel(rec, deadline_s=60)([request(ids[0:4])])
     assert error_of(ok[0]) == ""
+
+
+def test_a_request_of_several_rows_gives_a_list_per_row(rec):
+    ids = rec.catalogue.item_ids.tolist()
+    rows = [ids[0:3], ids[7:10]]
+    req = {"history": np.array(rows, dtype=np.int64), "n_items": np.array([[4], [4]], dtype=np.int32)}
+    out = ServeModel(rec)([req])[0]
+    assert out.outputs["item_ids"].tolist() == [listed(rec, h, 4, speculate="chain") for h in rows]
+    req["n_items"] = np.array([[4], [3]], dtype=np.int32)
+    assert "n_items: got [4, 3]" in error_of(ServeModel(rec)([req])[0])
