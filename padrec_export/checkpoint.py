@@ -6,58 +6,22 @@ Weights are read with safetensors only: nothing on the load path unpickles.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import struct
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from padrec_runtime.errors import CheckpointError
 
-from .models import Draft, DraftConfig, Target, TargetConfig
+from .hf_config import hf_config, target_config_from_hf  # noqa: F401  (re-exported: the checkpoint format)
+from .models import Draft, DraftConfig, Target
 
-HF_ARCHS = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-
-
-def _rope_theta(hf: dict) -> float:
-    params = hf.get("rope_parameters") or hf.get("rope_scaling") or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in ("default", None):
-        raise CheckpointError(f"config.json rope_type: got {kind!r} | only default RoPE is supported")
-    return float(params.get("rope_theta", hf.get("rope_theta", 10000.0)))
-
-
-def target_config_from_hf(hf: dict) -> TargetConfig:
-    arch = (hf.get("architectures") or ["LlamaForCausalLM"])[0]
-    if arch not in HF_ARCHS:
-        raise CheckpointError(f"config.json architectures: got {arch} | expected one of {', '.join(HF_ARCHS)}")
-    try:
-        n_heads = int(hf["num_attention_heads"])
-        if hf.get("head_dim") not in (None, int(hf["hidden_size"]) // n_heads):
-            raise CheckpointError(f"config.json head_dim: got {hf['head_dim']} | only hidden_size / heads is supported")
-        return TargetConfig(
-            vocab_size=int(hf["vocab_size"]), hidden_size=int(hf["hidden_size"]),
-            n_layers=int(hf["num_hidden_layers"]), n_heads=n_heads,
-            n_kv_heads=int(hf.get("num_key_value_heads") or n_heads),
-            intermediate_size=int(hf["intermediate_size"]), rope_theta=_rope_theta(hf),
-            rms_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            qkv_bias=arch == "Qwen2ForCausalLM" or bool(hf.get("attention_bias", False)),
-            tie_embeddings=bool(hf.get("tie_word_embeddings", False)))
-    except KeyError as exc:
-        raise CheckpointError(f"config.json: missing key {exc} | not a Llama/Qwen2 config") from None
-
-
-def hf_config(cfg: TargetConfig) -> dict:
-    arch = "Qwen2ForCausalLM" if cfg.qkv_bias else "LlamaForCausalLM"
-    return {
-        "architectures": [arch], "model_type": HF_ARCHS[arch], "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.hidden_size, "num_hidden_layers": cfg.n_layers, "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads, "intermediate_size": cfg.intermediate_size,
-        "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_eps, "hidden_act": "silu",
-        "tie_word_embeddings": cfg.tie_embeddings, "max_position_embeddings": 4096,
-        "attention_bias": cfg.qkv_bias and arch == "LlamaForCausalLM", "torch_dtype": "float32",
-        "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0,
-    }
+DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}  # safetensors dtype -> torch
+INDEX = "model.safetensors.index.json"  # a sharded checkpoint's tensor -> file map
 
 
 def _hf_to_ours(name: str) -> str:
@@ -108,25 +72,132 @@ def _read_safetensors(directory: Path, what: str) -> dict:
     return state
 
 
-def load_target(path) -> Target:
-    """A Target from a Hugging Face Llama/Qwen2 directory (ours are the same format)."""
+def _weight_files(directory: Path, what: str) -> list:
+    """The safetensors files of a checkpoint: the shards its index names, else every *.safetensors."""
+    index = directory / INDEX
+    if index.exists():
+        weight_map = _read_json(index, what).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map or not all(
+                isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{what}: {index.name} weight_map | got {type(weight_map).__name__} | expected "
+                                  "a mapping of tensor names to shard files | re-save the checkpoint")
+        files = [directory / f for f in sorted(set(weight_map.values()))]
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{what}: shards {missing[:3]} named in {index.name} not found in {directory} | "
+                                  "copy every shard of the checkpoint")
+        return files
+    files = sorted(directory.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{what}: no *.safetensors in {directory} | save with safe_serialization=True")
+    return files
+
+
+def _headers(files: list, what: str) -> dict:
+    """name -> (file, shape, safetensors dtype) of every tensor, read from the headers only (no weights)."""
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), "pt") as sf:
+                for name in sf.keys():
+                    sl = sf.get_slice(name)
+                    if name in out:
+                        raise CheckpointError(f"{what}: tensor {name} in both {out[name][0].name} and {f.name} | "
+                                              "re-save the checkpoint")
+                    out[name] = (f, tuple(sl.get_shape()), sl.get_dtype())
+        except CheckpointError:
+            raise
+        except Exception as exc:  # safetensors raises its own error types
+            raise CheckpointError(f"{what}: {f.name} is not a readable safetensors file ({exc})") from None
+    return out
+
+
+def _check_against(model: torch.nn.Module, shapes: dict, what: str) -> None:
+    """The checkpoint's tensor names and shapes equal the model's (checked before any weight is read)."""
+    own = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing, extra = sorted(set(own) - set(shapes)), sorted(set(shapes) - set(own))
+    if missing or extra:
+        raise CheckpointError(f"{what}: weights do not match the config | missing {missing[:5]} | "
+                              f"unexpected {extra[:5]} | check config.json against the weights")
+    for k, shape in shapes.items():
+        if shape != own[k]:
+            raise CheckpointError(f"{what}: {k} | got shape {shape} | expected {own[k]} from config.json | "
+                                  "check config.json against the weights")
+
+
+def load_target(path, dtype: torch.dtype | None = torch.float32) -> Target:
+    """A Target from a Hugging Face Llama/Qwen2 directory (ours are the same format): one safetensors file,
+    several, or shards with model.safetensors.index.json. Names, shapes and dtypes are checked from the
+    headers before a weight is read; each tensor is then read in the checkpoint's dtype and converted only
+    where `dtype` differs (dtype None: keep the checkpoint's, e.g. bf16, with no fp32 copy made)."""
     path = Path(path)
+    what = f"target {path}"
     cfg = target_config_from_hf(_read_json(path / "config.json", "target"))
-    model = Target(cfg)
-    state = {_hf_to_ours(k): v.float() for k, v in _read_safetensors(path, "target").items()
-             if not k.endswith("rotary_emb.inv_freq")}
+    headers = {_hf_to_ours(k): v for k, v in _headers(_weight_files(path, what), what).items()
+               if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-        state["lm_head.weight"] = state.get("embed_tokens.weight")
-    _load_state(model, state, f"target {path}")
+        headers.pop("lm_head.weight", None)  # Hugging Face may save the tied head; it is the embedding
+        if "embed_tokens.weight" in headers:
+            headers["lm_head.weight"] = headers["embed_tokens.weight"]
+    with torch.device("meta"):  # sizes only: a config with absurd sizes allocates nothing
+        model = Target(cfg)
+    _check_against(model, {k: v[1] for k, v in headers.items()}, what)
+    bad = {k: v[2] for k, v in headers.items() if v[2] not in DTYPES}
+    if bad:
+        name = next(iter(bad))
+        raise CheckpointError(f"{what}: {name} | got dtype {bad[name]} | expected one of {', '.join(DTYPES)} | "
+                              "dequantize the checkpoint first")
+    want = dtype or DTYPES[headers["embed_tokens.weight"][2]]
+    state = {}
+    for f in sorted({v[0] for v in headers.values()}):
+        with safe_open(str(f), "pt") as sf:
+            for name in sf.keys():
+                ours = _hf_to_ours(name)
+                if ours in headers and headers[ours][0] == f:  # one tensor at a time, converted only if needed
+                    t = sf.get_tensor(name)
+                    state[ours] = t if t.dtype == want else t.to(want)
+    if cfg.tie_embeddings:
+        state["lm_head.weight"] = state["embed_tokens.weight"]
+    model.load_state_dict(state, assign=True)
+    if cfg.tie_embeddings:
+        model.lm_head.weight = model.embed_tokens.weight
     return model.eval()
+
+
+def target_digest(path) -> str:
+    """sha256 of the raw bytes of the target's embedding and output head as stored (independent of the dtype
+    they are loaded in): what a draft shares with its target, so a draft can name the target it was trained on."""
+    path = Path(path)
+    what = f"target {path}"
+    headers = _headers(_weight_files(path, what), what)
+    h = hashlib.sha256()
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        if name in headers:
+            h.update(name.encode())
+            _hash_tensor_bytes(h, headers[name][0], name)
+    return h.hexdigest()
+
+
+def _hash_tensor_bytes(h, file: Path, name: str, chunk: int = 1 << 24) -> None:
+    """Feed one tensor's stored bytes to hash h, streamed from the safetensors file (never read whole)."""
+    with open(file, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        begin, end = json.loads(fh.read(n))[name]["data_offsets"]
+        fh.seek(8 + n + begin)
+        left = end - begin
+        while left:
+            block = fh.read(min(chunk, left))
+            h.update(block)
+            left -= len(block)
 
 
 def save_target(model: Target, path, extra: dict | None = None) -> None:
     """Write a Hugging Face-compatible checkpoint (+ padrec.json with `extra`, e.g. the token layout)."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(hf_config(model.cfg), indent=2))
+    config = hf_config(model.cfg)
+    config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
+    (path / "config.json").write_text(json.dumps(config, indent=2))
     state = {_ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")

@@ -123,6 +123,8 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
             domain="com.microsoft", num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, do_rotary=1,
             rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
         pending = linear(attn, a.o_proj.weight, f"l{i}.o")
+        if a.o_proj.bias is not None:  # Llama with attention_bias
+            pending = b.op("Add", [pending, b.const(f"l{i}.o_bias", _w(a.o_proj.bias))])
         h = norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
         if gate_up:
             both = linear(h, torch.cat([layer.gate_proj.weight, layer.up_proj.weight]), f"l{i}.gate_up")

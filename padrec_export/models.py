@@ -44,8 +44,16 @@ class TargetConfig(_Heads):
     intermediate_size: int = 344
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
-    qkv_bias: bool = False  # True for Qwen2
+    qkv_bias: bool = False  # q/k/v projection biases: Qwen2, and Llama with attention_bias
+    o_bias: bool = False  # output projection bias: Llama with attention_bias (Hugging Face gives o_proj one too)
     tie_embeddings: bool = False
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.o_bias and not self.qkv_bias:
+            from padrec_runtime.errors import CheckpointError
+            raise CheckpointError("TargetConfig | o_bias without qkv_bias | expected both (Llama attention_bias) or "
+                                  "qkv_bias alone (Qwen2)")
 
 
 @dataclass(frozen=True)
@@ -102,13 +110,13 @@ def rope_heads(position_ids, cfg, dtype):
 
 
 class Attention(nn.Module):
-    def __init__(self, hidden: int, n_heads: int, n_kv: int, bias: bool):
+    def __init__(self, hidden: int, n_heads: int, n_kv: int, bias: bool, o_bias: bool = False):
         super().__init__()
         self.n_heads, self.n_kv, self.head_dim = n_heads, n_kv, hidden // n_heads
         self.q_proj = nn.Linear(hidden, n_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(hidden, n_kv * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(hidden, n_kv * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=False)
+        self.o_proj = nn.Linear(n_heads * self.head_dim, hidden, bias=o_bias)
 
     def forward(self, x, cos, sin, mask, past_k, past_v):
         """cos, sin from `rope_heads`: (B, T, n_heads + 2 n_kv, head_dim). mask: (B, T, past + T) bool, or the
@@ -153,10 +161,10 @@ def _drop(x, p: float, training: bool):
 class DecoderLayer(nn.Module):
     dropout = 0.0  # residual-branch dropout while training (set by train_target; not part of the model)
 
-    def __init__(self, hidden, n_heads, n_kv, intermediate, eps, bias=False):
+    def __init__(self, hidden, n_heads, n_kv, intermediate, eps, bias=False, o_bias=False):
         super().__init__()
         self.input_layernorm = RMSNorm(hidden, eps)
-        self.self_attn = Attention(hidden, n_heads, n_kv, bias)
+        self.self_attn = Attention(hidden, n_heads, n_kv, bias, o_bias)
         self.post_attention_layernorm = RMSNorm(hidden, eps)
         self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
         self.up_proj = nn.Linear(hidden, intermediate, bias=False)
@@ -185,7 +193,8 @@ class Target(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(
-            DecoderLayer(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size, cfg.rms_eps, cfg.qkv_bias)
+            DecoderLayer(cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size, cfg.rms_eps, cfg.qkv_bias,
+                         cfg.o_bias)
             for _ in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
