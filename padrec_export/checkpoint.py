@@ -230,3 +230,13 @@ def load_draft(path, target: Target) -> Draft:
     state.update({k: v for k, v in model.state_dict().items() if k.startswith(("embed_tokens.", "lm_head."))})
     _load_state(model, state, f"draft {path}")
     return model.eval()
+
+
+def check_draft_pairing(draft_dir, target_dir) -> None:
+    """A draft written by `padrec train-draft` names its target's digest: refuse it with any other target."""
+    meta_path = Path(draft_dir) / "draft.json"
+    want = json.loads(meta_path.read_text()).get("target_digest") if meta_path.exists() else None
+    if want is not None and want != target_digest(target_dir):
+        raise CheckpointError(f"draft {draft_dir}: trained against a target with embedding/head digest {want[:12]} | "
+                              f"got {target_digest(target_dir)[:12]} from {target_dir} | train the draft against "
+                              "this target (padrec train-draft)")

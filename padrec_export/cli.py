@@ -107,6 +107,35 @@ def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, 
     click.echo(_json.dumps(report, indent=2))
 
 
+@main.command("train-draft")
+@click.option("--target", "target_dir", required=True, type=click.Path(file_okay=False),
+              help="target checkpoint directory (Hugging Face Llama / Qwen2 + padrec.json + catalogue.json)")
+@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), required=True,
+              help="interactions to train on (items must be in the target's catalogue)")
+@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+              help="draft directory to write; rerunning with the same settings continues its training")
+@click.option("--kind", type=click.Choice(["padrec", "eagle"]), default="padrec", show_default=True,
+              help="padrec: slot and step signals; eagle: the plain EAGLE draft (the ablation baseline)")
+@click.option("--epochs", type=click.IntRange(1), default=4, show_default=True,
+              help="total epochs (a resumed run trains the ones still missing)")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--draft-steps", type=click.IntRange(1, 16), default=4, show_default=True,
+              help="K: draft steps unrolled in training")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:0 ...")
+@click.option("--bf16", is_flag=True, help="bfloat16 autocast on GPU")
+@click.option("--users", type=click.IntRange(1), default=None, help="the first N users only (smoke runs)")
+def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draft_steps, seed, device, bf16, users):
+    """Train a draft against an existing target checkpoint (progress bar; resumable per epoch)."""
+    import json as _json
+
+    from .own_target import TrainConfig, train_draft_for
+    cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, draft_steps=draft_steps, device=device,
+                      dtype="bfloat16" if bf16 else "float32")
+    click.echo(_json.dumps(train_draft_for(target_dir, dataset, out_dir, kind, cfg, users), indent=2))
+
+
 @main.command()
 @click.option("--models", "model_dir", required=True, type=click.Path(), help="directory written by `padrec train`")
 @click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k")

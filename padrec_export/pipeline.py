@@ -7,16 +7,17 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from padrec_runtime.loop import DecodeConfig
-from padrec_runtime.errors import CheckpointError
+from padrec_runtime.errors import CheckpointError, InputError
 from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
 
-from .checkpoint import load_draft, load_target, save_draft, save_target
+from .checkpoint import check_draft_pairing, load_draft, load_target, save_draft, save_target
 from .data import Interactions, item_titles, load_dataset, make_split
 from .models import DraftConfig, TargetConfig
-from .onnx_export import ExportLimits, export_engines
+from .onnx_export import TORCH_DTYPES, ExportLimits, export_engines
 from .reference import reference_generate
 from .semantic_ids import embed_texts, residual_kmeans
 from .train import TrainConfig, encode_example, train_draft, train_target
@@ -110,9 +111,10 @@ def with_titles(cat: Catalogue, dataset: str | None) -> Catalogue:
     return Catalogue(cat.layout, cat.item_ids, cat.sids, [titles.get(int(i), "") for i in cat.item_ids])
 
 
-def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
-                       max_batch=64, draft_steps: int = 4, fused_chain: bool = True, fused_target: bool = True):
-    """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory."""
+def load_target_dir(target_dir, dtype=torch.float32):
+    """(catalogue, target, padrec.json) of a target directory: a Hugging Face checkpoint with padrec.json (the
+    token layout) and catalogue.json (items -> semantic IDs) beside it or one directory up. dtype: as
+    `load_target` (None keeps the checkpoint's)."""
     target_dir = Path(target_dir)
     meta_path = target_dir / "padrec.json"
     if not meta_path.exists():
@@ -126,8 +128,21 @@ def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq
     if not cat_path.exists():
         raise CheckpointError(f"{target_dir}: no catalogue.json next to the target | it maps items to semantic IDs")
     cat = with_titles(Catalogue.load(cat_path, layout), meta.get("dataset"))
-    target = load_target(target_dir)
-    draft = load_draft(draft_dir, target) if draft_dir else None
+    return cat, load_target(target_dir, dtype), meta
+
+
+def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
+                       max_batch=64, draft_steps: int = 4, fused_chain: bool = True, fused_target: bool = True):
+    """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory. The
+    target is read straight into the export precision (tensor by tensor: a bf16 checkpoint exported in bf16
+    is never copied to fp32)."""
+    dtype = TORCH_DTYPES.get(precision)
+    if dtype is None:
+        raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
+    if draft_dir:
+        check_draft_pairing(draft_dir, target_dir)
+    cat, target, _ = load_target_dir(target_dir, dtype)
+    draft = load_draft(draft_dir, target).to(dtype) if draft_dir else None
     limits = ExportLimits(max_seq_len=max_seq_len, max_history=max_history, max_batch=max_batch,
                           draft_steps=draft_steps, fused_chain=fused_chain, fused_target=fused_target)
     return export_engines(target, draft, cat, out_dir, precision, limits)

@@ -188,8 +188,12 @@ def draft_losses(draft: Draft, target: Target, ids: torch.Tensor, K: int, layout
 
 
 def train_draft(target: Target, dcfg: DraftConfig, seqs: list, cfg: TrainConfig, catalogue: Catalogue,
-                progress: bool = True) -> tuple[Draft, list]:
-    """A draft trained against the frozen target; returns it and the loss curve (sum over steps)."""
+                progress: bool = True, resume: dict | None = None, on_epoch=None) -> tuple[Draft, list]:
+    """A draft trained against the frozen target; returns it and the loss curve (sum over steps).
+
+    resume: a `DraftProgress.state` (draft weights, optimizer and schedule after some epochs) to continue
+    from; the remaining epochs then see the batches an uninterrupted run would. on_epoch(progress): called
+    after every epoch with a DraftProgress (to save it)."""
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     target = target.to(cfg.device).eval()
@@ -198,14 +202,18 @@ def train_draft(target: Target, dcfg: DraftConfig, seqs: list, cfg: TrainConfig,
     draft = Draft(dcfg, target).to(cfg.device).train()
     params = [p for n, p in draft.named_parameters() if not n.startswith(("embed_tokens.", "lm_head."))]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    steps = cfg.epochs * math.ceil(len(seqs) / cfg.batch_size)
-    sched = _schedule(opt, steps, cfg.warmup_steps)
+    per_epoch = math.ceil(len(seqs) / cfg.batch_size)
+    sched = _schedule(opt, cfg.epochs * per_epoch, cfg.warmup_steps)
+    first, curve = 0, []
+    if resume is not None:
+        first, curve = _restore(resume, draft, opt, sched)
+        for _ in range(first):  # the shuffles of the finished epochs: the rest sees an uninterrupted run's batches
+            rng.permutation(len(seqs))
     layout = catalogue.layout
     slots = lambda t: torch.from_numpy(layout.slots(t.cpu().numpy())).to(t.device)  # noqa: E731
-    curve = []
-    bar = tqdm(total=steps, desc=f"train draft ({'pad-rec' if dcfg.use_slot or dcfg.use_step else 'eagle'})",
-               disable=not progress)
-    for epoch in range(cfg.epochs):
+    bar = tqdm(total=cfg.epochs * per_epoch, initial=min(first, cfg.epochs) * per_epoch,
+               desc=f"train draft ({'pad-rec' if dcfg.use_slot or dcfg.use_step else 'eagle'})", disable=not progress)
+    for epoch in range(first, cfg.epochs):
         for ids in batches(seqs, cfg.batch_size, rng):
             ids = ids.to(cfg.device)
             with _autocast(cfg):
@@ -219,5 +227,36 @@ def train_draft(target: Target, dcfg: DraftConfig, seqs: list, cfg: TrainConfig,
             curve.append(float(loss.detach()))
             bar.update(1)
             bar.set_postfix(epoch=epoch, loss=f"{np.mean(curve[-20:]):.3f}")
+        if on_epoch is not None:
+            on_epoch(DraftProgress(epoch + 1, draft, opt, sched, curve))
     bar.close()
     return draft.eval(), curve
+
+
+@dataclass(frozen=True)
+class DraftProgress:
+    """A draft's training after some epochs: enough to continue it exactly."""
+
+    epochs_done: int
+    draft: Draft
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LRScheduler
+    curve: list  # loss per optimizer step so far
+
+    def state(self) -> dict:
+        """Tensors, numbers and lists only (loadable with torch.load(weights_only=True))."""
+        return {"epochs_done": self.epochs_done, "draft": self.draft.trainable_state(),
+                "optimizer": self.optimizer.state_dict(), "schedule": self.schedule.state_dict(),
+                "curve": list(self.curve)}
+
+
+def _restore(state: dict, draft: Draft, opt, sched) -> tuple[int, list]:
+    """Load a DraftProgress.state into a fresh draft, optimizer and schedule; (epochs done, curve so far)."""
+    missing, unexpected = draft.load_state_dict(state["draft"], strict=False)
+    if unexpected or any(not k.startswith(("embed_tokens.", "lm_head.")) for k in missing):
+        from padrec_runtime.errors import CheckpointError
+        raise CheckpointError(f"draft training state | missing {missing[:3]}, unexpected {unexpected[:3]} | it "
+                              "belongs to another draft configuration: start in a new directory")
+    opt.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["schedule"])
+    return int(state["epochs_done"]), list(state["curve"])
