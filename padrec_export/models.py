@@ -299,8 +299,8 @@ class DraftChain(nn.Module):
 
     The grammar rides in the graph: the catalogue trie as tables (Catalogue.chain_tables), the trie nodes
     whose items are all used (history and list so far) as a per-row input, and eos only once the list is
-    complete. (Items the chain itself completes are not banned for its later steps; the target, which alone
-    decides the output, rejects such a proposal, so the result stays lossless either way.)
+    complete. An item the chain completes is banned for its later steps, with every prefix it used up, as
+    the step-by-step loop's grammar does: the two propose the same tokens, so acceptance is the same.
     Inputs as the draft's (step is 0 for catch-up and j for the j-th chain step) plus, per row, `last`: the
     index of its last real catch-up token, `node`: the table row after that token, `left`: items still to
     write, and `banned` (B, n_nodes + 2): ListConstraint.chain_ban. Outputs the K proposed tokens and the new
@@ -319,6 +319,12 @@ class DraftChain(nn.Module):
         self.register_buffer("next_node", torch.as_tensor(t["next_node"]).long(), persistent=False)
         self.register_buffer("row_of", torch.as_tensor(t["row_of"]), persistent=False)
         self.register_buffer("is_leaf", torch.as_tensor(t["is_leaf"]), persistent=False)
+        # each leaf's item path, depth 1..L (the nodes a completed item may use up); NOT_CHILD for other nodes
+        n_nodes, L = len(catalogue.child_codes), catalogue.layout.levels
+        path_of = torch.full((n_nodes + 2, L), n_nodes, dtype=torch.long)
+        leaves = torch.as_tensor(catalogue.item_nodes[:, L])
+        path_of[leaves] = torch.as_tensor(catalogue.item_nodes[:, 1:], dtype=torch.long)
+        self.register_buffer("path_of", path_of, persistent=False)
         lay = catalogue.layout
         ends = torch.zeros(2, lay.vocab_size)
         ends[0, EOS] = ends[1, SEP] = float("-inf")  # row 0: items left, no eos; row 1: none left, no separator
@@ -416,9 +422,24 @@ class DraftChain(nn.Module):
             reached = nxt.gather(1, tok).flatten()
             at = self.row_of[reached]
             left = left - self.is_leaf[reached]
+            banned = self._ban_completed(banned, reached)
             x = token_part[tok.flatten()][:, None] + F.linear(h, w_hidden)
             if use_step:
                 x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
             h = layer(j, x)
             logits = d.lm_head(d.norm(h)).flatten(1)
         return torch.cat(tokens, dim=1).to(torch.int32)
+
+    def _ban_completed(self, banned, reached):
+        """`banned` (B, n_nodes + 2) after the rows whose token reached a leaf completed its item: the leaf and
+        every prefix node on its path with no other free item go to -inf (the grammar's `chain_ban` with the
+        item used). A prefix node is used up when its child on the path is and no other child is free."""
+        path = self.path_of[reached]  # (B, L) nodes at depth 1..L; NOT_CHILD (always banned) unless a leaf
+        B, L = path.shape
+        kids = self.next_node[self.row_of[path[:, :-1]]]  # (B, L-1, V): each inner path node's children
+        free = (banned.gather(1, kids.flatten(1)) == 0).view(B, L - 1, -1).sum(-1)  # (B, L-1), path child too
+        used_up = [self.is_leaf[reached].bool()]  # deepest first: the leaf itself
+        for d in range(L - 2, -1, -1):
+            used_up.append(used_up[-1] & (free[:, d] <= 1))
+        flags = torch.stack(used_up[::-1], dim=1)  # (B, L) in path order
+        return banned.scatter(1, path, torch.where(flags, float("-inf"), banned.gather(1, path)))

@@ -171,7 +171,8 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
             keys, values = torch.cat([pk[b:b + 1], k], 2), torch.cat([pv[b:b + 1], v], 2)
             seen = mask[b:b + 1, n:n + 1, :P + n + 1]
             (at, depth), lg, h, togo = start[b], logits[0, -1], h[:, -1:], int(left[b])
-            gone = cat.exhausted(frozenset(used[b]))
+            used_b = frozenset(used[b])
+            gone = cat.exhausted(used_b)
             want = []
             for j in range(1, K + 1):
                 if depth < lay.levels:
@@ -184,6 +185,9 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
                 if depth < lay.levels:
                     at, depth = int(kids[allowed.index(tok)][1]), depth + 1
                     togo -= depth == lay.levels
+                    if depth == lay.levels:  # the item is used: not proposed again in this chain
+                        used_b = used_b | {cat.leaf_item[at]}
+                        gone = cat.exhausted(used_b)
                 else:
                     at, depth = 0, 0
                 if j == K:
@@ -200,6 +204,55 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
             assert not set(items_of(b, want)) & used[b]  # the used-up prefixes were routed round
     assert any(used) and tokens.tolist() != free.tolist()
     assert EOS in tokens[1].tolist() and SEP not in tokens[1].tolist()  # row 1: one item, then the end
+
+
+def _echo_pair(tiny):
+    """A target whose logits are the same at every position (all embedding rows equal: every token and position
+    looks alike) and a draft computing exactly those logits: the greedy list ranks items once and writes them
+    best first, the step-by-step draft proposes it all, and a chain that forgot the items it completed itself
+    would propose its first item again after it."""
+    import copy
+
+    import torch
+    from padrec_export.models import Draft, DraftConfig
+    cat, target, _ = tiny
+    target = copy.deepcopy(target)
+    with torch.no_grad():
+        target.embed_tokens.weight.copy_(target.embed_tokens.weight[7].expand_as(target.embed_tokens.weight))
+        seen = {}
+        hook = target.norm.register_forward_hook(lambda mod, inp, out: seen.setdefault("x", inp[0][0, -1]))
+        target(torch.tensor([[5, 9]], dtype=torch.int32), torch.tensor([[0, 1]], dtype=torch.int32),
+               torch.ones(1, 2, 2, dtype=torch.bool), target.empty_past(1))
+        hook.remove()
+        cfg = DraftConfig(**{**tiny[2].cfg.to_dict(), "use_slot": False, "use_step": False})
+        draft = Draft(cfg, target).eval()
+        for w in (draft.fc.weight, draft.layer.self_attn.o_proj.weight, draft.layer.down_proj.weight):
+            w.zero_()
+        draft.fc.bias.copy_(seen["x"])  # the draft's feature is the target's last pre-norm state, always
+        draft.norm.weight.copy_(target.norm.weight)
+    return cat, target, draft
+
+
+def test_fused_chain_acceptance_equals_the_step_by_step_loop(tiny, tmp_path):
+    """Greedy chain rounds through draft_chain.onnx commit, round by round, what the step-by-step draft loop
+    commits: the graph bans the items its own chain completes, as the loop's grammar does. K=6 crosses an
+    item boundary (4 tokens) every round, and the echo pair's draft re-proposes its first item if not banned."""
+    from padrec_export.onnx_export import ExportLimits, export_engines
+    from padrec_runtime.recommender import Recommender
+    cat, target, draft = _echo_pair(tiny)
+    K = 6
+    export_engines(target, draft, cat, tmp_path / "k6", "fp32",
+                   ExportLimits(max_seq_len=160, max_history=12, max_batch=8, max_items=8, n_items=8, draft_steps=K,
+                                fused_target=False), progress=False)
+    rec = Recommender(tmp_path / "k6")
+    rng = np.random.default_rng(1)
+    histories = [rng.choice(cat.item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(6)]
+    ar = rec.recommend(histories, n_items=8, speculate="off")
+    fused = rec.recommend(histories, n_items=8, speculate="chain", draft_steps=K)
+    loop = rec.recommend(histories, n_items=8, speculate="chain", draft_steps=K, fused_chain=False)
+    assert [x.tokens for x in fused.lists] == [x.tokens for x in loop.lists] == [x.tokens for x in ar.lists]
+    assert fused.committed == loop.committed
+    assert loop.tau > K  # the draft is the target: every proposal is accepted
 
 
 def test_fp16_export_within_its_tolerances(tiny, tmp_path):
