@@ -153,6 +153,16 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
+def full_mask(mask, input_ids, past):
+    """The (B, T, past + T) mask, its last column taken by index: the same tensor, but in an exported graph a
+    Gather of column past + T - 1, so a narrower mask (a width-1 one would broadcast over every key) makes
+    ONNX Runtime raise instead of attending where it should not; a wider one fails where it meets the scores.
+    (A Reshape to the implied shape would not do: ONNX Runtime's optimizer rewrites it to fit any width.)"""
+    width = past[0][0].shape[2] + input_ids.shape[1]
+    last = mask.index_select(-1, torch.zeros(1, dtype=torch.long, device=mask.device) + (width - 1))
+    return torch.cat([mask[..., :-1], last], dim=-1)
+
+
 def _drop(x, p: float, training: bool):
     """Training-time dropout; absent from eval and from every exported graph."""
     return F.dropout(x, p, True) if p and training else x
@@ -216,6 +226,7 @@ class Target(nn.Module):
     dropout = 0.0
 
     def forward(self, input_ids, position_ids, attention_mask, past):
+        attention_mask = full_mask(attention_mask, input_ids, past)
         x = _drop(self.embed_tokens(input_ids), self.dropout, self.training)  # int32 ids: no cast
         cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         new = []
@@ -280,6 +291,7 @@ class Draft(nn.Module):
         x = self.layer_in(hidden_in, input_ids, step, slot)
         cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         (pk, pv), = past
+        attention_mask = full_mask(attention_mask, input_ids, past)
         return self.layer(x, cos, sin, attention_mask, pk, pv)
 
     def layer_in(self, hidden_in, input_ids, step, slot):

@@ -255,6 +255,33 @@ def test_fused_chain_acceptance_equals_the_step_by_step_loop(tiny, tmp_path):
     assert loop.tau > K  # the draft is the target: every proposal is accepted
 
 
+@pytest.mark.parametrize("graph", ["target", "draft"])
+def test_graph_refuses_a_mask_narrower_than_its_keys(engines_master, graph):
+    """ONNX Runtime runs target.onnx / draft.onnx with a mask as wide as past + seq and raises on any other width,
+    a width-1 mask included (which would otherwise broadcast over every key: Polygraphy's default data loader
+    gives NaN logits so). Default session options: the graph optimizer must not remove the check."""
+    import onnxruntime as ort
+    m = load_manifest(engines_master)
+    spec = m.graph(graph)
+    sess = ort.InferenceSession(str(engines_master / spec["file"]), providers=["CPUExecutionProvider"])
+    B, T, P = 1, 2, 3
+    kv = spec["kv"]
+    feeds = {"input_ids": np.array([[5, 9]], np.int32), "position_ids": np.array([[3, 4]], np.int32)}
+    if graph == "draft":
+        feeds.update(hidden_in=np.ones((B, T, spec["hidden_size"]), np.float32), step=np.zeros((B, T), np.int32),
+                     slot=np.zeros((B, T), np.int32))
+    for i in range(kv["n_layers"]):
+        for part in ("key_input", "value_input"):
+            feeds[kv[part] % i] = np.zeros((B, kv["n_kv_heads"], P, kv["head_dim"]), np.float32)
+    full = np.ones((B, T, P + T), bool)
+    full[0, 0, -1] = False
+    logits = sess.run(["logits"], {**feeds, "attention_mask": full})[0]
+    assert logits.shape[:2] == (B, T) and np.isfinite(logits).all()
+    for width in (1, P + T - 1, P + T + 1):
+        with pytest.raises(Exception, match="(?i)out of data bounds|broadcast"):
+            sess.run(["logits"], {**feeds, "attention_mask": np.ones((B, T, width), bool)})
+
+
 def test_fp16_export_within_its_tolerances(tiny, tmp_path):
     from padrec_export.onnx_export import export_engines
     cat, target, draft = tiny
