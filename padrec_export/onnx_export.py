@@ -129,7 +129,7 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
     """Write the fused greedy draft-chain graph: dynamic batch, seq and past axes, K fixed, trie tables inside.
     max_len: its in-place form over a cache of max_len positions (ONNX Runtime's GroupQueryAttention)."""
     dtype = TORCH_DTYPES[precision]
-    model = copy.deepcopy(draft).to(dtype) if dtype != torch.float32 else draft
+    model = copy.deepcopy(draft).to(dtype) if _dtype_of(draft) != dtype else draft  # no copy when already in dtype
     dev = next(model.parameters()).device
     chain = DraftChain(model.eval(), catalogue, steps, max_len).to(dev).eval()
     inputs, outputs, kv = chain_io(draft, steps, precision, len(catalogue.child_codes), max_len)
@@ -164,10 +164,16 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
             list(outputs) + kv_out, dyn)
 
 
+def _dtype_of(model: nn.Module) -> torch.dtype | None:
+    """The one dtype of a model's floating-point parameters (None when they are mixed)."""
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    return dtypes.pop() if len(dtypes) == 1 else None
+
+
 def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -> None:
     """Write one ONNX graph with dynamic batch, seq and past axes."""
     dtype = TORCH_DTYPES[precision]
-    if dtype != torch.float32:
+    if _dtype_of(model) != dtype:  # a model read in the export precision is exported as it is, never copied
         model = copy.deepcopy(model).to(dtype)
     model = model.eval()
     inputs, outputs, kv = graph_io(model, is_draft, precision)

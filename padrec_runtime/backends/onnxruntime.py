@@ -43,6 +43,9 @@ class OrtBackend:
                                    "matching your CUDA, or use device='cpu'")
         elif device != "cpu":
             raise BackendError(f"onnxruntime device: got {device!r} | expected cpu or cuda")
+        elif manifest.data.get("precision") == "bf16":  # its CPU kernels lack bf16 for ops every graph has (Tile)
+            raise BackendError(f"{graph}: bf16 engines on the CPU | ONNX Runtime runs bf16 graphs on CUDA only | use "
+                               "device='cuda' (onnxruntime-gpu), or export fp32 / fp16 engines for the CPU")
         self.path = manifest.verify_file(self.spec["file"])
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph

@@ -160,3 +160,23 @@ def test_llama_attention_bias_target_exports_with_its_output_bias(tmp_path):
     rows = compare_graph("target", target, False, OrtBackend(m, "target"), m.graph("target"), "fp32")
     rows += compare_fused_target(target, OrtBackend(m, "target_gqa"), m.graph("target_gqa"), "fp32")
     assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok][:3]
+
+
+def test_bf16_checkpoint_exports_in_bf16_without_a_copy(tmp_path, monkeypatch):
+    """`padrec export --precision bf16` of a bf16 checkpoint reads the tensors as stored and exports that model:
+    no fp32 model and no converted copy are made (copy.deepcopy is what a conversion would call)."""
+    import copy
+
+    from padrec_export import onnx_export
+    from padrec_export.pipeline import export_checkpoints
+    from padrec_export.tiny import tiny_catalogue
+    _hf_model("qwen2-tied").to(torch.bfloat16).save_pretrained(tmp_path / "t")
+    (tmp_path / "t" / "padrec.json").write_text(json.dumps({"layout": {"levels": 2, "codebook": 46}}))
+    tiny_catalogue(TinySpec(levels=2, codebook=46, n_items=40)).save(tmp_path / "t" / "catalogue.json")
+    copies, exported = [], []
+    monkeypatch.setattr(onnx_export.copy, "deepcopy", lambda x, *a: copies.append(x) or copy.deepcopy(x, *a))
+    real = onnx_export.export_graph
+    monkeypatch.setattr(onnx_export, "export_graph", lambda model, *a: exported.append(model) or real(model, *a))
+    m = export_checkpoints(tmp_path / "t", None, tmp_path / "e", precision="bf16", max_seq_len=64)
+    assert m.data["precision"] == "bf16" and not copies and len(exported) == 1
+    assert {p.dtype for p in exported[0].parameters()} == {torch.bfloat16}

@@ -384,3 +384,19 @@ def test_exported_graphs_keep_one_copy_of_each_weight(engines_master):
     cat = json.loads((engines_master / "catalogue.json").read_text())
     n_items = len(cat["item_ids"])
     assert sizes["draft_chain"] < 2 * sizes["draft"] + 64 * n_items * 8 * 4
+
+
+def test_bf16_engines_are_refused_on_the_cpu_with_where_they_run(tiny, tmp_path):
+    """ONNX Runtime's CPU kernels have no bf16 Tile: a bf16 engine directory is refused before a session is made,
+    with a message saying bf16 runs on CUDA, instead of failing to load with 'Could not find an implementation'."""
+    import onnxruntime as ort
+    from padrec_export.onnx_export import export_engines
+    from padrec_runtime.errors import BackendError
+    from padrec_runtime.recommender import Recommender
+    cat, target, _ = tiny
+    m = export_engines(target, None, cat, tmp_path / "bf16", "bf16", progress=False)
+    with pytest.raises(Exception, match="Could not find an implementation"):  # what the check stands in front of
+        ort.InferenceSession(str(tmp_path / "bf16" / "target.onnx"), providers=["CPUExecutionProvider"])
+    for make in (lambda: OrtBackend(m, "target"), lambda: Recommender(tmp_path / "bf16")):
+        with pytest.raises(BackendError, match="bf16 engines on the CPU .* CUDA"):
+            make()
