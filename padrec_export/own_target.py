@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from padrec_runtime.errors import CheckpointError, InputError
-from padrec_runtime.layout import Catalogue
+from padrec_runtime.grammar import Catalogue
 
 from .checkpoint import save_draft, target_digest
 from .data import load_dataset, make_split

@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from padrec_export.cli import main
 from padrec_runtime.errors import CheckpointError
-from padrec_runtime.layout import Catalogue, TokenLayout
+from padrec_runtime.grammar import Catalogue, TokenLayout
 
 LAYOUT = TokenLayout(levels=2, codebook=48)  # 5 special + 96 code tokens; 48 x 48 IDs hold ml-100k's 1,682 items
 
@@ -52,7 +52,7 @@ def few_examples(monkeypatch):
 def test_train_draft_export_recommend_equals_ar(outside, tmp_path):
     """The CLI path on a target padrec did not train: one epoch over three users, export, then greedy lists with
     the fused draft chain equal target-only lists, with more than one token committed per target pass."""
-    from padrec_runtime.recommender import Recommender
+    from padrec_runtime.api.recommender import Recommender
     root, data = outside
     cli = CliRunner()
     res = cli.invoke(main, ["train-draft", "--target", str(root / "target"), "--dataset", "ml-100k", "--out",
