@@ -21,6 +21,7 @@ from .onnx_export import TORCH_DTYPES, ExportLimits, export_engines
 from .reference import reference_generate
 from .semantic_ids import embed_texts, residual_kmeans
 from .train import TrainConfig, encode_example, train_draft, train_target
+from .vocab_map import compact_target, vocab_map
 
 DRAFTS = {"padrec": (True, True), "eagle": (False, False)}  # name -> (use_slot, use_step)
 
@@ -113,8 +114,9 @@ def with_titles(cat: Catalogue, dataset: str | None) -> Catalogue:
 
 def load_target_dir(target_dir, dtype=torch.float32):
     """(catalogue, target, padrec.json) of a target directory: a Hugging Face checkpoint with padrec.json (the
-    token layout) and catalogue.json (items -> semantic IDs) beside it or one directory up. dtype: as
-    `load_target` (None keeps the checkpoint's)."""
+    token layout, and where its tokens sit in the checkpoint's vocabulary: vocab_map.py) and catalogue.json
+    (items -> semantic IDs) beside it or one directory up. dtype: as `load_target` (None keeps the
+    checkpoint's)."""
     target_dir = Path(target_dir)
     meta_path = target_dir / "padrec.json"
     if not meta_path.exists():
@@ -128,7 +130,11 @@ def load_target_dir(target_dir, dtype=torch.float32):
     if not cat_path.exists():
         raise CheckpointError(f"{target_dir}: no catalogue.json next to the target | it maps items to semantic IDs")
     cat = with_titles(Catalogue.load(cat_path, layout), meta.get("dataset"))
-    return cat, load_target(target_dir, dtype), meta
+    target = load_target(target_dir, dtype)
+    vmap = vocab_map(meta, layout, target_dir, target.cfg.vocab_size)
+    if vmap is not None:  # the checkpoint keeps its own vocabulary: padrec's tokens are rows of it
+        target = compact_target(target, vmap)
+    return cat, target, meta
 
 
 def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
