@@ -134,6 +134,10 @@ def load_target_dir(target_dir, dtype=torch.float32):
     vmap = vocab_map(meta, layout, target_dir, target.cfg.vocab_size)
     if vmap is not None:  # the checkpoint keeps its own vocabulary: padrec's tokens are rows of it
         target = compact_target(target, vmap)
+    elif target.cfg.vocab_size != layout.vocab_size:
+        raise CheckpointError(f"{target_dir}: config.json vocab_size {target.cfg.vocab_size} | expected "
+                              f"{layout.vocab_size} (5 special tokens + {layout.levels} x {layout.codebook} codes) | "
+                              "add a \"vocab\" map to padrec.json saying where those tokens are in this vocabulary")
     return cat, target, meta
 
 

@@ -76,13 +76,15 @@ def test_text_vocabulary_checkpoint_decodes_the_lists_generate_writes(text_targe
     ({**VOCAB, "codes": {"offset": TEXT + 10}}, "expected 0.."),
     ({**VOCAB, "codes": {"ids": [[1, 2]]}}, "codes.ids"),
     ({**VOCAB, "special": {**VOCAB["special"], "<list>": 2}}, "two padrec tokens"),
+    (None, "add a \"vocab\" map"),
 ])
 def test_bad_vocabulary_map_names_the_entry(text_target, tmp_path, vocab, field):
     import shutil
     path, _, _ = text_target
     bad = tmp_path / "target"
     shutil.copytree(path, bad)
-    (bad / "padrec.json").write_text(json.dumps({"layout": {"levels": L, "codebook": C}, "vocab": vocab}))
+    meta = {"layout": {"levels": L, "codebook": C}, **({"vocab": vocab} if vocab else {})}
+    (bad / "padrec.json").write_text(json.dumps(meta))
     from padrec_export.pipeline import load_target_dir
     with pytest.raises(CheckpointError, match=field):
         load_target_dir(bad)
