@@ -238,7 +238,7 @@ def test_fused_chain_acceptance_equals_the_step_by_step_loop(tiny, tmp_path):
     commits: the graph bans the items its own chain completes, as the loop's grammar does. K=6 crosses an
     item boundary (4 tokens) every round, and the echo pair's draft re-proposes its first item if not banned."""
     from padrec_export.onnx_export import ExportLimits, export_engines
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender
     cat, target, draft = _echo_pair(tiny)
     K = 6
     export_engines(target, draft, cat, tmp_path / "k6", "fp32",
@@ -247,9 +247,10 @@ def test_fused_chain_acceptance_equals_the_step_by_step_loop(tiny, tmp_path):
     rec = Recommender(tmp_path / "k6")
     rng = np.random.default_rng(1)
     histories = [rng.choice(cat.item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(6)]
-    ar = rec.recommend(histories, n_items=8, speculate="off")
-    fused = rec.recommend(histories, n_items=8, speculate="chain", draft_steps=K)
-    loop = rec.recommend(histories, n_items=8, speculate="chain", draft_steps=K, fused_chain=False)
+    ar = rec.recommend(histories, n_items=8, params=DecodeParams(speculate="off"))
+    fused = rec.recommend(histories, n_items=8, params=DecodeParams(speculate="chain", draft_steps=K))
+    loop = rec.recommend(histories, n_items=8,
+                         params=DecodeParams(speculate="chain", draft_steps=K, fused_chain=False))
     assert [x.tokens for x in fused.lists] == [x.tokens for x in loop.lists] == [x.tokens for x in ar.lists]
     assert fused.committed == loop.committed
     assert loop.tau > K  # the draft is the target: every proposal is accepted
@@ -392,7 +393,7 @@ def test_bf16_engines_are_refused_on_the_cpu_with_where_they_run(tiny, tmp_path)
     import onnxruntime as ort
     from padrec_export.onnx_export import export_engines
     from padrec_runtime.errors import BackendError
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender
     cat, target, _ = tiny
     m = export_engines(target, None, cat, tmp_path / "bf16", "bf16", progress=False)
     with pytest.raises(Exception, match="Could not find an implementation"):  # what the check stands in front of

@@ -52,7 +52,7 @@ def few_examples(monkeypatch):
 def test_train_draft_export_recommend_equals_ar(outside, tmp_path):
     """The CLI path on a target padrec did not train: one epoch over three users, export, then greedy lists with
     the fused draft chain equal target-only lists, with more than one token committed per target pass."""
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender
     root, data = outside
     cli = CliRunner()
     res = cli.invoke(main, ["train-draft", "--target", str(root / "target"), "--dataset", "ml-100k", "--out",
@@ -67,8 +67,8 @@ def test_train_draft_export_recommend_equals_ar(outside, tmp_path):
     assert res.exit_code == 0, res.output
     rec = Recommender(tmp_path / "engines")
     histories = [seq[:12] for seq in list(data.sequences.values())[:4]]
-    ar = rec.recommend(histories, n_items=6, speculate="off")
-    spec = rec.recommend(histories, n_items=6, speculate="chain", draft_steps=3)
+    ar = rec.recommend(histories, n_items=6, params=DecodeParams(speculate="off"))
+    spec = rec.recommend(histories, n_items=6, params=DecodeParams(speculate="chain", draft_steps=3))
     assert [r.tokens for r in spec.lists] == [r.tokens for r in ar.lists]
     print(f"tau {spec.tau:.3f} over {spec.rounds} rounds")
     assert spec.tau > 1.0 and spec.rounds < ar.rounds

@@ -58,14 +58,14 @@ def _generate(hf, cat, history, n_items: int, full_ids: np.ndarray) -> list:
 
 
 def test_text_vocabulary_checkpoint_decodes_the_lists_generate_writes(text_target, tmp_path):
-    from padrec_runtime.api.recommender import Recommender
+    from padrec_runtime import DecodeParams, Recommender
     path, hf, cat = text_target
     m = export_checkpoints(path, None, tmp_path / "engines", max_seq_len=96, max_history=8, max_batch=4)
     assert m.data["model"]["layout"]["vocab_size"] == 5 + L * C
     full_ids = np.array([0, 1, 2, NAMES["<sep>"], NAMES["<list>"]] + [TEXT + i for i in range(L * C)])
     rec = Recommender(tmp_path / "engines")
     histories = [cat.item_ids[[3, 7, 11]].tolist(), cat.item_ids[[0]].tolist(), cat.item_ids[20:26].tolist()]
-    got = rec.recommend(histories, n_items=4, speculate="off")
+    got = rec.recommend(histories, n_items=4, params=DecodeParams(speculate="off"))
     for h, r in zip(histories, got.lists):
         assert r.tokens == _generate(hf, cat, h, 4, full_ids)
 
