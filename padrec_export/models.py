@@ -320,12 +320,14 @@ class DraftChain(nn.Module):
     max_len: the draft cache's length, for `forward_in_place` (the round over a whole cache written in place).
     """
 
-    def __init__(self, draft: Draft, catalogue, steps: int, max_len: int = 0):
+    def __init__(self, draft: Draft, catalogue, steps: int, max_len: int = 0, report_finite: bool = False):
         super().__init__()
         from padrec_runtime.grammar import EOS, SEP
         if steps < 1:
             raise ValueError("steps must be >= 1")
-        self.draft, self.steps = draft, steps
+        # report_finite: also return `finite` (B,) bool, false where a step's logits are NaN / inf at a token the
+        # grammar allows (the exported graph's flag: the runtime raises on it as it does for the draft's logits)
+        self.draft, self.steps, self.report_finite = draft, steps, report_finite
         t = catalogue.chain_tables()
         # int64 tables: gathers index with them directly, no cast per step
         self.register_buffer("next_node", torch.as_tensor(t["next_node"]).long(), persistent=False)
@@ -372,9 +374,9 @@ class DraftChain(nn.Module):
             kv["keys"], kv["values"] = torch.cat([kv["keys"], k1], dim=2), torch.cat([kv["values"], v1], dim=2)
             return out
 
-        tokens = self._chain(h, idx, node, left, banned, layer)
+        tokens, finite = self._chain(h, idx, node, left, banned, layer)
         S = pk.shape[2]
-        return tokens, kv["keys"][:, :, S:], kv["values"][:, :, S:]
+        return (tokens,) + ((finite,) if self.report_finite else ()) + (kv["keys"][:, :, S:], kv["values"][:, :, S:])
 
     def forward_in_place(self, hidden_in, input_ids, slot, last, node, left, banned, seqlens_k, total, cache_k,
                          cache_v):
@@ -394,8 +396,8 @@ class DraftChain(nn.Module):
                                                                    cos, sin)
             return out
 
-        tokens = self._chain(h, last.long().view(B, 1), node, left, banned, layer)
-        return tokens, cache["k"], cache["v"]
+        tokens, finite = self._chain(h, last.long().view(B, 1), node, left, banned, layer)
+        return (tokens,) + ((finite,) if self.report_finite else ()) + (cache["k"], cache["v"])
 
     def _chain(self, h, idx, node, left, banned, layer):
         """The K greedy grammar-masked draft tokens from the catch-up's output h (at each row's index idx);
@@ -423,12 +425,15 @@ class DraftChain(nn.Module):
             wg = d.gate.weight.to(h.dtype)
             steps = d.step_embed.weight.to(h.dtype)[[min(j, d.cfg.max_steps - 1) for j in range(self.steps)]]
             gate_x, gate_s = wg[:, :H], F.linear(steps, wg[:, H:], d.gate.bias.to(h.dtype))  # (K, H) per step
-        tokens = []
+        tokens, finite = [], None
         for j in range(1, self.steps + 1):
             nxt = self.next_node[at]  # (B, V) trie node each token leads to
             bias_v = banned.gather(1, nxt) + torch.where((left <= 0)[:, None], ends[1], ends[0])
             tok = torch.argmax(logits + bias_v, dim=-1, keepdim=True)  # (B, 1) int64
             tokens.append(tok)
+            if self.report_finite:  # bias_v is 0 where the grammar allows a token, -inf elsewhere
+                ok = (torch.isfinite(logits) | torch.isinf(bias_v)).all(dim=-1)
+                finite = ok if finite is None else finite & ok
             if j == self.steps:
                 break
             reached = nxt.gather(1, tok).flatten()
@@ -440,7 +445,7 @@ class DraftChain(nn.Module):
                 x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
             h = layer(j, x)
             logits = d.lm_head(d.norm(h)).flatten(1)
-        return torch.cat(tokens, dim=1).to(torch.int32)
+        return torch.cat(tokens, dim=1).to(torch.int32), finite
 
     def _ban_completed(self, banned, reached):
         """`banned` (B, n_nodes + 2) after the rows whose token reached a leaf completed its item: the leaf and

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import importlib.metadata as md
+import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,14 +15,18 @@ from tqdm import tqdm
 from padrec_runtime.errors import InputError
 from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
 from padrec_runtime.grammar import SPECIAL_TOKENS, Catalogue
-from padrec_runtime.manifest import PRECISIONS, FORMAT, SCHEMA_VERSION, Manifest, write_manifest
+from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION, Manifest, trie_digest,
+                                    write_manifest)
 
-from .fused import GRAPH as FUSED_TARGET, export_gqa_target, gqa_inputs, gqa_io, in_place_kv
+from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
 
 OPSET = 17
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)}  # logits (atol, rtol)
+# protobuf cannot serialise a message of 2 GiB or more: past this many bytes of weights (with room for the graph
+# itself) a graph is written with its weights in one external data file beside it
+EXTERNAL_DATA_BYTES = (1 << 31) - (64 << 20)
 
 
 @dataclass(frozen=True)
@@ -108,7 +113,7 @@ def chain_io(draft, steps: int, precision: str, n_nodes: int, max_len: int = 0) 
     inputs = {**{k: v for k, v in inputs.items() if k != "attention_mask"}, "last": row, "node": row, "left": row,
               "banned": {"dtype": "float16", "shape": ["batch", n_nodes + 2]},
               "attention_mask": inputs["attention_mask"]}
-    outputs = {"tokens": {"dtype": "int32", "shape": ["batch", steps]}}
+    outputs = {"tokens": {"dtype": "int32", "shape": ["batch", steps]}, "finite": {"dtype": "bool", "shape": ["batch"]}}
     if max_len:
         del inputs["position_ids"], inputs["attention_mask"]
         inputs.update(gqa_inputs())
@@ -116,22 +121,28 @@ def chain_io(draft, steps: int, precision: str, n_nodes: int, max_len: int = 0) 
     return inputs, outputs, kv
 
 
-def _export(module: nn.Module, example: tuple, path: Path, names_in: list, names_out: list, dyn: dict) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, example, str(path), input_names=names_in, output_names=names_out,
-                          dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)
-    slim_graph(path)
+def _export(module: nn.Module, example: tuple, path: Path, names_in: list, names_out: list, dyn: dict,
+            external: bool | None = None) -> list[str]:
+    """Trace to ONNX (in a scratch directory: past 2 GB the tracer writes a file per weight), slim, and write
+    `path`; returns the external data files written beside it (see save_graph)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        traced = Path(tmp) / path.name
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, example, str(traced), input_names=names_in, output_names=names_out,
+                              dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=True)
+        return slim_graph(traced, path, external)
 
 
 def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision: str, path: Path,
-                       max_len: int = 0) -> None:
+                       max_len: int = 0, external: bool | None = None) -> list[str]:
     """Write the fused greedy draft-chain graph: dynamic batch, seq and past axes, K fixed, trie tables inside.
-    max_len: its in-place form over a cache of max_len positions (ONNX Runtime's GroupQueryAttention)."""
+    max_len: its in-place form over a cache of max_len positions (ONNX Runtime's GroupQueryAttention).
+    Returns its external data files (see save_graph)."""
     dtype = TORCH_DTYPES[precision]
     model = copy.deepcopy(draft).to(dtype) if _dtype_of(draft) != dtype else draft  # no copy when already in dtype
     dev = next(model.parameters()).device
-    chain = DraftChain(model.eval(), catalogue, steps, max_len).to(dev).eval()
+    chain = DraftChain(model.eval(), catalogue, steps, max_len, report_finite=True).to(dev).eval()
     inputs, outputs, kv = chain_io(draft, steps, precision, len(catalogue.child_codes), max_len)
     B, T, P = 2, 3, 5
     c = draft.cfg
@@ -145,7 +156,7 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
     kv_in, kv_out = [kv["key_input"] % 0, kv["value_input"] % 0], [kv["key_output"] % 0, kv["value_output"] % 0]
     dyn = {name: {0: "batch", 1: "seq"} for name in ("hidden_in", "input_ids", "position_ids", "slot")}
     dyn.update({"last": {0: "batch"}, "node": {0: "batch"}, "left": {0: "batch"}, "banned": {0: "batch"},
-                "tokens": {0: "batch"}})
+                "tokens": {0: "batch"}, "finite": {0: "batch"}})
     if max_len:
         cache = torch.randn(B, c.n_kv_heads, max_len, c.head_dim, dtype=dtype, device=dev)
         example = head + rows + (torch.full((B,), P + T - 1, dtype=torch.int32, device=dev),
@@ -160,8 +171,8 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
         dyn.update({"attention_mask": {0: "batch", 1: "seq", 2: "past_plus_seq"},
                     kv_in[0]: {0: "batch", 2: "past"}, kv_in[1]: {0: "batch", 2: "past"},
                     kv_out[0]: {0: "batch", 2: "seq_plus_steps"}, kv_out[1]: {0: "batch", 2: "seq_plus_steps"}})
-    _export(_FlatChain(chain, in_place=bool(max_len)), example, path, list(inputs) + kv_in,
-            list(outputs) + kv_out, dyn)
+    return _export(_FlatChain(chain, in_place=bool(max_len)), example, path, list(inputs) + kv_in,
+                   list(outputs) + kv_out, dyn, external)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype | None:
@@ -170,8 +181,9 @@ def _dtype_of(model: nn.Module) -> torch.dtype | None:
     return dtypes.pop() if len(dtypes) == 1 else None
 
 
-def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -> None:
-    """Write one ONNX graph with dynamic batch, seq and past axes."""
+def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path,
+                 external: bool | None = None) -> list[str]:
+    """Write one ONNX graph with dynamic batch, seq and past axes; returns its external data files."""
     dtype = TORCH_DTYPES[precision]
     if _dtype_of(model) != dtype:  # a model read in the export precision is exported as it is, never copied
         model = copy.deepcopy(model).to(dtype)
@@ -204,13 +216,13 @@ def export_graph(model: nn.Module, is_draft: bool, precision: str, path: Path) -
             names_out.append(name_out)
             dyn[name_in] = {0: "batch", 2: "past"}
             dyn[name_out] = {0: "batch", 2: "seq"}
-    _export(_Flat(model, is_draft), tuple(example), path, names_in, names_out, dyn)
+    return _export(_Flat(model, is_draft), tuple(example), path, names_in, names_out, dyn, external)
 
 
-def slim_graph(path: Path) -> None:
+def slim_graph(path: Path, out: Path | None = None, external: bool | None = None) -> list[str]:
     """Fold the exporter's shape arithmetic and dead nodes (onnxslim): fewer nodes, fewer launches per step;
     then keep one copy of each constant (the exporter folds a weight once per use: the unrolled chain's
-    steps would each carry the draft layer's weights)."""
+    steps would each carry the draft layer's weights). Writes `out` (default: over `path`, see save_graph)."""
     import onnx
     try:
         import onnxslim
@@ -218,7 +230,24 @@ def slim_graph(path: Path) -> None:
     except ImportError:  # optional: the graph is valid without it, only slower
         model = onnx.load(str(path))
     dedupe_initializers(model.graph)
-    onnx.save(model, str(path))
+    return save_graph(model, Path(out or path), external)
+
+
+def save_graph(model, path: Path, external: bool | None = None) -> list[str]:
+    """Write an onnx ModelProto; its weights go to one external data file `<name>.data` beside it when
+    `external`, or (None) when they pass EXTERNAL_DATA_BYTES. Returns the external data file names (relative to
+    the graph's directory), which the manifest lists and hashes like every other file."""
+    import onnx
+    data = path.with_name(path.name + ".data")
+    data.unlink(missing_ok=True)  # save_as_external_data appends to an existing file
+    if external is None:
+        external = sum(len(t.raw_data) for t in model.graph.initializer) > EXTERNAL_DATA_BYTES
+    if not external:
+        onnx.save(model, str(path))
+        return []
+    onnx.save(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location=data.name,
+              size_threshold=1024)
+    return [data.name] if data.exists() else []
 
 
 def dedupe_initializers(graph) -> int:
@@ -255,9 +284,38 @@ def _versions() -> dict:
     return out
 
 
+def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precision: str, limits: ExportLimits,
+                 out: Path, external: bool | None) -> dict:
+    """Write one graph into `out`; returns its manifest entry (files are hashed later, with the others)."""
+    file, atol, rtol = f"{name}.onnx", *TOLERANCES[precision]
+    tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
+    extra: dict = {}
+    if name in ("draft_chain", "draft_chain_gqa"):
+        K, max_len = limits.draft_steps, (limits.max_seq_len if name == "draft_chain_gqa" else 0)
+        ext = export_chain_graph(model, catalogue, K, precision, out / file, max_len, external)
+        inputs, outputs, kv = chain_io(model, K, precision, len(catalogue.child_codes), max_len)
+        # the trie inside the graph: the runtime checks the catalogue it loads is the same one
+        tol, extra = {"tokens": {"atol": 0.0, "rtol": 0.0}}, {"chain_steps": K, "catalogue": trie_digest(catalogue)}
+        if max_len:
+            extra["onnxruntime_only"] = True
+    elif name == FUSED_TARGET:
+        ext = save_graph(build_gqa_target(model, precision, limits.max_seq_len), out / file, external)
+        inputs, outputs, kv = gqa_io(model, precision, limits.max_seq_len)
+        extra["onnxruntime_only"] = True
+    else:
+        ext = export_graph(model, is_draft, precision, out / file, external)
+        inputs, outputs, kv = graph_io(model, is_draft, precision)
+    if ext:
+        extra["external_data"] = ext
+    return {"file": file, "hidden_size": model.cfg.hidden_size,
+            "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
+
+
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
-                   precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True) -> Manifest:
-    """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json."""
+                   precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True,
+                   external_data: bool | None = None) -> Manifest:
+    """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json. external_data: every
+    graph's weights in a `<graph>.onnx.data` file beside it (None: only graphs past 2 GB, which need it)."""
     if precision not in TORCH_DTYPES:
         raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
     if target.cfg.vocab_size != catalogue.layout.vocab_size:
@@ -266,7 +324,7 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     for stale in ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
-                  "draft_chain_gqa.onnx", "manifest.json"):
+                  "draft_chain_gqa.onnx", "manifest.json", *(f"{g}.onnx.data" for g in GRAPHS)):
         (out / stale).unlink(missing_ok=True)
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
@@ -276,32 +334,10 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
         parts.append((FUSED_TARGET, target, False))
         if draft is not None and limits.fused_chain:
             parts.append(("draft_chain_gqa", draft, True))
-    atol, rtol = TOLERANCES[precision]
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
-        file = f"{name}.onnx"
-        if name in ("draft_chain", "draft_chain_gqa"):
-            K, max_len = limits.draft_steps, (limits.max_seq_len if name == "draft_chain_gqa" else 0)
-            export_chain_graph(draft, catalogue, K, precision, out / file, max_len)
-            inputs, outputs, kv = chain_io(draft, K, precision, len(catalogue.child_codes), max_len)
-            graphs[name] = {"file": file, "hidden_size": draft.cfg.hidden_size, "inputs": inputs, "outputs": outputs,
-                            "kv": kv, "tolerances": {"tokens": {"atol": 0.0, "rtol": 0.0}}, "chain_steps": K}
-            if max_len:
-                graphs[name]["onnxruntime_only"] = True
-            continue
-        if name == FUSED_TARGET:
-            export_gqa_target(target, precision, limits.max_seq_len, out / file)
-            inputs, outputs, kv = gqa_io(target, precision, limits.max_seq_len)
-            tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
-            graphs[name] = {"file": file, "hidden_size": target.cfg.hidden_size, "inputs": inputs,
-                            "outputs": outputs, "kv": kv, "tolerances": tol, "onnxruntime_only": True}
-            continue
-        export_graph(model, is_draft, precision, out / file)
-        inputs, outputs, kv = graph_io(model, is_draft, precision)
-        tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
-        graphs[name] = {"file": file, "hidden_size": model.cfg.hidden_size, "inputs": inputs, "outputs": outputs,
-                        "kv": kv, "tolerances": tol}
+        graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data)
     catalogue.save(out / "catalogue.json")
-    files = {g["file"]: {} for g in graphs.values()}
+    files = {f: {} for g in graphs.values() for f in (g["file"], *g.get("external_data", []))}
     files["catalogue.json"] = {}
     data = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "producer": _versions(), "precision": precision,

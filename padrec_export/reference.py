@@ -39,10 +39,11 @@ def _call_chain(chain: DraftChain, feeds: dict) -> dict:
     dtype = next(chain.parameters()).dtype
     t = {k: _tensor(v, dtype) for k, v in feeds.items()}
     with torch.inference_mode():
-        tokens, k, v = chain(t["hidden_in"], t["input_ids"], t["position_ids"], t["slot"], t["last"], t["node"],
-                             t["left"], torch.from_numpy(np.asarray(feeds["banned"], np.float16)),
-                             t["attention_mask"], [(t[KV_INPUT[0] % 0], t[KV_INPUT[1] % 0])])
-    return {"tokens": tokens.numpy(), KV_OUTPUT[0] % 0: k.float().numpy(), KV_OUTPUT[1] % 0: v.float().numpy()}
+        tokens, *finite, k, v = chain(t["hidden_in"], t["input_ids"], t["position_ids"], t["slot"], t["last"],
+                                      t["node"], t["left"], torch.from_numpy(np.asarray(feeds["banned"], np.float16)),
+                                      t["attention_mask"], [(t[KV_INPUT[0] % 0], t[KV_INPUT[1] % 0])])
+    out = {"tokens": tokens.numpy(), KV_OUTPUT[0] % 0: k.float().numpy(), KV_OUTPUT[1] % 0: v.float().numpy()}
+    return {**out, "finite": finite[0].numpy()} if finite else out  # with report_finite, as the engine
 
 
 def next_token_logits(target: Target, ids) -> np.ndarray:
@@ -187,6 +188,7 @@ def reference_generate(target: Target, draft: Draft | None, histories: list, con
     else:
         chain = None
         if fused_chain and cfg.speculate == "chain" and cfg.sampling.greedy:
-            chain = DraftChain(draft, cat, cfg.draft_steps).to(next(draft.parameters()).device).eval()
+            chain = DraftChain(draft, cat, cfg.draft_steps, report_finite=True)
+            chain = chain.to(next(draft.parameters()).device).eval()
         d = TorchKVRunner(draft, B, n, True, chain) if on_device else draft_runner(draft, B, n, chain)
     return generate(t, d, prompts, histories, constraint, cfg)

@@ -1,27 +1,44 @@
-"""The engine manifest: the only contract between exporter and runtime. Strict parsing, dotted-key errors.
+"""The engine manifest: the only contract between exporter and runtime. One strict schema, dotted-key errors.
 
-Schema (format "padrec-engines", schema_version 1) is documented in docs/manifest.md.
+Schema (format "padrec-engines", schema_version 3) is documented in docs/manifest.md. Every value is checked
+for type and range, every tensor against the one shape its name may have, every file name for confinement;
+engine files are read through `Manifest.read` (padrec_runtime/integrity.py), which hands out the bytes it hashed.
 """
 from __future__ import annotations
 
 import hashlib
 import json
+import math
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
-from .errors import IntegrityError, ManifestError
-from .grammar import SPECIAL_TOKENS, TokenLayout
+import numpy as np
+
+from .errors import ManifestError
+from .integrity import confined, parse_json, read_verified, sha256, verify
+from .grammar import SPECIAL_TOKENS, Catalogue, TokenLayout
 
 FORMAT = "padrec-engines"
-SCHEMA_VERSION = 2  # 2: the optional in-place graphs (target_gqa, draft_chain_gqa)
-SUPPORTED_VERSIONS = (1, 2)
+SCHEMA_VERSION = 3  # 3: external data files, the chain graphs' `finite` flag and catalogue digest
+SUPPORTED_VERSIONS = (3,)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+HARDWARE_COMPATIBILITY = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
+DIMS = ("batch", "seq", "past", "past_plus_seq")  # the symbolic dimension names a shape may use
+MAX_DIM = 1 << 24  # any fixed dimension (vocabulary, hidden size, trie width) stays below this
+_TEMPLATE = re.compile(r"[A-Za-z0-9_.:/-]{0,100}%d[A-Za-z0-9_.:/-]{0,100}")
+
+
+def _short(v) -> str:
+    """repr of a value, cut short (a hostile manifest may hold megabytes in one value)."""
+    text = repr(v)
+    return text if len(text) <= 120 else text[:117] + "..."
 
 
 def _fail(path: str, got, expected: str):
-    raise ManifestError(f"manifest {path}: expected {expected}, got {got!r} | re-export the engines "
-                        "with this padrec version")
+    raise ManifestError(f"manifest {_short(path)[1:-1]}: expected {expected}, got {_short(got)} | re-export the "
+                        "engines with this padrec version")
 
 
 def _obj(value, path: str, required: dict, optional: dict | None = None) -> dict:
@@ -29,7 +46,7 @@ def _obj(value, path: str, required: dict, optional: dict | None = None) -> dict
     if not isinstance(value, dict):
         _fail(path, type(value).__name__, "an object")
     optional = optional or {}
-    unknown = sorted(set(value) - set(required) - set(optional))
+    unknown = sorted(set(value) - set(required) - set(optional), key=str)
     if unknown:
         _fail(f"{path}.{unknown[0]}", "an unknown key", f"only {', '.join(sorted({**required, **optional}))}")
     out = {}
@@ -52,8 +69,8 @@ def _int(lo: int = 0, hi: int = 1 << 40):
 
 
 def _str(v, path):
-    if not isinstance(v, str) or not v:
-        _fail(path, v, "a non-empty string")
+    if not isinstance(v, str) or not 0 < len(v) <= 200:
+        _fail(path, v, "a non-empty string of at most 200 characters")
     return v
 
 
@@ -64,51 +81,93 @@ def _bool(v, path):
 
 
 def _num(v, path):
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or v < 0:
-        _fail(path, v, "a non-negative number")
+    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1e3:
+        _fail(path, v, "a finite number in 0..1000")
     return float(v)
 
 
 def _one_of(*choices):
     def check(v, path):
-        if v not in choices:
+        if not isinstance(v, str) or v not in choices:
             _fail(path, v, f"one of {', '.join(map(str, choices))}")
         return v
     return check
 
 
-def _map(check_value):
+def _map(check_value, max_len: int = 4096):
     def check(v, path):
-        if not isinstance(v, dict) or not v:
-            _fail(path, v, "a non-empty object")
+        if not isinstance(v, dict) or not 0 < len(v) <= max_len:
+            _fail(path, v, f"a non-empty object of at most {max_len} keys")
         return {k: check_value(x, f"{path}.{k}") for k, x in v.items()}
     return check
 
 
-def _tensor(v, path):
-    t = _obj(v, path, {"dtype": _one_of(*DTYPES), "shape": _shape})
-    return t
+def _list(check_item, max_len: int = 64):
+    def check(v, path):
+        if not isinstance(v, list) or len(v) > max_len:
+            _fail(path, v, f"a list of at most {max_len} entries")
+        return [check_item(x, f"{path}[{i}]") for i, x in enumerate(v)]
+    return check
 
 
 def _shape(v, path):
-    if not isinstance(v, list) or not all(isinstance(d, (str, int)) and not isinstance(d, bool) for d in v):
-        _fail(path, v, "a list of dimension names or sizes")
+    """A shape: at most 4 entries, each a known dimension name or a size in 1..MAX_DIM."""
+    def dim(d, p):
+        if isinstance(d, str) and d in DIMS:
+            return d
+        if isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM:
+            return d
+        _fail(p, d, f"one of {', '.join(DIMS)} or a size in 1..{MAX_DIM}")
+    return _list(dim, 4)(v, path)
+
+
+def _file_name(v, path):
+    """A relative POSIX path inside the engine directory: no '..', no absolute path, no backslash."""
+    _str(v, path)
+    p = PurePosixPath(v)
+    if p.is_absolute() or ".." in p.parts or "\\" in v or "\0" in v or v.startswith("~") or str(p) != v:
+        _fail(path, v, "a plain relative file name inside the engine directory (no '..' or absolute path)")
+    return v
+
+
+def _sha(v, path):
+    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
+        _fail(path, v, "64 lowercase hex digits")
     return v
 
 
 def _file(v, path):
-    f = _obj(v, path, {"sha256": _str, "bytes": _int()})
-    if len(f["sha256"]) != 64:
-        _fail(f"{path}.sha256", f["sha256"], "64 hex digits")
-    return f
+    return _obj(v, path, {"sha256": _sha, "bytes": _int(0, 1 << 42)})
+
+
+def _template(v, path):
+    if not isinstance(v, str) or not _TEMPLATE.fullmatch(v) or v.count("%") != 1:
+        _fail(path, v, "a tensor name template with one %d and no other % (e.g. past.%d.key)")
+    return v
 
 
 def _kv(v, path):
     # in_place: the whole cache (max_len positions) is bound as input and output, the graph writes new KV
-    return _obj(v, path, {"key_input": _str, "value_input": _str, "key_output": _str, "value_output": _str,
-                          "n_layers": _int(1, 1024), "n_kv_heads": _int(1, 1024),
-                          "head_dim": _int(1, 4096), "dtype": _one_of(*DTYPES)},
-                {"in_place": _bool, "max_len": _int(1, 1 << 20)})
+    kv = _obj(v, path, {"key_input": _template, "value_input": _template, "key_output": _template,
+                        "value_output": _template, "n_layers": _int(1, 1024), "n_kv_heads": _int(1, 1024),
+                        "head_dim": _int(1, 4096), "dtype": _one_of(*DTYPES)},
+              {"in_place": _bool, "max_len": _int(1, 1 << 20)})
+    names = [kv[k] for k in ("key_input", "value_input", "key_output", "value_output")]
+    if len(set(names)) != 4:
+        _fail(f"{path}.key_input", names, "four different templates")
+    return kv
+
+
+def _trie(v, path):
+    """The catalogue a chain graph was built from: its trie's node count and the digest of its codes."""
+    return _obj(v, path, {"nodes": _int(2, MAX_DIM - 2), "sha256": _sha})
+
+
+def trie_digest(catalogue: Catalogue) -> dict:
+    """What a chain graph records of its catalogue (`graphs.draft_chain.catalogue`): the trie and every table
+    of the graph follow from the semantic IDs in catalogue order."""
+    sids = np.ascontiguousarray(catalogue.sids, dtype="<i8")
+    return {"nodes": len(catalogue.child_codes), "sha256": hashlib.sha256(sids.tobytes()).hexdigest()}
 
 
 # draft_chain: a greedy chain round's K draft steps in one call; target_gqa, draft_chain_gqa: the target and the
@@ -116,38 +175,84 @@ def _kv(v, path):
 # (padrec_export/fused.py, DraftChain.forward_in_place)
 GRAPHS = ("target", "draft", "draft_chain", "target_gqa", "draft_chain_gqa")
 IN_PLACE = {"target_gqa": "target", "draft_chain_gqa": "draft_chain"}  # in-place graph -> the graph it stands in for
-_NEEDED = {  # graph -> (inputs, outputs) it must have
+CHAINS = ("draft_chain", "draft_chain_gqa")
+_IO = {  # graph -> (inputs, outputs) it has, exactly (KV tensors come from kv's templates)
     "target": (("input_ids", "position_ids", "attention_mask"), ("logits", "hidden")),
     "draft": (("hidden_in", "input_ids", "position_ids", "step", "slot", "attention_mask"), ("logits", "hidden")),
     "draft_chain": (("hidden_in", "input_ids", "position_ids", "slot", "last", "node", "left", "banned",
-                     "attention_mask"), ("tokens",)),
+                     "attention_mask"), ("tokens", "finite")),
     "target_gqa": (("input_ids", "seqlens_k", "total_sequence_length"), ("logits", "hidden")),
     "draft_chain_gqa": (("hidden_in", "input_ids", "slot", "last", "node", "left", "banned", "seqlens_k",
-                         "total_sequence_length"), ("tokens",)),
+                         "total_sequence_length"), ("tokens", "finite")),
+}
+# tensor -> (dtype, shape); "model": the engines' precision; HIDDEN, VOCAB, STEPS, NODES: the graph's hidden_size,
+# the layout's vocabulary, chain_steps and the trie's nodes + 2 (the `banned` row)
+HIDDEN, VOCAB, STEPS, NODES = "<hidden_size>", "<vocab_size>", "<chain_steps>", "<trie nodes + 2>"
+TENSORS = {
+    "input_ids": ("int32", ["batch", "seq"]), "position_ids": ("int32", ["batch", "seq"]),
+    "step": ("int32", ["batch", "seq"]), "slot": ("int32", ["batch", "seq"]),
+    "attention_mask": ("bool", ["batch", "seq", "past_plus_seq"]), "hidden_in": ("model", ["batch", "seq", HIDDEN]),
+    "last": ("int32", ["batch"]), "node": ("int32", ["batch"]), "left": ("int32", ["batch"]),
+    "seqlens_k": ("int32", ["batch"]), "banned": ("float16", ["batch", NODES]), "total_sequence_length": ("int32", []),
+    "logits": ("float32", ["batch", "seq", VOCAB]), "hidden": ("model", ["batch", "seq", HIDDEN]),
+    "tokens": ("int32", ["batch", STEPS]), "finite": ("bool", ["batch"]),
 }
 
 
 def _graph(v, path):
-    g = _obj(v, path, {"file": _str, "hidden_size": _int(1, 1 << 16), "inputs": _map(_tensor),
-                       "outputs": _map(_tensor), "kv": _kv, "tolerances": _map(_tolerance)},
-             {"chain_steps": _int(1, 16), "onnxruntime_only": _bool})
-    inputs, outputs = _NEEDED.get(path.rsplit(".", 1)[-1], _NEEDED["target"])
-    for name in inputs:
-        if name not in g["inputs"]:
-            _fail(f"{path}.inputs.{name}", "nothing", "this input")
-    for name in outputs:
-        if name not in g["outputs"]:
-            _fail(f"{path}.outputs.{name}", "nothing", "this output")
+    name = path.rsplit(".", 1)[-1]
+    g = _obj(v, path, {"file": _file_name, "hidden_size": _int(1, 1 << 16), "inputs": _map(_tensor, 64),
+                       "outputs": _map(_tensor, 64), "kv": _kv, "tolerances": _map(_tolerance, 8)},
+             {"chain_steps": _int(1, 16), "onnxruntime_only": _bool, "catalogue": _trie,
+              "external_data": _list(_file_name, 256)})
+    if name not in _IO:
+        return g  # an unknown graph: parse_manifest names it
+    inputs, outputs = _IO[name]
+    for side, names in (("inputs", inputs), ("outputs", outputs)):
+        for missing in sorted(set(names) - set(g[side])):
+            _fail(f"{path}.{side}.{missing}", "nothing", f"this {side[:-1]}")
+        for extra in sorted(set(g[side]) - set(names)):
+            _fail(f"{path}.{side}.{extra}", "an unknown tensor", f"only {', '.join(names)}")
+    if name in CHAINS:
+        for key in ("chain_steps", "catalogue"):
+            if key not in g:
+                _fail(f"{path}.{key}", "nothing", "this key on a chain graph")
     return g
+
+
+def _tensor(v, path):
+    return _obj(v, path, {"dtype": _one_of(*DTYPES), "shape": _shape})
 
 
 def _tolerance(v, path):
     return _obj(v, path, {"atol": _num, "rtol": _num})
 
 
+def _check_tensors(name: str, g: dict, precision: str, vocab: int) -> None:
+    """Every input and output has the one dtype and shape its name allows (sizes tied to the manifest's own)."""
+    sizes = {HIDDEN: g["hidden_size"], VOCAB: vocab, STEPS: g.get("chain_steps"),
+             NODES: g["catalogue"]["nodes"] + 2 if "catalogue" in g else None}
+    for side in ("inputs", "outputs"):
+        for tensor, t in g[side].items():
+            dtype, shape = TENSORS[tensor]
+            want_dtype = PRECISIONS[precision] if dtype == "model" else dtype
+            want = [sizes.get(d, d) for d in shape]
+            where = f"graphs.{name}.{side}.{tensor}"
+            if t["dtype"] != want_dtype:
+                _fail(f"{where}.dtype", t["dtype"], want_dtype)
+            if t["shape"] != want:
+                _fail(f"{where}.shape", t["shape"], str(want))
+    if g["kv"]["dtype"] != PRECISIONS[precision]:
+        _fail(f"graphs.{name}.kv.dtype", g["kv"]["dtype"], f"{PRECISIONS[precision]} (the engines' precision)")
+    taken = set(g["inputs"]) | set(g["outputs"])
+    for key in ("key_input", "value_input", "key_output", "value_output"):
+        if g["kv"][key] % 0 in taken:
+            _fail(f"graphs.{name}.kv.{key}", g["kv"][key], "a template naming no other input or output")
+
+
 def _layout(v, path):
-    lay = _obj(v, path, {"levels": _int(1, 16), "codebook": _int(1, 1 << 16), "vocab_size": _int(1),
-                         "special_tokens": lambda x, p: x})
+    lay = _obj(v, path, {"levels": _int(1, 16), "codebook": _int(1, 1 << 16), "vocab_size": _int(1, MAX_DIM),
+                         "special_tokens": _list(_str, 16)})
     expected = TokenLayout(lay["levels"], lay["codebook"])
     if lay["vocab_size"] != expected.vocab_size:
         _fail(f"{path}.vocab_size", lay["vocab_size"], str(expected.vocab_size))
@@ -160,18 +265,101 @@ def _model(v, path):
     m = _obj(v, path, {"layout": _layout, "max_seq_len": _int(8, 1 << 20), "max_history": _int(1, 1 << 16),
                        "max_batch": _int(1, 1 << 16), "max_items": _int(1, 1 << 12), "n_items": _int(1, 1 << 12),
                        "draft_steps": _int(1, 16), "tree_topk": _int(1, 64), "tree_size": _int(1, 1024),
-                       "catalogue": _str})
+                       "catalogue": _file_name})
     if m["n_items"] > m["max_items"]:
         _fail(f"{path}.n_items", m["n_items"], f"at most max_items={m['max_items']}")
     return m
 
 
+def _profile_shape(v, path):
+    return _list(_int(0, 1 << 24), 4)(v, path)
+
+
 def _engines(v, path):
     return _obj(v, path, {"builder": _one_of("tensorrt", "tensorrt_rtx"), "builder_version": _str,
                           "precision": _one_of(*PRECISIONS), "version_compatible": _bool,
-                          "hardware_compatibility": _str, "embeds_host_code": _bool,
-                          "plans": _map(_str), "profile": _map(_map(_map(_shape)))},
+                          "hardware_compatibility": _one_of(*HARDWARE_COMPATIBILITY), "embeds_host_code": _bool,
+                          "plans": _map(_file_name, 16), "profile": _map(_map(_map(_profile_shape, 3), 4096), 16)},
                 {"timing_cache": _str, "compute_capability": _str})
+
+
+def _check_chains(data: dict) -> None:
+    for name in CHAINS:
+        if name not in data["graphs"]:
+            continue
+        if "draft" not in data["graphs"]:
+            _fail(f"graphs.{name}", "a chain graph without a draft", "a draft graph beside it")
+    a, b = (data["graphs"].get(n, {}).get("catalogue") for n in CHAINS)
+    if a and b and a != b:
+        _fail("graphs.draft_chain_gqa.catalogue", b, f"{a} (draft_chain's: both come from one catalogue)")
+
+
+def _check_in_place(data: dict) -> None:
+    for name, stands_for in IN_PLACE.items():
+        if name not in data["graphs"]:
+            continue
+        if stands_for not in data["graphs"]:
+            _fail(f"graphs.{name}", f"an in-place graph without {stands_for}", f"a {stands_for} graph beside it")
+        if data["graphs"][name].get("onnxruntime_only") is not True:  # ONNX Runtime contrib ops: no TensorRT plan
+            _fail(f"graphs.{name}.onnxruntime_only", data["graphs"][name].get("onnxruntime_only"), "true")
+        kv = data["graphs"][name]["kv"]
+        if not kv.get("in_place") or kv.get("max_len") != data["model"]["max_seq_len"]:
+            _fail(f"graphs.{name}.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
+                  f"in_place true and max_len {data['model']['max_seq_len']} (model.max_seq_len)")
+
+
+def _check_files(data: dict) -> None:
+    """Every file a graph, the catalogue or a plan names is listed under `files` (so it is hashed)."""
+    named = {"model.catalogue": data["model"]["catalogue"]}
+    for name, g in data["graphs"].items():
+        named[f"graphs.{name}.file"] = g["file"]
+        for i, ext in enumerate(g.get("external_data", [])):
+            if PurePosixPath(ext).parent != PurePosixPath(g["file"]).parent:
+                _fail(f"graphs.{name}.external_data[{i}]", ext, f"a file beside {g['file']}")
+            named[f"graphs.{name}.external_data[{i}]"] = ext
+    build = data.get("tensorrt")
+    if build is not None:
+        for graph, g in data["graphs"].items():
+            if not g.get("onnxruntime_only") and graph not in build["plans"]:
+                _fail(f"tensorrt.plans.{graph}", "nothing", "a plan for every graph that is not onnxruntime_only")
+        for graph, plan in build["plans"].items():
+            if graph not in data["graphs"]:
+                _fail(f"tensorrt.plans.{graph}", "a plan for no graph", f"one of {', '.join(data['graphs'])}")
+            named[f"tensorrt.plans.{graph}"] = plan
+    for where, file in named.items():
+        if file not in data["files"]:
+            _fail(where, file, "a file listed under files")
+    for file in data["files"]:
+        _file_name(file, f"files.{file}")
+
+
+def parse_manifest(data, root: Path = Path("."), allow_outside: bool = False) -> "Manifest":
+    """Check a manifest object strictly; raises ManifestError naming the dotted key. allow_outside: the
+    caller trusts engine files that lie outside `root` (default: they are refused)."""
+    if not isinstance(data, dict):
+        _fail("(top)", type(data).__name__, "an object")
+    if data.get("format") != FORMAT:
+        _fail("format", data.get("format"), f"{FORMAT!r}")
+    version = data.get("schema_version")
+    if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
+        raise ManifestError(f"manifest schema_version: got {_short(version)} | this padrec reads versions "
+                            f"{', '.join(map(str, SUPPORTED_VERSIONS))} | re-export with a matching padrec "
+                            "or upgrade padrec")
+    _obj(data, "(top)", {"format": _str, "schema_version": _int(), "producer": _map(_str, 32),
+                         "precision": _one_of(*PRECISIONS), "model": _model,
+                         "graphs": _map(_graph, 8), "files": _map(_file, 4096)}, {"tensorrt": _engines})
+    unknown = sorted(set(data["graphs"]) - set(GRAPHS))
+    if unknown or "target" not in data["graphs"]:
+        _fail("graphs", sorted(data["graphs"]),
+              "a target graph and optionally draft, draft_chain and the in-place target_gqa, draft_chain_gqa")
+    for name, g in data["graphs"].items():
+        _check_tensors(name, g, data["precision"], data["model"]["layout"]["vocab_size"])
+    if "tensorrt" in data and data["tensorrt"]["precision"] != data["precision"]:
+        _fail("tensorrt.precision", data["tensorrt"]["precision"], data["precision"])
+    _check_chains(data)
+    _check_in_place(data)
+    _check_files(data)
+    return Manifest(Path(root), data, allow_outside)
 
 
 @dataclass(frozen=True)
@@ -180,6 +368,7 @@ class Manifest:
 
     root: Path
     data: dict
+    allow_outside: bool = False  # engine files may lie outside root (the caller trusts where they point)
 
     @property
     def layout(self) -> TokenLayout:
@@ -204,104 +393,60 @@ class Manifest:
         return self.data.get("tensorrt")
 
     def path(self, file: str) -> Path:
-        return self.root / file
+        return confined(self.root, file, self.allow_outside)
 
-    def verify_file(self, file: str) -> Path:
-        """The file's path once its size and sha256 match the manifest."""
+    def _entry(self, file: str) -> dict:
         entry = self.data["files"].get(file)
         if entry is None:
             raise ManifestError(f"manifest files.{file}: not listed | the manifest does not vouch for {file}")
-        p = self.root / file
-        if not p.is_file():
-            raise IntegrityError(f"{p}: missing | the engine directory is incomplete; re-export or re-copy it")
-        if p.stat().st_size != entry["bytes"]:
-            raise IntegrityError(f"{p}: {p.stat().st_size} bytes, manifest says {entry['bytes']} | "
-                                 "the file is truncated or replaced; re-export or re-copy it")
-        if sha256(p) != entry["sha256"]:
-            raise IntegrityError(f"{p}: sha256 differs from the manifest | the file was altered; "
-                                 "re-export or re-copy it")
-        return p
+        return entry
+
+    def read(self, file: str, mutable: bool = False):
+        """The file's bytes, exactly those whose size and sha256 matched the manifest (IntegrityError if not):
+        hand these to the engine, never the path. mutable: a bytearray (large external data, no extra copy)."""
+        return read_verified(self.root, file, self._entry(file), self.allow_outside, mutable)
+
+    def verify_file(self, file: str) -> Path:
+        """The file's (confined) path once its size and sha256 match the manifest. For tools that must pass a
+        path (the TensorRT builder); the runtime loads `read` bytes instead."""
+        verify(self.root, file, self._entry(file), self.allow_outside)
+        return self.path(file)
 
     def verify_all(self) -> None:
         for f in self.data["files"]:
             self.verify_file(f)
 
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def parse_manifest(data, root: Path = Path(".")) -> Manifest:
-    """Check a manifest object strictly; raises ManifestError naming the dotted key."""
-    if not isinstance(data, dict):
-        _fail("(top)", type(data).__name__, "an object")
-    if data.get("format") != FORMAT:
-        _fail("format", data.get("format"), f"{FORMAT!r}")
-    version = data.get("schema_version")
-    if version not in SUPPORTED_VERSIONS:
-        raise ManifestError(f"manifest schema_version: got {version!r} | this padrec reads versions "
-                            f"{', '.join(map(str, SUPPORTED_VERSIONS))} | re-export with a matching padrec "
-                            "or upgrade padrec")
-    _obj(data, "(top)", {"format": _str, "schema_version": _int(), "producer": _map(_str),
-                         "precision": _one_of(*PRECISIONS), "model": _model,
-                         "graphs": _map(_graph), "files": _map(_file)}, {"tensorrt": _engines})
-    unknown = sorted(set(data["graphs"]) - set(GRAPHS))
-    if unknown or "target" not in data["graphs"]:
-        _fail("graphs", sorted(data["graphs"]),
-              "a target graph and optionally draft, draft_chain and the in-place target_gqa, draft_chain_gqa")
-    for name in ("draft_chain", "draft_chain_gqa"):
-        if name not in data["graphs"]:
-            continue
-        chain = data["graphs"][name]
-        if "draft" not in data["graphs"]:
-            _fail(f"graphs.{name}", "a chain graph without a draft", "a draft graph beside it")
-        if "chain_steps" not in chain:
-            _fail(f"graphs.{name}.chain_steps", "nothing", "the number of draft tokens per call")
-        if chain["outputs"]["tokens"]["shape"][-1:] != [chain["chain_steps"]]:
-            _fail(f"graphs.{name}.outputs.tokens.shape", chain["outputs"]["tokens"]["shape"],
-                  f"['batch', {chain['chain_steps']}] (chain_steps)")
-    for name, stands_for in IN_PLACE.items():
-        if name not in data["graphs"]:
-            continue
-        if stands_for not in data["graphs"]:
-            _fail(f"graphs.{name}", f"an in-place graph without {stands_for}", f"a {stands_for} graph beside it")
-        kv = data["graphs"][name]["kv"]
-        if not kv.get("in_place") or kv.get("max_len") != data["model"]["max_seq_len"]:
-            _fail(f"graphs.{name}.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
-                  f"in_place true and max_len {data['model']['max_seq_len']} (model.max_seq_len)")
-    for name, g in data["graphs"].items():
-        if g["file"] not in data["files"]:
-            _fail(f"graphs.{name}.file", g["file"], "a file listed under files")
-        for key in ("key_input", "value_input", "key_output", "value_output"):
-            if g["kv"][key].count("%d") != 1:
-                _fail(f"graphs.{name}.kv.{key}", g["kv"][key], "a name template with one %d")
-    if data["model"]["catalogue"] not in data["files"]:
-        _fail("model.catalogue", data["model"]["catalogue"], "a file listed under files")
-    return Manifest(Path(root), data)
+    def load_catalogue(self) -> Catalogue:
+        """The catalogue, parsed from its checked bytes, and checked against the chain graphs built from it."""
+        file = self.model["catalogue"]
+        cat = Catalogue.from_json(parse_json(self.read(file), f"catalogue {file}"), self.layout)
+        digest = trie_digest(cat)
+        for name in CHAINS:
+            want = self.data["graphs"].get(name, {}).get("catalogue")
+            if want is not None and want != digest:
+                raise ManifestError(f"{file}: trie of {digest['nodes']} nodes (codes sha256 {digest['sha256'][:12]}"
+                                    f"...) | graphs.{name} was built from one of {want['nodes']} nodes (sha256 "
+                                    f"{want['sha256'][:12]}...) | the catalogue and the chain graph come from "
+                                    "different exports; re-export them together")
+        return cat
 
 
-def load_manifest(engine_dir, verify: bool = True) -> Manifest:
-    """Read DIR/manifest.json, check it, and (by default) check every file's sha256."""
+def load_manifest(engine_dir, verify: bool = True, allow_outside: bool = False) -> Manifest:
+    """Read DIR/manifest.json, check it, and (by default) check every file's sha256. allow_outside: engine
+    files may lie outside DIR (default: refused, see docs/security.md)."""
     root = Path(engine_dir)
     path = root / "manifest.json"
     if not path.is_file():
         raise ManifestError(f"{path}: not found | point at an engine directory made by `padrec export`")
-    try:
-        data = json.loads(path.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestError(f"{path}: not valid JSON ({exc}) | re-export the engines") from None
-    m = parse_manifest(data, root)
+    data = parse_json(confined(root, "manifest.json", allow_outside).read_bytes(), str(path))
+    m = parse_manifest(data, root, allow_outside)
     if verify:
         m.verify_all()
     return m
 
 
 def write_manifest(engine_dir, data: dict) -> Manifest:
-    """Hash every listed file, check the result as the runtime will, then write manifest.json."""
+    """Hash every listed file (streamed), check the result as the runtime will, then write manifest.json."""
     root = Path(engine_dir)
     for f in list(data["files"]):
         p = root / f

@@ -117,7 +117,7 @@ class Recommender:
             raise InputError(f"options: got {type(options).__name__} | expected RuntimeOptions(...)")
         self.manifest = m = load_manifest(engine_dir)
         self.settings = resolve_runtime(options, backend, device, m.precision, "target_gqa" in m.data["graphs"])
-        self.catalogue = Catalogue.load(m.verify_file(m.model["catalogue"]), m.layout)
+        self.catalogue = m.load_catalogue()  # parsed from its checked bytes, matched with the chain graphs
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order
         if self.settings.device_cache and device == "cuda":

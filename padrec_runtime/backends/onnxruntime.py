@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import PurePosixPath
 
 from ..errors import BackendError, ManifestError
 from ..manifest import Manifest
@@ -15,6 +16,13 @@ from .base import check_feeds, graph_names
 GEMM_TUNE_ENTRY, GEMM_TUNE_ENV = "ep.cuda.enable_gemm_auto_tune", "ORT_CUDA_GEMM_AUTO_TUNE"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
+
+
+def _kv_shapes(kv: dict) -> dict:
+    """The KV tensors' shapes as the manifest implies them: (batch, n_kv_heads, positions, head_dim)."""
+    shape = {"shape": ["batch", kv["n_kv_heads"], "past", kv["head_dim"]]}
+    return {kv[f"{part}_{side}"] % i: shape for i in range(kv["n_layers"]) for part in ("key", "value")
+            for side in ("input", "output")}
 
 
 class OrtBackend:
@@ -46,7 +54,11 @@ class OrtBackend:
         elif manifest.data.get("precision") == "bf16":  # its CPU kernels lack bf16 for ops every graph has (Tile)
             raise BackendError(f"{graph}: bf16 engines on the CPU | ONNX Runtime runs bf16 graphs on CUDA only | use "
                                "device='cuda' (onnxruntime-gpu), or export fp32 / fp16 engines for the CPU")
-        self.path = manifest.verify_file(self.spec["file"])
+        # every session is made from these bytes, the ones whose sha256 matched (never from the path, which
+        # could be swapped between the check and a later bucket's session); external data: see _add_external_data
+        self.path = manifest.root / self.spec["file"]
+        self._manifest = manifest
+        self._model = manifest.read(self.spec["file"])
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
@@ -57,11 +69,14 @@ class OrtBackend:
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
         opts, providers = self._options(dims, cuda_graph)
+        external = self._add_external_data(opts)  # alive until the session is made: it copies them
         try:
-            return self._ort.InferenceSession(str(self.path), opts, providers=providers)
+            return self._ort.InferenceSession(self._model, opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines"
                                ) from None
+        finally:
+            external.clear()  # ONNX Runtime has copied what it needs
 
     def _options(self, dims: dict | None, cuda_graph: bool) -> tuple:
         """The session options and execution providers of a session (see `_open`)."""
@@ -83,6 +98,18 @@ class OrtBackend:
                 cuda["enable_cuda_graph"] = "1"
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
+
+    def _add_external_data(self, opts) -> list:
+        """The graph's external data files, read and hashed now, handed over as the verified bytes (ONNX Runtime
+        copies them while it makes the session, so they are read again, and checked again, for every session:
+        nothing of them is held between sessions and nothing is opened by name after its check)."""
+        files = self.spec.get("external_data", [])
+        if not files:
+            return []
+        buffers = [self._manifest.read(f, mutable=True) for f in files]
+        names = [PurePosixPath(f).name for f in files]  # as the graph's locations name them: beside the graph
+        opts.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+        return buffers
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape
@@ -117,11 +144,14 @@ class OrtBackend:
                 if got[name] != dtype:
                     raise ManifestError(f"graphs.{self.graph_name}.{kind}.{name}.dtype: graph has {got[name]}, "
                                         f"manifest {dtype} | re-export the engines")
-        declared = {**self.spec["inputs"], **self.spec["outputs"]}
+        declared = {**self.spec["inputs"], **self.spec["outputs"], **_kv_shapes(self.spec["kv"])}
         for node in (*self.session.get_inputs(), *self.session.get_outputs()):
             want = declared.get(node.name, {}).get("shape")
             if want is None:
                 continue
+            if isinstance(node.shape, list) and len(node.shape) != len(want):
+                raise ManifestError(f"{self.graph_name}.onnx {node.name}: rank {len(node.shape)}, manifest says "
+                                    f"{want} | the graph and manifest come from different exports")
             for axis, (g, w) in enumerate(zip(node.shape, want)):
                 if isinstance(g, int) and isinstance(w, int) and g != w:
                     raise ManifestError(f"{self.graph_name}.onnx {node.name}: dimension {axis} is {g}, manifest says "

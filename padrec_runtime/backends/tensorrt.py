@@ -65,7 +65,10 @@ class TrtBackend:
                                "only if you trust their builder: pass allow_host_code=True (--allow-host-code)")
         self.graph_name, self.spec = graph, manifest.graph(graph)
         trt = _runtime_module(module, build["builder"], build["version_compatible"])
-        plan = manifest.verify_file(build["plans"][graph]).read_bytes()
+        if graph not in build["plans"]:  # parse_manifest requires a plan per graph; an in-place graph has none
+            raise ManifestError(f"tensorrt.plans.{graph}: missing | {graph} has no TensorRT plan (onnxruntime only) "
+                                "| run it with the onnxruntime backend, or rebuild with `padrec build`")
+        plan = manifest.read(build["plans"][graph])  # the bytes that were hashed are the bytes deserialized
         self._logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self._logger)
         if build["embeds_host_code"]:

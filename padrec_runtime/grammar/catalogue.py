@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InputError, ManifestError
+from ..integrity import parse_json
 
 SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<list>")
 PAD, BOS, EOS, SEP, LIST = range(len(SPECIAL_TOKENS))
@@ -54,22 +55,25 @@ class TokenLayout:
 class Catalogue:
     """Items, their semantic IDs (one-to-one) and the prefix trie used to constrain decoding."""
 
+    MAX_ITEMS = 1 << 24
+    MAX_ID = (1 << 63) - 1  # ids are int64
+
     def __init__(self, layout: TokenLayout, item_ids, sids, titles=None):
         self.layout = layout
-        self.item_ids = np.asarray(item_ids, dtype=np.int64)
-        self.sids = np.asarray(sids, dtype=np.int64)
+        self.item_ids = _int_array(item_ids, "catalogue.item_ids", "ids", 0, self.MAX_ID)
+        self.sids = _int_array(sids, "catalogue.sids", "codes", 0, layout.codebook - 1)
         n = len(self.item_ids)
+        if self.item_ids.ndim != 1 or not 0 < n <= self.MAX_ITEMS:
+            raise ManifestError(f"catalogue.item_ids | got shape {self.item_ids.shape} | expected a list of "
+                                f"1..{self.MAX_ITEMS} item ids | re-export the engines")
         if self.sids.shape != (n, layout.levels):
-            raise ManifestError(f"catalogue.sids | got shape {self.sids.shape} | expected ({n}, {layout.levels})")
-        if n == 0:
-            raise ManifestError("catalogue | got 0 items | expected at least one item")
-        if self.sids.min() < 0 or self.sids.max() >= layout.codebook:
-            raise ManifestError(f"catalogue.sids | codes outside 0..{layout.codebook - 1}")
+            raise ManifestError(f"catalogue.sids | got shape {self.sids.shape} | expected ({n}, {layout.levels}) | "
+                                "re-export the engines")
         if len(np.unique(self.item_ids)) != n:
             raise ManifestError("catalogue.item_ids | duplicate item ids | every item id must appear once")
         if len(np.unique(self.sids, axis=0)) != n:
             raise ManifestError("catalogue.sids | two items share a semantic ID | resolve collisions on export")
-        self.titles = list(titles) if titles is not None else None
+        self.titles = _titles(titles, n)
         self._index = {int(i): k for k, i in enumerate(self.item_ids)}
         self._by_tokens = None  # each item's code tokens -> its id (decode_list), made on first use
         self._row_of = None  # each trie node's chain-table row (chain_row), made on first use
@@ -209,9 +213,58 @@ class Catalogue:
         Path(path).write_text(json.dumps(self.to_json()))
 
     @classmethod
+    def from_json(cls, data, layout: TokenLayout) -> "Catalogue":
+        """The catalogue from its parsed JSON: exactly `item_ids` (integers), `sids` (one list of L integer codes
+        per item) and optionally `titles` (one string per item); anything else is a ManifestError."""
+        if not isinstance(data, dict):
+            raise ManifestError(f"catalogue | got {type(data).__name__} | expected an object with item_ids, sids "
+                                "and optionally titles | re-export the engines")
+        extra = sorted(set(data) - {"item_ids", "sids", "titles"}, key=str)
+        missing = sorted({"item_ids", "sids"} - set(data))
+        if extra or missing:
+            raise ManifestError(f"catalogue | unknown keys {extra[:3]}, missing {missing} | expected item_ids, sids "
+                                "and optionally titles | re-export the engines")
+        if not isinstance(data["sids"], list) or not all(isinstance(row, list) for row in data["sids"]):
+            raise ManifestError("catalogue.sids | expected one list of codes per item | re-export the engines")
+        for key, rows in (("item_ids", [data["item_ids"]]), ("sids", data["sids"])):
+            for row in rows:  # JSON integers only: no floats, strings or booleans coerced into ids or codes
+                if not isinstance(row, list) or not all(type(v) is int for v in row):
+                    raise ManifestError(f"catalogue.{key} | got {str(row)[:60]} | expected lists of integers | "
+                                        "re-export the engines")
+        return cls(layout, data["item_ids"], data["sids"], data.get("titles"))
+
+    @classmethod
     def load(cls, path: Path, layout: TokenLayout) -> "Catalogue":
+        """An exporter's catalogue file (the runtime reads the engines' through Manifest.load_catalogue)."""
         try:
-            data = json.loads(Path(path).read_text())
-            return cls(layout, data["item_ids"], data["sids"], data.get("titles"))
-        except (KeyError, ValueError, TypeError) as exc:
+            raw = Path(path).read_bytes()
+        except OSError as exc:
             raise ManifestError(f"catalogue {path}: unreadable ({exc}) | re-export the engines") from None
+        return cls.from_json(parse_json(raw, f"catalogue {path}"), layout)
+
+
+def _int_array(values, what: str, noun: str, lo: int, hi: int) -> np.ndarray:
+    """int64 array of integer values in lo..hi; anything else (floats, strings, booleans, out of range) is a
+    ManifestError naming the first such value."""
+    if isinstance(values, np.ndarray) and values.dtype.kind in "iu":  # the exporter's own arrays
+        bad = values[(values < lo) | (values > hi)].ravel()[:1].tolist()
+        arr = values
+    else:
+        arr = np.asarray(values, dtype=object)
+        bad = [v for v in arr.ravel().tolist() if not isinstance(v, (int, np.integer)) or
+               isinstance(v, (bool, np.bool_)) or not lo <= v <= hi][:1]
+    if bad:
+        raise ManifestError(f"{what} | got {str(bad[0])[:40]!r}: not an integer or {noun} outside "
+                            f"{lo}..{hi} | expected integers in {lo}..{hi} | re-export the engines")
+    return arr.astype(np.int64)
+
+
+def _titles(titles, n: int):
+    """None, or one string per item."""
+    if titles is None:
+        return None
+    if not isinstance(titles, (list, tuple)) or len(titles) != n or not all(isinstance(t, str) for t in titles):
+        size = len(titles) if hasattr(titles, "__len__") else "?"
+        raise ManifestError(f"catalogue.titles | got {type(titles).__name__} of {size} | expected {n} strings, one "
+                            "per item, or no titles | re-export the engines")
+    return list(titles)

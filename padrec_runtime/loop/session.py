@@ -10,7 +10,7 @@ import time
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import BackendError, InputError
 from ..grammar import ListConstraint
 from .accept import Acceptor, ChainPicks, ChainSampler, TargetWalk, batch_picks, chain_states
 from .feeds import prefill_feeds, verify_feeds
@@ -101,8 +101,12 @@ class DecodeSession:
         masks = None
         if chain is not None:
             V = self.constraint.catalogue.layout.vocab_size
+            drafted = chain.result()
+            if not all(ok for r, ok in zip(self.roots, drafted["finite"]) if not r.state.done):  # the graph's check
+                raise BackendError("draft_chain: non-finite logits (NaN/inf) | the engine overflowed; rebuild in "
+                                   "fp32 or bf16, or check the engine files")
             masks = [chain_states(r, tree, row, self.constraint, V) if not r.state.done else None
-                     for r, tree, row in zip(self.roots, proposal.trees, chain.result()["tokens"])]
+                     for r, tree, row in zip(self.roots, proposal.trees, drafted["tokens"])]
             self.proposer.while_verifying(call, self.roots, proposal, masks)
         out = call.result()
         self.clock.verify += time.perf_counter() - t0

@@ -43,23 +43,60 @@ def _delete(p):
     p.unlink()
 
 
-FILES = ["target.onnx", "draft.onnx", "catalogue.json", "manifest.json"]
+def _symlink_out(p):
+    """The file replaced by a symlink to an identical copy outside the engine directory."""
+    outside = p.parent.parent / f"outside-{p.name}"
+    shutil.copy(p, outside)
+    p.unlink()
+    p.symlink_to(outside)
+
+
+def _directory(p):
+    p.unlink()
+    p.mkdir()
+
+
+FILES = ["target.onnx", "draft.onnx", "draft_chain.onnx", "target_gqa.onnx", "draft_chain_gqa.onnx",
+         "catalogue.json", "manifest.json"]
+EXTERNAL_FILES = ["target.onnx.data", "draft.onnx.data", "draft_chain.onnx.data", "target_gqa.onnx.data"]
 DAMAGE = {"truncated": _truncate, "flip-early": _flip(0.05), "flip-middle": _flip(0.5), "flip-late": _flip(0.97),
-          "missing": _delete}
+          "missing": _delete, "symlink-out": _symlink_out, "directory": _directory}
+
+
+def _check_damaged(engines, file, clean_lists, options=None):
+    try:
+        rec = Recommender(engines, options=options)
+    except PadrecError as exc:
+        assert file in str(exc) or "manifest" in str(exc), str(exc)
+        return
+    # only a manifest edit that keeps it valid, or a symlink into the directory, can get here: no list changes
+    assert file == "manifest.json"
+    assert [r.tokens for r in rec.recommend(HIST, params=DecodeParams(speculate="tree")).lists] == clean_lists
 
 
 @pytest.mark.parametrize("file", FILES)
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_corruption_matrix(engines, clean_lists, file, damage):
     DAMAGE[damage](engines / file)
-    try:
-        rec = Recommender(engines)
-    except PadrecError as exc:
-        assert file in str(exc) or "manifest" in str(exc), str(exc)
-        return
-    # only a manifest edit that keeps it valid can get here: it must not change any list
-    assert file == "manifest.json"
-    assert [r.tokens for r in rec.recommend(HIST, params=DecodeParams(speculate="tree")).lists] == clean_lists
+    # the in-place graphs are opened with io_binding only: open them so that their damage is seen
+    _check_damaged(engines, file, clean_lists, RuntimeOptions(device_cache=True) if "gqa" in file else None)
+
+
+@pytest.fixture(scope="module")
+def engines_external_master(tiny, tmp_path_factory):
+    cat, target, draft = tiny
+    out = tmp_path_factory.mktemp("engines_external") / "tiny"
+    export_engines(target, draft, cat, out, "fp32", LIMITS, progress=False, external_data=True)
+    return out
+
+
+@pytest.mark.parametrize("file", EXTERNAL_FILES)
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_corruption_matrix_external_data(engines_external_master, tmp_path, clean_lists, file, damage):
+    engines = tmp_path / "tiny"
+    shutil.copytree(engines_external_master, engines)
+    DAMAGE[damage](engines / file)
+    _check_damaged(engines, file, clean_lists, RuntimeOptions(device_cache=True) if "gqa" in file else None)
 
 
 def test_wrong_version_and_mismatched_draft(engines, tmp_path):
@@ -71,7 +108,8 @@ def test_wrong_version_and_mismatched_draft(engines, tmp_path):
     with pytest.raises(ManifestError, match="draft.onnx .*dimension"):
         Recommender(engines)
     m = json.loads((engines / "manifest.json").read_text())
-    m["graphs"]["draft"]["hidden_size"] = 32
+    d = m["graphs"]["draft"]
+    d["hidden_size"] = d["inputs"]["hidden_in"]["shape"][-1] = d["outputs"]["hidden"]["shape"][-1] = 32
     (engines / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(ManifestError, match="graphs.draft.hidden_size"):
         Recommender(engines)
@@ -137,39 +175,118 @@ def test_threads_give_the_single_thread_lists(tiny, engines_master):
 
 
 def _json_values():
-    return st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=True) |
+    return st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.integers() | st.floats(allow_nan=True) |
                         st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6),
                                                                                                c, max_size=3),
                         max_leaves=6)
 
 
 def _paths(d, prefix=()):
-    if isinstance(d, dict):
-        for k, v in d.items():
-            yield prefix + (k,)
-            yield from _paths(v, prefix + (k,))
+    """Every key and list position of a JSON value, as key paths."""
+    items = d.items() if isinstance(d, dict) else enumerate(d) if isinstance(d, list) else ()
+    for k, v in items:
+        yield prefix + (k,)
+        yield from _paths(v, prefix + (k,))
+
+
+MISSING, EXTRA = object(), object()
+
+
+def _mutated(base: dict, path: tuple, value):
+    """A copy of base with the value at path replaced, removed (MISSING), or given an unknown key (EXTRA)."""
+    out = json.loads(json.dumps(base))
+    node = out
+    for k in path[:-1]:
+        node = node[k]
+    key = path[-1]
+    if value is MISSING:
+        del node[key]
+    elif value is EXTRA:
+        if not isinstance(node[key], dict):
+            return None
+        node[key]["unexpected"] = 1
+    else:
+        node[key] = value
+    return out
+
+
+# one of each wrong kind: type, range, special floats, empty containers, huge values
+BAD_VALUES = [None, True, -5, 0, 10**12, 1e30, float("nan"), float("inf"), "x", "", "../x", [], {}, [1], MISSING, EXTRA]
+
+
+class _Loads:
+    """Checks that a manifest the parser accepted loads and gives the clean lists (or a named PadrecError)."""
+
+    def __init__(self, engines_master, tmp_path, clean):
+        self.dir, self.clean = tmp_path / "accepted", clean
+        shutil.copytree(engines_master, self.dir)
+
+    def __call__(self, data: dict) -> None:
+        (self.dir / "manifest.json").write_text(json.dumps(data))
+        try:
+            got = [r.tokens for r in Recommender(self.dir).recommend(HIST, params=DecodeParams(speculate="tree")).lists]
+        except PadrecError:
+            return
+        assert got == self.clean
+
+
+def test_every_manifest_value_is_refused_or_loads_correctly(engines_master, tmp_path, clean_lists):
+    """Every key and list position of the manifest, set to each wrong kind of value, removed, or given an unknown
+    key: a ManifestError naming it, or (a harmless change, e.g. a producer string) the same lists."""
+    base = json.loads((engines_master / "manifest.json").read_text())
+    loads, accepted = _Loads(engines_master, tmp_path, clean_lists), {}
+    for path in _paths(base):
+        for value in BAD_VALUES:
+            data = _mutated(base, path, value)
+            if data is None or data == base:
+                continue
+            try:
+                parse_manifest(data, engines_master)
+            except ManifestError as exc:
+                assert "manifest" in str(exc)
+                continue
+            accepted.setdefault(path[:3], data)
+    for data in accepted.values():
+        loads(data)
+    # what gets through: producer strings, zero tolerances, a wrong file size (refused when the file is read),
+    # an optional graph left out
+    assert len(accepted) < 20, sorted(accepted, key=str)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=st.data())
 def test_fuzzed_manifests_raise_manifest_error_or_parse(engines_master, data):
     base = json.loads((engines_master / "manifest.json").read_text())
-    paths = list(_paths(base))
     for _ in range(data.draw(st.integers(1, 3))):
+        paths = list(_paths(base))
         path = data.draw(st.sampled_from(paths))
-        node = base
-        for k in path[:-1]:
-            node = node.get(k) if isinstance(node, dict) else None
-        if not isinstance(node, dict) or path[-1] not in node:
-            continue
-        if data.draw(st.booleans()):
-            node[path[-1]] = data.draw(_json_values())
-        else:
-            del node[path[-1]]
+        value = data.draw(_json_values() | st.sampled_from([MISSING, EXTRA]))
+        base = _mutated(base, path, value) or base
     try:
         parse_manifest(base, engines_master)
     except ManifestError:
         pass
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_fuzzed_catalogues_raise_manifest_error_or_load_unchanged(tiny, engines_master, data):
+    """Any value anywhere in catalogue.json: a ManifestError, or a catalogue holding exactly the JSON's integers
+    (nothing coerced: no float, string or boolean becomes an id or a code)."""
+    from padrec_runtime.layout import Catalogue
+    base = json.loads((engines_master / "catalogue.json").read_text())
+    for _ in range(data.draw(st.integers(1, 2))):
+        path = data.draw(st.sampled_from([p for p in _paths(base) if len(p) <= 3]))
+        value = data.draw(_json_values() | st.sampled_from([MISSING, EXTRA]))
+        base = _mutated(base, path, value) or base
+    try:
+        cat = Catalogue.from_json(base, tiny[0].layout)
+    except ManifestError as exc:
+        assert "catalogue" in str(exc)
+        return
+    assert cat.item_ids.tolist() == base["item_ids"] and cat.sids.tolist() == base["sids"]
+    assert all(type(v) is int for v in base["item_ids"]) and all(type(c) is int for r in base["sids"] for c in r)
+    assert cat.titles == base.get("titles")
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,353 @@
+"""Hardening: engine files used only as the bytes that were hashed, external data, the manifest and catalogue
+schemas, the chain graph's NaN flag, and engine files confined to their directory."""
+import dataclasses
+import json
+import os
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from onnx import numpy_helper
+
+from padrec_export.onnx_export import export_engines, export_graph
+from padrec_export.tiny import tiny_setup
+from padrec_runtime.backends.onnxruntime import OrtBackend
+from padrec_runtime.errors import BackendError, IntegrityError, ManifestError
+from padrec_runtime.grammar import Catalogue
+from padrec_runtime.manifest import load_manifest, parse_manifest, write_manifest
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+from tests.conftest import LIMITS, TINY
+
+HIST = [[1000, 1001, 1002], [1010]]
+
+
+def _lists(rec, histories=HIST, speculate="chain"):
+    return [r.tokens for r in rec.recommend(histories, params=DecodeParams(speculate=speculate)).lists]
+
+
+def _resign(engines):
+    """Re-hash every listed file into the manifest: what an attacker with write access to the whole directory
+    (or a careless copy) would do; the runtime must still refuse what does not fit."""
+    write_manifest(engines, load_manifest(engines, verify=False).data)
+
+
+def _edit_manifest(engines, edit):
+    m = json.loads((engines / "manifest.json").read_text())
+    edit(m)
+    (engines / "manifest.json").write_text(json.dumps(m))
+
+
+@pytest.fixture(scope="module")
+def other_target(tmp_path_factory):
+    """target.onnx of another model of the same shapes (other weights): a swap the graph checks cannot see."""
+    _, target, _ = tiny_setup(dataclasses.replace(TINY, seed=11))
+    path = tmp_path_factory.mktemp("other") / "target.onnx"
+    export_graph(target, False, "fp32", path)
+    return path
+
+
+# -- the bytes that were hashed are the bytes loaded --------------------------------------------------------------
+
+def test_a_graph_swapped_after_load_never_reaches_a_new_bucket(engines, other_target):
+    swapped = engines.parent / "swapped"
+    shutil.copytree(engines, swapped)
+    shutil.copy(other_target, swapped / "target.onnx")
+    _resign(swapped)
+    wrong = _lists(Recommender(swapped), HIST[:1])
+    clean = _lists(Recommender(engines), HIST[:1])
+    assert wrong != clean  # the swap matters: a session over the new file would give another list
+
+    rec = Recommender(engines, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False))
+    assert _lists(rec, HIST) == _lists(Recommender(engines), HIST)
+    before = set(rec.backends["target"]._static)
+    shutil.copy(other_target, engines / "target.onnx")  # replaced while the Recommender serves
+    assert _lists(rec, HIST[:1]) == clean  # batch 1: new bucket sessions, made from the verified bytes
+    assert set(rec.backends["target"]._static) > before
+
+
+def test_bucket_sessions_come_from_the_verified_bytes(engines, other_target):
+    m = load_manifest(engines)
+    backend = OrtBackend(m, "target")
+    shutil.copy(other_target, engines / "target.onnx")
+    dims = {"batch": 1, "seq": 2, "past": 3, "past_plus_seq": 5}
+    rng = np.random.default_rng(0)
+    feeds = {"input_ids": rng.integers(5, 20, (1, 2)).astype(np.int32),
+             "position_ids": np.array([[3, 4]], np.int32), "attention_mask": np.ones((1, 2, 5), bool)}
+    for i in range(2):
+        for part in ("key", "value"):
+            feeds[f"past.{i}.{part}"] = rng.standard_normal((1, 2, 3, 16)).astype(np.float32)
+    names = [o.name for o in backend.session.get_outputs()]
+    want = backend.session.run(names, feeds)
+    got = backend.static_session(dims).run(names, feeds)
+    np.testing.assert_allclose(got[0], want[0], atol=1e-5)
+
+
+def test_the_catalogue_is_parsed_from_checked_bytes(engines):
+    m = load_manifest(engines)
+    raw = m.read("catalogue.json")
+    assert json.loads(raw)["item_ids"][:1] == [1000]
+    (engines / "catalogue.json").write_bytes(raw.replace(b"1000", b"1999"))
+    with pytest.raises(IntegrityError, match="catalogue.json: sha256 differs"):
+        m.load_catalogue()
+
+
+# -- external data ------------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engines_ext_master(tiny, tmp_path_factory):
+    cat, target, draft = tiny
+    out = tmp_path_factory.mktemp("engines_ext") / "tiny"
+    export_engines(target, draft, cat, out, "fp32", LIMITS, progress=False, external_data=True)
+    return out
+
+
+@pytest.fixture
+def engines_ext(engines_ext_master, tmp_path):
+    dst = tmp_path / "ext"
+    shutil.copytree(engines_ext_master, dst)
+    return dst
+
+
+def test_external_data_is_listed_hashed_and_loads_the_same_lists(engines_ext, engines_master):
+    m = load_manifest(engines_ext)
+    for name, g in m.data["graphs"].items():
+        assert g["external_data"] == [f"{name}.onnx.data"]
+        entry = m.data["files"][f"{name}.onnx.data"]
+        assert entry["bytes"] == (engines_ext / f"{name}.onnx.data").stat().st_size > 0
+        assert (engines_ext / g["file"]).stat().st_size < entry["bytes"]  # the weights are outside the graph
+    assert _lists(Recommender(engines_ext)) == _lists(Recommender(engines_master))
+    fused = RuntimeOptions(device_cache=True, static_shapes=True, in_place=True)
+    assert _lists(Recommender(engines_ext, options=fused)) == _lists(Recommender(engines_master))
+
+
+def _negate_half(path):
+    data = np.frombuffer(path.read_bytes(), np.uint8).copy()
+    data[: len(data) // 2] ^= 0xFF
+    path.write_bytes(data.tobytes())
+
+
+@pytest.mark.parametrize("file", ["target.onnx.data", "draft.onnx.data", "draft_chain.onnx.data"])
+def test_negated_external_data_is_an_integrity_error(engines_ext, file):
+    _negate_half(engines_ext / file)
+    with pytest.raises(IntegrityError, match=f"{file}: sha256 differs"):
+        Recommender(engines_ext)
+    # and without the load-time sweep: the backend reads and checks what it hands to ONNX Runtime
+    m = load_manifest(engines_ext, verify=False)
+    graph = file.removesuffix(".onnx.data")
+    with pytest.raises(IntegrityError, match=f"{file}: sha256 differs"):
+        OrtBackend(m, graph)
+
+
+def test_external_data_swapped_after_load_fails_a_new_bucket_loudly(engines_ext):
+    rec = Recommender(engines_ext, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False))
+    clean = _lists(rec, HIST)
+    _negate_half(engines_ext / "target.onnx.data")
+    try:
+        got = _lists(rec, HIST[:1])
+    except IntegrityError as exc:
+        assert "target.onnx.data" in str(exc)
+    else:
+        assert got == clean[:1]
+
+
+def test_an_unlisted_sidecar_is_never_read(engines_ext):
+    def drop(m):
+        del m["graphs"]["target"]["external_data"]
+        del m["files"]["target.onnx.data"]
+    _edit_manifest(engines_ext, drop)
+    _resign(engines_ext)
+    with pytest.raises(BackendError, match="target.onnx: onnxruntime cannot load it"):
+        OrtBackend(load_manifest(engines_ext), "target")
+
+
+def test_export_writes_external_data_only_when_needed(engines_master):
+    assert not list(engines_master.glob("*.data"))
+    assert all("external_data" not in g for g in load_manifest(engines_master).data["graphs"].values())
+
+
+# -- manifest values that crashed or were accepted ----------------------------------------------------------------
+
+def _graph(name):
+    return lambda m: m["graphs"][name]
+
+
+BAD_MANIFEST = {
+    "logits shape empty": lambda m: _graph("target")(m)["outputs"]["logits"].update(shape=[]),
+    "logits size 10**12": lambda m: _graph("target")(m)["outputs"]["logits"].update(shape=["batch", "seq", 10**12]),
+    "logits size string": lambda m: _graph("target")(m)["outputs"]["logits"].update(shape=["batch", "seq", "x"]),
+    "logits size -5": lambda m: _graph("target")(m)["outputs"]["logits"].update(shape=["batch", "seq", -5]),
+    "hidden size 1e30": lambda m: _graph("draft")(m)["outputs"]["hidden"].update(shape=["batch", "seq", 1e30]),
+    "shape unknown name": lambda m: _graph("draft")(m)["inputs"]["step"].update(shape=["batch", "anything"]),
+    "kv template %s": lambda m: _graph("target")(m)["kv"].update(key_input="past.%s.%d"),
+    "kv template two %d": lambda m: _graph("target")(m)["kv"].update(key_input="past.%d.%d"),
+    "kv templates equal": lambda m: _graph("target")(m)["kv"].update(key_output=_graph("target")(m)["kv"]["key_input"]),
+    "tolerance nan": lambda m: _graph("target")(m)["tolerances"]["logits"].update(atol=float("nan")),
+    "tolerance inf": lambda m: _graph("target")(m)["tolerances"]["logits"].update(rtol=float("inf")),
+    "dtype of logits": lambda m: _graph("target")(m)["outputs"]["logits"].update(dtype="float16"),
+    "extra tensor": lambda m: _graph("target")(m)["inputs"].update(extra={"dtype": "int32", "shape": ["batch"]}),
+    "banned width": lambda m: _graph("draft_chain")(m)["inputs"]["banned"].update(shape=["batch", 7]),
+    "chain without finite flag": lambda m: _graph("draft_chain")(m)["outputs"].pop("finite"),
+    "chain without catalogue digest": lambda m: _graph("draft_chain")(m).pop("catalogue"),
+    "sha256 not hex": lambda m: m["files"]["target.onnx"].update(sha256="z" * 64),
+    "file name ..": lambda m: _graph("target")(m).update(file="../target.onnx"),
+    "file name absolute": lambda m: _graph("target")(m).update(file="/etc/hostname"),
+    "files key ..": lambda m: m["files"].update({"../x": {"sha256": "0" * 64, "bytes": 1}}),
+    "schema_version true": lambda m: m.update(schema_version=True),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MANIFEST))
+def test_bad_manifest_values_are_manifest_errors(engines_master, case):
+    m = json.loads((engines_master / "manifest.json").read_text())
+    BAD_MANIFEST[case](m)
+    with pytest.raises(ManifestError, match="manifest "):
+        parse_manifest(m, engines_master)
+
+
+def _tensorrt_section(m):
+    plans = {g: f"{g}.plan" for g, spec in m["graphs"].items() if not spec.get("onnxruntime_only")}
+    return {"builder": "tensorrt", "builder_version": "10.0", "precision": m["precision"],
+            "version_compatible": False, "hardware_compatibility": "NONE", "embeds_host_code": False,
+            "plans": plans, "profile": {g: {"input_ids": {"min": [1, 1], "opt": [1, 1], "max": [8, 8]}}
+                                        for g in plans}}
+
+
+@pytest.mark.parametrize("case", ["hardware_compatibility", "plan missing", "plan unlisted", "plan for no graph"])
+def test_bad_tensorrt_sections_are_manifest_errors(engines_master, case):
+    m = json.loads((engines_master / "manifest.json").read_text())
+    trt = m["tensorrt"] = _tensorrt_section(m)
+    for plan in trt["plans"].values():
+        m["files"][plan] = {"sha256": "0" * 64, "bytes": 1}
+    parse_manifest(json.loads(json.dumps(m)), engines_master)  # the section itself is valid
+    if case == "hardware_compatibility":
+        trt["hardware_compatibility"] = "ANYTHING"
+    elif case == "plan missing":
+        del trt["plans"]["draft"]
+    elif case == "plan unlisted":
+        del m["files"]["draft.plan"]
+    else:
+        trt["plans"]["ghost"] = "target.plan"
+    with pytest.raises(ManifestError, match="tensorrt"):
+        parse_manifest(m, engines_master)
+
+
+@pytest.mark.parametrize("file", ["manifest.json", "catalogue.json"])
+def test_deeply_nested_json_is_a_manifest_error(engines, file):
+    (engines / file).write_text("[" * 100000)
+    if file == "catalogue.json":
+        _resign(engines)
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        Recommender(engines)
+
+
+def test_kv_head_dim_against_the_graph_at_load(engines):
+    _edit_manifest(engines, lambda m: _graph("target")(m)["kv"].update(head_dim=4096))
+    with pytest.raises(ManifestError, match="target.onnx past.0.key: dimension 3 is 16, manifest says 4096"):
+        Recommender(engines)
+
+
+# -- catalogue ------------------------------------------------------------------------------------------------------
+
+def _edit_catalogue(engines, edit):
+    c = json.loads((engines / "catalogue.json").read_text())
+    edit(c)
+    (engines / "catalogue.json").write_text(json.dumps(c))
+    _resign(engines)
+
+
+BAD_CATALOGUE = {
+    "titles short": lambda c: c.update(titles=["a"] * (len(c["item_ids"]) - 1)),
+    "titles string": lambda c: c.update(titles="abc"),
+    "titles dict": lambda c: c.update(titles={"1000": "a"}),
+    "titles of numbers": lambda c: c.update(titles=list(range(len(c["item_ids"])))),
+    "id 1e30": lambda c: c["item_ids"].__setitem__(0, 1e30),
+    "id 10**30": lambda c: c["item_ids"].__setitem__(0, 10**30),
+    "id float": lambda c: c["item_ids"].__setitem__(0, 1000.0),
+    "id string": lambda c: c["item_ids"].__setitem__(0, "1000"),
+    "id true": lambda c: c["item_ids"].__setitem__(0, True),
+    "id negative": lambda c: c["item_ids"].__setitem__(0, -1),
+    "code float": lambda c: c["sids"][0].__setitem__(0, 1.0),
+    "code true": lambda c: c["sids"][0].__setitem__(0, True),
+    "unknown key": lambda c: c.update(extra=1),
+    "not an object": lambda c: c.clear() or c.update(item_ids=5),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CATALOGUE))
+def test_bad_catalogues_are_refused_at_load(engines, case):
+    _edit_catalogue(engines, BAD_CATALOGUE[case])
+    with pytest.raises(ManifestError, match="catalogue"):
+        Recommender(engines)
+
+
+@pytest.mark.parametrize("change", ["item removed", "item added", "codes swapped"])
+def test_a_catalogue_that_disagrees_with_the_chain_graph_is_refused_at_load(engines, change):
+    def edit(c):
+        if change == "item removed":
+            c["item_ids"].pop()
+            c["sids"].pop()
+            c.pop("titles", None)
+        elif change == "item added":
+            used = {tuple(s) for s in c["sids"]}
+            free = next([a, b, d] for a in range(8) for b in range(8) for d in range(8) if (a, b, d) not in used)
+            c["item_ids"].append(max(c["item_ids"]) + 1)
+            c["sids"].append(free)
+            c.pop("titles", None)
+        else:
+            c["sids"][0], c["sids"][1] = c["sids"][1], c["sids"][0]
+    _edit_catalogue(engines, edit)
+    with pytest.raises(ManifestError, match="catalogue.json: trie .* graphs.draft_chain"):
+        Recommender(engines)
+
+
+def test_exporter_arrays_pass_the_catalogue_schema(tiny):
+    cat = tiny[0]
+    again = Catalogue(cat.layout, cat.item_ids, cat.sids, ["t"] * len(cat))
+    assert again.item_ids.tolist() == cat.item_ids.tolist() and again.titles == ["t"] * len(cat)
+
+
+# -- NaN in the chain graph -----------------------------------------------------------------------------------------
+
+def test_nan_in_the_chain_graph_is_reported(engines):
+    model = onnx.load(engines / "draft_chain.onnx")
+    for init in model.graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.dtype == np.float32 and w.ndim == 2 and w.size > 1000:
+            init.CopyFrom(numpy_helper.from_array(np.full_like(w, np.nan), init.name))
+    onnx.save(model, engines / "draft_chain.onnx")
+    _resign(engines)
+    rec = Recommender(engines)
+    assert len(_lists(rec, HIST, "tree")) == 2  # the step draft graph is intact
+    with pytest.raises(BackendError, match="draft_chain: non-finite logits"):
+        _lists(rec, HIST, "chain")
+
+
+# -- confinement ----------------------------------------------------------------------------------------------------
+
+def test_a_symlink_out_of_the_engine_directory_is_refused_without_revealing_the_file(engines, tmp_path):
+    outside = tmp_path / "elsewhere.onnx"
+    shutil.copy(engines / "draft.onnx", outside)
+    (engines / "draft.onnx").unlink()
+    os.symlink(outside, engines / "draft.onnx")
+    _resign(engines)
+    with pytest.raises(IntegrityError, match="draft.onnx: outside the engine directory") as err:
+        Recommender(engines)
+    assert str(outside.stat().st_size) not in str(err.value)
+    m = load_manifest(engines, allow_outside=True)  # the caller's opt-in
+    assert OrtBackend(m, "draft").graph_name == "draft"
+
+
+def test_a_manifest_naming_a_file_outside_cannot_learn_its_size(engines, tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"x" * 12345)
+    clean = (engines / "manifest.json").read_text()
+    for name in ("../secret.bin", str(secret)):
+        def edit(m, name=name):
+            m["files"][name] = {"sha256": "0" * 64, "bytes": 1}
+            m["graphs"]["draft"]["file"] = name
+        _edit_manifest(engines, edit)
+        with pytest.raises(ManifestError, match="graphs.draft.file") as err:
+            Recommender(engines)
+        assert "12345" not in str(err.value)
+        (engines / "manifest.json").write_text(clean)
