@@ -273,7 +273,7 @@ def test_fuzzed_manifests_raise_manifest_error_or_parse(engines_master, data):
 def test_fuzzed_catalogues_raise_manifest_error_or_load_unchanged(tiny, engines_master, data):
     """Any value anywhere in catalogue.json: a ManifestError, or a catalogue holding exactly the JSON's integers
     (nothing coerced: no float, string or boolean becomes an id or a code)."""
-    from padrec_runtime.layout import Catalogue
+    from padrec_runtime.grammar import Catalogue
     base = json.loads((engines_master / "catalogue.json").read_text())
     for _ in range(data.draw(st.integers(1, 2))):
         path = data.draw(st.sampled_from([p for p in _paths(base) if len(p) <= 3]))
