@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
 import numpy as np
 
+from .schema import (MAX_DIM, boolean, fail, file_entry, file_name, integer, listing, mapping, number, obj,
+                     one_of, sha, shape, short, string, template)
 from .errors import ManifestError
 from .integrity import confined, parse_json, read_verified, sha256, verify
 from .grammar import SPECIAL_TOKENS, Catalogue, TokenLayout
@@ -25,142 +25,23 @@ SUPPORTED_VERSIONS = (3,)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool")
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 HARDWARE_COMPATIBILITY = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
-DIMS = ("batch", "seq", "past", "past_plus_seq")  # the symbolic dimension names a shape may use
-MAX_DIM = 1 << 24  # any fixed dimension (vocabulary, hidden size, trie width) stays below this
-_TEMPLATE = re.compile(r"[A-Za-z0-9_.:/-]{0,100}%d[A-Za-z0-9_.:/-]{0,100}")
-
-
-def _short(v) -> str:
-    """repr of a value, cut short (a hostile manifest may hold megabytes in one value)."""
-    text = repr(v)
-    return text if len(text) <= 120 else text[:117] + "..."
-
-
-def _fail(path: str, got, expected: str):
-    raise ManifestError(f"manifest {_short(path)[1:-1]}: expected {expected}, got {_short(got)} | re-export the "
-                        "engines with this padrec version")
-
-
-def _obj(value, path: str, required: dict, optional: dict | None = None) -> dict:
-    """Check an object's keys exactly and each value with its checker; returns the checked values."""
-    if not isinstance(value, dict):
-        _fail(path, type(value).__name__, "an object")
-    optional = optional or {}
-    unknown = sorted(set(value) - set(required) - set(optional), key=str)
-    if unknown:
-        _fail(f"{path}.{unknown[0]}", "an unknown key", f"only {', '.join(sorted({**required, **optional}))}")
-    out = {}
-    for key, check in required.items():
-        if key not in value:
-            _fail(f"{path}.{key}", "nothing", "this key to be present")
-        out[key] = check(value[key], f"{path}.{key}")
-    for key, check in optional.items():
-        if key in value:
-            out[key] = check(value[key], f"{path}.{key}")
-    return out
-
-
-def _int(lo: int = 0, hi: int = 1 << 40):
-    def check(v, path):
-        if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
-            _fail(path, v, f"an integer in {lo}..{hi}")
-        return v
-    return check
-
-
-def _str(v, path):
-    if not isinstance(v, str) or not 0 < len(v) <= 200:
-        _fail(path, v, "a non-empty string of at most 200 characters")
-    return v
-
-
-def _bool(v, path):
-    if not isinstance(v, bool):
-        _fail(path, v, "true or false")
-    return v
-
-
-def _num(v, path):
-    if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or not 0 <= v <= 1e3:
-        _fail(path, v, "a finite number in 0..1000")
-    return float(v)
-
-
-def _one_of(*choices):
-    def check(v, path):
-        if not isinstance(v, str) or v not in choices:
-            _fail(path, v, f"one of {', '.join(map(str, choices))}")
-        return v
-    return check
-
-
-def _map(check_value, max_len: int = 4096):
-    def check(v, path):
-        if not isinstance(v, dict) or not 0 < len(v) <= max_len:
-            _fail(path, v, f"a non-empty object of at most {max_len} keys")
-        return {k: check_value(x, f"{path}.{k}") for k, x in v.items()}
-    return check
-
-
-def _list(check_item, max_len: int = 64):
-    def check(v, path):
-        if not isinstance(v, list) or len(v) > max_len:
-            _fail(path, v, f"a list of at most {max_len} entries")
-        return [check_item(x, f"{path}[{i}]") for i, x in enumerate(v)]
-    return check
-
-
-def _shape(v, path):
-    """A shape: at most 4 entries, each a known dimension name or a size in 1..MAX_DIM."""
-    def dim(d, p):
-        if isinstance(d, str) and d in DIMS:
-            return d
-        if isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= MAX_DIM:
-            return d
-        _fail(p, d, f"one of {', '.join(DIMS)} or a size in 1..{MAX_DIM}")
-    return _list(dim, 4)(v, path)
-
-
-def _file_name(v, path):
-    """A relative POSIX path inside the engine directory: no '..', no absolute path, no backslash."""
-    _str(v, path)
-    p = PurePosixPath(v)
-    if p.is_absolute() or ".." in p.parts or "\\" in v or "\0" in v or v.startswith("~") or str(p) != v:
-        _fail(path, v, "a plain relative file name inside the engine directory (no '..' or absolute path)")
-    return v
-
-
-def _sha(v, path):
-    if not isinstance(v, str) or not re.fullmatch(r"[0-9a-f]{64}", v):
-        _fail(path, v, "64 lowercase hex digits")
-    return v
-
-
-def _file(v, path):
-    return _obj(v, path, {"sha256": _sha, "bytes": _int(0, 1 << 42)})
-
-
-def _template(v, path):
-    if not isinstance(v, str) or not _TEMPLATE.fullmatch(v) or v.count("%") != 1:
-        _fail(path, v, "a tensor name template with one %d and no other % (e.g. past.%d.key)")
-    return v
 
 
 def _kv(v, path):
     # in_place: the whole cache (max_len positions) is bound as input and output, the graph writes new KV
-    kv = _obj(v, path, {"key_input": _template, "value_input": _template, "key_output": _template,
-                        "value_output": _template, "n_layers": _int(1, 1024), "n_kv_heads": _int(1, 1024),
-                        "head_dim": _int(1, 4096), "dtype": _one_of(*DTYPES)},
-              {"in_place": _bool, "max_len": _int(1, 1 << 20)})
+    kv = obj(v, path, {"key_input": template, "value_input": template, "key_output": template,
+                        "value_output": template, "n_layers": integer(1, 1024), "n_kv_heads": integer(1, 1024),
+                        "head_dim": integer(1, 4096), "dtype": one_of(*DTYPES)},
+              {"in_place": boolean, "max_len": integer(1, 1 << 20)})
     names = [kv[k] for k in ("key_input", "value_input", "key_output", "value_output")]
     if len(set(names)) != 4:
-        _fail(f"{path}.key_input", names, "four different templates")
+        fail(f"{path}.key_input", names, "four different templates")
     return kv
 
 
 def _trie(v, path):
     """The catalogue a chain graph was built from: its trie's node count and the digest of its codes."""
-    return _obj(v, path, {"nodes": _int(2, MAX_DIM - 2), "sha256": _sha})
+    return obj(v, path, {"nodes": integer(2, MAX_DIM - 2), "sha256": sha})
 
 
 def trie_digest(catalogue: Catalogue) -> dict:
@@ -201,31 +82,31 @@ TENSORS = {
 
 def _graph(v, path):
     name = path.rsplit(".", 1)[-1]
-    g = _obj(v, path, {"file": _file_name, "hidden_size": _int(1, 1 << 16), "inputs": _map(_tensor, 64),
-                       "outputs": _map(_tensor, 64), "kv": _kv, "tolerances": _map(_tolerance, 8)},
-             {"chain_steps": _int(1, 16), "onnxruntime_only": _bool, "catalogue": _trie,
-              "external_data": _list(_file_name, 256)})
+    g = obj(v, path, {"file": file_name, "hidden_size": integer(1, 1 << 16), "inputs": mapping(_tensor, 64),
+                       "outputs": mapping(_tensor, 64), "kv": _kv, "tolerances": mapping(_tolerance, 8)},
+             {"chain_steps": integer(1, 16), "onnxruntime_only": boolean, "catalogue": _trie,
+              "external_data": listing(file_name, 256)})
     if name not in _IO:
         return g  # an unknown graph: parse_manifest names it
     inputs, outputs = _IO[name]
     for side, names in (("inputs", inputs), ("outputs", outputs)):
         for missing in sorted(set(names) - set(g[side])):
-            _fail(f"{path}.{side}.{missing}", "nothing", f"this {side[:-1]}")
+            fail(f"{path}.{side}.{missing}", "nothing", f"this {side[:-1]}")
         for extra in sorted(set(g[side]) - set(names)):
-            _fail(f"{path}.{side}.{extra}", "an unknown tensor", f"only {', '.join(names)}")
+            fail(f"{path}.{side}.{extra}", "an unknown tensor", f"only {', '.join(names)}")
     if name in CHAINS:
         for key in ("chain_steps", "catalogue"):
             if key not in g:
-                _fail(f"{path}.{key}", "nothing", "this key on a chain graph")
+                fail(f"{path}.{key}", "nothing", "this key on a chain graph")
     return g
 
 
 def _tensor(v, path):
-    return _obj(v, path, {"dtype": _one_of(*DTYPES), "shape": _shape})
+    return obj(v, path, {"dtype": one_of(*DTYPES), "shape": shape})
 
 
 def _tolerance(v, path):
-    return _obj(v, path, {"atol": _num, "rtol": _num})
+    return obj(v, path, {"atol": number, "rtol": number})
 
 
 def _check_tensors(name: str, g: dict, precision: str, vocab: int) -> None:
@@ -239,48 +120,48 @@ def _check_tensors(name: str, g: dict, precision: str, vocab: int) -> None:
             want = [sizes.get(d, d) for d in shape]
             where = f"graphs.{name}.{side}.{tensor}"
             if t["dtype"] != want_dtype:
-                _fail(f"{where}.dtype", t["dtype"], want_dtype)
+                fail(f"{where}.dtype", t["dtype"], want_dtype)
             if t["shape"] != want:
-                _fail(f"{where}.shape", t["shape"], str(want))
+                fail(f"{where}.shape", t["shape"], str(want))
     if g["kv"]["dtype"] != PRECISIONS[precision]:
-        _fail(f"graphs.{name}.kv.dtype", g["kv"]["dtype"], f"{PRECISIONS[precision]} (the engines' precision)")
+        fail(f"graphs.{name}.kv.dtype", g["kv"]["dtype"], f"{PRECISIONS[precision]} (the engines' precision)")
     taken = set(g["inputs"]) | set(g["outputs"])
     for key in ("key_input", "value_input", "key_output", "value_output"):
         if g["kv"][key] % 0 in taken:
-            _fail(f"graphs.{name}.kv.{key}", g["kv"][key], "a template naming no other input or output")
+            fail(f"graphs.{name}.kv.{key}", g["kv"][key], "a template naming no other input or output")
 
 
 def _layout(v, path):
-    lay = _obj(v, path, {"levels": _int(1, 16), "codebook": _int(1, 1 << 16), "vocab_size": _int(1, MAX_DIM),
-                         "special_tokens": _list(_str, 16)})
+    lay = obj(v, path, {"levels": integer(1, 16), "codebook": integer(1, 1 << 16), "vocab_size": integer(1, MAX_DIM),
+                         "special_tokens": listing(string, 16)})
     expected = TokenLayout(lay["levels"], lay["codebook"])
     if lay["vocab_size"] != expected.vocab_size:
-        _fail(f"{path}.vocab_size", lay["vocab_size"], str(expected.vocab_size))
+        fail(f"{path}.vocab_size", lay["vocab_size"], str(expected.vocab_size))
     if lay["special_tokens"] != list(SPECIAL_TOKENS):
-        _fail(f"{path}.special_tokens", lay["special_tokens"], str(list(SPECIAL_TOKENS)))
+        fail(f"{path}.special_tokens", lay["special_tokens"], str(list(SPECIAL_TOKENS)))
     return lay
 
 
 def _model(v, path):
-    m = _obj(v, path, {"layout": _layout, "max_seq_len": _int(8, 1 << 20), "max_history": _int(1, 1 << 16),
-                       "max_batch": _int(1, 1 << 16), "max_items": _int(1, 1 << 12), "n_items": _int(1, 1 << 12),
-                       "draft_steps": _int(1, 16), "tree_topk": _int(1, 64), "tree_size": _int(1, 1024),
-                       "catalogue": _file_name})
+    m = obj(v, path, {"layout": _layout, "max_seq_len": integer(8, 1 << 20), "max_history": integer(1, 1 << 16),
+                       "max_batch": integer(1, 1 << 16), "max_items": integer(1, 1 << 12), "n_items": integer(1, 1 << 12),
+                       "draft_steps": integer(1, 16), "tree_topk": integer(1, 64), "tree_size": integer(1, 1024),
+                       "catalogue": file_name})
     if m["n_items"] > m["max_items"]:
-        _fail(f"{path}.n_items", m["n_items"], f"at most max_items={m['max_items']}")
+        fail(f"{path}.n_items", m["n_items"], f"at most max_items={m['max_items']}")
     return m
 
 
 def _profile_shape(v, path):
-    return _list(_int(0, 1 << 24), 4)(v, path)
+    return listing(integer(0, 1 << 24), 4)(v, path)
 
 
 def _engines(v, path):
-    return _obj(v, path, {"builder": _one_of("tensorrt", "tensorrt_rtx"), "builder_version": _str,
-                          "precision": _one_of(*PRECISIONS), "version_compatible": _bool,
-                          "hardware_compatibility": _one_of(*HARDWARE_COMPATIBILITY), "embeds_host_code": _bool,
-                          "plans": _map(_file_name, 16), "profile": _map(_map(_map(_profile_shape, 3), 4096), 16)},
-                {"timing_cache": _str, "compute_capability": _str})
+    return obj(v, path, {"builder": one_of("tensorrt", "tensorrt_rtx"), "builder_version": string,
+                          "precision": one_of(*PRECISIONS), "version_compatible": boolean,
+                          "hardware_compatibility": one_of(*HARDWARE_COMPATIBILITY), "embeds_host_code": boolean,
+                          "plans": mapping(file_name, 16), "profile": mapping(mapping(mapping(_profile_shape, 3), 4096), 16)},
+                {"timing_cache": string, "compute_capability": string})
 
 
 def _check_chains(data: dict) -> None:
@@ -288,10 +169,10 @@ def _check_chains(data: dict) -> None:
         if name not in data["graphs"]:
             continue
         if "draft" not in data["graphs"]:
-            _fail(f"graphs.{name}", "a chain graph without a draft", "a draft graph beside it")
+            fail(f"graphs.{name}", "a chain graph without a draft", "a draft graph beside it")
     a, b = (data["graphs"].get(n, {}).get("catalogue") for n in CHAINS)
     if a and b and a != b:
-        _fail("graphs.draft_chain_gqa.catalogue", b, f"{a} (draft_chain's: both come from one catalogue)")
+        fail("graphs.draft_chain_gqa.catalogue", b, f"{a} (draft_chain's: both come from one catalogue)")
 
 
 def _check_in_place(data: dict) -> None:
@@ -299,12 +180,12 @@ def _check_in_place(data: dict) -> None:
         if name not in data["graphs"]:
             continue
         if stands_for not in data["graphs"]:
-            _fail(f"graphs.{name}", f"an in-place graph without {stands_for}", f"a {stands_for} graph beside it")
+            fail(f"graphs.{name}", f"an in-place graph without {stands_for}", f"a {stands_for} graph beside it")
         if data["graphs"][name].get("onnxruntime_only") is not True:  # ONNX Runtime contrib ops: no TensorRT plan
-            _fail(f"graphs.{name}.onnxruntime_only", data["graphs"][name].get("onnxruntime_only"), "true")
+            fail(f"graphs.{name}.onnxruntime_only", data["graphs"][name].get("onnxruntime_only"), "true")
         kv = data["graphs"][name]["kv"]
         if not kv.get("in_place") or kv.get("max_len") != data["model"]["max_seq_len"]:
-            _fail(f"graphs.{name}.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
+            fail(f"graphs.{name}.kv", {k: kv.get(k) for k in ("in_place", "max_len")},
                   f"in_place true and max_len {data['model']['max_seq_len']} (model.max_seq_len)")
 
 
@@ -315,47 +196,47 @@ def _check_files(data: dict) -> None:
         named[f"graphs.{name}.file"] = g["file"]
         for i, ext in enumerate(g.get("external_data", [])):
             if PurePosixPath(ext).parent != PurePosixPath(g["file"]).parent:
-                _fail(f"graphs.{name}.external_data[{i}]", ext, f"a file beside {g['file']}")
+                fail(f"graphs.{name}.external_data[{i}]", ext, f"a file beside {g['file']}")
             named[f"graphs.{name}.external_data[{i}]"] = ext
     build = data.get("tensorrt")
     if build is not None:
         for graph, g in data["graphs"].items():
             if not g.get("onnxruntime_only") and graph not in build["plans"]:
-                _fail(f"tensorrt.plans.{graph}", "nothing", "a plan for every graph that is not onnxruntime_only")
+                fail(f"tensorrt.plans.{graph}", "nothing", "a plan for every graph that is not onnxruntime_only")
         for graph, plan in build["plans"].items():
             if graph not in data["graphs"]:
-                _fail(f"tensorrt.plans.{graph}", "a plan for no graph", f"one of {', '.join(data['graphs'])}")
+                fail(f"tensorrt.plans.{graph}", "a plan for no graph", f"one of {', '.join(data['graphs'])}")
             named[f"tensorrt.plans.{graph}"] = plan
     for where, file in named.items():
         if file not in data["files"]:
-            _fail(where, file, "a file listed under files")
+            fail(where, file, "a file listed under files")
     for file in data["files"]:
-        _file_name(file, f"files.{file}")
+        file_name(file, f"files.{file}")
 
 
 def parse_manifest(data, root: Path = Path("."), allow_outside: bool = False) -> "Manifest":
     """Check a manifest object strictly; raises ManifestError naming the dotted key. allow_outside: the
     caller trusts engine files that lie outside `root` (default: they are refused)."""
     if not isinstance(data, dict):
-        _fail("(top)", type(data).__name__, "an object")
+        fail("(top)", type(data).__name__, "an object")
     if data.get("format") != FORMAT:
-        _fail("format", data.get("format"), f"{FORMAT!r}")
+        fail("format", data.get("format"), f"{FORMAT!r}")
     version = data.get("schema_version")
     if version not in SUPPORTED_VERSIONS or isinstance(version, bool):
-        raise ManifestError(f"manifest schema_version: got {_short(version)} | this padrec reads versions "
+        raise ManifestError(f"manifest schema_version: got {short(version)} | this padrec reads versions "
                             f"{', '.join(map(str, SUPPORTED_VERSIONS))} | re-export with a matching padrec "
                             "or upgrade padrec")
-    _obj(data, "(top)", {"format": _str, "schema_version": _int(), "producer": _map(_str, 32),
-                         "precision": _one_of(*PRECISIONS), "model": _model,
-                         "graphs": _map(_graph, 8), "files": _map(_file, 4096)}, {"tensorrt": _engines})
+    obj(data, "(top)", {"format": string, "schema_version": integer(), "producer": mapping(string, 32),
+                         "precision": one_of(*PRECISIONS), "model": _model,
+                         "graphs": mapping(_graph, 8), "files": mapping(file_entry, 4096)}, {"tensorrt": _engines})
     unknown = sorted(set(data["graphs"]) - set(GRAPHS))
     if unknown or "target" not in data["graphs"]:
-        _fail("graphs", sorted(data["graphs"]),
+        fail("graphs", sorted(data["graphs"]),
               "a target graph and optionally draft, draft_chain and the in-place target_gqa, draft_chain_gqa")
     for name, g in data["graphs"].items():
         _check_tensors(name, g, data["precision"], data["model"]["layout"]["vocab_size"])
     if "tensorrt" in data and data["tensorrt"]["precision"] != data["precision"]:
-        _fail("tensorrt.precision", data["tensorrt"]["precision"], data["precision"])
+        fail("tensorrt.precision", data["tensorrt"]["precision"], data["precision"])
     _check_chains(data)
     _check_in_place(data)
     _check_files(data)
