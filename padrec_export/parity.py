@@ -159,6 +159,17 @@ def check_checkpoint_matches(manifest, graph: str, cfg, checkpoint_dir) -> None:
                               "export` | pass that checkpoint, or re-export the engines from this one")
 
 
+def load_checked(manifest, target_dir, draft_dir):
+    """The target (and draft) checkpoints, refused when they are not the ones the engines were exported from."""
+    from .checkpoint import load_draft, load_target
+    target = load_target(target_dir)
+    check_checkpoint_matches(manifest, "target", target.cfg, target_dir)
+    draft = load_draft(draft_dir, target) if draft_dir else None
+    if draft is not None and "draft" in manifest.data["graphs"]:
+        check_checkpoint_matches(manifest, "draft", draft.cfg, draft_dir)
+    return target, draft
+
+
 def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxruntime", device: str = "cpu",
                histories: list | None = None, n_histories: int = 32, seed: int = 0, progress: bool = True) -> dict:
     """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok'])."""
@@ -168,18 +179,13 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     from padrec_runtime.grammar import ListConstraint
     from padrec_runtime import DecodeParams, Recommender
 
-    from .checkpoint import load_draft, load_target
     from .reference import reference_generate
 
     if histories is None and n_histories < 1:
         raise InputError(f"--histories: got {n_histories} | expected at least 1 (none would check nothing)")
     rec = Recommender(engine_dir, backend=backend, device=device)
     m = rec.manifest
-    target = load_target(target_dir)
-    check_checkpoint_matches(m, "target", target.cfg, target_dir)
-    draft = load_draft(draft_dir, target) if draft_dir else None
-    if draft is not None and "draft" in m.data["graphs"]:
-        check_checkpoint_matches(m, "draft", draft.cfg, draft_dir)
+    target, draft = load_checked(m, target_dir, draft_dir)
     report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
     rows = []
     for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):

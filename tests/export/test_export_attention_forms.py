@@ -7,7 +7,7 @@ from padrec_export.parity import compare_fused_target, compare_graph, compare_in
 from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.manifest import load_manifest
-from padrec_runtime.recommender import Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 
 from tests.conftest import LIMITS, TINY
 
@@ -70,11 +70,12 @@ def test_multi_head_attention_runtime_lists_agree_in_place_and_standard(mha):
     """The runtime on the MHA engines: the in-place graphs give the standard graphs' lists, AR and chain."""
     cat, _, _, out = mha
     hist = [cat.item_ids[:6].tolist()]
-    plain = Recommender(out, io_binding=True, static_shapes=False, fused_target=False)
-    fused = Recommender(out, io_binding=True, static_shapes=False)
-    assert fused.fused_target and not plain.fused_target
+    plain = Recommender(out, options=RuntimeOptions(device_cache=True, static_shapes=False, in_place=False))
+    fused = Recommender(out, options=RuntimeOptions(device_cache=True, static_shapes=False, in_place=True))
+    assert fused.settings.in_place and not plain.settings.in_place and "target_gqa" in fused.backends
     for mode in ("off", "chain"):
-        a, b = plain.recommend(hist, speculate=mode), fused.recommend(hist, speculate=mode)
+        a = plain.recommend(hist, params=DecodeParams(speculate=mode))
+        b = fused.recommend(hist, params=DecodeParams(speculate=mode))
         assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists], mode
         assert len(a.lists[0].item_ids) == LIMITS.n_items
 
