@@ -60,6 +60,10 @@ def _measure(run, repeats: int) -> dict:
 def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", batches=(1, 8, 32), repeats: int = 5,
               target_dir=None, draft_dir=None, dataset: str | None = "ml-100k", progress: bool = True) -> dict:
     """Every mode at every batch size on the same histories; PyTorch eager too when checkpoints are given."""
+    if repeats < 1 or not batches or min(batches) < 1:
+        from padrec_runtime.errors import InputError
+        raise InputError(f"bench: got repeats {repeats}, batches {list(batches)} | expected repeats >= 1 and "
+                         "batch sizes >= 1 | e.g. --repeats 5 --batch 1,8,32")
     rec = Recommender(engine_dir, backend=backend, device=device)
     hist_all = bench_histories(rec, max(batches), dataset)
     torch_models = None
@@ -84,14 +88,16 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         res = m["result"]
         split = res.time_s if engine == "runtime" else {"draft": res.time_draft_s, "verify": res.time_verify_s,
                                                           "host": res.time_host_s, "total": res.time_total_s}
-        ms = np.array(m["times"]) * 1e3
+        ms = np.array(m["times"]) * 1e3  # one batch call: `batch` lists
         rows.append({"engine": engine, "backend": backend if engine == "runtime" else "pytorch-eager",
-                     "mode": mode, "batch": batch, "ms_per_list_median": float(np.median(ms)),
-                     "ms_per_list_p90": float(np.percentile(ms, 90)), "lists_per_s": batch / float(np.median(ms)) * 1e3,
+                     "mode": mode, "batch": batch, "ms_per_call_median": float(np.median(ms)),
+                     "ms_per_call_p90": float(np.percentile(ms, 90)),
+                     "ms_per_list_median": float(np.median(ms)) / batch,
+                     "lists_per_s": batch / float(np.median(ms)) * 1e3,
                      "tau": float(res.tau), "time_split_ms": {k: v * 1e3 for k, v in split.items()}})
     for r in rows:
         base = next(x for x in rows if x["engine"] == r["engine"] and x["batch"] == r["batch"] and x["mode"] == "off")
-        r["speedup_vs_ar"] = base["ms_per_list_median"] / r["ms_per_list_median"]
+        r["speedup_vs_ar"] = base["ms_per_call_median"] / r["ms_per_call_median"]
     return {"engines": str(engine_dir), "precision": rec.manifest.precision, "device": device, "repeats": repeats,
             "runtime": {"device_cache": rec.settings.device_cache, "static_shapes": rec.settings.static_shapes,
                         "cuda_graphs": rec.settings.cuda_graphs},
@@ -101,31 +107,63 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
 
 
 def bench_table(report: dict) -> str:
-    lines = ["| engine | batch | mode | ms/list (median) | p90 | lists/s | tau | speedup vs AR |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Markdown table: the batch call's latency (median, p90), per list, throughput, tau, speed-up vs AR."""
+    lines = ["| engine | batch | mode | ms/call (median) | ms/call p90 | ms/list | lists/s | tau | speed-up vs AR |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in report["rows"]:
-        lines.append(f"| {r['backend']} | {r['batch']} | {r['mode']} | {r['ms_per_list_median']:.1f} | "
-                     f"{r['ms_per_list_p90']:.1f} | {r['lists_per_s']:.1f} | {r['tau']:.2f} | {r['speedup_vs_ar']:.2f}x |")
+        lines.append(f"| {r['backend']} | {r['batch']} | {r['mode']} | {r['ms_per_call_median']:.1f} | "
+                     f"{r['ms_per_call_p90']:.1f} | {r['ms_per_list_median']:.2f} | {r['lists_per_s']:.1f} | "
+                     f"{r['tau']:.2f} | {r['speedup_vs_ar']:.2f}x |")
     return "\n".join(lines)
 
 
+def require_plot() -> None:
+    """--plot's package, checked before a run rather than after it."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        from padrec_runtime.errors import BackendError
+        raise BackendError("bench --plot: matplotlib is not installed | expected the plot extra | "
+                           "pip install 'padrec[plot]' (or leave out --plot)") from None
+
+
 def bench_plot(report: dict, path) -> None:
+    """One figure: ms per list against batch size (log scales), a line per engine and mode, each speculative
+    point labelled with its speed-up over AR and its tau; the title names the machine in full."""
+    require_plot()
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    engines = sorted({r["backend"] for r in report["rows"]})
-    batches = sorted({r["batch"] for r in report["rows"]})
-    fig, axes = plt.subplots(1, len(engines), figsize=(5 * len(engines), 3.6), squeeze=False)
-    for ax, eng in zip(axes[0], engines):
-        width = 0.8 / len(MODES)
-        for k, mode in enumerate(MODES):
-            ys = [next((r["ms_per_list_median"] for r in report["rows"] if r["backend"] == eng and r["batch"] == b
-                        and r["mode"] == mode), np.nan) for b in batches]
-            ax.bar(np.arange(len(batches)) + k * width, ys, width, label={"off": "AR"}.get(mode, mode))
-        ax.set_xticks(np.arange(len(batches)) + width, [f"batch {b}" for b in batches])
-        ax.set_ylabel("ms per batch call (median)")
-        ax.set_title(f"{eng} ({report['precision']}, {report['hardware']['cpu'][:28]})", fontsize=9)
-        ax.legend(fontsize=8)
+    rows = report["rows"]
+    engines = sorted({r["backend"] for r in rows})
+    batches = sorted({r["batch"] for r in rows})
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    styles = {"off": ("AR", "o", "-"), "chain": ("chain", "s", "--"), "tree": ("tree", "^", ":")}
+    for e, eng in enumerate(engines):
+        for mode, (label, marker, line) in styles.items():
+            pts = sorted((r["batch"], r) for r in rows if r["backend"] == eng and r["mode"] == mode)
+            if not pts:
+                continue
+            xs, ys = [b for b, _ in pts], [r["ms_per_list_median"] for _, r in pts]
+            ax.plot(xs, ys, marker=marker, linestyle=line, color=f"C{e * 3 + list(styles).index(mode)}",
+                    label=f"{eng} {label}")
+            if mode == "off":
+                continue
+            for x, (_, r) in zip(xs, pts):
+                ax.annotate(f"{r['speedup_vs_ar']:.2f}x, tau {r['tau']:.1f}", (x, r["ms_per_list_median"]),
+                            textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xticks(batches, [str(b) for b in batches])
+    ax.set_xlabel("batch size (histories per call)")
+    ax.set_ylabel("ms per list (batch call / batch, median)")
+    hw = report["hardware"]
+    ax.set_title(f"{hw['cpu']} ({hw.get('cpu_count')} cores) | {report['device']}, {report['precision']}, "
+                 f"K {report['draft_steps']}, {report['repeats']} repeats\nlabels: speed-up vs AR, tau "
+                 "(tokens per target pass)", fontsize=8)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,13 +1,57 @@
-"""The `padrec` command: demo, export, build (torch side) and the runtime's recommend."""
+"""The `padrec` command: demo, export, build, train, evaluate, parity, bench (torch side) and the runtime's
+recommend."""
 from __future__ import annotations
+
+import importlib.util
 
 import click
 
 from padrec_runtime.api.cli import PadrecGroup, recommend
+from padrec_runtime.errors import BackendError
 from padrec_serve.cli import client, serve
 
+EXPORT_MODULES = ("torch", "onnx", "safetensors")  # what the [export] extra brings and the commands below import
 
-@click.group(cls=PadrecGroup)
+
+def require_export_extra(command: str, modules=EXPORT_MODULES) -> None:
+    """Refuse a torch-side command in a runtime-only install with one line naming the extra to install."""
+    missing = []
+    for name in modules:
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ImportError, ValueError):  # a blocked or broken package counts as absent
+            found = False
+        if not found:
+            missing.append(name)
+    if missing:
+        raise BackendError(f"padrec {command}: needs {', '.join(missing)}, not installed (a runtime-only install) | "
+                           "expected the export extra | pip install 'padrec[export]'")
+
+
+class IntList(click.ParamType):
+    """Comma-separated positive integers, e.g. 1,8,32."""
+
+    name = "N,N,..."
+
+    def __init__(self, what: str):
+        self.what = what
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, (list, tuple)):
+            return list(value)
+        try:
+            out = [int(x) for x in str(value).replace(" ", "").split(",") if x]
+        except ValueError:
+            out = []
+        if not out or min(out) < 1:
+            self.fail(f"got {value!r} | expected comma-separated positive {self.what}, e.g. 1,8,32", param, ctx)
+        return out
+
+
+EXISTING_DIR = click.Path(exists=True, file_okay=False)
+
+
+@click.group(cls=PadrecGroup, context_settings={"show_default": True})
 def main():
     """padrec: PAD-Rec speculative decoding for generative recommendation — export, build, run."""
 
@@ -18,14 +62,18 @@ main.add_command(client)
 
 
 @main.command()
-@click.option("--target", "target_dir", required=True, type=click.Path(), help="target checkpoint directory")
-@click.option("--draft", "draft_dir", type=click.Path(), default=None, help="draft checkpoint directory")
+@click.option("--target", "target_dir", required=True, type=EXISTING_DIR,
+              help="target checkpoint directory (config.json, model.safetensors, padrec.json)")
+@click.option("--draft", "draft_dir", type=EXISTING_DIR, default=None,
+              help="draft checkpoint directory (none: AR-only engines)")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="engine directory to write")
-@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32")
-@click.option("--max-seq-len", type=int, default=512)
-@click.option("--max-history", type=int, default=50)
-@click.option("--max-batch", type=int, default=64)
-@click.option("--draft-steps", type=click.IntRange(1, 16), default=4, show_default=True,
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
+              help="weights and KV cache precision of the graphs (logits stay fp32)")
+@click.option("--max-seq-len", type=click.IntRange(8), default=512,
+              help="KV positions per row the engines are built for: prompt + list + a round of speculation")
+@click.option("--max-history", type=click.IntRange(1), default=50, help="longest history (items) accepted")
+@click.option("--max-batch", type=click.IntRange(1), default=64, help="most histories in one call")
+@click.option("--draft-steps", type=click.IntRange(1, 16), default=4,
               help="default K, and the K of draft_chain.onnx (a greedy chain round's draft in one call)")
 @click.option("--no-fused-chain", is_flag=True, help="skip draft_chain.onnx (chain rounds then call the draft K times)")
 @click.option("--no-in-place", is_flag=True,
@@ -36,6 +84,7 @@ main.add_command(client)
 def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch, draft_steps,
            no_fused_chain, no_in_place, external_data):
     """Export target (and draft) checkpoints to ONNX with a manifest."""
+    require_export_extra("export")
     from .pipeline import export_checkpoints
     m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch,
                            draft_steps, not no_fused_chain, not no_in_place, external_data or None)
@@ -43,14 +92,15 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
 
 
 @main.command()
-@click.option("--engines", "engine_dir", required=True, type=click.Path())
-@click.option("--builder", type=click.Choice(["tensorrt", "tensorrt_rtx"]), default="tensorrt")
+@click.option("--engines", "engine_dir", required=True, type=click.Path(), help="engine directory from `padrec export`")
+@click.option("--builder", type=click.Choice(["tensorrt_rtx", "tensorrt"]), default="tensorrt_rtx",
+              help="tensorrt_rtx: pip install tensorrt-rtx-cu13; tensorrt: NVIDIA's TensorRT (pip install tensorrt)")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default=None,
               help="must match the exported graphs (networks are strongly typed); default: the manifest's")
 @click.option("--version-compatible", is_flag=True, help="plans for the lean runtime; they embed host code")
 @click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
-              default="NONE")
-@click.option("--timing-cache", type=click.Path(), default=None)
+              default="NONE", help="tensorrt: build plans that also run on other GPU generations")
+@click.option("--timing-cache", type=click.Path(), default=None, help="file to read and update: faster rebuilds")
 @click.option("--compute-capability", default=None, help="tensorrt_rtx only, e.g. SM89")
 def build(engine_dir, builder, precision, version_compatible, hardware_compatibility, timing_cache, compute_capability):
     """Build TensorRT engines from an engine directory's ONNX graphs."""
@@ -61,10 +111,10 @@ def build(engine_dir, builder, precision, version_compatible, hardware_compatibi
 
 
 @main.command()
-@click.option("--users", type=int, default=3, help="how many held-out users to show")
+@click.option("--users", type=click.IntRange(1), default=3, help="how many held-out users to show")
 @click.option("--engines", "engine_dir", type=click.Path(), default=None,
-              help="engine directory (default: the embedded default model, exported on first use)")
-@click.option("--speculate", type=click.Choice(["chain", "tree"]), default="chain")
+              help="engine directory (default: the embedded default model, exported once and cached)")
+@click.option("--speculate", type=click.Choice(["chain", "tree"]), default="chain", help="speculation mode to time")
 def demo(users, engine_dir, speculate):
     """Recommend for a few users with the embedded default model: lists, tau, AR vs speculative time."""
     from .demo import run_demo
@@ -72,31 +122,38 @@ def demo(users, engine_dir, speculate):
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k")
+@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k", help="MovieLens data set")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="directory for catalogue and checkpoints")
-@click.option("--epochs", type=int, default=30, help="target epochs")
-@click.option("--draft-epochs", type=int, default=10)
-@click.option("--batch-size", type=int, default=256)
-@click.option("--lr", type=float, default=3e-3)
-@click.option("--seed", type=int, default=0)
-@click.option("--device", default="cpu", help="cpu, cuda, cuda:0 ...")
+@click.option("--epochs", type=click.IntRange(1), default=30, help="target epochs")
+@click.option("--draft-epochs", type=click.IntRange(1), default=10, help="epochs of each draft")
+@click.option("--drafts", type=click.Choice(["padrec", "eagle", "both"]), default="both",
+              help="drafts to train: PAD-Rec, the plain EAGLE baseline, or both (evaluate compares both)")
+@click.option("--batch-size", type=click.IntRange(1), default=256, help="sequences per optimiser step")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, help="peak learning rate (AdamW)")
+@click.option("--seed", type=int, default=0, help="random seed (semantic IDs, init, batch order)")
+@click.option("--device", default="cpu", help="torch device: cpu, cuda, cuda:0 ...")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast on GPU")
-@click.option("--hidden", type=int, default=256)
-@click.option("--layers", type=int, default=4)
-@click.option("--heads", type=int, default=None, help="default: hidden / 32")
-@click.option("--kv-heads", type=int, default=2)
-@click.option("--intermediate", type=int, default=None, help="SwiGLU width (default: about 2.7 x hidden)")
-@click.option("--codebook", type=int, default=64)
-@click.option("--levels", type=int, default=4)
-@click.option("--users", type=int, default=None, help="train on the first N users only (smoke runs)")
-@click.option("--dropout", type=float, default=0.0, help="target dropout while training (embeddings, residuals)")
-@click.option("--stride", type=int, default=5, help="items between consecutive training windows of a user")
-def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, bf16, hidden, layers, heads, kv_heads,
-          intermediate, codebook, levels, users, dropout, stride):
-    """Semantic IDs, target and both drafts (PAD-Rec, plain EAGLE) on MovieLens."""
+@click.option("--hidden", type=click.IntRange(8), default=256, help="model width")
+@click.option("--layers", type=click.IntRange(1), default=4, help="target decoder layers")
+@click.option("--heads", type=click.IntRange(1), default=None, help="attention heads  [default: hidden / 32]")
+@click.option("--kv-heads", type=click.IntRange(1), default=2, help="KV heads (== heads: plain multi-head attention)")
+@click.option("--intermediate", type=click.IntRange(1), default=None,
+              help="SwiGLU width  [default: about 2.7 x hidden]")
+@click.option("--codebook", type=click.IntRange(2), default=64, help="semantic-ID codebook size per level")
+@click.option("--levels", type=click.IntRange(1), default=4, help="semantic-ID levels (tokens per item)")
+@click.option("--users", type=click.IntRange(1), default=None, help="train on the first N users only (quick runs)")
+@click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              help="target dropout while training (embeddings, residuals)")
+@click.option("--stride", type=click.IntRange(1), default=5, help="items between consecutive training windows of a user")
+def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, device, bf16, hidden, layers, heads,
+          kv_heads, intermediate, codebook, levels, users, dropout, stride):
+    """Semantic IDs, target and drafts (PAD-Rec, plain EAGLE) on MovieLens."""
+    require_export_extra("train")
     import json as _json
 
     from .pipeline import ModelSize, TrainConfig, train_all
+    from .train import check_device
+    check_device(device)
     dtype = "bfloat16" if bf16 else "float32"
     size = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
                      intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
@@ -105,7 +162,8 @@ def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, 
                                    dropout=dropout),
                        TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
                                    dtype=dtype),
-                       levels=levels, codebook=codebook, users=users, stride=stride)
+                       levels=levels, codebook=codebook, users=users, stride=stride,
+                       drafts=("padrec", "eagle") if drafts == "both" else (drafts,))
     click.echo(_json.dumps(report, indent=2))
 
 
@@ -120,17 +178,23 @@ def train(dataset, out_dir, epochs, draft_epochs, batch_size, lr, seed, device, 
               help="padrec: slot and step signals; eagle: the plain EAGLE draft (the ablation baseline)")
 @click.option("--epochs", type=click.IntRange(1), default=4, show_default=True,
               help="total epochs (a resumed run trains the ones still missing)")
-@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--lr", type=float, default=3e-3, show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True,
+              help="sequences per optimiser step")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, show_default=True,
+              help="peak learning rate (AdamW)")
 @click.option("--draft-steps", type=click.IntRange(1, 16), default=4, show_default=True,
               help="K: draft steps unrolled in training")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="random seed (init, batch order)")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda, cuda:0 ...")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast on GPU")
 @click.option("--users", type=click.IntRange(1), default=None, help="the first N users only (smoke runs)")
 def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draft_steps, seed, device, bf16, users):
     """Train a draft against an existing target checkpoint (progress bar; resumable per epoch)."""
+    require_export_extra("train-draft")
     import json as _json
+
+    from .train import check_device
+    check_device(device)
 
     from .own_target import TrainConfig, train_draft_for
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, draft_steps=draft_steps, device=device,
@@ -139,12 +203,13 @@ def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draf
 
 
 @main.command()
-@click.option("--models", "model_dir", required=True, type=click.Path(), help="directory written by `padrec train`")
-@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k")
-@click.option("--users", type=int, default=None)
-@click.option("--json", "json_path", type=click.Path(), default=None)
+@click.option("--models", "model_dir", required=True, type=EXISTING_DIR, help="directory written by `padrec train`")
+@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k", help="MovieLens data set")
+@click.option("--users", type=click.IntRange(1), default=None, help="evaluate the first N held-out users only")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the report here")
 def evaluate(model_dir, dataset, users, json_path):
-    """Recall/NDCG of the target vs baselines and tau of both drafts, on held-out users."""
+    """Recall/NDCG of the target vs baselines and tau of the drafts, on held-out users."""
+    require_export_extra("evaluate")
     import json as _json
     from pathlib import Path
 
@@ -158,15 +223,19 @@ def evaluate(model_dir, dataset, users, json_path):
 
 
 @main.command()
-@click.option("--engines", "engine_dir", required=True, type=click.Path())
-@click.option("--target", "target_dir", required=True, type=click.Path(), help="target checkpoint the engines came from")
-@click.option("--draft", "draft_dir", type=click.Path(), default=None, help="draft checkpoint")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option("--histories", "n_histories", type=int, default=32, help="random histories for tiers 2 and 3")
+@click.option("--engines", "engine_dir", required=True, type=click.Path(), help="engine directory to check")
+@click.option("--target", "target_dir", required=True, type=EXISTING_DIR,
+              help="target checkpoint the engines came from")
+@click.option("--draft", "draft_dir", type=EXISTING_DIR, default=None, help="draft checkpoint the engines came from")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              help="runtime backend to check")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="runtime device")
+@click.option("--histories", "n_histories", type=click.IntRange(1), default=32,
+              help="random histories for tiers 2 and 3")
 @click.option("--report", "report_path", type=click.Path(), default=None, help="JSON report (and .md beside it)")
 def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, report_path):
     """QA: engines vs PyTorch — per-graph tensors, greedy lists, acceptance. Exits 1 on failure."""
+    require_export_extra("parity")
     import json as _json
     from pathlib import Path
 
@@ -183,31 +252,36 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
 
 
 @main.command()
-@click.option("--engines", "engine_dir", required=True, type=click.Path())
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option("--batch", "batches", default="1,8,32", help="comma-separated batch sizes")
-@click.option("--repeats", type=int, default=5)
-@click.option("--target", "target_dir", type=click.Path(), default=None, help="also time PyTorch eager on this target")
-@click.option("--draft", "draft_dir", type=click.Path(), default=None)
+@click.option("--engines", "engine_dir", required=True, type=click.Path(), help="engine directory to time")
+@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
+              help="runtime backend")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="runtime device")
+@click.option("--batch", "batches", type=IntList("batch sizes"), default="1,8,32", help="comma-separated batch sizes")
+@click.option("--repeats", type=click.IntRange(1), default=5, help="timed runs per point (after one warm-up)")
+@click.option("--target", "target_dir", type=EXISTING_DIR, default=None, help="also time PyTorch eager on this target")
+@click.option("--draft", "draft_dir", type=EXISTING_DIR, default=None, help="draft for the PyTorch eager timing")
 @click.option("--dataset", default="ml-100k", help="held-out histories from this data set when installed")
-@click.option("--json", "json_path", type=click.Path(), default=None)
-@click.option("--plot", "plot_path", type=click.Path(), default=None, help="PNG")
+@click.option("--json", "json_path", type=click.Path(), default=None, help="write the report here")
+@click.option("--plot", "plot_path", type=click.Path(), default=None,
+              help="PNG of latency, speed-up and tau (needs matplotlib: pip install 'padrec[plot]')")
 def bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path):
     """AR vs chain vs tree speculation on one backend (and PyTorch eager): latency, throughput, tau."""
     import json as _json
     from pathlib import Path
 
-    from padrec_runtime.api.cli import parse_ids
-
-    from .bench import bench_plot, bench_table, run_bench
-    report = run_bench(engine_dir, backend, device, parse_ids(batches, "batch"), repeats, target_dir, draft_dir, dataset)
+    from .bench import bench_plot, bench_table, require_plot, run_bench
+    if plot_path:
+        require_plot()  # before the run, not after it
+    if target_dir:
+        require_export_extra("bench --target")
+    report = run_bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, dataset)
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
+    click.echo(bench_table(report))
     if plot_path:
         bench_plot(report, plot_path)
-    click.echo(bench_table(report))
+        click.echo(f"wrote {plot_path}")
 
 
 if __name__ == "__main__":

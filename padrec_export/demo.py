@@ -1,7 +1,8 @@
 """`padrec demo`: the embedded default model, exported and run with ONNX Runtime on CPU, AR vs speculative."""
 from __future__ import annotations
 
-import tempfile
+import hashlib
+import os
 import time
 from pathlib import Path
 
@@ -11,13 +12,45 @@ import numpy as np
 from padrec_runtime import DecodeParams, Recommender
 
 from .data import load_dataset, make_split
-from .pipeline import export_checkpoints
 
 DEFAULT_MODELS = Path(__file__).parent / "default_models"
+EXPORT_VERSION = "1"  # bump when the exporter's output for the same checkpoints changes
 
 
 def default_model_dir(dataset: str = "ml-100k") -> Path:
     return DEFAULT_MODELS / dataset
+
+
+def cache_root() -> Path:
+    """Where exported defaults are kept: $PADREC_CACHE, else $XDG_CACHE_HOME/padrec, else ~/.cache/padrec."""
+    if os.environ.get("PADREC_CACHE"):
+        return Path(os.environ["PADREC_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "padrec"
+
+
+def default_engines_key(model: Path) -> str:
+    """A digest of the default model's files (target, PAD-Rec draft, catalogue) and the export version: a new
+    model or exporter gets a new cache entry, never a stale one."""
+    h = hashlib.sha256(EXPORT_VERSION.encode())
+    for f in sorted(p for sub in ("target", "draft_padrec") for p in (model / sub).iterdir()):
+        h.update(f"{f.parent.name}/{f.name}".encode())
+        h.update(f.read_bytes())
+    h.update((model / "catalogue.json").read_bytes())
+    return h.hexdigest()[:16]
+
+
+def cached_default_engines(dataset: str = "ml-100k") -> Path:
+    """The default model's engine directory, exported on first use into the cache and reused after."""
+    model = default_model_dir(dataset)
+    out = cache_root() / f"engines-{dataset}-{default_engines_key(model)}"
+    if (out / "manifest.json").is_file():
+        return out
+    from .cli import require_export_extra
+    require_export_extra("demo (its first run exports the default model)")
+    from .pipeline import export_checkpoints
+    click.echo(f"exporting the embedded default ({dataset}) to ONNX once; cached in {out} ...")
+    export_checkpoints(model / "target", model / "draft_padrec", out)  # all or nothing: no half-made cache
+    return out
 
 
 def demo_histories(rec: Recommender, dataset: str, users: int) -> tuple[list, list]:
@@ -45,30 +78,29 @@ def _timed(rec: Recommender, hist: list, repeats: int, params: DecodeParams):
 
 def run_demo(users: int = 3, engine_dir=None, speculate: str = "chain", dataset: str = "ml-100k",
              repeats: int = 3) -> dict:
-    with tempfile.TemporaryDirectory() as tmp:
-        if engine_dir is None:
-            model = default_model_dir(dataset)
-            click.echo(f"exporting the embedded default ({dataset}, {model}) to ONNX ...")
-            engine_dir = Path(tmp) / "engines"
-            export_checkpoints(model / "target", model / "draft_padrec", engine_dir)
-        rec = Recommender(engine_dir, backend="onnxruntime", device="cpu")
-        histories, names = demo_histories(rec, dataset, users)
-        summary = {"users": []}
-        for name, hist in zip(names, histories):
-            ar, t_ar = _timed(rec, [hist], repeats, DecodeParams(speculate="off"))
-            sd, t_sd = _timed(rec, [hist], repeats, DecodeParams(speculate=speculate))
-            lst = sd.lists[0]
-            click.echo(f"\n{name}: history of {len(hist)} items, last: "
-                       + "; ".join(t for t in (_titles(rec, hist[-3:]) or map(str, hist[-3:]))))
-            for rank, item in enumerate(lst.item_ids):
-                title = f"  {lst.titles[rank]}" if lst.titles else ""
-                click.echo(f"  {rank + 1:2d}. item {item:<5d} sid {lst.sids[rank]}{title}")
-            same = ar.lists[0].tokens == lst.tokens
-            click.echo(f"  speculative ({speculate}, PAD-Rec draft): tau {sd.tau:.2f} tokens/target pass | "
-                       f"AR {t_ar * 1e3:.1f} ms vs speculative {t_sd * 1e3:.1f} ms per list "
-                       f"({t_ar / t_sd:.2f}x, ONNX Runtime CPU) | identical to AR: {same}")
-            summary["users"].append({"tau": sd.tau, "ar_ms": t_ar * 1e3, "sd_ms": t_sd * 1e3, "identical": same})
-        return summary
+    if users < 1:
+        from padrec_runtime.errors import InputError
+        raise InputError(f"--users: got {users} | expected at least 1")
+    if engine_dir is None:
+        engine_dir = cached_default_engines(dataset)
+    rec = Recommender(engine_dir, backend="onnxruntime", device="cpu")
+    histories, names = demo_histories(rec, dataset, users)
+    summary = {"users": []}
+    for name, hist in zip(names, histories):
+        ar, t_ar = _timed(rec, [hist], repeats, DecodeParams(speculate="off"))
+        sd, t_sd = _timed(rec, [hist], repeats, DecodeParams(speculate=speculate))
+        lst = sd.lists[0]
+        click.echo(f"\n{name}: history of {len(hist)} items, last: "
+                   + "; ".join(t for t in (_titles(rec, hist[-3:]) or map(str, hist[-3:]))))
+        for rank, item in enumerate(lst.item_ids):
+            title = f"  {lst.titles[rank]}" if lst.titles else ""
+            click.echo(f"  {rank + 1:2d}. item {item:<5d} sid {lst.sids[rank]}{title}")
+        same = ar.lists[0].tokens == lst.tokens
+        click.echo(f"  speculative ({speculate}, PAD-Rec draft): tau {sd.tau:.2f} tokens/target pass | "
+                   f"AR {t_ar * 1e3:.1f} ms vs speculative {t_sd * 1e3:.1f} ms per list "
+                   f"({t_ar / t_sd:.2f}x, ONNX Runtime CPU) | identical to AR: {same}")
+        summary["users"].append({"tau": sd.tau, "ar_ms": t_ar * 1e3, "sd_ms": t_sd * 1e3, "identical": same})
+    return summary
 
 
 def _titles(rec: Recommender, items: list):

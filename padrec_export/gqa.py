@@ -34,7 +34,10 @@ class GroupQueryAttention(torch.autograd.Function):
         present_k[rows, :, pos] = k  # (B, S, kv heads, D) at each row's positions
         present_v[rows, :, pos] = v
         rep = n_heads // n_kv
-        q = q.permute(0, 2, 1, 3).reshape(B, n_kv, rep * S, D)  # query heads of a group share one K/V head
+        q = q.permute(0, 2, 1, 3)  # (B, heads, S, D)
+        if rep > 1:  # query heads of a group share one K/V head. Plain multi-head attention (rep 1) skips the
+            # reshape: a same-shape reshape of the permuted view breaks the TorchScript exporter's peephole pass
+            q = q.reshape(B, n_kv, rep * S, D)
         scores = torch.matmul(q, present_k.transpose(-1, -2)) * scale  # (B, kv, rep * S, L)
         visible = torch.arange(L, device=qkv.device)[None, None, :] <= pos[:, :, None]  # (B, S, L)
         bias = torch.where(visible, 0.0, float("-inf")).to(scores.dtype).repeat(1, rep, 1)[:, None]

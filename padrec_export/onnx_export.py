@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import tempfile
 import importlib.metadata as md
 import tempfile
 import warnings
@@ -15,7 +16,7 @@ from tqdm import tqdm
 from padrec_runtime.errors import InputError
 from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
 from padrec_runtime.grammar import SPECIAL_TOKENS, Catalogue
-from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION, Manifest, trie_digest,
+from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION, Manifest, load_manifest, trie_digest,
                                     write_manifest)
 
 from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
@@ -311,21 +312,47 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
             "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
 
 
+STALE = ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
+         "draft_chain_gqa.onnx", "manifest.json", *(f"{g}.onnx.data" for g in GRAPHS))  # an earlier export's files
+
+
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
                    precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True,
                    external_data: bool | None = None) -> Manifest:
     """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json. external_data: every
-    graph's weights in a `<graph>.onnx.data` file beside it (None: only graphs past 2 GB, which need it)."""
+    graph's weights in a `<graph>.onnx.data` file beside it (None: only graphs past 2 GB, which need it).
+    All or nothing: the files are written in a temporary directory beside out_dir and moved in at the end, so a
+    failed export leaves no half-made engine directory (and an earlier export there untouched)."""
     if precision not in TORCH_DTYPES:
         raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
     if target.cfg.vocab_size != catalogue.layout.vocab_size:
         raise InputError(f"target vocab {target.cfg.vocab_size} != catalogue layout vocab "
                          f"{catalogue.layout.vocab_size} | the target was trained on another token layout")
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    for stale in ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
-                  "draft_chain_gqa.onnx", "manifest.json", *(f"{g}.onnx.data" for g in GRAPHS)):
+    out = Path(out_dir).absolute()
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out}: is a file | expected an engine directory to write | give a directory path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
+        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data)
+        _move_into(Path(tmp), out)
+    return load_manifest(out, verify=False)  # hashed just now
+
+
+def _move_into(src: Path, out: Path) -> None:
+    """A finished export's files into out: renamed whole when out is new, else file by file over the old ones
+    (files of the user's own in out stay)."""
+    if not out.exists():
+        src.rename(out)
+        src.mkdir()  # TemporaryDirectory removes it on exit
+        return
+    for stale in STALE:
         (out / stale).unlink(missing_ok=True)
+    for f in src.iterdir():
+        f.replace(out / f.name)
+
+
+def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: ExportLimits,
+                   progress: bool, external_data: bool | None) -> None:
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
@@ -349,5 +376,5 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
                   "catalogue": "catalogue.json"},
         "graphs": graphs, "files": files,
     }
-    return write_manifest(out, data)
+    write_manifest(out, data)
 

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
+from padrec_runtime.errors import CheckpointError, InputError
 from padrec_export.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
@@ -143,6 +144,32 @@ def _margin(target, catalogue, history, prefix, constraint) -> float:
     return float(x[-1] - x[-2]) if len(x) > 1 else float("inf")
 
 
+def check_checkpoint_matches(manifest, graph: str, cfg, checkpoint_dir) -> None:
+    """Refuse a checkpoint whose shapes differ from the ones the engines' graph was exported with."""
+    spec = manifest.graph(graph)
+    kv = spec["kv"]
+    want = {"layers": kv["n_layers"], "KV heads": kv["n_kv_heads"], "head dim": kv["head_dim"],
+            "hidden": spec["hidden_size"], "vocab": spec["outputs"]["logits"]["shape"][-1]}
+    got = {"layers": 1 if graph == "draft" else cfg.n_layers, "KV heads": cfg.n_kv_heads, "head dim": cfg.head_dim,
+           "hidden": cfg.hidden_size, "vocab": cfg.vocab_size}
+    diff = [f"{k} {got[k]} vs {want[k]}" for k in want if got[k] != want[k]]
+    if diff:
+        raise CheckpointError(f"--{graph} {checkpoint_dir}: not the checkpoint the engines' {graph} graph came from "
+                              f"({', '.join(diff)} in the engines) | expected the --{graph} given to `padrec "
+                              "export` | pass that checkpoint, or re-export the engines from this one")
+
+
+def load_checked(manifest, target_dir, draft_dir):
+    """The target (and draft) checkpoints, refused when they are not the ones the engines were exported from."""
+    from .checkpoint import load_draft, load_target
+    target = load_target(target_dir)
+    check_checkpoint_matches(manifest, "target", target.cfg, target_dir)
+    draft = load_draft(draft_dir, target) if draft_dir else None
+    if draft is not None and "draft" in manifest.data["graphs"]:
+        check_checkpoint_matches(manifest, "draft", draft.cfg, draft_dir)
+    return target, draft
+
+
 def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxruntime", device: str = "cpu",
                histories: list | None = None, n_histories: int = 32, seed: int = 0, progress: bool = True) -> dict:
     """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok'])."""
@@ -152,13 +179,13 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     from padrec_runtime.grammar import ListConstraint
     from padrec_runtime import DecodeParams, Recommender
 
-    from .checkpoint import load_draft, load_target
     from .reference import reference_generate
 
+    if histories is None and n_histories < 1:
+        raise InputError(f"--histories: got {n_histories} | expected at least 1 (none would check nothing)")
     rec = Recommender(engine_dir, backend=backend, device=device)
     m = rec.manifest
-    target = load_target(target_dir)
-    draft = load_draft(draft_dir, target) if draft_dir else None
+    target, draft = load_checked(m, target_dir, draft_dir)
     report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
     rows = []
     for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):

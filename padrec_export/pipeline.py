@@ -20,7 +20,7 @@ from .models import DraftConfig, TargetConfig
 from .onnx_export import TORCH_DTYPES, ExportLimits, export_engines
 from .reference import reference_generate
 from .semantic_ids import embed_texts, residual_kmeans
-from .train import TrainConfig, encode_example, train_draft, train_target
+from .train import TrainConfig, check_device, encode_example, train_draft, train_target
 from .vocab_map import compact_target, vocab_map
 
 DRAFTS = {"padrec": (True, True), "eagle": (False, False)}  # name -> (use_slot, use_step)
@@ -53,9 +53,16 @@ def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int,
 
 def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: TrainConfig = TrainConfig(),
               draft_cfg: TrainConfig = TrainConfig(epochs=4), levels: int = 4, codebook: int = 64,
-              users: int | None = None, progress: bool = True, stride: int = 5) -> dict:
-    """Catalogue, target, PAD-Rec and plain-EAGLE drafts under out/; returns the training report.
-    stride: items between a user's consecutive training windows (the target's; drafts use stride 5)."""
+              users: int | None = None, progress: bool = True, stride: int = 5,
+              drafts: tuple = tuple(DRAFTS)) -> dict:
+    """Catalogue, target and drafts (PAD-Rec, plain EAGLE: `drafts` names which) under out/; returns the
+    training report. stride: items between a user's consecutive training windows (the target's; drafts use
+    stride 5)."""
+    unknown = set(drafts) - set(DRAFTS)
+    if unknown or not drafts:
+        raise InputError(f"drafts: got {list(drafts)} | expected some of {', '.join(DRAFTS)}")
+    check_device(target_cfg.device)
+    check_device(draft_cfg.device)
     out = Path(out)
     data = load_dataset(dataset)
     cat = prepare_catalogue(data, out, levels, codebook, target_cfg.seed, progress)
@@ -76,7 +83,8 @@ def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: Trai
                          "seconds": time.perf_counter() - t0}}
     meta = {"layout": {"levels": levels, "codebook": codebook}, "dataset": dataset}
     save_target(target.cpu().float(), out / "target", extra=meta)
-    for name, (use_slot, use_step) in DRAFTS.items():
+    for name in drafts:
+        use_slot, use_step = DRAFTS[name]
         dc = DraftConfig(hidden_size=size.hidden, vocab_size=tc.vocab_size, n_heads=size.heads,
                          n_kv_heads=size.kv_heads, intermediate_size=size.intermediate, n_slots=cat.layout.n_slots,
                          use_slot=use_slot, use_step=use_step)
@@ -147,6 +155,11 @@ def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq
     """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory. The
     target is read straight into the export precision (tensor by tensor: a bf16 checkpoint exported in bf16
     is never copied to fp32)."""
+    for flag, path in (("--target", target_dir), ("--draft", draft_dir)):
+        if path is not None and not Path(path).is_dir():
+            what = "is a file" if Path(path).exists() else "directory not found"
+            raise CheckpointError(f"{flag} {path}: {what} | expected a checkpoint directory written by `padrec "
+                                  "train` (config.json, model.safetensors) | check the path")
     dtype = TORCH_DTYPES.get(precision)
     if dtype is None:
         raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
@@ -208,13 +221,14 @@ def evaluate(model_dir, dataset: str, n_items: int = 10, users: int | None = Non
     split = make_split(data, n_items=n_items)
     test = split.test[:users] if users else split.test
     cat, target, _, _ = load_trained(model_dir, draft=None)
-    drafts = {name: load_draft(Path(model_dir) / f"draft_{name}", target) for name in DRAFTS}
+    drafts = {name: load_draft(Path(model_dir) / f"draft_{name}", target) for name in DRAFTS
+              if (Path(model_dir) / f"draft_{name}").is_dir()}  # `padrec train --drafts` may have skipped one
     con = ListConstraint(cat, n_items=n_items)
     hist = [h for _, h, _ in test]
     truth = [t for _, _, t in test]
     report = {"dataset": dataset, "users": len(test), "n_items": n_items,
               "decode": {"draft_steps": draft_steps, "tree_topk": tree_topk, "tree_size": tree_size}}
-    runs = [("ar", None, "off")] + [(f"{n}-{m}", n, m) for n in DRAFTS for m in ("chain", "tree")]
+    runs = [("ar", None, "off")] + [(f"{n}-{m}", n, m) for n in drafts for m in ("chain", "tree")]
     tokens: dict = {}
     for name, draft, mode in tqdm(runs, desc="evaluate", disable=not progress):
         cfg = DecodeConfig(speculate=mode, draft_steps=draft_steps, tree_topk=tree_topk, tree_size=tree_size)

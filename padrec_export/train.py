@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from padrec_runtime.errors import BackendError, InputError
 from padrec_runtime.grammar import EOS, PAD, SEP, Catalogue
 
 from .models import Draft, DraftConfig, Target, TargetConfig
@@ -35,6 +36,21 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def check_device(device: str) -> None:
+    """Refuse a training device PyTorch cannot use, before any data is loaded."""
+    kind = device.split(":")[0]
+    if kind not in ("cpu", "cuda", "mps"):
+        raise InputError(f"--device: got {device!r} | expected cpu, cuda or cuda:N | pick one of those")
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise BackendError(f"--device {device}: PyTorch sees no CUDA GPU (torch {torch.__version__}, CUDA build "
+                           f"{torch.version.cuda or 'none'}) | expected a CUDA machine and a CUDA build of torch | "
+                           "train with --device cpu, or install a CUDA build of torch on a GPU machine")
+    if kind == "cuda" and ":" in device and int(device.split(":")[1] or 0) >= torch.cuda.device_count():
+        raise BackendError(f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) | pick cuda:0 ..")
+    if kind == "mps" and not torch.backends.mps.is_available():
+        raise BackendError(f"--device {device}: PyTorch has no MPS device here | train with --device cpu")
 
 
 def encode_example(cat: Catalogue, history, target_items) -> np.ndarray:

@@ -317,6 +317,12 @@ def load_manifest(engine_dir, verify: bool = True, allow_outside: bool = False) 
     files may lie outside DIR (default: refused, see docs/security.md)."""
     root = Path(engine_dir)
     path = root / "manifest.json"
+    if root.is_file():
+        raise ManifestError(f"{root}: is a file | expected an engine directory holding manifest.json | pass the "
+                            "directory `padrec export --out` wrote")
+    if not root.exists():
+        raise ManifestError(f"{root}: directory not found | expected an engine directory holding manifest.json | "
+                            "check the path, or make one with `padrec export`")
     if not path.is_file():
         raise ManifestError(f"{path}: not found | point at an engine directory made by `padrec export`")
     data = parse_json(confined(root, "manifest.json", allow_outside).read_bytes(), str(path))

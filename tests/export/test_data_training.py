@@ -11,7 +11,7 @@ from padrec_export.demo import default_model_dir
 from padrec_export.models import DraftConfig, TargetConfig
 from padrec_export.semantic_ids import embed_texts, residual_kmeans
 from padrec_export.train import TrainConfig, _draft_step_mask, encode_example, train_draft, train_target
-from padrec_runtime.errors import PadrecError
+from padrec_runtime.errors import InputError, PadrecError
 from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
 
 
@@ -96,10 +96,18 @@ def test_encode_example_layout(small_training, ml100k):
     assert state.done and len(body) == 50
 
 
-def test_target_training_is_deterministic_and_learns(small_training):
+@pytest.fixture(scope="module")
+def trained_target(small_training):
+    """The small target trained once (the determinism and dropout tests both compare against it)."""
+    _, seqs, tc, cfg = small_training
+    torch.set_num_threads(2)
+    return train_target(tc, seqs, cfg, progress=False)
+
+
+def test_target_training_is_deterministic_and_learns(small_training, trained_target):
     cat, seqs, tc, cfg = small_training
     torch.set_num_threads(2)
-    a, curve = train_target(tc, seqs, cfg, progress=False)
+    a, curve = trained_target
     b, _ = train_target(tc, seqs, cfg, progress=False)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     assert np.mean(curve["loss"][-3:]) < curve["loss"][0] - 0.5
@@ -110,10 +118,10 @@ def test_target_training_is_deterministic_and_learns(small_training):
     assert d.alpha.item() != draft_cfg.alpha_init  # the slot coefficient is learnt
 
 
-def test_dropout_trains_differently_and_is_absent_in_eval_and_export(small_training, tmp_path):
+def test_dropout_trains_differently_and_is_absent_in_eval_and_export(small_training, trained_target, tmp_path):
     cat, seqs, tc, cfg = small_training
     torch.set_num_threads(2)
-    plain, _ = train_target(tc, seqs, cfg, progress=False)
+    plain, _ = trained_target
     dropped, _ = train_target(tc, seqs, TrainConfig(**{**cfg.to_dict(), "dropout": 0.3}), progress=False)
     assert not all(torch.equal(x, y) for x, y in zip(plain.state_dict().values(), dropped.state_dict().values()))
     ids = torch.from_numpy(seqs[0][None]).long()
@@ -136,8 +144,12 @@ def test_train_all_writes_what_the_exporter_reads(tmp_path):
     out.mkdir()
     shutil.copy(default_model_dir("ml-100k") / "catalogue.json", out / "catalogue.json")
     cfg = TrainConfig(epochs=1, batch_size=64, warmup_steps=2)
-    report = train_all("ml-100k", out, ModelSize(32, 1, 2, 1, 64), cfg, cfg, users=8, progress=False)
-    assert report["target"]["best_epoch"] == 1 and set(report) >= {"draft_padrec", "draft_eagle"}
+    report = train_all("ml-100k", out, ModelSize(32, 1, 2, 1, 64), cfg, cfg, users=8, progress=False,
+                       drafts=("padrec",))  # `padrec train --drafts padrec`: the EAGLE baseline skipped
+    assert report["target"]["best_epoch"] == 1 and "draft_padrec" in report and "draft_eagle" not in report
+    assert (out / "draft_padrec" / "draft.safetensors").is_file() and not (out / "draft_eagle").exists()
+    with pytest.raises(InputError, match="drafts: got"):
+        train_all("ml-100k", out, drafts=("medusa",))
     assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == {"levels": 4, "codebook": 64}
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng")
     assert set(m.data["files"]) == {"target.onnx", "draft.onnx", "draft_chain.onnx", "target_gqa.onnx", "draft_chain_gqa.onnx",

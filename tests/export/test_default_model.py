@@ -1,18 +1,26 @@
 """The embedded default: speculative lists equal AR lists for held-out users, through the ONNX runtime."""
+import shutil
+
 import pytest
 
 from padrec_export.data import load_dataset, make_split
-from padrec_export.demo import default_model_dir, run_demo
-from padrec_export.pipeline import export_checkpoints
-from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+from padrec_export.demo import cached_default_engines, default_engines_key, default_model_dir, run_demo
+from padrec_runtime import DecodeParams, Recommender
 
 
 @pytest.fixture(scope="module")
-def default_engines(tmp_path_factory):
-    model = default_model_dir("ml-100k")
-    out = tmp_path_factory.mktemp("default") / "eng"
-    export_checkpoints(model / "target", model / "draft_padrec", out)
-    return Recommender(out)
+def demo_cache(tmp_path_factory):
+    """The default model exported once into a private demo cache ($PADREC_CACHE) for this module."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PADREC_CACHE", str(tmp_path_factory.mktemp("cache")))
+    out = cached_default_engines("ml-100k")
+    yield out
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def default_engines(demo_cache):
+    return Recommender(demo_cache)
 
 
 def test_speculative_equals_ar_on_held_out_users(default_engines):
@@ -32,8 +40,27 @@ def test_titles_come_from_the_installed_package(default_engines):
     assert default_engines.catalogue.titles[0] == "Toy Story (1995)"
 
 
-def test_demo_runs(capsys):
+def test_demo_runs_from_the_cache_without_exporting_again(demo_cache, capsys, monkeypatch):
+    """A demo after the first one reuses the cached export: no export runs (it would raise here)."""
     pytest.importorskip("recbole")
+    import padrec_export.pipeline as pipeline
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the demo exported again")
+    monkeypatch.setattr(pipeline, "export_checkpoints", no_export)
+    assert cached_default_engines("ml-100k") == demo_cache
     summary = run_demo(users=2, repeats=1)
     out = capsys.readouterr().out
     assert "tau" in out and "identical to AR: True" in out and len(summary["users"]) == 2
+    assert "exporting" not in out
+
+
+def test_demo_cache_key_follows_the_model_files(tmp_path):
+    """The cache entry is keyed by the default model's bytes: a changed draft gets a new entry."""
+    model = tmp_path / "ml-100k"
+    shutil.copytree(default_model_dir("ml-100k"), model)
+    key = default_engines_key(model)
+    assert key == default_engines_key(default_model_dir("ml-100k"))
+    f = model / "draft_padrec" / "draft.json"
+    f.write_text(f.read_text() + " ")
+    assert default_engines_key(model) != key

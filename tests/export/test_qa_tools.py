@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from padrec_export.bench import bench_plot, run_bench
+from padrec_export.bench import bench_plot, bench_table, run_bench
 from padrec_export.checkpoint import save_draft, save_target
 from padrec_runtime.manifest import load_manifest, write_manifest
 from tests.conftest import polygraphy_cli
@@ -68,6 +68,10 @@ def test_bench_reports_every_mode_and_plots(tiny, engines_master, tmp_path):
     assert {(r["backend"], r["mode"], r["batch"]) for r in rows} == {
         (e, m, b) for e in ("onnxruntime", "pytorch-eager") for m in ("off", "chain", "tree") for b in (1, 2)}
     assert all(r["ms_per_list_median"] > 0 and r["tau"] >= 1 for r in rows)
+    # per list is the batch call's latency over its lists
+    assert all(abs(r["ms_per_list_median"] * r["batch"] - r["ms_per_call_median"]) < 1e-9 for r in rows)
+    table = bench_table(report).splitlines()
+    assert "ms/call (median)" in table[0] and "ms/list" in table[0] and len(table) == 2 + len(rows)
     assert all(r["tau"] == 1 for r in rows if r["mode"] == "off")
     assert report["hardware"]["cpu_count"] >= 1 and "onnxruntime" in report["hardware"]
     bench_plot(report, tmp_path / "bench.png")

@@ -1,0 +1,147 @@
+"""The `padrec` command as a user meets it: help with defaults, one-line errors (no traceback) for bad input, a
+missing extra or device, and refused vacuous requests."""
+import subprocess
+import sys
+
+import click
+import pytest
+from click.testing import CliRunner
+
+from padrec_export.checkpoint import save_target
+from padrec_export.cli import main
+from padrec_export.parity import run_parity
+from padrec_export.pipeline import export_checkpoints
+from padrec_export.tiny import TinySpec, tiny_setup
+from padrec_runtime.errors import CheckpointError, InputError, ManifestError
+from padrec_runtime.manifest import load_manifest
+
+EXPORT_SIDE = ("export", "build", "demo", "train", "train-draft", "evaluate", "parity", "bench")
+
+
+def _invoke(*args):
+    return CliRunner().invoke(main, list(args), terminal_width=1000, max_content_width=1000)
+
+
+def _one_line_error(result, code: int = 1) -> str:
+    """The output of a refused command: the expected exit code, a message, no traceback."""
+    assert result.exit_code == code, result.output
+    assert isinstance(result.exception, SystemExit), result.exception
+    assert "Traceback" not in result.output
+    return result.output
+
+
+@pytest.mark.parametrize("command", EXPORT_SIDE)
+def test_help_shows_every_flag_with_help_and_its_default(command):
+    """Every option of `padrec COMMAND --help` has a help line, and every option with a default shows it."""
+    cmd = main.commands[command]
+    ctx = click.Context(cmd, parent=click.Context(main, **main.context_settings), info_name=command)
+    for param in cmd.params:
+        if not isinstance(param, click.Option) or param.name == "help":
+            continue
+        names, text = param.get_help_record(ctx)
+        assert param.help and text.strip(), f"{command} {names}: no help text"
+        if not param.required and not param.is_flag and param.default is not None:
+            assert "default: " in text, f"{command} {names}: default not shown in {text!r}"
+    out = _invoke(command, "--help").output
+    assert out.startswith("Usage: ") and "[default: " in out
+
+
+def test_build_defaults_to_the_builder_pip_installs():
+    builder = next(p for p in main.commands["build"].params if p.name == "builder")
+    assert builder.default == "tensorrt_rtx"
+
+
+@pytest.mark.parametrize("args", [
+    ("parity", "--engines", ".", "--target", ".", "--histories", "0"),
+    ("demo", "--users", "-2"),
+    ("bench", "--engines", ".", "--repeats", "0"),
+    ("train", "--out", ".", "--epochs", "0"),
+])
+def test_vacuous_requests_are_refused(args):
+    out = _one_line_error(_invoke(*args), code=2)
+    assert "is not in the range" in out
+
+
+def test_vacuous_requests_are_refused_by_the_functions_too():
+    from padrec_export.bench import run_bench
+    from padrec_export.demo import run_demo
+    with pytest.raises(InputError, match="--histories: got 0"):
+        run_parity("nowhere", "nowhere", n_histories=0)
+    with pytest.raises(InputError, match="repeats 0"):
+        run_bench("nowhere", repeats=0)
+    with pytest.raises(InputError, match="--users: got -2"):
+        run_demo(users=-2)
+
+
+def test_bench_batch_message_names_batch_sizes():
+    out = _one_line_error(_invoke("bench", "--engines", ".", "--batch", "abc"), code=2)
+    assert "batch sizes" in out and "item ids" not in out
+
+
+def test_export_of_a_missing_target_says_the_directory_does_not_exist(tmp_path):
+    out = _one_line_error(_invoke("export", "--target", str(tmp_path / "nonexistent"), "--out", str(tmp_path / "e")),
+                          code=2)
+    assert "does not exist" in out and "padrec.json" not in out
+    with pytest.raises(CheckpointError, match="directory not found"):
+        export_checkpoints(tmp_path / "nonexistent", None, tmp_path / "e")
+    assert not (tmp_path / "e").exists()
+
+
+def test_a_file_given_as_engines_is_named_a_file(tmp_path):
+    f = tmp_path / "manifest.json"
+    f.write_text("{}")
+    with pytest.raises(ManifestError, match="is a file") as err:
+        load_manifest(f)
+    assert "manifest.json/manifest.json" not in str(err.value)
+    with pytest.raises(ManifestError, match="directory not found"):
+        load_manifest(tmp_path / "nowhere")
+    out = _one_line_error(_invoke("recommend", "--engines", str(f), "--history", "1,2"))
+    assert "is a file" in out
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="a CUDA machine trains on cuda")
+def test_train_on_cuda_without_cuda_is_one_line(tmp_path):
+    out = _one_line_error(_invoke("train", "--out", str(tmp_path / "m"), "--device", "cuda"))
+    assert "no CUDA GPU" in out and "--device cpu" in out
+    assert not (tmp_path / "m").exists()  # refused before anything is prepared
+
+
+def test_parity_against_another_target_names_the_mismatch(engines_master, tmp_path):
+    _, other, _ = tiny_setup(TinySpec(seed=1, layers=1))
+    save_target(other, tmp_path / "other")
+    with pytest.raises(CheckpointError, match="layers 1 vs 2"):
+        run_parity(engines_master, tmp_path / "other", n_histories=1, progress=False)
+    out = _one_line_error(_invoke("parity", "--engines", str(engines_master), "--target", str(tmp_path / "other")))
+    assert "not the checkpoint the engines' target graph came from" in out
+
+
+BLOCK = ("import sys, importlib.abc\n"
+         "class B(importlib.abc.MetaPathFinder):\n"
+         "    def find_spec(self, n, p=None, t=None):\n"
+         "        if n.split('.')[0] in {blocked!r}: raise ImportError('blocked')\n"
+         "sys.meta_path.insert(0, B())\n"
+         "from padrec_export.cli import main\n"
+         "main(sys.argv[1:])\n")
+
+
+def _without(blocked: set, *args, env=None):
+    return subprocess.run([sys.executable, "-c", BLOCK.format(blocked=blocked), *args], capture_output=True,
+                          text=True, env=env)
+
+
+def test_runtime_only_install_names_the_export_extra(tmp_path):
+    """torch absent: each torch-side command is one line naming the extra, not a ModuleNotFoundError."""
+    import os
+    d = str(tmp_path)
+    env = dict(os.environ, PADREC_CACHE=str(tmp_path / "cache"))  # an empty cache: the demo must export
+    for args in (["export", "--target", d, "--out", d + "/e"], ["train", "--out", d + "/m"], ["demo"],
+                 ["parity", "--engines", d, "--target", d], ["evaluate", "--models", d]):
+        out = _without({"torch"}, *args, env=env)
+        assert out.returncode == 1, (args, out.stderr)
+        assert "pip install 'padrec[export]'" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+
+
+def test_bench_plot_without_matplotlib_fails_before_the_run(tmp_path):
+    out = _without({"matplotlib"}, "bench", "--engines", str(tmp_path / "nowhere"), "--plot", str(tmp_path / "p.png"))
+    assert out.returncode == 1 and "pip install 'padrec[plot]'" in out.stderr, out.stderr
+    assert "manifest" not in out.stderr  # refused before the engines were opened
