@@ -31,7 +31,7 @@ def test_idle_report_splits_gaps_among_cuda_calls():
               _event(160, 250, cpu, "cudaEventSynchronize"), _event(260, 290, cpu, "cudaGraphLaunch"),
               _event(0, 10, cpu, "aten::add"),  # not a CUDA call: ignored
               # phases: step spans both gaps, verify nests in it over 170-280, Pending.result in verify 200-220
-              _event(140, 480, cpu, "DecodeSession.step"), _event(170, 280, cpu, "verify"),
+              _event(140, 480, cpu, "DecodeSession.step"), _event(170, 280, cpu, "DecodeSession._verify"),
               _event(200, 220, cpu, "Pending.result")]
     assert union([(0, 100), (90, 150), (300, 400)]) == [[0, 150], [300, 400]]
     r = idle_report(SimpleNamespace(events=lambda: events), wall_ms=1.0)
@@ -41,23 +41,8 @@ def test_idle_report_splits_gaps_among_cuda_calls():
     assert r["idle_gaps_host_outside_cuda_calls_ms"] == pytest.approx(0.13)
     assert r["cuda_calls"]["cudaGraphLaunch"] == {"count": 1, "ms": pytest.approx(0.03)}
     # 150-300: step 150-170 and 280-300, verify 170-200 and 220-280, result 200-220; 400-480 step, 480-500 none
-    assert r["idle_gaps_by_phase_ms"] == pytest.approx({"DecodeSession.step": 0.12, "verify": 0.09,
+    assert r["idle_gaps_by_phase_ms"] == pytest.approx({"DecodeSession.step": 0.12, "DecodeSession._verify": 0.09,
                                                         "Pending.result": 0.02, "none": 0.02})
-
-
-def test_round_idle_takes_the_once_per_list_calls_out():
-    from gpu_bench import round_idle
-    per_call = {"target/T128": 1.4, "target/T8": 1.3, "chain/T128": 0.8, "chain/T8": 0.7, "chain/T2": 0.6}
-    row = {"ms_per_list": 25.0, "rounds": 10.0,
-           "engine_calls_per_list": {"target/T128": 1.0, "target/T8": 10.0, "chain/T128": 1.0, "chain/T8": 8.0,
-                                     "chain/T2": 1.0}}
-    r = round_idle(row, per_call)
-    # once per list: target/T128 and chain/T128 (2.2 ms); chain/T2 is called once but is not its graph's largest
-    assert r["wall_ms"] == pytest.approx((25.0 - 2.2) / 10)
-    assert r["engine_ms"] == pytest.approx((13.0 + 5.6 + 0.6) / 10)
-    assert r["device_idle_pct"] == pytest.approx(100 * (1 - 1.92 / 2.28))
-    assert round_idle(dict(row, rounds=0), per_call) is None
-    assert round_idle(row, {k: v for k, v in per_call.items() if k != "chain/T2"}) is None  # a call not timed alone
 
 
 def test_verify_parity_compares_steps_and_one_pass_over_the_same_cache(tmp_path):
