@@ -120,6 +120,9 @@ class Recommender:
         self.catalogue = m.load_catalogue()  # parsed from its checked bytes, matched with the chain graphs
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order
+        if device == "cuda" and backend == "onnxruntime":
+            from ..backends.onnxruntime import require_cuda
+            require_cuda()  # before cupy and the stream: a machine without a GPU is told that, not about cupy
         if self.settings.device_cache and device == "cuda":
             from ..cache.device import array_module
             self.stream = array_module("cuda")[0].cuda.Stream(non_blocking=True)

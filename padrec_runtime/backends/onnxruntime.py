@@ -25,6 +25,19 @@ def _kv_shapes(kv: dict) -> dict:
             for side in ("input", "output")}
 
 
+def require_cuda() -> None:
+    """Raise, naming the fix, unless ONNX Runtime can run on a GPU here (onnxruntime-gpu and a visible GPU):
+    checked before anything else of the CUDA path is set up, so a machine without a GPU hears that."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise BackendError("onnxruntime: not installed | pip install 'padrec[gpu]' for device='cuda'") from None
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise BackendError("device='cuda': ONNX Runtime has no CUDAExecutionProvider here (no GPU, or the CPU-only "
+                           "onnxruntime package) | install onnxruntime-gpu matching your CUDA on a GPU machine "
+                           "(pip install 'padrec[gpu]'), or use device='cpu'")
+
+
 class OrtBackend:
     """Runs one graph of an engine directory with ONNX Runtime on CPU or CUDA."""
 
@@ -46,9 +59,7 @@ class OrtBackend:
         self.device, self.threads, self.cuda_graphs = device, threads, cuda_graphs
         self.stream = getattr(stream, "ptr", stream)
         if device == "cuda":
-            if "CUDAExecutionProvider" not in ort.get_available_providers():
-                raise BackendError("onnxruntime: CUDAExecutionProvider unavailable | install onnxruntime-gpu "
-                                   "matching your CUDA, or use device='cpu'")
+            require_cuda()
         elif device != "cpu":
             raise BackendError(f"onnxruntime device: got {device!r} | expected cpu or cuda")
         elif manifest.data.get("precision") == "bf16":  # its CPU kernels lack bf16 for ops every graph has (Tile)

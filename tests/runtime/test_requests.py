@@ -106,3 +106,12 @@ def test_cli_refuses_bad_values_without_a_traceback(engines_master, args, msg):
     argv = ["recommend", "--engines", str(engines_master), "--history", "1000,1001"]
     out = subprocess.run([sys.executable, "-m", "padrec_export.cli", *argv, *args], capture_output=True, text=True)
     assert out.returncode in (1, 2) and msg in out.stderr and "Traceback" not in out.stderr, out.stderr
+
+
+def test_cuda_on_a_machine_without_a_gpu_says_so(engines_master):
+    import onnxruntime
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine runs ONNX Runtime on a GPU")
+    with pytest.raises(PadrecError, match="no CUDAExecutionProvider here") as err:
+        Recommender(engines_master, device="cuda")
+    assert "cupy" not in str(err.value)
