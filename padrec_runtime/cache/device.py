@@ -295,7 +295,8 @@ class DeviceCache:
                                         bound.outs.blob.nbytes, xp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
             event = xp.cuda.Event(block=False, disable_timing=True)
             event.record(stream)
-        pending = Pending((self._lock, self.stream), xp, bound.outs, T, g.per_token, bound.outs.host_blob if event else None, event)
+        pending = Pending((self._lock, self.stream), xp, bound.outs, T, g.per_token,
+                          bound.outs.host_blob if event else None, event)
         if P is not None:
             self._unread[key] = pending
         if self.tracer is not None:

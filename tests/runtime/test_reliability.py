@@ -78,7 +78,7 @@ def _check_damaged(engines, file, clean_lists, options=None):
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_corruption_matrix(engines, clean_lists, file, damage):
     DAMAGE[damage](engines / file)
-    # the in-place graphs are opened with io_binding only: open them so that their damage is seen
+    # the in-place graphs are opened only with the device cache: open them so that their damage is seen
     _check_damaged(engines, file, clean_lists, RuntimeOptions(device_cache=True) if "gqa" in file else None)
 
 
