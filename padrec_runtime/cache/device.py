@@ -100,7 +100,9 @@ class DeviceCache:
             self._options = (backend.run_options(self.graph_id, queued=False),
                              backend.run_options(self.graph_id, queued=device != "cpu"))
         self._memo: dict = {}  # what device-side helpers keep per cache (DeviceRounds' tables and staging)
-        self._stream_owner = self.stream  # set last: when the cache goes, its sessions go before the stream
+        # set last: CPython drops an object's attributes in the order they were set, so the bindings above
+        # are released before the stream they were bound on
+        self._stream_owner = self.stream
 
     def _allocate(self, shape):
         try:
