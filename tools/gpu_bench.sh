@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU machine wrapper for tools/gpu_bench.py: data package from the carried wheel, onnxruntime-gpu from the
-# staged parts (../shared/device/stage-gpu-wheels.sh, installed into /tmp/gpusite), results under $OUT.
+# staged parts (installed into /tmp/gpusite beforehand), results under $OUT.
 set -euo pipefail
 [ -d /tmp/site/recbole ] || python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu_in/wheels/*.whl
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1

@@ -100,7 +100,9 @@ class DeviceCache:
             self._options = (backend.run_options(self.graph_id, queued=False),
                              backend.run_options(self.graph_id, queued=device != "cpu"))
         self._memo: dict = {}  # what device-side helpers keep per cache (DeviceRounds' tables and staging)
-        self._stream_owner = self.stream  # set last: when the cache goes, its sessions go before the stream
+        # set last: CPython drops an object's attributes in the order they were set, so the bindings above
+        # are released before the stream they were bound on
+        self._stream_owner = self.stream
 
     def _allocate(self, shape):
         try:
@@ -295,7 +297,8 @@ class DeviceCache:
                                         bound.outs.blob.nbytes, xp.cuda.runtime.memcpyDeviceToHost, stream.ptr)
             event = xp.cuda.Event(block=False, disable_timing=True)
             event.record(stream)
-        pending = Pending((self._lock, self.stream), xp, bound.outs, T, g.per_token, bound.outs.host_blob if event else None, event)
+        pending = Pending((self._lock, self.stream), xp, bound.outs, T, g.per_token,
+                          bound.outs.host_blob if event else None, event)
         if P is not None:
             self._unread[key] = pending
         if self.tracer is not None:

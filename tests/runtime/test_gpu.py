@@ -80,7 +80,7 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     assert not notes, notes
     fused_calls = counter.count("target", "target_gqa")
     assert (fused_calls > 0) == graphs.settings.in_place
-    return {"ok": True, "precision": graphs.manifest.precision, "fused_target_calls": fused_calls,
+    return {"ok": True, "precision": graphs.manifest.precision, "in_place_target_calls": fused_calls,
             "pooled": {g: graphs.caches.pooled(g, 1) for g in ("target", "draft")}}
 
 

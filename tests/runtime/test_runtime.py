@@ -247,9 +247,9 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
     """Decode calls padded to fixed buckets, each on its own fixed-shape session (the CUDA-graph layout),
     give the default path's lists and acceptance; padding never reaches the cache. With small buckets the
     prefill and tree verify take the dynamic session, as a long prefill does with the default buckets."""
-    from padrec_runtime.cache import buckets as devicecache
+    from padrec_runtime.cache import buckets as bucket_table
     if buckets:
-        monkeypatch.setattr(devicecache, "BUCKETS", buckets)
+        monkeypatch.setattr(bucket_table, "BUCKETS", buckets)
     plain = Recommender(engines_master)
     # the standard target's sessions (the fused target has its own test below)
     counter = CallCounter()
@@ -262,7 +262,7 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
             b = static.recommend(hist, params=DecodeParams(speculate=mode, greedy=greedy, seed=3))
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed
     target = {bucket: n for (cache, _, bucket), n in counter.calls.items() if cache == "target"}
-    assert set(target) - {None} <= set(devicecache.BUCKETS)
+    assert set(target) - {None} <= set(bucket_table.BUCKETS)
     assert (target.get(None, 0) > 0) == bool(buckets)  # None: the dynamic session
     sessions = static.backends["target"]._static
     assert len(sessions) >= 2  # AR (1 token) and verify buckets
@@ -273,7 +273,7 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
 
 
 @pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])
-def test_fused_target_gives_the_same_lists(tiny, engines_master, batch, static):
+def test_in_place_gives_the_same_lists(tiny, engines_master, batch, static):
     """The in-place graphs (ONNX Runtime's fused ops writing the cache in place) run every causal call they can
     take - target_gqa: prefill, AR steps and chain verify for one history, one-token steps for a batch;
     draft_chain_gqa: fused chain rounds of one history, device rounds included - and give the standard graphs'
@@ -303,7 +303,7 @@ def test_fused_target_gives_the_same_lists(tiny, engines_master, batch, static):
         assert draft["draft_chain"] > 0 and "draft_chain_gqa" not in draft
 
 
-def test_fused_target_routes_only_causal_calls(tiny, engines_master):
+def test_in_place_routes_only_causal_calls(tiny, engines_master):
     """DeviceCache._route sends a call to the in-place graph only where it computes the same thing."""
     import numpy as np
     rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True))
@@ -327,7 +327,7 @@ def test_fused_target_routes_only_causal_calls(tiny, engines_master):
     assert two._route("target", {"position_ids": np.tile(pos, (2, 1))}, np.tile(tri, (2, 1, 1)), 3, None) == "target"
 
 
-def test_fused_target_options(engines_master, engines):
+def test_in_place_options(engines_master, engines):
     import json
     with pytest.raises(PadrecError, match="in_place: needs device_cache"):
         Recommender(engines_master, options=RuntimeOptions(in_place=True))
@@ -408,7 +408,7 @@ def test_device_rounds_feed_the_next_chain_what_the_host_would(tiny, engines_mas
     there (numpy buffers here; the same code runs on CUDA), the first round's behind the prefill. Every such
     call sees exactly what the host path feeds - features, tokens, positions, slots, last index, trie row, items
     left, banned trie nodes - so the rounds and lists are the host path's, and the lists equal AR's."""
-    # the standard chain graph's input buffers (the in-place chain's device rounds: test_fused_target_...)
+    # the standard chain graph's input buffers (the in-place chain's device rounds: test_in_place_...)
     recorder = ChainInputs()
     rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False),
                       tracer=recorder)
@@ -441,13 +441,13 @@ def test_device_rounds_start_from_the_host_past_the_largest_bucket(tiny, engines
     """A prompt longer than every static bucket runs its prefill and first chain on the dynamic path, where
     nothing can be written on the device: the first chain then starts from the host, later rounds queue as
     usual, and the lists stay AR's."""
-    from padrec_runtime.cache import buckets as devicecache
+    from padrec_runtime.cache import buckets as bucket_table
     recorder = ChainInputs()
     rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True), tracer=recorder)
     hist = _histories(tiny[0], 8, 4)  # prompts of 7 to 57 tokens
     ar = rec.recommend(hist, params=DecodeParams(speculate="off"))
-    for buckets, first_queued in ((devicecache.BUCKETS, True), ((1, 2, 4, 8, 16, 32), False)):
-        monkeypatch.setattr(devicecache, "BUCKETS", buckets)
+    for buckets, first_queued in ((bucket_table.BUCKETS, True), ((1, 2, 4, 8, 16, 32), False)):
+        monkeypatch.setattr(bucket_table, "BUCKETS", buckets)
         recorder.calls = []
         dev = rec.recommend(hist, params=DecodeParams(speculate="chain", device_rounds=True))
         chains = [(c["tokens"], c["queued"]) for c in recorder.calls]
