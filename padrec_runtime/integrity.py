@@ -60,15 +60,21 @@ def _read_checked(f, into: memoryview, label: str, entry: dict) -> None:
                              "re-export or re-copy it")
 
 
+def _listed_size(f, label: str, entry: dict) -> int:
+    """The open file's size, once it is the size the manifest lists."""
+    size = os.fstat(f.fileno()).st_size
+    if size != entry["bytes"]:
+        raise IntegrityError(f"{label}: {size} bytes, manifest says {entry['bytes']} | "
+                             "the file is truncated or replaced; re-export or re-copy it")
+    return size
+
+
 def read_verified(root: Path, name: str, entry: dict, allow_outside: bool = False, mutable: bool = False):
     """The file's contents once their size and sha256 match `entry` ({"sha256", "bytes"}): bytes, or a
     bytearray with `mutable` (filled in place: no second copy of a large external data file)."""
     label = str(Path(root) / name)
     with _open(root, name, allow_outside) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size != entry["bytes"]:
-            raise IntegrityError(f"{label}: {size} bytes, manifest says {entry['bytes']} | "
-                                 "the file is truncated or replaced; re-export or re-copy it")
+        size = _listed_size(f, label, entry)
         buf = bytearray(size)
         _read_checked(f, memoryview(buf), label, entry)
     return buf if mutable else bytes(buf)
@@ -78,10 +84,7 @@ def verify(root: Path, name: str, entry: dict, allow_outside: bool = False) -> N
     """Check a file's size and sha256 against `entry`, streaming it (constant memory)."""
     label = str(Path(root) / name)
     with _open(root, name, allow_outside) as f:
-        size = os.fstat(f.fileno()).st_size
-        if size != entry["bytes"]:
-            raise IntegrityError(f"{label}: {size} bytes, manifest says {entry['bytes']} | "
-                                 "the file is truncated or replaced; re-export or re-copy it")
+        size = _listed_size(f, label, entry)
         h, left = hashlib.sha256(), size
         for block in iter(lambda: f.read(CHUNK), b""):
             h.update(block)
