@@ -1,4 +1,4 @@
-"""Issue-5 investigation on the GPU: draft variants (slot / step / both / neither, unroll depth, seeds)
+"""Draft and target ablations on the GPU: draft variants (slot / step / both / neither, unroll depth, seeds)
 against the committed ml-100k target, and an ml-9k target sweep selected by validation Recall@10.
 
     python tools/gpu_ablation.py drafts --out DIR      # -> DIR/ablation_drafts.json
