@@ -29,6 +29,15 @@ def engines_master(tiny, tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def engines_external_master(tiny, tmp_path_factory):
+    """The tiny engines with every graph's weights in a `<graph>.onnx.data` file beside it."""
+    cat, target, draft = tiny
+    out = tmp_path_factory.mktemp("engines_external") / "tiny"
+    export_engines(target, draft, cat, out, "fp32", LIMITS, progress=False, external_data=True)
+    return out
+
+
 @pytest.fixture
 def engines(engines_master, tmp_path):
     """A private copy of the tiny engine directory, free to tamper with."""

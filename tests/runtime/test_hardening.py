@@ -10,14 +10,14 @@ import onnx
 import pytest
 from onnx import numpy_helper
 
-from padrec_export.onnx_export import export_engines, export_graph
+from padrec_export.onnx_export import export_graph
 from padrec_export.tiny import tiny_setup
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.errors import BackendError, IntegrityError, ManifestError
 from padrec_runtime.grammar import Catalogue
 from padrec_runtime.manifest import load_manifest, parse_manifest, write_manifest
 from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
-from tests.conftest import LIMITS, TINY
+from tests.conftest import TINY
 
 HIST = [[1000, 1001, 1002], [1010]]
 
@@ -94,18 +94,10 @@ def test_the_catalogue_is_parsed_from_checked_bytes(engines):
 
 # -- external data ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def engines_ext_master(tiny, tmp_path_factory):
-    cat, target, draft = tiny
-    out = tmp_path_factory.mktemp("engines_ext") / "tiny"
-    export_engines(target, draft, cat, out, "fp32", LIMITS, progress=False, external_data=True)
-    return out
-
-
 @pytest.fixture
-def engines_ext(engines_ext_master, tmp_path):
+def engines_ext(engines_external_master, tmp_path):
     dst = tmp_path / "ext"
-    shutil.copytree(engines_ext_master, dst)
+    shutil.copytree(engines_external_master, dst)
     return dst
 
 

@@ -82,14 +82,6 @@ def test_corruption_matrix(engines, clean_lists, file, damage):
     _check_damaged(engines, file, clean_lists, RuntimeOptions(device_cache=True) if "gqa" in file else None)
 
 
-@pytest.fixture(scope="module")
-def engines_external_master(tiny, tmp_path_factory):
-    cat, target, draft = tiny
-    out = tmp_path_factory.mktemp("engines_external") / "tiny"
-    export_engines(target, draft, cat, out, "fp32", LIMITS, progress=False, external_data=True)
-    return out
-
-
 @pytest.mark.parametrize("file", EXTERNAL_FILES)
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_corruption_matrix_external_data(engines_external_master, tmp_path, clean_lists, file, damage):
