@@ -79,15 +79,17 @@ main.add_command(client)
 @click.option("--no-in-place", is_flag=True,
               help="skip target_gqa.onnx and draft_chain_gqa.onnx (ONNX Runtime-only graphs writing the KV cache in "
                    "place; the CUDA runtime's default for fp16 engines)")
-@click.option("--external-data", is_flag=True,
-              help="every graph's weights in a <graph>.onnx.data file beside it (default: only graphs past 2 GB)")
+@click.option("--external-data/--embedded-data", default=None,
+              help="every graph's weights in a <graph>.onnx.data file beside it, or inside the graph (default: "
+                   "external for fp16 / bf16, whose sessions then share one device copy of the weights; embedded "
+                   "for fp32 unless a graph passes 2 GB)")
 def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch, draft_steps,
            no_fused_chain, no_in_place, external_data):
     """Export target (and draft) checkpoints to ONNX with a manifest."""
     require_export_extra("export")
     from .pipeline import export_checkpoints
     m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch,
-                           draft_steps, not no_fused_chain, not no_in_place, external_data or None)
+                           draft_steps, not no_fused_chain, not no_in_place, external_data)
     click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})")
 
 

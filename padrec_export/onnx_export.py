@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-import tempfile
+import hashlib
 import importlib.metadata as md
 import tempfile
 import warnings
@@ -251,6 +251,30 @@ def save_graph(model, path: Path, external: bool | None = None) -> list[str]:
     return [data.name] if data.exists() else []
 
 
+# onnx TensorProto data types the runtime can hand to ONNX Runtime as shared initializers
+_SHARED_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool"}
+
+
+def weight_table(path: Path) -> list[dict]:
+    """Where each external tensor of the graph at `path` lies in its data file, with its type, shape and sha256
+    (the manifest's `graphs.<graph>.weights`): the runtime makes one device copy of each distinct tensor and
+    gives it to every session of every graph that holds those bytes."""
+    import onnx
+    model = onnx.load(str(path), load_external_data=False)
+    table = []
+    for init in model.graph.initializer:
+        where = {e.key: e.value for e in init.external_data}
+        if init.data_location != onnx.TensorProto.EXTERNAL or init.data_type not in _SHARED_TYPES:
+            continue
+        offset, length = int(where.get("offset", 0)), int(where["length"])
+        with open(path.parent / where["location"], "rb") as f:
+            f.seek(offset)
+            digest = hashlib.sha256(f.read(length)).hexdigest()
+        table.append({"name": init.name, "file": where["location"], "offset": offset, "length": length,
+                      "dtype": _SHARED_TYPES[init.data_type], "shape": list(init.dims), "sha256": digest})
+    return table
+
+
 def dedupe_initializers(graph) -> int:
     """Point every use of a repeated constant (same type, shape and bytes) at its first copy and drop the
     rest; returns how many were dropped."""
@@ -308,6 +332,7 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
         inputs, outputs, kv = graph_io(model, is_draft, precision)
     if ext:
         extra["external_data"] = ext
+        extra["weights"] = weight_table(out / file)
     return {"file": file, "hidden_size": model.cfg.hidden_size,
             "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
 
@@ -320,11 +345,14 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
                    precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True,
                    external_data: bool | None = None) -> Manifest:
     """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json. external_data: every
-    graph's weights in a `<graph>.onnx.data` file beside it (None: only graphs past 2 GB, which need it).
+    graph's weights in a `<graph>.onnx.data` file beside it, listed in the manifest (None: for fp16 / bf16, the
+    GPU precisions, whose sessions then share one device copy of each weight; for fp32 only graphs past 2 GB).
     All or nothing: the files are written in a temporary directory beside out_dir and moved in at the end, so a
     failed export leaves no half-made engine directory (and an earlier export there untouched)."""
     if precision not in TORCH_DTYPES:
         raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
+    if external_data is None and precision != "fp32":
+        external_data = True
     if target.cfg.vocab_size != catalogue.layout.vocab_size:
         raise InputError(f"target vocab {target.cfg.vocab_size} != catalogue layout vocab "
                          f"{catalogue.layout.vocab_size} | the target was trained on another token layout")

@@ -23,6 +23,7 @@ FORMAT = "padrec-engines"
 SCHEMA_VERSION = 3  # 3: external data files, the chain graphs' `finite` flag and catalogue digest
 SUPPORTED_VERSIONS = (3,)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool")
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1}
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 HARDWARE_COMPATIBILITY = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
 
@@ -85,7 +86,7 @@ def _graph(v, path):
     g = obj(v, path, {"file": file_name, "hidden_size": integer(1, 1 << 16), "inputs": mapping(_tensor, 64),
                        "outputs": mapping(_tensor, 64), "kv": _kv, "tolerances": mapping(_tolerance, 8)},
              {"chain_steps": integer(1, 16), "onnxruntime_only": boolean, "catalogue": _trie,
-              "external_data": listing(file_name, 256)})
+              "external_data": listing(file_name, 256), "weights": listing(_weight, 1 << 16)})
     if name not in _IO:
         return g  # an unknown graph: parse_manifest names it
     inputs, outputs = _IO[name]
@@ -99,6 +100,18 @@ def _graph(v, path):
             if key not in g:
                 fail(f"{path}.{key}", "nothing", "this key on a chain graph")
     return g
+
+
+def _weight(v, path):
+    """One external tensor: where its bytes lie in a data file of the graph (see backends/weights.py)."""
+    w = obj(v, path, {"name": string, "file": file_name, "offset": integer(0, 1 << 42),
+                      "length": integer(1, 1 << 42), "dtype": one_of(*DTYPES),
+                      "shape": listing(integer(0, 1 << 40), 8), "sha256": sha})
+    elements = int(np.prod(w["shape"], dtype=np.int64))
+    if elements * DTYPE_BYTES[w["dtype"]] != w["length"]:
+        fail(f"{path}.length", w["length"], f"{elements} x {DTYPE_BYTES[w['dtype']]} bytes ({w['dtype']} "
+             f"{w['shape']})")
+    return w
 
 
 def _tensor(v, path):
@@ -198,6 +211,13 @@ def _check_files(data: dict) -> None:
             if PurePosixPath(ext).parent != PurePosixPath(g["file"]).parent:
                 fail(f"graphs.{name}.external_data[{i}]", ext, f"a file beside {g['file']}")
             named[f"graphs.{name}.external_data[{i}]"] = ext
+        for i, w in enumerate(g.get("weights", [])):
+            where = f"graphs.{name}.weights[{i}]"
+            if w["file"] not in g.get("external_data", []):
+                fail(f"{where}.file", w["file"], f"one of graphs.{name}.external_data")
+            size = data["files"].get(w["file"], {}).get("bytes", 0)
+            if w["offset"] + w["length"] > size:
+                fail(f"{where}.offset", w["offset"], f"a span of {w['length']} bytes inside {w['file']} ({size} bytes)")
     build = data.get("tensorrt")
     if build is not None:
         for graph, g in data["graphs"].items():

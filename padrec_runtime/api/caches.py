@@ -82,6 +82,12 @@ class CacheStore:
         with self._pool_lock:
             return len(self._pool.get((graph, batch), []))
 
+    def kv_bytes(self) -> int:
+        """Bytes of the device KV caches kept (reused by `recommend` or free in the pool)."""
+        with self._pool_lock:
+            caches = [*self._shared.values(), *(c for free in self._pool.values() for c in free)]
+        return sum(int(c.cache.nbytes) for c in caches)
+
     def clear(self) -> None:
         self._shared.clear()
         with self._pool_lock:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..backends import open_backend
+from ..backends import open_backends
 from ..errors import BackendError, DeadlineError, InputError, ManifestError
 from ..grammar import Catalogue, ListConstraint
 from ..loop import DecodeSession, max_cache_len
@@ -126,8 +126,8 @@ class Recommender:
         if self.settings.device_cache and device == "cuda":
             from ..cache.device import array_module
             self.stream = array_module("cuda")[0].cuda.Stream(non_blocking=True)
-        self.backends = {g: open_backend(m, g, self.settings, self.stream)
-                         for g in m.data["graphs"] if g not in IN_PLACE or self.settings.in_place}
+        self.backends = open_backends(m, [g for g in m.data["graphs"] if g not in IN_PLACE or self.settings.in_place],
+                                      self.settings, self.stream)
         self.caches = CacheStore(m, self.backends, self.settings, self.stream, tracer)
         self.plan = None  # adaptive speculation's choices, once calibrated
         self._lock = threading.Lock()
@@ -136,6 +136,14 @@ class Recommender:
     def limits(self) -> dict:
         """The engines' limits and defaults (manifest `model`)."""
         return self.manifest.model
+
+    def memory(self) -> dict:
+        """Bytes held by component: `weights` (one copy of each distinct weight tensor, shared by every session
+        of every graph), `weights_unshared` (what one copy per graph would hold: the saving is the difference;
+        each static-shape session would have held another copy), `kv_caches` (device caches kept)."""
+        pools = {id(p): p for p in (getattr(b, "weights", None) for b in self.backends.values()) if p is not None}
+        return {"weights": sum(p.bytes for p in pools.values()),
+                "weights_unshared": sum(p.uses for p in pools.values()), "kv_caches": self.caches.kv_bytes()}
 
     def close(self) -> None:
         """Free the engines and device caches now (also on `with Recommender(...) as rec:` exit). Queued device

@@ -14,11 +14,19 @@ class Backend(Protocol):
     def infer(self, feeds: dict) -> dict: ...
 
 
-def open_backend(manifest, graph: str, settings, stream=None) -> Backend:
-    """The backend `settings.backend` names, opened on `graph` (settings: padrec_runtime.api.options.Settings)."""
+def open_backend(manifest, graph: str, settings, stream=None, weights=None) -> Backend:
+    """The backend `settings.backend` names, opened on `graph` (settings: padrec_runtime.api.options.Settings).
+    weights: ONNX Runtime's WeightPool shared by the graphs of one engine directory (open_backends)."""
     if settings.backend == "onnxruntime":
         from .onnxruntime import OrtBackend
         return OrtBackend(manifest, graph, device=settings.device, threads=settings.threads,
-                          cuda_graphs=settings.cuda_graphs, stream=stream)
+                          cuda_graphs=settings.cuda_graphs, stream=stream, weights=weights)
     from .tensorrt import TrtBackend
     return TrtBackend(manifest, graph, module=settings.trt_module, allow_host_code=settings.allow_host_code)
+
+
+def open_backends(manifest, graphs, settings, stream=None) -> dict:
+    """graph -> its backend; ONNX Runtime's graphs share one device copy of each weight (backends/weights.py)."""
+    from .weights import WeightPool
+    weights = WeightPool(settings.device) if settings.backend == "onnxruntime" else None
+    return {g: open_backend(manifest, g, settings, stream, weights) for g in graphs}

@@ -7,6 +7,7 @@ from pathlib import PurePosixPath
 from ..errors import BackendError, ManifestError
 from ..manifest import Manifest
 from .base import check_feeds, graph_names
+from .weights import WeightPool
 
 # CUDA sessions ask ONNX Runtime (>= 1.31; older ones ignore the entry) to time, per MatMul shape, cuBLAS against
 # its small-M GEMV kernels on the session's first run of the shape and keep the fastest: on an H100 the fused
@@ -45,7 +46,7 @@ class OrtBackend:
     binds_device_buffers = True  # capability: IO binding of caller-owned buffers (device KV caches)
 
     def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
-                 cuda_graphs: bool = False, stream: int | None = None):
+                 cuda_graphs: bool = False, stream: int | None = None, weights: WeightPool | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -66,10 +67,14 @@ class OrtBackend:
             raise BackendError(f"{graph}: bf16 engines on the CPU | ONNX Runtime runs bf16 graphs on CUDA only | use "
                                "device='cuda' (onnxruntime-gpu), or export fp32 / fp16 engines for the CPU")
         # every session is made from these bytes, the ones whose sha256 matched (never from the path, which
-        # could be swapped between the check and a later bucket's session); external data: see _add_external_data
+        # could be swapped between the check and a later bucket's session), read once and kept: ONNX Runtime
+        # reads the external data files from memory (a model given as bytes has no directory to read them from)
         self.path = manifest.root / self.spec["file"]
-        self._manifest = manifest
         self._model = manifest.read(self.spec["file"])
+        self._external = {f: manifest.read(f, mutable=True) for f in self.spec.get("external_data", [])}
+        # the listed weights come from one device copy shared by all sessions (backends/weights.py)
+        self.weights = weights if weights is not None else WeightPool(device)
+        self.supplied = self.weights.supply(graph, self.spec, self._external)
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
@@ -80,14 +85,17 @@ class OrtBackend:
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
         opts, providers = self._options(dims, cuda_graph)
-        external = self._add_external_data(opts)  # alive until the session is made: it copies them
+        if self._external:
+            names = [PurePosixPath(f).name for f in self._external]  # as the graph's locations name them
+            buffers = list(self._external.values())
+            opts.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
+        for name, value in self.supplied.items():
+            opts.add_initializer(name, value)
         try:
             return self._ort.InferenceSession(self._model, opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
             raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines"
                                ) from None
-        finally:
-            external.clear()  # ONNX Runtime has copied what it needs
 
     def _options(self, dims: dict | None, cuda_graph: bool) -> tuple:
         """The session options and execution providers of a session (see `_open`)."""
@@ -109,18 +117,6 @@ class OrtBackend:
                 cuda["enable_cuda_graph"] = "1"
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
-
-    def _add_external_data(self, opts) -> list:
-        """The graph's external data files, read and hashed now, handed over as the verified bytes (ONNX Runtime
-        copies them while it makes the session, so they are read again, and checked again, for every session:
-        nothing of them is held between sessions and nothing is opened by name after its check)."""
-        files = self.spec.get("external_data", [])
-        if not files:
-            return []
-        buffers = [self._manifest.read(f, mutable=True) for f in files]
-        names = [PurePosixPath(f).name for f in files]  # as the graph's locations name them: beside the graph
-        opts.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
-        return buffers
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape

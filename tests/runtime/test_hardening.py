@@ -146,6 +146,7 @@ def test_external_data_swapped_after_load_fails_a_new_bucket_loudly(engines_ext)
 def test_an_unlisted_sidecar_is_never_read(engines_ext):
     def drop(m):
         del m["graphs"]["target"]["external_data"]
+        del m["graphs"]["target"]["weights"]
         del m["files"]["target.onnx.data"]
     _edit_manifest(engines_ext, drop)
     _resign(engines_ext)
@@ -156,6 +157,67 @@ def test_an_unlisted_sidecar_is_never_read(engines_ext):
 def test_export_writes_external_data_only_when_needed(engines_master):
     assert not list(engines_master.glob("*.data"))
     assert all("external_data" not in g for g in load_manifest(engines_master).data["graphs"].values())
+
+
+def test_fp16_engines_keep_their_weights_outside_listed_for_sharing(tiny, tmp_path):
+    from padrec_export.onnx_export import export_engines
+    from tests.conftest import LIMITS
+    cat, target, draft = tiny
+    m = export_engines(target, draft, cat, tmp_path / "fp16", "fp16", LIMITS, progress=False)
+    for g in m.data["graphs"].values():
+        assert g["external_data"] and g["weights"]
+        assert {w["file"] for w in g["weights"]} == set(g["external_data"])
+
+
+# -- one copy of each weight, shared by every session of every graph ----------------------------------------------
+
+def _distinct_weight_bytes(m) -> int:
+    return sum({w["sha256"]: w["length"] for g in m.data["graphs"].values() for w in g["weights"]}.values())
+
+
+def test_sessions_share_one_copy_of_each_weight(engines_ext):
+    import ctypes
+    rec = Recommender(engines_ext, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=True))
+    clean = _lists(rec, HIST)
+    assert _lists(rec, HIST[:1]) == clean[:1]  # a second bucket shape: another session of each graph
+    memory = rec.memory()
+    assert memory["weights"] == _distinct_weight_bytes(rec.manifest) < memory["weights_unshared"]
+    assert memory["kv_caches"] > 0
+    # the sessions compute from the pooled tensors themselves: zeroing them changes what every session answers
+    for value in rec.backends["target"].supplied.values():
+        ctypes.memset(value.data_ptr(), 0, value.tensor_size_in_bytes())
+    assert _lists(rec, HIST) != clean
+
+
+def test_a_false_claim_of_equal_weights_is_an_integrity_error(engines_ext):
+    def claim(m):
+        target, draft = m["graphs"]["target"]["weights"], m["graphs"]["draft"]["weights"]
+        other = next(w for w in draft if w["length"] == target[0]["length"] and w["sha256"] != target[0]["sha256"])
+        other["sha256"] = target[0]["sha256"]
+    _edit_manifest(engines_ext, claim)
+    with pytest.raises(IntegrityError, match="bytes differ from another graph's tensor of the same sha256"):
+        Recommender(engines_ext)
+
+
+def _weight(m, graph="target"):
+    return m["graphs"][graph]["weights"][0]
+
+
+BAD_WEIGHTS = {
+    "length not its shape's": lambda m: _weight(m).update(length=_weight(m)["length"] + 4),
+    "file of another graph": lambda m: _weight(m).update(file="draft.onnx.data"),
+    "span past the file's end": lambda m: _weight(m).update(offset=m["files"]["target.onnx.data"]["bytes"]),
+    "dtype unknown": lambda m: _weight(m).update(dtype="float8"),
+    "shape not a list": lambda m: _weight(m).update(shape=7),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_WEIGHTS))
+def test_bad_weight_entries_are_manifest_errors(engines_external_master, case):
+    m = json.loads((engines_external_master / "manifest.json").read_text())
+    BAD_WEIGHTS[case](m)
+    with pytest.raises(ManifestError, match=r"manifest .*graphs.target.weights\[0\]"):
+        parse_manifest(m, engines_external_master)
 
 
 # -- manifest values that crashed or were accepted ----------------------------------------------------------------
