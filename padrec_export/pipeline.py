@@ -35,6 +35,11 @@ class ModelSize:
     intermediate: int = 688
 
 
+# Qwen2.5 decoder shapes (hidden, layers, heads, KV heads, MLP width) for LLM-sized targets over our vocabulary
+SIZES = {"tiny": ModelSize(32, 2, 2, 1, 64), "qwen-0.5b": ModelSize(896, 24, 14, 2, 4864),
+         "qwen-1.5b": ModelSize(1536, 28, 12, 2, 8960), "qwen-7b": ModelSize(3584, 28, 28, 4, 18944)}
+
+
 def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int, seed: int = 0,
                       progress: bool = True) -> Catalogue:
     """Semantic IDs for every item (reused from out/catalogue.json when present); titles never stored."""
