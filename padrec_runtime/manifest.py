@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 import numpy as np
@@ -270,6 +270,7 @@ class Manifest:
     root: Path
     data: dict
     allow_outside: bool = False  # engine files may lie outside root (the caller trusts where they point)
+    checked: set = field(default_factory=set, compare=False)  # files whose bytes matched since the load
 
     @property
     def layout(self) -> TokenLayout:
@@ -305,17 +306,22 @@ class Manifest:
     def read(self, file: str, mutable: bool = False):
         """The file's bytes, exactly those whose size and sha256 matched the manifest (IntegrityError if not):
         hand these to the engine, never the path. mutable: a bytearray (large external data, no extra copy)."""
-        return read_verified(self.root, file, self._entry(file), self.allow_outside, mutable)
+        data = read_verified(self.root, file, self._entry(file), self.allow_outside, mutable)
+        self.checked.add(file)
+        return data
 
     def verify_file(self, file: str) -> Path:
         """The file's (confined) path once its size and sha256 match the manifest. For tools that must pass a
         path (the TensorRT builder); the runtime loads `read` bytes instead."""
         verify(self.root, file, self._entry(file), self.allow_outside)
+        self.checked.add(file)
         return self.path(file)
 
     def verify_all(self) -> None:
+        """Check every listed file not checked since the load (a file read through `read` was hashed as read)."""
         for f in self.data["files"]:
-            self.verify_file(f)
+            if f not in self.checked:
+                self.verify_file(f)
 
     def load_catalogue(self) -> Catalogue:
         """The catalogue, parsed from its checked bytes, and checked against the chain graphs built from it."""

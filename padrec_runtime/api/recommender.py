@@ -115,7 +115,8 @@ class Recommender:
         options = RuntimeOptions() if options is None else options
         if not isinstance(options, RuntimeOptions):
             raise InputError(f"options: got {type(options).__name__} | expected RuntimeOptions(...)")
-        self.manifest = m = load_manifest(engine_dir)
+        # each engine file is hashed once: as a backend or the catalogue reads it, the rest at the end of __init__
+        self.manifest = m = load_manifest(engine_dir, verify=False)
         self.settings = resolve_runtime(options, backend, device, m.precision, "target_gqa" in m.data["graphs"])
         self.catalogue = m.load_catalogue()  # parsed from its checked bytes, matched with the chain graphs
         _check_pairing(m)
@@ -128,6 +129,7 @@ class Recommender:
             self.stream = array_module("cuda")[0].cuda.Stream(non_blocking=True)
         self.backends = open_backends(m, [g for g in m.data["graphs"] if g not in IN_PLACE or self.settings.in_place],
                                       self.settings, self.stream)
+        m.verify_all()  # the files no backend read (other backends' plans, graphs this device leaves out)
         self.caches = CacheStore(m, self.backends, self.settings, self.stream, tracer)
         self.plan = None  # adaptive speculation's choices, once calibrated
         self._lock = threading.Lock()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import PurePosixPath
 
 from ..errors import BackendError, ManifestError
@@ -24,6 +25,26 @@ def _kv_shapes(kv: dict) -> dict:
     shape = {"shape": ["batch", kv["n_kv_heads"], "past", kv["head_dim"]]}
     return {kv[f"{part}_{side}"] % i: shape for i in range(kv["n_layers"]) for part in ("key", "value")
             for side in ("input", "output")}
+
+
+# Every CUDA session of the process allocates from one arena registered with ONNX Runtime's environment: with an
+# arena each, every static-shape session kept ~214 MB, with the shared one ~78 MB (Qwen2.5-0.5B-shaped target,
+# H200; the rest is the session's own cuBLAS / cuDNN state)
+SHARED_ARENA = "session.use_env_allocators"
+_arena_registered = False
+_arena_lock = threading.Lock()
+
+
+def share_cuda_arena(ort) -> None:
+    """Register the process's shared CUDA arena with ONNX Runtime (once; its sessions opt in, see _options)."""
+    global _arena_registered
+    with _arena_lock:
+        if _arena_registered:
+            return
+        info = ort.OrtMemoryInfo("Cuda", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator_v2("CUDAExecutionProvider", info, {},
+                                             ort.OrtArenaCfg({"arena_extend_strategy": 1}))  # kSameAsRequested
+        _arena_registered = True
 
 
 def require_cuda() -> None:
@@ -115,6 +136,8 @@ class OrtBackend:
                 cuda["user_compute_stream"] = str(self.stream)
             if cuda_graph:
                 cuda["enable_cuda_graph"] = "1"
+            share_cuda_arena(ort)
+            opts.add_session_config_entry(SHARED_ARENA, "1")
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
 

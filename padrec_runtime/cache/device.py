@@ -10,7 +10,7 @@ with numpy on CPU (tests) and cupy on CUDA.
 
 With `static=True` every call runs on a fixed-shape bucket session (`buckets`), which on CUDA replays a CUDA
 graph captured for this cache; calls longer than the largest bucket run on the dynamic session. Sessions are
-shared by every cache of the same batch size; each bucket session holds its own copy of the weights.
+shared by every cache of the same batch size; they share one device copy of the weights (backends/weights.py).
 `launch` queues a call and returns a `Pending`; `take` copies another call's device output into this call's
 inputs on the device, so a fused chain round (draft chain, then verify) waits for the device once.
 """
