@@ -25,6 +25,15 @@ from tests.conftest import LIMITS  # noqa: E402
 MAX_LEN = 128
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny shapes run fastest on one thread (on a busy 2-core machine two threads wait on each other)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def models(tiny):
     """A private copy of the tiny target and draft (the baseline fuses their projections in place)."""
