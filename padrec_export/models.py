@@ -304,30 +304,16 @@ class Draft(nn.Module):
         return x + 0.0 * s
 
 
-class DraftChain(nn.Module):
-    """A greedy draft round in one graph: the catch-up pass over newly committed positions, then K-1 draft
-    steps, each token the argmax over what the list grammar allows after the tokens before it. One engine
-    call per round instead of K: no host round trip between draft steps.
+class ChainGrammar(nn.Module):
+    """The list grammar as device tables (Catalogue.chain_tables) and its two moves, for graphs that pick tokens
+    themselves: the additive mask of what may come next, and the state after a token. A row's state: `at`, its
+    table row; `left`, items still to write; `banned` (B, n_nodes + 2), 0 / -inf per trie node
+    (ListConstraint.chain_ban). An item a token completes is banned from then on, with every prefix it used up,
+    as ListConstraint does, so a greedy pick under this mask is the constrained argmax of the host walk."""
 
-    The grammar rides in the graph: the catalogue trie as tables (Catalogue.chain_tables), the trie nodes
-    whose items are all used (history and list so far) as a per-row input, and eos only once the list is
-    complete. An item the chain completes is banned for its later steps, with every prefix it used up, as
-    the step-by-step loop's grammar does: the two propose the same tokens, so acceptance is the same.
-    Inputs as the draft's (step is 0 for catch-up and j for the j-th chain step) plus, per row, `last`: the
-    index of its last real catch-up token, `node`: the table row after that token, `left`: items still to
-    write, and `banned` (B, n_nodes + 2): ListConstraint.chain_ban. Outputs the K proposed tokens and the new
-    KV of the catch-up tokens followed by the K-1 chain steps (the runtime keeps only the catch-up's).
-    max_len: the draft cache's length, for `forward_in_place` (the round over a whole cache written in place).
-    """
-
-    def __init__(self, draft: Draft, catalogue, steps: int, max_len: int = 0, report_finite: bool = False):
+    def __init__(self, catalogue):
         super().__init__()
         from padrec_runtime.grammar import EOS, SEP
-        if steps < 1:
-            raise ValueError("steps must be >= 1")
-        # report_finite: also return `finite` (B,) bool, false where a step's logits are NaN / inf at a token the
-        # grammar allows (the exported graph's flag: the runtime raises on it as it does for the draft's logits)
-        self.draft, self.steps, self.report_finite = draft, steps, report_finite
         t = catalogue.chain_tables()
         # int64 tables: gathers index with them directly, no cast per step
         self.register_buffer("next_node", torch.as_tensor(t["next_node"]).long(), persistent=False)
@@ -344,6 +330,56 @@ class DraftChain(nn.Module):
         ends[0, EOS] = ends[1, SEP] = float("-inf")  # row 0: items left, no eos; row 1: none left, no separator
         self.register_buffer("ends", ends, persistent=False)
         self.register_buffer("slot_of", torch.as_tensor(t["slot_of"]), persistent=False)
+
+    def allowed_bias(self, at, left, banned, ends):
+        """(nxt, bias), both (B, V): the trie node each token leads to from each row's state, and 0 where the
+        grammar allows the token, -inf elsewhere (ends: the `ends` table in banned's dtype)."""
+        nxt = self.next_node[at]
+        return nxt, banned.gather(1, nxt) + torch.where((left <= 0)[:, None], ends[1], ends[0])
+
+    def advance(self, nxt, tok, left, banned):
+        """The state (at, left, banned) after each row writes tok (B, 1) from the state `nxt` came from."""
+        reached = nxt.gather(1, tok).flatten()
+        return self.row_of[reached], left - self.is_leaf[reached], self.ban_completed(banned, reached)
+
+    def ban_completed(self, banned, reached):
+        """`banned` (B, n_nodes + 2) after the rows whose token reached a leaf completed its item: the leaf and
+        every prefix node on its path with no other free item go to -inf (the grammar's `chain_ban` with the
+        item used). A prefix node is used up when its child on the path is and no other child is free."""
+        path = self.path_of[reached]  # (B, L) nodes at depth 1..L; NOT_CHILD (always banned) unless a leaf
+        B, L = path.shape
+        kids = self.next_node[self.row_of[path[:, :-1]]]  # (B, L-1, V): each inner path node's children
+        free = (banned.gather(1, kids.flatten(1)) == 0).view(B, L - 1, -1).sum(-1)  # (B, L-1), path child too
+        used_up = [self.is_leaf[reached].bool()]  # deepest first: the leaf itself
+        for d in range(L - 2, -1, -1):
+            used_up.append(used_up[-1] & (free[:, d] <= 1))
+        flags = torch.stack(used_up[::-1], dim=1)  # (B, L) in path order
+        return banned.scatter(1, path, torch.where(flags, float("-inf"), banned.gather(1, path)))
+
+
+class DraftChain(ChainGrammar):
+    """A greedy draft round in one graph: the catch-up pass over newly committed positions, then K-1 draft
+    steps, each token the argmax over what the list grammar allows after the tokens before it. One engine
+    call per round instead of K: no host round trip between draft steps.
+
+    The grammar rides in the graph: the catalogue trie as tables (Catalogue.chain_tables), the trie nodes
+    whose items are all used (history and list so far) as a per-row input, and eos only once the list is
+    complete. An item the chain completes is banned for its later steps, with every prefix it used up, as
+    the step-by-step loop's grammar does: the two propose the same tokens, so acceptance is the same.
+    Inputs as the draft's (step is 0 for catch-up and j for the j-th chain step) plus, per row, `last`: the
+    index of its last real catch-up token, `node`: the table row after that token, `left`: items still to
+    write, and `banned` (B, n_nodes + 2): ListConstraint.chain_ban. Outputs the K proposed tokens and the new
+    KV of the catch-up tokens followed by the K-1 chain steps (the runtime keeps only the catch-up's).
+    max_len: the draft cache's length, for `forward_in_place` (the round over a whole cache written in place).
+    """
+
+    def __init__(self, draft: Draft, catalogue, steps: int, max_len: int = 0, report_finite: bool = False):
+        super().__init__(catalogue)
+        if steps < 1:
+            raise ValueError("steps must be >= 1")
+        # report_finite: also return `finite` (B,) bool, false where a step's logits are NaN / inf at a token the
+        # grammar allows (the exported graph's flag: the runtime raises on it as it does for the draft's logits)
+        self.draft, self.steps, self.report_finite = draft, steps, report_finite
         if max_len:  # forward_in_place: GroupQueryAttention's rotary tables (padding of a bucket may run past)
             cos, sin = rotary_cache(draft.cfg, max_len + 256)
             self.register_buffer("rotary_cos", cos, persistent=False)
@@ -374,7 +410,7 @@ class DraftChain(nn.Module):
             kv["keys"], kv["values"] = torch.cat([kv["keys"], k1], dim=2), torch.cat([kv["values"], v1], dim=2)
             return out
 
-        tokens, finite = self._chain(h, idx, node, left, banned, layer)
+        tokens, finite = self.propose(h, idx, node, left, banned, layer)
         S = pk.shape[2]
         return (tokens,) + ((finite,) if self.report_finite else ()) + (kv["keys"][:, :, S:], kv["values"][:, :, S:])
 
@@ -396,10 +432,10 @@ class DraftChain(nn.Module):
                                                                    cos, sin)
             return out
 
-        tokens, finite = self._chain(h, last.long().view(B, 1), node, left, banned, layer)
+        tokens, finite = self.propose(h, last.long().view(B, 1), node, left, banned, layer)
         return (tokens,) + ((finite,) if self.report_finite else ()) + (cache["k"], cache["v"])
 
-    def _chain(self, h, idx, node, left, banned, layer):
+    def propose(self, h, idx, node, left, banned, layer):
         """The K greedy grammar-masked draft tokens from the catch-up's output h (at each row's index idx);
         layer(j, x) runs the draft layer for step j."""
         d = self.draft
@@ -427,8 +463,7 @@ class DraftChain(nn.Module):
             gate_x, gate_s = wg[:, :H], F.linear(steps, wg[:, H:], d.gate.bias.to(h.dtype))  # (K, H) per step
         tokens, finite = [], None
         for j in range(1, self.steps + 1):
-            nxt = self.next_node[at]  # (B, V) trie node each token leads to
-            bias_v = banned.gather(1, nxt) + torch.where((left <= 0)[:, None], ends[1], ends[0])
+            nxt, bias_v = self.allowed_bias(at, left, banned, ends)  # (B, V) node each token leads to, its mask
             tok = torch.argmax(logits + bias_v, dim=-1, keepdim=True)  # (B, 1) int64
             tokens.append(tok)
             if self.report_finite:  # bias_v is 0 where the grammar allows a token, -inf elsewhere
@@ -436,27 +471,10 @@ class DraftChain(nn.Module):
                 finite = ok if finite is None else finite & ok
             if j == self.steps:
                 break
-            reached = nxt.gather(1, tok).flatten()
-            at = self.row_of[reached]
-            left = left - self.is_leaf[reached]
-            banned = self._ban_completed(banned, reached)
+            at, left, banned = self.advance(nxt, tok, left, banned)
             x = token_part[tok.flatten()][:, None] + F.linear(h, w_hidden)
             if use_step:
                 x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
             h = layer(j, x)
             logits = d.lm_head(d.norm(h)).flatten(1)
         return torch.cat(tokens, dim=1).to(torch.int32), finite
-
-    def _ban_completed(self, banned, reached):
-        """`banned` (B, n_nodes + 2) after the rows whose token reached a leaf completed its item: the leaf and
-        every prefix node on its path with no other free item go to -inf (the grammar's `chain_ban` with the
-        item used). A prefix node is used up when its child on the path is and no other child is free."""
-        path = self.path_of[reached]  # (B, L) nodes at depth 1..L; NOT_CHILD (always banned) unless a leaf
-        B, L = path.shape
-        kids = self.next_node[self.row_of[path[:, :-1]]]  # (B, L-1, V): each inner path node's children
-        free = (banned.gather(1, kids.flatten(1)) == 0).view(B, L - 1, -1).sum(-1)  # (B, L-1), path child too
-        used_up = [self.is_leaf[reached].bool()]  # deepest first: the leaf itself
-        for d in range(L - 2, -1, -1):
-            used_up.append(used_up[-1] & (free[:, d] <= 1))
-        flags = torch.stack(used_up[::-1], dim=1)  # (B, L) in path order
-        return banned.scatter(1, path, torch.where(flags, float("-inf"), banned.gather(1, path)))

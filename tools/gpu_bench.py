@@ -1,6 +1,7 @@
 """One-call GPU benchmark: train (or reuse) an LLM-scale target and its drafts on MovieLens,
-export fp16 engines, then time our runtime (ONNX Runtime CUDA, device-resident KV) against PyTorch eager,
-PyTorch with a CUDA graph, Hugging Face `generate`, and the weight-bandwidth floor, all on one card.
+export fp16 engines, then time our runtime (ONNX Runtime CUDA, device-resident KV) against PyTorch eager, the
+strongest PyTorch a user would write (static KV cache + `torch.compile`, CUDA graphs: tools/torch_compiled.py),
+Hugging Face `generate`, and the weight-bandwidth floor, all on one card.
 
     bash tools/gpu_bench.sh          # on the GPU machine (see the script); results -> $OUT/gpu_bench.json|png
 
@@ -27,6 +28,8 @@ from padrec_runtime.grammar import ListConstraint
 from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 from padrec_runtime.api.recommender import RecommendResult
 from padrec_runtime.trace import CallCounter
+from torch_compiled import CompiledDraft, CompiledTarget, Decoder, copy_bandwidth_gbs, cudagraph_skips, floor_ms, \
+    step_times
 
 QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
 
@@ -147,102 +150,54 @@ def release_torch_memory() -> None:
         torch.cuda.empty_cache()
 
 
-def copy_bandwidth_gbs(device) -> float:
-    sync = torch.cuda.synchronize if str(device).startswith("cuda") else (lambda: None)
-    x = torch.empty(1 << 28, dtype=torch.float32, device=device)  # 1 GiB
-    y = torch.empty_like(x)
-    y.copy_(x)
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(10):
-        y.copy_(x)
-    sync()
-    return 2 * x.numel() * 4 * 10 / (time.perf_counter() - t0) / 1e9  # read + write
+def compiled_label(mode: str | None) -> str:
+    """How the bench names the compiled baseline's rows."""
+    if mode is None:
+        return "PyTorch static KV, eager (no torch.compile)"
+    return f"PyTorch static KV + torch.compile {mode} (CUDA graphs)"
 
 
-def cuda_graph_ar(target, con, histories, max_len: int):
-    """Greedy constrained AR with the target's decode step captured in one CUDA graph (batch = len(histories))."""
-    dev = next(target.parameters()).device
-    dtype = next(target.parameters()).dtype
-    cat = con.catalogue
-    B, c = len(histories), target.cfg
-    prompts = [cat.prompt(h) for h in histories]
-    cache = torch.zeros(c.n_layers, 2, B, c.n_kv_heads, max_len, c.head_dim, device=dev, dtype=dtype)
-    lengths = np.zeros(B, dtype=np.int64)
-
-    def step(ids, pos, mask, write_at):
-        past = [(cache[i, 0], cache[i, 1]) for i in range(c.n_layers)]
-        logits, _, new = target(ids, pos, mask, past)
-        for i, (k, v) in enumerate(new):  # write the new token's KV at each row's position (on the device)
-            idx = write_at.view(B, 1, 1, 1).expand(B, c.n_kv_heads, 1, c.head_dim)
-            cache[i, 0].scatter_(2, idx, k)
-            cache[i, 1].scatter_(2, idx, v)
-        return logits
-
-    with torch.inference_mode():
-        # prefill (eager, ragged) then one graph for every 1-token step
-        for b, p in enumerate(prompts):
-            T = len(p)
-            ids = torch.tensor(p, device=dev, dtype=torch.int32)[None]
-            m = torch.zeros(1, T, max_len + T, dtype=torch.bool, device=dev)
-            m[0, :, max_len:] = torch.tril(torch.ones(T, T, dtype=torch.bool, device=dev))
-            past = [(cache[i, 0, b:b + 1], cache[i, 1, b:b + 1]) for i in range(c.n_layers)]
-            logits, _, new = target(ids, torch.arange(T, device=dev, dtype=torch.int32)[None], m, past)
-            for i, (k, v) in enumerate(new):
-                cache[i, 0, b, :, :T] = k[0]
-                cache[i, 1, b, :, :T] = v[0]
-            lengths[b] = T
-            if b == 0:
-                first_logits = [logits[0, -1].float().cpu().numpy()]
-            else:
-                first_logits.append(logits[0, -1].float().cpu().numpy())
-        s_ids = torch.zeros(B, 1, dtype=torch.int32, device=dev)
-        s_pos = torch.zeros(B, 1, dtype=torch.int32, device=dev)
-        s_mask = torch.zeros(B, 1, max_len + 1, dtype=torch.bool, device=dev)
-        s_mask[:, 0, max_len] = True  # warm-up and capture: the token sees itself (all masked would be NaN)
-        # warm-up and capture write their KV at the last position, which no list reaches
-        s_write = torch.full((B,), max_len - 1, dtype=torch.int64, device=dev)
-        if dev.type == "cuda":
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    step(s_ids, s_pos, s_mask, s_write)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                s_logits = step(s_ids, s_pos, s_mask, s_write)
-            replay = graph.replay
-        else:  # CPU (smoke test of this function): the same step, run eagerly
-            holder = {}
-            replay = lambda: holder.__setitem__("logits", step(s_ids, s_pos, s_mask, s_write))  # noqa: E731
-        states = [con.start(h) for h in histories]
-        out = [[] for _ in range(B)]
-        logits_rows = first_logits
-        mask_host = np.zeros((B, 1, max_len + 1), dtype=bool)
-        while not all(s.done for s in states):
-            ids = np.zeros((B, 1), np.int32)
-            for b, s in enumerate(states):
-                if s.done:
-                    continue
-                allowed = con.allowed(s)
-                tok = int(allowed[np.argmax(logits_rows[b][allowed])])
-                out[b].append(tok)
-                states[b] = con.advance(s, tok)
-                ids[b, 0] = tok
-            mask_host[:] = False
-            for b in range(B):
-                mask_host[b, 0, :lengths[b]] = True
-            mask_host[:, 0, max_len] = True
-            s_ids.copy_(torch.from_numpy(ids))
-            s_pos.copy_(torch.from_numpy(lengths.astype(np.int32)[:, None]))
-            s_mask.copy_(torch.from_numpy(mask_host))
-            s_write.copy_(torch.from_numpy(lengths))
-            replay()
-            lengths += 1
-            logits = s_logits if dev.type == "cuda" else holder["logits"]
-            logits_rows = list(logits[:, 0].float().cpu().numpy())
-    return out
+def bench_compiled(models: tuple, con, users: list, hist_all: list, batches: list, K: int, modes: list, repeats: int,
+                   add, ar_tokens: dict) -> dict:
+    """The strongest PyTorch baseline (tools/torch_compiled.py) in each compile mode: target step times at 1 and
+    K + 1 tokens, then AR and chain-K lists at batch 1 (users in turn) and 8, timed alternately; one row per
+    mode and decoding. Returns per mode its step times and seconds in all (compilation included), and for each
+    measure the faster mode (the baseline)."""
+    target, draft = models
+    dtype, cat = next(target.parameters()).dtype, con.catalogue
+    summary = {}
+    for mode in modes:
+        t0, skips = time.perf_counter(), cudagraph_skips()
+        ct = CompiledTarget(target, 8, 256, dtype, mode)
+        dec = Decoder(ct, CompiledDraft(draft, cat, K, 8, 256, dtype, mode), con)
+        res = {"label": compiled_label(mode), **step_times(ct, tokens=(1, K + 1))}
+        engine = f"pytorch-compiled-{mode or 'eager'}"
+        for batch in [b for b in batches if b <= 8]:
+            def lists(fn, batch=batch):  # batch 1: one list per user in turn, merged
+                parts = [fn([h]) for h in users] if batch == 1 else [fn(hist_all[:batch])]
+                tau = float(np.average([p.tau for p in parts], weights=[max(p.rounds, 1) for p in parts]))
+                return [t for p in parts for t in p.tokens], tau  # tau over every round
+            runs = {"ar": lambda: lists(dec.ar), "chain": lambda: lists(dec.speculate)}
+            for run in runs.values():  # compile and capture this batch's shapes
+                run()
+            t, last = alternate(runs, repeats)
+            per = len(users) if batch == 1 else 1
+            for name, (toks, tau) in last.items():
+                ms = float(np.median(t[name])) / per
+                res[f"{name}_ms_b{batch}"] = ms
+                add(engine, "off" if name == "ar" else "chain", batch, ms, tau,
+                    {"label": f"{res['label']}, " + ("AR" if name == "ar" else f"chain K={K}"),
+                     "identical_to_ar": toks == ar_tokens[batch], "identical_to_own_ar": toks == last["ar"][0]})
+        res["seconds_total"], res["cudagraph_skips"] = time.perf_counter() - t0, cudagraph_skips() - skips
+        summary[mode or "eager"] = res
+        log("compiled baseline", json.dumps(res))
+        del dec, ct
+        torch._dynamo.reset()
+        release_torch_memory()
+    measures = sorted({k for r in summary.values() for k in r if "_ms" in k})
+    summary["baseline"] = {k: dict(zip(("ms", "mode"), min((r[k], m) for m, r in summary.items() if k in r)))
+                           for k in measures}
+    return summary
 
 
 def hf_model(model_dir, device, dtype):
@@ -291,6 +246,8 @@ def main():
     ap.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
     ap.add_argument("--depths", default="6,8", help="fused-chain depths compared at batch 1 with the default K "
                                                     "(engines exported for each; '' for none)")
+    ap.add_argument("--compile-modes", default="reduce-overhead,max-autotune",
+                    help="torch.compile modes of the static-KV PyTorch baseline ('eager': none); CPU runs eager")
     ap.add_argument("--quick", action="store_true",
                     help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
     args = ap.parse_args()
@@ -600,12 +557,10 @@ def main():
             tau = float(np.mean([n for g in gs for row in g.committed for n in row]))
             add("pytorch-eager", mode, batch, ms / per_list(batch), tau,
                 {"identical_to_ar": toks == report["ar_tokens"][batch]})
-    # 3. PyTorch AR with the decode step in a CUDA graph (eager on CPU smoke runs)
-    for batch in [b for b in batches if b <= 8]:
-        toks, ms = timed(lambda: over(batch, lambda h: cuda_graph_ar(target, con, h, 256)), args.repeats, sync)
-        toks = [t for part in toks for t in part] if batch == 1 else toks
-        same = toks == report["ar_tokens"][batch]
-        add("pytorch-cudagraph", "off", batch, ms / per_list(batch), 1.0, {"identical_to_ar": same})
+    # 3. the strongest PyTorch a user would write: static KV cache + torch.compile (eager on CPU smoke runs)
+    modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if device == "cuda" else [None]
+    report["torch_compiled"] = bench_compiled((target, draft), con, users, hist_all, batches, args.draft_steps,
+                                              modes, args.repeats, add, report["ar_tokens"])
     # 4. Hugging Face generate (same target as LlamaForCausalLM, same constraint)
     hf = hf_model(models / "target", device, torch.float16 if device == "cuda" else torch.float32)
     seqs, ms = timed(lambda: [hf_generate(hf, con, [h], device)() for h in users], 1, sync)
@@ -617,7 +572,7 @@ def main():
         bw = copy_bandwidth_gbs(device)
         weight_bytes = sum(p.numel() * 2 for p in target.parameters())
         report["floor"] = {"copy_bandwidth_gb_s": bw, "target_weight_bytes_fp16": weight_bytes,
-                           "floor_ms_per_target_step": weight_bytes / (bw * 1e9) * 1e3}
+                           "floor_ms_per_target_step": floor_ms(weight_bytes, bw)}
         log(json.dumps(report["floor"]))
     report["rows"] = rows
     report.pop("ar_tokens", None)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_bench import copy_bandwidth_gbs  # noqa: E402
+from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 
 import padrec_export.models as models  # noqa: E402
 from padrec_export.fused import KV_IN_PLACE, export_gqa_target  # noqa: E402
