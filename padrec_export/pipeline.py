@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -20,19 +20,11 @@ from .models import DraftConfig, TargetConfig
 from .onnx_export import TORCH_DTYPES, ExportLimits, export_engines
 from .reference import reference_generate
 from .semantic_ids import embed_texts, residual_kmeans
+from .sizes import ModelSize  # noqa: F401  (re-exported: callers import it from here)
 from .train import TrainConfig, check_device, encode_example, train_draft, train_target
 from .vocab_map import compact_target, vocab_map
 
 DRAFTS = {"padrec": (True, True), "eagle": (False, False)}  # name -> (use_slot, use_step)
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 8
-    kv_heads: int = 2
-    intermediate: int = 688
 
 
 def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int, seed: int = 0,
