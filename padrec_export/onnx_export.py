@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import copy
-import tempfile
 import importlib.metadata as md
+import json
+import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -318,9 +320,12 @@ STALE = ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"
 
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
                    precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True,
-                   external_data: bool | None = None) -> Manifest:
+                   external_data: bool | None = None, reuse_target: Path | None = None) -> Manifest:
     """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json. external_data: every
     graph's weights in a `<graph>.onnx.data` file beside it (None: only graphs past 2 GB, which need it).
+    reuse_target: an engine directory exported from this same target checkpoint (same precision and
+    max_seq_len): its target graphs are hard-linked in instead of exported again (a second draft of a 7B
+    target then costs no second 26 GB of target graphs on disk, nor their export time).
     All or nothing: the files are written in a temporary directory beside out_dir and moved in at the end, so a
     failed export leaves no half-made engine directory (and an earlier export there untouched)."""
     if precision not in TORCH_DTYPES:
@@ -333,7 +338,7 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
         raise InputError(f"--out {out}: is a file | expected an engine directory to write | give a directory path")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data)
+        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data, reuse_target)
         _move_into(Path(tmp), out)
     return load_manifest(out, verify=False)  # hashed just now
 
@@ -351,8 +356,25 @@ def _move_into(src: Path, out: Path) -> None:
         f.replace(out / f.name)
 
 
+def _reused_graph(name: str, src: Path, out: Path, precision: str, limits: ExportLimits) -> dict:
+    """Graph `name` of the engine directory src, its files hard-linked into out (copied where the file system
+    cannot link); returns its manifest entry."""
+    m = load_manifest(src, verify=False)
+    if m.data["precision"] != precision or m.data["model"]["max_seq_len"] != limits.max_seq_len:
+        raise InputError(f"reuse_target {src}: precision {m.data['precision']}, max_seq_len "
+                         f"{m.data['model']['max_seq_len']} | expected {precision}, {limits.max_seq_len} | export "
+                         "with the same settings or without reusing")
+    entry = json.loads((src / "manifest.json").read_text())["graphs"][name]  # as written (checked just above)
+    for f in (entry["file"], *entry.get("external_data", [])):
+        try:
+            os.link(src / f, out / f)
+        except OSError:
+            shutil.copyfile(src / f, out / f)
+    return entry
+
+
 def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: ExportLimits,
-                   progress: bool, external_data: bool | None) -> None:
+                   progress: bool, external_data: bool | None, reuse_target: Path | None = None) -> None:
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
@@ -362,7 +384,10 @@ def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: 
         if draft is not None and limits.fused_chain:
             parts.append(("draft_chain_gqa", draft, True))
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
-        graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data)
+        if reuse_target is not None and not is_draft:
+            graphs[name] = _reused_graph(name, Path(reuse_target), out, precision, limits)
+        else:
+            graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data)
     catalogue.save(out / "catalogue.json")
     files = {f: {} for g in graphs.values() for f in (g["file"], *g.get("external_data", []))}
     files["catalogue.json"] = {}

@@ -28,6 +28,7 @@ class Recipe:
     warmup_steps: int = 30
     weights: str = "bfloat16"  # target weights and optimizer states: bfloat16 (no fp32 copies) | float32
     checkpointing: bool = False  # recompute each decoder layer in backward (activations of one layer live)
+    micro_batch: int = 0  # sequences per target forward (0: the whole step), gradients accumulated
     draft_micro_batch: int = 0  # sequences per draft forward (0: the whole step); its unrolled attention is wide
 
 
@@ -39,7 +40,7 @@ SIZES = {
 }
 RECIPES = {
     "tiny": Recipe(lr=3e-3, draft_lr=3e-3, batch_tokens=2048, warmup_steps=2, weights="float32"),
-    "qwen-0.5b": Recipe(lr=1e-3, draft_lr=1e-3),
+    "qwen-0.5b": Recipe(lr=1e-3, draft_lr=1e-3, weights="float32"),  # fits with fp32 master weights: kept
     "qwen-1.5b": Recipe(lr=3e-4, draft_lr=6e-4),
     # 7B: weights + grads + bf16 Adam states are 52 GB; without recomputation its activations at 16k tokens
     # would need about 100 GB more

@@ -282,13 +282,14 @@ def _draft_step(draft: Draft, params: list, opt, sched, cfg: TrainConfig, ids: t
 
 def train_draft(target: Target, dcfg: DraftConfig, seqs: list, cfg: TrainConfig, catalogue: Catalogue,
                 progress: bool = True, resume: dict | None = None, on_epoch=None, budget: Budget | None = None,
-                log=None) -> tuple[Draft, list]:
+                log=None, features: TargetFeatures | None = None) -> tuple[Draft, list]:
     """A draft trained against the frozen target; returns it and the loss curve (sum over steps).
 
     resume: a `DraftProgress.state` (draft weights, optimizer and schedule after some steps) to continue
     from; the rest then sees the batches an uninterrupted run would. on_epoch(progress): called after every
     epoch with a DraftProgress (to save it). budget: raise Paused (its state a DraftProgress.state) before it
-    runs out. With cfg.cache_features the target runs once over every sequence, not once per draft epoch."""
+    runs out. With cfg.cache_features the target runs once over every sequence, not once per draft epoch;
+    `features` passes that cache in (made once for several drafts of one target)."""
     torch.manual_seed(cfg.seed + 1)
     rng = np.random.default_rng(cfg.seed + 1)
     target = target.to(cfg.device).eval()
@@ -302,7 +303,9 @@ def train_draft(target: Target, dcfg: DraftConfig, seqs: list, cfg: TrainConfig,
     start, curve = Position(), []
     if resume is not None:
         start, curve = _restore(resume, draft, opt, sched)
-    cache = TargetFeatures(target, seqs, bs, log) if cfg.cache_features and start.epoch < cfg.epochs else None
+    cache = features
+    if cache is None and cfg.cache_features and start.epoch < cfg.epochs:
+        cache = TargetFeatures(target, seqs, bs, log)
     layout = catalogue.layout
     slots = lambda t: torch.from_numpy(layout.slots(t.cpu().numpy())).to(t.device)  # noqa: E731
 

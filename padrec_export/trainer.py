@@ -5,10 +5,14 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+import torch
 from tqdm import tqdm
+
+from padrec_runtime.errors import CheckpointError
 
 
 @dataclass(frozen=True)
@@ -120,3 +124,27 @@ class _Meter:
         self.bar.close()
         if self.loop.log:
             self.loop.log(f"{self.loop.desc}: {why} ({self.steps} steps, {time.perf_counter() - self.t0:.0f} s)")
+
+
+def save_state(path: Path, settings: dict, state: dict) -> None:
+    """Write a training state (with the settings it belongs to) atomically: an interrupted write leaves the
+    previous one."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({"settings": settings, **state}, tmp)
+    tmp.replace(path)
+
+
+def load_state(path: Path, settings: dict, device: str = "cpu") -> dict | None:
+    """The training state at path (None when there is none), its tensors mapped from the file onto device;
+    refused when it was made with other settings."""
+    if not path.exists():
+        return None
+    try:
+        state = torch.load(path, map_location=device, weights_only=True, mmap=True)
+    except Exception as exc:  # torch raises several types for a damaged file
+        raise CheckpointError(f"{path}: unreadable ({str(exc)[:200]}) | delete it to start over") from None
+    if state.get("settings") != settings:
+        diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
+        raise CheckpointError(f"{path}: a run with other settings ({', '.join(diff)}) | rerun with those settings "
+                              "to continue it, or use a new directory")
+    return state
