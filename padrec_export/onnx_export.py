@@ -23,6 +23,7 @@ from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION,
 
 from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
+from .streamed import export_streamed
 
 OPSET = 17
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -30,6 +31,9 @@ TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)} 
 # protobuf cannot serialise a message of 2 GiB or more: past this many bytes of weights (with room for the graph
 # itself) a graph is written with its weights in one external data file beside it
 EXTERNAL_DATA_BYTES = (1 << 31) - (64 << 20)
+# past this many bytes of weights a graph is exported by streaming its weights (streamed.py): the exporter and
+# onnxslim would hold several copies of them (a 7B target's 13 GB: about 85 GB of memory and 20 minutes)
+STREAMED_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -125,9 +129,14 @@ def chain_io(draft, steps: int, precision: str, n_nodes: int, max_len: int = 0) 
 
 
 def _export(module: nn.Module, example: tuple, path: Path, names_in: list, names_out: list, dyn: dict,
-            external: bool | None = None) -> list[str]:
+            external: bool | None = None, weight_uses: int = 1) -> list[str]:
     """Trace to ONNX (in a scratch directory: past 2 GB the tracer writes a file per weight), slim, and write
-    `path`; returns the external data files written beside it (see save_graph)."""
+    `path`; returns the external data files written beside it (see save_graph). Past STREAMED_BYTES of weights
+    as the exporter would fold them (weight_uses: how often a graph repeats them, e.g. a chain's steps) the
+    weights bypass the exporter (streamed.py): the same graph, written with external data."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) * weight_uses
+    if weight_bytes > STREAMED_BYTES:
+        return export_streamed(module, example, path, names_in, names_out, dyn, OPSET)
     with tempfile.TemporaryDirectory() as tmp:
         traced = Path(tmp) / path.name
         with warnings.catch_warnings():
@@ -175,7 +184,7 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
                     kv_in[0]: {0: "batch", 2: "past"}, kv_in[1]: {0: "batch", 2: "past"},
                     kv_out[0]: {0: "batch", 2: "seq_plus_steps"}, kv_out[1]: {0: "batch", 2: "seq_plus_steps"}})
     return _export(_FlatChain(chain, in_place=bool(max_len)), example, path, list(inputs) + kv_in,
-                   list(outputs) + kv_out, dyn, external)
+                   list(outputs) + kv_out, dyn, external, weight_uses=steps)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype | None:

@@ -167,6 +167,7 @@ class ExportPlan:
     max_history: int = 20
     max_batch: int = 64
     draft_steps: int = 7
+    fused_chain: bool = True  # also draft_chain(_gqa).onnx: a greedy chain round's draft in one call
 
 
 def engine_dirs(job: Job) -> dict:
@@ -190,7 +191,8 @@ def export_stage(job: Job, plan: ExportPlan, log: Callable[[str], None]) -> dict
         t0 = time.perf_counter()
         export_checkpoints(job.models / "target", job.models / f"draft_{name}", eng, plan.precision,
                            max_seq_len=plan.max_seq_len, max_history=plan.max_history, max_batch=plan.max_batch,
-                           draft_steps=plan.draft_steps, device=job.device, reuse_target=done[0] if done else None)
+                           draft_steps=plan.draft_steps, fused_chain=plan.fused_chain, device=job.device,
+                           reuse_target=done[0] if done else None)
         done.append(eng)
         out[name] = time.perf_counter() - t0
         size_gb = sum(f.stat().st_size for f in eng.iterdir()) / 1e9
