@@ -23,7 +23,7 @@ from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION,
 
 from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
-from .streamed import export_streamed
+from .streamed import DataFile, export_streamed
 
 OPSET = 17
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -311,7 +311,7 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
         if max_len:
             extra["onnxruntime_only"] = True
     elif name == FUSED_TARGET:
-        ext = save_graph(build_gqa_target(model, precision, limits.max_seq_len), out / file, external)
+        ext = _write_fused_target(model, precision, limits.max_seq_len, out / file, external)
         inputs, outputs, kv = gqa_io(model, precision, limits.max_seq_len)
         extra["onnxruntime_only"] = True
     else:
@@ -321,6 +321,18 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
         extra["external_data"] = ext
     return {"file": file, "hidden_size": model.cfg.hidden_size,
             "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
+
+
+def _write_fused_target(target: Target, precision: str, max_seq_len: int, path: Path, external: bool | None) -> list:
+    """The fused target graph; past STREAMED_BYTES its weights are streamed into `<name>.data` as it is built
+    (never all in memory at once), else built in memory and written by save_graph."""
+    if sum(p.numel() * p.element_size() for p in target.parameters()) <= STREAMED_BYTES:
+        return save_graph(build_gqa_target(target, precision, max_seq_len), path, external)
+    import onnx
+    with DataFile(path.with_name(path.name + ".data")) as data:
+        model = build_gqa_target(target, precision, max_seq_len, data=data)
+    onnx.save(model, str(path))
+    return [data.path.name]
 
 
 STALE = ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",

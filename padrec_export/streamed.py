@@ -116,38 +116,53 @@ class _Weights:
 
     def write(self, model, path: Path) -> str:
         """Initializers for the needed values, their bytes appended to path.data one tensor at a time."""
-        from onnx import TensorProto
-        data = path.with_name(path.name + ".data")
         first: dict = {}
         renames: dict = {}
-        offset = 0
-        with open(data, "wb") as fh:
+        with DataFile(path.with_name(path.name + ".data")) as data:
             for name in self.needed:
                 k = self.key(name)
                 if k in first:
                     renames[name] = first[k]
                     continue
                 first[k] = name
-                t = self.value(name, {}).contiguous()
-                raw = _bytes(t)
-                pad = (-offset) % 64  # aligned as onnx's own external-data writer aligns
-                fh.write(b"\0" * pad)
-                offset += pad
-                fh.write(raw)
-                init = TensorProto(name=name, data_type=_ONNX[t.dtype], dims=list(t.shape))
-                init.data_location = TensorProto.EXTERNAL
-                for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
-                    entry = init.external_data.add()
-                    entry.key, entry.value = key, value
-                offset += len(raw)
-                model.graph.initializer.append(init)
+                model.graph.initializer.append(data.add(name, self.value(name, {})))
         for node in model.graph.node:
             for i, name in enumerate(node.input):
                 if name in renames:
                     node.input[i] = renames[name]
         import onnx
         onnx.save(model, str(path))
-        return data.name
+        return data.path.name
+
+
+class DataFile:
+    """An external data file written one tensor at a time: add() appends a tensor's bytes (64-byte aligned, as
+    onnx's own writer aligns) and returns the initializer that points at them."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = Path(path), 0
+        self.fh = open(self.path, "wb")
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.fh.close()
+
+    def add(self, name: str, t: torch.Tensor):
+        from onnx import TensorProto
+        raw = _bytes(t.contiguous())
+        pad = (-self.offset) % 64
+        self.fh.write(b"\0" * pad)
+        self.offset += pad
+        self.fh.write(raw)
+        init = TensorProto(name=name, data_type=_ONNX[t.dtype], dims=list(t.shape))
+        init.data_location = TensorProto.EXTERNAL
+        for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
+            entry = init.external_data.add()
+            entry.key, entry.value = key, value
+        self.offset += len(raw)
+        return init
 
 
 def _tensor(proto) -> torch.Tensor:
