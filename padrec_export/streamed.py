@@ -24,18 +24,60 @@ def export_streamed(module: nn.Module, example: tuple, path: Path, names_in: lis
                     opset: int) -> list[str]:
     """Write `path` and `<name>.data` for module (as onnx_export._export does); returns the data file's name."""
     import onnx
-    params = {**dict(module.named_parameters()), **dict(module.named_buffers())}
-    with tempfile.TemporaryDirectory() as tmp:
+    wrapper = _WeightsAsInputs(module)
+    params = {name: p.detach() for name, p in zip(wrapper.names, wrapper.weights)}
+    with tempfile.TemporaryDirectory() as tmp, wrapper:
         traced = Path(tmp) / path.name
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(module, example, str(traced), input_names=names_in, output_names=names_out,
-                              dynamic_axes=dyn, opset_version=opset, dynamo=False, do_constant_folding=False,
-                              export_params=False)
+            # the weights as the traced function's inputs, not the module's parameters: the exporter then sees
+            # only their shapes (given parameters, its shape inference serialises every one of them, twice)
+            torch.onnx.export(wrapper, (*example, *params.values()), str(traced), input_names=names_in + wrapper.names,
+                              output_names=names_out, dynamic_axes=dyn, opset_version=opset, dynamo=False,
+                              do_constant_folding=False)
         model = _slim(onnx.load(str(traced)))
     weights = _Weights(model.graph, params)
     weights.fold()
     return [weights.write(model, path)]
+
+
+class _WeightsAsInputs(nn.Module):
+    """module(*inputs) with its weights passed in after the inputs: inside `with`, every parameter (a tied one in
+    each module holding it) is a plain attribute that forward sets from its argument."""
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.inner = (module,)  # a tuple: the wrapped module's parameters are not this one's
+        self.names, self.weights, self.holders, index = [], [], [], {}
+        for prefix, m in module.named_modules():
+            for attr, p in m._parameters.items():
+                if p is None:
+                    continue
+                if id(p) not in index:
+                    index[id(p)] = len(self.names)
+                    self.names.append(f"{prefix}.{attr}" if prefix else attr)
+                    self.weights.append(p)
+                    self.holders.append([])
+                self.holders[index[id(p)]].append((m, attr))
+
+    def __enter__(self):
+        for holders in self.holders:
+            for m, attr in holders:
+                del m._parameters[attr]
+        return self
+
+    def __exit__(self, *exc):
+        for p, holders in zip(self.weights, self.holders):
+            for m, attr in holders:
+                m.__dict__.pop(attr, None)
+                m._parameters[attr] = p
+
+    def forward(self, *args):
+        n = len(self.names)
+        for t, holders in zip(args[-n:], self.holders):
+            for m, attr in holders:
+                m.__dict__[attr] = t
+        return self.inner[0](*args[:-n])
 
 
 def _slim(model):
