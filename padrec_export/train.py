@@ -195,7 +195,7 @@ def train_target(tcfg: TargetConfig, seqs: list, cfg: TrainConfig, progress: boo
 
 
 def _restore_target(state: dict, model: Target, opt, sched, curves: dict, best: dict) -> Position:
-    model.load_state_dict(state["model"])
+    model.load_state_dict(state.pop("model"))  # popped: the caller's dict would keep a second copy alive
     opt.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["schedule"])
     curves.update(state["curves"])

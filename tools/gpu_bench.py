@@ -4,8 +4,10 @@ PyTorch with a CUDA graph, Hugging Face `generate`, and the weight-bandwidth flo
 
     bash tools/gpu_bench.sh          # on the GPU machine (see the script); results -> $OUT/gpu_bench.json|png
 
-Stages skip what `--work` already holds, so a warm machine can resume. `--small` runs the whole thing on
-CPU with a tiny model (a smoke test of this script, not a benchmark).
+`--size` picks the target's shape (qwen-0.5b, qwen-1.5b, qwen-7b: padrec_export/sizes.py). Stages (target, drafts,
+export, bench) skip what `--work` already holds, and training pauses before `--budget-s` runs out, so a 7B pair is
+made over several calls of the same command (docs/llm_pairs.md). `--small` runs the whole thing on CPU with a tiny
+model (a smoke test of this script, not a benchmark).
 """
 import argparse
 import dataclasses

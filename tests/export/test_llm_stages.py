@@ -90,3 +90,18 @@ def test_gpu_bench_picks_the_size_and_its_recipe():
     small, plan = job_from_args(SimpleNamespace(**{**vars(args), "small": True, "draft_lr": None,
                                                    "batch_tokens": None}))
     assert (small.size, small.device, small.users, plan.precision) == ("tiny", "cpu", 40, "fp32")
+
+
+def test_padrec_train_takes_a_named_size(job):
+    import json
+
+    from click.testing import CliRunner
+
+    from padrec_export.cli import main
+    res = CliRunner().invoke(main, ["train", "--size", "tiny", "--out", str(job.models), "--users", "6", "--epochs", "1",
+                                    "--draft-epochs", "1", "--drafts", "padrec", "--hidden", "512"])
+    assert res.exit_code == 0, res.output
+    report = json.loads(res.output[res.output.index("{"):])
+    assert report["size"] == {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 64}  # not 512
+    assert report["target"]["train"]["batch_tokens"] == RECIPES["tiny"].batch_tokens
+    assert report["target"]["train"]["lr"] == RECIPES["tiny"].lr and report["draft_padrec"]["train"]["cache_features"]
