@@ -198,7 +198,8 @@ def save_target(model: Target, path, extra: dict | None = None) -> None:
     config = hf_config(model.cfg)
     config["torch_dtype"] = str(model.embed_tokens.weight.dtype).removeprefix("torch.")
     (path / "config.json").write_text(json.dumps(config, indent=2))
-    state = {_ours_to_hf(k): v.detach().contiguous() for k, v in model.state_dict().items()}
+    # each tensor as it is (a bf16 target stays bf16), copied to the host one at a time
+    state = {_ours_to_hf(k): v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if model.cfg.tie_embeddings:
         state.pop("lm_head.weight")
     save_file(state, str(path / "model.safetensors"), metadata={"format": "pt"})
@@ -211,7 +212,8 @@ def save_draft(model: Draft, path, extra: dict | None = None) -> None:
     path.mkdir(parents=True, exist_ok=True)
     (path / "draft.json").write_text(json.dumps({"format": "padrec-draft", "version": 1,
                                                  "config": model.cfg.to_dict(), **(extra or {})}, indent=2))
-    save_file({k: v.detach().contiguous() for k, v in model.trainable_state().items()},
+    # fp32 on the host whatever the draft trained in (its shared embedding and head are not written)
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state().items()},
               str(path / "draft.safetensors"))
 
 

@@ -10,6 +10,8 @@ from padrec_runtime.api.cli import PadrecGroup, recommend
 from padrec_runtime.errors import BackendError
 from padrec_serve.cli import client, serve
 
+from .sizes import RECIPES, SIZES
+
 EXPORT_MODULES = ("torch", "onnx", "safetensors")  # what the [export] extra brings and the commands below import
 
 
@@ -131,10 +133,15 @@ def demo(users, engine_dir, speculate):
 @click.option("--drafts", type=click.Choice(["padrec", "eagle", "both"]), default="both",
               help="drafts to train: PAD-Rec, the plain EAGLE baseline, or both (evaluate compares both)")
 @click.option("--batch-size", type=click.IntRange(1), default=256, help="sequences per optimiser step")
-@click.option("--lr", type=click.FloatRange(0, min_open=True), default=3e-3, help="peak learning rate (AdamW)")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=None,
+              help="peak learning rate (AdamW)  [default: 3e-3, or the --size recipe's]")
 @click.option("--seed", type=int, default=0, help="random seed (semantic IDs, init, batch order)")
 @click.option("--device", default="cpu", help="torch device: cpu, cuda, cuda:0 ...")
 @click.option("--bf16", is_flag=True, help="bfloat16 autocast on GPU")
+@click.option("--size", type=click.Choice(list(SIZES)), default=None,
+              help="a named target shape (replaces --hidden ... --intermediate) with its recipe: bf16 weights without "
+                   "fp32 copies, activation checkpointing and batches of tokens where the size needs them "
+                   "(docs/llm_pairs.md)")
 @click.option("--hidden", type=click.IntRange(8), default=256, help="model width")
 @click.option("--layers", type=click.IntRange(1), default=4, help="target decoder layers")
 @click.option("--heads", type=click.IntRange(1), default=None, help="attention heads  [default: hidden / 32]")
@@ -147,8 +154,8 @@ def demo(users, engine_dir, speculate):
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="target dropout while training (embeddings, residuals)")
 @click.option("--stride", type=click.IntRange(1), default=5, help="items between consecutive training windows of a user")
-def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, device, bf16, hidden, layers, heads,
-          kv_heads, intermediate, codebook, levels, users, dropout, stride):
+def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, device, bf16, size, hidden, layers,
+          heads, kv_heads, intermediate, codebook, levels, users, dropout, stride):
     """Semantic IDs, target and drafts (PAD-Rec, plain EAGLE) on MovieLens."""
     require_export_extra("train")
     import json as _json
@@ -157,13 +164,21 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
     from .train import check_device
     check_device(device)
     dtype = "bfloat16" if bf16 else "float32"
-    size = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
-                     intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
-    report = train_all(dataset, out_dir, size,
-                       TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device, dtype=dtype,
-                                   dropout=dropout),
-                       TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
-                                   dtype=dtype),
+    shape = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
+                      intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
+    target_extra, draft_extra, draft_lr = {}, {}, lr or 3e-3
+    if size:  # a named shape and how it fits one GPU
+        r = RECIPES[size]
+        shape, lr, draft_lr = SIZES[size], lr or r.lr, lr or r.draft_lr
+        target_extra = dict(weights=r.weights if device != "cpu" else "float32", checkpointing=r.checkpointing,
+                            batch_tokens=r.batch_tokens, micro_batch=r.micro_batch, warmup_steps=r.warmup_steps)
+        draft_extra = dict(batch_tokens=r.batch_tokens, micro_batch=r.draft_micro_batch, cache_features=True,
+                           warmup_steps=r.warmup_steps)
+    report = train_all(dataset, out_dir, shape,
+                       TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr or 3e-3, seed=seed, device=device,
+                                   dtype=dtype, dropout=dropout, **target_extra),
+                       TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=draft_lr, seed=seed, device=device,
+                                   dtype=dtype, **draft_extra),
                        levels=levels, codebook=codebook, users=users, stride=stride,
                        drafts=("padrec", "eagle") if drafts == "both" else (drafts,))
     click.echo(_json.dumps(report, indent=2))

@@ -52,15 +52,22 @@ def gqa_io(target: Target, precision: str, max_seq_len: int) -> tuple[dict, dict
 
 
 class _Builder:
-    """Nodes and initializers of one graph, with unique value names."""
+    """Nodes and initializers of one graph, with unique value names; with `data` (a streamed.DataFile) each
+    weight goes straight to that file, converted and transposed in PyTorch on the model's device."""
 
-    def __init__(self, np_dtype, onnx_dtype: int):
-        self.nodes, self.inits, self.np_dtype, self.onnx_dtype = [], [], np_dtype, onnx_dtype
+    def __init__(self, np_dtype, onnx_dtype: int, data=None):
+        self.nodes, self.inits, self.np_dtype, self.onnx_dtype, self.data = [], [], np_dtype, onnx_dtype, data
         self._n = 0
 
-    def const(self, name: str, value: np.ndarray, dtype=None) -> str:
+    def const(self, name: str, value, dtype=None) -> str:
+        """An initializer from a numpy array or a torch tensor (a weight), in `dtype` (default: the graph's)."""
         from onnx import numpy_helper
-        arr = np.ascontiguousarray(value, dtype=dtype or self.np_dtype)
+        dtype = dtype or self.np_dtype
+        if isinstance(value, torch.Tensor) and self.data is not None:
+            torch_dtype = torch.float16 if dtype == np.float16 else torch.float32
+            self.inits.append(self.data.add(name, value.detach().to(torch_dtype)))
+            return name
+        arr = np.ascontiguousarray(_w(value) if isinstance(value, torch.Tensor) else value, dtype=dtype)
         self.inits.append(numpy_helper.from_array(arr, name))
         return name
 
@@ -77,29 +84,30 @@ def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False):
-    """The fused target as an onnx ModelProto (weights inside). `gate_up`: the MLP's gate and up projections as
-    one MatMul split in two (one larger GEMM instead of two)."""
+def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False, data=None):
+    """The fused target as an onnx ModelProto (weights inside, or with `data`, a streamed.DataFile, written to
+    it one at a time). `gate_up`: the MLP's gate and up projections as one MatMul split in two (one larger GEMM
+    instead of two)."""
     from onnx import helper, TensorProto
     if precision not in ("fp32", "fp16"):
         raise NotImplementedError(f"fused target: precision {precision} | export fp16 or fp32")
     c = target.cfg
     np_dt = np.float16 if precision == "fp16" else np.float32
-    b = _Builder(np_dt, _ONNX_DTYPES[precision])
+    b = _Builder(np_dt, _ONNX_DTYPES[precision], data)
     eps = float(c.rms_eps)
 
     def linear(x, weight, name):  # weights stored (in, out): on an H200 faster than FusedMatMul with transB
-        return b.op("MatMul", [x, b.const(name, _w(weight).T)])
+        return b.op("MatMul", [x, b.const(name, weight.t())])
     # the padded tokens of a static bucket sit past the cache's last row: their rotary rows must exist too
     cos, sin = rotary_cache(c, max_seq_len + 256)
     b.const("rotary.cos", cos.numpy())
     b.const("rotary.sin", sin.numpy())
-    x = b.op("Gather", [b.const("embed_tokens", _w(target.embed_tokens.weight)), "input_ids"])
+    x = b.op("Gather", [b.const("embed_tokens", target.embed_tokens.weight), "input_ids"])
     residual, pending = x, None  # pending: the branch output still to be added to the residual
 
     def norm(weight, name):
         nonlocal residual, pending
-        gamma = b.const(name, _w(weight))
+        gamma = b.const(name, weight)
         if pending is None:
             return b.op("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=eps, stash_type=1)
         out, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], n_out=4,
@@ -114,7 +122,7 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
         qkv = linear(h, w, f"l{i}.qkv")
         if a.q_proj.bias is not None:
             bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            qkv = b.op("Add", [qkv, b.const(f"l{i}.qkv_bias", _w(bias))])
+            qkv = b.op("Add", [qkv, b.const(f"l{i}.qkv_bias", bias)])
         k_in, v_in = KV_IN_PLACE[0] % i, KV_IN_PLACE[1] % i
         attn = f"l{i}.attn"
         b.nodes.append(helper.make_node(  # its cache outputs are the graph's (no copy): bound to the inputs
@@ -124,7 +132,7 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
             rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
         pending = linear(attn, a.o_proj.weight, f"l{i}.o")
         if a.o_proj.bias is not None:  # Llama with attention_bias
-            pending = b.op("Add", [pending, b.const(f"l{i}.o_bias", _w(a.o_proj.bias))])
+            pending = b.op("Add", [pending, b.const(f"l{i}.o_bias", a.o_proj.bias)])
         h = norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
         if gate_up:
             both = linear(h, torch.cat([layer.gate_proj.weight, layer.up_proj.weight]), f"l{i}.gate_up")
@@ -136,7 +144,7 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
         pending = linear(act, layer.down_proj.weight, f"l{i}.down")
     hidden = norm(target.norm.weight, "final_norm")
     # the head in fp32, as Target computes it (its forward says why): fp32 weights, fp32 logits
-    head = b.const("lm_head", _w(target.lm_head.weight).T, np.float32)
+    head = b.const("lm_head", target.lm_head.weight.t(), np.float32)
     logits = b.op("MatMul", [b.op("Cast", [hidden], to=TensorProto.FLOAT) if precision == "fp16" else hidden, head])
     # name the graph's outputs
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .gqa import GroupQueryAttention, rotary_cache, rotate
 
@@ -224,14 +225,19 @@ class Target(nn.Module):
             layer.dropout = p
 
     dropout = 0.0
+    checkpointing = False  # activation checkpointing while training (set by new_target; not part of the model)
 
     def forward(self, input_ids, position_ids, attention_mask, past):
         attention_mask = full_mask(attention_mask, input_ids, past)
         x = _drop(self.embed_tokens(input_ids), self.dropout, self.training)  # int32 ids: no cast
         cos, sin = rope_heads(position_ids, self.cfg, x.dtype)
         new = []
+        recompute = self.checkpointing and self.training and torch.is_grad_enabled()
         for layer, (pk, pv) in zip(self.layers, past):
-            x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
+            if recompute:  # keep only each layer's input; its activations are recomputed in backward
+                x, k, v = checkpoint(layer, x, cos, sin, attention_mask, pk, pv, use_reentrant=False)
+            else:
+                x, k, v = layer(x, cos, sin, attention_mask, pk, pv)
             new.append((k, v))
         hidden = self.norm(x)
         # logits in fp32 whatever the weights' precision: fp16 logits round to 1/256 near 7, where a greedy pick

@@ -4,6 +4,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib.metadata as md
+import json
+import os
+import shutil
 import tempfile
 import warnings
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION,
 
 from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
+from .streamed import DataFile, export_streamed
 
 OPSET = 17
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -28,6 +32,9 @@ TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (5e-2, 5e-2), "bf16": (2e-1, 1e-1)} 
 # protobuf cannot serialise a message of 2 GiB or more: past this many bytes of weights (with room for the graph
 # itself) a graph is written with its weights in one external data file beside it
 EXTERNAL_DATA_BYTES = (1 << 31) - (64 << 20)
+# past this many bytes of weights a graph is exported by streaming its weights (streamed.py): the exporter and
+# onnxslim would hold several copies of them (a 7B target's 13 GB: about 85 GB of memory and 20 minutes)
+STREAMED_BYTES = 1 << 30
 
 
 @dataclass(frozen=True)
@@ -123,9 +130,14 @@ def chain_io(draft, steps: int, precision: str, n_nodes: int, max_len: int = 0) 
 
 
 def _export(module: nn.Module, example: tuple, path: Path, names_in: list, names_out: list, dyn: dict,
-            external: bool | None = None) -> list[str]:
+            external: bool | None = None, weight_uses: int = 1) -> list[str]:
     """Trace to ONNX (in a scratch directory: past 2 GB the tracer writes a file per weight), slim, and write
-    `path`; returns the external data files written beside it (see save_graph)."""
+    `path`; returns the external data files written beside it (see save_graph). Past STREAMED_BYTES of weights
+    as the exporter would fold them (weight_uses: how often a graph repeats them, e.g. a chain's steps) the
+    weights bypass the exporter (streamed.py): the same graph, written with external data."""
+    weight_bytes = sum(p.numel() * p.element_size() for p in module.parameters()) * weight_uses
+    if weight_bytes > STREAMED_BYTES:
+        return export_streamed(module, example, path, names_in, names_out, dyn, OPSET)
     with tempfile.TemporaryDirectory() as tmp:
         traced = Path(tmp) / path.name
         with warnings.catch_warnings():
@@ -173,7 +185,7 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
                     kv_in[0]: {0: "batch", 2: "past"}, kv_in[1]: {0: "batch", 2: "past"},
                     kv_out[0]: {0: "batch", 2: "seq_plus_steps"}, kv_out[1]: {0: "batch", 2: "seq_plus_steps"}})
     return _export(_FlatChain(chain, in_place=bool(max_len)), example, path, list(inputs) + kv_in,
-                   list(outputs) + kv_out, dyn, external)
+                   list(outputs) + kv_out, dyn, external, weight_uses=steps)
 
 
 def _dtype_of(model: nn.Module) -> torch.dtype | None:
@@ -324,7 +336,7 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
         if max_len:
             extra["onnxruntime_only"] = True
     elif name == FUSED_TARGET:
-        ext = save_graph(build_gqa_target(model, precision, limits.max_seq_len), out / file, external)
+        ext = _write_fused_target(model, precision, limits.max_seq_len, out / file, external)
         inputs, outputs, kv = gqa_io(model, precision, limits.max_seq_len)
         extra["onnxruntime_only"] = True
     else:
@@ -337,16 +349,31 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
             "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
 
 
+def _write_fused_target(target: Target, precision: str, max_seq_len: int, path: Path, external: bool | None) -> list:
+    """The fused target graph; past STREAMED_BYTES its weights are streamed into `<name>.data` as it is built
+    (never all in memory at once), else built in memory and written by save_graph."""
+    if sum(p.numel() * p.element_size() for p in target.parameters()) <= STREAMED_BYTES:
+        return save_graph(build_gqa_target(target, precision, max_seq_len), path, external)
+    import onnx
+    with DataFile(path.with_name(path.name + ".data")) as data:
+        model = build_gqa_target(target, precision, max_seq_len, data=data)
+    onnx.save(model, str(path))
+    return [data.path.name]
+
+
 STALE = ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
          "draft_chain_gqa.onnx", "manifest.json", *(f"{g}.onnx.data" for g in GRAPHS))  # an earlier export's files
 
 
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
                    precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True,
-                   external_data: bool | None = None) -> Manifest:
+                   external_data: bool | None = None, reuse_target: Path | None = None) -> Manifest:
     """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json. external_data: every
     graph's weights in a `<graph>.onnx.data` file beside it, listed in the manifest (None: for fp16 / bf16, the
     GPU precisions, whose sessions then share one device copy of each weight; for fp32 only graphs past 2 GB).
+    reuse_target: an engine directory exported from this same target checkpoint (same precision and
+    max_seq_len): its target graphs are hard-linked in instead of exported again (a second draft of a 7B
+    target then costs no second 26 GB of target graphs on disk, nor their export time).
     All or nothing: the files are written in a temporary directory beside out_dir and moved in at the end, so a
     failed export leaves no half-made engine directory (and an earlier export there untouched)."""
     if precision not in TORCH_DTYPES:
@@ -361,7 +388,7 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
         raise InputError(f"--out {out}: is a file | expected an engine directory to write | give a directory path")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data)
+        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data, reuse_target)
         _move_into(Path(tmp), out)
     return load_manifest(out, verify=False)  # hashed just now
 
@@ -379,8 +406,25 @@ def _move_into(src: Path, out: Path) -> None:
         f.replace(out / f.name)
 
 
+def _reused_graph(name: str, src: Path, out: Path, precision: str, limits: ExportLimits) -> dict:
+    """Graph `name` of the engine directory src, its files hard-linked into out (copied where the file system
+    cannot link); returns its manifest entry."""
+    m = load_manifest(src, verify=False)
+    if m.data["precision"] != precision or m.data["model"]["max_seq_len"] != limits.max_seq_len:
+        raise InputError(f"reuse_target {src}: precision {m.data['precision']}, max_seq_len "
+                         f"{m.data['model']['max_seq_len']} | expected {precision}, {limits.max_seq_len} | export "
+                         "with the same settings or without reusing")
+    entry = json.loads((src / "manifest.json").read_text())["graphs"][name]  # as written (checked just above)
+    for f in (entry["file"], *entry.get("external_data", [])):
+        try:
+            os.link(src / f, out / f)
+        except OSError:
+            shutil.copyfile(src / f, out / f)
+    return entry
+
+
 def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: ExportLimits,
-                   progress: bool, external_data: bool | None) -> None:
+                   progress: bool, external_data: bool | None, reuse_target: Path | None = None) -> None:
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
@@ -390,7 +434,10 @@ def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: 
         if draft is not None and limits.fused_chain:
             parts.append(("draft_chain_gqa", draft, True))
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
-        graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data)
+        if reuse_target is not None and not is_draft:
+            graphs[name] = _reused_graph(name, Path(reuse_target), out, precision, limits)
+        else:
+            graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data)
     catalogue.save(out / "catalogue.json")
     files = {f: {} for g in graphs.values() for f in (g["file"], *g.get("external_data", []))}
     files["catalogue.json"] = {}

@@ -7,9 +7,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from padrec_runtime.errors import CheckpointError, InputError
+from padrec_runtime.errors import InputError
 from padrec_runtime.grammar import Catalogue
 
 from .checkpoint import save_draft, target_digest
@@ -17,6 +16,7 @@ from .data import load_dataset, make_split
 from .models import DraftConfig
 from .pipeline import DRAFTS, load_target_dir
 from .train import TrainConfig, encode_example, train_draft
+from .trainer import load_state, save_state
 
 
 def draft_examples(cat: Catalogue, dataset: str, users: int | None) -> list:
@@ -68,22 +68,9 @@ STATE = "train_state.pt"  # a draft directory's training progress (see train_dra
 
 
 def _save_state(out: Path, settings: dict, progress) -> None:
-    tmp = out / (STATE + ".tmp")
-    torch.save({"settings": settings, **progress.state()}, tmp)
-    tmp.replace(out / STATE)  # atomic: an interrupted save leaves the previous epoch's state
+    save_state(out / STATE, settings, progress.state())
 
 
 def _resume_state(out: Path, settings: dict) -> dict | None:
     """The saved progress in out/ (None when there is none); refused when it was made with other settings."""
-    path = out / STATE
-    if not path.exists():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # torch raises several types for a damaged file
-        raise CheckpointError(f"{path}: unreadable ({str(exc)[:200]}) | delete it to start over") from None
-    if state.get("settings") != settings:
-        diff = sorted(k for k in settings if state.get("settings", {}).get(k) != settings[k])
-        raise CheckpointError(f"{path}: a run with other settings ({', '.join(diff)}) | rerun with those settings "
-                              "to continue it, or use a new --out directory")
-    return state
+    return load_state(out / STATE, settings)

@@ -20,24 +20,11 @@ from .models import DraftConfig, TargetConfig
 from .onnx_export import TORCH_DTYPES, ExportLimits, export_engines
 from .reference import reference_generate
 from .semantic_ids import embed_texts, residual_kmeans
+from .sizes import ModelSize  # noqa: F401  (re-exported: callers import it from here)
 from .train import TrainConfig, check_device, encode_example, train_draft, train_target
 from .vocab_map import compact_target, vocab_map
 
 DRAFTS = {"padrec": (True, True), "eagle": (False, False)}  # name -> (use_slot, use_step)
-
-
-@dataclass(frozen=True)
-class ModelSize:
-    hidden: int = 256
-    layers: int = 4
-    heads: int = 8
-    kv_heads: int = 2
-    intermediate: int = 688
-
-
-# Qwen2.5 decoder shapes (hidden, layers, heads, KV heads, MLP width) for LLM-sized targets over our vocabulary
-SIZES = {"tiny": ModelSize(32, 2, 2, 1, 64), "qwen-0.5b": ModelSize(896, 24, 14, 2, 4864),
-         "qwen-1.5b": ModelSize(1536, 28, 12, 2, 8960), "qwen-7b": ModelSize(3584, 28, 28, 4, 18944)}
 
 
 def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int, seed: int = 0,
@@ -56,6 +43,43 @@ def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int,
     return cat
 
 
+@dataclass(frozen=True)
+class Examples:
+    """A data set's training material over a catalogue."""
+
+    cat: Catalogue
+    seqs: list  # prompt + list sequences, windows every 5 items (the drafts')
+    valid: list  # one validation sequence per user
+    dense: list  # the target's windows (every `stride` items; seqs when stride is 5)
+    list_len: int  # tokens of a list: the last list_len of each sequence
+
+
+def training_examples(dataset: str, out: Path, levels: int = 4, codebook: int = 64, users: int | None = None,
+                      stride: int = 5, seed: int = 0, progress: bool = True) -> Examples:
+    """The catalogue (out/catalogue.json, made when missing) and the encoded training sequences."""
+    data = load_dataset(dataset)
+    cat = prepare_catalogue(data, Path(out), levels, codebook, seed, progress)
+    split = make_split(data, users=users)
+    seqs = [encode_example(cat, h, t) for h, t in split.train]
+    valid = [encode_example(cat, h, t) for _, h, t in split.valid]
+    dense = seqs if stride == 5 else [encode_example(cat, h, t) for h, t in
+                                      make_split(data, users=users, stride=stride).train]
+    return Examples(cat, seqs, valid, dense, 10 * (levels + 1))
+
+
+def target_config(size: ModelSize, cat: Catalogue) -> TargetConfig:
+    return TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=size.hidden, n_layers=size.layers,
+                        n_heads=size.heads, n_kv_heads=size.kv_heads, intermediate_size=size.intermediate)
+
+
+def draft_config(target: TargetConfig, cat: Catalogue, name: str) -> DraftConfig:
+    """The draft `name` (a key of DRAFTS) for a target: one decoder layer of its shape."""
+    use_slot, use_step = DRAFTS[name]
+    return DraftConfig(hidden_size=target.hidden_size, vocab_size=target.vocab_size, n_heads=target.n_heads,
+                       n_kv_heads=target.n_kv_heads, intermediate_size=target.intermediate_size,
+                       n_slots=cat.layout.n_slots, use_slot=use_slot, use_step=use_step)
+
+
 def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: TrainConfig = TrainConfig(),
               draft_cfg: TrainConfig = TrainConfig(epochs=4), levels: int = 4, codebook: int = 64,
               users: int | None = None, progress: bool = True, stride: int = 5,
@@ -69,42 +93,37 @@ def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: Trai
     check_device(target_cfg.device)
     check_device(draft_cfg.device)
     out = Path(out)
-    data = load_dataset(dataset)
-    cat = prepare_catalogue(data, out, levels, codebook, target_cfg.seed, progress)
-    split = make_split(data, users=users)
-    seqs = [encode_example(cat, h, t) for h, t in split.train]
-    valid = [encode_example(cat, h, t) for _, h, t in split.valid]
-    dense = seqs if stride == 5 else [encode_example(cat, h, t) for h, t in
-                                      make_split(data, users=users, stride=stride).train]
-    tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=size.hidden, n_layers=size.layers,
-                      n_heads=size.heads, n_kv_heads=size.kv_heads, intermediate_size=size.intermediate)
+    ex = training_examples(dataset, out, levels, codebook, users, stride, target_cfg.seed, progress)
+    tc = target_config(size, ex.cat)
     t0 = time.perf_counter()
-    list_len = 10 * (levels + 1)
-    target, curves = train_target(tc, dense, target_cfg, progress, valid=valid, list_len=list_len)
-    curve, vcurve = curves["loss"], curves["valid"]
-    report = {"dataset": dataset, "examples": len(seqs), "size": asdict(size),
-              "target": {"train": target_cfg.to_dict(), "loss_first": curve[0], "loss_last": float(np.mean(curve[-20:])),
-                         "valid_list_loss": vcurve, "best_epoch": int(np.argmin(vcurve)) + 1,
-                         "seconds": time.perf_counter() - t0}}
-    meta = {"layout": {"levels": levels, "codebook": codebook}, "dataset": dataset}
-    save_target(target.cpu().float(), out / "target", extra=meta)
+    target, curves = train_target(tc, ex.dense, target_cfg, progress, valid=ex.valid, list_len=ex.list_len)
+    report = {"dataset": dataset, "examples": len(ex.seqs), "size": asdict(size),
+              "target": target_report(target_cfg, curves, time.perf_counter() - t0)}
+    save_target(target, out / "target", extra={"layout": {"levels": levels, "codebook": codebook}, "dataset": dataset})
     for name in drafts:
-        use_slot, use_step = DRAFTS[name]
-        dc = DraftConfig(hidden_size=size.hidden, vocab_size=tc.vocab_size, n_heads=size.heads,
-                         n_kv_heads=size.kv_heads, intermediate_size=size.intermediate, n_slots=cat.layout.n_slots,
-                         use_slot=use_slot, use_step=use_step)
         t0 = time.perf_counter()
-        draft, dcurve = train_draft(target, dc, seqs, draft_cfg, cat, progress)
-        save_draft(draft.cpu().float(), out / f"draft_{name}", extra={"dataset": dataset})
-        report[f"draft_{name}"] = {"train": draft_cfg.to_dict(), "loss_first": dcurve[0],
-                                   "loss_last": float(np.mean(dcurve[-20:])), "seconds": time.perf_counter() - t0,
-                                   "alpha": draft.alpha.item() if use_slot else None}
+        draft, dcurve = train_draft(target, draft_config(tc, ex.cat, name), ex.seqs, draft_cfg, ex.cat, progress)
+        save_draft(draft, out / f"draft_{name}", extra={"dataset": dataset})
+        report[f"draft_{name}"] = draft_report(draft_cfg, draft, dcurve, time.perf_counter() - t0)
     (out / "train_report.json").write_text(json.dumps(report, indent=2))
     return report
 
 
-def load_trained(model_dir, draft: str = "padrec"):
-    """(catalogue, target, draft or None, meta) from a directory written by train_all."""
+def target_report(cfg: TrainConfig, curves: dict, seconds: float) -> dict:
+    loss, valid = curves["loss"], curves["valid"]
+    return {"train": cfg.to_dict(), "loss_first": loss[0], "loss_last": float(np.mean(loss[-20:])),
+            "valid_list_loss": valid, "best_epoch": int(np.argmin(valid)) + 1 if valid else None,
+            "seconds": seconds}
+
+
+def draft_report(cfg: TrainConfig, draft, curve: list, seconds: float) -> dict:
+    return {"train": cfg.to_dict(), "loss_first": curve[0], "loss_last": float(np.mean(curve[-20:])),
+            "seconds": seconds, "alpha": draft.alpha.item() if draft.cfg.use_slot else None}
+
+
+def load_trained(model_dir, draft: str = "padrec", dtype: torch.dtype | None = torch.float32):
+    """(catalogue, target, draft or None, meta) from a directory written by train_all; dtype: the target's, as
+    `load_target` (None keeps the checkpoint's: a bf16 7B target is never copied to fp32)."""
     model_dir = Path(model_dir)
     meta_path = model_dir / "target" / "padrec.json"
     if not meta_path.exists():
@@ -112,7 +131,7 @@ def load_trained(model_dir, draft: str = "padrec"):
     meta = json.loads(meta_path.read_text())
     layout = TokenLayout(**meta["layout"])
     cat = Catalogue.load(model_dir / "catalogue.json", layout)
-    target = load_target(model_dir / "target")
+    target = load_target(model_dir / "target", dtype)
     d = load_draft(model_dir / f"draft_{draft}", target) if draft else None
     return cat, target, d, meta
 
@@ -156,10 +175,12 @@ def load_target_dir(target_dir, dtype=torch.float32):
 
 def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
                        max_batch=64, draft_steps: int = 4, fused_chain: bool = True, fused_target: bool = True,
-                       external_data: bool | None = None):
+                       external_data: bool | None = None, device: str = "cpu", reuse_target=None):
     """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory. The
-    target is read straight into the export precision (tensor by tensor: a bf16 checkpoint exported in bf16
-    is never copied to fp32)."""
+    target is read straight into the export precision (tensor by tensor: a bf16 checkpoint exported in fp16 or
+    bf16 is never copied to fp32). device: where the graphs are traced (cuda: a 7B target's trace in seconds,
+    not CPU fp16 matmuls). reuse_target: an engine directory of this same target whose target graphs are
+    hard-linked in (export_engines)."""
     for flag, path in (("--target", target_dir), ("--draft", draft_dir)):
         if path is not None and not Path(path).is_dir():
             what = "is a file" if Path(path).exists() else "directory not found"
@@ -171,10 +192,12 @@ def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq
     if draft_dir:
         check_draft_pairing(draft_dir, target_dir)
     cat, target, _ = load_target_dir(target_dir, dtype)
-    draft = load_draft(draft_dir, target).to(dtype) if draft_dir else None
+    target = target.to(device)
+    draft = load_draft(draft_dir, target).to(device, dtype) if draft_dir else None
     limits = ExportLimits(max_seq_len=max_seq_len, max_history=max_history, max_batch=max_batch,
                           draft_steps=draft_steps, fused_chain=fused_chain, fused_target=fused_target)
-    return export_engines(target, draft, cat, out_dir, precision, limits, external_data=external_data)
+    return export_engines(target, draft, cat, out_dir, precision, limits, external_data=external_data,
+                          reuse_target=reuse_target)
 
 
 def ranking_metrics(lists: list, held_out: list, k: int) -> dict:

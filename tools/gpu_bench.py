@@ -5,10 +5,13 @@ Hugging Face `generate`, and the weight-bandwidth floor, all on one card.
 
     bash tools/gpu_bench.sh          # on the GPU machine (see the script); results -> $OUT/gpu_bench.json|png
 
-Stages skip what `--work` already holds, so a warm machine can resume. `--small` runs the whole thing on
-CPU with a tiny model (a smoke test of this script, not a benchmark).
+`--size` picks the target's shape (qwen-0.5b, qwen-1.5b, qwen-7b: padrec_export/sizes.py). Stages (target, drafts,
+export, bench) skip what `--work` already holds, and training pauses before `--budget-s` runs out, so a 7B pair is
+made over several calls of the same command (docs/llm_pairs.md). `--small` runs the whole thing on CPU with a tiny
+model (a smoke test of this script, not a benchmark).
 """
 import argparse
+import dataclasses
 import faulthandler
 import json
 import shutil
@@ -20,18 +23,33 @@ import torch
 
 from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
-from padrec_export.pipeline import ModelSize, TrainConfig, export_checkpoints, load_trained, train_all
+from padrec_export.pipeline import export_checkpoints, load_trained
+from padrec_export.sizes import RECIPES, SIZES
+from padrec_export.stages import ExportPlan, Job, engine_dirs, run_stages
+from padrec_export.trainer import Budget
 from padrec_export.reference import reference_generate
 from padrec_runtime.api.adaptive import choose
 from padrec_runtime.loop import DecodeConfig
 from padrec_runtime.grammar import ListConstraint
-from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+from padrec_runtime import DecodeParams, PadrecError, Recommender, RuntimeOptions
 from padrec_runtime.api.recommender import RecommendResult
 from padrec_runtime.trace import CallCounter
 from torch_compiled import CompiledDraft, CompiledTarget, Decoder, copy_bandwidth_gbs, cudagraph_skips, floor_ms, \
     step_times
 
-QWEN_05B = ModelSize(hidden=896, layers=24, heads=14, kv_heads=2, intermediate=4864)
+
+
+def job_from_args(args) -> tuple[Job, ExportPlan]:
+    """The pair this call works on (shape by --size, the size's recipe with the options given) and its engines."""
+    name = "tiny" if args.small else args.size
+    overrides = {"lr": args.lr, "draft_lr": args.draft_lr, "weights": args.weights, "batch_tokens": args.batch_tokens,
+                 "micro_batch": args.micro_batch, "checkpointing": args.checkpointing}
+    recipe = dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
+    job = Job(Path(args.work), name, recipe, epochs=args.epochs, draft_epochs=args.draft_epochs,
+              draft_train_steps=args.draft_train_steps, device="cpu" if args.small else "cuda",
+              users=40 if args.small else None)
+    precision = args.precision or ("fp32" if args.small else "fp16")
+    return job, ExportPlan(precision, max_seq_len=256, max_history=20, max_batch=64, draft_steps=args.draft_steps)
 
 
 def log(*a):
@@ -235,9 +253,22 @@ def main():
     ap.add_argument("--work", required=True, help="scratch directory for models and engines (reused across calls)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--catalogue", default="padrec_export/default_models/ml-100k/catalogue.json")
-    ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model (--size tiny on CPU)")
+    ap.add_argument("--size", choices=list(SIZES), default="qwen-0.5b", help="target shape (sizes.SIZES)")
+    ap.add_argument("--epochs", type=int, default=2, help="target epochs")
     ap.add_argument("--draft-epochs", type=int, default=8, help="epochs of each draft (PAD-Rec and EAGLE alike)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="seconds this call may train before it saves its state and stops (a device call's limit, "
+                         "less the saving); rerun the same command to continue  [default: 540, none with --small]")
+    ap.add_argument("--lr", type=float, help="target's peak learning rate (default: the size's recipe)")
+    ap.add_argument("--draft-lr", type=float, help="drafts' peak learning rate (default: the size's recipe)")
+    ap.add_argument("--weights", choices=["float32", "bfloat16"], help="target weights while training")
+    ap.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
+    ap.add_argument("--micro-batch", type=int, help="sequences per target forward (gradients accumulated)")
+    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute each target layer in backward")
+    ap.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="engines' precision (default fp16; "
+                                                                          "fp32 with --small)")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--stages", default="train,export,bench")
@@ -253,41 +284,27 @@ def main():
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    device = "cpu" if args.small else "cuda"
-    size = ModelSize(32, 2, 2, 1, 64) if args.small else QWEN_05B
-    models = work / "models"
+    job, plan = job_from_args(args)
+    device, size, models, precision = job.device, SIZES[job.size], job.models, plan.precision
     stages = args.stages.split(",")
-    report = {"hardware": hardware(), "size": size.__dict__}
+    report = {"hardware": hardware(), "size": size.__dict__, "size_name": job.size}
     if device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
         log("gpu", report["gpu"])
-
-    if "train" in stages and not (models / "draft_eagle" / "draft.safetensors").exists():
-        models.mkdir(parents=True, exist_ok=True)
+    models.mkdir(parents=True, exist_ok=True)
+    if not (models / "catalogue.json").exists():
         shutil.copy(args.catalogue, models / "catalogue.json")
-        cfg = TrainConfig(epochs=args.epochs, batch_size=128, lr=1e-3, device=device,
-                          dtype="float32" if args.small else "bfloat16")
-        dcfg = TrainConfig(epochs=args.draft_epochs, batch_size=128, lr=1e-3, device=device,
-                           draft_steps=args.draft_train_steps,
-                           dtype="float32" if args.small else "bfloat16")
-        t0 = time.perf_counter()
-        rep = train_all("ml-100k", models, size, cfg, dcfg, users=40 if args.small else None, progress=False)
-        report["train"] = {k: v for k, v in rep.items() if k != "size"}
-        report["train"]["seconds_total"] = time.perf_counter() - t0
-        (models / "train_report.json").write_text(json.dumps(report["train"], indent=2) + "\n")
-        log(f"trained in {time.perf_counter() - t0:.0f} s")
-        release_torch_memory()  # PyTorch's cached blocks from training would starve ONNX Runtime's sessions
-    elif (models / "train_report.json").exists():  # trained by an earlier call (stages split across calls)
+    try:
+        budget = Budget(args.budget_s if args.budget_s or args.small else 540)
+        done = run_stages(job, plan, stages, budget, log)
+    except PadrecError as exc:  # out of GPU memory, a stage run out of order: one line, exit 1
+        log(f"error: {exc}")
+        raise SystemExit(1)
+    if (models / "train_report.json").exists():
         report["train"] = json.loads((models / "train_report.json").read_text())
-    engines = {name: work / f"eng_{name}" for name in ("padrec", "eagle")}
-    precision = "fp32" if args.small else "fp16"
-    if "export" in stages:
-        for name, eng in engines.items():
-            if not (eng / "manifest.json").exists():
-                t0 = time.perf_counter()
-                export_checkpoints(models / "target", models / f"draft_{name}", eng, precision, max_seq_len=256,
-                                   max_history=20, max_batch=64, draft_steps=args.draft_steps)
-                log(f"exported {name} in {time.perf_counter() - t0:.0f} s")
+    if done["paused"]:
+        return
+    engines = engine_dirs(job)
     if "bench" not in stages:
         return
     batches = [int(b) for b in args.batches.split(",")]

@@ -30,7 +30,7 @@ from gpu_bench import copy_bandwidth_gbs, log  # noqa: E402
 
 from padrec_export.models import Draft, DraftConfig, Target, TargetConfig  # noqa: E402
 from padrec_export.onnx_export import ExportLimits, export_engines  # noqa: E402
-from padrec_export.pipeline import SIZES  # noqa: E402
+from padrec_export.sizes import SIZES  # noqa: E402
 from padrec_runtime import DecodeParams, Recommender  # noqa: E402
 from padrec_runtime.grammar import Catalogue, TokenLayout  # noqa: E402
 
