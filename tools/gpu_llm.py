@@ -73,13 +73,10 @@ def our_steps(engines: Path, cfg, floor_ms: float, repeats: int) -> dict:
     return out
 
 
-def compiled_steps(target, repeats: int) -> dict:
-    """torch.compile's static-KV-cache step on the same weights (tools/torch_compiled.py), or why not."""
-    try:
-        import torch_compiled
-    except ImportError as exc:
-        return {"error": f"tools/torch_compiled.py: {exc}"}
-    return torch_compiled.step_times(target, max_len=LIMITS.max_seq_len, past=128, repeats=repeats)
+def compiled_steps(target, dtype, modes: list) -> dict:
+    """torch.compile's static-KV-cache step on the same weights (tools/torch_compiled.py), per compile mode."""
+    import torch_compiled
+    return torch_compiled.time_modes(target, dtype, "cuda", modes, LIMITS.max_seq_len, at=128)
 
 
 def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str) -> dict:
@@ -124,7 +121,7 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dic
     row["export_s"] = time.perf_counter() - t0
     log(name, f"exported in {row['export_s']:.0f} s")
     if not args.small:
-        row["torch_compile"] = compiled_steps(target, args.repeats)
+        row["torch_compile"] = compiled_steps(target, dtype, args.modes.split(","))
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
     cfg = target.cfg
     del target, draft
@@ -143,6 +140,7 @@ def main():
     ap.add_argument("--shapes", default="qwen-0.5b,qwen-1.5b,qwen-7b", help=f"comma-separated: {', '.join(SIZES)}")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=200)
+    ap.add_argument("--modes", default="reduce-overhead,max-autotune", help="torch.compile modes of the baseline")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default=None, help="where engines are written (default: a temporary directory)")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny shape")

@@ -478,7 +478,14 @@ def card(device) -> str:
 def time_shape(name: str, dtype: torch.dtype, device, modes: list, max_len: int, vocab: int, seed: int = 0) -> dict:
     """One shape: random weights, then per compile mode the target step at 1 and 8 tokens (batch 1)."""
     target = make_target(name, dtype, device, seed, vocab)
-    res = {"shape": asdict(SHAPES[name]), "weight_bytes": weight_bytes(target), "modes": {}}
+    return {"shape": asdict(SHAPES[name]), "weight_bytes": weight_bytes(target),
+            "modes": time_modes(target, dtype, device, modes, max_len, name)}
+
+
+def time_modes(target: Target, dtype: torch.dtype, device, modes: list, max_len: int, label: str = "",
+               at: int | None = None) -> dict:
+    """mode -> the target's step at 1 and 8 tokens (batch 1) compiled in that mode, with its compile time."""
+    res = {}
     for mode in modes:
         t0 = time.perf_counter()
         skips = cudagraph_skips()
@@ -489,9 +496,9 @@ def time_shape(name: str, dtype: torch.dtype, device, modes: list, max_len: int,
                     ct.step(torch.zeros(1, T, dtype=torch.long, device=device), torch.arange(T, device=device)[None])
         _sync(device)
         compile_s = time.perf_counter() - t0
-        res["modes"][mode or "eager"] = {**step_times(ct), "compile_s": compile_s,
-                                         "cudagraph_skips": cudagraph_skips() - skips}
-        log(name, mode or "eager", json.dumps(res["modes"][mode or "eager"]))
+        res[mode or "eager"] = {**step_times(ct, at=at), "compile_s": compile_s,
+                                "cudagraph_skips": cudagraph_skips() - skips}
+        log(label, mode or "eager", json.dumps(res[mode or "eager"]))
         del ct
         torch._dynamo.reset()
     return res

@@ -106,6 +106,8 @@ class OrtBackend:
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
         opts, providers = self._options(dims, cuda_graph)
+        if self.device == "cuda":
+            share_cuda_arena(self._ort)
         if self._external:
             names = [PurePosixPath(f).name for f in self._external]  # as the graph's locations name them
             buffers = list(self._external.values())
@@ -136,8 +138,7 @@ class OrtBackend:
                 cuda["user_compute_stream"] = str(self.stream)
             if cuda_graph:
                 cuda["enable_cuda_graph"] = "1"
-            share_cuda_arena(ort)
-            opts.add_session_config_entry(SHARED_ARENA, "1")
+            opts.add_session_config_entry(SHARED_ARENA, "1")  # the arena share_cuda_arena registers
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
 
