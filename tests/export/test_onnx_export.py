@@ -105,15 +105,19 @@ def test_export_without_in_place_graphs(tiny, tmp_path):
     assert set(m.data["graphs"]) == {"target"}
 
 
-def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
+@pytest.mark.parametrize("use_gates", [True, False])
+def test_draft_chain_is_the_step_by_step_greedy_draft(tiny, use_gates):
     """DraftChain (one graph per round) proposes what K separate draft calls with a constrained argmax would:
     the catch-up pass, then each step fed its own token, hidden state, position, step index and slot, over
     the KV of everything before it; choices follow the trie, avoid prefixes whose items are all used and end
-    with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie."""
+    with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie, with the
+    slot and step signals gated (PAD-Rec) and plain (use_gates=False, whose chain folds them otherwise)."""
     import torch
     from padrec_export.models import DraftChain
     from padrec_runtime.grammar import EOS, SEP, ConstraintState, ListConstraint
-    cat, _, draft = tiny
+    cat, target, draft = tiny
+    if not use_gates:
+        draft = _ungated(draft, target)
     lay, K = cat.layout, 7  # more steps than an item has tokens: the chain crosses a separator
     chain = DraftChain(draft, cat, K).eval()
     con = ListConstraint(cat, n_items=5)
@@ -204,6 +208,17 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
             assert not set(items_of(b, want)) & used[b]  # the used-up prefixes were routed round
     assert any(used) and tokens.tolist() != free.tolist()
     assert EOS in tokens[1].tolist() and SEP not in tokens[1].tolist()  # row 1: one item, then the end
+
+
+def _ungated(draft, target):
+    """The same draft weights with use_gates=False, alpha moved off its init so that ignoring it shows."""
+    import torch
+    from padrec_export.models import Draft, DraftConfig
+    plain = Draft(DraftConfig(**{**draft.cfg.to_dict(), "use_gates": False}), target).eval()
+    plain.load_state_dict(draft.state_dict())
+    with torch.no_grad():
+        plain.alpha.fill_(0.3)
+    return plain
 
 
 def _echo_pair(tiny):
@@ -401,3 +416,28 @@ def test_bf16_engines_are_refused_on_the_cpu_with_where_they_run(tiny, tmp_path)
     for make in (lambda: OrtBackend(m, "target"), lambda: Recommender(tmp_path / "bf16")):
         with pytest.raises(BackendError, match="bf16 engines on the CPU .* CUDA"):
             make()
+
+
+def test_draft_without_gates_adds_both_signals_plainly_and_exports_so(tiny, tmp_path):
+    """use_gates=False (the ablation's PAD-Rec without gates): the draft layer's input is fc(token, feature) +
+    slot embedding + step embedding, no alpha and no gate; every exported draft graph computes the same."""
+    import torch
+    from padrec_export.models import DraftChain
+    from padrec_export.onnx_export import export_engines
+    cat, target, draft = tiny
+    plain = _ungated(draft, target)
+    B, T, H = 2, 5, draft.cfg.hidden_size
+    ids = torch.randint(5, cat.layout.vocab_size, (B, T), dtype=torch.int32)
+    hid, step = torch.randn(B, T, H), torch.randint(0, 4, (B, T), dtype=torch.int32)
+    slot = torch.as_tensor(cat.layout.slots(ids.numpy()))
+    with torch.no_grad():
+        want = plain.fc(torch.cat([plain.embed_tokens(ids), hid], -1)) + plain.slot_embed(slot) + plain.step_embed(step)
+        assert torch.allclose(plain.layer_in(hid, ids, step, slot), want, atol=1e-6)
+        assert not torch.allclose(draft.layer_in(hid, ids, step, slot), want, atol=1e-3)
+    m = export_engines(target, plain, cat, tmp_path / "plain", "fp32", progress=False)
+    for graph, model in (("draft", plain), ("draft_chain", DraftChain(plain, cat, m.graph("draft_chain")["chain_steps"]))):
+        rows = compare_graph(graph, model.eval(), True, OrtBackend(m, graph), m.graph(graph), "fp32")
+        assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+        assert all(r.max_abs <= 1e-4 for r in rows if r.output in ("logits", "tokens"))
+    rows = compare_in_place_chain(plain, cat, OrtBackend(m, "draft_chain_gqa"), m.graph("draft_chain_gqa"), "fp32")
+    assert rows and all(r.ok for r in rows)
