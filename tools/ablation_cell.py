@@ -81,9 +81,9 @@ class GridConfig:
     def quick(cls) -> "GridConfig":
         """A CPU smoke run: one data set and seed, a tiny model, a few users, one epoch."""
         return cls(datasets=("ml-100k",), seeds=(0,), hidden=32, layers=1, heads=2, kv_heads=1, intermediate=64,
-                   target_epochs=1, draft_epochs=1, batch_size=64, train_users=40, eval_users=8, quality_users=16,
-                   decode_batch=8, chain_ks=(2, 4, 8), wallclock_users=3, wallclock_passes=1,
-                   reductions=("--quick smoke run: tiny model, 40 users, 1 epoch; numbers mean nothing",))
+                   target_epochs=1, draft_epochs=1, batch_size=64, train_users=24, eval_users=6, quality_users=12,
+                   decode_batch=6, chain_ks=(2, 4, 8), wallclock_users=3, wallclock_passes=1,
+                   reductions=("--quick smoke run: tiny model, 24 users, 1 epoch; numbers mean nothing",))
 
 
 @dataclass(frozen=True)

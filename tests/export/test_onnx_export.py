@@ -105,19 +105,15 @@ def test_export_without_in_place_graphs(tiny, tmp_path):
     assert set(m.data["graphs"]) == {"target"}
 
 
-@pytest.mark.parametrize("use_gates", [True, False])
-def test_draft_chain_is_the_step_by_step_greedy_draft(tiny, use_gates):
+def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
     """DraftChain (one graph per round) proposes what K separate draft calls with a constrained argmax would:
     the catch-up pass, then each step fed its own token, hidden state, position, step index and slot, over
     the KV of everything before it; choices follow the trie, avoid prefixes whose items are all used and end
-    with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie, with the
-    slot and step signals gated (PAD-Rec) and plain (use_gates=False, whose chain folds them otherwise)."""
+    with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie."""
     import torch
     from padrec_export.models import DraftChain
     from padrec_runtime.grammar import EOS, SEP, ConstraintState, ListConstraint
-    cat, target, draft = tiny
-    if not use_gates:
-        draft = _ungated(draft, target)
+    cat, _, draft = tiny
     lay, K = cat.layout, 7  # more steps than an item has tokens: the chain crosses a separator
     chain = DraftChain(draft, cat, K).eval()
     con = ListConstraint(cat, n_items=5)
@@ -208,17 +204,6 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny, use_gates):
             assert not set(items_of(b, want)) & used[b]  # the used-up prefixes were routed round
     assert any(used) and tokens.tolist() != free.tolist()
     assert EOS in tokens[1].tolist() and SEP not in tokens[1].tolist()  # row 1: one item, then the end
-
-
-def _ungated(draft, target):
-    """The same draft weights with use_gates=False, alpha moved off its init so that ignoring it shows."""
-    import torch
-    from padrec_export.models import Draft, DraftConfig
-    plain = Draft(DraftConfig(**{**draft.cfg.to_dict(), "use_gates": False}), target).eval()
-    plain.load_state_dict(draft.state_dict())
-    with torch.no_grad():
-        plain.alpha.fill_(0.3)
-    return plain
 
 
 def _echo_pair(tiny):
@@ -418,6 +403,20 @@ def test_bf16_engines_are_refused_on_the_cpu_with_where_they_run(tiny, tmp_path)
             make()
 
 
+def _ungated(draft, target, gates: bool = False):
+    """The draft's weights with use_gates=False (or True), alpha moved off its init and the slot and step
+    embeddings scaled up (at init they are too small to move an argmax), so that either signal's handling shows."""
+    import torch
+    from padrec_export.models import Draft, DraftConfig
+    plain = Draft(DraftConfig(**{**draft.cfg.to_dict(), "use_gates": gates}), target).eval()
+    plain.load_state_dict(draft.state_dict())
+    with torch.no_grad():
+        plain.alpha.fill_(0.3)
+        plain.slot_embed.weight.mul_(50.0)
+        plain.step_embed.weight.mul_(50.0)
+    return plain
+
+
 def test_draft_without_gates_adds_both_signals_plainly_and_exports_so(tiny, tmp_path):
     """use_gates=False (the ablation's PAD-Rec without gates): the draft layer's input is fc(token, feature) +
     slot embedding + step embedding, no alpha and no gate; every exported draft graph computes the same."""
@@ -441,3 +440,31 @@ def test_draft_without_gates_adds_both_signals_plainly_and_exports_so(tiny, tmp_
         assert all(r.max_abs <= 1e-4 for r in rows if r.output in ("logits", "tokens"))
     rows = compare_in_place_chain(plain, cat, OrtBackend(m, "draft_chain_gqa"), m.graph("draft_chain_gqa"), "fp32")
     assert rows and all(r.ok for r in rows)
+
+
+def test_draft_without_gates_is_the_gated_draft_with_its_gates_open(tiny, engines_master):
+    """Without gates the draft computes exactly what the gated draft does with alpha = 1 and its step gate
+    saturated open (weights 0, bias 30: sigmoid is 1.0 in fp32), step by step and in the fused chain (which folds
+    the two signals its own way); with the gates as trained, it does not."""
+    import torch
+    from padrec_export.models import DraftChain
+    from padrec_export.parity import torch_outputs
+    cat, target, draft = tiny
+    plain, gated = _ungated(draft, target), _ungated(draft, target, gates=True)
+    opened = _ungated(draft, target, gates=True)
+    with torch.no_grad():
+        opened.alpha.fill_(1.0)
+        opened.gate.weight.zero_()
+        opened.gate.bias.fill_(30.0)
+    m = load_manifest(engines_master)
+    differs = {"draft": False, "draft_chain": False}
+    for graph in ("draft", "draft_chain"):
+        wrap = (lambda d: d) if graph == "draft" else (lambda d: DraftChain(d, cat, m.graph(graph)["chain_steps"]).eval())
+        for case, feeds in graph_cases(m.graph(graph), True, vocab_size=cat.layout.vocab_size,
+                                       n_slots=cat.layout.n_slots, n_steps=draft.cfg.max_steps):
+            got = torch_outputs(wrap(plain), True, feeds, "fp32")
+            want = torch_outputs(wrap(opened), True, feeds, "fp32")
+            for out in got:
+                assert np.array_equal(got[out], want[out]), (graph, case, out)
+            differs[graph] |= not np.array_equal(got[out], torch_outputs(wrap(gated), True, feeds, "fp32")[out])
+    assert all(differs.values()), differs
