@@ -77,6 +77,12 @@ class GridConfig:
             raise InputError(f"GridConfig: unknown {sorted(unknown)} | expected layouts of {LAYOUTS}, data sets of "
                              f"{DATASETS} | pick from those")
 
+    def cell_settings(self) -> dict:
+        """What a cell's numbers depend on (not which cells make the grid, nor the wall-clock stage): records made
+        with other settings are not reused."""
+        skip = ("layouts", "datasets", "seeds", "wallclock_users", "wallclock_passes", "reductions")
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items() if k not in skip}
+
     @classmethod
     def quick(cls) -> "GridConfig":
         """A CPU smoke run: one data set and seed, a tiny model, a few users, one epoch."""
@@ -261,7 +267,7 @@ def run_cell(cfg: GridConfig, cell: Cell, device: str, work: str, stop_at: float
     d = cell_data(cfg, cell.dataset, layout)
     target, target_info = train_cell_target(cfg, d, cell.seed, device)
     ar_tokens, quality, baselines = measure_quality(target, d, cfg.decode_batch)
-    record = {**asdict(cell), "device": device, "n_slots": layout.n_slots, "vocab_size": layout.vocab_size,
+    record = {**asdict(cell), "settings": cfg.cell_settings(), "device": device, "n_slots": layout.n_slots, "vocab_size": layout.vocab_size,
               "train_examples": len(d["seqs"]), "eval_users": min(cfg.eval_users, len(d["histories"])),
               "quality_users": len(d["histories"]), "target": {**target_info, "quality": quality},
               "baselines": baselines, "variants": {}}

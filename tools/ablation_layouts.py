@@ -48,12 +48,15 @@ def grid(cfg: GridConfig) -> list:
     return [Cell(lay, ds, s) for ds in cfg.datasets for lay in cfg.layouts for s in cfg.seeds]
 
 
-def load_records(work: Path, resume: str | None) -> dict:
-    """Cell records already made: --resume's JSON first, then --work/cells/*.json (newer)."""
+def load_records(work: Path, resume: str | None, cfg: GridConfig) -> dict:
+    """Cell records already made with these settings: --resume's JSON first, then --work/cells/*.json (newer)."""
     records = json.loads(Path(resume).read_text())["cells"] if resume else {}
     for f in sorted((work / "cells").glob("*.json")):
         records[f.stem] = json.loads(f.read_text())
-    return records
+    other = sorted(k for k, r in records.items() if r.get("settings") != cfg.cell_settings())
+    if other:
+        log(f"not reused (made with other settings): {', '.join(other)}")
+    return {k: r for k, r in records.items() if k not in other}
 
 
 def _init_worker(threads: int) -> None:
@@ -214,7 +217,7 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
     for p in (out, work / "cells"):
         p.mkdir(parents=True, exist_ok=True)
     workers = workers or (8 * torch.cuda.device_count() if device == "cuda" else 1)
-    records = load_records(work, resume)
+    records = load_records(work, resume, cfg)
     todo = sorted((c for c in grid(cfg) if "variants" not in records.get(c.name, {})),  # the longest cells first
                   key=lambda c: (cfg.datasets.index(c.dataset), c.layout != "digits"))
     meta = {"device": device, "workers": workers, "budget_s": budget_s, "hardware": hardware(device),

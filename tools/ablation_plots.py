@@ -16,7 +16,7 @@ def _grid(report: dict, rows_per_dataset: int, width: float, height: float):
     layouts = [x for x in report["config"]["layouts"] if any(k.startswith(x + "/") for k in summary)]
     datasets = [x for x in report["config"]["datasets"] if any(k.endswith("/" + x) for k in summary)]
     fig, axes = plt.subplots(rows_per_dataset * len(datasets), len(layouts), squeeze=False,
-                             figsize=(width * len(layouts), height * rows_per_dataset * len(datasets)))
+                             figsize=(max(8.0, width * len(layouts)), 0.6 + height * rows_per_dataset * len(datasets)))
     return fig, axes, layouts, datasets, summary
 
 
@@ -24,8 +24,8 @@ def _title(report: dict) -> str:
     hw = report.get("hardware", {})
     card = ", ".join(hw.get("gpus", [])) or hw.get("cpu", "?")
     c = report["config"]
-    return (f"{card} | target {c['layers']}x{c['hidden']}, {c['target_epochs']} epochs; drafts {c['draft_epochs']} "
-            f"epochs, unroll {c['unroll']}; {c['eval_users']} users; mean +- sd over seeds")
+    return (f"{card}\ntarget {c['layers']} layers x {c['hidden']}, {c['target_epochs']} epochs; drafts "
+            f"{c['draft_epochs']} epochs, unroll {c['unroll']}; {c['eval_users']} held-out users; mean +- sd over seeds")
 
 
 def plot_tau(report: dict, path) -> None:

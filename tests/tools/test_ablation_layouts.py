@@ -100,3 +100,24 @@ def test_the_probe_gives_the_rounds_of_real_chain_decodes():
     for K in (1, 3, 5):
         _, committed = decode(target, draft, hist, con, 4, speculate="chain", draft_steps=K)
         assert [[x.committed for x in simulate_chain(r, K)] for r in runs] == committed, K
+
+
+def test_records_are_reused_only_with_the_same_settings_and_the_report_names_what_is_missing(tmp_path):
+    pytest.importorskip("torch")
+    import json
+    from ablation_cell import GridConfig
+    from ablation_layouts import load_records, write_report
+    cfg = GridConfig.quick()
+    mine = {**_cell(0, 3.0, 3.3, 2), "layout": "per_level", "dataset": "ml-100k", "settings": cfg.cell_settings()}
+    other = {**mine, "layout": "shared", "settings": {**cfg.cell_settings(), "draft_epochs": 9}}
+    (tmp_path / "cells").mkdir()
+    (tmp_path / "cells" / "per_level_ml-100k_s0.json").write_text(json.dumps(mine))
+    (tmp_path / "cells" / "shared_ml-100k_s0.json").write_text(json.dumps(other))
+    records = load_records(tmp_path, None, cfg)
+    assert list(records) == ["per_level_ml-100k_s0"]
+    records["digits_ml-100k_s0"] = {"skipped": "no digits layout here"}
+    write_report(tmp_path, cfg, records, {}, None)
+    report = json.loads((tmp_path / "ablation_layouts.json").read_text())
+    assert list(report["cells"]) == ["per_level_ml-100k_s0"] and list(report["summary"]) == ["per_level/ml-100k"]
+    assert report["missing"] == {"shared_ml-100k_s0": {"skipped": "not run"},
+                                 "digits_ml-100k_s0": {"skipped": "no digits layout here"}}
