@@ -77,7 +77,11 @@ def run_cells(cfg: GridConfig, todo: list, device: str, workers: int, work: Path
                              initargs=(threads,)) as pool:
         futures = {pool.submit(_guarded, cfg, c, dev, str(work), stop_at): c for c, dev in zip(todo, devices)}
         for f in as_completed(futures):
-            on_record(futures[f], f.result())
+            try:
+                record = f.result()
+            except Exception as exc:  # the worker process died (e.g. out of memory): that cell failed
+                record = {"failed": f"worker: {type(exc).__name__}: {exc}"}
+            on_record(futures[f], record)
 
 
 def _guarded(cfg, cell, device, work, stop_at) -> dict:

@@ -111,8 +111,8 @@ def _acceptance(records: list) -> dict:
     counts = [r["acceptance"] for r in records]
     total = {k: np.sum([c[k] for c in counts], axis=0) for k in counts[0]}
     per_seed = [rates(c["accepted_by_depth"], c["reached_by_depth"]) for c in counts]
-    sd = [float(np.std([p[d] for p in per_seed if p[d] is not None], ddof=1)) if len(per_seed) > 1 else 0.0
-          for d in range(len(per_seed[0]))]
+    seen = [[p[d] for p in per_seed if p[d] is not None] for d in range(len(per_seed[0]))]
+    sd = [mean_sd(x)["sd"] if x else 0.0 for x in seen]
     return {"by_depth": rates(total["accepted_by_depth"], total["reached_by_depth"]), "by_depth_sd": sd,
             "by_slot": rates(total["accepted_by_slot"], total["reached_by_slot"]),
             "reached_by_depth": total["reached_by_depth"].tolist(), "reached_by_slot": total["reached_by_slot"].tolist()}
