@@ -48,13 +48,13 @@ class GridConfig:
     kv_heads: int = 2
     intermediate: int = 344
     target_epochs: int = 6
-    draft_epochs: int = 4
+    draft_epochs: int = 3
     lr: float = 3e-3
     batch_size: int = 256
     unroll: int = 4  # draft training unrolled over this many steps (every variant)
     dtype: str = "float32"
     train_users: int | None = None  # None: every user's windows
-    eval_users: int = 192  # held-out users for tau and acceptance
+    eval_users: int = 128  # held-out users for tau and acceptance
     quality_users: int | None = None  # held-out users for Recall / NDCG (None: all)
     decode_batch: int = 256
     probe_depth: int = 8
@@ -65,8 +65,8 @@ class GridConfig:
     reductions: tuple = (  # against the committed defaults, to fit the grid into one 9-minute GPU call
         "target: 6 epochs, fixed, no validation selection, stride-5 windows, no dropout (committed defaults: ml-100k "
         "10 epochs validation-selected; ml-9k 8 epochs over stride-1 windows with dropout 0.2)",
-        "drafts: 4 epochs (the committed defaults and the earlier draft ablation: 12)",
-        "tau and acceptance on the first 192 held-out users of each data set; Recall / NDCG on all of them",
+        "drafts: 3 epochs (the committed defaults and the earlier draft ablation: 12)",
+        "tau and acceptance on the first 128 held-out users of each data set; Recall / NDCG on all of them",
         "chain K = 2..8 not decoded one by one: the probe's per-position acceptance gives every K's rounds, "
         "checked against a real chain decode at K = 4")
 

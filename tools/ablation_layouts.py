@@ -222,8 +222,9 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
         p.mkdir(parents=True, exist_ok=True)
     workers = workers or (8 * torch.cuda.device_count() if device == "cuda" else 1)
     records = load_records(work, resume, cfg)
-    todo = sorted((c for c in grid(cfg) if "variants" not in records.get(c.name, {})),  # the longest cells first
-                  key=lambda c: (cfg.datasets.index(c.dataset), c.layout != "digits"))
+    # the longest cells (digits) first, then the others by seed, so that each layout's time is known early
+    todo = sorted((c for c in grid(cfg) if "variants" not in records.get(c.name, {})),
+                  key=lambda c: (c.layout != "digits", c.seed, cfg.datasets.index(c.dataset), c.layout))
     meta = {"device": device, "workers": workers, "budget_s": budget_s, "hardware": hardware(device),
             "commit": commit()}
     log(f"{len(todo)} of {len(grid(cfg))} cells to run on {device} with {workers} worker(s)")
