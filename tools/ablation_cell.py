@@ -269,7 +269,8 @@ def run_cell(cfg: GridConfig, cell: Cell, device: str, work: str, stop_at: float
     d = cell_data(cfg, cell.dataset, layout)
     target, target_info = train_cell_target(cfg, d, cell.seed, device)
     ar_tokens, quality, baselines = measure_quality(target, d, cfg.decode_batch)
-    record = {**asdict(cell), "settings": cfg.cell_settings(), "device": device, "n_slots": layout.n_slots, "vocab_size": layout.vocab_size,
+    record = {**asdict(cell), "settings": cfg.cell_settings(), "device": device, "n_slots": layout.n_slots,
+              "vocab_size": layout.vocab_size,
               "train_examples": len(d["seqs"]), "eval_users": min(cfg.eval_users, len(d["histories"])),
               "quality_users": len(d["histories"]), "target": {**target_info, "quality": quality},
               "baselines": baselines, "variants": {}}

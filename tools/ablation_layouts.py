@@ -40,6 +40,14 @@ from ablation_stats import summarize  # noqa: E402
 
 REPORT = "ablation_layouts.json"
 WALLCLOCK_RESERVE_S = 40.0  # the CPU timing stage after the grid
+# Worked out before any GPU run (the real seconds of each cell and stage are in its record): one process on one
+# H200, from the committed defaults' training times (target 1.5 s and draft 2.2 s an epoch at 14.6k windows) and
+# the reference loop's host cost at batch 128-256 (about 50 ms a round); digits spell items in about 12 tokens
+# against 5, so its cells cost about 2.5x.
+GPU_ESTIMATE = {"cell_s_one_process": {"per_level": 70, "shared": 70, "digits": 160},
+                "grid_s_one_process": 1800, "workers": 8,
+                "assumed_speedup_of_8_workers_on_one_gpu": "3.5-4x (launch-bound small models; 16 CPU cores)",
+                "grid_wall_s": "450-520; cells that cannot end within --budget-s are left to a --resume call"}
 
 
 # ---- the grid: cells in worker processes, records kept under --work, the report rewritten after each ----
@@ -226,7 +234,7 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
     todo = sorted((c for c in grid(cfg) if "variants" not in records.get(c.name, {})),
                   key=lambda c: (c.layout != "digits", c.seed, cfg.datasets.index(c.dataset), c.layout))
     meta = {"device": device, "workers": workers, "budget_s": budget_s, "hardware": hardware(device),
-            "commit": commit()}
+            "commit": commit(), "gpu_estimate_before_running": GPU_ESTIMATE}
     log(f"{len(todo)} of {len(grid(cfg))} cells to run on {device} with {workers} worker(s)")
     (work / "durations.json").unlink(missing_ok=True)
     durations: dict = {}

@@ -25,7 +25,8 @@ def _title(report: dict) -> str:
     card = ", ".join(hw.get("gpus", [])) or hw.get("cpu", "?")
     c = report["config"]
     return (f"{card}\ntarget {c['layers']} layers x {c['hidden']}, {c['target_epochs']} epochs; drafts "
-            f"{c['draft_epochs']} epochs, unroll {c['unroll']}; {c['eval_users']} held-out users; mean +- sd over seeds")
+            f"{c['draft_epochs']} epochs, unroll {c['unroll']}; {c['eval_users']} held-out users; mean +- sd over "
+            "seeds")
 
 
 def plot_tau(report: dict, path) -> None:
@@ -51,7 +52,7 @@ def plot_tau(report: dict, path) -> None:
             ax.set_title(f"{lay} / {ds} ({len(group['seeds'])} seeds)\n{gain}", fontsize=8)
             ax.set_ylabel("tau (tokens per verify)", fontsize=7)
             ax.grid(True, axis="y", alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper right", fontsize=7)
     fig.suptitle(_title(report), fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -77,7 +78,8 @@ def plot_acceptance(report: dict, path) -> None:
                 acc = group["acceptance"].get(v)
                 if acc is None:
                     continue
-                depths = range(1, len(acc["by_depth"]) + 1)
+                depths = list(range(1, len(acc["by_depth"]) + 1))
+                depth_ax.set_xticks(depths)
                 depth_ax.errorbar(depths, [x if x is not None else float("nan") for x in acc["by_depth"]],
                                   yerr=acc["by_depth_sd"], label=label, color=color, marker="o", capsize=2)
                 slots = [x if x is not None else 0.0 for x in acc["by_slot"]]
@@ -90,7 +92,7 @@ def plot_acceptance(report: dict, path) -> None:
                 ax.set_ylim(0, 1)
                 ax.set_ylabel("acceptance", fontsize=7)
                 ax.grid(True, alpha=0.3)
-    axes[0][0].legend(fontsize=7)
+    fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper right", fontsize=7)
     fig.suptitle(_title(report) + "\nacceptance = accepted / verified draft tokens (chain rounds at the deepest K)",
                  fontsize=8)
     fig.tight_layout()

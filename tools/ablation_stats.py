@@ -115,7 +115,8 @@ def _acceptance(records: list) -> dict:
     sd = [mean_sd(x)["sd"] if x else 0.0 for x in seen]
     return {"by_depth": rates(total["accepted_by_depth"], total["reached_by_depth"]), "by_depth_sd": sd,
             "by_slot": rates(total["accepted_by_slot"], total["reached_by_slot"]),
-            "reached_by_depth": total["reached_by_depth"].tolist(), "reached_by_slot": total["reached_by_slot"].tolist()}
+            "reached_by_depth": total["reached_by_depth"].tolist(),
+            "reached_by_slot": total["reached_by_slot"].tolist()}
 
 
 def summarize_group(cells: list, baseline: str = "eagle") -> dict:
@@ -131,7 +132,8 @@ def summarize_group(cells: list, baseline: str = "eagle") -> dict:
         out["gain_vs_" + baseline] = {v: {m: paired_gain(tau[v][m], tau[baseline][m]) for m in tau[v]}
                                       for v in variants if v != baseline}
     out["acceptance"] = {v: _acceptance([c["variants"][v] for c in cells]) for v in variants}
-    quality = {"target": {k: mean_sd([c["target"]["quality"][k] for c in cells]) for k in cells[0]["target"]["quality"]}}
+    target = [c["target"]["quality"] for c in cells]
+    quality = {"target": {k: mean_sd([q[k] for q in target]) for k in target[0]}}
     quality.update(cells[0]["baselines"])  # the same users and lists in every cell of a data set
     out["quality"] = quality
     return out

@@ -434,7 +434,8 @@ def test_draft_without_gates_adds_both_signals_plainly_and_exports_so(tiny, tmp_
         assert torch.allclose(plain.layer_in(hid, ids, step, slot), want, atol=1e-6)
         assert not torch.allclose(draft.layer_in(hid, ids, step, slot), want, atol=1e-3)
     m = export_engines(target, plain, cat, tmp_path / "plain", "fp32", progress=False)
-    for graph, model in (("draft", plain), ("draft_chain", DraftChain(plain, cat, m.graph("draft_chain")["chain_steps"]))):
+    chain = DraftChain(plain, cat, m.graph("draft_chain")["chain_steps"])
+    for graph, model in (("draft", plain), ("draft_chain", chain)):
         rows = compare_graph(graph, model.eval(), True, OrtBackend(m, graph), m.graph(graph), "fp32")
         assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
         assert all(r.max_abs <= 1e-4 for r in rows if r.output in ("logits", "tokens"))
@@ -459,7 +460,8 @@ def test_draft_without_gates_is_the_gated_draft_with_its_gates_open(tiny, engine
     m = load_manifest(engines_master)
     differs = {"draft": False, "draft_chain": False}
     for graph in ("draft", "draft_chain"):
-        wrap = (lambda d: d) if graph == "draft" else (lambda d: DraftChain(d, cat, m.graph(graph)["chain_steps"]).eval())
+        K = m.graph("draft_chain")["chain_steps"]
+        wrap = (lambda d: d) if graph == "draft" else (lambda d: DraftChain(d, cat, K).eval())
         for case, feeds in graph_cases(m.graph(graph), True, vocab_size=cat.layout.vocab_size,
                                        n_slots=cat.layout.n_slots, n_steps=draft.cfg.max_steps):
             got = torch_outputs(wrap(plain), True, feeds, "fp32")
