@@ -70,6 +70,7 @@ class DraftConfig(_Heads):
     max_steps: int = 8  # step embeddings; deeper steps reuse the last
     use_slot: bool = True  # item-slot embedding scaled by a learnable coefficient
     use_step: bool = True  # draft-step embedding mixed by a context-driven gate
+    use_gates: bool = True  # off: the slot embedding added unscaled, the step embedding added ungated (ablation)
     alpha_init: float = 0.1
     rope_theta: float = 10000.0
     rms_eps: float = 1e-6
@@ -248,7 +249,7 @@ class Target(nn.Module):
 
 class Draft(nn.Module):
     """PAD-Rec draft: an EAGLE-style draft plus gated item-slot and draft-step embeddings; with use_slot and
-    use_step off it is the plain EAGLE draft."""
+    use_step off it is the plain EAGLE draft, with use_gates off both signals are added as they are."""
 
     def __init__(self, cfg: DraftConfig, target: Target):
         super().__init__()
@@ -286,7 +287,22 @@ class Draft(nn.Module):
         e = self.embed_tokens(input_ids).to(hidden_in.dtype)
         x = self.fc(torch.cat([e, hidden_in], dim=-1))
         # a switched-off signal is multiplied by an exact zero, so every draft graph keeps the same inputs
-        return x + (self.alpha.to(x.dtype) if self.cfg.use_slot else 0.0) * self.slot_embed(slot)
+        return x + self.slot_scale(x.dtype) * self.slot_embed(slot)
+
+    def slot_scale(self, dtype):
+        """The slot signal's coefficient: the learnt alpha, 1 without gates, an exact 0 when the signal is off."""
+        if not self.cfg.use_slot:
+            return 0.0
+        return self.alpha.to(dtype) if self.cfg.use_gates else 1.0
+
+    def step_signal(self, x, s, pre=None):
+        """What the step embedding s adds to x: s gated by the context (pre: the gate's pre-activation, when the
+        caller has it already) or, without gates, s itself."""
+        if not self.cfg.use_gates:
+            return s
+        if pre is None:
+            pre = self.gate(torch.cat([x, s], dim=-1))
+        return torch.sigmoid(pre) * s
 
     def forward(self, hidden_in, input_ids, position_ids, step, slot, attention_mask, past):
         h, k, v = self.layer_out(hidden_in, input_ids, position_ids, step, slot, attention_mask, past)
@@ -305,8 +321,7 @@ class Draft(nn.Module):
         x = self.features(hidden_in, input_ids, slot)
         s = self.step_embed(step.long().clamp(0, self.cfg.max_steps - 1))  # int64: CUDA has no int32 Clip
         if self.cfg.use_step:
-            g = torch.sigmoid(self.gate(torch.cat([x, s], dim=-1)))
-            return x + g * s
+            return x + self.step_signal(x, s)
         return x + 0.0 * s
 
 
@@ -456,16 +471,17 @@ class DraftChain(ChainGrammar):
         # embedding half, fc's bias and the token's slot signal, folded at export) plus a matmul of the feature
         H = h.shape[-1]
         w = d.fc.weight.to(h.dtype)
-        alpha = d.alpha.to(h.dtype) if d.cfg.use_slot else 0.0
+        alpha = d.slot_scale(h.dtype)
         token_part = (F.linear(d.embed_tokens.weight.to(h.dtype), w[:, :H], d.fc.bias.to(h.dtype))
                       + alpha * d.slot_embed.weight.to(h.dtype)[self.slot_of])
         w_hidden = w[:, H:]
         # the step signal: the gate's half over the step embedding is a constant per step (folded at export),
         # so a step costs one matmul for it, not a concat and a wider one
-        use_step = d.cfg.use_step
+        use_step, gated = d.cfg.use_step, d.cfg.use_gates
         if use_step:
-            wg = d.gate.weight.to(h.dtype)
             steps = d.step_embed.weight.to(h.dtype)[[min(j, d.cfg.max_steps - 1) for j in range(self.steps)]]
+        if use_step and gated:
+            wg = d.gate.weight.to(h.dtype)
             gate_x, gate_s = wg[:, :H], F.linear(steps, wg[:, H:], d.gate.bias.to(h.dtype))  # (K, H) per step
         tokens, finite = [], None
         for j in range(1, self.steps + 1):
@@ -480,7 +496,7 @@ class DraftChain(ChainGrammar):
             at, left, banned = self.advance(nxt, tok, left, banned)
             x = token_part[tok.flatten()][:, None] + F.linear(h, w_hidden)
             if use_step:
-                x = x + torch.sigmoid(F.linear(x, gate_x) + gate_s[j]) * steps[j]
+                x = x + d.step_signal(x, steps[j], F.linear(x, gate_x) + gate_s[j] if gated else None)
             h = layer(j, x)
             logits = d.lm_head(d.norm(h)).flatten(1)
         return torch.cat(tokens, dim=1).to(torch.int32), finite

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from padrec_runtime.loop import DecodeConfig, Generation, generate, max_cache_len
+from padrec_runtime.loop import DecodeConfig, DecodeSession, Generation, max_cache_len
 from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT, CacheSpec, HostCalls, KVRunner, attention_mask
 from padrec_runtime.grammar import BOS, ListConstraint
 
@@ -175,6 +175,15 @@ def reference_generate(target: Target, draft: Draft | None, histories: list, con
                        cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True) -> Generation:
     """Decode with the PyTorch models; `oracle` swaps the draft for the target itself (tests). Greedy chain
     rounds use the fused draft chain (as the runtime does with a draft_chain graph) unless fused_chain=False."""
+    session = reference_session(target, draft, histories, constraint, cfg, oracle, fused_chain)
+    while not session.done:
+        session.step()
+    return session.result()
+
+
+def reference_session(target: Target, draft: Draft | None, histories: list, constraint: ListConstraint,
+                      cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True) -> DecodeSession:
+    """The prefilled DecodeSession `reference_generate` steps to the end (tools that watch each round use it)."""
     cat = constraint.catalogue
     prompts = [cat.prompt(h) for h in histories]
     n = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
@@ -191,4 +200,4 @@ def reference_generate(target: Target, draft: Draft | None, histories: list, con
             chain = DraftChain(draft, cat, cfg.draft_steps, report_finite=True)
             chain = chain.to(next(draft.parameters()).device).eval()
         d = TorchKVRunner(draft, B, n, True, chain) if on_device else draft_runner(draft, B, n, chain)
-    return generate(t, d, prompts, histories, constraint, cfg)
+    return DecodeSession(t, d, prompts, histories, constraint, cfg)

@@ -402,3 +402,72 @@ def test_bf16_engines_are_refused_on_the_cpu_with_where_they_run(tiny, tmp_path)
     for make in (lambda: OrtBackend(m, "target"), lambda: Recommender(tmp_path / "bf16")):
         with pytest.raises(BackendError, match="bf16 engines on the CPU .* CUDA"):
             make()
+
+
+def _ungated(draft, target, gates: bool = False):
+    """The draft's weights with use_gates=False (or True), alpha moved off its init and the slot and step
+    embeddings scaled up (at init they are too small to move an argmax), so that either signal's handling shows."""
+    import torch
+    from padrec_export.models import Draft, DraftConfig
+    plain = Draft(DraftConfig(**{**draft.cfg.to_dict(), "use_gates": gates}), target).eval()
+    plain.load_state_dict(draft.state_dict())
+    with torch.no_grad():
+        plain.alpha.fill_(0.3)
+        plain.slot_embed.weight.mul_(50.0)
+        plain.step_embed.weight.mul_(50.0)
+    return plain
+
+
+def test_draft_without_gates_adds_both_signals_plainly_and_exports_so(tiny, tmp_path):
+    """use_gates=False (the ablation's PAD-Rec without gates): the draft layer's input is fc(token, feature) +
+    slot embedding + step embedding, no alpha and no gate; every exported draft graph computes the same."""
+    import torch
+    from padrec_export.models import DraftChain
+    from padrec_export.onnx_export import export_engines
+    cat, target, draft = tiny
+    plain = _ungated(draft, target)
+    B, T, H = 2, 5, draft.cfg.hidden_size
+    ids = torch.randint(5, cat.layout.vocab_size, (B, T), dtype=torch.int32)
+    hid, step = torch.randn(B, T, H), torch.randint(0, 4, (B, T), dtype=torch.int32)
+    slot = torch.as_tensor(cat.layout.slots(ids.numpy()))
+    with torch.no_grad():
+        want = plain.fc(torch.cat([plain.embed_tokens(ids), hid], -1)) + plain.slot_embed(slot) + plain.step_embed(step)
+        assert torch.allclose(plain.layer_in(hid, ids, step, slot), want, atol=1e-6)
+        assert not torch.allclose(draft.layer_in(hid, ids, step, slot), want, atol=1e-3)
+    m = export_engines(target, plain, cat, tmp_path / "plain", "fp32", progress=False)
+    chain = DraftChain(plain, cat, m.graph("draft_chain")["chain_steps"])
+    for graph, model in (("draft", plain), ("draft_chain", chain)):
+        rows = compare_graph(graph, model.eval(), True, OrtBackend(m, graph), m.graph(graph), "fp32")
+        assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
+        assert all(r.max_abs <= 1e-4 for r in rows if r.output in ("logits", "tokens"))
+    rows = compare_in_place_chain(plain, cat, OrtBackend(m, "draft_chain_gqa"), m.graph("draft_chain_gqa"), "fp32")
+    assert rows and all(r.ok for r in rows)
+
+
+def test_draft_without_gates_is_the_gated_draft_with_its_gates_open(tiny, engines_master):
+    """Without gates the draft computes exactly what the gated draft does with alpha = 1 and its step gate
+    saturated open (weights 0, bias 30: sigmoid is 1.0 in fp32), step by step and in the fused chain (which folds
+    the two signals its own way); with the gates as trained, it does not."""
+    import torch
+    from padrec_export.models import DraftChain
+    from padrec_export.parity import torch_outputs
+    cat, target, draft = tiny
+    plain, gated = _ungated(draft, target), _ungated(draft, target, gates=True)
+    opened = _ungated(draft, target, gates=True)
+    with torch.no_grad():
+        opened.alpha.fill_(1.0)
+        opened.gate.weight.zero_()
+        opened.gate.bias.fill_(30.0)
+    m = load_manifest(engines_master)
+    differs = {"draft": False, "draft_chain": False}
+    for graph in ("draft", "draft_chain"):
+        K = m.graph("draft_chain")["chain_steps"]
+        wrap = (lambda d: d) if graph == "draft" else (lambda d: DraftChain(d, cat, K).eval())
+        for case, feeds in graph_cases(m.graph(graph), True, vocab_size=cat.layout.vocab_size,
+                                       n_slots=cat.layout.n_slots, n_steps=draft.cfg.max_steps):
+            got = torch_outputs(wrap(plain), True, feeds, "fp32")
+            want = torch_outputs(wrap(opened), True, feeds, "fp32")
+            for out in got:
+                assert np.array_equal(got[out], want[out]), (graph, case, out)
+            differs[graph] |= not np.array_equal(got[out], torch_outputs(wrap(gated), True, feeds, "fp32")[out])
+    assert all(differs.values()), differs
