@@ -1,12 +1,14 @@
 """The one place the server calls the runtime: open a Recommender, calibrate it, decode a group of histories."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from padrec_runtime import DecodeParams, Recommender
+from padrec_runtime.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -21,7 +23,27 @@ class Decoded:
     time_s: float
 
 
-def open_recommender(engine_dir, device: str) -> Recommender:
+def visible_gpu(visible: str | None, gpu: int) -> str:
+    """CUDA_VISIBLE_DEVICES that leaves only GPU `gpu` (an index among `visible`, Triton's numbering)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    if ids is None:
+        return str(gpu)
+    if not 0 <= gpu < len(ids):
+        raise InputError(f"GPU {gpu}: CUDA_VISIBLE_DEVICES={visible!r} has {len(ids)} | give --devices among "
+                         f"0..{len(ids) - 1}")
+    return ids[gpu]
+
+
+def pin_gpu(gpu: int) -> None:
+    """Make GPU `gpu` this process's only (device 0): the runtime runs on device 0. Each Triton model instance is
+    a process of its own that has not touched CUDA before its `initialize`, so this holds for all it opens."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"), gpu)
+
+
+def open_recommender(engine_dir, device: str, gpu: int | None = None) -> Recommender:
+    """The instance's Recommender; on CUDA with `gpu` given, on that GPU."""
+    if device == "cuda" and gpu is not None:
+        pin_gpu(gpu)
     return Recommender(engine_dir, device=device)
 
 

@@ -34,10 +34,21 @@ class ServeConfig:
     metrics_port: int = 8002  # Triton's metrics and padrec's
     max_batch: int = 32  # Triton's max_batch_size: histories per dynamic batch
     max_queue_delay_us: int = 2000  # how long the batcher waits to fill a batch
-    instances: int = 1  # model instances, each with its own Recommender
+    instances: int = 1  # model instances (each its own process and Recommender); with cuda: on each GPU
+    devices: tuple | None = None  # GPU ids for the instances (cuda only); None: every GPU Triton sees
     deadline_s: float | None = None  # a request decoding longer is cut with DeadlineError
     calibrate: bool = True  # time AR vs speculation per batch size at start (for speculate=auto)
     exit_timeout_s: int = 5  # in-flight requests get this long on shutdown
+
+    def __post_init__(self):
+        if self.devices is None:
+            return
+        if self.device != "cuda":
+            raise InputError(f"--devices: got {list(self.devices)} with --device {self.device} | GPU ids need "
+                             "--device cuda | add --device cuda, or drop --devices")
+        ids = list(self.devices)
+        if not ids or any(not isinstance(i, int) or i < 0 for i in ids) or len(set(ids)) != len(ids):
+            raise InputError(f"--devices: got {ids} | expected distinct GPU ids >= 0, e.g. 0,1")
 
 
 def triton_dist() -> Path:
@@ -60,16 +71,24 @@ def _tensor_block(specs, ragged: bool) -> str:
     return ",\n".join(rows)
 
 
+def instance_group(config: ServeConfig) -> str:
+    """Triton's instance_group: `instances` CPU instances, or `instances` on each GPU (of `devices`, else of all
+    that Triton sees); each GPU instance's stub runs on its own GPU (see padrec_serve.runtime.pin_gpu)."""
+    if config.device != "cuda":
+        return f"instance_group [ {{ count: {config.instances}, kind: KIND_CPU }} ]"
+    gpus = "" if config.devices is None else f", gpus: {list(config.devices)}"
+    return f"instance_group [ {{ count: {config.instances}, kind: KIND_GPU{gpus} }} ]"
+
+
 def model_config(config: ServeConfig) -> str:
     """config.pbtxt of the padrec model."""
     params = {"engine_dir": str(Path(config.engine_dir).resolve()), "device": config.device,
               "deadline_s": "" if config.deadline_s is None else str(config.deadline_s),
               "calibrate": "1" if config.calibrate else "0"}
-    kind = "KIND_GPU" if config.device == "cuda" else "KIND_CPU"
     return "\n".join([
         f'name: "{MODEL_NAME}"', 'backend: "python"', f"max_batch_size: {config.max_batch}",
         f"dynamic_batching {{ max_queue_delay_microseconds: {config.max_queue_delay_us} }}",
-        f"instance_group [ {{ count: {config.instances}, kind: {kind} }} ]",
+        instance_group(config),
         "input [\n" + _tensor_block(INPUTS, ragged=True) + "\n]",
         "output [\n" + _tensor_block(OUTPUTS, ragged=False) + "\n]",
         *(f'parameters {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in params.items()), ""])
