@@ -1,6 +1,7 @@
 """`padrec serve`: Triton Inference Server (the build PyTriton ships) with padrec as a Python-backend model."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import secrets
 import shutil
@@ -52,14 +53,14 @@ class ServeConfig:
 
 
 def triton_dist() -> Path:
-    """The Triton server build inside the PyTriton wheel."""
-    try:
-        import pytriton
-    except ImportError as exc:
-        raise BackendError(f"padrec serve: {exc} | needs Triton from PyTriton | run .venv-serve/bin/padrec serve "
-                           "(tools/setup.sh makes it), or pip install 'padrec[serve]' in a venv of its own (PyTriton "
-                           "pins numpy<2)") from None
-    return Path(pytriton.__file__).parent
+    """The Triton server build inside the PyTriton wheel (found, not imported: `padrec serve` needs its files only,
+    not PyTriton's own dependencies)."""
+    spec = importlib.util.find_spec("pytriton")
+    if spec is None or not spec.submodule_search_locations:
+        raise BackendError("padrec serve: no module named 'pytriton' | needs Triton from PyTriton | run "
+                           ".venv-serve/bin/padrec serve (tools/setup.sh makes it), or pip install 'padrec[serve]' in "
+                           "a venv of its own (PyTriton pins numpy<2)")
+    return Path(list(spec.submodule_search_locations)[0])
 
 
 def _tensor_block(specs, ragged: bool) -> str:
@@ -128,16 +129,43 @@ def prepare(config: ServeConfig, workdir: Path) -> list:
             f"--grpc-restricted-protocol={restricted}"]
 
 
+def libpython_paths(soname: str, libdir: str, ld_library_path: str) -> list:
+    """Where the loader will find `soname` for Triton's stub: in libdir, on LD_LIBRARY_PATH, else in its cache."""
+    found = [str(Path(d) / soname) for d in (libdir, *ld_library_path.split(":")) if d and (Path(d) / soname).exists()]
+    ldconfig = shutil.which("ldconfig") or "/sbin/ldconfig"
+    if not found and Path(ldconfig).exists():
+        cache = subprocess.run([ldconfig, "-p"], capture_output=True, text=True).stdout
+        found = [line.split("=>")[-1].strip() for line in cache.splitlines() if line.strip().startswith(soname + " ")]
+    return found
+
+
+def require_libpython(libdir: str, ld_library_path: str) -> None:
+    """BackendError, in one line, when the stub could not load this interpreter's libpython."""
+    soname = sysconfig.get_config_var("INSTSONAME") or f"libpython{sys.version_info[0]}.{sys.version_info[1]}.so.1.0"
+    if not libpython_paths(soname, libdir, ld_library_path):
+        raise BackendError(f"padrec serve: {soname} not found (in {libdir}, LD_LIBRARY_PATH or the loader's cache) | "
+                           f"Triton's Python-backend stub links the libpython of {sys.executable} | install it "
+                           f"(Debian/Ubuntu: apt install libpython{sys.version_info[0]}.{sys.version_info[1]}), or put "
+                           f"a directory holding {soname} on LD_LIBRARY_PATH")
+
+
 def server_env() -> dict:
     """This interpreter's libpython and Triton's libraries on the library path, the interpreter first on PATH:
     Triton's Python-backend stub embeds a libpython3.X and runs this venv's packages; another build's libpython
-    (the system's, found first otherwise) fails inside the stub (`'_thread.RLock' object has no attribute ...`)."""
+    (the system's, found first otherwise) fails inside the stub (`'_thread.RLock' object has no attribute ...`).
+    The stub's packages are this process's: its numpy must be 1.x (with numpy 2 the stub copies every tensor
+    wrongly, [1, 2, 3] arrives as [1, 1, 1], and a BYTES input aborts the stub)."""
+    if int(np.__version__.split(".")[0]) >= 2:
+        raise BackendError(f"padrec serve: numpy {np.__version__} | Triton 2.51's Python backend (PyTriton 0.7.0) "
+                           "reads and writes tensors wrongly with numpy 2 | serve from an environment with numpy<2 "
+                           "(.venv-serve; pip install 'numpy<2')")
     env = dict(os.environ)
     libs = triton_dist().parent / "nvidia_pytriton.libs"
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):
         raise BackendError(f"padrec serve: {sys.executable} has no shared libpython | Triton's Python backend embeds "
                            "one | make the serving venv with a Python built with --enable-shared")
     libdir = sysconfig.get_config_var("LIBDIR")
+    require_libpython(libdir, env.get("LD_LIBRARY_PATH", ""))
     env["LD_LIBRARY_PATH"] = ":".join(p for p in (libdir, env.get("LD_LIBRARY_PATH"), str(libs)) if p)
     env["PATH"] = f"{Path(sys.executable).parent}:{env.get('PATH', '')}"
     return env

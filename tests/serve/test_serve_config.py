@@ -2,9 +2,9 @@
 placement it asks for, and the pinning of each GPU instance's process to its GPU; no server, no GPU."""
 import pytest
 
-from padrec_runtime.errors import InputError
+from padrec_runtime.errors import BackendError, InputError
 from padrec_serve.runtime import visible_gpu
-from padrec_serve.server import ServeConfig, model_config
+from padrec_serve.server import ServeConfig, libpython_paths, model_config, server_env
 
 text_format = pytest.importorskip("google.protobuf.text_format")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -53,3 +53,29 @@ def test_a_gpu_instance_sees_only_its_gpu():
     assert visible_gpu("GPU-aa, GPU-bb", 1) == "GPU-bb"
     with pytest.raises(InputError, match="CUDA_VISIBLE_DEVICES='4,5' has 2"):
         visible_gpu("4,5", 2)
+
+
+def test_libpython_is_looked_for_where_the_loader_looks(tmp_path):
+    soname = "libpython3.99.so.1.0"
+    assert libpython_paths(soname, str(tmp_path / "none"), "") == []
+    (tmp_path / "carried").mkdir()
+    (tmp_path / "carried" / soname).write_bytes(b"")
+    assert libpython_paths(soname, str(tmp_path / "none"), f"/nowhere:{tmp_path / 'carried'}") == \
+        [str(tmp_path / "carried" / soname)]
+    assert libpython_paths(soname, str(tmp_path / "carried"), "") == [str(tmp_path / "carried" / soname)]
+
+
+def test_the_server_refuses_numpy_2_in_one_line(monkeypatch):
+    """Triton's Python-backend stub copies tensors wrongly under numpy 2: refused before Triton starts."""
+    import padrec_serve.server as server
+    monkeypatch.setattr(server.np, "__version__", "2.5.2")
+    with pytest.raises(BackendError, match=r"numpy 2\.5\.2 \| .* \| serve from an environment with numpy<2"):
+        server_env()
+    monkeypatch.setattr(server.np, "__version__", "1.26.4")
+
+    def no_triton():
+        raise BackendError("the next check")
+
+    monkeypatch.setattr(server, "triton_dist", no_triton)
+    with pytest.raises(BackendError, match="the next check"):  # numpy 1 passes
+        server_env()
