@@ -47,12 +47,14 @@ def open_recommender(engine_dir, device: str, gpu: int | None = None) -> Recomme
     return Recommender(engine_dir, device=device)
 
 
-def calibrate(rec: Recommender, batches: tuple, repeats: int = 2, seed: int = 0) -> list:
-    """Calibrate `auto` speculation on random catalogue histories."""
+def calibrate(rec: Recommender, batches: tuple, repeats: int = 3, seed: int = 0) -> list:
+    """Calibrate `auto` speculation on random catalogue histories of 5 to 20 items (as requests come), twice as many
+    as the largest batch, so that every speculative win is checked again on other histories (adaptive.calibrate)."""
     rng = np.random.default_rng(seed)
     ids = rec.catalogue.item_ids
-    length = min(8, rec.limits["max_history"])
-    histories = [rng.choice(ids, size=length, replace=False).tolist() for _ in range(max(batches))]
+    top = min(20, rec.limits["max_history"])
+    lengths = rng.integers(min(5, top), top + 1, size=2 * max(batches))
+    histories = [rng.choice(ids, size=int(n), replace=False).tolist() for n in lengths]
     return rec.calibrate(histories, batches=batches, repeats=repeats)
 
 
