@@ -149,16 +149,33 @@ def require_libpython(libdir: str, ld_library_path: str) -> None:
                            f"a directory holding {soname} on LD_LIBRARY_PATH")
 
 
+def stub_numpy(python: str = sys.executable) -> str | None:
+    """The numpy version Triton's stub will import, or None without one: the stub embeds `python`'s libpython and
+    sees that interpreter's own packages (its venv found through PATH, .pth files included) but not PYTHONPATH."""
+    probe = subprocess.run([python, "-E", "-c", "import numpy; print(numpy.__version__)"], capture_output=True,
+                           text=True)
+    return probe.stdout.strip() if probe.returncode == 0 else None
+
+
+def require_stub_numpy(version: str | None) -> None:
+    """BackendError, in one line, unless the stub will import numpy 1.x: with numpy 2, Triton 2.51's stub copies
+    every tensor wrongly ([1, 2, 3] arrives as [1, 1, 1]) and a BYTES input aborts it."""
+    fix = (f"install numpy<2 among {sys.executable}'s own packages (.venv-serve has it; PYTHONPATH does not reach "
+           "the stub)")
+    if version is None:
+        raise BackendError(f"padrec serve: no numpy among {sys.executable}'s own packages | Triton's Python backend "
+                           f"needs it | {fix}")
+    if int(version.split(".")[0]) >= 2:
+        raise BackendError(f"padrec serve: numpy {version} | Triton 2.51's Python backend (PyTriton 0.7.0) reads and "
+                           f"writes tensors wrongly with numpy 2 | {fix}")
+
+
 def server_env() -> dict:
     """This interpreter's libpython and Triton's libraries on the library path, the interpreter first on PATH:
     Triton's Python-backend stub embeds a libpython3.X and runs this venv's packages; another build's libpython
     (the system's, found first otherwise) fails inside the stub (`'_thread.RLock' object has no attribute ...`).
-    The stub's packages are this process's: its numpy must be 1.x (with numpy 2 the stub copies every tensor
-    wrongly, [1, 2, 3] arrives as [1, 1, 1], and a BYTES input aborts the stub)."""
-    if int(np.__version__.split(".")[0]) >= 2:
-        raise BackendError(f"padrec serve: numpy {np.__version__} | Triton 2.51's Python backend (PyTriton 0.7.0) "
-                           "reads and writes tensors wrongly with numpy 2 | serve from an environment with numpy<2 "
-                           "(.venv-serve; pip install 'numpy<2')")
+    The stub's packages are this interpreter's own (see `stub_numpy`), with numpy 1.x among them."""
+    require_stub_numpy(stub_numpy())
     env = dict(os.environ)
     libs = triton_dist().parent / "nvidia_pytriton.libs"
     if not sysconfig.get_config_var("Py_ENABLE_SHARED"):

@@ -4,7 +4,7 @@ import pytest
 
 from padrec_runtime.errors import BackendError, InputError
 from padrec_serve.runtime import visible_gpu
-from padrec_serve.server import ServeConfig, libpython_paths, model_config, server_env
+from padrec_serve.server import ServeConfig, libpython_paths, model_config, require_stub_numpy, stub_numpy
 
 text_format = pytest.importorskip("google.protobuf.text_format")
 model_config_pb2 = pytest.importorskip("tritonclient.grpc.model_config_pb2")
@@ -65,17 +65,20 @@ def test_libpython_is_looked_for_where_the_loader_looks(tmp_path):
     assert libpython_paths(soname, str(tmp_path / "carried"), "") == [str(tmp_path / "carried" / soname)]
 
 
-def test_the_server_refuses_numpy_2_in_one_line(monkeypatch):
+def test_the_server_refuses_numpy_2_in_the_stubs_packages_in_one_line():
     """Triton's Python-backend stub copies tensors wrongly under numpy 2: refused before Triton starts."""
-    import padrec_serve.server as server
-    monkeypatch.setattr(server.np, "__version__", "2.5.2")
-    with pytest.raises(BackendError, match=r"numpy 2\.5\.2 \| .* \| serve from an environment with numpy<2"):
-        server_env()
-    monkeypatch.setattr(server.np, "__version__", "1.26.4")
+    with pytest.raises(BackendError, match=r"numpy 2\.5\.2 \| .* wrongly with numpy 2 \| install numpy<2 among"):
+        require_stub_numpy("2.5.2")
+    with pytest.raises(BackendError, match="no numpy among"):
+        require_stub_numpy(None)
+    require_stub_numpy("1.26.4")
 
-    def no_triton():
-        raise BackendError("the next check")
 
-    monkeypatch.setattr(server, "triton_dist", no_triton)
-    with pytest.raises(BackendError, match="the next check"):  # numpy 1 passes
-        server_env()
+def test_the_stubs_numpy_is_the_interpreters_own_not_pythonpaths(tmp_path, monkeypatch):
+    """The stub ignores PYTHONPATH: a numpy placed there does not count."""
+    import numpy as np
+    fake = tmp_path / "numpy"
+    fake.mkdir()
+    (fake / "__init__.py").write_text("__version__ = '0.0.1'\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    assert stub_numpy() == np.__version__
