@@ -91,6 +91,7 @@ def summarize(speculate: str, concurrency: int, passes: list, loadavg: list) -> 
     return {"speculate": speculate, "concurrency": concurrency, "requests": int(len(ms)), "failures": len(failures),
             "wall_s": wall, "lists_per_s": len(ms) / wall if wall else 0.0, "p50_ms": pct[50], "p95_ms": pct[95],
             "p99_ms": pct[99], "passes": len(passes), "loadavg_1min": loadavg,
+            "pass_lists_per_s": [len(p["latencies_s"]) / p["wall_s"] if p["wall_s"] else 0.0 for p in passes],
             "first_failure": failures[0] if failures else None}
 
 
@@ -137,8 +138,18 @@ def server_plan(log: str) -> list:
     return re.findall(r"padrec \S+ auto speculation: [^\"\n]*", log)
 
 
+def pass_spread(row: dict) -> float:
+    """How far a level's passes (same mode, same concurrency) differ in lists/s, as a fraction of their mean: the
+    run-to-run noise of this machine at that load."""
+    rates = row.get("pass_lists_per_s") or [row["lists_per_s"]]
+    mean = sum(rates) / len(rates)
+    return (max(rates) - min(rates)) / mean if mean else 0.0
+
+
 def checks(levels: list, in_process: dict, tolerance: float = C1_P50_TOLERANCE) -> dict:
-    """The serving checks, as booleans with the numbers they come from."""
+    """The serving checks, as booleans with the numbers they come from. `auto` against `off` is judged strictly and
+    within the noise: the larger pass-to-pass spread of the two levels (where `auto` resolves to AR, as at batch
+    sizes where speculation does not pay, the two are the same computation and only noise separates them)."""
     by = {(r["speculate"], r["concurrency"]): r for r in levels}
     c1 = {}
     for mode, ms in in_process.items():
@@ -149,15 +160,17 @@ def checks(levels: list, in_process: dict, tolerance: float = C1_P50_TOLERANCE) 
     auto_off = {}
     for (mode, conc), row in sorted(by.items(), key=lambda kv: kv[0][1]):
         if mode == "auto" and ("off", conc) in by:
-            off = by[("off", conc)]["lists_per_s"]
-            auto_off[str(conc)] = {"auto": row["lists_per_s"], "off": off,
-                                   "ratio": row["lists_per_s"] / off if off else None,
-                                   "ok": row["lists_per_s"] >= off}
+            off_row = by[("off", conc)]
+            auto, off = row["lists_per_s"], off_row["lists_per_s"]
+            noise = max(pass_spread(row), pass_spread(off_row))
+            auto_off[str(conc)] = {"auto": auto, "off": off, "ratio": auto / off if off else None, "ok": auto >= off,
+                                   "noise": noise, "ok_within_noise": auto >= off * (1 - noise)}
     failures = sum(r["failures"] for r in levels)
+    c1_ok = bool(c1) and all(v["ok"] for v in c1.values()) and failures == 0
     return {"c1_p50_within_tolerance_of_in_process": c1, "tolerance": tolerance,
             "auto_lists_per_s_at_least_off": auto_off, "failed_requests": failures,
-            "all_ok": bool(c1) and all(v["ok"] for v in c1.values()) and all(v["ok"] for v in auto_off.values())
-            and failures == 0}
+            "all_ok": c1_ok and all(v["ok"] for v in auto_off.values()),
+            "all_ok_within_noise": c1_ok and all(v["ok_within_noise"] for v in auto_off.values())}
 
 
 def card_name(device: str) -> str:

@@ -27,6 +27,7 @@ def test_summarize_pools_the_passes():
     assert row["requests"] == 3 and row["failures"] == 1 and row["first_failure"] == "boom"
     assert row["lists_per_s"] == pytest.approx(1.0) and row["p50_ms"] == pytest.approx(20.0)
     assert row["passes"] == 2 and row["loadavg_1min"] == [1.0, 2.0]
+    assert row["pass_lists_per_s"] == [pytest.approx(2.0), pytest.approx(0.5)]
 
 
 def test_checks_compare_c1_with_the_floor_and_auto_with_off():
@@ -42,6 +43,20 @@ def test_checks_compare_c1_with_the_floor_and_auto_with_off():
     assert not serve_load.checks(levels, {"auto": 18.0, "off": 70.0})["all_ok"]  # 21 > 18 * 1.15
     levels[0]["failures"] = 1
     assert not serve_load.checks(levels, {"auto": 20.0, "off": 70.0})["all_ok"]
+
+
+def test_auto_against_off_within_the_passes_noise():
+    """Where the passes of a level differ by 10%, auto 5% below off is within the noise, 15% below is not."""
+    levels = [level("auto", 1, 50, 21.0), level("off", 1, 14, 75.0), level("auto", 64, 95, 200.0),
+              level("off", 64, 100, 190.0)]
+    levels[2]["pass_lists_per_s"] = [90.0, 100.0]  # spread 10 / 95
+    levels[3]["pass_lists_per_s"] = [100.0, 100.0]
+    c = serve_load.checks(levels, {"auto": 20.0, "off": 70.0})
+    row = c["auto_lists_per_s_at_least_off"]["64"]
+    assert row["noise"] == pytest.approx(10 / 95) and not row["ok"] and row["ok_within_noise"]
+    assert c["all_ok_within_noise"] and not c["all_ok"]
+    levels[2]["lists_per_s"] = 85.0
+    assert not serve_load.checks(levels, {"auto": 20.0, "off": 70.0})["all_ok_within_noise"]
 
 
 def test_server_plan_is_read_from_the_log():
