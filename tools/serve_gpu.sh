@@ -17,13 +17,28 @@ log="$out/serve_gpu.log"
 py=python3
 [ -x /tmp/srvvenv/bin/python3 ] && py=/tmp/srvvenv/bin/python3
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
+# CuPy 13 opens libnvrtc and libcudart through the loader: the CUDA library folders this machine has (the toolkit's,
+# the nvidia-* wheels') go on LD_LIBRARY_PATH, which the server and its stub inherit
+cuda_libs=$("$py" - <<'PY'
+import glob, os
+dirs = ["/usr/local/cuda/lib64"]
+try:
+    import nvidia
+    dirs += [d for root in nvidia.__path__ for d in sorted(glob.glob(os.path.join(root, "*", "lib")))]
+except ImportError:
+    pass
+print(":".join(d for d in dirs if glob.glob(os.path.join(d, "libnvrtc.so*")) + glob.glob(os.path.join(d, "libcudart.so*"))))
+PY
+)
+[ -n "$cuda_libs" ] && export LD_LIBRARY_PATH=$cuda_libs${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 if [ "$device" = cuda ]; then
   card=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | grep -o -i -E '[a-z][0-9]{2,3}' | head -1 | tr 'A-Z' 'a-z')
   name=serve_gpu_${card:-gpu}
 else
   name=serve_cpu_smoke
 fi
-"$py" tools/serve_preflight.py --device "$device" 2>&1 | tee "$log"
+echo "serve_gpu: $py, engines $engines, device $device, CUDA library folders: ${cuda_libs:-none found}" | tee "$log"
+"$py" tools/serve_preflight.py --device "$device" 2>&1 | tee -a "$log"
 [ "${PIPESTATUS[0]}" = 0 ] || { echo "serve_gpu: stopped before the run (see the FAILED line above)"; exit 1; }
 # a 0.5 ms batching window: a lone request waits that long for company (a GPU list takes ~20 ms; the CPU default,
 # 2 ms, would be a tenth of it at concurrency 1); options after ENGINE_DIR override these
