@@ -221,6 +221,7 @@ def parse_args():
     ap.add_argument("--python", default=None, help="the server's interpreter (default: one with PyTriton)")
     ap.add_argument("--ready-s", type=float, default=600, help="how long the server may take to load and calibrate")
     ap.add_argument("--out", default="benchmarks/results/serve_cpu")
+    ap.add_argument("--note", default=None, help="what the JSON should say about the conditions of the run")
     return ap.parse_args()
 
 
@@ -250,7 +251,7 @@ def main():
         finally:
             server.stop()
         plan = server_plan(log.read_text())
-    result = {"card": card_name(args.device), "host": f"{platform.node()} ({os.cpu_count()} cores)",
+    result = {"note": args.note, "card": card_name(args.device), "host": f"{platform.node()} ({os.cpu_count()} cores)",
               "engines": "embedded default ml-100k" if not args.engines else Path(args.engines).name,
               "device": args.device, "protocol": args.protocol, "python": platform.python_version(),
               "numpy": np.__version__, "max_batch": args.max_batch, "max_queue_delay_us": args.max_queue_delay_us,
