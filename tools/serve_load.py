@@ -201,6 +201,7 @@ def plot(result: dict, path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.legend()
         ax.grid(alpha=0.3)
+    a.set_ylim(bottom=0)
     fig.suptitle(f"padrec serve on {result['card']} (loopback, {result['engines']})")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
