@@ -112,24 +112,20 @@ def run_levels(url: str, protocol: str, histories: list, concurrency: list, mode
     return levels
 
 
-def in_process_ms(engines, device: str, histories: list, modes: list, repeats: int = 30) -> dict:
+def in_process_ms(rec, histories: list, modes: list, repeats: int = 30) -> dict:
     """Median in-process time of one batch-1 list per mode (the floor the server adds its overhead to); `auto`
-    is calibrated for batch 1 the way the server calibrates. The Recommender is closed before the server starts."""
-    rec = Recommender(engines, device=device)
-    try:
-        if "auto" in modes:
-            runtime.calibrate(rec, (1,))
-        times = {m: [] for m in modes}
+    is calibrated for batch 1 the way the server calibrates."""
+    if "auto" in modes:
+        runtime.calibrate(rec, (1,))
+    times = {m: [] for m in modes}
+    for m in modes:
+        rec.recommend(histories[:1], params=DecodeParams(speculate=m))  # warm
+    for k in range(repeats):
         for m in modes:
-            rec.recommend(histories[:1], params=DecodeParams(speculate=m))  # warm
-        for k in range(repeats):
-            for m in modes:
-                t0 = time.perf_counter()
-                rec.recommend([histories[k % len(histories)]], params=DecodeParams(speculate=m))
-                times[m].append(time.perf_counter() - t0)
-        plan = [c.__dict__ for c in rec.plan] if rec.plan else None
-    finally:
-        rec.close()
+            t0 = time.perf_counter()
+            rec.recommend([histories[k % len(histories)]], params=DecodeParams(speculate=m))
+            times[m].append(time.perf_counter() - t0)
+    plan = [c.__dict__ for c in rec.plan] if rec.plan else None
     return {"ms": {m: float(np.median(v)) * 1e3 for m, v in times.items()}, "auto_plan_batch1": plan}
 
 
@@ -234,9 +230,9 @@ def main():
         raise SystemExit("no interpreter with PyTriton: run tools/setup.sh (it makes .venv-serve)")
     with tempfile.TemporaryDirectory() as tmp:
         engines = Path(args.engines) if args.engines else export_default(Path(tmp))
-        with Recommender(engines) as rec:
+        with Recommender(engines, device=args.device) as rec:  # closed (its GPU memory freed) before the server
             histories = make_histories(rec, 256)
-        floor = in_process_ms(engines, args.device, histories, modes)
+            floor = in_process_ms(rec, histories, modes)
         print(json.dumps({"in_process_batch1_ms": floor["ms"]}), flush=True)
         log = Path(tmp) / "serve.log"
         server = start_server(engines, log, python, "--device", args.device, "--max-batch", str(args.max_batch),
