@@ -44,7 +44,7 @@ echo "serve_gpu: $py, engines $engines, device $device, CUDA library folders: ${
 # default, 2 ms, would be a tenth of it at concurrency 1; under load, requests queue during a decode anyway);
 # options after ENGINE_DIR override these
 "$py" tools/serve_load.py --engines "$engines" --device "$device" --protocol grpc --requests 300 \
-  --level-time-s 20 --max-queue-delay-us 200 --ready-s 300 --out "$out/$name" "$@" 2>&1 | tee -a "$log"
+  --level-time-s 16 --max-queue-delay-us 200 --ready-s 300 --out "$out/$name" "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "serve_gpu: exit $status; results in $out/$name.json"
 exit "$status"
