@@ -21,17 +21,21 @@ from padrec_runtime.api.cli import parse_ids
 @click.option("--max-queue-delay-us", type=click.IntRange(0), default=2000, show_default=True,
               help="how long the batcher waits for more requests")
 @click.option("--instances", type=click.IntRange(1, 64), default=1, show_default=True,
-              help="model instances, each with its own engines (one per GPU: see docs/serving.md)")
+              help="model instances, each a process with its own engines; with --device cuda: on each GPU")
+@click.option("--devices", default=None, metavar="IDS",
+              help="GPU ids for the instances, e.g. 0,1 (--device cuda; default: every GPU Triton sees)")
 @click.option("--deadline-s", type=click.FloatRange(min=0.001), default=None,
               help="cut a request decoding longer than this (DeadlineError)")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="time AR against speculation per batch size at start, for speculate=auto")
 def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances,
-          deadline_s, calibrate):
+          devices, deadline_s, calibrate):
     """Serve recommendation lists over KServe v2 (HTTP and gRPC) with Triton Inference Server."""
     from .server import ServeConfig, serve as run
-    sys.exit(run(ServeConfig(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us,
-                             instances, deadline_s, calibrate)))
+    gpus = None if devices is None else tuple(parse_ids(devices, "devices"))
+    sys.exit(run(ServeConfig(engine_dir, device, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
+                             max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
+                             devices=gpus, deadline_s=deadline_s, calibrate=calibrate)))
 
 
 @click.command()

@@ -18,9 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]  # the checkout (or site-packages) ho
 def serve_python() -> str | None:
     """An interpreter that can run the server: this one if it has PyTriton, else the set-up's .venv-serve (a
     checkout's), else None."""
+    probe = "import importlib.util as u; assert u.find_spec('pytriton')"
     for py in (sys.executable, str(ROOT / ".venv-serve" / "bin" / "python")):
-        if Path(py).exists() and subprocess.run([py, "-c", "import pytriton"],
-                                                capture_output=True).returncode == 0:
+        if Path(py).exists() and subprocess.run([py, "-c", probe], capture_output=True).returncode == 0:
             return py
     return None
 
@@ -129,7 +129,8 @@ def start_server(engine_dir, log: Path, python: str, *args, ready_s: float = 240
     http, grpc, metrics = free_ports(3)
     cmd = [python, "-m", "padrec_export.cli", "serve", "--engines", str(engine_dir), "--http-port", str(http),
            "--grpc-port", str(grpc), "--metrics-port", str(metrics), *args]
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    # this checkout first, then whatever the caller put on the path (staged wheels on a GPU machine)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
     proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT, env=env, cwd=ROOT)
     server = ServerProcess(proc, {"http": http, "grpc": grpc, "metrics": metrics}, log)
     end = time.time() + ready_s

@@ -1,12 +1,14 @@
 """The one place the server calls the runtime: open a Recommender, calibrate it, decode a group of histories."""
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass
 
 import numpy as np
 
 from padrec_runtime import DecodeParams, Recommender
+from padrec_runtime.errors import InputError
 
 
 @dataclass(frozen=True)
@@ -21,16 +23,38 @@ class Decoded:
     time_s: float
 
 
-def open_recommender(engine_dir, device: str) -> Recommender:
+def visible_gpu(visible: str | None, gpu: int) -> str:
+    """CUDA_VISIBLE_DEVICES that leaves only GPU `gpu` (an index among `visible`, Triton's numbering)."""
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else None
+    if ids is None:
+        return str(gpu)
+    if not 0 <= gpu < len(ids):
+        raise InputError(f"GPU {gpu}: CUDA_VISIBLE_DEVICES={visible!r} has {len(ids)} | give --devices among "
+                         f"0..{len(ids) - 1}")
+    return ids[gpu]
+
+
+def pin_gpu(gpu: int) -> None:
+    """Make GPU `gpu` this process's only (device 0): the runtime runs on device 0. Each Triton model instance is
+    a process of its own that has not touched CUDA before its `initialize`, so this holds for all it opens."""
+    os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"), gpu)
+
+
+def open_recommender(engine_dir, device: str, gpu: int | None = None) -> Recommender:
+    """The instance's Recommender; on CUDA with `gpu` given, on that GPU."""
+    if device == "cuda" and gpu is not None:
+        pin_gpu(gpu)
     return Recommender(engine_dir, device=device)
 
 
-def calibrate(rec: Recommender, batches: tuple, repeats: int = 2, seed: int = 0) -> list:
-    """Calibrate `auto` speculation on random catalogue histories."""
+def calibrate(rec: Recommender, batches: tuple, repeats: int = 3, seed: int = 0) -> list:
+    """Calibrate `auto` speculation on random catalogue histories of 5 to 20 items (as requests come), twice as many
+    as the largest batch, so that every speculative win is checked again on other histories (adaptive.calibrate)."""
     rng = np.random.default_rng(seed)
     ids = rec.catalogue.item_ids
-    length = min(8, rec.limits["max_history"])
-    histories = [rng.choice(ids, size=length, replace=False).tolist() for _ in range(max(batches))]
+    top = min(20, rec.limits["max_history"])
+    lengths = rng.integers(min(5, top), top + 1, size=2 * max(batches))
+    histories = [rng.choice(ids, size=int(n), replace=False).tolist() for n in lengths]
     return rec.calibrate(histories, batches=batches, repeats=repeats)
 
 

@@ -23,8 +23,8 @@ def calibration_batches(max_batch: int) -> tuple:
 class Metrics:
     """padrec's metrics, served by Triton beside its own on the metrics port."""
 
-    def __init__(self, model_name: str):
-        labels = {"model": model_name}
+    def __init__(self, model_name: str, instance: str):
+        labels = {"model": model_name, "instance": instance}
         counter, hist = pb_utils.MetricFamily.COUNTER, pb_utils.MetricFamily.HISTOGRAM
         family = pb_utils.MetricFamily
         # the families must outlive their metrics: Triton drops a metric whose family object is collected
@@ -60,13 +60,14 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         device = _parameter(config, "device", "cpu")
         deadline = _parameter(config, "deadline_s")
-        self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device)
+        gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
+        self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device, gpu)
         max_batch = min(int(config["max_batch_size"]), self.rec.limits["max_batch"])
         if _parameter(config, "calibrate", "1") == "1" and "draft" in self.rec.backends:
             plan = runtime.calibrate(self.rec, calibration_batches(max_batch))
-            pb_utils.Logger.log_info("padrec auto speculation: " + ", ".join(
+            pb_utils.Logger.log_info(f"padrec {args['model_instance_name']} auto speculation: " + ", ".join(
                 f"batch<={c.batch}: {c.speculate}" + (f" K={c.draft_steps}" if c.draft_steps else "") for c in plan))
-        self.metrics = Metrics(args["model_name"])
+        self.metrics = Metrics(args["model_name"], args["model_instance_name"])
         self.model = ServeModel(self.rec, float(deadline) if deadline else None, self.metrics.decoded)
 
     def execute(self, requests: list) -> list:

@@ -4,8 +4,9 @@ Speculation costs K draft passes and a wider target pass per round; it pays whil
 launch- or bandwidth-bound and stops paying as batches grow. `calibrate` times the candidates in turn on
 the caller's own histories and keeps the fastest, AR included; speculation must beat AR by a margin (3%) on
 the medians and on the fastest runs, and its slowest run AR's median, so the chosen setting is never slower
-than AR on what was measured, nor merely within its noise. A chain at the engines' own K is always a
-candidate, and so is that chain with device rounds where the caches allow them.
+than AR on what was measured, nor merely within its noise; given more histories, the win must hold again on
+others. A chain at the engines' own K is always a candidate, and so is that chain with device rounds where the
+caches allow them.
 """
 from __future__ import annotations
 
@@ -67,40 +68,57 @@ def candidates_for(rec, candidates=CANDIDATES) -> tuple:
     return tuple(candidates) + extra
 
 
+def _runs(rec, hist: list, candidates) -> dict:
+    """{candidate: a call decoding `hist` with it}, each called once to warm it (first calls build sessions and, on
+    CUDA, capture graphs); candidates that do not fit the engines' limits are left out."""
+    runs = {}
+    for key in candidates:
+        speculate, k, dev = (key + (False,))[:3]
+        if speculate != "off" and "draft" not in rec.backends:
+            continue
+        params = DecodeParams(speculate=speculate, draft_steps=k, device_rounds=dev)
+        run = (lambda p=params: rec.recommend(hist, params=p))
+        try:
+            run()
+        except InputError:  # this setting does not fit the engines' limits
+            continue
+        runs[key] = run
+    return runs
+
+
+def _timed_pick(runs: dict, repeats: int, margin: float) -> tuple:
+    """(pick, median ms per candidate): the candidates timed in turn, `repeats` rounds, so all of them see the same
+    machine state; medians, fastest and slowest runs weighed by `pick`."""
+    samples = {key: [] for key in runs}
+    for _ in range(repeats):
+        for key, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            samples[key].append(time.perf_counter() - t0)
+    times = {key: float(np.median(v)) * 1e3 for key, v in samples.items()}
+    best = pick(times, margin, {key: max(v) * 1e3 for key, v in samples.items()},
+                {key: min(v) * 1e3 for key, v in samples.items()})
+    return best, times
+
+
 def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES,
               margin: float = MARGIN) -> list:
     """Choices (sorted by batch) measured on `histories` (at least max(batches) of them). Candidates (and a
-    chain at the engines' K) are timed in turn, `repeats` rounds, so all of them see the same machine state;
-    medians, fastest and slowest runs are compared (`pick`)."""
+    chain at the engines' K) are timed in turn (`_timed_pick`). Where speculation wins and `histories` hold
+    another `batch` of them, the win must hold again against AR on those (timed afresh): a setting that wins
+    on one set of histories by luck or noise alone is not kept."""
     if len(histories) < max(batches):
         raise InputError(f"calibrate: {len(histories)} histories for batches up to {max(batches)}")
     candidates = candidates_for(rec, candidates)
+    ar = ("off", None)
     plan = []
     for batch in sorted(batches):
-        hist = histories[:batch]
-        runs = {}
-        for key in candidates:
-            speculate, k, dev = (key + (False,))[:3]
-            if speculate != "off" and "draft" not in rec.backends:
-                continue
-            params = DecodeParams(speculate=speculate, draft_steps=k, device_rounds=dev)
-            run = (lambda p=params: rec.recommend(hist, params=p))
-            try:
-                run()  # warm: first calls build sessions and, on CUDA, capture graphs
-            except InputError:  # this setting does not fit the engines' limits
-                continue
-            runs[key] = run
-        samples = {key: [] for key in runs}
-        for _ in range(repeats):
-            for key, run in runs.items():
-                t0 = time.perf_counter()
-                run()
-                samples[key].append(time.perf_counter() - t0)
-        times = {key: float(np.median(v)) * 1e3 for key, v in samples.items()}
-        best = pick(times, margin, {key: max(v) * 1e3 for key, v in samples.items()},
-                    {key: min(v) * 1e3 for key, v in samples.items()})
+        best, times = _timed_pick(_runs(rec, histories[:batch], candidates), repeats, margin)
+        if best != ar and len(histories) >= 2 * batch:
+            again, _ = _timed_pick(_runs(rec, histories[batch:2 * batch], (ar, best)), repeats, margin)
+            best = best if again == best else ar
         speculate, k, dev = (best + (False,))[:3]
-        plan.append(Choice(batch, speculate, k, times[best], times[("off", None)], dev))
+        plan.append(Choice(batch, speculate, k, times[best], times[ar], dev))
     return plan
 
 

@@ -524,6 +524,41 @@ def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master,
     assert any(fastest[k] < worst[k] for k in times)
 
 
+@pytest.mark.parametrize("verdicts, n_hist, want", [
+    (["win", "lose"], 4, "off"),  # won on the first two histories, lost on the next two: AR
+    (["win", "win"], 4, "chain"),
+    (["win"], 2, "chain"),  # no spare histories: not re-checked
+])
+def test_calibrate_keeps_a_speculative_win_only_if_it_holds_on_other_histories(tiny, engines_master, monkeypatch,
+                                                                               verdicts, n_hist, want):
+    """A setting that beats AR on the first `batch` histories is timed again against AR alone on the next `batch`
+    of them, and kept only if it wins there too."""
+    import padrec_runtime.api.adaptive as adaptive
+    rec = Recommender(engines_master)
+    ar, own = ("off", None), ("chain", rec.limits["draft_steps"])
+    hist = [h for s in range(3) for h in _histories(tiny[0], s, 4)][:n_hist]
+    verdict, compared, decoded = iter(verdicts), [], []
+
+    def judge(times, *args, **kwargs):
+        compared.append(set(times))
+        return own if next(verdict) == "win" else ar
+
+    def recommend(histories, *args, real=rec.recommend, **kwargs):
+        decoded.append([list(h) for h in histories])
+        return real(histories, *args, **kwargs)
+
+    monkeypatch.setattr(adaptive, "pick", judge)
+    monkeypatch.setattr(rec, "recommend", recommend)
+    plan = rec.calibrate(hist, batches=(2,), repeats=1)
+    assert plan[0].speculate == want
+    assert len(compared) == len(verdicts)
+    if len(verdicts) == 2:
+        assert compared[1] == {ar, own}  # the re-check: AR against the winner alone
+        assert {tuple(map(tuple, d)) for d in decoded} == {tuple(map(tuple, hist[:2])), tuple(map(tuple, hist[2:]))}
+    else:
+        assert all(d == hist[:2] for d in decoded)
+
+
 def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_master):
     """DeviceCache.launch queues an engine call and result() reads it later: a second queued call of the
     same bucket (which reuses the buffers) does not change the first one's result, and `take` copies another
