@@ -177,6 +177,9 @@ class _Weights:
         return data.path.name
 
 
+INLINE_BYTES = 1024  # smaller tensors are written into the graph (onnx's own external-data writer does the same)
+
+
 class DataFile:
     """An external data file written one tensor at a time: add() appends a tensor's bytes (64-byte aligned, as
     onnx's own writer aligns) and returns the initializer that points at them."""
@@ -194,11 +197,14 @@ class DataFile:
     def add(self, name: str, t: torch.Tensor):
         from onnx import TensorProto
         raw = _bytes(t.contiguous())
+        init = TensorProto(name=name, data_type=_ONNX[t.dtype], dims=list(t.shape))
+        if len(raw) < INLINE_BYTES:  # shape constants stay in the graph: ONNX Runtime's shape inference reads them
+            init.raw_data = raw  # and cannot read external data of a graph loaded from bytes
+            return init
         pad = (-self.offset) % 64
         self.fh.write(b"\0" * pad)
         self.offset += pad
         self.fh.write(raw)
-        init = TensorProto(name=name, data_type=_ONNX[t.dtype], dims=list(t.shape))
         init.data_location = TensorProto.EXTERNAL
         for key, value in (("location", self.path.name), ("offset", str(self.offset)), ("length", str(len(raw)))):
             entry = init.external_data.add()

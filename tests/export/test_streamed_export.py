@@ -81,6 +81,14 @@ def test_streamed_graphs_equal_the_exporters(trained_like, tmp_path, monkeypatch
         for case, feeds in graph_cases(m.graph(g), is_draft, cat.layout.vocab_size, cat.layout.n_slots)[:4]:
             for x, y in zip(sa.run(None, feeds), sb.run(None, feeds)):
                 np.testing.assert_allclose(x, y, rtol=0, atol=1e-6, err_msg=f"{g} {case}")
+    # the runtime loads graphs from their verified bytes (no directory to find external data in): shape constants
+    # must be inside the graph, and the lists are the plain export's
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+    hist = [[int(i) for i in cat.item_ids[:3]], [int(cat.item_ids[7])]]
+    for opts in (RuntimeOptions(), RuntimeOptions(device_cache=True, static_shapes=True, in_place=True)):
+        lists = [[r.tokens for r in Recommender(d, options=opts).recommend(hist, params=DecodeParams(speculate="chain"))
+                  .lists] for d in (tmp_path / "p", tmp_path / "s")]
+        assert lists[0] == lists[1], opts
 
 
 def test_large_weights_take_the_streamed_path(tiny, tmp_path, monkeypatch):
@@ -93,3 +101,15 @@ def test_large_weights_take_the_streamed_path(tiny, tmp_path, monkeypatch):
     onnx_export.export_graph(draft, True, "fp32", tmp_path / "draft.onnx")
     onnx_export.export_chain_graph(draft, cat, 3, "fp32", tmp_path / "draft_chain.onnx")
     assert calls == ["draft_chain.onnx"] and (tmp_path / "draft.onnx").is_file()
+
+
+def test_small_tensors_stay_in_the_graph(tmp_path):
+    """A graph loaded from bytes cannot have ONNX Runtime's shape inference read external data: shape constants
+    (folded from weight shapes, a few bytes) are written inline, weights to the data file."""
+    from padrec_export.streamed import INLINE_BYTES, DataFile
+    with DataFile(tmp_path / "g.onnx.data") as data:
+        small = data.add("starts", torch.tensor([0, 3], dtype=torch.int64))
+        big = data.add("w", torch.ones(INLINE_BYTES // 4, dtype=torch.float32))
+    assert small.data_location != onnx.TensorProto.EXTERNAL and np.frombuffer(small.raw_data, np.int64).tolist() == [0, 3]
+    assert big.data_location == onnx.TensorProto.EXTERNAL
+    assert (tmp_path / "g.onnx.data").stat().st_size == INLINE_BYTES
