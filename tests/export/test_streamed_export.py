@@ -3,6 +3,7 @@ weights and the same outputs as the exporter's own path, with every weight in th
 import collections
 
 import numpy as np
+import torch
 import onnx
 import onnxruntime as ort
 import pytest
