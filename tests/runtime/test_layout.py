@@ -19,7 +19,7 @@ def test_prompt_and_slots():
     assert cat.layout.slots(p).tolist() == [3, 0, 1, 2, 0, 1, 3]
     assert cat.decode_list([5, 8, SEP, 7, 8, EOS]) == [10, 13]
     assert cat.decode_list([6, 10, SEP]) == [12]
-    with pytest.raises(InputError, match="code 2 at level 1 is not in the catalogue"):
+    with pytest.raises(InputError, match="token 10 at position 1 of an item is not in the catalogue"):
         cat.decode_list([5, 8, SEP, 5, 10, EOS])  # (0, 2): no such item
 
 
@@ -116,7 +116,7 @@ def test_completion_bans_give_the_ban_row_after_an_item_is_completed():
         for a in con.allowed(start):
             for b in con.allowed(con.advance(start, a)):
                 s = con.advance(con.advance(start, a), b)  # level L-1: the next token completes an item
-                assert s.level == layout.levels - 1
+                assert s.depth == layout.levels - 1
                 for c in con.allowed(s):
                     after = con.advance(s, c)
                     row = con.chain_ban(s).copy()
