@@ -476,3 +476,16 @@ def test_draft_without_gates_is_the_gated_draft_with_its_gates_open(tiny, engine
                 assert np.array_equal(got[out], want[out]), (graph, case, out)
             differs[graph] |= not np.array_equal(got[out], torch_outputs(wrap(gated), True, feeds, "fp32")[out])
     assert all(differs.values()), differs
+
+
+def test_export_refuses_a_draft_without_the_layouts_slots(layout_models, tmp_path):
+    """A digits item spans up to 9 tokens: a draft trained with per_level's 5 slots cannot take its slot inputs."""
+    from padrec_export.models import Draft, DraftConfig
+    from padrec_export.onnx_export import export_engines
+    from padrec_runtime.errors import InputError
+    cat, target, draft = layout_models("digits")
+    assert draft.cfg.n_slots == cat.layout.n_slots == 11
+    short = Draft(DraftConfig(**{**draft.cfg.to_dict(), "n_slots": 5}), target)
+    with pytest.raises(InputError, match="draft n_slots | got 5 | expected at least 11 for the digits layout"):
+        export_engines(target, short, cat, tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()
