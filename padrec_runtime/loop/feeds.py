@@ -64,7 +64,7 @@ def verify_feeds(roots: list, trees: list, chain: bool) -> tuple[dict, np.ndarra
 
 def catch_up_feeds(feats, tokens, slots, starts, layout) -> tuple[dict, np.ndarray, list]:
     """Draft feeds (step 0) and mask for (target feature, next token) pairs of newly committed positions; slots:
-    per row, each token's item slot (`prompt_slots`, `Verdict.slots`)."""
+    per row, each token's item slot (`prompt_slots`, `committed_pairs`)."""
     B = len(tokens)
     lens = [len(t) for t in tokens]
     T = max(1, max(lens))
@@ -108,12 +108,12 @@ def chain_feeds(roots: list, constraint, K: int) -> tuple[dict, np.ndarray, list
     return feeds, mask, lens
 
 
-def committed_pairs(roots: list, verdicts: list) -> tuple[list, list, list]:
+def committed_pairs(roots: list, verdicts: list, layout) -> tuple[list, list, list]:
     """Per row, the target features along the accepted path, the tokens after them and their item slots (empty
     for finished rows): what the draft catches up on after a round."""
     H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
     live = [not r.state.done for r in roots]
     feats = [v.features if ok else np.zeros((0, H), np.float32) for v, ok in zip(verdicts, live)]
     tokens = [np.asarray(v.tokens if ok else [], np.int32) for v, ok in zip(verdicts, live)]
-    slots = [np.asarray(v.slots if ok else [], np.int32) for v, ok in zip(verdicts, live)]
+    slots = [layout.slots(t, start=v.depth) for t, v in zip(tokens, verdicts)]
     return feats, tokens, slots

@@ -64,7 +64,7 @@ class StepDraft(NoDraft):
 
     def after_accept(self, roots, verdicts, starts) -> None:
         if any(not r.state.done for r in roots):
-            self._catch_up(roots, *committed_pairs(roots, verdicts), starts)
+            self._catch_up(roots, *committed_pairs(roots, verdicts, self.constraint.catalogue.layout), starts)
 
     def _catch_up(self, roots, feats, tokens, slots, starts) -> None:
         """Feed the draft (target feature, next token) pairs of newly committed positions at step 0."""
@@ -182,7 +182,8 @@ class FusedChain(NoDraft):
             r.pending = (f, t, sl, 0)
 
     def after_accept(self, roots, verdicts, starts) -> None:
-        for r, f, t, sl, s in zip(roots, *committed_pairs(roots, verdicts), starts):
+        pairs = committed_pairs(roots, verdicts, self.constraint.catalogue.layout)
+        for r, f, t, sl, s in zip(roots, *pairs, starts):
             r.pending = (f, t, sl, s) if not r.state.done else None
 
     def propose(self, roots) -> Proposal:

@@ -116,7 +116,7 @@ class DecodeSession:
     def _accept(self, scored: Scored, b: int, root: Root, tree: list) -> Verdict:
         v = self.acceptor.accept(scored, b, root, tree)
         v.features = scored.hidden[b, v.path]
-        v.slots = self.constraint.catalogue.layout.slots(np.asarray(v.tokens, np.int64), start=root.state.depth)
+        v.depth = root.state.depth
         return v
 
     def _commit(self, verdicts: list) -> None:

@@ -89,7 +89,7 @@ class Verdict:
     tokens: list  # committed tokens: accepted draft tokens then the bonus token, if any
     state: ConstraintState  # constraint state after the committed tokens
     features: np.ndarray | None = None  # (len(path), H) target hidden states along the path, for the draft
-    slots: np.ndarray | None = None  # (len(tokens),) item slot of each committed token, for the draft
+    depth: int = 0  # tokens of the current item before the committed ones: where their item slots start
 
 
 @dataclass

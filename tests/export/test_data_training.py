@@ -97,7 +97,8 @@ def test_encode_example_layout(small_training, ml100k, kind):
     state = ListConstraint(cat, n_items=10).start([])
     for tok in body:
         state = ListConstraint(cat, n_items=10).advance(state, tok)
-    assert state.done and cat.decode_list(body) == list(items) and cat.decode_list(s[:len(s) - len(body)]) == list(history)
+    assert state.done and cat.decode_list(body) == list(items)
+    assert cat.decode_list(s[:len(s) - len(body)]) == list(history)
     assert body[-1] == EOS and list(body).count(SEP) == 9
     spelled = [len(cat.list_tokens([i])) - 1 for i in items]
     assert len(body) == sum(spelled) + 10
@@ -196,8 +197,8 @@ def test_padrec_train_layout_trains_exports_and_decodes_that_layout(tmp_path):
     layout = TokenLayout(4, 64, kind)
     assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == layout.to_json()
     draft_cfg = json.loads((out / "draft_padrec" / "draft.json").read_text())
-    assert draft_cfg["config"]["n_slots"] == layout.n_slots and json.loads((out / "target" / "config.json").read_text())[
-        "vocab_size"] == layout.vocab_size
+    target_cfg = json.loads((out / "target" / "config.json").read_text())
+    assert draft_cfg["config"]["n_slots"] == layout.n_slots and target_cfg["vocab_size"] == layout.vocab_size
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng", fused_target=False)
     assert m.layout == layout and m.data["model"]["layout"]["kind"] == kind
     rec = Recommender(tmp_path / "eng")

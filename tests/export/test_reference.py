@@ -12,7 +12,8 @@ CONFIGS = {
     "mha-L4": TinySpec(seed=2, levels=4, codebook=6, heads=4, kv_heads=4, n_items=80),
     "qwen2-L2": TinySpec(seed=3, levels=2, codebook=12, heads=4, kv_heads=1, qkv_bias=True, tie=True, n_items=70),
 }
-LAYOUT_CONFIGS = {  # the other token layouts (their every mode against AR on engines: tests/runtime/test_layout_engines)
+# the other token layouts (every mode of theirs against AR on engines: tests/runtime/test_layout_engines.py)
+LAYOUT_CONFIGS = {
     "shared-L3": TinySpec(seed=1, levels=3, codebook=8, heads=4, kv_heads=2, kind="shared"),
     "digits-L3": TinySpec(seed=2, levels=3, codebook=12, heads=4, kv_heads=2, kind="digits"),  # items of 6..9 tokens
 }
