@@ -48,7 +48,7 @@ def profile_shapes(manifest: Manifest, graph: str) -> dict:
     """min / opt / max shape of every input of a graph, from the manifest's limits."""
     m, g = manifest.model, manifest.graph(graph)
     kv = g["kv"]
-    prompt = 2 + m["max_history"] * (manifest.layout.levels + 1)
+    prompt = min(2 + m["max_history"] * (manifest.layout.max_item_tokens + 1), m["max_seq_len"])
     dims = {
         "batch": (1, 1, m["max_batch"]),
         "seq": (1, 1 + m["tree_size"], max(prompt, 1 + m["tree_size"] * max(1, m["tree_topk"]))),

@@ -8,6 +8,7 @@ import click
 
 from padrec_runtime.api.cli import PadrecGroup, recommend
 from padrec_runtime.errors import BackendError
+from padrec_runtime.grammar import LAYOUT_KINDS, TokenLayout
 from padrec_serve.cli import client, serve
 
 from .sizes import RECIPES, SIZES
@@ -149,13 +150,16 @@ def demo(users, engine_dir, speculate):
 @click.option("--intermediate", type=click.IntRange(1), default=None,
               help="SwiGLU width  [default: about 2.7 x hidden]")
 @click.option("--codebook", type=click.IntRange(2), default=64, help="semantic-ID codebook size per level")
-@click.option("--levels", type=click.IntRange(1), default=4, help="semantic-ID levels (tokens per item)")
+@click.option("--levels", type=click.IntRange(1), default=4, help="semantic-ID levels (codes per item)")
+@click.option("--layout", "kind", type=click.Choice(LAYOUT_KINDS), default="per_level",
+              help="item tokens: per_level (each level its own codes), shared (one codebook at every level), "
+                   "digits (codes as decimal digits)")
 @click.option("--users", type=click.IntRange(1), default=None, help="train on the first N users only (quick runs)")
 @click.option("--dropout", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               help="target dropout while training (embeddings, residuals)")
 @click.option("--stride", type=click.IntRange(1), default=5, help="items between consecutive training windows of a user")
 def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, device, bf16, size, hidden, layers,
-          heads, kv_heads, intermediate, codebook, levels, users, dropout, stride):
+          heads, kv_heads, intermediate, codebook, levels, kind, users, dropout, stride):
     """Semantic IDs, target and drafts (PAD-Rec, plain EAGLE) on MovieLens."""
     require_export_extra("train")
     import json as _json
@@ -179,7 +183,7 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
                                    dtype=dtype, dropout=dropout, **target_extra),
                        TrainConfig(epochs=draft_epochs, batch_size=batch_size, lr=draft_lr, seed=seed, device=device,
                                    dtype=dtype, **draft_extra),
-                       levels=levels, codebook=codebook, users=users, stride=stride,
+                       layout=TokenLayout(levels, codebook, kind), users=users, stride=stride,
                        drafts=("padrec", "eagle") if drafts == "both" else (drafts,))
     click.echo(_json.dumps(report, indent=2))
 

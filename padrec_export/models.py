@@ -340,23 +340,28 @@ class ChainGrammar(nn.Module):
         self.register_buffer("next_node", torch.as_tensor(t["next_node"]).long(), persistent=False)
         self.register_buffer("row_of", torch.as_tensor(t["row_of"]), persistent=False)
         self.register_buffer("is_leaf", torch.as_tensor(t["is_leaf"]), persistent=False)
-        # each leaf's item path, depth 1..L (the nodes a completed item may use up); NOT_CHILD for other nodes
-        n_nodes, L = len(catalogue.child_codes), catalogue.layout.levels
-        path_of = torch.full((n_nodes + 2, L), n_nodes, dtype=torch.long)
-        leaves = torch.as_tensor(catalogue.item_nodes[:, L])
-        path_of[leaves] = torch.as_tensor(catalogue.item_nodes[:, 1:], dtype=torch.long)
-        self.register_buffer("path_of", path_of, persistent=False)
+        # each leaf's item path from depth 1, right-aligned (the nodes a completed item may use up); NOT_CHILD
+        # before it and for other nodes
+        self.register_buffer("path_of", torch.as_tensor(catalogue.leaf_paths()), persistent=False)
         lay = catalogue.layout
         ends = torch.zeros(2, lay.vocab_size)
         ends[0, EOS] = ends[1, SEP] = float("-inf")  # row 0: items left, no eos; row 1: none left, no separator
         self.register_buffer("ends", ends, persistent=False)
-        self.register_buffer("slot_of", torch.as_tensor(t["slot_of"]), persistent=False)
+        # the item slot of the token that leads to each trie node (a token's slot: its place in its item)
+        self.register_buffer("node_slot", torch.as_tensor(t["node_slot"]), persistent=False)
+        fixed = lay.token_slots()  # per_level: each token's slot from its id alone (catch-up pairs without a state)
+        if fixed is not None:
+            self.register_buffer("slot_of", torch.as_tensor(fixed), persistent=False)
 
     def allowed_bias(self, at, left, banned, ends):
         """(nxt, bias), both (B, V): the trie node each token leads to from each row's state, and 0 where the
         grammar allows the token, -inf elsewhere (ends: the `ends` table in banned's dtype)."""
         nxt = self.next_node[at]
         return nxt, banned.gather(1, nxt) + torch.where((left <= 0)[:, None], ends[1], ends[0])
+
+    def token_slot(self, nxt, tok):
+        """(B,) the item slot of each row's token tok (B, 1), written from the state `nxt` came from."""
+        return self.node_slot[nxt.gather(1, tok).flatten()]
 
     def advance(self, nxt, tok, left, banned):
         """The state (at, left, banned) after each row writes tok (B, 1) from the state `nxt` came from."""
@@ -367,14 +372,14 @@ class ChainGrammar(nn.Module):
         """`banned` (B, n_nodes + 2) after the rows whose token reached a leaf completed its item: the leaf and
         every prefix node on its path with no other free item go to -inf (the grammar's `chain_ban` with the
         item used). A prefix node is used up when its child on the path is and no other child is free."""
-        path = self.path_of[reached]  # (B, L) nodes at depth 1..L; NOT_CHILD (always banned) unless a leaf
-        B, L = path.shape
-        kids = self.next_node[self.row_of[path[:, :-1]]]  # (B, L-1, V): each inner path node's children
-        free = (banned.gather(1, kids.flatten(1)) == 0).view(B, L - 1, -1).sum(-1)  # (B, L-1), path child too
+        path = self.path_of[reached]  # (B, D) the leaf's path, right-aligned; NOT_CHILD (always banned) elsewhere
+        B, D = path.shape
+        kids = self.next_node[self.row_of[path[:, :-1]]]  # (B, D-1, V): each inner path node's children
+        free = (banned.gather(1, kids.flatten(1)) == 0).view(B, D - 1, -1).sum(-1)  # (B, D-1), path child too
         used_up = [self.is_leaf[reached].bool()]  # deepest first: the leaf itself
-        for d in range(L - 2, -1, -1):
+        for d in range(D - 2, -1, -1):
             used_up.append(used_up[-1] & (free[:, d] <= 1))
-        flags = torch.stack(used_up[::-1], dim=1)  # (B, L) in path order
+        flags = torch.stack(used_up[::-1], dim=1)  # (B, D) in path order
         return banned.scatter(1, path, torch.where(flags, float("-inf"), banned.gather(1, path)))
 
 
@@ -468,12 +473,13 @@ class DraftChain(ChainGrammar):
         banned = banned.to(h.dtype)
         ends = self.ends.to(h.dtype)
         # Draft.features for a chain token, split: fc over (embedding, feature) is a per-token table (its
-        # embedding half, fc's bias and the token's slot signal, folded at export) plus a matmul of the feature
+        # embedding half and fc's bias, folded at export), plus the slot signal of the token's place in its item
+        # (a per-slot table, indexed through the trie node the token leads to), plus a matmul of the feature
         H = h.shape[-1]
         w = d.fc.weight.to(h.dtype)
         alpha = d.slot_scale(h.dtype)
-        token_part = (F.linear(d.embed_tokens.weight.to(h.dtype), w[:, :H], d.fc.bias.to(h.dtype))
-                      + alpha * d.slot_embed.weight.to(h.dtype)[self.slot_of])
+        token_part = F.linear(d.embed_tokens.weight.to(h.dtype), w[:, :H], d.fc.bias.to(h.dtype))
+        slot_part = alpha * d.slot_embed.weight.to(h.dtype)  # (n_slots, H)
         w_hidden = w[:, H:]
         # the step signal: the gate's half over the step embedding is a constant per step (folded at export),
         # so a step costs one matmul for it, not a concat and a wider one
@@ -493,8 +499,9 @@ class DraftChain(ChainGrammar):
                 finite = ok if finite is None else finite & ok
             if j == self.steps:
                 break
+            slot = self.token_slot(nxt, tok)
             at, left, banned = self.advance(nxt, tok, left, banned)
-            x = token_part[tok.flatten()][:, None] + F.linear(h, w_hidden)
+            x = (token_part[tok.flatten()] + slot_part[slot])[:, None] + F.linear(h, w_hidden)
             if use_step:
                 x = x + d.step_signal(x, steps[j], F.linear(x, gate_x) + gate_s[j] if gated else None)
             h = layer(j, x)

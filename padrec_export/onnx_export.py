@@ -156,7 +156,7 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
     model = copy.deepcopy(draft).to(dtype) if _dtype_of(draft) != dtype else draft  # no copy when already in dtype
     dev = next(model.parameters()).device
     chain = DraftChain(model.eval(), catalogue, steps, max_len, report_finite=True).to(dev).eval()
-    inputs, outputs, kv = chain_io(draft, steps, precision, len(catalogue.child_codes), max_len)
+    inputs, outputs, kv = chain_io(draft, steps, precision, catalogue.n_nodes, max_len)
     B, T, P = 2, 3, 5
     c = draft.cfg
     head = (torch.randn(B, T, c.hidden_size, dtype=dtype, device=dev),
@@ -165,7 +165,7 @@ def export_chain_graph(draft: Draft, catalogue: Catalogue, steps: int, precision
             torch.full((B,), T - 1, dtype=torch.int32, device=dev),
             torch.zeros(B, dtype=torch.int32, device=dev),
             torch.full((B,), 3, dtype=torch.int32, device=dev),
-            torch.zeros(B, len(catalogue.child_codes) + 2, dtype=torch.float16, device=dev))
+            torch.zeros(B, catalogue.n_nodes + 2, dtype=torch.float16, device=dev))
     kv_in, kv_out = [kv["key_input"] % 0, kv["value_input"] % 0], [kv["key_output"] % 0, kv["value_output"] % 0]
     dyn = {name: {0: "batch", 1: "seq"} for name in ("hidden_in", "input_ids", "position_ids", "slot")}
     dyn.update({"last": {0: "batch"}, "node": {0: "batch"}, "left": {0: "batch"}, "banned": {0: "batch"},
@@ -330,7 +330,7 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
     if name in ("draft_chain", "draft_chain_gqa"):
         K, max_len = limits.draft_steps, (limits.max_seq_len if name == "draft_chain_gqa" else 0)
         ext = export_chain_graph(model, catalogue, K, precision, out / file, max_len, external)
-        inputs, outputs, kv = chain_io(model, K, precision, len(catalogue.child_codes), max_len)
+        inputs, outputs, kv = chain_io(model, K, precision, catalogue.n_nodes, max_len)
         # the trie inside the graph: the runtime checks the catalogue it loads is the same one
         tol, extra = {"tokens": {"atol": 0.0, "rtol": 0.0}}, {"chain_steps": K, "catalogue": trie_digest(catalogue)}
         if max_len:
@@ -383,6 +383,9 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
     if target.cfg.vocab_size != catalogue.layout.vocab_size:
         raise InputError(f"target vocab {target.cfg.vocab_size} != catalogue layout vocab "
                          f"{catalogue.layout.vocab_size} | the target was trained on another token layout")
+    if draft is not None and draft.cfg.n_slots < catalogue.layout.n_slots:
+        raise InputError(f"draft n_slots | got {draft.cfg.n_slots} | expected at least {catalogue.layout.n_slots} for "
+                         f"the {catalogue.layout.kind} layout | train the draft for this layout")
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file | expected an engine directory to write | give a directory path")
@@ -443,8 +446,8 @@ def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: 
     files["catalogue.json"] = {}
     data = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "producer": _versions(), "precision": precision,
-        "model": {"layout": {"levels": catalogue.layout.levels, "codebook": catalogue.layout.codebook,
-                             "vocab_size": catalogue.layout.vocab_size, "special_tokens": list(SPECIAL_TOKENS)},
+        "model": {"layout": {**catalogue.layout.to_json(), "vocab_size": catalogue.layout.vocab_size,
+                             "special_tokens": list(SPECIAL_TOKENS)},
                   "max_seq_len": limits.max_seq_len, "max_history": limits.max_history,
                   "max_batch": limits.max_batch, "max_items": limits.max_items, "n_items": limits.n_items,
                   "draft_steps": limits.draft_steps, "tree_topk": limits.tree_topk, "tree_size": limits.tree_size,

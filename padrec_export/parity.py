@@ -107,7 +107,7 @@ def compare_in_place_chain(draft, catalogue, backend, spec: dict, precision: str
         feeds = {"hidden_in": rng.standard_normal((1, T, c.hidden_size)).astype(dt),
                  "input_ids": rng.integers(5, catalogue.layout.vocab_size, (1, T)).astype(np.int32),
                  "last": np.array([last], np.int32), "node": np.zeros(1, np.int32), "left": np.array([3], np.int32),
-                 "banned": np.zeros((1, len(catalogue.child_codes) + 2), np.float16)}
+                 "banned": np.zeros((1, catalogue.n_nodes + 2), np.float16)}
         feeds["slot"] = catalogue.layout.slots(feeds["input_ids"]).astype(np.int32)
         past = [rng.standard_normal((1, c.n_kv_heads, P, c.head_dim)).astype(dt) for _ in range(2)]
         mask = np.concatenate([np.ones((1, T, P), bool), np.tri(T, dtype=bool)[None]], -1)

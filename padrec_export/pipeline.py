@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from padrec_runtime.loop import DecodeConfig
 from padrec_runtime.errors import CheckpointError, InputError
-from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
+from padrec_runtime.grammar import LAYOUT_KINDS, Catalogue, ListConstraint, TokenLayout
 
 from .checkpoint import check_draft_pairing, load_draft, load_target, save_draft, save_target
 from .data import Interactions, item_titles, load_dataset, make_split
@@ -27,15 +27,15 @@ from .vocab_map import compact_target, vocab_map
 DRAFTS = {"padrec": (True, True), "eagle": (False, False)}  # name -> (use_slot, use_step)
 
 
-def prepare_catalogue(data: Interactions, out: Path, levels: int, codebook: int, seed: int = 0,
+def prepare_catalogue(data: Interactions, out: Path, layout: TokenLayout, seed: int = 0,
                       progress: bool = True) -> Catalogue:
-    """Semantic IDs for every item (reused from out/catalogue.json when present); titles never stored."""
-    layout = TokenLayout(levels, codebook)
+    """Semantic IDs for every item (reused from out/catalogue.json when present); titles never stored. The codes
+    do not depend on the layout's kind (only how they are spelled as tokens does)."""
     path = out / "catalogue.json"
     if path.exists():
         return Catalogue.load(path, layout)
     emb = embed_texts(data.item_text, progress=progress)
-    sid = residual_kmeans(emb, levels, codebook, seed)
+    sid = residual_kmeans(emb, layout.levels, layout.codebook, seed)
     cat = Catalogue(layout, data.item_ids, sid.sids)
     out.mkdir(parents=True, exist_ok=True)
     cat.save(path)
@@ -51,20 +51,22 @@ class Examples:
     seqs: list  # prompt + list sequences, windows every 5 items (the drafts')
     valid: list  # one validation sequence per user
     dense: list  # the target's windows (every `stride` items; seqs when stride is 5)
-    list_len: int  # tokens of a list: the last list_len of each sequence
+    list_len: int = 0  # `train_target`'s: 0, each list is the tokens after its <list> (items vary in length)
 
 
 def training_examples(dataset: str, out: Path, levels: int = 4, codebook: int = 64, users: int | None = None,
-                      stride: int = 5, seed: int = 0, progress: bool = True) -> Examples:
-    """The catalogue (out/catalogue.json, made when missing) and the encoded training sequences."""
+                      stride: int = 5, seed: int = 0, progress: bool = True,
+                      layout: TokenLayout | None = None) -> Examples:
+    """The catalogue (out/catalogue.json, made when missing) and the encoded training sequences. layout: the
+    token layout (None: per_level of `levels` and `codebook`)."""
     data = load_dataset(dataset)
-    cat = prepare_catalogue(data, Path(out), levels, codebook, seed, progress)
+    cat = prepare_catalogue(data, Path(out), layout or TokenLayout(levels, codebook), seed, progress)
     split = make_split(data, users=users)
     seqs = [encode_example(cat, h, t) for h, t in split.train]
     valid = [encode_example(cat, h, t) for _, h, t in split.valid]
     dense = seqs if stride == 5 else [encode_example(cat, h, t) for h, t in
                                       make_split(data, users=users, stride=stride).train]
-    return Examples(cat, seqs, valid, dense, 10 * (levels + 1))
+    return Examples(cat, seqs, valid, dense)
 
 
 def target_config(size: ModelSize, cat: Catalogue) -> TargetConfig:
@@ -83,23 +85,26 @@ def draft_config(target: TargetConfig, cat: Catalogue, name: str) -> DraftConfig
 def train_all(dataset: str, out, size: ModelSize = ModelSize(), target_cfg: TrainConfig = TrainConfig(),
               draft_cfg: TrainConfig = TrainConfig(epochs=4), levels: int = 4, codebook: int = 64,
               users: int | None = None, progress: bool = True, stride: int = 5,
-              drafts: tuple = tuple(DRAFTS)) -> dict:
+              drafts: tuple = tuple(DRAFTS), layout: TokenLayout | None = None) -> dict:
     """Catalogue, target and drafts (PAD-Rec, plain EAGLE: `drafts` names which) under out/; returns the
     training report. stride: items between a user's consecutive training windows (the target's; drafts use
-    stride 5)."""
+    stride 5). layout: the token layout (its levels and codebook replace `levels` and `codebook`; None: the
+    per_level layout of those)."""
     unknown = set(drafts) - set(DRAFTS)
     if unknown or not drafts:
         raise InputError(f"drafts: got {list(drafts)} | expected some of {', '.join(DRAFTS)}")
     check_device(target_cfg.device)
     check_device(draft_cfg.device)
     out = Path(out)
-    ex = training_examples(dataset, out, levels, codebook, users, stride, target_cfg.seed, progress)
+    layout = layout or TokenLayout(levels, codebook)
+    ex = training_examples(dataset, out, users=users, stride=stride, seed=target_cfg.seed, progress=progress,
+                           layout=layout)
     tc = target_config(size, ex.cat)
     t0 = time.perf_counter()
     target, curves = train_target(tc, ex.dense, target_cfg, progress, valid=ex.valid, list_len=ex.list_len)
-    report = {"dataset": dataset, "examples": len(ex.seqs), "size": asdict(size),
+    report = {"dataset": dataset, "layout": layout.to_json(), "examples": len(ex.seqs), "size": asdict(size),
               "target": target_report(target_cfg, curves, time.perf_counter() - t0)}
-    save_target(target, out / "target", extra={"layout": {"levels": levels, "codebook": codebook}, "dataset": dataset})
+    save_target(target, out / "target", extra={"layout": layout.to_json(), "dataset": dataset})
     for name in drafts:
         t0 = time.perf_counter()
         draft, dcurve = train_draft(target, draft_config(tc, ex.cat, name), ex.seqs, draft_cfg, ex.cat, progress)
@@ -121,6 +126,18 @@ def draft_report(cfg: TrainConfig, draft, curve: list, seconds: float) -> dict:
             "seconds": seconds, "alpha": draft.alpha.item() if draft.cfg.use_slot else None}
 
 
+def read_layout(meta: dict, where) -> TokenLayout:
+    """padrec.json's "layout": levels, codebook and optionally kind (left out: per_level)."""
+    lay = meta.get("layout")
+    keys = {"levels", "codebook", "kind"}
+    if not isinstance(lay, dict) or not {"levels", "codebook"} <= set(lay) <= keys \
+            or not all(type(lay[k]) is int and lay[k] >= 1 for k in ("levels", "codebook")) \
+            or lay.get("kind", "per_level") not in LAYOUT_KINDS:
+        raise CheckpointError(f"{where} layout | got {str(lay)[:80]} | expected {{\"levels\": L, \"codebook\": C, "
+                              f"\"kind\": one of {', '.join(LAYOUT_KINDS)} (default per_level)}} | fix padrec.json")
+    return TokenLayout(**lay)
+
+
 def load_trained(model_dir, draft: str = "padrec", dtype: torch.dtype | None = torch.float32):
     """(catalogue, target, draft or None, meta) from a directory written by train_all; dtype: the target's, as
     `load_target` (None keeps the checkpoint's: a bf16 7B target is never copied to fp32)."""
@@ -129,7 +146,7 @@ def load_trained(model_dir, draft: str = "padrec", dtype: torch.dtype | None = t
     if not meta_path.exists():
         raise CheckpointError(f"{model_dir}: no target/padrec.json | train with `padrec train` first")
     meta = json.loads(meta_path.read_text())
-    layout = TokenLayout(**meta["layout"])
+    layout = read_layout(meta, meta_path)
     cat = Catalogue.load(model_dir / "catalogue.json", layout)
     target = load_target(model_dir / "target", dtype)
     d = load_draft(model_dir / f"draft_{draft}", target) if draft else None
@@ -155,7 +172,7 @@ def load_target_dir(target_dir, dtype=torch.float32):
         raise CheckpointError(f"{target_dir}: no padrec.json (token layout) | export a padrec-trained target, or "
                               "add padrec.json with {\"layout\": {\"levels\": L, \"codebook\": C}}")
     meta = json.loads(meta_path.read_text())
-    layout = TokenLayout(**meta["layout"])
+    layout = read_layout(meta, meta_path)
     cat_path = target_dir / "catalogue.json"
     if not cat_path.exists():
         cat_path = target_dir.parent / "catalogue.json"
@@ -168,7 +185,8 @@ def load_target_dir(target_dir, dtype=torch.float32):
         target = compact_target(target, vmap)
     elif target.cfg.vocab_size != layout.vocab_size:
         raise CheckpointError(f"{target_dir}: config.json vocab_size {target.cfg.vocab_size} | expected "
-                              f"{layout.vocab_size} (5 special tokens + {layout.levels} x {layout.codebook} codes) | "
+                              f"{layout.vocab_size} (the {layout.kind} layout of {layout.levels} x {layout.codebook} "
+                              "codes) | "
                               "add a \"vocab\" map to padrec.json saying where those tokens are in this vocabulary")
     return cat, target, meta
 

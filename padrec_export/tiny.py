@@ -25,10 +25,11 @@ class TinySpec:
     kv_heads: int = 2
     qkv_bias: bool = False
     tie: bool = False
+    kind: str = "per_level"  # token layout (padrec_runtime/grammar/layout.py)
 
 
 def tiny_catalogue(spec: TinySpec) -> Catalogue:
-    layout = TokenLayout(levels=spec.levels, codebook=spec.codebook)
+    layout = TokenLayout(levels=spec.levels, codebook=spec.codebook, kind=spec.kind)
     rng = np.random.default_rng(spec.seed)
     space = spec.codebook ** spec.levels
     if spec.n_items > space:

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from padrec_runtime.errors import BackendError, InputError
-from padrec_runtime.grammar import EOS, PAD, SEP, Catalogue
+from padrec_runtime.grammar import LIST, PAD, Catalogue
 
 from .features import TargetFeatures, causal_mask, pad_batch, positions, target_outputs
 from .models import Draft, DraftConfig, Target, TargetConfig
@@ -71,11 +71,8 @@ def check_device(device: str) -> None:
 
 
 def encode_example(cat: Catalogue, history, target_items) -> np.ndarray:
-    """Prompt + the list the model should write (codes, separators, eos)."""
-    codes = cat.layout.code_tokens(cat.sids[cat.index_of(target_items)])
-    body = np.concatenate([codes, np.full((len(codes), 1), SEP)], axis=1).ravel()
-    body[-1] = EOS
-    return np.concatenate([cat.prompt(history), body]).astype(np.int64)
+    """Prompt + the list the model should write (items spelled by the catalogue's layout, separators, eos)."""
+    return np.concatenate([cat.prompt(history), cat.list_tokens(target_items)]).astype(np.int64)
 
 
 def batches(seqs: list, batch_size: int, rng: np.random.Generator, shuffle: bool = True):
@@ -90,7 +87,9 @@ def _autocast(cfg: TrainConfig):
 
 
 def list_loss(model: Target, seqs: list, list_len: int, batch_size: int, device) -> float:
-    """Mean cross-entropy of the list tokens (the last list_len of each sequence): the validation metric."""
+    """Mean cross-entropy of the list tokens: the validation metric. list_len: the list's tokens when every list
+    has as many (the last list_len of each sequence); 0: the tokens after each sequence's <list> (items of
+    varying length, as in the digits layout)."""
     total, count = 0.0, 0
     with torch.no_grad():
         for ids in batches(seqs, batch_size, np.random.default_rng(0), shuffle=False):
@@ -101,9 +100,10 @@ def list_loss(model: Target, seqs: list, list_len: int, batch_size: int, device)
             lengths = (ids != PAD).sum(1)
             for b in range(B):
                 n = int(lengths[b])
-                lo = logits[b, n - list_len - 1:n - 1].float()
-                total += float(F.cross_entropy(lo, ids[b, n - list_len:n], reduction="sum"))
-                count += list_len
+                k = list_len or n - 1 - int(torch.nonzero(ids[b, :n] == LIST)[-1, 0])
+                lo = logits[b, n - k - 1:n - 1].float()
+                total += float(F.cross_entropy(lo, ids[b, n - k:n], reduction="sum"))
+                count += k
     return total / max(count, 1)
 
 
@@ -154,7 +154,8 @@ def train_target(tcfg: TargetConfig, seqs: list, cfg: TrainConfig, progress: boo
 
     With `valid` sequences, the epoch with the lowest validation list loss is kept when cfg.keep_best (early model
     selection), else the last. resume: a `Paused.state` to continue from (the rest sees an uninterrupted run's
-    batches). budget: raise Paused (with the state to resume from) before it runs out. log: progress lines.
+    batches). budget: raise Paused (with the state to resume from) before it runs out. log: progress lines. list_len
+    as in `list_loss`.
     """
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

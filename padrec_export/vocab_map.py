@@ -1,4 +1,4 @@
-"""Target vocabulary maps: where padrec's tokens (5 special tokens, then L x C semantic-ID codes) sit in a
+"""Target vocabulary maps: where padrec's tokens (5 special tokens, then the layout's code tokens) sit in a
 checkpoint's own vocabulary, and the target cut down to those rows.
 
 A recommender LLM usually keeps its text vocabulary (say 32k tokens) and adds the SID tokens at some offset,
@@ -9,6 +9,8 @@ with its own ids for begin / end / separator tokens. padrec.json's optional "voc
 
 Each special token is an id or a token name; codes are named by a pattern ({level} from "levels", {code}
 0..C-1), an id table ("ids": L lists of C ids) or one contiguous block ("offset": id of level 0 code 0).
+That is the per_level layout's grid of code tokens (TokenLayout.code_grid); the shared layout has one row of
+C codes, the digits layout one row of 11 (the digits 0..9, then the code end as {code} 10).
 Names are looked up in the checkpoint's tokenizer.json (added tokens and the model vocabulary).
 The exported target keeps only the mapped rows of its embedding and output head, in padrec's order, so the
 runtime's grammar runs unchanged. Constrained decoding never allows another token, so the lists (greedy or
@@ -67,7 +69,7 @@ def _resolve(value, what: str, lookup) -> int:
 
 
 def _code_ids(codes: dict, layout: TokenLayout, lookup) -> list:
-    L, C = layout.levels, layout.codebook
+    L, C = layout.code_grid
     if "offset" in codes:
         return [int(codes["offset"]) + i for i in range(L * C)]
     if "ids" in codes:

@@ -17,7 +17,7 @@ from .schema import (MAX_DIM, boolean, fail, file_entry, file_name, integer, lis
                      one_of, sha, shape, short, string, template)
 from .errors import ManifestError
 from .integrity import confined, parse_json, read_verified, sha256, verify
-from .grammar import SPECIAL_TOKENS, Catalogue, TokenLayout
+from .grammar import LAYOUT_KINDS, SPECIAL_TOKENS, Catalogue, TokenLayout
 
 FORMAT = "padrec-engines"
 SCHEMA_VERSION = 3  # 3: external data files, the chain graphs' `finite` flag and catalogue digest
@@ -49,7 +49,7 @@ def trie_digest(catalogue: Catalogue) -> dict:
     """What a chain graph records of its catalogue (`graphs.draft_chain.catalogue`): the trie and every table
     of the graph follow from the semantic IDs in catalogue order."""
     sids = np.ascontiguousarray(catalogue.sids, dtype="<i8")
-    return {"nodes": len(catalogue.child_codes), "sha256": hashlib.sha256(sids.tobytes()).hexdigest()}
+    return {"nodes": catalogue.n_nodes, "sha256": hashlib.sha256(sids.tobytes()).hexdigest()}
 
 
 # draft_chain: a greedy chain round's K draft steps in one call; target_gqa, draft_chain_gqa: the target and the
@@ -145,9 +145,11 @@ def _check_tensors(name: str, g: dict, precision: str, vocab: int) -> None:
 
 
 def _layout(v, path):
+    """The token layout; `kind` left out (manifests written before layouts were a choice) means per_level."""
     lay = obj(v, path, {"levels": integer(1, 16), "codebook": integer(1, 1 << 16), "vocab_size": integer(1, MAX_DIM),
-                         "special_tokens": listing(string, 16)})
-    expected = TokenLayout(lay["levels"], lay["codebook"])
+                         "special_tokens": listing(string, 16)}, {"kind": one_of(*LAYOUT_KINDS)})
+    lay.setdefault("kind", "per_level")
+    expected = TokenLayout(lay["levels"], lay["codebook"], lay["kind"])
     if lay["vocab_size"] != expected.vocab_size:
         fail(f"{path}.vocab_size", lay["vocab_size"], str(expected.vocab_size))
     if lay["special_tokens"] != list(SPECIAL_TOKENS):
@@ -275,7 +277,7 @@ class Manifest:
     @property
     def layout(self) -> TokenLayout:
         lay = self.data["model"]["layout"]
-        return TokenLayout(lay["levels"], lay["codebook"])
+        return TokenLayout(lay["levels"], lay["codebook"], lay.get("kind", "per_level"))
 
     @property
     def model(self) -> dict:

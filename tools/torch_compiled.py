@@ -230,6 +230,9 @@ class CompiledDraft(nn.Module):
     def __init__(self, draft, catalogue, steps: int, max_batch: int, max_len: int, dtype: torch.dtype,
                  mode: str | None):
         super().__init__()
+        if catalogue.layout.token_slots() is None:
+            raise InputError(f"compiled draft | the {catalogue.layout.kind} layout: a catch-up token's slot is its place "
+                             "in its item, not its id | expected the per_level layout | use the runtime for this one")
         p = next(draft.parameters())
         self.chain = DraftChain(draft.to(dtype).eval().requires_grad_(False), catalogue, steps).to(p.device)
         self.steps, self.mode = steps, mode
@@ -269,9 +272,12 @@ class Decoder(nn.Module):
         self.grammar = draft.chain if draft is not None else ChainGrammar(constraint.catalogue)
         self.K = draft.steps if draft is not None else 0
         cat, dev = constraint.catalogue, target.head32.device
+        if len(set(cat.item_depth.tolist())) != 1:  # `ar` writes list_length() tokens, unchecked
+            raise InputError(f"compiled decoder | the {cat.layout.kind} layout's items vary in length | expected "
+                             "items of one length | use the runtime for this layout")
         self.grammar.to(dev)
         B, K = target.max_batch, self.K
-        n_nodes = len(cat.child_codes)
+        n_nodes = cat.n_nodes
         buffers = {"root": (B,), "pos": (B,), "at": (B,), "left": (B,), "seq": (B, target.max_len),
                    "committed": (B,), "live_rounds": (B,), "proposed": (B, K)}
         for name, shape in buffers.items():

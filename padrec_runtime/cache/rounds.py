@@ -34,7 +34,8 @@ def accept_reference(xp, logits, dev: dict, tab: dict, K: int) -> dict:
     path, ends = dev["path"][rows, accepted], dev["ends"][rows, accepted] & done[:, None]
     banned[rows[:, None], path] = xp.where(ends, -xp.inf, banned[rows[:, None], path])
     banned[rows, reached] = xp.where(done, -xp.inf, banned[rows, reached])
-    return {"input_ids": picks, "slot": tab["slot_of"][picks], "last": accepted, "node": tab["row_of"][reached],
+    slot = tab["node_slot"][tab["next_node"][dev["rows"], picks]]  # each pick's slot from the row it was made at
+    return {"input_ids": picks, "slot": slot, "last": accepted, "node": tab["row_of"][reached],
             "left": xp.take_along_axis(dev["left"], at, axis=1)[:, 0] - tab["is_leaf"][reached], "banned": banned}
 
 
@@ -66,7 +67,7 @@ def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict, col0=None) -> Non
         source = resources.files(__package__).joinpath("kernels/accept.cu").read_text()
         kernel = _KERNELS[xp] = xp.RawKernel(source, "padrec_accept")
     B, T1, V = logits.shape
-    n_ban, L = dev["banned"].shape[2], dev["path"].shape[2]
+    n_ban, D = dev["banned"].shape[2], dev["path"].shape[2]
     i32, i64 = np.int32, np.int64
     if col0 is None:
         col0 = xp.zeros(B, dtype=i32)
@@ -74,8 +75,8 @@ def accept_kernel(xp, logits, dev: dict, tab: dict, ins: dict, col0=None) -> Non
         raise BackendError(f"accept kernel: col0 | got {col0.dtype} {col0.shape} | expected int32 ({B},)")
     kernel((B,), (256,), (logits, i64(logits.strides[0] // 4), i64(logits.strides[1] // 4), dev["mask"],
                           dev["tokens"], dev["rows"], dev["left"], dev["banned"], dev["path"], dev["ends"],
-                          tab["next_node"], tab["row_of"], tab["is_leaf"], tab["slot_of"], col0, i32(T1), i32(V),
-                          i32(L), i32(n_ban), i32(ins["input_ids"].shape[1]), ins["input_ids"], ins["slot"],
+                          tab["next_node"], tab["row_of"], tab["is_leaf"], tab["node_slot"], col0, i32(T1), i32(V),
+                          i32(D), i32(n_ban), i32(ins["input_ids"].shape[1]), ins["input_ids"], ins["slot"],
                           ins["last"], ins["node"], ins["left"], ins["banned"]), shared_mem=4 * T1)
 
 
@@ -107,11 +108,11 @@ class DeviceRounds:
 
     def _may_end(self, root, chain) -> bool:
         """Whether the row's list can end in this round: eos due (or written) at a position the walk reaches."""
-        L, n_items = self.constraint.catalogue.layout.levels, self.constraint.n_items
+        cat, n_items = self.constraint.catalogue, self.constraint.n_items
         for s in [root.state] + [n.state for n in chain]:
             if s is None:
                 return False
-            if s.done or (s.level == L and s.n_done == n_items):
+            if s.done or (cat.ends_item(s.node) and s.n_done == n_items):
                 return True
         return False
 
@@ -122,10 +123,10 @@ class DeviceRounds:
         `write_accepted`."""
         con, cat = self.constraint, self.constraint.catalogue
         B, T1, V = len(rows), K + 1, cat.layout.vocab_size
-        n_ban, L = len(cat.child_codes) + 2, cat.layout.levels
+        n_ban, D = cat.n_nodes + 2, cat.max_depth
         specs = {"mask": ((B, T1, V), np.bool_), "tokens": ((B, K), np.int64), "rows": ((B, T1), np.int64),
                  "left": ((B, T1), np.int64), "banned": ((B, T1, n_ban), np.float16),
-                 "path": ((B, T1, L), np.int64), "ends": ((B, T1, L), np.bool_), "col0": ((B,), np.int32)}
+                 "path": ((B, T1, D), np.int64), "ends": ((B, T1, D), np.bool_), "col0": ((B,), np.int32)}
         staging = draft.memo(("rounds_staging", K), lambda: draft.packed(specs, host=True))
         dev, host = staging.views, staging.host
         for arr in host.values():
@@ -143,8 +144,9 @@ class DeviceRounds:
                 host["rows"][b, m] = cat.chain_row(s)
                 host["left"][b, m] = con.n_items - s.n_done
                 host["banned"][b, m] = con.chain_ban(s)
-                if s.level == L - 1:  # the bonus token may complete an item
-                    host["path"][b, m], host["ends"][b, m] = con.completion_bans(s)
+                if not s.done and cat.before_leaf[s.node]:  # the bonus token may complete an item
+                    nodes, ends = con.completion_bans(s)
+                    host["path"][b, m, :len(nodes)], host["ends"][b, m, :len(nodes)] = nodes, ends
                 if s.done:
                     break
         if draft.xp is not np:
@@ -176,7 +178,7 @@ class DeviceRounds:
         t0 = time.perf_counter()
         cat = self.constraint.catalogue
         B, K = len(roots), draft.chain_steps
-        T1, n_ban = K + 1, len(cat.child_codes) + 2
+        T1, n_ban = K + 1, cat.n_nodes + 2
         rows = [None if mask is None else (mask, [n.token for n in tree], [r.state] + [n.state for n in tree])
                 for r, tree, mask in zip(roots, trees, masks)]
         dev = self._stage(draft, K, rows, 0)
@@ -208,7 +210,7 @@ class DeviceRounds:
             return None
         t0 = time.perf_counter()
         con, xp = self.constraint, draft.xp
-        V, n_ban = con.catalogue.layout.vocab_size, len(con.catalogue.child_codes) + 2
+        V, n_ban = con.catalogue.layout.vocab_size, con.catalogue.n_nodes + 2
         rows = []
         for s in states:
             allowed = np.zeros((1, V), dtype=bool)

@@ -1,59 +1,25 @@
-"""Token layout and item catalogue, shared by exporter and runtime: vocabulary, slots, the item trie.
+"""The item catalogue, shared by exporter and runtime: items, their semantic IDs and the item trie.
 
-A list is ``item <sep> item <sep> ... item <eos>``; an item is L semantic-ID codes, level l drawn from
-its own token range. The prompt is ``<bos> item <sep> ... item <list>``. Pure numpy, no torch.
+Items are spelled as tokens by the catalogue's TokenLayout (layout.py); the trie runs over those tokens, so
+the grammar, the chain tables and decoding work alike for every layout. Pure numpy, no torch.
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ..errors import InputError, ManifestError
 from ..integrity import parse_json
+from .layout import BOS, EOS, LIST, PAD, SEP, SPECIAL_TOKENS, TokenLayout
 
-SPECIAL_TOKENS = ("<pad>", "<bos>", "<eos>", "<sep>", "<list>")
-PAD, BOS, EOS, SEP, LIST = range(len(SPECIAL_TOKENS))
-
-
-@dataclass(frozen=True)
-class TokenLayout:
-    """Where every kind of token lives in the vocabulary."""
-
-    levels: int = 4  # L: codes per item
-    codebook: int = 256  # C: codes per level
-
-    @property
-    def n_special(self) -> int:
-        return len(SPECIAL_TOKENS)
-
-    @property
-    def vocab_size(self) -> int:
-        return self.n_special + self.levels * self.codebook
-
-    @property
-    def n_slots(self) -> int:
-        """Slots: 0..L-1 item codes, L separator / eos, L+1 any other special token."""
-        return self.levels + 2
-
-    def code_tokens(self, sids: np.ndarray) -> np.ndarray:
-        """(..., L) codes -> (..., L) token ids."""
-        return self.n_special + np.arange(self.levels) * self.codebook + np.asarray(sids)
-
-    def slots(self, tokens: np.ndarray) -> np.ndarray:
-        """Item slot of every token, int32, same shape."""
-        tokens = np.asarray(tokens)
-        slot = np.full(tokens.shape, self.levels + 1, dtype=np.int32)
-        code = tokens >= self.n_special
-        slot[code] = (tokens[code] - self.n_special) // self.codebook
-        slot[(tokens == SEP) | (tokens == EOS)] = self.levels
-        return slot
+__all__ = ["BOS", "EOS", "LIST", "PAD", "SEP", "SPECIAL_TOKENS", "Catalogue", "TokenLayout"]
 
 
 class Catalogue:
-    """Items, their semantic IDs (one-to-one) and the prefix trie used to constrain decoding."""
+    """Items, their semantic IDs (one-to-one) and the prefix trie over their token spellings used to constrain
+    decoding."""
 
     MAX_ITEMS = 1 << 24
     MAX_ID = (1 << 63) - 1  # ids are int64
@@ -74,45 +40,74 @@ class Catalogue:
         if len(np.unique(self.sids, axis=0)) != n:
             raise ManifestError("catalogue.sids | two items share a semantic ID | resolve collisions on export")
         self.titles = _titles(titles, n)
+        self.item_tokens = [layout.spell(row) for row in self.sids.tolist()]  # each item's token spelling
         self._index = {int(i): k for k, i in enumerate(self.item_ids)}
-        self._by_tokens = None  # each item's code tokens -> its id (decode_list), made on first use
+        self._by_tokens = None  # each item's tokens -> its id (decode_list), made on first use
         self._row_of = None  # each trie node's chain-table row (chain_row), made on first use
         self._an_item = None  # for each trie node, an item below it (ancestors), made on first use
         self._build_trie()
 
     def _build_trie(self) -> None:
-        L = self.layout.levels
-        n = len(self.item_ids)
-        self.item_nodes = np.zeros((n, L + 1), dtype=np.int64)  # node at depth d (0 = root)
+        """The trie over the items' token spellings. item_nodes (n, D + 1): each item's node at token depth d
+        (0 = root, D = the longest spelling), NOT_CHILD (= n_nodes) past a shorter item's leaf."""
+        n, spelled = len(self.item_ids), self.item_tokens
+        item_nodes = np.full((n, max(map(len, spelled)) + 1), -1, dtype=np.int64)
+        item_nodes[:, 0] = 0
         children: list[dict[int, int]] = [{}]
-        for k in range(n):
+        for k, tokens in enumerate(spelled):
             node = 0
-            for level in range(L):
-                code = int(self.sids[k, level])
-                nxt = children[node].get(code)
+            for d, tok in enumerate(tokens, start=1):
+                nxt = children[node].get(tok)
                 if nxt is None:
                     nxt = len(children)
-                    children[node][code] = nxt
+                    children[node][tok] = nxt
                     children.append({})
-                node = nxt
-                self.item_nodes[k, level + 1] = node
-        self.subtree_size = np.bincount(self.item_nodes[:, 1:].ravel(), minlength=len(children))
+                node = item_nodes[k, d] = nxt
+        n_nodes = len(children)
+        item_nodes[item_nodes < 0] = n_nodes
+        self.item_nodes = item_nodes
+        self.item_depth = np.array([len(s) for s in spelled], dtype=np.int64)
+        leaves = item_nodes[np.arange(n), self.item_depth]
+        if any(children[leaf] for leaf in leaves.tolist()):  # the layout's spellings must be prefix-free
+            raise ManifestError(f"catalogue | an item's {self.layout.kind} spelling begins another's | the "
+                                "layout must spell items prefix-free")
+        self.subtree_size = np.bincount(item_nodes[:, 1:].ravel(), minlength=n_nodes + 1)[:n_nodes]
         self.subtree_size[0] = n
-        self.child_codes = [np.array(sorted(c), dtype=np.int64) for c in children]
+        self.child_tokens = [np.array(sorted(c), dtype=np.int64) for c in children]
         self.child_nodes = [np.array([c[k] for k in sorted(c)], dtype=np.int64) for c in children]
-        self.leaf_item = {int(self.item_nodes[k, L]): k for k in range(n)}
+        self.leaf_item = {int(leaf): k for k, leaf in enumerate(leaves.tolist())}
+        self.node_depth = np.zeros(n_nodes, dtype=np.int64)
+        for d in range(1, item_nodes.shape[1]):
+            real = item_nodes[:, d] < n_nodes
+            self.node_depth[item_nodes[real, d]] = d
+        # nodes with a leaf child: the next token may complete an item there
+        self.before_leaf = np.zeros(n_nodes, dtype=bool)
+        self.before_leaf[item_nodes[np.arange(n), self.item_depth - 1]] = True
 
     def __len__(self) -> int:
         return len(self.item_ids)
 
+    @property
+    def n_nodes(self) -> int:
+        """Trie nodes; chain tables use n_nodes as NOT_CHILD and n_nodes + 1 as ROOT_AGAIN."""
+        return len(self.child_tokens)
+
+    @property
+    def max_depth(self) -> int:
+        """Tokens of the longest item spelling in this catalogue."""
+        return self.item_nodes.shape[1] - 1
+
+    def ends_item(self, node: int) -> bool:
+        """Whether a trie node is a leaf: an item is complete there, a separator or eos is due."""
+        return node in self.leaf_item
+
     def _chain_rows(self) -> tuple[np.ndarray, np.ndarray]:
-        """(inner nodes, row_of) of chain_tables: the trie's inner nodes (depth < L, the root first) and each
-        node's table row, leaves sharing the last one; NOT_CHILD and ROOT_AGAIN map to the root's row."""
-        n_nodes = len(self.child_codes)
-        inner = np.unique(self.item_nodes[:, :self.layout.levels])
-        row_of = np.full(n_nodes + 2, len(inner), dtype=np.int64)
+        """(inner nodes, row_of) of chain_tables: the trie's inner nodes (those with children, the root first)
+        and each node's table row, leaves sharing the last one; NOT_CHILD and ROOT_AGAIN map to the root's row."""
+        inner = np.flatnonzero([len(c) > 0 for c in self.child_tokens])
+        row_of = np.full(self.n_nodes + 2, len(inner), dtype=np.int64)
         row_of[inner] = np.arange(len(inner))
-        row_of[n_nodes:] = 0
+        row_of[self.n_nodes:] = 0
         return inner, row_of
 
     def chain_tables(self) -> dict:
@@ -120,26 +115,37 @@ class Catalogue:
         every leaf (a finished item). next_node (rows, V): the trie node each token leads to from a row, or
         NOT_CHILD = n_nodes where the token may not follow (separator and eos after a leaf lead to ROOT_AGAIN
         = n_nodes + 1); row_of (n_nodes + 2,): each node's row (leaves share the last row); is_leaf
-        (n_nodes + 2,): 1 where a node ends an item; slot_of (V,): every token's item slot. The grammar as data,
-        in one place: the chain graph, the device accept kernel and the host walk's trie come from here."""
-        lay, L, C = self.layout, self.layout.levels, self.layout.codebook
-        n_nodes = len(self.child_codes)
+        (n_nodes + 2,): 1 where a node ends an item; node_slot (n_nodes + 2,): the item slot of the token that
+        leads to each node (its depth less one; ROOT_AGAIN: the separator's slot; the root and NOT_CHILD: the
+        other specials' slot), so a token's slot is node_slot[next_node[row, token]] whatever the layout. The
+        grammar as data, in one place: the chain graph, the device accept kernel and the host walk's trie come
+        from here."""
+        lay, n_nodes = self.layout, self.n_nodes
         inner, row_of = self._chain_rows()
         leaf_row = len(inner)
-        depth = np.zeros(n_nodes, dtype=np.int64)
-        for d in range(L + 1):
-            depth[self.item_nodes[:, d]] = d
         next_node = np.full((leaf_row + 1, lay.vocab_size), n_nodes, dtype=np.int32)
         for r, node in enumerate(inner):
-            next_node[r, lay.n_special + depth[node] * C + self.child_codes[node]] = self.child_nodes[node]
+            next_node[r, self.child_tokens[node]] = self.child_nodes[node]
         next_node[leaf_row, [SEP, EOS]] = n_nodes + 1
+        node_slot = np.full(n_nodes + 2, lay.sep_slot + 1, dtype=np.int64)
+        node_slot[1:n_nodes] = np.minimum(self.node_depth[1:] - 1, lay.max_item_tokens - 1)
+        node_slot[n_nodes + 1] = lay.sep_slot
         return {"next_node": next_node, "row_of": row_of, "is_leaf": (row_of == leaf_row).astype(np.int64),
-                "slot_of": lay.slots(np.arange(lay.vocab_size)).astype(np.int64)}
+                "node_slot": node_slot}
+
+    def leaf_paths(self) -> np.ndarray:
+        """(n_nodes + 2, max_depth) int64: for each leaf, its item's nodes at depth 1 .. its depth, right-aligned
+        (the leaf last), NOT_CHILD before them and in every other node's row."""
+        D = self.max_depth
+        paths = np.full((self.n_nodes + 2, D), self.n_nodes, dtype=np.int64)
+        for k, depth in enumerate(self.item_depth.tolist()):
+            paths[self.item_nodes[k, depth], D - depth:] = self.item_nodes[k, 1:depth + 1]
+        return paths
 
     def used_counts(self, used: frozenset) -> np.ndarray:
         """(n_nodes,) int: how many items of `used` lie under each trie node (the root: all of them)."""
         idx = np.fromiter(used, dtype=np.int64, count=len(used))
-        count = np.bincount(self.item_nodes[idx, 1:].ravel(), minlength=len(self.child_codes))
+        count = np.bincount(self.item_nodes[idx, 1:].ravel(), minlength=self.n_nodes + 1)[:self.n_nodes]
         count[0] = len(used)
         return count
 
@@ -153,8 +159,8 @@ class Catalogue:
     def ancestors(self, node: int) -> np.ndarray:
         """The trie nodes from the root down to `node`, excluding it (depth of `node` entries)."""
         if self._an_item is None:  # for each trie node, an item below it; published whole (threads share it)
-            an_item = np.zeros(len(self.child_codes), dtype=np.int64)
-            for d in range(self.layout.levels + 1):
+            an_item = np.zeros(self.n_nodes + 1, dtype=np.int64)  # the last entry takes NOT_CHILD padding
+            for d in range(self.item_nodes.shape[1]):
                 an_item[self.item_nodes[:, d]] = np.arange(len(self.item_nodes))
             self._an_item = an_item
         path = self.item_nodes[self._an_item[node]]
@@ -173,34 +179,55 @@ class Catalogue:
             raise InputError(f"history: unknown item ids {unknown[:10]} | use ids from the engine's catalogue")
         return np.array([self._index[int(i)] for i in item_ids], dtype=np.int64)
 
+    def _items_with(self, item_ids, sep: int, end: int) -> list:
+        """The items' tokens, each followed by `sep`, the last one by `end`."""
+        out: list = []
+        for k in self.index_of(item_ids).tolist():
+            out += self.item_tokens[k]
+            out.append(sep)
+        if out:
+            out[-1] = end
+        return out
+
     def prompt(self, history_ids) -> np.ndarray:
-        """Token ids of the prompt for one history of item ids."""
-        idx = self.index_of(history_ids)
-        codes = self.layout.code_tokens(self.sids[idx])  # (H, L)
-        body = np.concatenate([codes, np.full((len(idx), 1), SEP)], axis=1).ravel()[:-1]
-        return np.concatenate([[BOS], body, [LIST]]).astype(np.int32)
+        """Token ids of the prompt for one history of item ids: <bos> item <sep> ... item <list>."""
+        return np.array([BOS] + self._items_with(history_ids, SEP, LIST), dtype=np.int32)
+
+    def list_tokens(self, item_ids) -> np.ndarray:
+        """Token ids of a complete output list of these items: item <sep> ... item <eos>."""
+        return np.array(self._items_with(item_ids, SEP, EOS), dtype=np.int32)
 
     def decode_list(self, tokens) -> list[int]:
-        """Item ids written in a generated token list (codes only; separators skipped)."""
-        L, n_sp, C = self.layout.levels, self.layout.n_special, self.layout.codebook
-        codes = [int(t) for t in tokens if t >= n_sp]
+        """Item ids written in a generated token list (special tokens skipped; an unfinished last item ignored)."""
+        n_sp = self.layout.n_special
         by_tokens = self._by_tokens
         if by_tokens is None:
-            toks = self.layout.code_tokens(self.sids).tolist()
-            by_tokens = self._by_tokens = {tuple(t): int(i) for t, i in zip(toks, self.item_ids)}
-        items = [by_tokens.get(tuple(codes[s:s + L])) for s in range(0, len(codes) - L + 1, L)]
+            by_tokens = self._by_tokens = {t: int(i) for t, i in zip(self.item_tokens, self.item_ids)}
+        items, span = [], []
+        for t in tokens:
+            if t >= n_sp:
+                span.append(int(t))
+            elif span:
+                items.append(by_tokens.get(tuple(span)))
+                span = []
+        if span:
+            items.append(by_tokens.get(tuple(span)))
         if None not in items:
             return items
-        items = []  # a code outside the catalogue: the trie walk names it
-        for start in range(0, len(codes) - L + 1, L):
-            node = 0
-            for level, tok in enumerate(codes[start:start + L]):
-                code = tok - n_sp - level * C
-                pos = np.searchsorted(self.child_codes[node], code)
-                if pos >= len(self.child_codes[node]) or self.child_codes[node][pos] != code:
-                    raise InputError(f"tokens: code {code} at level {level} is not in the catalogue")
-                node = int(self.child_nodes[node][pos])
-            items.append(int(self.item_ids[self.leaf_item[node]]))
+        return self._walk_items(tokens)
+
+    def _walk_items(self, tokens) -> list[int]:
+        """decode_list down the trie: names the first token no item continues with."""
+        items, node, depth = [], 0, 0
+        for t in (int(t) for t in tokens if t >= self.layout.n_special):
+            pos = np.searchsorted(self.child_tokens[node], t)
+            if pos >= len(self.child_tokens[node]) or self.child_tokens[node][pos] != t:
+                raise InputError(f"tokens: token {t} at position {depth} of an item is not in the catalogue "
+                                 f"({self.layout.kind} layout)")
+            node, depth = int(self.child_nodes[node][pos]), depth + 1
+            if node in self.leaf_item:
+                items.append(int(self.item_ids[self.leaf_item[node]]))
+                node, depth = 0, 0
         return items
 
     def to_json(self) -> dict:

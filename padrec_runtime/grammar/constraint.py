@@ -15,8 +15,8 @@ class ConstraintState(NamedTuple):
     decode loop makes one per token and row)."""
 
     n_done: int  # items completed in the list
-    level: int  # next code level, L when a separator or eos is due
-    node: int  # trie node of the current item prefix
+    depth: int  # tokens of the current item written so far (the item slot of the next item token)
+    node: int  # trie node of the current item prefix (a leaf when a separator or eos is due)
     used: frozenset  # catalogue indices that may not be written again
     done: bool = False  # eos written
 
@@ -49,20 +49,19 @@ class ListConstraint:
         free = len(self.catalogue) - len(used)
         if not 1 <= self.n_items <= free:
             raise InputError(f"n_items: got {self.n_items} | expected 1..{free} for this history and catalogue")
-        return ConstraintState(n_done=0, level=0, node=0, used=used)
+        return ConstraintState(n_done=0, depth=0, node=0, used=used)
 
     def allowed(self, state: ConstraintState) -> np.ndarray:
         """Token ids that may come next, sorted; empty once eos is written."""
         if state.done:
             return np.zeros(0, dtype=np.int64)
-        layout = self.catalogue.layout
-        if state.level == layout.levels:
+        cat = self.catalogue
+        if cat.ends_item(state.node):
             return np.array([EOS if state.n_done == self.n_items else SEP], dtype=np.int64)
         def make():
-            cat = self.catalogue
             nodes = cat.child_nodes[state.node]
             free = cat.subtree_size[nodes] - self._used_counts(state.used)[nodes]
-            return layout.n_special + state.level * layout.codebook + cat.child_codes[state.node][free > 0]
+            return cat.child_tokens[state.node][free > 0]
         return _memo(self._cache, (state.node, state.used), make)
 
     def _used_counts(self, used: frozenset) -> np.ndarray:
@@ -73,7 +72,7 @@ class ListConstraint:
         """Whether `token` may come next (`token in allowed(state)`, from a set cached with it)."""
         if state.done:
             return False
-        if state.level == self.catalogue.layout.levels:
+        if self.catalogue.ends_item(state.node):
             return token == (EOS if state.n_done == self.n_items else SEP)
         return token in _memo(self._sets, (state.node, state.used), lambda: frozenset(self.allowed(state).tolist()))
 
@@ -86,24 +85,23 @@ class ListConstraint:
             k = int(np.searchsorted(allowed, token))
             if k == len(allowed) or allowed[k] != token:
                 raise InputError(f"constraint: token {token} not allowed here (allowed: {allowed[:8].tolist()}...)")
-        layout, cat = self.catalogue.layout, self.catalogue
-        if state.level == layout.levels:
+        cat = self.catalogue
+        if cat.ends_item(state.node):
             if token == EOS:
-                return ConstraintState(state.n_done, state.level, 0, state.used, done=True)
+                return ConstraintState(state.n_done, state.depth, 0, state.used, done=True)
             return ConstraintState(state.n_done, 0, 0, state.used)
-        code = token - layout.n_special - state.level * layout.codebook
-        pos = int(np.searchsorted(cat.child_codes[state.node], code))
+        pos = int(np.searchsorted(cat.child_tokens[state.node], token))
         node = int(cat.child_nodes[state.node][pos])
-        if state.level + 1 < layout.levels:
-            return ConstraintState(state.n_done, state.level + 1, node, state.used)
-        item = cat.leaf_item[node]
-        return ConstraintState(state.n_done + 1, layout.levels, node, state.used | {item})
+        item = cat.leaf_item.get(node)
+        if item is None:
+            return ConstraintState(state.n_done, state.depth + 1, node, state.used)
+        return ConstraintState(state.n_done + 1, state.depth + 1, node, state.used | {item})
 
     def chain_ban(self, state: ConstraintState) -> np.ndarray:
         """(n_nodes + 2,) float16 `banned` row of the draft-chain graph: -inf at trie nodes whose items are
         all used and at NOT_CHILD, 0 elsewhere (see Catalogue.chain_tables). Cached per set of used items."""
         def make():
-            n = len(self.catalogue.child_codes)
+            n = self.catalogue.n_nodes
             row = np.zeros(n + 2, dtype=np.float16)
             row[:n][self.catalogue.exhausted(state.used, self._used_counts(state.used))] = -np.inf
             row[n] = -np.inf
@@ -111,9 +109,10 @@ class ListConstraint:
         return _memo(self._bans, state.used, make, cap=256)
 
     def completion_bans(self, state: ConstraintState) -> tuple[np.ndarray, np.ndarray]:
-        """For a state whose next token completes an item (level L-1): the trie nodes from the root down to
-        the state's node (L of them) and, for each, whether completing one more item under it uses it up - so
-        `chain_ban` after that token is this state's row with those nodes and the new leaf at -inf."""
+        """For a state whose next token may complete an item (`Catalogue.before_leaf`): the trie nodes from the
+        root down to the state's node (depth + 1 of them) and, for each, whether completing one more item under
+        it uses it up - so `chain_ban` after such a token is this state's row with those nodes and the new leaf
+        at -inf."""
         def make():
             cat = self.catalogue
             nodes = np.append(cat.ancestors(state.node), state.node)
@@ -121,5 +120,5 @@ class ListConstraint:
         return _memo(self._completions, (state.node, state.used), make)
 
     def list_length(self) -> int:
-        """Tokens in a complete output list, eos included."""
-        return self.n_items * (self.catalogue.layout.levels + 1)
+        """Tokens in the longest complete output list, eos included."""
+        return self.n_items * (self.catalogue.max_depth + 1)

@@ -62,13 +62,15 @@ def verify_feeds(roots: list, trees: list, chain: bool) -> tuple[dict, np.ndarra
     return {"input_ids": ids, "position_ids": pos}, mask
 
 
-def catch_up_feeds(feats, tokens, starts, layout) -> tuple[dict, np.ndarray, list]:
-    """Draft feeds (step 0) and mask for (target feature, next token) pairs of newly committed positions."""
+def catch_up_feeds(feats, tokens, slots, starts, layout) -> tuple[dict, np.ndarray, list]:
+    """Draft feeds (step 0) and mask for (target feature, next token) pairs of newly committed positions; slots:
+    per row, each token's item slot (`prompt_slots`, `committed_pairs`)."""
     B = len(tokens)
     lens = [len(t) for t in tokens]
     T = max(1, max(lens))
     H = feats[0].shape[-1]
     ids = np.full((B, T), PAD, np.int32)
+    slot = np.full((B, T), layout.sep_slot + 1, np.int32)  # padding: the slot of a special token
     hid = np.zeros((B, T, H), dtype=np.float32)
     pos = np.zeros((B, T), dtype=np.int32)
     mask = np.repeat(np.eye(T, dtype=bool)[None], B, axis=0)  # padding tokens see only themselves
@@ -76,22 +78,28 @@ def catch_up_feeds(feats, tokens, starts, layout) -> tuple[dict, np.ndarray, lis
     for b, n in enumerate(lens):
         if n:
             ids[b, :n] = tokens[b]
+            slot[b, :n] = slots[b]
             hid[b, :n] = feats[b]
             pos[b, :n] = np.arange(starts[b], starts[b] + n)
             mask[b, :n, :n] = causal[:n, :n]
     feeds = {"hidden_in": hid, "input_ids": ids, "position_ids": pos, "step": np.zeros((B, T), np.int32),
-             "slot": layout.slots(ids)}
+             "slot": slot}
     return feeds, mask, lens
+
+
+def prompt_slots(tokens: list, layout) -> list:
+    """Per row, the item slots of the tokens after `<bos>` (a prompt's tail and the tokens after it)."""
+    return [layout.slots(np.asarray(t, np.int64)) for t in tokens]
 
 
 def chain_feeds(roots: list, constraint, K: int) -> tuple[dict, np.ndarray, list]:
     """The draft_chain call of a round: each row's pending catch-up pairs, its last index, and the grammar
     inputs (trie row, items left, banned trie nodes) the graph needs to pick K tokens itself."""
     H = next(r.pending[0].shape[-1] for r in roots if r.pending is not None)
-    idle = (np.zeros((0, H), np.float32), np.zeros(0, np.int32), 0)  # a finished row: nothing to catch up
-    feats, tokens, starts = zip(*[r.pending if r.pending is not None else idle for r in roots])
+    idle = (np.zeros((0, H), np.float32), np.zeros(0, np.int32), np.zeros(0, np.int32), 0)  # a finished row
+    feats, tokens, slots, starts = zip(*[r.pending if r.pending is not None else idle for r in roots])
     cat = constraint.catalogue
-    feeds, mask, lens = catch_up_feeds(feats, tokens, starts, cat.layout)
+    feeds, mask, lens = catch_up_feeds(feats, tokens, slots, starts, cat.layout)
     del feeds["step"]
     feeds["last"] = np.maximum(np.asarray(lens) - 1, 0).astype(np.int32)
     feeds["node"] = np.array([cat.chain_row(r.state) for r in roots], dtype=np.int32)
@@ -100,11 +108,12 @@ def chain_feeds(roots: list, constraint, K: int) -> tuple[dict, np.ndarray, list
     return feeds, mask, lens
 
 
-def committed_pairs(roots: list, verdicts: list) -> tuple[list, list]:
-    """Per row, the target features along the accepted path and the tokens after them (empty for finished
-    rows): what the draft catches up on after a round."""
+def committed_pairs(roots: list, verdicts: list, layout) -> tuple[list, list, list]:
+    """Per row, the target features along the accepted path, the tokens after them and their item slots (empty
+    for finished rows): what the draft catches up on after a round."""
     H = next(v.features.shape[-1] for v in verdicts if v.features is not None)
     live = [not r.state.done for r in roots]
     feats = [v.features if ok else np.zeros((0, H), np.float32) for v, ok in zip(verdicts, live)]
     tokens = [np.asarray(v.tokens if ok else [], np.int32) for v, ok in zip(verdicts, live)]
-    return feats, tokens
+    slots = [layout.slots(t, start=v.depth) for t, v in zip(tokens, verdicts)]
+    return feats, tokens, slots

@@ -9,7 +9,7 @@ import numpy as np
 
 from ..cache.rounds import DeviceRounds
 from ..grammar import PAD
-from .feeds import catch_up_feeds, chain_feeds, committed_pairs, self_mask
+from .feeds import catch_up_feeds, chain_feeds, committed_pairs, prompt_slots, self_mask
 from .sampling import allowed_logits, distribution, log_softmax
 from .state import Clock, DecodeConfig, Node, Proposal
 
@@ -59,15 +59,16 @@ class StepDraft(NoDraft):
         self.draft, self.constraint, self.cfg, self.rng, self.clock = draft, constraint, cfg, rng, clock
 
     def after_prefill(self, roots, feats, tokens) -> None:
-        self._catch_up(roots, feats, tokens, [0] * len(roots))
+        slots = prompt_slots(tokens, self.constraint.catalogue.layout)
+        self._catch_up(roots, feats, tokens, slots, [0] * len(roots))
 
     def after_accept(self, roots, verdicts, starts) -> None:
         if any(not r.state.done for r in roots):
-            self._catch_up(roots, *committed_pairs(roots, verdicts), starts)
+            self._catch_up(roots, *committed_pairs(roots, verdicts, self.constraint.catalogue.layout), starts)
 
-    def _catch_up(self, roots, feats, tokens, starts) -> None:
+    def _catch_up(self, roots, feats, tokens, slots, starts) -> None:
         """Feed the draft (target feature, next token) pairs of newly committed positions at step 0."""
-        feeds, mask, lens = catch_up_feeds(feats, tokens, starts, self.constraint.catalogue.layout)
+        feeds, mask, lens = catch_up_feeds(feats, tokens, slots, starts, self.constraint.catalogue.layout)
         t = time.perf_counter()
         self.draft.discard()
         out = self.draft.forward(feeds, mask)
@@ -103,12 +104,14 @@ class StepDraft(NoDraft):
         hid = np.zeros((B, T, H), np.float32)
         ids = np.full((B, T), PAD, np.int32)
         pos = np.zeros((B, T), np.int32)
+        before = np.zeros((B, T), np.int64)  # tokens of the current item before each node's token
         mask = self_mask(B, T, scratch)
         for b, e in enumerate(expand):
             for t, i in enumerate(e):
                 n = nodes[b][i]
-                hid[b, t] = roots[b].draft_hidden if n.parent < 0 else nodes[b][n.parent].hidden
-                ids[b, t], pos[b, t] = n.token, roots[b].position + depth - 1
+                parent = roots[b] if n.parent < 0 else nodes[b][n.parent]
+                hid[b, t] = roots[b].draft_hidden if n.parent < 0 else parent.hidden
+                ids[b, t], pos[b, t], before[b, t] = n.token, roots[b].position + depth - 1, parent.state.depth
                 a = n.parent
                 while a >= 0:
                     mask[b, t, nodes[b][a].scratch] = True
@@ -117,7 +120,8 @@ class StepDraft(NoDraft):
         t0 = time.perf_counter()
         out = self.draft.forward({"hidden_in": hid, "input_ids": ids, "position_ids": pos,
                                   "step": np.full((B, T), depth, np.int32),
-                                  "slot": self.constraint.catalogue.layout.slots(ids)}, mask)
+                                  "slot": self.constraint.catalogue.layout.slots(ids[..., None], before)[..., 0]},
+                                 mask)
         self.clock.draft += time.perf_counter() - t0
         for b, e in enumerate(expand):
             for t, i in enumerate(e):
@@ -173,12 +177,14 @@ class FusedChain(NoDraft):
         self.draft, self.constraint, self.clock = draft, constraint, clock
 
     def after_prefill(self, roots, feats, tokens) -> None:
-        for r, f, t in zip(roots, feats, tokens):  # the first chain call catches up on the whole prompt
-            r.pending = (f, t, 0)
+        slots = prompt_slots(tokens, self.constraint.catalogue.layout)
+        for r, f, t, sl in zip(roots, feats, tokens, slots):  # the first chain call catches up on the whole prompt
+            r.pending = (f, t, sl, 0)
 
     def after_accept(self, roots, verdicts, starts) -> None:
-        for r, f, t, s in zip(roots, *committed_pairs(roots, verdicts), starts):
-            r.pending = (f, t, s) if not r.state.done else None
+        pairs = committed_pairs(roots, verdicts, self.constraint.catalogue.layout)
+        for r, f, t, sl, s in zip(roots, *pairs, starts):
+            r.pending = (f, t, sl, s) if not r.state.done else None
 
     def propose(self, roots) -> Proposal:
         feeds, mask, lens = chain_feeds(roots, self.constraint, self.draft.chain_steps)
@@ -204,9 +210,10 @@ class DeviceChain(FusedChain):
     def behind_prefill(self, call, prompts, states) -> None:
         lens = [len(p) for p in prompts]
         H = call.device("hidden").shape[-1]
-        feeds, mask, _ = catch_up_feeds([np.zeros((n, H), np.float32) for n in lens],
-                                        [np.append(p[1:], PAD) for p in prompts], [0] * len(prompts),
-                                        self.constraint.catalogue.layout)
+        layout = self.constraint.catalogue.layout
+        tokens = [np.append(p[1:], PAD) for p in prompts]  # the last token and its slot: picked on the device
+        feeds, mask, _ = catch_up_feeds([np.zeros((n, H), np.float32) for n in lens], tokens,
+                                        prompt_slots(tokens, layout), [0] * len(prompts), layout)
         del feeds["step"]
         feeds["last"] = np.asarray(lens, np.int32) - 1
         self.queued = self.rounds.queue_first(self.draft, call, feeds, mask, lens, states, self.clock)

@@ -116,6 +116,7 @@ class DecodeSession:
     def _accept(self, scored: Scored, b: int, root: Root, tree: list) -> Verdict:
         v = self.acceptor.accept(scored, b, root, tree)
         v.features = scored.hidden[b, v.path]
+        v.depth = root.state.depth
         return v
 
     def _commit(self, verdicts: list) -> None:

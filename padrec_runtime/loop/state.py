@@ -60,7 +60,7 @@ class Root:
     state: ConstraintState  # constraint state after it
     draft_logits: np.ndarray | None = None  # (V,) draft prediction of the next token
     draft_hidden: np.ndarray | None = None  # (H,) draft feature behind that prediction
-    pending: tuple | None = None  # fused chain: (features, tokens, start) the draft has not seen yet
+    pending: tuple | None = None  # fused chain: (features, tokens, slots, start) the draft has not seen yet
 
 
 @dataclass
@@ -89,6 +89,7 @@ class Verdict:
     tokens: list  # committed tokens: accepted draft tokens then the bonus token, if any
     state: ConstraintState  # constraint state after the committed tokens
     features: np.ndarray | None = None  # (len(path), H) target hidden states along the path, for the draft
+    depth: int = 0  # tokens of the current item before the committed ones: where their item slots start
 
 
 @dataclass

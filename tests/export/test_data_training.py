@@ -11,8 +11,8 @@ from padrec_export.demo import default_model_dir
 from padrec_export.models import DraftConfig, TargetConfig
 from padrec_export.semantic_ids import embed_texts, residual_kmeans
 from padrec_export.train import TrainConfig, _draft_step_mask, encode_example, train_draft, train_target
-from padrec_runtime.errors import InputError, PadrecError
-from padrec_runtime.grammar import Catalogue, ListConstraint, TokenLayout
+from padrec_runtime.errors import CheckpointError, InputError, PadrecError
+from padrec_runtime.grammar import EOS, LAYOUT_KINDS, SEP, Catalogue, ListConstraint, TokenLayout
 
 
 @pytest.fixture(scope="module")
@@ -85,15 +85,33 @@ def small_training(ml100k):
     return cat, seqs, tc, cfg
 
 
-def test_encode_example_layout(small_training, ml100k):
-    cat, seqs, _, _ = small_training
-    con = ListConstraint(cat, n_items=10)
-    s = seqs[0]
-    state = con.start([])
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_encode_example_layout(small_training, ml100k, kind):
+    """A training example is the prompt then the list the grammar accepts, items spelled by the layout."""
+    base = small_training[0]
+    cat = Catalogue(TokenLayout(4, 64, kind), base.item_ids, base.sids)
+    split = make_split(ml100k, users=3)
+    history, items = split.train[0]
+    s = encode_example(cat, history, items)
     body = s[list(s).index(4) + 1:]  # after <list>
+    state = ListConstraint(cat, n_items=10).start([])
     for tok in body:
-        state = con.advance(state, tok)
-    assert state.done and len(body) == 50
+        state = ListConstraint(cat, n_items=10).advance(state, tok)
+    assert state.done and cat.decode_list(body) == list(items)
+    assert cat.decode_list(s[:len(s) - len(body)]) == list(history)
+    assert body[-1] == EOS and list(body).count(SEP) == 9
+    spelled = [len(cat.list_tokens([i])) - 1 for i in items]
+    assert len(body) == sum(spelled) + 10
+    assert set(spelled) == ({4} if kind != "digits" else set(spelled)) and max(spelled) <= cat.layout.max_item_tokens
+
+
+def test_validation_list_loss_finds_the_list_of_any_length(small_training, trained_target):
+    """list_len=0 (the tokens after <list>) is the fixed 50-token list of per_level's 10 items of 4 codes."""
+    from padrec_export.train import list_loss
+    _, seqs, _, cfg = small_training
+    model, _ = trained_target
+    assert list_loss(model, seqs[:40], 0, 16, "cpu") == pytest.approx(list_loss(model, seqs[:40], 50, 16, "cpu"))
+    assert list_loss(model, seqs[:40], 0, 16, "cpu") != pytest.approx(list_loss(model, seqs[:40], 20, 16, "cpu"))
 
 
 @pytest.fixture(scope="module")
@@ -150,11 +168,55 @@ def test_train_all_writes_what_the_exporter_reads(tmp_path):
     assert (out / "draft_padrec" / "draft.safetensors").is_file() and not (out / "draft_eagle").exists()
     with pytest.raises(InputError, match="drafts: got"):
         train_all("ml-100k", out, drafts=("medusa",))
-    assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == {"levels": 4, "codebook": 64}
+    assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == {"levels": 4, "codebook": 64,
+                                                                               "kind": "per_level"}
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng")
     assert set(m.data["files"]) == {"target.onnx", "draft.onnx", "draft_chain.onnx", "target_gqa.onnx", "draft_chain_gqa.onnx",
                                    "catalogue.json"}
     assert m.graph("target_gqa")["onnxruntime_only"] and m.graph("target_gqa")["kv"]["in_place"]
+
+
+def test_padrec_train_layout_trains_exports_and_decodes_that_layout(tmp_path):
+    """`padrec train --layout digits` (the layout whose items vary in length): target and draft trained on its
+    tokens (the draft with its slots), padrec.json says the layout, export writes it into the manifest, and the
+    runtime decodes with it losslessly."""
+    kind = "digits"
+    pytest.importorskip("recbole")
+    from click.testing import CliRunner
+
+    from padrec_export.cli import main
+    from padrec_export.pipeline import export_checkpoints
+    from padrec_runtime import DecodeParams, Recommender
+    out = tmp_path / "m"
+    out.mkdir()
+    shutil.copy(default_model_dir("ml-100k") / "catalogue.json", out / "catalogue.json")
+    res = CliRunner().invoke(main, ["train", "--out", str(out), "--layout", kind, "--hidden", "32", "--layers", "1",
+                                    "--heads", "2", "--kv-heads", "1", "--intermediate", "64", "--users", "8",
+                                    "--epochs", "1", "--draft-epochs", "1", "--drafts", "padrec", "--batch-size", "64"])
+    assert res.exit_code == 0, res.output
+    layout = TokenLayout(4, 64, kind)
+    assert json.loads((out / "target" / "padrec.json").read_text())["layout"] == layout.to_json()
+    draft_cfg = json.loads((out / "draft_padrec" / "draft.json").read_text())
+    target_cfg = json.loads((out / "target" / "config.json").read_text())
+    assert draft_cfg["config"]["n_slots"] == layout.n_slots and target_cfg["vocab_size"] == layout.vocab_size
+    m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng", fused_target=False)
+    assert m.layout == layout and m.data["model"]["layout"]["kind"] == kind
+    rec = Recommender(tmp_path / "eng")
+    hist = [[1, 2, 3], [50, 172, 181, 7]]
+    ar = rec.recommend(hist, params=DecodeParams(speculate="off"))
+    for mode in ("chain", "tree"):
+        assert [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate=mode)).lists] == \
+            [r.tokens for r in ar.lists]
+    assert all(len(r.item_ids) == 10 for r in ar.lists)
+
+
+def test_a_bad_layout_in_padrec_json_is_a_checkpoint_error():
+    from padrec_export.pipeline import read_layout
+    assert read_layout({"layout": {"levels": 4, "codebook": 64}}, "padrec.json") == TokenLayout(4, 64)  # per_level
+    for bad in ({"levels": 4, "codebook": 64, "kind": "words"}, {"levels": 4}, {"levels": 4, "codebook": 64, "x": 1},
+                {"levels": "4", "codebook": 64}, None):
+        with pytest.raises(CheckpointError, match="expected .*per_level, shared, digits"):
+            read_layout({"layout": bad}, "padrec.json")
 
 
 def test_final_split_refits_on_valid_items_but_never_on_test_items():

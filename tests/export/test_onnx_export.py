@@ -12,6 +12,7 @@ from tests.conftest import polygraphy_cli
 from padrec_export.qa_feeds import graph_cases
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.errors import IntegrityError, ManifestError
+from padrec_runtime.grammar import LAYOUT_KINDS
 from padrec_runtime.manifest import load_manifest
 
 
@@ -106,16 +107,19 @@ def test_export_without_in_place_graphs(tiny, tmp_path):
     assert set(m.data["graphs"]) == {"target"}
 
 
-def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
+@pytest.mark.parametrize("kind", LAYOUT_KINDS)
+def test_draft_chain_is_the_step_by_step_greedy_draft(tiny, layout_models, kind):
     """DraftChain (one graph per round) proposes what K separate draft calls with a constrained argmax would:
-    the catch-up pass, then each step fed its own token, hidden state, position, step index and slot, over
-    the KV of everything before it; choices follow the trie, avoid prefixes whose items are all used and end
-    with eos only when no item is left. Checked against a plain loop over Draft.forward and the trie."""
+    the catch-up pass, then each step fed its own token, hidden state, position, step index and slot (its place
+    in its item), over the KV of everything before it; choices follow the trie, avoid prefixes whose items are
+    all used and end with eos only when no item is left. Checked against a plain loop over Draft.forward and the
+    trie, in every token layout."""
     import torch
     from padrec_export.models import DraftChain
     from padrec_runtime.grammar import EOS, SEP, ConstraintState, ListConstraint
-    cat, _, draft = tiny
-    lay, K = cat.layout, 7  # more steps than an item has tokens: the chain crosses a separator
+    cat, _, draft = tiny if kind == "per_level" else layout_models(kind)
+    lay = cat.layout
+    K = cat.max_depth + 4  # more steps than an item has tokens: the chain crosses a separator
     chain = DraftChain(draft, cat, K).eval()
     con = ListConstraint(cat, n_items=5)
     rng = np.random.default_rng(0)
@@ -141,14 +145,13 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
             return chain(hid, ids, pos, slot, last, node, left, banned, mask, [(pk, pv)])
 
     def items_of(b, toks):  # the items a chain completes, walking the trie from the row's start
-        (at, depth), out = start[b], []
+        at, out = start[b][0], []
         for tok in toks:
             if tok in (SEP, EOS):
-                at, depth = 0, 0
+                at = 0
                 continue
-            code = tok - lay.n_special - depth * lay.codebook
-            at, depth = int(cat.child_nodes[at][list(cat.child_codes[at]).index(code)]), depth + 1
-            if depth == lay.levels:
+            at = int(cat.child_nodes[at][list(cat.child_tokens[at]).index(tok)])
+            if at in cat.leaf_item:
                 out.append(cat.leaf_item[at])
         return out
 
@@ -176,17 +179,19 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
             gone = cat.exhausted(used_b)
             want = []
             for j in range(1, K + 1):
-                if depth < lay.levels:
-                    kids = [(c, m) for c, m in zip(cat.child_codes[at], cat.child_nodes[at]) if not gone[m]]
-                    allowed = [lay.n_special + depth * lay.codebook + int(c) for c, _ in kids]
+                in_item = at not in cat.leaf_item
+                if in_item:
+                    kids = [(t, m) for t, m in zip(cat.child_tokens[at], cat.child_nodes[at]) if not gone[m]]
+                    allowed = [int(t) for t, _ in kids]
                 else:
                     allowed = [SEP] if togo > 0 else [EOS]
                 tok = allowed[int(torch.argmax(lg[allowed]))]
                 want.append(tok)
-                if depth < lay.levels:
+                tok_slot = depth if in_item else lay.max_item_tokens  # its place in the item; the separator's
+                if in_item:
                     at, depth = int(kids[allowed.index(tok)][1]), depth + 1
-                    togo -= depth == lay.levels
-                    if depth == lay.levels:  # the item is used: not proposed again in this chain
+                    if at in cat.leaf_item:  # the item is used: not proposed again in this chain
+                        togo -= 1
                         used_b = used_b | {cat.leaf_item[at]}
                         gone = cat.exhausted(used_b)
                 else:
@@ -196,7 +201,7 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny):
                 seen = torch.cat([seen, torch.ones(1, 1, 1, dtype=torch.bool)], -1)
                 x = torch.tensor([[tok]], dtype=torch.int32)
                 lg, h, [(k, v)] = draft(h, x, pos[b:b + 1, n:n + 1] + j, torch.full_like(x, j),
-                                        torch.as_tensor(lay.slots(x.numpy())), seen, [(keys, values)])
+                                        torch.full_like(x, tok_slot), seen, [(keys, values)])
                 keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
                 lg = lg[0, -1]
             assert tokens[b].tolist() == want, b
@@ -471,3 +476,16 @@ def test_draft_without_gates_is_the_gated_draft_with_its_gates_open(tiny, engine
                 assert np.array_equal(got[out], want[out]), (graph, case, out)
             differs[graph] |= not np.array_equal(got[out], torch_outputs(wrap(gated), True, feeds, "fp32")[out])
     assert all(differs.values()), differs
+
+
+def test_export_refuses_a_draft_without_the_layouts_slots(layout_models, tmp_path):
+    """A digits item spans up to 9 tokens: a draft trained with per_level's 5 slots cannot take its slot inputs."""
+    from padrec_export.models import Draft, DraftConfig
+    from padrec_export.onnx_export import export_engines
+    from padrec_runtime.errors import InputError
+    cat, target, draft = layout_models("digits")
+    assert draft.cfg.n_slots == cat.layout.n_slots == 11
+    short = Draft(DraftConfig(**{**draft.cfg.to_dict(), "n_slots": 5}), target)
+    with pytest.raises(InputError, match="draft n_slots | got 5 | expected at least 11 for the digits layout"):
+        export_engines(target, short, cat, tmp_path / "e", progress=False)
+    assert not (tmp_path / "e").exists()

@@ -12,6 +12,11 @@ CONFIGS = {
     "mha-L4": TinySpec(seed=2, levels=4, codebook=6, heads=4, kv_heads=4, n_items=80),
     "qwen2-L2": TinySpec(seed=3, levels=2, codebook=12, heads=4, kv_heads=1, qkv_bias=True, tie=True, n_items=70),
 }
+# the other token layouts (every mode of theirs against AR on engines: tests/runtime/test_layout_engines.py)
+LAYOUT_CONFIGS = {
+    "shared-L3": TinySpec(seed=1, levels=3, codebook=8, heads=4, kv_heads=2, kind="shared"),
+    "digits-L3": TinySpec(seed=2, levels=3, codebook=12, heads=4, kv_heads=2, kind="digits"),  # items of 6..9 tokens
+}
 
 
 def _histories(cat, rng, batch):
@@ -77,17 +82,24 @@ def test_oracle_draft_accepts_everything(K):
             assert row[-1] <= K + 1
 
 
-def test_lists_are_valid(setup):
-    cat, target, draft = setup
-    L = cat.layout.levels
+@pytest.fixture(scope="module", params=list(CONFIGS) + list(LAYOUT_CONFIGS))
+def any_setup(request):
+    return tiny_setup({**CONFIGS, **LAYOUT_CONFIGS}[request.param])
+
+
+def test_lists_are_valid(any_setup):
+    """Valid lists (catalogue items spelled by the layout, none twice, none from the history), the same in every
+    mode: the fused chain (greedy chain rounds) and the tree give AR's."""
+    cat, target, draft = any_setup
     con = ListConstraint(cat, n_items=7)
     rng = np.random.default_rng(0)
     hist = _histories(cat, rng, 4)
-    for mode in ("off", "chain", "tree"):
-        g = reference_generate(target, draft, hist, con, DecodeConfig(speculate=mode))
-        for h, toks in zip(hist, g.tokens):
-            assert len(toks) == 7 * (L + 1)
-            assert toks[-1] == EOS and all(t == SEP for t in toks[L:-1:L + 1])
-            items = cat.decode_list(toks)
-            assert len(items) == 7 and len(set(items)) == 7
-            assert not set(items) & set(h)
+    ar = reference_generate(target, draft, hist, con, DecodeConfig(speculate="off")).tokens
+    for mode in ("chain", "tree"):
+        assert reference_generate(target, draft, hist, con, DecodeConfig(speculate=mode)).tokens == ar, mode
+    for h, toks in zip(hist, ar):
+        items = cat.decode_list(toks)
+        assert toks == cat.list_tokens(items).tolist()  # items spelled by the layout, <sep> between, <eos>
+        assert toks[-1] == EOS and toks.count(SEP) == 6
+        assert len(items) == 7 and len(set(items)) == 7
+        assert not set(items) & set(h)

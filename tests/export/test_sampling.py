@@ -9,10 +9,15 @@ from padrec_runtime.loop.accept import ChainSampler
 from padrec_export.reference import next_token_logits, reference_generate
 from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.loop import DecodeConfig
-from padrec_runtime.grammar import ListConstraint
+from padrec_runtime.grammar import LAYOUT_KINDS, ListConstraint
 from padrec_runtime.loop.sampling import SamplingConfig, allowed_logits, distribution
 
-SPEC = TinySpec(seed=4, levels=2, codebook=3, n_items=6, hidden=32, heads=2, kv_heads=1)
+# per layout, a seed whose list law is spread enough for every case (at least 6 lists, none above 0.9)
+SPECS = {"per_level": TinySpec(seed=4, levels=2, codebook=3, n_items=6, hidden=32, heads=2, kv_heads=1),
+         "shared": TinySpec(seed=8, levels=2, codebook=3, n_items=6, hidden=32, heads=2, kv_heads=1, kind="shared"),
+         "digits": TinySpec(seed=7, levels=2, codebook=12, n_items=6, hidden=32, heads=2, kv_heads=1,
+                            kind="digits")}  # codes 10 and 11 among them: items of 4 to 6 tokens
+SPEC = SPECS["per_level"]
 HISTORY = [1000]
 N_SAMPLES = 3000
 
@@ -62,10 +67,20 @@ def chi_square_p(law, counts):
     return chi2.sf(stat, len(exp) - 1)
 
 
-@pytest.fixture(scope="module")
-def models():
-    cat, target, draft = tiny_setup(SPEC)
+def make_models(kind: str):
+    cat, target, draft = tiny_setup(SPECS[kind])
     return ListConstraint(cat, n_items=2), target, draft
+
+
+@pytest.fixture(scope="module", params=LAYOUT_KINDS)
+def models(request):
+    """(constraint, target, draft) of each token layout."""
+    return make_models(request.param)
+
+
+@pytest.fixture(scope="module")
+def per_level_models():
+    return make_models("per_level")
 
 
 CASES = [
@@ -120,8 +135,8 @@ def _accept_ratio_inverted(logits, root, chain, constraint, cfg, rng):
 
 
 @pytest.mark.parametrize("wrong_rule", [_accept_all, _accept_ratio_inverted])
-def test_wrong_acceptance_rule_fails_the_test(models, monkeypatch, wrong_rule):
-    con, target, draft = models
+def test_wrong_acceptance_rule_fails_the_test(per_level_models, monkeypatch, wrong_rule):
+    con, target, draft = per_level_models
     cfg = CASES[1]
     law = exact_law(target, con, cfg.sampling)
     def accept(self, scored, b, root, tree):  # the wrong rule in the sampler's place

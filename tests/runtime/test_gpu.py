@@ -108,7 +108,7 @@ def check_accept_kernel(seed: int = 0) -> dict:
             "path": np.argsort(rng.random((B, T1, n_nodes)), axis=2)[..., :L], "ends": rng.random((B, T1, L)) < 0.5}
     row_of = rng.integers(0, n_rows, n_ban)
     tab = {"next_node": rng.integers(0, n_ban, (n_rows, V)), "row_of": row_of,
-           "is_leaf": (rng.random(n_ban) < 0.5).astype(np.int64), "slot_of": rng.integers(0, L + 1, V)}
+           "is_leaf": (rng.random(n_ban) < 0.5).astype(np.int64), "node_slot": rng.integers(0, L + 2, n_ban)}
     dev = {k: cp.asarray(v) for k, v in host.items()}
     tab = {k: cp.asarray(v) for k, v in tab.items()}
     padded = cp.zeros((B, 16, V), np.float32)  # the verify bucket's buffer: logits are a (B, T1, V) view of it

@@ -3,15 +3,16 @@ import pytest
 
 from padrec_export.onnx_export import ExportLimits, export_engines
 from padrec_export.tiny import tiny_setup
-from padrec_runtime.grammar import ListConstraint
+from padrec_runtime.grammar import LAYOUT_KINDS, ListConstraint
 from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 from padrec_runtime.loop.sampling import SamplingConfig
-from tests.export.test_sampling import HISTORY, SPEC, chi_square_p, exact_law
+from tests.export.test_sampling import HISTORY, SPECS, chi_square_p, exact_law
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    cat, target, draft = tiny_setup(SPEC)
+@pytest.fixture(scope="module", params=LAYOUT_KINDS)
+def setup(request, tmp_path_factory):
+    """(recommender, target, constraint) of each token layout."""
+    cat, target, draft = tiny_setup(SPECS[request.param])
     out = tmp_path_factory.mktemp("sampling") / "eng"
     export_engines(target, draft, cat, out, "fp32", ExportLimits(max_seq_len=64, max_history=4, max_batch=500,
                                                                  max_items=2, n_items=2), progress=False)

@@ -2,12 +2,13 @@
 // the target's grammar-masked pick at every verify position (first maximum wins, as numpy's argmax), the
 // accepted count, the bonus token and from them the next chain call's inputs, written straight into that
 // call's bound input buffers, each row's tokens from its column col0 on. `accept_reference` in rounds.py is
-// the same computation in array ops (the GPU test compares the two).
+// the same computation in array ops (the GPU test compares the two). A pick's item slot is the slot of the trie
+// node it leads to from its position's table row (node_slot), so the slot needs no token-id rule (any layout).
 extern "C" __global__ void padrec_accept(
         const float* logits, long long row_stride, long long pos_stride, const bool* mask,
         const long long* tokens, const long long* rows, const long long* left, const unsigned short* banned,
         const long long* path, const bool* ends, const long long* next_node, const long long* row_of,
-        const long long* is_leaf, const long long* slot_of, const int* col0, int T1, int V, int L, int n_ban,
+        const long long* is_leaf, const long long* node_slot, const int* col0, int T1, int V, int D, int n_ban,
         int P, int* out_ids, int* out_slot, int* out_last, int* out_node, int* out_left, unsigned short* out_banned) {
     extern __shared__ int picks[];  // (T1,)
     __shared__ int s_acc;
@@ -48,12 +49,12 @@ extern "C" __global__ void padrec_accept(
     for (int j = threadIdx.x; j < n_ban; j += blockDim.x) out_banned[b * n_ban + j] = banned[at * n_ban + j];
     for (int m = threadIdx.x; m < T1; m += blockDim.x) {
         out_ids[b * P + col0[b] + m] = picks[m];
-        out_slot[b * P + col0[b] + m] = (int)slot_of[picks[m]];
+        out_slot[b * P + col0[b] + m] = (int)node_slot[next_node[rows[b * T1 + m] * V + picks[m]]];
     }
     __syncthreads();
     if (threadIdx.x == 0 && is_leaf[s_reached]) {  // the bonus token completes an item
-        for (int l = 0; l < L; l++)
-            if (ends[at * L + l]) out_banned[b * n_ban + path[at * L + l]] = NEG_INF;
+        for (int d = 0; d < D; d++)  // the item's path from the root (D: the longest item's tokens)
+            if (ends[at * D + d]) out_banned[b * n_ban + path[at * D + d]] = NEG_INF;
         out_banned[b * n_ban + s_reached] = NEG_INF;
     }
 }
