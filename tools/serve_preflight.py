@@ -63,6 +63,11 @@ def check_cuda() -> str:
                              "onnxruntime-gpu first on PYTHONPATH (/tmp/gpusite)")
     try:
         import cupy
+    except Exception as exc:  # seen on the H200: CuPy 13 imports the machine's SciPy, built for numpy 2
+        raise PreflightError(f"cupy: import failed ({type(exc).__name__}: {str(exc)[:200]}) | CuPy 13 and what it "
+                             "imports (SciPy) must be built for the stub's numpy 1.26: stage a SciPy < 1.15 wheel "
+                             "with the serving wheels") from None
+    try:
         total = int(cupy.arange(4).sum())
         kernel = cupy.RawKernel(r'extern "C" __global__ void twice(int* x) { x[threadIdx.x] *= 2; }', "twice")
         x = cupy.arange(4, dtype=cupy.int32)
