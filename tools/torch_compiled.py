@@ -117,12 +117,13 @@ def compiled(fn, mode: str | None):
 def cudagraph_skips() -> int:
     """Graphs torch.compile ran without CUDA graphs so far in this process (0 when all were captured)."""
     from torch._dynamo.utils import counters
-    return int(sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",)))
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _static(t: torch.Tensor) -> torch.Tensor:
     """Mark a state buffer's address as fixed, so CUDA graphs write it in place instead of copying it."""
     if t.is_cuda:
+        import torch._dynamo
         torch._dynamo.mark_static_address(t)
     return t
 
