@@ -62,6 +62,8 @@ def make_target(shape: str | Shape, dtype: torch.dtype, device, seed: int = 0, v
     with torch.device("meta"):
         target = Target(cfg)
     target = target.to_empty(device=device).to(dtype).eval()
+    if s.tie:  # to_empty gives every parameter its own storage
+        target.lm_head.weight = target.embed_tokens.weight
     if torch.device(device).type == "meta":  # sizes only
         return target.requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(seed)
