@@ -220,7 +220,7 @@ class CompiledTarget(nn.Module):
         with torch.no_grad():
             for T in tokens:
                 ids = torch.zeros(batch, T, dtype=torch.long, device=dev)
-                positions = torch.arange(T, device=dev).expand(batch, T)
+                positions = torch.arange(T, device=dev).expand(batch, T).contiguous()  # the strides timed later
                 for _ in range(calls):
                     self.step(ids, positions)
         _sync(dev)
