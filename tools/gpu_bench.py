@@ -196,8 +196,7 @@ def bench_compiled(models: tuple, con, users: list, hist_all: list, batches: lis
                 tau = float(np.average([p.tau for p in parts], weights=[max(p.rounds, 1) for p in parts]))
                 return [t for p in parts for t in p.tokens], tau  # tau over every round
             runs = {"ar": lambda: lists(dec.ar), "chain": lambda: lists(dec.speculate)}
-            for run in runs.values():  # compile and capture this batch's shapes
-                run()
+            res[f"warm_up_s_b{batch}"] = dec.warm_up(users[:1] if batch == 1 else hist_all[:batch])
             t, last = alternate(runs, repeats)
             per = len(users) if batch == 1 else 1
             for name, (toks, tau) in last.items():

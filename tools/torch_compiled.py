@@ -62,6 +62,8 @@ def make_target(shape: str | Shape, dtype: torch.dtype, device, seed: int = 0, v
     with torch.device("meta"):
         target = Target(cfg)
     target = target.to_empty(device=device).to(dtype).eval()
+    if s.tie:  # to_empty gives every parameter its own storage
+        target.lm_head.weight = target.embed_tokens.weight
     if torch.device(device).type == "meta":  # sizes only
         return target.requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(seed)
@@ -117,12 +119,13 @@ def compiled(fn, mode: str | None):
 def cudagraph_skips() -> int:
     """Graphs torch.compile ran without CUDA graphs so far in this process (0 when all were captured)."""
     from torch._dynamo.utils import counters
-    return int(sum(counters["inductor"].get(k, 0) for k in ("cudagraph_skips",)))
+    return int(counters["inductor"]["cudagraph_skips"])
 
 
 def _static(t: torch.Tensor) -> torch.Tensor:
     """Mark a state buffer's address as fixed, so CUDA graphs write it in place instead of copying it."""
     if t.is_cuda:
+        import torch._dynamo
         torch._dynamo.mark_static_address(t)
     return t
 
@@ -211,6 +214,18 @@ class CompiledTarget(nn.Module):
         self.register_buffer("head32", target.lm_head.weight.detach().float(), persistent=False)
         self.step = compiled(self.forward, mode)
 
+    def warm_up(self, tokens=(1, 8), batch: int = 1, calls: int = 3) -> float:
+        """Compile and capture the step for each number of tokens (the first calls of a shape do); seconds taken."""
+        dev, t0 = self.head32.device, time.perf_counter()
+        with torch.no_grad():
+            for T in tokens:
+                ids = torch.zeros(batch, T, dtype=torch.long, device=dev)
+                positions = torch.arange(T, device=dev).expand(batch, T).contiguous()  # the strides timed later
+                for _ in range(calls):
+                    self.step(ids, positions)
+        _sync(dev)
+        return time.perf_counter() - t0
+
     def prefill(self, tokens, positions):
         """Prompts (B, P) at positions 0..P-1 (each row's padding after its prompt: the next tokens overwrite its
         KV): the compiled step at the prompt's shape."""
@@ -293,6 +308,15 @@ class Decoder(nn.Module):
         self._spec = compiled(self._spec_round, mode)
 
     # -- the host side: prompts in, lists out ---------------------------------------------------------------------
+    def warm_up(self, histories: list) -> float:
+        """Compile and capture every function for this batch size and prompt bucket; seconds taken."""
+        t0 = time.perf_counter()
+        for _ in range(3):
+            self.ar(histories)
+            if self.draft is not None:
+                self.speculate(histories)
+        return time.perf_counter() - t0
+
     def ar(self, histories: list) -> Lists:
         B, lens = self._start(histories, spec=False)
         for _ in range(self.constraint.list_length() - 1):  # every list has the same length: no check per token
@@ -493,15 +517,9 @@ def time_modes(target: Target, dtype: torch.dtype, device, modes: list, max_len:
     """mode -> the target's step at 1 and 8 tokens (batch 1) compiled in that mode, with its compile time."""
     res = {}
     for mode in modes:
-        t0 = time.perf_counter()
         skips = cudagraph_skips()
         ct = CompiledTarget(target, 1, max_len, dtype, mode)
-        with torch.no_grad():  # compile and capture both shapes before timing
-            for T in (1, 8):
-                for _ in range(3):
-                    ct.step(torch.zeros(1, T, dtype=torch.long, device=device), torch.arange(T, device=device)[None])
-        _sync(device)
-        compile_s = time.perf_counter() - t0
+        compile_s = ct.warm_up((1, 8))
         res[mode or "eager"] = {**step_times(ct, at=at), "compile_s": compile_s,
                                 "cudagraph_skips": cudagraph_skips() - skips}
         log(label, mode or "eager", json.dumps(res[mode or "eager"]))
