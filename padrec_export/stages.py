@@ -67,11 +67,13 @@ class Job:
 
 
 def target_done(job: Job) -> bool:
-    return (job.models / "target" / "padrec.json").is_file()
+    return (job.models / "target" / "padrec.json").is_file()  # save_target writes it last
 
 
 def draft_done(job: Job, name: str) -> bool:
-    return (job.models / f"draft_{name}" / "draft.safetensors").is_file()
+    """Its weights written and its training state gone (removed only after the weights were written whole)."""
+    path = job.models / f"draft_{name}"
+    return (path / "draft.safetensors").is_file() and not (path / DRAFT_STATE).exists()
 
 
 def _merge_report(job: Job, part: dict) -> dict:
