@@ -253,6 +253,8 @@ def run_stages(job: Job, plan: ExportPlan, stages, budget: Budget, log: Callable
             raise BackendError(oom_diagnosis(name, job, exc)) from None
         finally:
             release_memory()
+        if result.get("status") == "done before" or result == {}:
+            log(f"{name}: done before, skipped ({job.work} holds it)")
         if result.get("status") == "paused":
             out["paused"] = True
             log(f"{name}: paused before the time budget ran out | rerun the same command to continue")
