@@ -76,9 +76,14 @@ def draft_done(job: Job, name: str) -> bool:
     return (path / "draft.safetensors").is_file() and not (path / DRAFT_STATE).exists()
 
 
+def _report(job: Job) -> dict:
+    path = job.models / REPORT
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 def _merge_report(job: Job, part: dict) -> dict:
     path = job.models / REPORT
-    report = json.loads(path.read_text()) if path.exists() else {}
+    report = _report(job)
     report.update(part)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -190,17 +195,19 @@ def export_stage(job: Job, plan: ExportPlan, log: Callable[[str], None]) -> dict
         if not draft_done(job, name):
             raise CheckpointError(f"{job.models / f'draft_{name}'}: not trained yet | expected every draft before "
                                   "the export | run the drafts stage first")
-        t0 = time.perf_counter()
+        t0, reuse = time.perf_counter(), done[0] if done else None
         export_checkpoints(job.models / "target", job.models / f"draft_{name}", eng, plan.precision,
                            max_seq_len=plan.max_seq_len, max_history=plan.max_history, max_batch=plan.max_batch,
                            draft_steps=plan.draft_steps, fused_chain=plan.fused_chain, device=job.device,
-                           reuse_target=done[0] if done else None)
+                           reuse_target=reuse)
         done.append(eng)
         out[name] = time.perf_counter() - t0
         size_gb = sum(f.stat().st_size for f in eng.iterdir()) / 1e9
         log(f"exported {name} ({plan.precision}, {size_gb:.1f} GB of files, target graphs "
-            f"{'linked' if len(done) > 1 else 'written'}) in {out[name]:.0f} s")
+            f"{f'linked from {reuse.name}' if reuse else 'written'}) in {out[name]:.0f} s")
         release_memory()  # the traced copy's blocks, before the next export or the bench
+    if out:
+        _merge_report(job, {"export": {**_report(job).get("export", {}), **out}})  # seconds per directory
     return out
 
 
