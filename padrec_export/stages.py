@@ -67,16 +67,23 @@ class Job:
 
 
 def target_done(job: Job) -> bool:
-    return (job.models / "target" / "padrec.json").is_file()
+    return (job.models / "target" / "padrec.json").is_file()  # save_target writes it last
 
 
 def draft_done(job: Job, name: str) -> bool:
-    return (job.models / f"draft_{name}" / "draft.safetensors").is_file()
+    """Its weights written and its training state gone (removed only after the weights were written whole)."""
+    path = job.models / f"draft_{name}"
+    return (path / "draft.safetensors").is_file() and not (path / DRAFT_STATE).exists()
+
+
+def _report(job: Job) -> dict:
+    path = job.models / REPORT
+    return json.loads(path.read_text()) if path.exists() else {}
 
 
 def _merge_report(job: Job, part: dict) -> dict:
     path = job.models / REPORT
-    report = json.loads(path.read_text()) if path.exists() else {}
+    report = _report(job)
     report.update(part)
     path.write_text(json.dumps(report, indent=2) + "\n")
     return report
@@ -188,17 +195,19 @@ def export_stage(job: Job, plan: ExportPlan, log: Callable[[str], None]) -> dict
         if not draft_done(job, name):
             raise CheckpointError(f"{job.models / f'draft_{name}'}: not trained yet | expected every draft before "
                                   "the export | run the drafts stage first")
-        t0 = time.perf_counter()
+        t0, reuse = time.perf_counter(), done[0] if done else None
         export_checkpoints(job.models / "target", job.models / f"draft_{name}", eng, plan.precision,
                            max_seq_len=plan.max_seq_len, max_history=plan.max_history, max_batch=plan.max_batch,
                            draft_steps=plan.draft_steps, fused_chain=plan.fused_chain, device=job.device,
-                           reuse_target=done[0] if done else None)
+                           reuse_target=reuse)
         done.append(eng)
         out[name] = time.perf_counter() - t0
         size_gb = sum(f.stat().st_size for f in eng.iterdir()) / 1e9
         log(f"exported {name} ({plan.precision}, {size_gb:.1f} GB of files, target graphs "
-            f"{'linked' if len(done) > 1 else 'written'}) in {out[name]:.0f} s")
+            f"{f'linked from {reuse.name}' if reuse else 'written'}) in {out[name]:.0f} s")
         release_memory()  # the traced copy's blocks, before the next export or the bench
+    if out:
+        _merge_report(job, {"export": {**_report(job).get("export", {}), **out}})  # seconds per directory
     return out
 
 
@@ -251,6 +260,8 @@ def run_stages(job: Job, plan: ExportPlan, stages, budget: Budget, log: Callable
             raise BackendError(oom_diagnosis(name, job, exc)) from None
         finally:
             release_memory()
+        if result.get("status") == "done before" or result == {}:
+            log(f"{name}: done before, skipped ({job.work} holds it)")
         if result.get("status") == "paused":
             out["paused"] = True
             log(f"{name}: paused before the time budget ran out | rerun the same command to continue")

@@ -103,6 +103,7 @@ class _Weights:
             self.recipes[init.name] = ("const", _tensor(init))
 
     def fold(self) -> None:
+        """Take the weight-only nodes out of the graph (as recipes) and the weights out of its inputs."""
         keep = []
         for node in self.graph.node:
             if node.op_type == "Constant" and node.attribute and node.attribute[0].name == "value":
@@ -118,8 +119,8 @@ class _Weights:
         del self.graph.node[:]
         self.graph.node.extend(keep)
         # what the remaining graph reads of the weights: each becomes an initializer (Constant nodes stay as they are)
-        self.needed = [name for name in dict.fromkeys(i for n in keep for i in n.input)
-                       if name in self.recipes and self.recipes[name][0] != "const"]
+        reads = [*(i for n in keep for i in n.input), *(o.name for o in self.graph.output)]
+        self.needed = [name for name in dict.fromkeys(reads) if name in self.recipes and self.recipes[name][0] != "const"]
         inputs = [i for i in self.graph.input if i.name not in self.params]
         del self.graph.input[:]
         self.graph.input.extend(inputs)
@@ -151,7 +152,7 @@ class _Weights:
             return recipe
         if recipe[0] == "const":
             t = recipe[1]
-            return ("const", str(t.dtype), tuple(t.shape), hashlib.sha1(t.numpy().tobytes()).hexdigest())
+            return ("const", str(t.dtype), tuple(t.shape), hashlib.sha1(_bytes(t)).hexdigest())
         node, j = recipe
         attrs = tuple((a.name, a.SerializeToString()) for a in node.attribute)
         return (node.op_type, attrs, j, tuple(self.key(i) if i else "" for i in node.input))
@@ -214,7 +215,12 @@ class DataFile:
 
 
 def _tensor(proto) -> torch.Tensor:
+    """A TensorProto's value as a torch tensor (bf16 from its bits: numpy has no bf16)."""
     from onnx import numpy_helper
+    if proto.data_type == 16:
+        bits = (np.frombuffer(proto.raw_data, dtype=np.uint16) if proto.raw_data else
+                np.array(proto.int32_data, dtype=np.int64).astype(np.uint16))
+        return torch.from_numpy(bits.astype(np.int16)).view(torch.bfloat16).reshape(tuple(proto.dims))
     return torch.from_numpy(np.array(numpy_helper.to_array(proto)))
 
 

@@ -114,3 +114,15 @@ def test_small_tensors_stay_in_the_graph(tmp_path):
     assert small.data_location != onnx.TensorProto.EXTERNAL and np.frombuffer(small.raw_data, np.int64).tolist() == [0, 3]
     assert big.data_location == onnx.TensorProto.EXTERNAL
     assert (tmp_path / "g.onnx.data").stat().st_size == INLINE_BYTES
+
+
+def test_a_bf16_target_streams_the_same_bits(trained_like, tmp_path, monkeypatch):
+    """bf16 (numpy has none): the streamed graph's weights are the exporter's, bit for bit."""
+    _, target, _ = trained_like
+    onnx_export.export_graph(target, False, "bf16", tmp_path / "plain.onnx")
+    monkeypatch.setattr(onnx_export, "STREAMED_BYTES", 0)
+    assert onnx_export.export_graph(target, False, "bf16", tmp_path / "streamed.onnx") == ["streamed.onnx.data"]
+    plain, streamed = onnx.load(str(tmp_path / "plain.onnx")), onnx.load(str(tmp_path / "streamed.onnx"))
+    assert _ops(plain) == _ops(streamed)
+    bits = lambda m: sorted(t.raw_data for t in m.graph.initializer if t.data_type == onnx.TensorProto.BFLOAT16)  # noqa: E731
+    assert bits(plain) == bits(streamed) and len(bits(plain)) > 10
