@@ -98,7 +98,7 @@ class TorchKVRunner(HostCalls):
         past = [(self.cache[i, 0, :B], self.cache[i, 1, :B]) for i in range(self.spec.n_layers)]
         with torch.inference_mode():
             if graph == "draft_chain":
-                tokens, k, v = self.chain(dev(feeds["hidden_in"]).to(self.dtype), dev(feeds["input_ids"]),
+                tokens, *finite, k, v = self.chain(dev(feeds["hidden_in"]).to(self.dtype), dev(feeds["input_ids"]),
                                           dev(feeds["position_ids"]), dev(feeds["slot"]), dev(feeds["last"]),
                                           dev(feeds["node"]), dev(feeds["left"]),
                                           dev(np.asarray(feeds["banned"], np.float16)), dev(mask), past)
@@ -107,7 +107,8 @@ class TorchKVRunner(HostCalls):
                     self.cache[0, 0, b, :, start:start + T] = k[b, :, :T]
                     self.cache[0, 1, b, :, start:start + T] = v[b, :, :T]
                 self.scratch += T
-                return {"tokens": tokens.cpu().numpy()}
+                out = {"tokens": tokens.cpu().numpy()}
+                return {**out, "finite": finite[0].cpu().numpy()} if finite else out  # as the engine's outputs
             if self.draft:
                 logits, hidden, new = self.model(dev(feeds["hidden_in"]).to(self.dtype), dev(feeds["input_ids"]),
                                                  dev(feeds["position_ids"]), dev(feeds["step"]), dev(feeds["slot"]),
@@ -172,23 +173,26 @@ class OracleDraftRunner(KVRunner):
 
 
 def reference_generate(target: Target, draft: Draft | None, histories: list, constraint: ListConstraint,
-                       cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True) -> Generation:
+                       cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True,
+                       torch_cache: bool | None = None) -> Generation:
     """Decode with the PyTorch models; `oracle` swaps the draft for the target itself (tests). Greedy chain
-    rounds use the fused draft chain (as the runtime does with a draft_chain graph) unless fused_chain=False."""
-    session = reference_session(target, draft, histories, constraint, cfg, oracle, fused_chain)
+    rounds use the fused draft chain (as the runtime does with a draft_chain graph) unless fused_chain=False.
+    torch_cache: KV caches as torch tensors on the models' device (TorchKVRunner); default: when not on CPU."""
+    session = reference_session(target, draft, histories, constraint, cfg, oracle, fused_chain, torch_cache)
     while not session.done:
         session.step()
     return session.result()
 
 
 def reference_session(target: Target, draft: Draft | None, histories: list, constraint: ListConstraint,
-                      cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True) -> DecodeSession:
+                      cfg: DecodeConfig, oracle: bool = False, fused_chain: bool = True,
+                      torch_cache: bool | None = None) -> DecodeSession:
     """The prefilled DecodeSession `reference_generate` steps to the end (tools that watch each round use it)."""
     cat = constraint.catalogue
     prompts = [cat.prompt(h) for h in histories]
     n = max_cache_len(max(len(p) for p in prompts), constraint, cfg)
     B = len(prompts)
-    on_device = next(target.parameters()).device.type != "cpu"
+    on_device = next(target.parameters()).device.type != "cpu" if torch_cache is None else torch_cache
     t = TorchKVRunner(target, B, n, False) if on_device else target_runner(target, B, n)
     if cfg.speculate == "off":
         d = None

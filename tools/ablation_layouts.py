@@ -192,6 +192,9 @@ def try_plots(report: dict, out: Path) -> None:
     except ImportError:
         log("matplotlib is not installed here: no plots (make them with `ablation_layouts.py plot`)")
         return
+    if not report["summary"]:
+        log("no cell finished: no plots")
+        return
     from ablation_plots import plot_acceptance, plot_tau
     plot_tau(report, out / "ablation_layouts.png")
     plot_acceptance(report, out / "acceptance_by_slot_depth.png")

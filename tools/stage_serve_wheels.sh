@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Stages the serving wheels for the GPU machine (Python 3.12, nothing downloadable there) as parts of at most
-# 38 MiB, one ignored folder per part at the repository root: .srv1/ .. .srvN/; the last holds install.sh.
+# 48 MiB (the tree that travels with a call is at most 64 MiB), one ignored folder per part at the repository root: .srv1/ .. .srvN/; the last holds install.sh.
 #   nvidia-pytriton    Triton server 2.51 and its Python backend (the stub)
 #   numpy 1.26         the stub copies tensors wrongly with numpy 2 (`padrec serve` refuses numpy 2)
 #   cupy-cuda13x 13.6  the runtime's device cache; CuPy 14, the machine's own, needs numpy 2 (+ fastrlock, its need)
+#   scipy 1.14         CuPy 13 imports SciPy at `import cupy`; the machine's own SciPy is built for numpy 2
 #   tritonclient       the load generator's gRPC client (+ python-rapidjson, grpcio, protobuf at the versions its
 #                      generated code checks for)
 # install.sh joins the parts, installs them into /tmp/srvsite and makes the venv /tmp/srvvenv that sees them first
@@ -12,13 +13,13 @@
 set -euo pipefail
 root=$(git rev-parse --show-toplevel)
 cd "$root"
-part_mib=${PART_MIB:-38}
+part_mib=${PART_MIB:-48}
 tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
   --platform manylinux_2_35_x86_64 --platform manylinux_2_28_x86_64 --platform manylinux_2_24_x86_64 \
   --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d "$tmp/wheels" \
-  nvidia-pytriton==0.7.0 numpy==1.26.4 cupy-cuda13x==13.6.0 fastrlock==0.8.3 \
+  nvidia-pytriton==0.7.0 numpy==1.26.4 cupy-cuda13x==13.6.0 fastrlock==0.8.3 scipy==1.14.1 \
   tritonclient==2.73.0 python-rapidjson==1.25 grpcio==1.85.3 protobuf==6.33.5
 (cd "$tmp/wheels" && tar cf - ./*.whl) | split -b "${part_mib}M" - "$tmp/srv.part."
 rm -rf .srv[0-9]*

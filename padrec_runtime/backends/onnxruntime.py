@@ -138,7 +138,8 @@ class OrtBackend:
                 cuda["user_compute_stream"] = str(self.stream)
             if cuda_graph:
                 cuda["enable_cuda_graph"] = "1"
-            opts.add_session_config_entry(SHARED_ARENA, "1")  # the arena share_cuda_arena registers
+            if not cuda_graph:  # a replayed graph reuses its capture-time addresses: its arena must be its own
+                opts.add_session_config_entry(SHARED_ARENA, "1")  # the arena share_cuda_arena registers
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
 

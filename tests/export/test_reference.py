@@ -103,3 +103,15 @@ def test_lists_are_valid(any_setup):
         assert toks[-1] == EOS and toks.count(SEP) == 6
         assert len(items) == 7 and len(set(items)) == 7
         assert not set(items) & set(h)
+
+
+@pytest.mark.parametrize("mode", ["chain", "tree"])
+def test_torch_cache_runner_equals_ar(any_setup, mode):
+    """The runner the GPU tools decode with (KV caches as torch tensors, the fused chain's outputs unpacked as
+    the engine's) gives AR's lists in every layout; it runs here on CPU."""
+    cat, target, draft = any_setup
+    con = ListConstraint(cat, n_items=5)
+    hist = _histories(cat, np.random.default_rng(3), 4)
+    ar = reference_generate(target, draft, hist, con, DecodeConfig(speculate="off")).tokens
+    sd = reference_generate(target, draft, hist, con, DecodeConfig(speculate=mode, draft_steps=4), torch_cache=True)
+    assert sd.tokens == ar
