@@ -5,7 +5,6 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
 from padrec_runtime.errors import CheckpointError, InputError
