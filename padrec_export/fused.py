@@ -79,79 +79,79 @@ class _Builder:
                                            **attrs))
         return outs[0] if n_out == 1 else outs
 
+    def linear(self, x: str, weight: torch.Tensor, name: str, bias: torch.Tensor | None = None) -> str:
+        """x @ weight.T (+ bias). Weights stored (in, out): on an H200 faster than FusedMatMul with transB."""
+        y = self.op("MatMul", [x, self.const(name, weight.t())])
+        return y if bias is None else self.op("Add", [y, self.const(f"{name}_bias", bias)])
+
+
+class _Residual:
+    """The residual stream: a branch's output waits (`pending`) until the next norm adds it in, so the add and
+    the norm run as one SkipSimplifiedLayerNormalization."""
+
+    def __init__(self, b: _Builder, x: str, eps: float):
+        self.b, self.residual, self.pending, self.eps = b, x, None, eps
+
+    def norm(self, weight: torch.Tensor, name: str) -> str:
+        """The RMS-normed stream (after adding the pending branch output, if any)."""
+        gamma = self.b.const(name, weight)
+        if self.pending is None:
+            return self.b.op("SimplifiedLayerNormalization", [self.residual, gamma], axis=-1, epsilon=self.eps,
+                             stash_type=1)
+        out, _, _, self.residual = self.b.op("SkipSimplifiedLayerNormalization", [self.pending, self.residual, gamma],
+                                             n_out=4, domain="com.microsoft", epsilon=self.eps)
+        self.pending = None
+        return out
+
 
 def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False, data=None):
-    """The fused target as an onnx ModelProto (weights inside, or with `data`, a streamed.DataFile, written to
-    it one at a time). `gate_up`: the MLP's gate and up projections as one MatMul split in two (one larger GEMM
-    instead of two)."""
+def _attention(b: _Builder, a, h: str, i: int, c) -> str:
+    """Layer i's attention over its in-place cache: one QKV projection, GroupQueryAttention, the output
+    projection."""
+    from onnx import helper
+    qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
+    qkv = b.linear(h, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), f"l{i}.qkv", qkv_bias)
+    k_in, v_in = KV_IN_PLACE[0] % i, KV_IN_PLACE[1] % i
+    attn = f"l{i}.attn"
+    b.nodes.append(helper.make_node(  # its cache outputs are the graph's (no copy): bound to the inputs
+        "GroupQueryAttention", [qkv, "", "", k_in, v_in, "seqlens_k", "total_sequence_length", "rotary.cos",
+                                "rotary.sin"], [attn, k_in + ".out", v_in + ".out"], name=f"l{i}.gqa",
+        domain="com.microsoft", num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, do_rotary=1,
+        rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
+    return b.linear(attn, a.o_proj.weight, f"l{i}.o", a.o_proj.bias)  # o bias: Llama with attention_bias
+
+
+def _mlp(b: _Builder, layer, h: str, i: int, gate_up: bool) -> str:
+    """Layer i's SwiGLU MLP: down(silu(gate(h)) * up(h)), gate and up as one MatMul split in two with `gate_up`."""
+    if gate_up:
+        both = b.linear(h, torch.cat([layer.gate_proj.weight, layer.up_proj.weight]), f"l{i}.gate_up")
+        gate, up = b.op("Split", [both], n_out=2, axis=-1)  # opset 17: equal halves
+    else:
+        gate = b.linear(h, layer.gate_proj.weight, f"l{i}.gate")
+        up = b.linear(h, layer.up_proj.weight, f"l{i}.up")
+    act = b.op("Mul", [b.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0), up])  # silu(gate) * up
+    return b.linear(act, layer.down_proj.weight, f"l{i}.down")
+
+
+def _head(b: _Builder, target: Target, hidden: str, precision: str) -> None:
+    """The logits, and the graph's outputs named. The head runs in fp32, as Target computes it (its forward says
+    why): fp32 weights, fp32 logits."""
     from onnx import helper, TensorProto
-    if precision not in ("fp32", "fp16"):
-        raise NotImplementedError(f"fused target: precision {precision} | export fp16 or fp32")
-    c = target.cfg
-    np_dt = np.float16 if precision == "fp16" else np.float32
-    b = _Builder(np_dt, _ONNX_DTYPES[precision], data)
-    eps = float(c.rms_eps)
-
-    def linear(x, weight, name):  # weights stored (in, out): on an H200 faster than FusedMatMul with transB
-        return b.op("MatMul", [x, b.const(name, weight.t())])
-    # the padded tokens of a static bucket sit past the cache's last row: their rotary rows must exist too
-    cos, sin = rotary_cache(c, max_seq_len + 256)
-    b.const("rotary.cos", cos.numpy())
-    b.const("rotary.sin", sin.numpy())
-    x = b.op("Gather", [b.const("embed_tokens", target.embed_tokens.weight), "input_ids"])
-    residual, pending = x, None  # pending: the branch output still to be added to the residual
-
-    def norm(weight, name):
-        nonlocal residual, pending
-        gamma = b.const(name, weight)
-        if pending is None:
-            return b.op("SimplifiedLayerNormalization", [residual, gamma], axis=-1, epsilon=eps, stash_type=1)
-        out, _, _, residual = b.op("SkipSimplifiedLayerNormalization", [pending, residual, gamma], n_out=4,
-                                   domain="com.microsoft", epsilon=eps)
-        pending = None
-        return out
-
-    for i, layer in enumerate(target.layers):
-        a = layer.self_attn
-        h = norm(layer.input_layernorm.weight, f"l{i}.input_norm")
-        w = torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight])
-        qkv = linear(h, w, f"l{i}.qkv")
-        if a.q_proj.bias is not None:
-            bias = torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-            qkv = b.op("Add", [qkv, b.const(f"l{i}.qkv_bias", bias)])
-        k_in, v_in = KV_IN_PLACE[0] % i, KV_IN_PLACE[1] % i
-        attn = f"l{i}.attn"
-        b.nodes.append(helper.make_node(  # its cache outputs are the graph's (no copy): bound to the inputs
-            "GroupQueryAttention", [qkv, "", "", k_in, v_in, "seqlens_k", "total_sequence_length", "rotary.cos",
-                                    "rotary.sin"], [attn, k_in + ".out", v_in + ".out"], name=f"l{i}.gqa",
-            domain="com.microsoft", num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, do_rotary=1,
-            rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
-        pending = linear(attn, a.o_proj.weight, f"l{i}.o")
-        if a.o_proj.bias is not None:  # Llama with attention_bias
-            pending = b.op("Add", [pending, b.const(f"l{i}.o_bias", a.o_proj.bias)])
-        h = norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
-        if gate_up:
-            both = linear(h, torch.cat([layer.gate_proj.weight, layer.up_proj.weight]), f"l{i}.gate_up")
-            gate, up = b.op("Split", [both], n_out=2, axis=-1)  # opset 17: equal halves
-        else:
-            gate = linear(h, layer.gate_proj.weight, f"l{i}.gate")
-            up = linear(h, layer.up_proj.weight, f"l{i}.up")
-        act = b.op("Mul", [b.op("QuickGelu", [gate], domain="com.microsoft", alpha=1.0), up])  # silu(gate) * up
-        pending = linear(act, layer.down_proj.weight, f"l{i}.down")
-    hidden = norm(target.norm.weight, "final_norm")
-    # the head in fp32, as Target computes it (its forward says why): fp32 weights, fp32 logits
     head = b.const("lm_head", target.lm_head.weight.t(), np.float32)
     logits = b.op("MatMul", [b.op("Cast", [hidden], to=TensorProto.FLOAT) if precision == "fp16" else hidden, head])
-    # name the graph's outputs
     b.nodes.append(helper.make_node("Identity", [logits], ["logits"], name="logits"))
     b.nodes.append(helper.make_node("Identity", [hidden], ["hidden"], name="hidden"))
-    inputs, outputs, kv = gqa_io(target, precision, max_seq_len)
+
+
+def _graph_io(target: Target, precision: str, max_seq_len: int, dt: int) -> tuple[list, list]:
+    """The graph's input and output value infos (`dt`: the cache's and hidden's onnx dtype)."""
+    from onnx import helper, TensorProto
+    c = target.cfg
+    _, _, kv = gqa_io(target, precision, max_seq_len)
     cache_shape = ["batch", c.n_kv_heads, "max_seq_len", c.head_dim]
-    dt = b.onnx_dtype
     g_in = [helper.make_tensor_value_info("input_ids", TensorProto.INT32, ["batch", "seq"]),
             helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, ["batch"]),
             helper.make_tensor_value_info("total_sequence_length", TensorProto.INT32, [])]
@@ -162,9 +162,34 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
             g_in.append(helper.make_tensor_value_info(tmpl % i, dt, cache_shape))
         for tmpl in (kv["key_output"], kv["value_output"]):
             g_out.append(helper.make_tensor_value_info(tmpl % i, dt, cache_shape))
-    graph = helper.make_graph(b.nodes, GRAPH, g_in, g_out, b.inits)
-    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)],
-                             producer_name="padrec", ir_version=8)  # readable by older ONNX Runtimes too
+    return g_in, g_out
+
+
+def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False, data=None):
+    """The fused target as an onnx ModelProto (weights inside, or with `data`, a streamed.DataFile, written to
+    it one at a time). `gate_up`: the MLP's gate and up projections as one MatMul split in two (one larger GEMM
+    instead of two)."""
+    from onnx import helper
+    if precision not in ("fp32", "fp16"):
+        raise NotImplementedError(f"fused target: precision {precision} | export fp16 or fp32")
+    c = target.cfg
+    b = _Builder(np.float16 if precision == "fp16" else np.float32, _ONNX_DTYPES[precision], data)
+    # the padded tokens of a static bucket sit past the cache's last row: their rotary rows must exist too
+    cos, sin = rotary_cache(c, max_seq_len + 256)
+    b.const("rotary.cos", cos.numpy())
+    b.const("rotary.sin", sin.numpy())
+    stream = _Residual(b, b.op("Gather", [b.const("embed_tokens", target.embed_tokens.weight), "input_ids"]),
+                       float(c.rms_eps))
+    for i, layer in enumerate(target.layers):
+        h = stream.norm(layer.input_layernorm.weight, f"l{i}.input_norm")
+        stream.pending = _attention(b, layer.self_attn, h, i, c)
+        h = stream.norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
+        stream.pending = _mlp(b, layer, h, i, gate_up)
+    _head(b, target, stream.norm(target.norm.weight, "final_norm"), precision)
+    graph = helper.make_graph(b.nodes, GRAPH, *_graph_io(target, precision, max_seq_len, b.onnx_dtype), b.inits)
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("com.microsoft", 1)]
+    return helper.make_model(graph, opset_imports=opsets, producer_name="padrec",
+                             ir_version=8)  # readable by older ONNX Runtimes too
 
 
 def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Path, gate_up: bool = False) -> None:

@@ -5,7 +5,6 @@ import copy
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from padrec_runtime.cache.host import KV_INPUT, KV_OUTPUT
 from padrec_runtime.errors import CheckpointError, InputError
@@ -173,13 +172,7 @@ def load_checked(manifest, target_dir, draft_dir):
 def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxruntime", device: str = "cpu",
                histories: list | None = None, n_histories: int = 32, seed: int = 0, progress: bool = True) -> dict:
     """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok'])."""
-    from tqdm import tqdm
-
-    from padrec_runtime.loop import DecodeConfig
-    from padrec_runtime.grammar import ListConstraint
-    from padrec_runtime import DecodeParams, Recommender
-
-    from .reference import reference_generate
+    from padrec_runtime import Recommender
 
     if histories is None and n_histories < 1:
         raise InputError(f"--histories: got {n_histories} | expected at least 1 (none would check nothing)")
@@ -187,29 +180,65 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
     m = rec.manifest
     target, draft = load_checked(m, target_dir, draft_dir)
     report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
-    rows = []
-    for graph in tqdm(list(m.data["graphs"]), desc="parity: graphs", disable=not progress):
-        if graph in ("target_gqa", "draft_chain_gqa"):  # ONNX Runtime only; a session of its own where the
-            if backend == "onnxruntime" and (graph == "target_gqa" or draft is not None):  # runtime holds none
-                from padrec_runtime.backends.onnxruntime import OrtBackend
-                be = rec.backends.get(graph) or OrtBackend(m, graph, device=device)
-                rows += (compare_fused_target(target, be, m.graph(graph), m.precision, seed) if graph == "target_gqa"
-                         else compare_in_place_chain(draft, rec.catalogue, be, m.graph(graph), m.precision, seed))
-            continue
-        model = target if graph == "target" else draft
-        if model is None:
-            continue
-        if graph == "draft_chain":
-            model = DraftChain(draft, rec.catalogue, m.graph(graph)["chain_steps"]).eval()
-        rows += compare_graph(graph, model, graph != "target", rec.backends[graph], m.graph(graph), m.precision, seed)
-    report["tiers"]["graphs"] = {"ok": all(r.ok for r in rows), "rows": [r.to_dict() for r in rows]}
-
-    cat = rec.catalogue
+    report["tiers"]["graphs"] = graphs_tier(rec, target, draft, backend, device, seed, progress)
     if histories is None:
-        rng = np.random.default_rng(seed)
-        hmax = min(m.model["max_history"], 20)
-        histories = [rng.choice(cat.item_ids, size=int(rng.integers(1, hmax + 1)), replace=False).tolist()
-                     for _ in range(n_histories)]
+        histories = random_histories(rec.catalogue, m.model, n_histories, seed)
+    report["tiers"]["lists"], taus = lists_tier(rec, target, draft, histories, progress)
+    report["tiers"]["acceptance"] = acceptance_tier(taus, m.precision)
+    report["ok"] = all(t["ok"] for t in report["tiers"].values())
+    return report
+
+
+def graphs_tier(rec, target, draft, backend: str, device: str, seed: int, progress: bool) -> dict:
+    """Tier 1: every graph of the engines against PyTorch on the same feeds, error per output."""
+    from tqdm import tqdm
+    rows = []
+    for graph in tqdm(list(rec.manifest.data["graphs"]), desc="parity: graphs", disable=not progress):
+        rows += compare_engine_graph(rec, graph, target, draft, backend, device, seed)
+    return {"ok": all(r.ok for r in rows), "rows": [r.to_dict() for r in rows]}
+
+
+def compare_engine_graph(rec, graph: str, target, draft, backend: str, device: str, seed: int) -> list:
+    """Comparisons of one graph of the recommender's engines; none for a draft graph without a draft checkpoint,
+    nor for the in-place graphs off ONNX Runtime."""
+    m = rec.manifest
+    if graph in ("target_gqa", "draft_chain_gqa"):  # ONNX Runtime only
+        if backend != "onnxruntime" or (graph == "draft_chain_gqa" and draft is None):
+            return []
+        from padrec_runtime.backends.onnxruntime import OrtBackend
+        be = rec.backends.get(graph) or OrtBackend(m, graph, device=device)  # own session where the runtime
+        if graph == "target_gqa":  # holds none
+            return compare_fused_target(target, be, m.graph(graph), m.precision, seed)
+        return compare_in_place_chain(draft, rec.catalogue, be, m.graph(graph), m.precision, seed)
+    model = target if graph == "target" else draft
+    if model is None:
+        return []
+    if graph == "draft_chain":
+        model = DraftChain(draft, rec.catalogue, m.graph(graph)["chain_steps"]).eval()
+    return compare_graph(graph, model, graph != "target", rec.backends[graph], m.graph(graph), m.precision, seed)
+
+
+def random_histories(catalogue, model: dict, n: int, seed: int) -> list:
+    """n histories of distinct catalogue items, each 1 to min(max_history, 20) long."""
+    rng = np.random.default_rng(seed)
+    hmax = min(model["max_history"], 20)
+    return [rng.choice(catalogue.item_ids, size=int(rng.integers(1, hmax + 1)), replace=False).tolist()
+            for _ in range(n)]
+
+
+def lists_tier(rec, target, draft, histories: list, progress: bool) -> tuple[dict, list]:
+    """Tier 2: the runtime's greedy lists against the PyTorch reference's, AR and (with a draft) chain and tree,
+    8 histories a call. A list that leaves the reference's where the target's two best logits are within twice
+    its logits tolerance is a near tie (rounding may flip it), not a bug. Returns the tier and, per call, the
+    runtime's and the reference's tau."""
+    from tqdm import tqdm
+
+    from padrec_runtime import DecodeParams
+    from padrec_runtime.grammar import ListConstraint
+
+    from .reference import reference_generate
+
+    m, cat = rec.manifest, rec.catalogue
     con = ListConstraint(cat, n_items=m.model["n_items"])
     near_tie = 2 * m.graph("target")["tolerances"]["logits"]["atol"]
     lists, taus = [], []
@@ -231,20 +260,22 @@ def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxrunti
             if mode != "off":
                 taus.append({"mode": mode, "runtime": got.tau, "reference": ref.tau})
     bugs = [r for r in lists if not r["equal"] and not r.get("near_tie")]
-    report["tiers"]["lists"] = {"ok": not bugs, "compared": len(lists), "equal": sum(r["equal"] for r in lists),
-                                "near_ties": sum(bool(r.get("near_tie")) for r in lists), "diverged":
-                                [r for r in lists if not r["equal"]][:20]}
+    return {"ok": not bugs, "compared": len(lists), "equal": sum(r["equal"] for r in lists),
+            "near_ties": sum(bool(r.get("near_tie")) for r in lists),
+            "diverged": [r for r in lists if not r["equal"]][:20]}, taus
+
+
+def acceptance_tier(taus: list, precision: str) -> dict:
+    """Tier 3: mean tau per speculative mode, runtime against reference: equal in fp32, within 10% otherwise."""
     tau = {}
     for mode in ("chain", "tree"):
         pts = [t for t in taus if t["mode"] == mode]
         if pts:
             tau[mode] = {"runtime": float(np.mean([p["runtime"] for p in pts])),
                          "reference": float(np.mean([p["reference"] for p in pts]))}
-    tol = 1e-9 if m.precision == "fp32" else 0.1
-    report["tiers"]["acceptance"] = {"ok": all(abs(v["runtime"] - v["reference"]) <= tol * max(1, v["reference"])
-                                               for v in tau.values()), "tau": tau}
-    report["ok"] = all(t["ok"] for t in report["tiers"].values())
-    return report
+    tol = 1e-9 if precision == "fp32" else 0.1
+    return {"ok": all(abs(v["runtime"] - v["reference"]) <= tol * max(1, v["reference"]) for v in tau.values()),
+            "tau": tau}
 
 
 def parity_markdown(report: dict) -> str:

@@ -9,6 +9,7 @@ import json
 import shutil
 import tarfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,24 @@ def drafts(args, device):
              "gpu": torch.cuda.get_device_name(0) if device == "cuda" else None, "rows": rows}, indent=2) + "\n")
 
 
-def targets(args, device):
+@dataclass(frozen=True)
+class SweepData:
+    """What every configuration of the ml-9k target sweep trains on and is scored against."""
+
+    cat: Catalogue
+    seqs: list  # encoded training windows at the default stride (5); train + valid windows with --final
+    dense: dict  # stride (1, 2) -> encoded training windows at that stride
+    valid: list  # encoded validation examples (the per-epoch validation loss)
+    con: ListConstraint
+    v_hist: list  # validation histories and their held-out items (selection)
+    v_truth: list
+    t_hist: list  # test histories and their held-out items (only reported)
+    t_truth: list
+    popularity_test: dict  # the popularity baseline's test metrics
+
+
+def sweep_data(args) -> SweepData:
+    """The ml-9k split encoded with the catalogue of --catalogue (--users: the first users only)."""
     data = load_dataset("ml-9k")
     split = make_split(data, users=args.users)
     cat = Catalogue.load(Path(args.catalogue), TokenLayout(4, 64))
@@ -89,47 +107,49 @@ def targets(args, device):
              for stride in (1, 2)}
     if args.final:  # refit of a chosen configuration on train + valid windows: fixed epochs, no selection
         seqs = [encode_example(cat, h, t) for h, t in make_split(data, users=args.users, final=True).train]
-    valid = [encode_example(cat, h, t) for _, h, t in split.valid]
-    con = ListConstraint(cat, n_items=10)
-    v_hist, v_truth = [h for _, h, _ in split.valid], [t for _, _, t in split.valid]
-    t_hist, t_truth = [h for _, h, _ in split.test], [t for _, _, t in split.test]
-    pop = baseline_lists(data, split, 10)["popularity"]
-    sweep = [  # hidden, layers, lr, weight decay, epochs, window stride
-        (128, 4, 3e-3, 0.01, 10, 5), (128, 2, 1e-3, 0.1, 12, 5), (64, 2, 3e-3, 0.1, 12, 5), (256, 2, 1e-3, 0.1, 8, 5),
-        (128, 4, 1e-3, 0.1, 12, 5),
-    ] if args.sweep is None else [tuple(x) for x in json.loads(args.sweep)]
-    if device == "cpu":  # smoke run of this script
-        sweep = [(32, 1, 3e-3, 0.01, 1, 5)]
-    rows, best = [], None
-    for hidden, layers, lr, wd, epochs, stride, *rest in sweep:
-        dropout = rest[0] if rest else 0.0
-        tc = TargetConfig(vocab_size=cat.layout.vocab_size, hidden_size=hidden, n_layers=layers,
-                          n_heads=max(2, hidden // 32), n_kv_heads=2, intermediate_size=int(hidden * 2.6875 / 8) * 8)
-        cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device, dropout=dropout)
-        t0 = time.perf_counter()
-        train_seqs = seqs if stride == 5 else dense[stride]
-        target, curves = train_target(tc, train_seqs, cfg, progress=False, valid=None if args.final else valid,
-                                      list_len=50)
-        if args.final:
-            curves["valid"] = [0.0] * epochs
-        vt, _ = decode_all(target, None, v_hist, con, DecodeConfig(speculate="off"))
-        tt, _ = decode_all(target, None, t_hist, con, DecodeConfig(speculate="off"))
-        row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride,
-               "dropout": dropout,
-               "examples": len(train_seqs),
-               "best_epoch": int(np.argmin(curves["valid"])) + 1, "train_s": time.perf_counter() - t0,
-               "valid": ranking_metrics([cat.decode_list(t) for t in vt], v_truth, 10),
-               "test": ranking_metrics([cat.decode_list(t) for t in tt], t_truth, 10)}
-        rows.append(row)
-        log(json.dumps(row))
-        if best is None or row["valid"]["recall@10"] > best[0]["valid"]["recall@10"]:
-            best = (row, target, tc)
-        report = {"dataset": "ml-9k", "final_refit": args.final,
-                  "selection": "validation recall@10 (the test split is only reported)",
-                  "popularity_test": ranking_metrics(pop, t_truth, 10), "rows": rows, "chosen": best[0]}
-        (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")  # after every row
-    # retrain both drafts for the chosen target (the default budget) and pack the model directory
-    row, target, tc = best
+    t_truth = [t for _, _, t in split.test]
+    return SweepData(cat, seqs, dense, [encode_example(cat, h, t) for _, h, t in split.valid],
+                     ListConstraint(cat, n_items=10), [h for _, h, _ in split.valid], [t for _, _, t in split.valid],
+                     [h for _, h, _ in split.test], t_truth,
+                     ranking_metrics(baseline_lists(data, split, 10)["popularity"], t_truth, 10))
+
+
+def sweep_grid(args, device) -> list:
+    """The configurations: (hidden, layers, lr, weight decay, epochs, window stride[, dropout]) each."""
+    grid = [(128, 4, 3e-3, 0.01, 10, 5), (128, 2, 1e-3, 0.1, 12, 5), (64, 2, 3e-3, 0.1, 12, 5),
+            (256, 2, 1e-3, 0.1, 8, 5), (128, 4, 1e-3, 0.1, 12, 5),
+            ] if args.sweep is None else [tuple(x) for x in json.loads(args.sweep)]
+    return [(32, 1, 3e-3, 0.01, 1, 5)] if device == "cpu" else grid  # CPU: a smoke run of this script
+
+
+def fit_target(d: SweepData, config: tuple, args, device):
+    """Train one configuration; returns its row (validation and test metrics of its greedy lists), the target and
+    its config."""
+    hidden, layers, lr, wd, epochs, stride, *rest = config
+    dropout = rest[0] if rest else 0.0
+    tc = TargetConfig(vocab_size=d.cat.layout.vocab_size, hidden_size=hidden, n_layers=layers,
+                      n_heads=max(2, hidden // 32), n_kv_heads=2, intermediate_size=int(hidden * 2.6875 / 8) * 8)
+    cfg = TrainConfig(epochs=epochs, batch_size=256, lr=lr, weight_decay=wd, device=device, dropout=dropout)
+    t0 = time.perf_counter()
+    train_seqs = d.seqs if stride == 5 else d.dense[stride]
+    target, curves = train_target(tc, train_seqs, cfg, progress=False, valid=None if args.final else d.valid,
+                                  list_len=50)
+    if args.final:
+        curves["valid"] = [0.0] * epochs
+    vt, _ = decode_all(target, None, d.v_hist, d.con, DecodeConfig(speculate="off"))
+    tt, _ = decode_all(target, None, d.t_hist, d.con, DecodeConfig(speculate="off"))
+    row = {"hidden": hidden, "layers": layers, "lr": lr, "weight_decay": wd, "epochs": epochs, "stride": stride,
+           "dropout": dropout,
+           "examples": len(train_seqs),
+           "best_epoch": int(np.argmin(curves["valid"])) + 1, "train_s": time.perf_counter() - t0,
+           "valid": ranking_metrics([d.cat.decode_list(t) for t in vt], d.v_truth, 10),
+           "test": ranking_metrics([d.cat.decode_list(t) for t in tt], d.t_truth, 10)}
+    return row, target, tc
+
+
+def pack_pick(row: dict, target, tc: TargetConfig, d: SweepData, args, device) -> None:
+    """Retrain both drafts for the chosen target (the default budget) and pack the model directory as
+    --out/ml-9k.tar.gz."""
     work = Path(args.work)
     shutil.rmtree(work, ignore_errors=True)
     (work / "ml-9k").mkdir(parents=True)
@@ -137,13 +157,13 @@ def targets(args, device):
     save_target(target.cpu().float(), work / "ml-9k" / "target", extra={"layout": {"levels": 4, "codebook": 64},
                                                                         "dataset": "ml-9k"})
     target = target.to(device)
-    train_report = {"dataset": "ml-9k", "examples": len(seqs), "target": row}
+    train_report = {"dataset": "ml-9k", "examples": len(d.seqs), "target": row}
     for name, on in (("padrec", True), ("eagle", False)):
         dc = DraftConfig(hidden_size=tc.hidden_size, vocab_size=tc.vocab_size, n_heads=tc.n_heads,
                          n_kv_heads=tc.n_kv_heads, intermediate_size=tc.intermediate_size, n_slots=6,
                          use_slot=on, use_step=on)
         dcfg = TrainConfig(epochs=12 if device != "cpu" else 1, batch_size=256, lr=3e-3, device=device)
-        draft, curve = train_draft(target, dc, seqs, dcfg, cat, progress=False)
+        draft, curve = train_draft(target, dc, d.seqs, dcfg, d.cat, progress=False)
         save_draft(draft.cpu().float(), work / "ml-9k" / f"draft_{name}", extra={"dataset": "ml-9k"})
         train_report[f"draft_{name}"] = {"train": dcfg.to_dict(), "loss_last": float(np.mean(curve[-20:])),
                                          "alpha": draft.alpha.item() if on else None}
@@ -151,6 +171,24 @@ def targets(args, device):
     (work / "ml-9k" / "train_report.json").write_text(json.dumps(train_report, indent=2))
     with tarfile.open(Path(args.out) / "ml-9k.tar.gz", "w:gz") as tar:
         tar.add(work / "ml-9k", arcname="ml-9k")
+
+
+def targets(args, device):
+    """The ml-9k target sweep, selected by validation recall@10 (report rewritten after every row), then the
+    pick's drafts and model directory."""
+    d = sweep_data(args)
+    rows, best = [], None
+    for config in sweep_grid(args, device):
+        row, target, tc = fit_target(d, config, args, device)
+        rows.append(row)
+        log(json.dumps(row))
+        if best is None or row["valid"]["recall@10"] > best[0]["valid"]["recall@10"]:
+            best = (row, target, tc)
+        report = {"dataset": "ml-9k", "final_refit": args.final,
+                  "selection": "validation recall@10 (the test split is only reported)",
+                  "popularity_test": d.popularity_test, "rows": rows, "chosen": best[0]}
+        (Path(args.out) / "sweep_ml9k.json").write_text(json.dumps(report, indent=2) + "\n")
+    pack_pick(*best, d, args, device)
 
 
 def main():

@@ -11,9 +11,12 @@ made over several calls of the same command (docs/llm_pairs.md). `--small` runs 
 model (a smoke test of this script, not a benchmark).
 """
 import argparse
+import cProfile
 import dataclasses
 import faulthandler
+import io
 import json
+import pstats
 import shutil
 import time
 from pathlib import Path
@@ -246,354 +249,499 @@ def hf_generate(hf, con, histories, device):
     return run
 
 
-def main():
-    faulthandler.enable()  # a crash inside a native library still names the Python line
+# -- options ---------------------------------------------------------------------------------------------------------
+def add_run_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("run")
+    g.add_argument("--work", required=True, help="scratch directory for models and engines (reused across calls)")
+    g.add_argument("--out", default="benchmarks/results")
+    g.add_argument("--catalogue", default="padrec_export/default_models/ml-100k/catalogue.json")
+    g.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model (--size tiny on CPU)")
+    g.add_argument("--size", choices=list(SIZES), default="qwen-0.5b", help="target shape (sizes.SIZES)")
+    g.add_argument("--stages", default="train,export,bench")
+
+
+def add_train_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("training (default: the size's recipe, padrec_export/sizes.py)")
+    g.add_argument("--epochs", type=int, default=2, help="target epochs")
+    g.add_argument("--draft-epochs", type=int, default=8, help="epochs of each draft (PAD-Rec and EAGLE alike)")
+    g.add_argument("--budget-s", type=float, default=None,
+                   help="seconds this call may train before it saves its state and stops (a device call's limit, "
+                        "less the saving); rerun the same command to continue  [default: 540, none with --small]")
+    g.add_argument("--lr", type=float, help="target's peak learning rate (default: the size's recipe)")
+    g.add_argument("--draft-lr", type=float, help="drafts' peak learning rate (default: the size's recipe)")
+    g.add_argument("--weights", choices=["float32", "bfloat16"], help="target weights while training")
+    g.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
+    g.add_argument("--micro-batch", type=int, help="sequences per target forward (gradients accumulated)")
+    g.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                   help="recompute each target layer in backward")
+    g.add_argument("--draft-train-steps", type=int, default=8, help="steps the drafts are unrolled in training")
+
+
+def add_export_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("export")
+    g.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="engines' precision (default fp16; "
+                                                                         "fp32 with --small)")
+    g.add_argument("--draft-steps", type=int, default=7, help="K of the engines (and of the fused chain graph)")
+
+
+def add_bench_options(ap: argparse.ArgumentParser) -> None:
+    g = ap.add_argument_group("bench")
+    g.add_argument("--batches", default="1,8,32,64")
+    g.add_argument("--repeats", type=int, default=3)
+    g.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
+    g.add_argument("--depths", default="6,8", help="fused-chain depths compared at batch 1 with the default K "
+                                                   "(engines exported for each; '' for none)")
+    g.add_argument("--compile-modes", default="reduce-overhead,max-autotune",
+                   help="torch.compile modes of the static-KV PyTorch baseline ('eager': none); CPU runs eager")
+    g.add_argument("--quick", action="store_true",
+                   help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--work", required=True, help="scratch directory for models and engines (reused across calls)")
-    ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--catalogue", default="padrec_export/default_models/ml-100k/catalogue.json")
-    ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model (--size tiny on CPU)")
-    ap.add_argument("--size", choices=list(SIZES), default="qwen-0.5b", help="target shape (sizes.SIZES)")
-    ap.add_argument("--epochs", type=int, default=2, help="target epochs")
-    ap.add_argument("--draft-epochs", type=int, default=8, help="epochs of each draft (PAD-Rec and EAGLE alike)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="seconds this call may train before it saves its state and stops (a device call's limit, "
-                         "less the saving); rerun the same command to continue  [default: 540, none with --small]")
-    ap.add_argument("--lr", type=float, help="target's peak learning rate (default: the size's recipe)")
-    ap.add_argument("--draft-lr", type=float, help="drafts' peak learning rate (default: the size's recipe)")
-    ap.add_argument("--weights", choices=["float32", "bfloat16"], help="target weights while training")
-    ap.add_argument("--batch-tokens", type=int, help="tokens per optimizer step")
-    ap.add_argument("--micro-batch", type=int, help="sequences per target forward (gradients accumulated)")
-    ap.add_argument("--checkpointing", action=argparse.BooleanOptionalAction, default=None,
-                    help="recompute each target layer in backward")
-    ap.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="engines' precision (default fp16; "
-                                                                          "fp32 with --small)")
-    ap.add_argument("--batches", default="1,8,32,64")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--stages", default="train,export,bench")
-    ap.add_argument("--draft-steps", type=int, default=7, help="K of the engines (and of the fused chain graph)")
-    ap.add_argument("--draft-train-steps", type=int, default=8, help="steps the drafts are unrolled in training")
-    ap.add_argument("--b1-users", type=int, default=8, help="batch-1 rows: requests from this many users in turn")
-    ap.add_argument("--depths", default="6,8", help="fused-chain depths compared at batch 1 with the default K "
-                                                    "(engines exported for each; '' for none)")
-    ap.add_argument("--compile-modes", default="reduce-overhead,max-autotune",
-                    help="torch.compile modes of the static-KV PyTorch baseline ('eager': none); CPU runs eager")
-    ap.add_argument("--quick", action="store_true",
-                    help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
-    args = ap.parse_args()
-    work, out = Path(args.work), Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    job, plan = job_from_args(args)
-    device, size, models, precision = job.device, SIZES[job.size], job.models, plan.precision
-    stages = args.stages.split(",")
-    report = {"hardware": hardware(), "size": size.__dict__, "size_name": job.size}
-    if device == "cuda":
+    for add in (add_run_options, add_train_options, add_export_options, add_bench_options):
+        add(ap)
+    return ap.parse_args(argv)
+
+
+# -- the pair: training and export stages ----------------------------------------------------------------------------
+def start_report(job: Job) -> dict:
+    """The report's head: the machine, the target's shape and, on CUDA, the card."""
+    report = {"hardware": hardware(), "size": SIZES[job.size].__dict__, "size_name": job.size}
+    if job.device == "cuda":
         report["gpu"] = torch.cuda.get_device_name(0)
         log("gpu", report["gpu"])
-    models.mkdir(parents=True, exist_ok=True)
-    if not (models / "catalogue.json").exists():
-        shutil.copy(args.catalogue, models / "catalogue.json")
+    return report
+
+
+def make_pair(args, job: Job, plan: ExportPlan, report: dict) -> bool:
+    """Run the training and export stages of --stages (each skips what --work holds; training pauses before
+    --budget-s runs out) and add their train report to `report`. True when the bench should run: nothing
+    paused and --stages names it."""
+    job.models.mkdir(parents=True, exist_ok=True)
+    if not (job.models / "catalogue.json").exists():
+        shutil.copy(args.catalogue, job.models / "catalogue.json")
+    stages = args.stages.split(",")
     try:
         budget = Budget(args.budget_s if args.budget_s or args.small else 540)
         done = run_stages(job, plan, stages, budget, log)
     except PadrecError as exc:  # out of GPU memory, a stage run out of order: one line, exit 1
         log(f"error: {exc}")
         raise SystemExit(1)
-    if (models / "train_report.json").exists():
-        report["train"] = json.loads((models / "train_report.json").read_text())
-    if done["paused"]:
-        return
-    engines = engine_dirs(job)
-    if "bench" not in stages:
-        return
-    batches = [int(b) for b in args.batches.split(",")]
-    split = make_split(load_dataset("ml-100k"))
-    test = [h for _, h, _ in split.test]
-    hist_all = [h[-20:] for h in test if len(h) >= 20][:max(batches)]
-    users = hist_all[:args.b1_users]  # batch 1 rows: one request per user, in turn; times are per list
-    rows = []
+    if (job.models / "train_report.json").exists():
+        report["train"] = json.loads((job.models / "train_report.json").read_text())
+    return not done["paused"] and "bench" in stages
 
-    def add(engine, mode, batch, ms, tau=None, extra=None):
+
+# -- what every bench section shares ---------------------------------------------------------------------------------
+def mode_opts(mode) -> dict:
+    """recommend() options of a bench mode: chain runs fused chain rounds from the host (device_rounds off),
+    chain-dev with device_rounds (the runtime's CUDA default, as in every other speculative row), chain-loop
+    the chain's draft step by step (K engine calls), not the fused graph."""
+    return {"chain": dict(speculate="chain", device_rounds=False),
+            "chain-loop": dict(speculate="chain", fused_chain=False, device_rounds=False),
+            "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
+
+
+def call_name(key) -> str:
+    """A CallCounter key as the report names it: graph/T<bucket> (TNone: the dynamic session)."""
+    _, graph, bucket = key
+    return f"{graph}/T{bucket}"
+
+
+@dataclasses.dataclass
+class Bench:
+    """The bench's shared state: where results go, the histories every section runs, the report and its rows
+    (the JSON is rewritten after every row, so a run cut short keeps what it measured)."""
+
+    out: Path  # results directory: gpu_bench.json, profile_b1_<mode>.txt
+    device: str  # cuda | cpu
+    users: list  # batch 1: one request per user, in turn; times are per list
+    hist_all: list  # batch B: the first B of these in one request
+    repeats: int  # timed rounds (at least 5 or 9 where the section says)
+    report: dict  # filled section by section; ar_tokens (AR's lists per batch) is dropped when written
+    rows: list = dataclasses.field(default_factory=list)  # one per engine, mode and batch
+    counters: dict = dataclasses.field(default_factory=dict)  # id(Recommender) -> its CallCounter
+
+    def add(self, engine, mode, batch, ms, tau=None, extra=None) -> None:
+        """One result row (ms per list, and lists per second from it), logged; the JSON rewritten with it."""
         row = {"engine": engine, "mode": mode, "batch": batch, "ms_per_list": ms, "lists_per_s": batch / ms * 1e3,
                "tau": tau, **(extra or {})}
-        rows.append(row)
+        self.rows.append(row)
         log(json.dumps(row))
-        (out / "gpu_bench.json").write_text(json.dumps({**{k: v for k, v in report.items() if k != "ar_tokens"},
-                                                         "rows": rows}, indent=2) + "\n")
+        (self.out / "gpu_bench.json").write_text(json.dumps(
+            {**{k: v for k, v in self.report.items() if k != "ar_tokens"}, "rows": self.rows}, indent=2) + "\n")
 
-    sync = torch.cuda.synchronize if device == "cuda" else None
+    @property
+    def sync(self):
+        return torch.cuda.synchronize if self.device == "cuda" else None
 
-    def gpu_used_mib():
-        if device != "cuda":
+    def gpu_used_mib(self):
+        if self.device != "cuda":
             return None
         free, total = torch.cuda.mem_get_info()
         return (total - free) / 2**20
 
-    def mode_opts(mode) -> dict:
-        """recommend() options of a bench mode: chain runs fused chain rounds from the host (device_rounds off),
-        chain-dev with device_rounds (the runtime's CUDA default, as in every other speculative row), chain-loop
-        the chain's draft step by step (K engine calls), not the fused graph."""
-        return {"chain": dict(speculate="chain", device_rounds=False),
-                "chain-loop": dict(speculate="chain", fused_chain=False, device_rounds=False),
-                "chain-dev": dict(speculate="chain", device_rounds=True)}.get(mode, dict(speculate=mode))
-
-    def call_name(key) -> str:
-        """A CallCounter key as the report names it: graph/T<bucket> (TNone: the dynamic session)."""
-        _, graph, bucket = key
-        return f"{graph}/T{bucket}"
-
-    def request(rec, batch, **opts):
-        """One batch call, or at batch 1 one call per user of `users` (the time per list is then / len(users))."""
-        return each(rec, users, **opts) if batch == 1 else rec.recommend(hist_all[:batch], params=DecodeParams(**opts))
-
-    counters = {}
-
-    def open_rec(eng, **opts):
+    def open_rec(self, eng, **opts) -> Recommender:
         """A Recommender on the card with device caches (opts: RuntimeOptions fields), its engine calls counted."""
         counter = CallCounter()
-        rec = Recommender(eng, device=device, options=RuntimeOptions(device_cache=True, **opts), tracer=counter)
-        counters[id(rec)] = counter
+        rec = Recommender(eng, device=self.device, options=RuntimeOptions(device_cache=True, **opts), tracer=counter)
+        self.counters[id(rec)] = counter
         return rec
 
-    def per_list(batch) -> int:
-        return len(users) if batch == 1 else 1
+    def per_list(self, batch) -> int:
+        return len(self.users) if batch == 1 else 1
 
-    def run_modes(rec, engine, name, batch, modes):
-        """Time `modes` in turn (`alternate`: a slow spell of the machine hits them alike), after one pass of
-        each that warms it up and counts the engine calls a list makes."""
-        calls = {}
-        counter = counters[id(rec)]
-        for mode in modes:
-            counter.clear()
-            request(rec, batch, **mode_opts(mode))
-            calls[mode] = {call_name(key): n / per_list(batch) for key, n in counter.calls.items()}
-        t, last = alternate({mode: (lambda o=mode_opts(mode): request(rec, batch, **o)) for mode in modes},
-                            args.repeats)
-        for mode in modes:
-            res, ms = last[mode], float(np.median(t[mode])) / per_list(batch)
-            toks = [r.tokens for r in res.lists]
-            if mode == "off" and batch not in report.get("ar_tokens", {}):
-                report.setdefault("ar_tokens", {})[batch] = toks
-            same = toks == report["ar_tokens"][batch]
-            if not same:
-                report.setdefault("mismatches", []).append(
-                    {"engine": engine, "draft": name, "mode": mode, "batch": batch,
-                     "rows": first_differences(toks, report["ar_tokens"][batch]),
-                     "same_as_batch1_ar": toks == report["ar_tokens"].get(1) if batch == len(users) else None})
-                log("lists differ from AR", json.dumps(report["mismatches"][-1]))
-            split_ms = {k: v * 1e3 for k, v in res.time_s.items()}
-            split_ms = {k: v / per_list(batch) for k, v in split_ms.items()}
-            rounds = res.rounds / per_list(batch)
-            add(f"{engine}/{name}" if mode != "off" else engine, mode, batch, ms, res.tau,
-                {"identical_to_ar": same, "rounds": rounds, "split_ms": split_ms,
-                 "verify_ms_per_round": split_ms["verify"] / (rounds + 1),
-                 "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls[mode]})
+    def request(self, rec, batch, **opts):
+        """One batch call, or at batch 1 one call per user (the time per list is then / len(users))."""
+        if batch == 1:
+            return each(rec, self.users, **opts)
+        return rec.recommend(self.hist_all[:batch], params=DecodeParams(**opts))
 
-    def graph_ops(path: Path) -> dict:
-        """Node counts of a graph as exported and as ONNX Runtime's CUDA provider runs it (batch 1, 8 tokens)."""
-        import collections
+    def same_as_ar(self, batch: int, lists: list) -> bool:
+        return lists == self.report["ar_tokens"][batch]
 
-        import onnx
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.optimized_model_filepath = str(work / "optimized.onnx")
-        for dim, n in {"batch": 1, "seq": 8, "past": 256, "past_plus_seq": 264, "max_seq_len": 256}.items():
-            so.add_free_dimension_override_by_name(dim, n)
-        ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"] if device == "cuda" else None)
-        count = lambda m: dict(collections.Counter(n.op_type for n in m.graph.node).most_common())  # noqa: E731
-        res = {"exported": count(onnx.load(str(path), load_external_data=False)),
-               "optimized": count(onnx.load(str(work / "optimized.onnx"), load_external_data=False))}
-        (work / "optimized.onnx").unlink()
-        return res
 
-    report["graph_ops"] = {}
+def bench_histories(n: int) -> list:
+    """The last 20 items of the first n ml-100k test histories at least that long."""
+    test = [h for _, h, _ in make_split(load_dataset("ml-100k")).test]
+    return [h[-20:] for h in test if len(h) >= 20][:n]
+
+
+def run_modes(bench: Bench, rec, engine: str, name: str, batch: int, modes) -> None:
+    """Time `modes` in turn (`alternate`: a slow spell of the machine hits them alike), after one pass of
+    each that warms it up and counts the engine calls a list makes; a row each."""
+    calls = {}
+    counter = bench.counters[id(rec)]
+    for mode in modes:
+        counter.clear()
+        bench.request(rec, batch, **mode_opts(mode))
+        calls[mode] = {call_name(key): n / bench.per_list(batch) for key, n in counter.calls.items()}
+    t, last = alternate({mode: (lambda o=mode_opts(mode): bench.request(rec, batch, **o)) for mode in modes},
+                        bench.repeats)
+    for mode in modes:
+        res, ms = last[mode], float(np.median(t[mode])) / bench.per_list(batch)
+        same = check_against_ar(bench, [r.tokens for r in res.lists], engine, name, mode, batch)
+        split_ms = {k: v * 1e3 / bench.per_list(batch) for k, v in res.time_s.items()}
+        rounds = res.rounds / bench.per_list(batch)
+        bench.add(f"{engine}/{name}" if mode != "off" else engine, mode, batch, ms, res.tau,
+                  {"identical_to_ar": same, "rounds": rounds, "split_ms": split_ms,
+                   "verify_ms_per_round": split_ms["verify"] / (rounds + 1),
+                   "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls[mode]})
+
+
+def check_against_ar(bench: Bench, toks: list, engine: str, name: str, mode: str, batch: int) -> bool:
+    """Whether lists equal AR's at this batch (the first AR lists of a batch are the reference); where they
+    differ, the report's `mismatches` says where each list leaves AR's."""
+    if mode == "off":
+        bench.report.setdefault("ar_tokens", {}).setdefault(batch, toks)
+    ar_tokens = bench.report["ar_tokens"]
+    if toks == ar_tokens[batch]:
+        return True
+    bench.report.setdefault("mismatches", []).append(
+        {"engine": engine, "draft": name, "mode": mode, "batch": batch,
+         "rows": first_differences(toks, ar_tokens[batch]),
+         "same_as_batch1_ar": toks == ar_tokens.get(1) if batch == len(bench.users) else None})
+    log("lists differ from AR", json.dumps(bench.report["mismatches"][-1]))
+    return False
+
+
+# -- the bench's sections --------------------------------------------------------------------------------------------
+def graph_ops(path: Path, work: Path, device: str) -> dict:
+    """Node counts of a graph as exported and as ONNX Runtime's CUDA provider runs it (batch 1, 8 tokens)."""
+    import collections
+
+    import onnx
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(work / "optimized.onnx")
+    for dim, n in {"batch": 1, "seq": 8, "past": 256, "past_plus_seq": 264, "max_seq_len": 256}.items():
+        so.add_free_dimension_override_by_name(dim, n)
+    ort.InferenceSession(str(path), so, providers=["CUDAExecutionProvider"] if device == "cuda" else None)
+    count = lambda m: dict(collections.Counter(n.op_type for n in m.graph.node).most_common())  # noqa: E731
+    res = {"exported": count(onnx.load(str(path), load_external_data=False)),
+           "optimized": count(onnx.load(str(work / "optimized.onnx"), load_external_data=False))}
+    (work / "optimized.onnx").unlink()
+    return res
+
+
+def graph_op_counts(engine_dir: Path, work: Path, device: str) -> dict:
+    """graph_ops of each graph of the engines (a graph that fails is logged and left out: a diagnostic only)."""
+    out = {}
     for g in ("target", "target_gqa", "draft", "draft_chain", "draft_chain_gqa"):
         try:
-            report["graph_ops"][g] = graph_ops(engines["padrec"] / f"{g}.onnx")
-            log(g, "ops", json.dumps({k: sum(v.values()) for k, v in report["graph_ops"][g].items()}),
-                json.dumps(report["graph_ops"][g]["optimized"]))
+            out[g] = graph_ops(engine_dir / f"{g}.onnx", work, device)
+            log(g, "ops", json.dumps({k: sum(v.values()) for k, v in out[g].items()}), json.dumps(out[g]["optimized"]))
         except Exception as exc:  # a diagnostic only
             log(g, "ops: failed", exc)
+    return out
 
-    # 1. our runtime, ONNX Runtime CUDA with device-resident KV, three ways: dynamic shapes (one session),
-    # static buckets without CUDA graphs, static buckets replaying CUDA graphs (the default on CUDA).
-    # Each with the fused target (target_gqa, the default) but one: the standard target's graph, CUDA graphs.
+
+def bench_runtime_configs(bench: Bench, engine_dir: Path, batches: list, quick: bool) -> tuple[str, dict]:
+    """Our runtime, ONNX Runtime CUDA with device-resident KV, three ways: dynamic shapes (one session), static
+    buckets without CUDA graphs, static buckets replaying CUDA graphs (the default on CUDA); each with the fused
+    target (target_gqa, the default) but one: the standard target's graph, CUDA graphs. Every mode at batch 1
+    and 8, the graph notes and GPU memory of each. Returns the last configuration that ran: (name, options)."""
     configs = {"padrec-ort-cuda-dynamic": dict(static_shapes=False),
                "padrec-ort-cuda-static": dict(static_shapes=True, cuda_graphs=False),
                "padrec-ort-cuda-standard-target": dict(in_place=False),
                "padrec-ort-cuda": dict()}
-    if device != "cuda":
+    if bench.device != "cuda":
         configs = {k: dict(v, static_shapes=True) for k, v in configs.items() if k.endswith(("cuda", "target"))}
-    if args.quick:
+    if quick:
         configs = {k: v for k, v in configs.items() if k.endswith(("cuda", "target"))}
+    report = bench.report
     report["graph_notes"], report["gpu_mem_mib"] = {}, {}
     best = rec = None
     for engine, opts in configs.items():
         try:
-            rec = open_rec(engines["padrec"], **opts)
+            rec = bench.open_rec(engine_dir, **opts)
             for batch in [b for b in (1, 8) if b in batches]:
-                run_modes(rec, engine, "padrec", batch, ["off", "chain", "chain-dev", "chain-loop", "tree"])
+                run_modes(bench, rec, engine, "padrec", batch, ["off", "chain", "chain-dev", "chain-loop", "tree"])
             report["graph_notes"][engine] = [n for b in rec.backends.values() for n in b.graph_notes]
-            report["gpu_mem_mib"][engine] = gpu_used_mib()
+            report["gpu_mem_mib"][engine] = bench.gpu_used_mib()
             log(engine, report["graph_notes"][engine])
             best = (engine, opts)
         except Exception as exc:  # a configuration that fails on this card is reported, the others still run
             report["graph_notes"][engine] = [f"failed: {type(exc).__name__}: {str(exc)[:500]}"]
             log(engine, "FAILED", exc)
         rec = close(rec)
-    engine, opts = best
-    report["runtime"] = engine
-    # where a batch-1 round's host time goes (cProfile of the chosen runtime; text next to the JSON)
-    import cProfile
-    import io
-    import pstats
-    rec = open_rec(engines["padrec"], **opts)
-    # the headline at batch 1: AR and the default speculation (chain, device rounds) timed in turn, several
-    # rounds, so a slow spell of the machine hits both alike (the table's rows run one after the other)
+    return best
+
+
+def bench_headline_b1(bench: Bench, rec) -> dict:
+    """The headline at batch 1: AR and the default speculation (chain, device rounds) timed in turn, several
+    rounds, so a slow spell of the machine hits both alike (the table's rows run one after the other)."""
+    users = bench.users
     each(rec, users, speculate="chain")
     t, last = alternate({"ar": lambda: each(rec, users, speculate="off"),
-                         "sd": lambda: each(rec, users, speculate="chain")}, max(9, args.repeats))
+                         "sd": lambda: each(rec, users, speculate="chain")}, max(9, bench.repeats))
     med = {k: float(np.median(v)) / len(users) for k, v in t.items()}
-    report["headline_b1"] = {"ar_ms": med["ar"], "sd_ms": med["sd"], "speedup": med["ar"] / med["sd"],
-                             "sd_tau": last["sd"].tau, "rounds_per_list": last["sd"].rounds / len(users),
-                             "identical_to_ar": [r.tokens for r in last["sd"].lists] == report["ar_tokens"][1],
-                             "samples_ms_per_list": {k: [x / len(users) for x in v] for k, v in t.items()}}
-    log("headline b1", json.dumps({k: v for k, v in report["headline_b1"].items() if k != "samples_ms_per_list"}))
-    report["launch_ms_b1"] = {}
+    headline = {"ar_ms": med["ar"], "sd_ms": med["sd"], "speedup": med["ar"] / med["sd"],
+                "sd_tau": last["sd"].tau, "rounds_per_list": last["sd"].rounds / len(users),
+                "identical_to_ar": bench.same_as_ar(1, [r.tokens for r in last["sd"].lists]),
+                "samples_ms_per_list": {k: [x / len(users) for x in v] for k, v in t.items()}}
+    log("headline b1", json.dumps({k: v for k, v in headline.items() if k != "samples_ms_per_list"}))
+    return headline
+
+
+def launch_ms(bench: Bench, rec, mode: str) -> dict:
+    """Host ms of one engine run call (it returns once queued), per graph and bucket, over two passes."""
+    each(rec, bench.users, **mode_opts(mode))
+    counter = bench.counters[id(rec)]
+    counter.clear()
+    for _ in range(2):
+        each(rec, bench.users, **mode_opts(mode))
+    return {call_name(key): counter.launch_s[key] / n * 1e3 for key, n in counter.calls.items()}
+
+
+def host_profile(bench: Bench, rec, mode: str) -> str:
+    """cProfile of two batch-1 passes, the 30 costliest functions by own time."""
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(2):
+        each(rec, bench.users, **mode_opts(mode))
+    prof.disable()
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
+    return text.getvalue()
+
+
+def bench_host_critical_b1(bench: Bench, rec) -> None:
+    """Where a batch-1 round's time goes, per mode: launch ms per engine call, on CUDA the GPU's busy and idle
+    time, and for the speculative modes a cProfile of the host (text next to the JSON)."""
+    bench.report["launch_ms_b1"] = {}
     for mode in ("off", "chain", "chain-dev", "tree"):
-        each(rec, users, **mode_opts(mode))
-        counter = counters[id(rec)]
-        counter.clear()
-        for _ in range(2):
-            each(rec, users, **mode_opts(mode))
-        report["launch_ms_b1"][mode] = {  # host time of one engine run call (returns once queued), per bucket
-            call_name(key): counter.launch_s[key] / n * 1e3 for key, n in counter.calls.items()}
-        log("launch ms", mode, json.dumps(report["launch_ms_b1"][mode]))
-        if device == "cuda":
+        bench.report["launch_ms_b1"][mode] = launch_ms(bench, rec, mode)
+        log("launch ms", mode, json.dumps(bench.report["launch_ms_b1"][mode]))
+        if bench.device == "cuda":
             try:
-                timeline = gpu_timeline(lambda: each(rec, users, **mode_opts(mode)))
+                timeline = gpu_timeline(lambda: each(rec, bench.users, **mode_opts(mode)))
             except Exception as exc:  # a diagnostic only
                 timeline = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-            report.setdefault("gpu_timeline_b1", {})[mode] = timeline
-            log("gpu timeline", mode, json.dumps(report["gpu_timeline_b1"][mode]))
-        if mode == "off":
-            continue
-        prof = cProfile.Profile()
-        prof.enable()
-        for _ in range(2):
-            each(rec, users, **mode_opts(mode))
-        prof.disable()
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(30)
-        (out / f"profile_b1_{mode}.txt").write_text(text.getvalue())
-    rec = close(rec)
+            bench.report.setdefault("gpu_timeline_b1", {})[mode] = timeline
+            log("gpu timeline", mode, json.dumps(timeline))
+        if mode != "off":
+            (bench.out / f"profile_b1_{mode}.txt").write_text(host_profile(bench, rec, mode))
+
+
+def bench_adaptive(bench: Bench, rec, engine: str, batches: list) -> None:
+    """Adaptive speculation: calibrate on the bench's histories, then speculate="auto" and AR timed alternately
+    (both see the same machine state) at each batch; a row each, with the plan's pick."""
+    plan = rec.calibrate(bench.hist_all, batches, repeats=3)
+    bench.report["adaptive_plan"] = [c.__dict__ for c in plan]
+    for batch in batches:
+        t, last = alternate({"auto": lambda: bench.request(rec, batch, speculate="auto"),
+                             "ar": lambda: bench.request(rec, batch, speculate="off")}, max(9, bench.repeats))
+        t_ar, res = [v / bench.per_list(batch) for v in t["ar"]], last["auto"]
+        ms, ar = float(np.median(t["auto"])) / bench.per_list(batch), float(np.median(t_ar))
+        pick = choose(plan, batch)
+        noise = float(np.std(t_ar) / ar)
+        bench.add(f"{engine}/auto", "auto", batch, ms, res.tau,
+                  {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps, pick.device_rounds], "ar_rel_std": noise,
+                   "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01)),
+                   "samples_ms": {"auto": [v / bench.per_list(batch) for v in t["auto"]], "ar": t_ar}})
+
+
+def bench_batches(bench: Bench, engines: dict, engine: str, opts: dict, batches: list) -> None:
+    """Every draft's engines in the chosen configuration at every batch (PAD-Rec's batch 1 and 8 ran with the
+    configurations), then adaptive speculation on PAD-Rec's."""
     for name, eng in engines.items():
-        rec = open_rec(eng, **opts)
+        rec = bench.open_rec(eng, **opts)
         for batch in batches:
             if name == "padrec" and batch in (1, 8):
-                continue  # measured above
-            run_modes(rec, engine, name, batch, (["off"] if name == "padrec" else []) + ["chain", "tree"])
-        if name == "padrec":  # adaptive: calibrate on these histories, then time speculate="auto"
-            plan = rec.calibrate(hist_all, batches, repeats=3)
-            report["adaptive_plan"] = [c.__dict__ for c in plan]
-            for batch in batches:  # auto and AR timed alternately, so both see the same machine state
-                t, last = alternate({"auto": lambda: request(rec, batch, speculate="auto"),
-                                     "ar": lambda: request(rec, batch, speculate="off")}, max(9, args.repeats))
-                t_ar, res = [v / per_list(batch) for v in t["ar"]], last["auto"]
-                ms, ar = float(np.median(t["auto"])) / per_list(batch), float(np.median(t_ar))
-                pick = choose(plan, batch)
-                noise = float(np.std(t_ar) / ar)
-                add(f"{engine}/auto", "auto", batch, ms, res.tau,
-                    {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps, pick.device_rounds], "ar_rel_std": noise,
-                     "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01)),
-                     "samples_ms": {"auto": [v / per_list(batch) for v in t["auto"]], "ar": t_ar}})
-    rec = close(rec)
-    # other depths at batch 1, step-by-step draft (the drafts were trained with --draft-train-steps unrolled steps;
-    # deeper steps reuse the last step embedding); the default K runs the fused chain graph above
-    rec = open_rec(engines["padrec"], **opts)
-    for K in (2, 4, 6):
-        res, ms = timed(lambda: each(rec, users, speculate="chain", draft_steps=K), args.repeats)
-        ms /= len(users)
-        add(f"{engine}/padrec", f"chain K={K}", 1, ms, res.tau,
-            {"identical_to_ar": [r.tokens for r in res.lists] == report["ar_tokens"][1],
-             "rounds": res.rounds / len(users)})
-    rec = close(rec)
-    # the fused chain's depth at batch 1: engines exported with each K of --depths next to the default, timed
-    # alternately
-    depth = {args.draft_steps: engines["padrec"]}
-    for K in [int(k) for k in args.depths.split(",") if k]:
-        if K != args.draft_steps:
-            depth[K] = work / f"eng_padrec_k{K}"
-            if not (depth[K] / "manifest.json").exists():
-                export_checkpoints(models / "target", models / "draft_padrec", depth[K], precision, max_seq_len=256,
-                                   max_history=20, max_batch=64, draft_steps=K)
-    recs = {K: open_rec(eng, **opts) for K, eng in depth.items()}
-    t, last = alternate({K: (lambda r=r: each(r, users, speculate="chain")) for K, r in recs.items()},
-                        max(5, args.repeats))
-    report["fused_chain_depth_b1"] = {str(K): {"ms": float(np.median(t[K])) / len(users), "tau": last[K].tau,
-                                               "identical_to_ar": [r.tokens for r in last[K].lists] ==
-                                               report["ar_tokens"][1]} for K in recs}
-    log("fused chain depth", json.dumps(report["fused_chain_depth_b1"]))
-    recs = close(*recs.values())
-    # PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)
-    recs = {name: open_rec(eng, **opts) for name, eng in engines.items()}
-    report["padrec_vs_eagle_b1"] = {}
-    for mode in ("chain", "tree"):
-        t, last = alternate({name: (lambda r=r: each(r, users, speculate=mode)) for name, r in recs.items()},
-                            max(5, args.repeats))
-        tau = {name: res.tau for name, res in last.items()}
-        med = {name: float(np.median(v)) / len(users) for name, v in t.items()}
-        report["padrec_vs_eagle_b1"][mode] = {"ms": med, "tau": tau,
-                                              "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
-        log("padrec vs eagle", mode, json.dumps(report["padrec_vs_eagle_b1"][mode]))
-    recs = close(*recs.values())
-    # 2. PyTorch eager: the same SD loop, torch models on the card (device-resident KV)
-    cat, target, draft, _ = load_trained(models, "padrec")
-    target = target.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
-    draft = draft.to(device, torch.float16 if device == "cuda" else torch.float32).eval()
-    con = ListConstraint(cat, n_items=10)
-    if report.get("mismatches"):
-        logit_margins(target, cat, hist_all, report["mismatches"], device)
-        target = target.to(device, torch.float16 if device == "cuda" else torch.float32)
-        log("mismatch logits", json.dumps(report["mismatches"]))
+                continue  # measured with the configurations
+            run_modes(bench, rec, engine, name, batch, (["off"] if name == "padrec" else []) + ["chain", "tree"])
+        if name == "padrec":
+            bench_adaptive(bench, rec, engine, batches)
+        close(rec)
 
+
+def bench_step_depths_b1(bench: Bench, engine_dir: Path, engine: str, opts: dict) -> None:
+    """Other depths at batch 1, the draft step by step (trained with --draft-train-steps unrolled steps; deeper
+    steps reuse the last step embedding); the default K ran the fused chain graph."""
+    rec = bench.open_rec(engine_dir, **opts)
+    for K in (2, 4, 6):
+        res, ms = timed(lambda: each(rec, bench.users, speculate="chain", draft_steps=K), bench.repeats)
+        bench.add(f"{engine}/padrec", f"chain K={K}", 1, ms / len(bench.users), res.tau,
+                  {"identical_to_ar": bench.same_as_ar(1, [r.tokens for r in res.lists]),
+                   "rounds": res.rounds / len(bench.users)})
+    close(rec)
+
+
+def export_depths(job: Job, plan: ExportPlan, depths: str) -> dict:
+    """K -> PAD-Rec engines whose fused chain graph runs K steps: the default K's, and one exported (once, into
+    --work) for each other K of --depths."""
+    out = {plan.draft_steps: engine_dirs(job)["padrec"]}
+    for K in [int(k) for k in depths.split(",") if k]:
+        if K != plan.draft_steps:
+            out[K] = job.work / f"eng_padrec_k{K}"
+            if not (out[K] / "manifest.json").exists():
+                export_checkpoints(job.models / "target", job.models / "draft_padrec", out[K], plan.precision,
+                                   max_seq_len=plan.max_seq_len, max_history=plan.max_history,
+                                   max_batch=plan.max_batch, draft_steps=K)
+    return out
+
+
+def bench_fused_depths_b1(bench: Bench, depth: dict, opts: dict) -> dict:
+    """The fused chain's depth at batch 1: the engines of each K timed alternately."""
+    recs = {K: bench.open_rec(eng, **opts) for K, eng in depth.items()}
+    t, last = alternate({K: (lambda r=r: each(r, bench.users, speculate="chain")) for K, r in recs.items()},
+                        max(5, bench.repeats))
+    res = {str(K): {"ms": float(np.median(t[K])) / len(bench.users), "tau": last[K].tau,
+                    "identical_to_ar": bench.same_as_ar(1, [r.tokens for r in last[K].lists])} for K in recs}
+    log("fused chain depth", json.dumps(res))
+    close(*recs.values())
+    return res
+
+
+def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict) -> dict:
+    """PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)."""
+    recs = {name: bench.open_rec(eng, **opts) for name, eng in engines.items()}
+    res = {}
+    for mode in ("chain", "tree"):
+        t, last = alternate({name: (lambda r=r: each(r, bench.users, speculate=mode)) for name, r in recs.items()},
+                            max(5, bench.repeats))
+        tau = {name: r.tau for name, r in last.items()}
+        med = {name: float(np.median(v)) / len(bench.users) for name, v in t.items()}
+        res[mode] = {"ms": med, "tau": tau, "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
+        log("padrec vs eagle", mode, json.dumps(res[mode]))
+    close(*recs.values())
+    return res
+
+
+def torch_pair(bench: Bench, models: Path) -> tuple:
+    """The trained target and PAD-Rec draft as PyTorch modules on the card (fp16 on CUDA) and the list
+    constraint; where lists differed from AR, the target's logits there are added to the mismatches."""
+    dtype = torch.float16 if bench.device == "cuda" else torch.float32
+    cat, target, draft, _ = load_trained(models, "padrec")
+    target = target.to(bench.device, dtype).eval()
+    draft = draft.to(bench.device, dtype).eval()
+    if bench.report.get("mismatches"):
+        logit_margins(target, cat, bench.hist_all, bench.report["mismatches"], bench.device)
+        target = target.to(bench.device, dtype)
+        log("mismatch logits", json.dumps(bench.report["mismatches"]))
+    return target, draft, ListConstraint(cat, n_items=10)
+
+
+def bench_eager(bench: Bench, target, draft, con, batches: list, draft_steps: int) -> None:
+    """PyTorch eager: the same SD loop, torch models on the card (device-resident KV); chain runs the same fused
+    draft chain (DraftChain, eager) with the same K. Batch 1 and 8."""
     def over(batch, fn):
-        """fn(histories) once per user at batch 1 (results concatenated), else once for the batch."""
-        if batch > 1:
-            return fn(hist_all[:batch])
-        outs = [fn([h]) for h in users]
-        return outs
+        """fn(histories) once per user at batch 1 (a list of results), else once for the batch."""
+        return fn(bench.hist_all[:batch]) if batch > 1 else [fn([h]) for h in bench.users]
 
     for batch in [b for b in batches if b <= 8]:
-        for mode in ("off", "chain", "tree"):  # chain: the same fused draft chain (DraftChain, eager), same K
-            cfg = DecodeConfig(speculate=mode, draft_steps=args.draft_steps if mode == "chain" else 4)
-            gs, ms = timed(lambda: over(batch, lambda h: reference_generate(target, draft, h, con, cfg)), 1, sync)
+        for mode in ("off", "chain", "tree"):
+            cfg = DecodeConfig(speculate=mode, draft_steps=draft_steps if mode == "chain" else 4)
+            gs, ms = timed(lambda: over(batch, lambda h: reference_generate(target, draft, h, con, cfg)), 1,
+                           bench.sync)
             gs = gs if batch == 1 else [gs]
             toks = [t for g in gs for t in g.tokens]
             tau = float(np.mean([n for g in gs for row in g.committed for n in row]))
-            add("pytorch-eager", mode, batch, ms / per_list(batch), tau,
-                {"identical_to_ar": toks == report["ar_tokens"][batch]})
-    # 3. the strongest PyTorch a user would write: static KV cache + torch.compile (eager on CPU smoke runs)
-    modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if device == "cuda" else [None]
-    report["torch_compiled"] = bench_compiled((target, draft), con, users, hist_all, batches, args.draft_steps,
-                                              modes, args.repeats, add, report["ar_tokens"])
-    # 4. Hugging Face generate (same target as LlamaForCausalLM, same constraint)
-    hf = hf_model(models / "target", device, torch.float16 if device == "cuda" else torch.float32)
-    seqs, ms = timed(lambda: [hf_generate(hf, con, [h], device)() for h in users], 1, sync)
-    n = len(cat.prompt(users[0]))
-    same = [s[n:].tolist() for part in seqs for s in part] == report["ar_tokens"][1]
-    add("hf-generate", "off", 1, ms / len(users), 1.0, {"identical_to_ar": same})
-    # 5. the floor: target weight bytes / copy bandwidth
-    if device == "cuda":
-        bw = copy_bandwidth_gbs(device)
-        weight_bytes = sum(p.numel() * 2 for p in target.parameters())
-        report["floor"] = {"copy_bandwidth_gb_s": bw, "target_weight_bytes_fp16": weight_bytes,
-                           "floor_ms_per_target_step": floor_ms(weight_bytes, bw)}
-        log(json.dumps(report["floor"]))
-    report["rows"] = rows
-    report.pop("ar_tokens", None)
-    (out / "gpu_bench.json").write_text(json.dumps(report, indent=2) + "\n")
-    log("wrote", out / "gpu_bench.json")
+            bench.add("pytorch-eager", mode, batch, ms / bench.per_list(batch), tau,
+                      {"identical_to_ar": bench.same_as_ar(batch, toks)})
+
+
+def bench_hf(bench: Bench, models: Path, con) -> None:
+    """Hugging Face generate (the same target as LlamaForCausalLM, the same constraint), batch 1."""
+    hf = hf_model(models / "target", bench.device, torch.float16 if bench.device == "cuda" else torch.float32)
+    seqs, ms = timed(lambda: [hf_generate(hf, con, [h], bench.device)() for h in bench.users], 1, bench.sync)
+    n = len(con.catalogue.prompt(bench.users[0]))
+    same = bench.same_as_ar(1, [s[n:].tolist() for part in seqs for s in part])
+    bench.add("hf-generate", "off", 1, ms / len(bench.users), 1.0, {"identical_to_ar": same})
+
+
+def weight_floor(target, device) -> dict:
+    """The floor: the target's fp16 weight bytes over the card's copy bandwidth."""
+    bw = copy_bandwidth_gbs(device)
+    weight_bytes = sum(p.numel() * 2 for p in target.parameters())
+    floor = {"copy_bandwidth_gb_s": bw, "target_weight_bytes_fp16": weight_bytes,
+             "floor_ms_per_target_step": floor_ms(weight_bytes, bw)}
+    log(json.dumps(floor))
+    return floor
+
+
+def write_report(bench: Bench) -> None:
+    bench.report["rows"] = bench.rows
+    bench.report.pop("ar_tokens", None)
+    (bench.out / "gpu_bench.json").write_text(json.dumps(bench.report, indent=2) + "\n")
+    log("wrote", bench.out / "gpu_bench.json")
+
+
+def main():
+    faulthandler.enable()  # a crash inside a native library still names the Python line
+    args = parse_args()
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    job, plan = job_from_args(args)
+    report = start_report(job)
+    if not make_pair(args, job, plan, report):
+        return
+    batches = [int(b) for b in args.batches.split(",")]
+    hist_all = bench_histories(max(batches))
+    bench = Bench(Path(args.out), job.device, hist_all[:args.b1_users], hist_all, args.repeats, report)
+    engines = engine_dirs(job)
+    report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
+    engine, opts = bench_runtime_configs(bench, engines["padrec"], batches, args.quick)
+    report["runtime"] = engine
+    rec = bench.open_rec(engines["padrec"], **opts)
+    report["headline_b1"] = bench_headline_b1(bench, rec)
+    bench_host_critical_b1(bench, rec)
+    close(rec)
+    bench_batches(bench, engines, engine, opts, batches)
+    bench_step_depths_b1(bench, engines["padrec"], engine, opts)
+    report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, export_depths(job, plan, args.depths), opts)
+    report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts)
+    target, draft, con = torch_pair(bench, job.models)
+    bench_eager(bench, target, draft, con, batches, args.draft_steps)
+    # the strongest PyTorch a user would write: static KV cache + torch.compile (eager on CPU smoke runs)
+    modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if job.device == "cuda" else [None]
+    report["torch_compiled"] = bench_compiled((target, draft), con, bench.users, hist_all, batches,
+                                              args.draft_steps, modes, args.repeats, bench.add, report["ar_tokens"])
+    bench_hf(bench, job.models, con)
+    if job.device == "cuda":
+        report["floor"] = weight_floor(target, job.device)
+    write_report(bench)
 
 
 if __name__ == "__main__":

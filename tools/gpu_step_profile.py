@@ -25,9 +25,11 @@ from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 import padrec_export.models as models  # noqa: E402
 from padrec_export.fused import KV_IN_PLACE, export_gqa_target  # noqa: E402
 from padrec_export.onnx_export import export_graph, slim_graph  # noqa: E402
+from padrec_export.sizes import SIZES  # noqa: E402
 from padrec_runtime.cache.host import KV_INPUT  # noqa: E402
 
 CUDA_OPTIONS = {}  # --cuda-options
+SHAPE = "qwen-0.5b"  # the profiled target's shape (padrec_export/sizes.py), --layers deep
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
 GEMM_TUNE = {"ep.cuda.enable_gemm_auto_tune": "1"}  # ONNX Runtime >= 1.31: per shape, the fastest of cuBLAS and
 # its small-M GEMV kernels, measured when a session first runs the shape
@@ -232,7 +234,7 @@ def verify_parity(path, cfg, past: int, max_len: int, T: int = 8, dtype=np.float
     return out
 
 
-def main():
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--layers", type=int, default=24)
@@ -247,62 +249,93 @@ def main():
                     help="per variant, only whether an 8-token verify pass gives the 8 one-token steps' logits")
     ap.add_argument("--cuda-options", default="{}", help="CUDA execution provider options, JSON")
     ap.add_argument("--cpu", action="store_true", help="smoke run on CPU")
-    args = ap.parse_args()
-    CUDA_OPTIONS.update(json.loads(args.cuda_options))
-    global DEVICE
-    DEVICE = "cpu" if args.cpu else "cuda"
-    cfg = models.TargetConfig(vocab_size=args.vocab, hidden_size=896, n_layers=args.layers, n_heads=14,
-                              n_kv_heads=2, intermediate_size=4864, qkv_bias=True)
-    torch.manual_seed(0)
-    target = models.Target(cfg).to(DEVICE)
-    for name, p in target.named_parameters():  # norms away from 1 (onnxslim folds a weight of ones away)
-        if "norm" in name:
-            torch.nn.init.normal_(p, 1.0, 0.1)
-    n_bytes = sum(p.numel() for p in target.parameters()) * 2
-    bw = copy_bandwidth_gbs(DEVICE) * 1e9  # bytes/s
-    report = {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers,
-              "past": args.past,
-              "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
-    tmp = Path(tempfile.mkdtemp())
-    variants = args.variants.split(",")
-    unknown = [v for v in variants if v not in VARIANTS]
+    args = ap.parse_args(argv)
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
     if unknown:
         ap.error(f"--variants: unknown {unknown} | choose from {', '.join(VARIANTS)}")
     for form in args.graphs.split(","):
         if form not in ("standard", "gqa"):
             ap.error(f"--graphs: {form!r} | expected standard or gqa")
-        if form == "standard":  # its keys at the top level, as before
-            path = tmp / "standard.onnx"
-            t0 = time.perf_counter()
-            export_graph(target, False, "fp16", path)
-            slim_graph(path)
-            report["export_s"] = time.perf_counter() - t0
-            for T in (1, 8):
-                dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
-                report[f"T{T}"] = time_calls(path, dims, feeds_for(cfg, T, args.past), args.repeats, report["floor_ms"])
-                print(form, f"T{T}", json.dumps(report[f"T{T}"]), flush=True)
-            continue
-        t0 = time.perf_counter()
-        paths = {}
-        for gate_up in sorted({bool(VARIANTS[v].get("gate_up")) for v in variants}):
-            paths[gate_up] = tmp / f"gqa{'_gate_up' * gate_up}.onnx"
-            export_gqa_target(target, "fp16", args.max_len, paths[gate_up], gate_up=gate_up)
-        cases = {T: ({"batch": 1, "seq": T, "max_seq_len": args.max_len},
-                     gqa_feeds_for(cfg, T, args.past, args.max_len)) for T in (1, 8)}
-        into = report.setdefault("gqa", {"export_s": time.perf_counter() - t0})
-        if args.parity:
-            for name in variants:
-                VARIANT.clear()
-                VARIANT.update(VARIANTS[name])
-                into.setdefault("verify_parity", {})[name] = verify_parity(
-                    paths[bool(VARIANT.get("gate_up"))], cfg, args.past, args.max_len)
-                print("parity", name, json.dumps(into["verify_parity"][name]), flush=True)
+    return args
+
+
+def random_target(layers: int, vocab: int):
+    """A target of the profiled shape, `layers` deep, with random weights on DEVICE; returns (config, target)."""
+    s = SIZES[SHAPE]
+    cfg = models.TargetConfig(vocab_size=vocab, hidden_size=s.hidden, n_layers=layers, n_heads=s.heads,
+                              n_kv_heads=s.kv_heads, intermediate_size=s.intermediate, qkv_bias=True)
+    torch.manual_seed(0)
+    target = models.Target(cfg).to(DEVICE)
+    for name, p in target.named_parameters():  # norms away from 1 (onnxslim folds a weight of ones away)
+        if "norm" in name:
+            torch.nn.init.normal_(p, 1.0, 0.1)
+    return cfg, target
+
+
+def floor_report(target, args) -> dict:
+    """The report's head: the card, the shape, and the weight-bandwidth floor of one fp16 step."""
+    n_bytes = sum(p.numel() for p in target.parameters()) * 2
+    bw = copy_bandwidth_gbs(DEVICE) * 1e9  # bytes/s
+    return {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers,
+            "past": args.past, "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
+
+
+def profile_standard(target, cfg, args, tmp: Path, floor_ms: float) -> dict:
+    """The standard target graph exported fp16 and timed at 1 and 8 tokens: export_s, T1, T8."""
+    path = tmp / "standard.onnx"
+    t0 = time.perf_counter()
+    export_graph(target, False, "fp16", path)
+    slim_graph(path)
+    res = {"export_s": time.perf_counter() - t0}
+    for T in (1, 8):
+        dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}
+        res[f"T{T}"] = time_calls(path, dims, feeds_for(cfg, T, args.past), args.repeats, floor_ms)
+        print("standard", f"T{T}", json.dumps(res[f"T{T}"]), flush=True)
+    return res
+
+
+def profile_gqa(target, cfg, args, tmp: Path, floor_ms: float) -> dict:
+    """The fused target exported in the forms the variants need, then per variant either its verify parity
+    (--parity) or its timings (the default variant's keys at the top, the others under "variants")."""
+    variants = args.variants.split(",")
+    t0 = time.perf_counter()
+    paths = {}
+    for gate_up in sorted({bool(VARIANTS[v].get("gate_up")) for v in variants}):
+        paths[gate_up] = tmp / f"gqa{'_gate_up' * gate_up}.onnx"
+        export_gqa_target(target, "fp16", args.max_len, paths[gate_up], gate_up=gate_up)
+    into = {"export_s": time.perf_counter() - t0}
+    if args.parity:
+        into["verify_parity"] = {}
+        for name in variants:
             VARIANT.clear()
-            continue
-        timed = time_variants(paths, variants, cases, args.repeats, report["floor_ms"])
-        into.update(timed.pop("default", {}))  # the default's keys where they always were
-        if timed:
-            into["variants"] = timed
+            VARIANT.update(VARIANTS[name])
+            into["verify_parity"][name] = verify_parity(paths[bool(VARIANT.get("gate_up"))], cfg, args.past,
+                                                        args.max_len)
+            print("parity", name, json.dumps(into["verify_parity"][name]), flush=True)
+        VARIANT.clear()
+        return into
+    cases = {T: ({"batch": 1, "seq": T, "max_seq_len": args.max_len},
+                 gqa_feeds_for(cfg, T, args.past, args.max_len)) for T in (1, 8)}
+    timed = time_variants(paths, variants, cases, args.repeats, floor_ms)
+    into.update(timed.pop("default", {}))  # the default's keys where they always were
+    if timed:
+        into["variants"] = timed
+    return into
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    CUDA_OPTIONS.update(json.loads(args.cuda_options))
+    global DEVICE
+    DEVICE = "cpu" if args.cpu else "cuda"
+    cfg, target = random_target(args.layers, args.vocab)
+    report = floor_report(target, args)
+    tmp = Path(tempfile.mkdtemp())
+    for form in args.graphs.split(","):
+        if form == "standard":  # its keys at the top level, as before
+            report.update(profile_standard(target, cfg, args, tmp, report["floor_ms"]))
+        else:
+            report["gqa"] = profile_gqa(target, cfg, args, tmp, report["floor_ms"])
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
 

@@ -25,6 +25,7 @@ from torch import nn
 
 from padrec_export.gqa import rotate
 from padrec_export.models import ChainGrammar, DraftChain, Target, TargetConfig, rope
+from padrec_export.sizes import SIZES
 from padrec_runtime.errors import InputError
 from padrec_runtime.grammar import EOS, PAD, ListConstraint
 
@@ -32,44 +33,30 @@ MODES = ("reduce-overhead", "max-autotune")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-@dataclass(frozen=True)
-class Shape:
-    """A decoder's size (Qwen2.5 family: q/k/v biases, rope theta 1e6)."""
-
-    hidden: int
-    layers: int
-    heads: int
-    kv_heads: int
-    intermediate: int
-    tie: bool = False  # tied input embedding and output head
+# The released Qwen2.5 0.5B and 1.5B share the input embedding with the output head (7B does not). The step timings
+# keep that layout, so their weights weigh the published sizes; the targets we train keep the two apart.
+TIED_HEAD = frozenset({"qwen-0.5b", "qwen-1.5b"})
 
 
-SHAPES = {
-    "tiny": Shape(64, 2, 4, 2, 128),  # CPU checks of this script
-    "qwen-0.5b": Shape(896, 24, 14, 2, 4864, tie=True),
-    "qwen-1.5b": Shape(1536, 28, 12, 2, 8960, tie=True),
-    "qwen-7b": Shape(3584, 28, 28, 4, 18944),
-}
-
-
-def make_target(shape: str | Shape, dtype: torch.dtype, device, seed: int = 0, vocab_size: int = 1100) -> Target:
-    """A Target of `shape` (a SHAPES name or a Shape) with random weights, made in `dtype` on `device` directly
-    (no full-precision copy on the host): N(0, 0.02) matrices and biases, norms at one."""
-    s = SHAPES[shape] if isinstance(shape, str) else shape
+def make_target(name: str, dtype: torch.dtype, device, seed: int = 0, vocab_size: int = 1100) -> Target:
+    """A Target of the shape sizes.SIZES[name], as the Qwen2.5 family builds it (q/k/v biases, rope theta 1e6,
+    the head tied where TIED_HEAD says), with random weights, made in `dtype` on `device` directly (no
+    full-precision copy on the host): N(0, 0.02) matrices and biases, norms at one."""
+    s, tie = SIZES[name], name in TIED_HEAD
     cfg = TargetConfig(vocab_size=vocab_size, hidden_size=s.hidden, n_layers=s.layers, n_heads=s.heads,
                        n_kv_heads=s.kv_heads, intermediate_size=s.intermediate, rope_theta=1e6, qkv_bias=True,
-                       tie_embeddings=s.tie)
+                       tie_embeddings=tie)
     with torch.device("meta"):
         target = Target(cfg)
     target = target.to_empty(device=device).to(dtype).eval()
-    if s.tie:  # to_empty gives every parameter its own storage
+    if tie:  # to_empty gives every parameter its own storage
         target.lm_head.weight = target.embed_tokens.weight
     if torch.device(device).type == "meta":  # sizes only
         return target.requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
-        for name, p in target.named_parameters():
-            if name.endswith("norm.weight"):
+        for param_name, p in target.named_parameters():
+            if param_name.endswith("norm.weight"):
                 p.fill_(1.0)
             else:
                 p.normal_(0.0, 0.02, generator=gen)
@@ -508,7 +495,7 @@ def card(device) -> str:
 def time_shape(name: str, dtype: torch.dtype, device, modes: list, max_len: int, vocab: int, seed: int = 0) -> dict:
     """One shape: random weights, then per compile mode the target step at 1 and 8 tokens (batch 1)."""
     target = make_target(name, dtype, device, seed, vocab)
-    return {"shape": asdict(SHAPES[name]), "weight_bytes": weight_bytes(target),
+    return {"shape": {**asdict(SIZES[name]), "tie": name in TIED_HEAD}, "weight_bytes": weight_bytes(target),
             "modes": time_modes(target, dtype, device, modes, max_len, name)}
 
 
@@ -534,7 +521,7 @@ def log(*a) -> None:
 
 def steps_main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="torch_compiled.py steps", description="target step times, random weights")
-    ap.add_argument("--shapes", default="qwen-0.5b,qwen-1.5b,qwen-7b", help=f"of {', '.join(SHAPES)}")
+    ap.add_argument("--shapes", default="qwen-0.5b,qwen-1.5b,qwen-7b", help=f"of {', '.join(SIZES)}")
     ap.add_argument("--dtype", default="bf16", choices=list(DTYPES))
     ap.add_argument("--modes", default=",".join(MODES), help="compile modes; 'eager' for none")
     ap.add_argument("--max-len", type=int, default=256, help="KV cache positions")
@@ -543,9 +530,9 @@ def steps_main(argv=None) -> dict:
     ap.add_argument("--out", required=True, help="directory for torch_compiled_steps.json")
     args = ap.parse_args(argv)
     shapes = args.shapes.split(",")
-    unknown = [s for s in shapes if s not in SHAPES]
+    unknown = [s for s in shapes if s not in SIZES]
     if unknown:
-        raise InputError(f"--shapes | got {unknown} | expected names of {', '.join(SHAPES)}")
+        raise InputError(f"--shapes | got {unknown} | expected names of {', '.join(SIZES)}")
     modes = [None if m == "eager" else m for m in args.modes.split(",")]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -8,7 +8,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
-from gpu_bench import first_differences  # noqa: E402
+from gpu_bench import Bench, check_against_ar, first_differences  # noqa: E402
 from gpu_trace import idle_report, union  # noqa: E402
 
 
@@ -20,6 +20,19 @@ def test_first_differences_names_row_position_and_tokens():
         {"row": 2, "at": 2, "ar": 2, "got": None, "prefix": [4, 4]}]
     assert first_differences(ar, ar) == []
 
+
+
+def test_lists_are_checked_against_the_first_ar_lists_of_their_batch(tmp_path):
+    bench = Bench(tmp_path, "cpu", users=[[11]], hist_all=[[11], [12]], repeats=1, report={})
+    assert check_against_ar(bench, [[5, 6, 2]], "padrec-ort", "padrec", "off", 1)
+    assert bench.report["ar_tokens"] == {1: [[5, 6, 2]]} and "mismatches" not in bench.report
+    assert not check_against_ar(bench, [[5, 7, 2]], "padrec-ort", "padrec", "off", 1)  # a later AR run is checked
+    assert bench.report["ar_tokens"] == {1: [[5, 6, 2]]}  # the first AR lists stay the reference
+    assert not check_against_ar(bench, [[5, 6, 3]], "padrec-ort", "eagle", "chain", 1)
+    assert bench.report["mismatches"][-1] == {
+        "engine": "padrec-ort", "draft": "eagle", "mode": "chain", "batch": 1,
+        "rows": [{"row": 0, "at": 2, "ar": 2, "got": 3, "prefix": [5, 6]}], "same_as_batch1_ar": False}
+    assert len(bench.report["mismatches"]) == 2
 
 def _event(start, end, device, name="kernel"):
     return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end), device_type=device, name=name)
