@@ -34,10 +34,12 @@ class Reply:
 
 class ServeModel:
     """One model instance (one Recommender): `__call__` takes the requests of a dynamic batch (name -> array
-    dicts) and returns a Reply per request; `on_decoded(batch, tau, rounds, seconds)` sees every runtime call."""
+    dicts) and returns a Reply per request; `on_decoded(batch, tau, rounds, seconds)` sees every runtime call;
+    `batch_sizes`: the warmed batch shapes every group is padded up to (runtime.decode; a GPU server's)."""
 
-    def __init__(self, rec, deadline_s: float | None = None, on_decoded=None):
+    def __init__(self, rec, deadline_s: float | None = None, on_decoded=None, batch_sizes: tuple = ()):
         self.rec = rec
+        self.batch_sizes = tuple(batch_sizes)
         self.deadline_s = deadline_s
         self.on_decoded = on_decoded
         self.limits = rec.limits
@@ -87,7 +89,7 @@ class ServeModel:
 
     def _decode(self, group: tuple, members: list, slots: dict) -> None:
         n_items, params = group
-        out = runtime.decode(self.rec, [h for _, h in members], n_items, params)
+        out = runtime.decode(self.rec, [h for _, h in members], n_items, params, self.batch_sizes)
         for b, (key, _) in enumerate(members):
             slots[key] = (out.item_ids[b], out.sids[b], out.titles[b], out.tau)
         if self.on_decoded is not None:

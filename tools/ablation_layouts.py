@@ -40,14 +40,12 @@ from ablation_stats import summarize  # noqa: E402
 
 REPORT = "ablation_layouts.json"
 WALLCLOCK_RESERVE_S = 40.0  # the CPU timing stage after the grid
-# Worked out before any GPU run (the real seconds of each cell and stage are in its record): one process on one
-# H200, from the committed defaults' training times (target 1.5 s and draft 2.2 s an epoch at 14.6k windows) and
-# the reference loop's host cost at batch 128-256 (about 50 ms a round); digits spell items in about 12 tokens
-# against 5, so its cells cost about 2.5x.
-GPU_ESTIMATE = {"cell_s_one_process": {"per_level": 70, "shared": 70, "digits": 160},
-                "grid_s_one_process": 1800, "workers": 8,
-                "assumed_speedup_of_8_workers_on_one_gpu": "3.5-4x (launch-bound small models; 16 CPU cores)",
-                "grid_wall_s": "450-520; cells that cannot end within --budget-s are left to a --resume call"}
+# Measured on one H200 (16 cores) with 3 workers, one cell each: per_level and shared cells 235 s, digits 351 s
+# (each record keeps its own seconds). With 8 workers digits cells ran out of the GPU's 140 GB (up to 28 GB a
+# worker during the batch-256 probes), hence 4 workers a GPU. The whole grid (18 cells) is 2-3 device calls of
+# 9 minutes, each resuming from the last one's JSON (--resume).
+GPU_ESTIMATE = {"cell_s_3_workers_h200": {"per_level": 235, "shared": 235, "digits": 351}, "workers": 4,
+                "grid_device_calls": "2-3 of 9 minutes, with --resume"}
 
 
 # ---- the grid: cells in worker processes, records kept under --work, the report rewritten after each ----
@@ -213,7 +211,7 @@ def main():
               help="an earlier ablation_layouts.json: its cells are not run again")
 @click.option("--quick", is_flag=True, help="CPU smoke run: one data set and seed, a tiny model, a few users")
 @click.option("--device", default="cuda", show_default=True, type=click.Choice(["cuda", "cpu"]))
-@click.option("--workers", default=0, show_default=True, help="processes (0: 8 per GPU on cuda, 1 on cpu)")
+@click.option("--workers", default=0, show_default=True, help="processes (0: 4 per GPU on cuda, 1 on cpu)")
 @click.option("--budget-s", default=None, type=float,
               help="end within this many seconds: a cell starts only if it can end by then less the wall-clock "
                    "stage's reserve [default: 510, none with --quick]")
@@ -231,13 +229,13 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
     out, work = Path(out), Path(work)
     for p in (out, work / "cells"):
         p.mkdir(parents=True, exist_ok=True)
-    workers = workers or (8 * torch.cuda.device_count() if device == "cuda" else 1)
+    workers = workers or (4 * torch.cuda.device_count() if device == "cuda" else 1)
     records = load_records(work, resume, cfg)
     # the longest cells (digits) first, then the others by seed, so that each layout's time is known early
     todo = sorted((c for c in grid(cfg) if "variants" not in records.get(c.name, {})),
                   key=lambda c: (c.layout != "digits", c.seed, cfg.datasets.index(c.dataset), c.layout))
     meta = {"device": device, "workers": workers, "budget_s": budget_s, "hardware": hardware(device),
-            "commit": commit(), "gpu_estimate_before_running": GPU_ESTIMATE}
+            "commit": commit(), "gpu_estimate": GPU_ESTIMATE}
     log(f"{len(todo)} of {len(grid(cfg))} cells to run on {device} with {workers} worker(s)")
     (work / "durations.json").unlink(missing_ok=True)
     durations: dict = {}

@@ -74,3 +74,40 @@ def test_a_request_of_several_rows_gives_a_list_per_row(rec):
     assert out.outputs["item_ids"].tolist() == [listed(rec, h, 4, speculate="chain") for h in rows]
     req["n_items"] = np.array([[4], [3]], dtype=np.int32)
     assert "n_items: got [4, 3]" in error_of(ServeModel(rec)([req])[0])
+
+
+@pytest.mark.parametrize("n, sizes, want", [(3, (1, 2, 4, 8), 4), (4, (1, 2, 4, 8), 4), (9, (1, 2, 4, 8), 9),
+                                            (1, (), 1), (5, (8, 1), 8)])
+def test_padded_size(n, sizes, want):
+    from padrec_serve.runtime import padded_size
+    assert padded_size(n, sizes) == want
+
+
+class Seen:
+    """A Recommender wrapper that records the batch size of every runtime call."""
+
+    def __init__(self, rec):
+        self.rec, self.batches = rec, []
+
+    def __getattr__(self, name):
+        return getattr(self.rec, name)
+
+    def recommend(self, histories, *args, **kwargs):
+        self.batches.append(len(histories))
+        return self.rec.recommend(histories, *args, **kwargs)
+
+
+def test_a_group_is_padded_to_a_warmed_batch_shape_and_answers_as_unpadded(rec):
+    """A GPU server pads a group of 3 to its warmed shape 4 with copies of its own histories: the runtime sees 4
+    rows, each request gets the list it would get alone, and tau is the 3 real rows' (not the copy's)."""
+    ids = rec.catalogue.item_ids.tolist()
+    hist = [ids[0:3], ids[20:27], ids[40:45]]
+    seen = Seen(rec)
+    decoded = []
+    model = ServeModel(seen, on_decoded=lambda *a: decoded.append(a), batch_sizes=(1, 2, 4, 8))
+    out = model([request(h, speculate="chain") for h in hist])
+    assert seen.batches == [4]
+    assert [o.outputs["item_ids"][0].tolist() for o in out] == [listed(rec, h, speculate="chain") for h in hist]
+    unpadded = rec.recommend(hist, params=DecodeParams(speculate="chain"))
+    assert out[0].outputs["tau"][0, 0] == pytest.approx(unpadded.tau, rel=1e-6)
+    assert decoded[0][0] == 3  # the metrics count real requests
