@@ -27,9 +27,10 @@ def _kv_shapes(kv: dict) -> dict:
             for side in ("input", "output")}
 
 
-# Every CUDA session of the process allocates from one arena registered with ONNX Runtime's environment: with an
-# arena each, every static-shape session kept ~214 MB, with the shared one ~78 MB (Qwen2.5-0.5B-shaped target,
-# H200; the rest is the session's own cuBLAS / cuDNN state)
+# CUDA sessions without a CUDA graph allocate from one arena registered with ONNX Runtime's environment (a static
+# session kept ~214 MB with an arena of its own, ~78 MB with the shared one; 0.5B-shaped target, H200). A session
+# that replays a graph keeps its own: the replay writes to the addresses it captured, which a shared arena hands on
+# to other sessions once the capturing run has freed them (seen as NaN logits on a trained 0.5B pair).
 SHARED_ARENA = "session.use_env_allocators"
 _arena_registered = False
 _arena_lock = threading.Lock()
