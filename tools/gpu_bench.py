@@ -654,7 +654,7 @@ def torch_pair(bench: Bench, models: Path) -> tuple:
     """The trained target and PAD-Rec draft as PyTorch modules on the card (fp16 on CUDA) and the list
     constraint; where lists differed from AR, the target's logits there are added to the mismatches."""
     dtype = torch.float16 if bench.device == "cuda" else torch.float32
-    cat, target, draft, _ = load_trained(models, "padrec")
+    cat, target, draft, _ = load_trained(models, "padrec", dtype=None)  # the checkpoint's dtype: no fp32 copy of a 7B
     target = target.to(bench.device, dtype).eval()
     draft = draft.to(bench.device, dtype).eval()
     if bench.report.get("mismatches"):

@@ -70,7 +70,7 @@ def test_fused_target_with_gate_up_in_one_matmul_gives_the_same_logits(tiny, tmp
     assert np.abs(logits[0] - logits[1]).max() <= 1e-5 and np.abs(logits[0]).max() > 1e-2
 
 
-def test_cuda_sessions_ask_for_tuned_gemms_unless_the_environment_decides(engines_master, monkeypatch):
+def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graphs(engines_master, monkeypatch):
     """CUDA sessions carry ONNX Runtime's GEMM auto-tune entry; with ORT_CUDA_GEMM_AUTO_TUNE set they leave the
     choice to it; CPU sessions never carry it."""
     from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY, GEMM_TUNE_ENV, SHARED_ARENA
@@ -88,10 +88,12 @@ def test_cuda_sessions_ask_for_tuned_gemms_unless_the_environment_decides(engine
     opts, providers = b._options({"batch": 1}, cuda_graph=True)
     assert entry(opts) == "1"
     assert providers[0] == ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
-    assert opts.get_session_config_entry(SHARED_ARENA) == "1"  # one CUDA arena for every session
+    with pytest.raises(RuntimeError, match="use_env_allocators"):  # a replayed graph keeps an arena of its own
+        opts.get_session_config_entry(SHARED_ARENA)
     monkeypatch.setenv(GEMM_TUNE_ENV, "0")
     opts, _ = b._options({"batch": 1}, cuda_graph=False)
     assert entry(opts) is None
+    assert opts.get_session_config_entry(SHARED_ARENA) == "1"  # sessions without a graph share the process's arena
 
 
 def test_export_without_in_place_graphs(tiny, tmp_path):
