@@ -98,7 +98,8 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
     for r in rows:
         base = next(x for x in rows if x["engine"] == r["engine"] and x["batch"] == r["batch"] and x["mode"] == "off")
         r["speedup_vs_ar"] = base["ms_per_call_median"] / r["ms_per_call_median"]
-    return {"engines": str(engine_dir), "precision": rec.manifest.precision, "device": device, "repeats": repeats,
+    return {"engines": str(engine_dir), "precision": rec.manifest.precision,
+            "quantization": rec.manifest.quantization("target"), "device": device, "repeats": repeats,
             "runtime": {"device_cache": rec.settings.device_cache, "static_shapes": rec.settings.static_shapes,
                         "cuda_graphs": rec.settings.cuda_graphs},
             "hardware": hardware(), "n_items": rec.limits["n_items"], "draft_steps": rec.limits["draft_steps"],

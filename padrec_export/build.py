@@ -114,6 +114,12 @@ def build_engines(engine_dir, opts: BuildOptions = BuildOptions(), progress: boo
     if opts.precision not in (None, manifest.precision):
         raise InputError(f"precision: got {opts.precision} | the graphs in {manifest.root} are {manifest.precision} "
                          f"and TensorRT builds them strongly typed | re-export with --precision {opts.precision}")
+    quantized = [g for g in manifest.data["graphs"] if manifest.quantization(g)]
+    if quantized:
+        q = manifest.quantization(quantized[0])
+        raise InputError(f"graphs.{quantized[0]}.quantization: {q['kind']} (ONNX Runtime's MatMulNBits) | TensorRT "
+                         "cannot build ONNX Runtime's contrib ops | export without --quantize for TensorRT engines, "
+                         "or run these with the onnxruntime backend")
     trt = import_builder(opts.builder)
     cache_path = Path(opts.timing_cache) if opts.timing_cache else None
     cache = cache_path.read_bytes() if cache_path and cache_path.exists() else None

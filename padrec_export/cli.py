@@ -86,13 +86,24 @@ main.add_command(client)
               help="every graph's weights in a <graph>.onnx.data file beside it, or inside the graph (default: "
                    "external for fp16 / bf16, whose sessions then share one device copy of the weights; embedded "
                    "for fp32 unless a graph passes 2 GB)")
+@click.option("--quantize", type=click.Choice(["none", "int4", "int8"]), default="none",
+              help="weight-only quantization of the target's decoder layers (ONNX Runtime's MatMulNBits; fp32 / fp16 "
+                   "engines): fewer weight bytes read per step; speculation stays lossless with respect to the "
+                   "quantized target")
+@click.option("--quantize-block", type=click.Choice(["16", "32", "64", "128", "256"]), default="32",
+              help="weights along a projection's input sharing one scale and zero point")
+@click.option("--quantize-draft", is_flag=True,
+              help="also quantize the draft's decoder layer (changes only how often its tokens are accepted)")
 def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch, draft_steps,
-           no_fused_chain, no_in_place, external_data):
+           no_fused_chain, no_in_place, external_data, quantize, quantize_block, quantize_draft):
     """Export target (and draft) checkpoints to ONNX with a manifest."""
     require_export_extra("export")
     from .pipeline import export_checkpoints
+    from .quantize import parse_quantize
+    quantization = parse_quantize(quantize, int(quantize_block), quantize_draft)
     m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch,
-                           draft_steps, not no_fused_chain, not no_in_place, external_data)
+                           draft_steps, not no_fused_chain, not no_in_place, external_data,
+                           quantization=quantization)
     click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})")
 
 

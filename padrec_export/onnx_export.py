@@ -24,6 +24,7 @@ from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION,
 
 from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
+from .quantize import Quantization, quantize_model
 from .streamed import DataFile, export_streamed
 
 OPSET = 17
@@ -264,7 +265,7 @@ def save_graph(model, path: Path, external: bool | None = None) -> list[str]:
 
 
 # onnx TensorProto data types the runtime can hand to ONNX Runtime as shared initializers
-_SHARED_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool"}
+_SHARED_TYPES = {1: "float32", 10: "float16", 16: "bfloat16", 6: "int32", 7: "int64", 9: "bool", 2: "uint8"}
 
 
 def weight_table(path: Path) -> list[dict]:
@@ -322,8 +323,9 @@ def _versions() -> dict:
 
 
 def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precision: str, limits: ExportLimits,
-                 out: Path, external: bool | None) -> dict:
-    """Write one graph into `out`; returns its manifest entry (files are hashed later, with the others)."""
+                 out: Path, external: bool | None, quantization: Quantization | None = None) -> dict:
+    """Write one graph into `out` (its decoder layers quantized when `quantization` covers it); returns its
+    manifest entry (files are hashed later, with the others)."""
     file, atol, rtol = f"{name}.onnx", *TOLERANCES[precision]
     tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
     extra: dict = {}
@@ -342,11 +344,24 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
     else:
         ext = export_graph(model, is_draft, precision, out / file, external)
         inputs, outputs, kv = graph_io(model, is_draft, precision)
+    if quantization is not None and quantization.covers(name):
+        ext, extra["quantization"] = quantize_graph(out / file, model, quantization, precision, external)
     if ext:
         extra["external_data"] = ext
         extra["weights"] = weight_table(out / file)
     return {"file": file, "hidden_size": model.cfg.hidden_size,
             "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
+
+
+def quantize_graph(path: Path, model, quantization: Quantization, precision: str, external: bool | None
+                   ) -> tuple[list[str], dict]:
+    """Rewrite the graph at `path` with its decoder layers' MatMuls quantized (quantize.py); returns its external
+    data files (see save_graph) and the manifest record."""
+    import onnx
+    proto = onnx.load(str(path))  # with its external data, before save_graph replaces the file
+    record = quantize_model(proto, model, quantization, TORCH_DTYPES[precision], path.name)
+    dedupe_initializers(proto.graph)  # a weight quantized at each of its uses (the chain's steps): keep one copy
+    return save_graph(proto, path, external), record
 
 
 def _write_fused_target(target: Target, precision: str, max_seq_len: int, path: Path, external: bool | None) -> list:
@@ -367,19 +382,25 @@ STALE = ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"
 
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,
                    precision: str = "fp32", limits: ExportLimits = ExportLimits(), progress: bool = True,
-                   external_data: bool | None = None, reuse_target: Path | None = None) -> Manifest:
+                   external_data: bool | None = None, reuse_target: Path | None = None,
+                   quantization: Quantization | None = None) -> Manifest:
     """Write out_dir/{target,draft,draft_chain}.onnx, catalogue.json and manifest.json. external_data: every
     graph's weights in a `<graph>.onnx.data` file beside it, listed in the manifest (None: for fp16 / bf16, the
     GPU precisions, whose sessions then share one device copy of each weight; for fp32 only graphs past 2 GB).
     reuse_target: an engine directory exported from this same target checkpoint (same precision and
-    max_seq_len): its target graphs are hard-linked in instead of exported again (a second draft of a 7B
-    target then costs no second 26 GB of target graphs on disk, nor their export time).
+    max_seq_len and quantization): its target graphs are hard-linked in instead of exported again (a second
+    draft of a 7B target then costs no second 26 GB of target graphs on disk, nor their export time).
+    quantization: weight-only quantization of the target's decoder layers (and the draft's, with its `draft`),
+    ONNX Runtime's MatMulNBits; fp32 and fp16 engines (quantize.py).
     All or nothing: the files are written in a temporary directory beside out_dir and moved in at the end, so a
     failed export leaves no half-made engine directory (and an earlier export there untouched)."""
     if precision not in TORCH_DTYPES:
         raise InputError(f"precision: got {precision!r} | expected one of {', '.join(TORCH_DTYPES)}")
     if external_data is None and precision != "fp32":
         external_data = True
+    if quantization is not None and precision == "bf16":
+        raise InputError("quantize with precision bf16 | ONNX Runtime's CPU kernels cannot run the graphs to check "
+                         "them | expected fp16 or fp32 | export with --precision fp16")
     if target.cfg.vocab_size != catalogue.layout.vocab_size:
         raise InputError(f"target vocab {target.cfg.vocab_size} != catalogue layout vocab "
                          f"{catalogue.layout.vocab_size} | the target was trained on another token layout")
@@ -391,7 +412,8 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
         raise InputError(f"--out {out}: is a file | expected an engine directory to write | give a directory path")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
-        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data, reuse_target)
+        _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data, reuse_target,
+                       quantization)
         _move_into(Path(tmp), out)
     return load_manifest(out, verify=False)  # hashed just now
 
@@ -409,14 +431,18 @@ def _move_into(src: Path, out: Path) -> None:
         f.replace(out / f.name)
 
 
-def _reused_graph(name: str, src: Path, out: Path, precision: str, limits: ExportLimits) -> dict:
+def _reused_graph(name: str, src: Path, out: Path, precision: str, limits: ExportLimits,
+                  quantization: Quantization | None) -> dict:
     """Graph `name` of the engine directory src, its files hard-linked into out (copied where the file system
     cannot link); returns its manifest entry."""
     m = load_manifest(src, verify=False)
-    if m.data["precision"] != precision or m.data["model"]["max_seq_len"] != limits.max_seq_len:
+    have = m.quantization("target")
+    have = Quantization.from_record(have) if have else None
+    want = Quantization(quantization.kind, quantization.block_size) if quantization else None
+    if m.data["precision"] != precision or m.data["model"]["max_seq_len"] != limits.max_seq_len or have != want:
         raise InputError(f"reuse_target {src}: precision {m.data['precision']}, max_seq_len "
-                         f"{m.data['model']['max_seq_len']} | expected {precision}, {limits.max_seq_len} | export "
-                         "with the same settings or without reusing")
+                         f"{m.data['model']['max_seq_len']}, quantization {have} | expected {precision}, "
+                         f"{limits.max_seq_len}, {want} | export with the same settings or without reusing")
     entry = json.loads((src / "manifest.json").read_text())["graphs"][name]  # as written (checked just above)
     for f in (entry["file"], *entry.get("external_data", [])):
         try:
@@ -427,7 +453,8 @@ def _reused_graph(name: str, src: Path, out: Path, precision: str, limits: Expor
 
 
 def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: ExportLimits,
-                   progress: bool, external_data: bool | None, reuse_target: Path | None = None) -> None:
+                   progress: bool, external_data: bool | None, reuse_target: Path | None = None,
+                   quantization: Quantization | None = None) -> None:
     graphs = {}
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
@@ -438,9 +465,10 @@ def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: 
             parts.append(("draft_chain_gqa", draft, True))
     for name, model, is_draft in tqdm(parts, desc="export", unit="graph", disable=not progress):
         if reuse_target is not None and not is_draft:
-            graphs[name] = _reused_graph(name, Path(reuse_target), out, precision, limits)
+            graphs[name] = _reused_graph(name, Path(reuse_target), out, precision, limits, quantization)
         else:
-            graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data)
+            graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data,
+                                        quantization)
     catalogue.save(out / "catalogue.json")
     files = {f: {} for g in graphs.values() for f in (g["file"], *g.get("external_data", []))}
     files["catalogue.json"] = {}

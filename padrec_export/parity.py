@@ -12,6 +12,7 @@ from padrec_export.qa_feeds import graph_cases
 
 from .onnx_export import TORCH_DTYPES
 from .models import DraftChain
+from .quantize import Quantization, quantized_twin
 from .reference import _call, _call_chain, next_token_logits
 
 
@@ -169,24 +170,67 @@ def load_checked(manifest, target_dir, draft_dir):
     return target, draft
 
 
+def reference_models(manifest, target, draft) -> tuple:
+    """(target, draft, what they are) the engines are checked against: the checkpoints, except that a quantized
+    model's decoder layers hold the dequantized weights its graphs compute with (quantize.quantized_twin), so
+    every tier keeps its tolerance: it is the quantized model the engines must reproduce, and speculation must be
+    lossless with respect to."""
+    dtype, said = TORCH_DTYPES[manifest.precision], []
+    for name in ("target", "draft"):
+        record = manifest.quantization(name) if name in manifest.data["graphs"] else None
+        model = target if name == "target" else draft
+        if record is None or model is None:
+            continue
+        model = quantized_twin(model, Quantization.from_record(record), dtype)
+        target, draft = (model, draft) if name == "target" else (target, model)
+        said.append(f"the {name}'s decoder layers {record['kind']} (blocks of {record['block_size']}) as its graphs")
+    what = "PyTorch with the checkpoints' weights"
+    return target, draft, what + (", dequantized: " + "; ".join(said) if said else "")
+
+
 def run_parity(engine_dir, target_dir, draft_dir=None, backend: str = "onnxruntime", device: str = "cpu",
                histories: list | None = None, n_histories: int = 32, seed: int = 0, progress: bool = True) -> dict:
-    """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok'])."""
+    """Three tiers: per-graph tensors, end-to-end greedy lists, acceptance. Returns the report (report['ok']).
+    Quantized engines are compared with their quantized reference (reference_models); how often the quantized
+    target's greedy lists equal the unquantized checkpoint's is reported beside the tiers, for information."""
     from padrec_runtime import Recommender
 
     if histories is None and n_histories < 1:
         raise InputError(f"--histories: got {n_histories} | expected at least 1 (none would check nothing)")
     rec = Recommender(engine_dir, backend=backend, device=device)
     m = rec.manifest
-    target, draft = load_checked(m, target_dir, draft_dir)
-    report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision, "tiers": {}}
+    checkpoint, checkpoint_draft = load_checked(m, target_dir, draft_dir)
+    target, draft, reference = reference_models(m, checkpoint, checkpoint_draft)
+    report = {"engines": str(engine_dir), "backend": backend, "device": device, "precision": m.precision,
+              "reference": reference, "tiers": {}}
     report["tiers"]["graphs"] = graphs_tier(rec, target, draft, backend, device, seed, progress)
     if histories is None:
         histories = random_histories(rec.catalogue, m.model, n_histories, seed)
     report["tiers"]["lists"], taus = lists_tier(rec, target, draft, histories, progress)
     report["tiers"]["acceptance"] = acceptance_tier(taus, m.precision)
+    if target is not checkpoint:
+        report["quantization"] = quantization_effect(rec, checkpoint, target, histories)
     report["ok"] = all(t["ok"] for t in report["tiers"].values())
     return report
+
+
+def quantization_effect(rec, checkpoint, quantized, histories: list) -> dict:
+    """Information, not a tier: the target's quantization record, and how many greedy lists of the quantized
+    target (PyTorch, AR) equal the unquantized checkpoint's."""
+    from padrec_runtime import DecodeParams
+    from padrec_runtime.grammar import ListConstraint
+
+    from .reference import reference_generate
+
+    con = ListConstraint(rec.catalogue, n_items=rec.manifest.model["n_items"])
+    cfg = rec.decode_config(DecodeParams(speculate="off"), 8)
+    equal = 0
+    for s in range(0, len(histories), 8):
+        part = histories[s:s + 8]
+        a, b = (reference_generate(t, None, part, con, cfg).tokens for t in (checkpoint, quantized))
+        equal += sum(x == y for x, y in zip(a, b))
+    return {"target": rec.manifest.quantization("target"), "lists_equal_to_unquantized": equal,
+            "compared": len(histories)}
 
 
 def graphs_tier(rec, target, draft, backend: str, device: str, seed: int, progress: bool) -> dict:
@@ -282,7 +326,8 @@ def parity_markdown(report: dict) -> str:
     """A readable page of the report's tables."""
     lines = [f"# padrec parity: {report['engines']}", "",
              f"backend {report['backend']} ({report['device']}), precision {report['precision']}: "
-             f"**{'PASS' if report['ok'] else 'FAIL'}**", "", "## Tier 1: graphs", "",
+             f"**{'PASS' if report['ok'] else 'FAIL'}**", "", f"Reference: {report['reference']}.", "",
+             *_quantization_lines(report), "## Tier 1: graphs", "",
              "| graph | case | output | max abs | max rel | atol | rtol | ok |", "|---|---|---|---|---|---|---|---|"]
     for r in report["tiers"]["graphs"]["rows"]:
         lines.append(f"| {r['graph']} | {r['case']} | {r['output']} | {r['max_abs']:.2e} | {r['max_rel']:.2e} | "
@@ -299,13 +344,22 @@ def parity_markdown(report: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _quantization_lines(report: dict) -> list:
+    q = report.get("quantization")
+    if not q:
+        return []
+    return [f"Quantized target ({q['target']['kind']}): {q['lists_equal_to_unquantized']} of {q['compared']} greedy "
+            "lists equal the unquantized checkpoint's (information, not a tier).", ""]
+
+
 def parity_summary(report: dict) -> str:
     g = report["tiers"]["graphs"]
     worst: dict = {}
     for r in g["rows"]:
         key = (r["graph"], r["output"].split(".")[0])
         worst[key] = max(worst.get(key, 0.0), r["max_abs"])
-    out = [f"tier 1 graphs: {'ok' if g['ok'] else 'FAIL'}"]
+    out = [f"reference: {report['reference']}", *[line for line in _quantization_lines(report) if line],
+           f"tier 1 graphs: {'ok' if g['ok'] else 'FAIL'}"]
     out += [f"  {k[0]:6s} {k[1]:7s} max abs {v:.2e}" for k, v in sorted(worst.items())]
     out += [f"  FAIL {r['graph']}/{r['case']}/{r['output']}: max abs {r['max_abs']:.3g} > atol {r['atol']:.0e}"
             for r in g["rows"] if not r["ok"]][:10]

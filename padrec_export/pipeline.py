@@ -193,7 +193,8 @@ def load_target_dir(target_dir, dtype=torch.float32):
 
 def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq_len=512, max_history=50,
                        max_batch=64, draft_steps: int = 4, fused_chain: bool = True, fused_target: bool = True,
-                       external_data: bool | None = None, device: str = "cpu", reuse_target=None):
+                       external_data: bool | None = None, device: str = "cpu", reuse_target=None,
+                       quantization=None):
     """`padrec export`: checkpoints (target dir with padrec.json + catalogue.json) -> engine directory. The
     target is read straight into the export precision (tensor by tensor: a bf16 checkpoint exported in fp16 or
     bf16 is never copied to fp32). device: where the graphs are traced (cuda: a 7B target's trace in seconds,
@@ -215,7 +216,7 @@ def export_checkpoints(target_dir, draft_dir, out_dir, precision="fp32", max_seq
     limits = ExportLimits(max_seq_len=max_seq_len, max_history=max_history, max_batch=max_batch,
                           draft_steps=draft_steps, fused_chain=fused_chain, fused_target=fused_target)
     return export_engines(target, draft, cat, out_dir, precision, limits, external_data=external_data,
-                          reuse_target=reuse_target)
+                          reuse_target=reuse_target, quantization=quantization)
 
 
 def ranking_metrics(lists: list, held_out: list, k: int) -> dict:

@@ -15,6 +15,7 @@ from padrec_runtime.errors import BackendError, CheckpointError
 
 from .checkpoint import save_draft, save_target
 from .features import TargetFeatures, causal_mask, pad_batch, positions
+from .quantize import Quantization
 from .pipeline import (DRAFTS, draft_config, draft_report, export_checkpoints, load_trained, target_config,
                        target_report, training_examples)
 from .sizes import Recipe, size_by_name
@@ -175,17 +176,21 @@ class ExportPlan:
     max_batch: int = 64
     draft_steps: int = 7
     fused_chain: bool = True  # also draft_chain(_gqa).onnx: a greedy chain round's draft in one call
+    quantization: Quantization | None = None  # weight-only quantization of the target (and draft) graphs
 
 
-def engine_dirs(job: Job) -> dict:
-    return {name: Path(job.work) / f"eng_{name}" for name in job.drafts}
+def engine_dirs(job: Job, plan: ExportPlan = ExportPlan()) -> dict:
+    """Each draft's engine directory; quantized engines get their own (eng_<draft>_int4 ...)."""
+    q = plan.quantization
+    tag = f"_{q.kind}" + ("_draft" if q.draft else "") if q else ""
+    return {name: Path(job.work) / f"eng_{name}{tag}" for name in job.drafts}
 
 
 def export_stage(job: Job, plan: ExportPlan, log: Callable[[str], None]) -> dict:
     """Export each draft's engine directory still missing; the first one written lends its target graphs to
     the others (hard links: one copy of a 7B target's graphs on disk). Returns {name: seconds}."""
     out = {}
-    engines = engine_dirs(job)
+    engines = engine_dirs(job, plan)
     done = [eng for eng in engines.values() if (eng / "manifest.json").exists()]
     if len(done) < len(engines) and plan.precision == "fp16":
         out["fp16_check"] = fp16_check(job, log)
@@ -199,7 +204,7 @@ def export_stage(job: Job, plan: ExportPlan, log: Callable[[str], None]) -> dict
         export_checkpoints(job.models / "target", job.models / f"draft_{name}", eng, plan.precision,
                            max_seq_len=plan.max_seq_len, max_history=plan.max_history, max_batch=plan.max_batch,
                            draft_steps=plan.draft_steps, fused_chain=plan.fused_chain, device=job.device,
-                           reuse_target=reuse)
+                           reuse_target=reuse, quantization=plan.quantization)
         done.append(eng)
         out[name] = time.perf_counter() - t0
         size_gb = sum(f.stat().st_size for f in eng.iterdir()) / 1e9

@@ -23,9 +23,13 @@ FORMAT = "padrec-engines"
 SCHEMA_VERSION = 3  # 3: external data files, the chain graphs' `finite` flag and catalogue digest
 SUPPORTED_VERSIONS = (3,)
 DTYPES = ("float32", "float16", "bfloat16", "int32", "int64", "bool")
-DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1}
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "int32": 4, "int64": 8, "bool": 1, "uint8": 1}
+WEIGHT_DTYPES = DTYPES + ("uint8",)  # a quantized graph's weights: packed blocks and zero points are uint8
 PRECISIONS = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 HARDWARE_COMPATIBILITY = ("NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY")
+QUANT_KINDS = {"int4": 4, "int8": 8}  # weight-only quantization (MatMulNBits) -> bits per weight
+QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # weights per scale that ONNX Runtime's MatMulNBits kernels take
+QUANT_FAMILIES = (("target", "target_gqa"), ("draft", "draft_chain", "draft_chain_gqa"))  # graphs run as one model
 
 
 def _kv(v, path):
@@ -86,7 +90,8 @@ def _graph(v, path):
     g = obj(v, path, {"file": file_name, "hidden_size": integer(1, 1 << 16), "inputs": mapping(_tensor, 64),
                        "outputs": mapping(_tensor, 64), "kv": _kv, "tolerances": mapping(_tolerance, 8)},
              {"chain_steps": integer(1, 16), "onnxruntime_only": boolean, "catalogue": _trie,
-              "external_data": listing(file_name, 256), "weights": listing(_weight, 1 << 16)})
+              "external_data": listing(file_name, 256), "weights": listing(_weight, 1 << 16),
+              "quantization": _quantization})
     if name not in _IO:
         return g  # an unknown graph: parse_manifest names it
     inputs, outputs = _IO[name]
@@ -102,10 +107,41 @@ def _graph(v, path):
     return g
 
 
+def _quantization(v, path):
+    """Weight-only quantization of the graph's decoder-layer projections (MatMulNBits): kind and its bits, the
+    weights per scale, asymmetric blocks (a zero point each), how many MatMuls it replaced."""
+    q = obj(v, path, {"kind": one_of(*QUANT_KINDS), "bits": integer(1, 8), "block_size": integer(1, 1 << 12),
+                      "symmetric": boolean, "matmuls": integer(1, 1 << 20)})
+    if q["bits"] != QUANT_KINDS[q["kind"]]:
+        fail(f"{path}.bits", q["bits"], f"{QUANT_KINDS[q['kind']]} (kind {q['kind']})")
+    if q["block_size"] not in QUANT_BLOCK_SIZES:
+        fail(f"{path}.block_size", q["block_size"], f"one of {', '.join(map(str, QUANT_BLOCK_SIZES))}")
+    if q["symmetric"]:
+        fail(f"{path}.symmetric", True, "false (padrec writes asymmetric blocks: a zero point per block)")
+    return q
+
+
+def _check_quantization(data: dict) -> None:
+    """The graphs that stand in for one another (target and target_gqa; the draft and its chains) are quantized
+    alike, or the runtime would switch between two different models; TensorRT builds no quantized graph."""
+    for family in QUANT_FAMILIES:
+        present = [g for g in family if g in data["graphs"]]
+        settings = {g: {k: v for k, v in data["graphs"][g].get("quantization", {}).items() if k != "matmuls"}
+                    for g in present}
+        for g in present[1:]:
+            if settings[g] != settings[present[0]]:
+                fail(f"graphs.{g}.quantization", data["graphs"][g].get("quantization"),
+                     f"the same quantization as graphs.{present[0]} ({settings[present[0]] or 'none'})")
+    for graph in (data.get("tensorrt") or {}).get("plans", {}):
+        if "quantization" in data["graphs"].get(graph, {}):
+            fail(f"tensorrt.plans.{graph}", "a plan for a quantized graph",
+                 "no TensorRT plan: MatMulNBits is an ONNX Runtime contrib op")
+
+
 def _weight(v, path):
     """One external tensor: where its bytes lie in a data file of the graph (see backends/weights.py)."""
     w = obj(v, path, {"name": string, "file": file_name, "offset": integer(0, 1 << 42),
-                      "length": integer(1, 1 << 42), "dtype": one_of(*DTYPES),
+                      "length": integer(1, 1 << 42), "dtype": one_of(*WEIGHT_DTYPES),
                       "shape": listing(integer(0, 1 << 40), 8), "sha256": sha})
     elements = int(np.prod(w["shape"], dtype=np.int64))
     if elements * DTYPE_BYTES[w["dtype"]] != w["length"]:
@@ -261,6 +297,7 @@ def parse_manifest(data, root: Path = Path("."), allow_outside: bool = False) ->
         fail("tensorrt.precision", data["tensorrt"]["precision"], data["precision"])
     _check_chains(data)
     _check_in_place(data)
+    _check_quantization(data)
     _check_files(data)
     return Manifest(Path(root), data, allow_outside)
 
@@ -291,6 +328,10 @@ class Manifest:
     @property
     def precision(self) -> str:
         return self.data["precision"]
+
+    def quantization(self, graph: str) -> dict | None:
+        """The graph's weight-only quantization record (graphs.<graph>.quantization), None when it has none."""
+        return self.graph(graph).get("quantization")
 
     @property
     def tensorrt(self) -> dict | None:

@@ -28,6 +28,7 @@ from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
 from padrec_export.pipeline import export_checkpoints, load_trained
 from padrec_export.sizes import RECIPES, SIZES
+from padrec_export.quantize import parse_quantize
 from padrec_export.stages import ExportPlan, Job, engine_dirs, run_stages
 from padrec_export.trainer import Budget
 from padrec_export.reference import reference_generate
@@ -52,7 +53,9 @@ def job_from_args(args) -> tuple[Job, ExportPlan]:
               draft_train_steps=args.draft_train_steps, device="cpu" if args.small else "cuda",
               users=40 if args.small else None)
     precision = args.precision or ("fp32" if args.small else "fp16")
-    return job, ExportPlan(precision, max_seq_len=256, max_history=20, max_batch=64, draft_steps=args.draft_steps)
+    quantization = parse_quantize(args.quantize, args.quantize_block, args.quantize_draft)
+    return job, ExportPlan(precision, max_seq_len=256, max_history=20, max_batch=64, draft_steps=args.draft_steps,
+                           quantization=quantization)
 
 
 def log(*a):
@@ -282,6 +285,10 @@ def add_export_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=["fp16", "bf16", "fp32"], help="engines' precision (default fp16; "
                                                                          "fp32 with --small)")
     g.add_argument("--draft-steps", type=int, default=7, help="K of the engines (and of the fused chain graph)")
+    g.add_argument("--quantize", choices=["none", "int4", "int8"], default="none",
+                   help="weight-only quantization of the target's decoder layers (engines in eng_<draft>_<kind>)")
+    g.add_argument("--quantize-block", type=int, default=32, help="weights per scale of --quantize")
+    g.add_argument("--quantize-draft", action="store_true", help="also quantize the draft's decoder layer")
 
 
 def add_bench_options(ap: argparse.ArgumentParser) -> None:
@@ -612,14 +619,14 @@ def bench_step_depths_b1(bench: Bench, engine_dir: Path, engine: str, opts: dict
 def export_depths(job: Job, plan: ExportPlan, depths: str) -> dict:
     """K -> PAD-Rec engines whose fused chain graph runs K steps: the default K's, and one exported (once, into
     --work) for each other K of --depths."""
-    out = {plan.draft_steps: engine_dirs(job)["padrec"]}
+    out = {plan.draft_steps: engine_dirs(job, plan)["padrec"]}
     for K in [int(k) for k in depths.split(",") if k]:
         if K != plan.draft_steps:
-            out[K] = job.work / f"eng_padrec_k{K}"
+            out[K] = out[plan.draft_steps].with_name(f"{out[plan.draft_steps].name}_k{K}")
             if not (out[K] / "manifest.json").exists():
                 export_checkpoints(job.models / "target", job.models / "draft_padrec", out[K], plan.precision,
                                    max_seq_len=plan.max_seq_len, max_history=plan.max_history,
-                                   max_batch=plan.max_batch, draft_steps=K)
+                                   max_batch=plan.max_batch, draft_steps=K, quantization=plan.quantization)
     return out
 
 
@@ -720,7 +727,7 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     hist_all = bench_histories(max(batches))
     bench = Bench(Path(args.out), job.device, hist_all[:args.b1_users], hist_all, args.repeats, report)
-    engines = engine_dirs(job)
+    engines = engine_dirs(job, plan)
     report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
     engine, opts = bench_runtime_configs(bench, engines["padrec"], batches, args.quick)
     report["runtime"] = engine

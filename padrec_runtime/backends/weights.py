@@ -16,7 +16,7 @@ import numpy as np
 
 from ..errors import IntegrityError
 
-_ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int32": 6, "int64": 7, "bool": 9}
+_ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int32": 6, "int64": 7, "bool": 9, "uint8": 2}
 
 
 class WeightPool:
