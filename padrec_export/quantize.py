@@ -12,6 +12,7 @@ import copy
 import hashlib
 import logging
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 from torch import nn
@@ -89,7 +90,9 @@ def _layers(model: nn.Module) -> list:
 
 
 def _projections(layer) -> list[list[nn.Linear]]:
-    """A decoder layer's linear projections in the groups a graph holds as one weight (q|k|v concatenated)."""
+    """A decoder layer's linear projections in the groups a graph holds as one weight (q|k|v concatenated). Blocks
+    run along a weight's input, one column at a time, so a concatenation along the output (gate|up, which the
+    fused target may use) quantizes exactly as its parts do alone."""
     a = layer.self_attn
     return [[a.q_proj, a.k_proj, a.v_proj], [a.o_proj], [layer.gate_proj], [layer.up_proj], [layer.down_proj]]
 

@@ -10,8 +10,10 @@ import pytest
 import torch
 
 from padrec_export.demo import default_model_dir
+from padrec_export.quantize import Quantization
 from padrec_export.sizes import RECIPES
-from padrec_export.stages import (ExportPlan, Job, fp16_check, run_stages, target_done, train_target_stage)
+from padrec_export.stages import (ExportPlan, Job, engine_dirs, fp16_check, run_stages, target_done,
+                                  train_target_stage)
 from padrec_export.trainer import Budget
 from padrec_runtime.errors import BackendError, CheckpointError
 from padrec_runtime.manifest import load_manifest
@@ -81,9 +83,14 @@ def test_gpu_bench_picks_the_size_and_its_recipe():
     from gpu_bench import job_from_args
     args = SimpleNamespace(small=False, size="qwen-7b", lr=None, draft_lr=2e-4, weights=None, batch_tokens=8192,
                            micro_batch=None, checkpointing=None, work="/tmp/w7", epochs=1, draft_epochs=2,
-                           draft_train_steps=8, precision=None, draft_steps=7)
+                           draft_train_steps=8, precision=None, draft_steps=7, quantize="none", quantize_block=32,
+                           quantize_draft=False)
     job, plan = job_from_args(args)
-    assert (job.size, job.device, job.epochs, plan.precision) == ("qwen-7b", "cuda", 1, "fp16")
+    assert (job.size, job.device, job.epochs, plan.precision, plan.quantization) == ("qwen-7b", "cuda", 1, "fp16", None)
+    _, quantized = job_from_args(SimpleNamespace(**{**vars(args), "quantize": "int4"}))
+    assert quantized.quantization == Quantization("int4", 32)
+    assert {p.name for p in engine_dirs(job, quantized).values()} == {"eng_padrec_int4", "eng_eagle_int4"}
+    assert {p.name for p in engine_dirs(job, plan).values()} == {"eng_padrec", "eng_eagle"}
     t, d = job.target_train(), job.draft_train()
     assert (t.weights, t.checkpointing, t.lr, t.batch_tokens, t.keep_best) == ("bfloat16", True, 1.5e-4, 8192, False)
     assert (d.lr, d.cache_features, d.micro_batch, d.draft_steps) == (2e-4, True, 32, 8)
