@@ -107,14 +107,24 @@ def _digest(t: torch.Tensor | np.ndarray) -> str:
     return hashlib.sha256(arr.tobytes()).hexdigest()
 
 
-def layer_weight_digests(model: nn.Module, dtype: torch.dtype) -> set:
-    """sha256 of each layer projection's weight as a graph stores it (the gate|up concatenation too, which the
-    fused target may use)."""
-    digests = set()
-    for layer in _layers(model):
-        groups = _projections(layer) + [[layer.gate_proj, layer.up_proj]]
-        digests.update(_digest(_as_stored(g, dtype)) for g in groups)
-    return digests
+def _layer_digests(layer, dtype: torch.dtype) -> dict:
+    """name -> sha256 of each projection group's weight as a graph stores it, and of gate|up concatenated (which
+    the fused target may hold instead of gate and up)."""
+    names = ("qkv", "o", "gate", "up", "down")
+    out = {name: _digest(_as_stored(g, dtype)) for name, g in zip(names, _projections(layer))}
+    out["gate_up"] = _digest(_as_stored([layer.gate_proj, layer.up_proj], dtype))
+    return out
+
+
+def _missing_layers(model: nn.Module, dtype: torch.dtype, found: set) -> list[int]:
+    """The decoder layers of which the graph quantized not every projection (gate and up, or gate|up)."""
+    missing = []
+    for i, layer in enumerate(_layers(model)):
+        d = _layer_digests(layer, dtype)
+        mlp = {d["gate"], d["up"]} <= found or d["gate_up"] in found
+        if not ({d["qkv"], d["o"], d["down"]} <= found and mlp):
+            missing.append(i)
+    return missing
 
 
 def quantize_model(proto, model: nn.Module, q: Quantization, dtype: torch.dtype, where: str) -> dict:
@@ -129,14 +139,17 @@ def quantize_model(proto, model: nn.Module, q: Quantization, dtype: torch.dtype,
     for i, node in enumerate(graph.node):  # the quantizer picks nodes by name: every node needs its own
         if not node.name:
             node.name = f"node_{i}_{node.op_type}"
-    wanted = layer_weight_digests(model, dtype)
+    wanted = {d for layer in _layers(model) for d in _layer_digests(layer, dtype).values()}
     digests = {name: _digest(numpy_helper.to_array(inits[name])) for name in
                {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits}}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     chosen = {n.name for n in matmuls if digests.get(n.input[1]) in wanted}
-    if not chosen:
-        raise InputError(f"{where}: no MatMul holds a decoder-layer weight of the model | expected the graph "
-                         "exported from this model | export and quantize in one call (padrec export --quantize)")
+    # every projection found, or the engine would run a model partly quantized, unlike its PyTorch twin
+    missing = _missing_layers(model, dtype, {digests[n.input[1]] for n in matmuls if n.name in chosen})
+    if missing:
+        raise InputError(f"{where}: decoder layers {missing[:8]} have projections no MatMul holds as exported | "
+                         "expected every projection of the model as a MatMul weight | export and quantize in one "
+                         "call (padrec export --quantize), from the checkpoint the graph came from")
     config = mnq.DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=False, bits=q.bits)
     quantizer = mnq.MatMulNBitsQuantizer(proto, algo_config=config,
                                          nodes_to_exclude=[n.name for n in matmuls if n.name not in chosen])

@@ -219,3 +219,19 @@ def test_bad_quantize_options_are_refused(tiny, tmp_path):
         parse_quantize("none", draft=True)
     assert parse_quantize("none") is None and parse_quantize("int8", 128) == Quantization("int8", 128)
     assert not (tmp_path / "e").exists()
+
+
+def test_quantizing_a_graph_of_another_model_is_refused(tiny, engines_master, tmp_path):
+    """Projections are found by their bytes: a graph that does not hold every one of the model's is refused
+    rather than quantized in part (its engine would then compute another model than its PyTorch twin)."""
+    import copy
+    from padrec_export.onnx_export import quantize_graph
+    _, target, _ = tiny
+    other = copy.deepcopy(target)
+    with torch.no_grad():
+        other.layers[1].down_proj.weight.add_(1e-3)
+    shutil.copy(engines_master / "target.onnx", tmp_path / "target.onnx")
+    with pytest.raises(InputError, match=r"target\.onnx: decoder layers \[1\] have projections"):
+        quantize_graph(tmp_path / "target.onnx", other, Quantization(), "fp32", None)
+    files, record = quantize_graph(tmp_path / "target.onnx", target, Quantization(), "fp32", None)
+    assert files == [] and record["matmuls"] == LAYER_MATMULS * target.cfg.n_layers
