@@ -111,3 +111,20 @@ def test_a_group_is_padded_to_a_warmed_batch_shape_and_answers_as_unpadded(rec):
     unpadded = rec.recommend(hist, params=DecodeParams(speculate="chain"))
     assert out[0].outputs["tau"][0, 0] == pytest.approx(unpadded.tau, rel=1e-6)
     assert decoded[0][0] == 3  # the metrics count real requests
+
+
+def test_a_group_is_not_padded_past_the_request_token_budget(engines_master):
+    """Three requests whose rows fit the budget but whose padded batch of 4 would not: one call of 3 rows, not a
+    refused call of 4 and each member again alone."""
+    from padrec_runtime import RuntimeOptions
+    from padrec_runtime.grammar import ListConstraint
+    probe = Recommender(engines_master)
+    per_row = ListConstraint(probe.catalogue, n_items=probe.limits["n_items"]).list_length() * (
+        1 + probe.limits["draft_steps"])
+    seen = Seen(Recommender(engines_master, options=RuntimeOptions(max_request_tokens=3 * per_row)))
+    ids = probe.catalogue.item_ids.tolist()
+    hist = [ids[0:3], ids[5:8], ids[10:13]]
+    out = ServeModel(seen, batch_sizes=(1, 2, 4, 8))([request(h, speculate="chain") for h in hist])
+    assert [error_of(o) for o in out] == [""] * 3
+    assert seen.batches == [3]
+    assert [o.outputs["item_ids"][0].tolist() for o in out] == [listed(probe, h, speculate="chain") for h in hist]
