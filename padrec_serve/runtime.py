@@ -49,6 +49,14 @@ def open_recommender(engine_dir, device: str, gpu: int | None = None) -> Recomme
     return Recommender(engine_dir, device=device)
 
 
+def calibration_batches(max_batch: int, device: str = "cpu") -> tuple:
+    """The batch sizes `auto` is calibrated at. On CUDA every power of two up to max_batch (and max_batch): they
+    are also the shapes a group is padded up to (`decode`), so calibration has warmed each one before a request
+    comes, and no group is padded to more than twice its size below max_batch."""
+    sizes = {1 << k for k in range(max_batch.bit_length())} if device == "cuda" else {1, 4, 16}
+    return tuple(sorted({b for b in sizes if b <= max_batch} | {max_batch}))
+
+
 def calibrate(rec: Recommender, batches: tuple, repeats: int = 3, seed: int = 0) -> list:
     """Calibrate `auto` speculation on random catalogue histories of 5 to 20 items (as requests come), twice as many
     as the largest batch, so that every speculative win is checked again on other histories (adaptive.calibrate)."""

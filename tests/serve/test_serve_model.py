@@ -83,6 +83,19 @@ def test_padded_size(n, sizes, want):
     assert padded_size(n, sizes) == want
 
 
+@pytest.mark.parametrize("max_batch, device, want", [
+    (32, "cuda", (1, 2, 4, 8, 16, 32)), (48, "cuda", (1, 2, 4, 8, 16, 32, 48)), (1, "cuda", (1,)),
+    (256, "cuda", (1, 2, 4, 8, 16, 32, 64, 128, 256)), (32, "cpu", (1, 4, 16, 32)), (3, "cpu", (1, 3))])
+def test_calibration_batches_are_the_shapes_a_gpu_group_is_padded_to(max_batch, device, want):
+    """On CUDA every power of two up to max_batch and max_batch itself, so that no group below max_batch is padded
+    to more than twice its rows (a group of 65 under --max-batch 256 is padded to 128, not 256)."""
+    from padrec_serve.runtime import calibration_batches, padded_size
+    got = calibration_batches(max_batch, device)
+    assert got == want
+    if device == "cuda":
+        assert all(padded_size(n, got) < 2 * n or padded_size(n, got) == max_batch for n in range(1, max_batch + 1))
+
+
 class Seen:
     """A Recommender wrapper that records the batch size of every runtime call."""
 
