@@ -8,7 +8,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from padrec_runtime import DecodeParams, Recommender
+from padrec_runtime.api.options import request_cost
 from padrec_runtime.errors import InputError
+from padrec_runtime.grammar import ListConstraint
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,14 @@ def open_recommender(engine_dir, device: str, gpu: int | None = None) -> Recomme
     return Recommender(engine_dir, device=device)
 
 
+def calibration_batches(max_batch: int, device: str = "cpu") -> tuple:
+    """The batch sizes `auto` is calibrated at. On CUDA every power of two up to max_batch (and max_batch): they
+    are also the shapes a group is padded up to (`decode`), so calibration has warmed each one before a request
+    comes, and no group is padded to more than twice its size below max_batch."""
+    sizes = {1 << k for k in range(max_batch.bit_length())} if device == "cuda" else {1, 4, 16}
+    return tuple(sorted({b for b in sizes if b <= max_batch} | {max_batch}))
+
+
 def calibrate(rec: Recommender, batches: tuple, repeats: int = 3, seed: int = 0) -> list:
     """Calibrate `auto` speculation on random catalogue histories of 5 to 20 items (as requests come), twice as many
     as the largest batch, so that every speculative win is checked again on other histories (adaptive.calibrate)."""
@@ -63,16 +73,28 @@ def padded_size(n: int, sizes: tuple) -> int:
     return min((s for s in sizes if s >= n), default=n)
 
 
+def within_budget(rec: Recommender, batch: int, n_items: int, params: DecodeParams) -> bool:
+    """Whether `batch` rows of this request stay within the Recommender's max_request_tokens (the check
+    Recommender.recommend makes): padding must not turn a group that fits into one the runtime refuses."""
+    cfg = rec.decode_config(params, batch)
+    tokens = ListConstraint(rec.catalogue, n_items=n_items).list_length()
+    return request_cost(batch, tokens, cfg) <= rec.settings.max_request_tokens
+
+
 def decode(rec: Recommender, histories: list, n_items: int, params: DecodeParams, batch_sizes: tuple = ()) -> Decoded:
     """Lists for `histories` decoded as one batch (DeadlineError past params.deadline_s).
 
     `batch_sizes`: the batch shapes this instance has warmed (a GPU server's calibration batches). A group is
     padded up to the next of them with copies of its own histories, because on the GPU every new batch shape
     builds its caches and captures its CUDA graphs on first use (hundreds of milliseconds at LLM scale, inside
-    some request's latency). The copies' lists are dropped, and tau is the real rows' own."""
+    some request's latency). The copies' lists are dropped, and tau is the real rows' own. A group is not padded
+    past the request-token budget (it would be refused, and its members retried one by one)."""
     rows = [list(h) for h in histories]
     n = len(rows)
-    rows += [rows[k % n] for k in range(padded_size(n, batch_sizes) - n)]
+    size = padded_size(n, batch_sizes) if rows else n
+    if size > n and not within_budget(rec, size, n_items, params):
+        size = n
+    rows += [rows[k % n] for k in range(size - n)]
     t0 = time.perf_counter()
     out = rec.recommend(rows, n_items, params=params)
     real = [c for row in out.committed[:n] for c in row]

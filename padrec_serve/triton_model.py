@@ -16,13 +16,6 @@ BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64]
 TAU_BUCKETS = [1, 1.5, 2, 2.5, 3, 4, 5, 6, 8]
 
 
-def calibration_batches(max_batch: int, device: str = "cpu") -> tuple:
-    """The batch sizes `auto` is calibrated at. On CUDA every power of two up to max_batch: they are also the
-    shapes a group is padded up to (runtime.decode), so calibration has warmed each one before a request comes."""
-    sizes = BATCH_BUCKETS if device == "cuda" else (1, 4, 16)
-    return tuple(sorted({b for b in sizes if b <= max_batch} | {max_batch}))
-
-
 class Metrics:
     """padrec's metrics, served by Triton beside its own on the metrics port."""
 
@@ -66,7 +59,7 @@ class TritonPythonModel:
         gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
         self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device, gpu)
         max_batch = min(int(config["max_batch_size"]), self.rec.limits["max_batch"])
-        batches = calibration_batches(max_batch, device)
+        batches = runtime.calibration_batches(max_batch, device)
         if _parameter(config, "calibrate", "1") == "1" and "draft" in self.rec.backends:
             plan = runtime.calibrate(self.rec, batches)
             pb_utils.Logger.log_info(f"padrec {args['model_instance_name']} auto speculation: " + ", ".join(

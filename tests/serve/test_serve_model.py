@@ -83,6 +83,19 @@ def test_padded_size(n, sizes, want):
     assert padded_size(n, sizes) == want
 
 
+@pytest.mark.parametrize("max_batch, device, want", [
+    (32, "cuda", (1, 2, 4, 8, 16, 32)), (48, "cuda", (1, 2, 4, 8, 16, 32, 48)), (1, "cuda", (1,)),
+    (256, "cuda", (1, 2, 4, 8, 16, 32, 64, 128, 256)), (32, "cpu", (1, 4, 16, 32)), (3, "cpu", (1, 3))])
+def test_calibration_batches_are_the_shapes_a_gpu_group_is_padded_to(max_batch, device, want):
+    """On CUDA every power of two up to max_batch and max_batch itself, so that no group below max_batch is padded
+    to more than twice its rows (a group of 65 under --max-batch 256 is padded to 128, not 256)."""
+    from padrec_serve.runtime import calibration_batches, padded_size
+    got = calibration_batches(max_batch, device)
+    assert got == want
+    if device == "cuda":
+        assert all(padded_size(n, got) < 2 * n or padded_size(n, got) == max_batch for n in range(1, max_batch + 1))
+
+
 class Seen:
     """A Recommender wrapper that records the batch size of every runtime call."""
 
@@ -111,3 +124,20 @@ def test_a_group_is_padded_to_a_warmed_batch_shape_and_answers_as_unpadded(rec):
     unpadded = rec.recommend(hist, params=DecodeParams(speculate="chain"))
     assert out[0].outputs["tau"][0, 0] == pytest.approx(unpadded.tau, rel=1e-6)
     assert decoded[0][0] == 3  # the metrics count real requests
+
+
+def test_a_group_is_not_padded_past_the_request_token_budget(engines_master):
+    """Three requests whose rows fit the budget but whose padded batch of 4 would not: one call of 3 rows, not a
+    refused call of 4 and each member again alone."""
+    from padrec_runtime import RuntimeOptions
+    from padrec_runtime.grammar import ListConstraint
+    probe = Recommender(engines_master)
+    per_row = ListConstraint(probe.catalogue, n_items=probe.limits["n_items"]).list_length() * (
+        1 + probe.limits["draft_steps"])
+    seen = Seen(Recommender(engines_master, options=RuntimeOptions(max_request_tokens=3 * per_row)))
+    ids = probe.catalogue.item_ids.tolist()
+    hist = [ids[0:3], ids[5:8], ids[10:13]]
+    out = ServeModel(seen, batch_sizes=(1, 2, 4, 8))([request(h, speculate="chain") for h in hist])
+    assert [error_of(o) for o in out] == [""] * 3
+    assert seen.batches == [3]
+    assert [o.outputs["item_ids"][0].tolist() for o in out] == [listed(probe, h, speculate="chain") for h in hist]
