@@ -60,13 +60,15 @@ class TritonPythonModel:
         self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device, gpu)
         max_batch = min(int(config["max_batch_size"]), self.rec.limits["max_batch"])
         batches = runtime.calibration_batches(max_batch, device)
-        if _parameter(config, "calibrate", "1") == "1" and "draft" in self.rec.backends:
+        calibrated = _parameter(config, "calibrate", "1") == "1" and "draft" in self.rec.backends
+        if calibrated:
             plan = runtime.calibrate(self.rec, batches)
             pb_utils.Logger.log_info(f"padrec {args['model_instance_name']} auto speculation: " + ", ".join(
                 f"batch<={c.batch}: {c.speculate}" + (f" K={c.draft_steps}" if c.draft_steps else "") for c in plan))
         self.metrics = Metrics(args["model_name"], args["model_instance_name"])
+        # groups are padded only to shapes the calibration has warmed (a GPU instance's)
         self.model = ServeModel(self.rec, float(deadline) if deadline else None, self.metrics.decoded,
-                                batches if device == "cuda" else ())
+                                batches if device == "cuda" and calibrated else ())
 
     def execute(self, requests: list) -> list:
         replies = self.model([self._arrays(r) for r in requests])

@@ -237,8 +237,11 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
     meta = {"device": device, "workers": workers, "budget_s": budget_s, "hardware": hardware(device),
             "commit": commit(), "gpu_estimate": GPU_ESTIMATE}
     log(f"{len(todo)} of {len(grid(cfg))} cells to run on {device} with {workers} worker(s)")
-    (work / "durations.json").unlink(missing_ok=True)
-    durations: dict = {}
+    durations: dict = {}  # seconds of the cells done, by layout: a cell starts only if it can end in time
+    for r in records.values():
+        if "variants" in r:
+            durations.setdefault(r["layout"], []).append(r["seconds"])
+    (work / "durations.json").write_text(json.dumps(durations))
 
     def on_record(cell, record):
         records[cell.name] = record
