@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_step_profile as profile  # noqa: E402
-from gpu_bench import copy_bandwidth_gbs, log  # noqa: E402
+from bench_timing import log  # noqa: E402
+from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 
 from padrec_export.models import Draft, DraftConfig, Target, TargetConfig  # noqa: E402
 from padrec_export.onnx_export import ExportLimits, export_engines  # noqa: E402
