@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from gpu_bench import each, union  # noqa: E402
 
 from padrec_export.data import load_dataset, make_split  # noqa: E402
-from padrec_runtime import DecodeParams, Recommender, RuntimeOptions  # noqa: E402
+from padrec_runtime import Recommender, RuntimeOptions  # noqa: E402
 
 MODES = {"off": dict(speculate="off"), "chain": dict(speculate="chain", device_rounds=False),
          "chain-dev": dict(speculate="chain", device_rounds=True)}

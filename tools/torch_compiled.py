@@ -556,4 +556,7 @@ def steps_main(argv=None) -> dict:
 if __name__ == "__main__":
     if sys.argv[1:2] != ["steps"]:
         sys.exit("usage: python tools/torch_compiled.py steps --shapes ... --dtype bf16|fp16 --out DIR")
-    steps_main(sys.argv[2:])
+    try:
+        steps_main(sys.argv[2:])
+    except InputError as exc:  # the command line's boundary: one line, exit 1
+        sys.exit(f"torch_compiled.py: {exc}")
