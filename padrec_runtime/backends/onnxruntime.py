@@ -137,9 +137,10 @@ class OrtBackend:
             cuda = {}
             if self.stream is not None:
                 cuda["user_compute_stream"] = str(self.stream)
-            if cuda_graph:
-                cuda["enable_cuda_graph"] = "1"
-            if not cuda_graph:  # a replayed graph reuses its capture-time addresses: its arena must be its own
+            if cuda_graph:  # a replayed graph reuses its capture-time addresses: its arena must be its own,
+                cuda["enable_cuda_graph"] = "1"  # grown by what is asked, not in powers of two (many such sessions)
+                cuda["arena_extend_strategy"] = "kSameAsRequested"
+            else:
                 opts.add_session_config_entry(SHARED_ARENA, "1")  # the arena share_cuda_arena registers
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
