@@ -24,7 +24,7 @@ from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION,
 
 from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
-from .quantize import Quantization, quantize_model
+from .quantize import BlockCache, Quantization, quantize_model
 from .streamed import DataFile, export_streamed
 
 OPSET = 17
@@ -293,7 +293,8 @@ def dedupe_initializers(graph) -> int:
     rest; returns how many were dropped."""
     first, rename, keep = {}, {}, []
     for init in graph.initializer:
-        key = (init.data_type, tuple(init.dims), init.raw_data or init.SerializeToString())
+        # by digest: a dict of the bytes themselves would hold a second copy of every weight
+        key = (init.data_type, tuple(init.dims), hashlib.sha256(init.raw_data or init.SerializeToString()).digest())
         if key in first:
             rename[init.name] = first[key]
         else:
@@ -323,9 +324,10 @@ def _versions() -> dict:
 
 
 def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precision: str, limits: ExportLimits,
-                 out: Path, external: bool | None, quantization: Quantization | None = None) -> dict:
-    """Write one graph into `out` (its decoder layers quantized when `quantization` covers it); returns its
-    manifest entry (files are hashed later, with the others)."""
+                 out: Path, external: bool | None, quantization: Quantization | None = None,
+                 blocks: BlockCache | None = None) -> dict:
+    """Write one graph into `out` (its decoder layers quantized when `quantization` covers it, weights met before
+    taken from `blocks`); returns its manifest entry (files are hashed later, with the others)."""
     file, atol, rtol = f"{name}.onnx", *TOLERANCES[precision]
     tol = {"logits": {"atol": atol, "rtol": rtol}, "hidden": {"atol": atol, "rtol": rtol}}
     extra: dict = {}
@@ -345,7 +347,9 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
         ext = export_graph(model, is_draft, precision, out / file, external)
         inputs, outputs, kv = graph_io(model, is_draft, precision)
     if quantization is not None and quantization.covers(name):
-        ext, extra["quantization"] = quantize_graph(out / file, model, quantization, precision, external)
+        # a streamed graph keeps its weights external (its runtime sessions share them with the other graphs')
+        ext, extra["quantization"] = quantize_graph(out / file, model, quantization, precision,
+                                                    external or bool(ext) or None, blocks)
     if ext:
         extra["external_data"] = ext
         extra["weights"] = weight_table(out / file)
@@ -353,13 +357,15 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
             "inputs": inputs, "outputs": outputs, "kv": kv, "tolerances": tol, **extra}
 
 
-def quantize_graph(path: Path, model, quantization: Quantization, precision: str, external: bool | None
-                   ) -> tuple[list[str], dict]:
-    """Rewrite the graph at `path` with its decoder layers' MatMuls quantized (quantize.py); returns its external
-    data files (see save_graph) and the manifest record."""
+def quantize_graph(path: Path, model, quantization: Quantization, precision: str, external: bool | None,
+                   blocks: BlockCache | None = None) -> tuple[list[str], dict]:
+    """Rewrite the graph at `path` with its decoder layers' MatMuls quantized (quantize.py; weights in `blocks`
+    are not quantized again); returns its external data files (see save_graph) and the manifest record. The
+    graph is loaded whole with its weights (ONNX Runtime's quantizer rewrites a ModelProto): a 7B target's
+    13 GB in fp16."""
     import onnx
     proto = onnx.load(str(path))  # with its external data, before save_graph replaces the file
-    record = quantize_model(proto, model, quantization, TORCH_DTYPES[precision], path.name)
+    record = quantize_model(proto, model, quantization, TORCH_DTYPES[precision], path.name, blocks)
     dedupe_initializers(proto.graph)  # a weight quantized at each of its uses (the chain's steps): keep one copy
     return save_graph(proto, path, external), record
 
@@ -455,7 +461,7 @@ def _reused_graph(name: str, src: Path, out: Path, precision: str, limits: Expor
 def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: ExportLimits,
                    progress: bool, external_data: bool | None, reuse_target: Path | None = None,
                    quantization: Quantization | None = None) -> None:
-    graphs = {}
+    graphs, blocks = {}, BlockCache()  # each distinct weight quantized once, whichever graphs hold it
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
         parts.append(("draft_chain", draft, True))
@@ -468,7 +474,7 @@ def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: 
             graphs[name] = _reused_graph(name, Path(reuse_target), out, precision, limits, quantization)
         else:
             graphs[name] = _export_part(name, model, is_draft, catalogue, precision, limits, out, external_data,
-                                        quantization)
+                                        quantization, blocks)
     catalogue.save(out / "catalogue.json")
     files = {f: {} for g in graphs.values() for f in (g["file"], *g.get("external_data", []))}
     files["catalogue.json"] = {}

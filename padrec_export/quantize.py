@@ -104,7 +104,7 @@ def _as_stored(group: list[nn.Linear], dtype: torch.dtype) -> torch.Tensor:
 
 def _digest(t: torch.Tensor | np.ndarray) -> str:
     arr = t.view(torch.uint8).numpy() if isinstance(t, torch.Tensor) else np.ascontiguousarray(t).view(np.uint8)
-    return hashlib.sha256(arr.tobytes()).hexdigest()
+    return hashlib.sha256(arr.reshape(-1)).hexdigest()  # from the buffer: no copy of a weight's bytes
 
 
 def _layer_digests(layer, dtype: torch.dtype) -> dict:
@@ -116,21 +116,54 @@ def _layer_digests(layer, dtype: torch.dtype) -> dict:
     return out
 
 
-def _missing_layers(model: nn.Module, dtype: torch.dtype, found: set) -> list[int]:
-    """The decoder layers of which the graph quantized not every projection (gate and up, or gate|up)."""
+def _missing_layers(layer_digests: list[dict], found: set) -> list[int]:
+    """The decoder layers (their _layer_digests) of which the graph quantized not every projection (gate and up,
+    or gate|up)."""
     missing = []
-    for i, layer in enumerate(_layers(model)):
-        d = _layer_digests(layer, dtype)
+    for i, d in enumerate(layer_digests):
         mlp = {d["gate"], d["up"]} <= found or d["gate_up"] in found
         if not ({d["qkv"], d["o"], d["down"]} <= found and mlp):
             missing.append(i)
     return missing
 
 
-def quantize_model(proto, model: nn.Module, q: Quantization, dtype: torch.dtype, where: str) -> dict:
+class BlockCache:
+    """The blocks, scales and zero points ONNX Runtime's quantizer made of each distinct weight (by its dtype, shape
+    and sha256), for one export: `target` and `target_gqa` hold the same projections, a chain graph repeats its
+    layer once per step; each is quantized once. Holds the packed blocks (a 7B target's: about 4 GB in int4)."""
+
+    def __init__(self):
+        self.blocks: dict = {}  # (dtype, shape, sha256) -> (packed, scales, zero_points)
+        self.quantized = 0  # weights quantized (the others were found here)
+        self.digests: dict = {}  # (id(model), dtype) -> its layers' _layer_digests: target and target_gqa share them
+
+    def layer_digests(self, model: nn.Module, dtype: torch.dtype) -> list[dict]:
+        key = (id(model), dtype)
+        if key not in self.digests:
+            self.digests[key] = [_layer_digests(layer, dtype) for layer in _layers(model)]
+        return self.digests[key]
+
+    def node_quantizer(self, mnq, config):
+        """The quantizer's own per-weight quantizer, its block quantization looked up here first."""
+        cache = self
+
+        class Cached(mnq.DefaultWeightOnlyQuantizer):
+            def qbits_block_quant(self, fp32weight):
+                w = np.ascontiguousarray(fp32weight)
+                key = (str(w.dtype), w.shape, _digest(w))
+                if key not in cache.blocks:
+                    cache.blocks[key] = super().qbits_block_quant(w)
+                    cache.quantized += 1
+                return cache.blocks[key]
+        return Cached(config)
+
+
+def quantize_model(proto, model: nn.Module, q: Quantization, dtype: torch.dtype, where: str,
+                   cache: BlockCache | None = None) -> dict:
     """Rewrite the onnx ModelProto in place: every MatMul whose weight is a decoder-layer projection of `model`
     (in `dtype`) becomes a MatMulNBits (ONNX Runtime's quantizer: round to nearest, asymmetric blocks); the other
     MatMuls stay. A weight used at several nodes (the chain's steps) comes out once per use: dedupe after.
+    cache: blocks of weights quantized before (by another graph of the same export), reused and added to.
     Returns the manifest record; `where` names the graph in errors."""
     from onnx import numpy_helper
     mnq = _quantizer_module()
@@ -139,13 +172,15 @@ def quantize_model(proto, model: nn.Module, q: Quantization, dtype: torch.dtype,
     for i, node in enumerate(graph.node):  # the quantizer picks nodes by name: every node needs its own
         if not node.name:
             node.name = f"node_{i}_{node.op_type}"
-    wanted = {d for layer in _layers(model) for d in _layer_digests(layer, dtype).values()}
+    cache = BlockCache() if cache is None else cache
+    layer_digests = cache.layer_digests(model, dtype)
+    wanted = {d for layer in layer_digests for d in layer.values()}
     digests = {name: _digest(numpy_helper.to_array(inits[name])) for name in
                {n.input[1] for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits}}
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     chosen = {n.name for n in matmuls if digests.get(n.input[1]) in wanted}
     # every projection found, or the engine would run a model partly quantized, unlike its PyTorch twin
-    missing = _missing_layers(model, dtype, {digests[n.input[1]] for n in matmuls if n.name in chosen})
+    missing = _missing_layers(layer_digests, {digests[n.input[1]] for n in matmuls if n.name in chosen})
     if missing:
         raise InputError(f"{where}: decoder layers {missing[:8]} have projections no MatMul holds as exported | "
                          "expected every projection of the model as a MatMul weight | export and quantize in one "
@@ -153,6 +188,7 @@ def quantize_model(proto, model: nn.Module, q: Quantization, dtype: torch.dtype,
     config = mnq.DefaultWeightOnlyQuantConfig(block_size=q.block_size, is_symmetric=False, bits=q.bits)
     quantizer = mnq.MatMulNBitsQuantizer(proto, algo_config=config,
                                          nodes_to_exclude=[n.name for n in matmuls if n.name not in chosen])
+    quantizer.node_quantizer = cache.node_quantizer(mnq, config)
     quantizer.process()  # rewrites proto itself
     done = sum(n.op_type == "MatMulNBits" for n in graph.node)
     if done != len(chosen):
