@@ -82,7 +82,7 @@ def test_each_distinct_weight_is_quantized_once(streamed, tiny):
     """target and target_gqa hold the same projections, the chain graphs repeat the draft's layer per step: the
     quantizer runs once per distinct weight, not once per MatMul."""
     engines, calls = streamed
-    _, target, draft = tiny
+    _, target, _ = tiny
     m = load_manifest(engines)
     matmuls = sum(m.quantization(g)["matmuls"] for g in GRAPHS)
     target_gqa = onnx.load(str(engines / "target_gqa.onnx"), load_external_data=False)
@@ -111,3 +111,22 @@ def test_a_linked_quantized_directory_matches_its_manifest(streamed, tiny, tmp_p
              for d in (engines, tmp_path / "b")]
     assert lists[0] == lists[1]
     assert not (tmp_path / "c").exists()
+
+
+def test_an_fp16_streamed_quantized_pair_speculates_losslessly(tiny, tmp_path):
+    """fp16, the precision LLM-sized pairs are exported in: the scales are fp16 and the lists still equal
+    target-only greedy lists."""
+    cat, target, draft = tiny
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(onnx_export, "STREAMED_BYTES", 0)
+        m = onnx_export.export_engines(target, draft, cat, tmp_path / "e", "fp16", LIMITS, progress=False,
+                                       quantization=Q)
+    assert all(m.graph(g)["external_data"] == [f"{g}.onnx.data"] for g in GRAPHS)
+    model = onnx.load(str(tmp_path / "e" / "target.onnx"), load_external_data=False)
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = {inits[n.input[2]].data_type for n in model.graph.node if n.op_type == "MatMulNBits"}
+    assert scales == {onnx.TensorProto.FLOAT16}
+    rec = Recommender(tmp_path / "e")
+    lists = {mode: [r.tokens for r in rec.recommend(HIST, params=DecodeParams(speculate=mode)).lists]
+             for mode in ("off", "chain", "tree")}
+    assert lists["chain"] == lists["off"] and lists["tree"] == lists["off"]
