@@ -112,3 +112,27 @@ def test_padrec_train_takes_a_named_size(job):
     assert report["size"] == {"hidden": 32, "layers": 2, "heads": 2, "kv_heads": 1, "intermediate": 64}  # not 512
     assert report["target"]["train"]["batch_tokens"] == RECIPES["tiny"].batch_tokens
     assert report["target"]["train"]["lr"] == RECIPES["tiny"].lr and report["draft_padrec"]["train"]["cache_features"]
+
+
+def test_quantized_streamed_directories_link_the_quantized_target_graphs(job, monkeypatch):
+    """The export stage as at 7B (graphs streamed, forced here by STREAMED_BYTES 0) with --quantize int4: the second
+    directory links the first's quantized target graphs and its manifest's hashes match its files."""
+    import dataclasses
+
+    import padrec_export.onnx_export as onnx_export
+    from padrec_runtime import DecodeParams, Recommender
+    monkeypatch.setattr(onnx_export, "STREAMED_BYTES", 0)
+    plan = dataclasses.replace(PLAN, quantization=Quantization("int4"))
+    run_stages(job, plan, ["train", "export"], Budget(), print)
+    dirs = engine_dirs(job, plan)
+    first, second = dirs["padrec"], dirs["eagle"]
+    for f in ("target.onnx", "target.onnx.data", "target_gqa.onnx", "target_gqa.onnx.data"):
+        assert (first / f).stat().st_ino == (second / f).stat().st_ino, f
+    for eng in (first, second):
+        m = load_manifest(eng)  # every file's sha256 checked, the linked ones too
+        assert m.quantization("target")["kind"] == m.quantization("target_gqa")["kind"] == "int4"
+        assert m.quantization("draft") is None
+        lists = {mode: [r.tokens for r in Recommender(eng).recommend([[1000, 1001], [1002]],
+                                                                      params=DecodeParams(speculate=mode)).lists]
+                 for mode in ("off", "chain")}
+        assert lists["chain"] == lists["off"], eng.name
