@@ -29,6 +29,6 @@ else
   step "creating the server's virtual environment in .venv-serve"
   python3 -m venv .venv-serve
 fi
-step "installing padrec with the serve extra (PyTriton) in .venv-serve"
-.venv-serve/bin/python -m pip install -q -e '.[serve]'
+step "installing padrec with the serve extra (PyTriton) in .venv-serve, pinned by requirements-serve.txt"
+.venv-serve/bin/python -m pip install -q -c requirements-serve.txt -e '.[serve]'
 step "done: run .venv/bin/padrec demo"
