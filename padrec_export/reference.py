@@ -102,10 +102,7 @@ class TorchKVRunner(HostCalls):
                                           dev(feeds["position_ids"]), dev(feeds["slot"]), dev(feeds["last"]),
                                           dev(feeds["node"]), dev(feeds["left"]),
                                           dev(np.asarray(feeds["banned"], np.float16)), dev(mask), past)
-                for b in range(B):
-                    start = int(self.lengths[b]) + self.scratch
-                    self.cache[0, 0, b, :, start:start + T] = k[b, :, :T]
-                    self.cache[0, 1, b, :, start:start + T] = v[b, :, :T]
+                self._write([(k[:, :, :T], v[:, :, :T])], T)
                 self.scratch += T
                 out = {"tokens": tokens.cpu().numpy()}
                 return {**out, "finite": finite[0].cpu().numpy()} if finite else out  # as the engine's outputs
@@ -115,24 +112,41 @@ class TorchKVRunner(HostCalls):
                                                  dev(mask), past)
             else:
                 logits, hidden, new = self.model(dev(feeds["input_ids"]), dev(feeds["position_ids"]), dev(mask), past)
-            for b in range(B):
-                start = int(self.lengths[b]) + self.scratch
-                for i, (k, v) in enumerate(new):
-                    self.cache[i, 0, b, :, start:start + T] = k[b]
-                    self.cache[i, 1, b, :, start:start + T] = v[b]
+            self._write(new, T)
             out = {"logits": logits.float().cpu().numpy(), "hidden": hidden.float().cpu().numpy()}
         self.scratch += T
         return out
 
+    def _write(self, new: list, T: int) -> None:
+        """Every row's new (B, H, T, D) keys and values behind its entries: one indexed write per layer (a
+        per-row loop costs B launches a layer, which made the eager baseline launch-bound)."""
+        B = new[0][0].shape[0]
+        rows = torch.arange(B, device=self.device)[:, None]
+        cols = torch.as_tensor(self.lengths[:B, None] + self.scratch + np.arange(T), device=self.device)
+        for i, (k, v) in enumerate(new):  # cache[i, j][rows, :, cols] is (B, T, H, D)
+            self.cache[i, 0][rows, :, cols] = k.transpose(1, 2).to(self.dtype)
+            self.cache[i, 1][rows, :, cols] = v.transpose(1, 2).to(self.dtype)
+
     def commit(self, select) -> None:
-        for b, idx in enumerate(select):
-            if len(idx) == 0:
-                continue
-            n = int(self.lengths[b])
-            src = torch.as_tensor(n + np.asarray(idx, dtype=np.int64), device=self.device)
-            row = self.cache[:, :, b]
-            row[:, :, :, n:n + len(idx)] = row[:, :, :, src]
-            self.lengths[b] += len(idx)
+        """Gather each row's accepted entries to just behind its committed ones, all rows in one indexed copy.
+        Rows accept different counts: the short ones repeat their last (destination, source) pair, which
+        rewrites the same value, and rows accepting nothing copy position 0 onto itself."""
+        counts = np.array([len(idx) for idx in select], dtype=np.int64)
+        width = int(counts.max(initial=0))
+        if width:
+            B = len(select)
+            src = np.zeros((B, width), np.int64)
+            dst = np.zeros((B, width), np.int64)
+            for b, idx in enumerate(select):
+                if counts[b]:
+                    n = int(self.lengths[b])
+                    pad = width - counts[b]
+                    src[b] = n + np.concatenate([idx, np.repeat(idx[-1:], pad)])
+                    dst[b] = n + np.concatenate([np.arange(counts[b]), np.repeat(counts[b] - 1, pad)])
+            rows = torch.arange(B, device=self.device)[:, None]
+            src_t, dst_t = (torch.as_tensor(a, device=self.device) for a in (src, dst))
+            self.cache[:, :, rows, :, dst_t] = self.cache[:, :, rows, :, src_t]
+            self.lengths[:B] += counts
         self.scratch = 0
 
     def discard(self) -> None:

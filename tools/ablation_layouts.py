@@ -130,9 +130,9 @@ def time_lists(engines: Path, histories: list, passes: int) -> dict:
             "draft_steps": recs["padrec"].limits["draft_steps"]}
 
 
-def wallclock(cfg: GridConfig, work: Path, summary: dict, deadline: float) -> dict:
+def wallclock(cfg: GridConfig, work: Path, summary: dict, deadline: float, earlier: dict) -> dict:
     """time_lists for every layout x data set with exported seed-0 engines, the largest PAD-Rec chain gain first,
-    while time is left."""
+    while time is left; a key whose engines were made by an earlier run keeps that run's timing (`earlier`)."""
     gain = {k: v.get("gain_vs_eagle", {}).get("padrec", {}).get(f"chain_K4", {}).get("gain_pct_mean", -1e9)
             for k, v in summary.items()}
     out = {}
@@ -140,7 +140,9 @@ def wallclock(cfg: GridConfig, work: Path, summary: dict, deadline: float) -> di
         layout, dataset = key.split("/")
         engines = work / "engines" / Cell(layout, dataset, min(cfg.seeds)).name
         if not (engines / "padrec").is_dir() or not (engines / "eagle").is_dir():
-            out[key] = {"skipped": "no seed-0 engines in --work (trained in another run)"}
+            kept = earlier.get(key, {})
+            out[key] = kept if "ms_per_list_median" in kept.get("ar", {}) else {
+                "skipped": "no seed-0 engines in --work (trained in another run)"}
             continue
         if time.time() > deadline:
             out[key] = {"skipped": "no time left within --budget-s"}
@@ -254,7 +256,8 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
 
     run_cells(cfg, todo, device, workers, work, t0 + budget_s - WALLCLOCK_RESERVE_S, on_record)
     report = write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, None)
-    wall = wallclock(cfg, work, report["summary"], t0 + budget_s - 10)
+    earlier = json.loads(Path(resume).read_text()).get("wallclock_cpu_batch1", {}) if resume else {}
+    wall = wallclock(cfg, work, report["summary"], t0 + budget_s - 10, earlier)
     report = write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, wall)
     try_plots(report, out)
     log(f"done in {time.time() - t0:.0f} s: {len(report['cells'])} cells, {len(report['missing'])} missing")

@@ -105,7 +105,7 @@ def test_lists_are_valid(any_setup):
         assert not set(items) & set(h)
 
 
-@pytest.mark.parametrize("mode", ["chain", "tree"])
+@pytest.mark.parametrize("mode", ["off", "chain", "tree"])
 def test_torch_cache_runner_equals_ar(any_setup, mode):
     """The runner the GPU tools decode with (KV caches as torch tensors, the fused chain's outputs unpacked as
     the engine's) gives AR's lists in every layout; it runs here on CPU."""
