@@ -43,8 +43,8 @@ echo "serve_gpu: $py, engines $engines, device $device, CUDA library folders: ${
 # a 0.2 ms batching window: a lone request waits that long for company (a 0.5B list takes 40-75 ms on an H200; the CPU
 # default, 2 ms, would add 3-5% at concurrency 1; under load, requests queue during a decode anyway);
 # options after ENGINE_DIR override these
-"$py" tools/serve_load.py --engines "$engines" --device "$device" --protocol grpc --requests 1600 \
-  --level-time-s 16 --max-queue-delay-us 200 --ready-s 300 --out "$out/$name" "$@" 2>&1 | tee -a "$log"
+"$py" tools/serve_load.py --engines "$engines" --device "$device" --protocol grpc --requests 800 --passes 4 \
+  --level-time-s 48 --max-queue-delay-us 200 --ready-s 300 --out "$out/$name" "$@" 2>&1 | tee -a "$log"
 status=${PIPESTATUS[0]}
 echo "serve_gpu: exit $status; results in $out/$name.json"
 exit "$status"
