@@ -233,6 +233,8 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
         p.mkdir(parents=True, exist_ok=True)
     workers = workers or (4 * torch.cuda.device_count() if device == "cuda" else 1)
     records = load_records(work, resume, cfg)
+    # the resumed report's wall-clock stands until this run's own stage replaces it (a run cut short keeps it)
+    earlier = json.loads(Path(resume).read_text()).get("wallclock_cpu_batch1", {}) if resume else {}
     # the longest cells (digits) first, then the others by seed, so that each layout's time is known early
     todo = sorted((c for c in grid(cfg) if "variants" not in records.get(c.name, {})),
                   key=lambda c: (c.layout != "digits", c.seed, cfg.datasets.index(c.dataset), c.layout))
@@ -252,11 +254,10 @@ def run(out, work, resume, quick, device, workers, budget_s, layouts, datasets, 
             durations.setdefault(cell.layout, []).append(record["seconds"])
             (work / "durations.json").write_text(json.dumps(durations))
         log(cell.name, "done" if "variants" in record else record)
-        write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, None)
+        write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, earlier)
 
     run_cells(cfg, todo, device, workers, work, t0 + budget_s - WALLCLOCK_RESERVE_S, on_record)
-    report = write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, None)
-    earlier = json.loads(Path(resume).read_text()).get("wallclock_cpu_batch1", {}) if resume else {}
+    report = write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, earlier)
     wall = wallclock(cfg, work, report["summary"], t0 + budget_s - 10, earlier)
     report = write_report(out, cfg, records, {**meta, "elapsed_s": time.time() - t0}, wall)
     try_plots(report, out)

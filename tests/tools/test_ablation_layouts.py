@@ -121,3 +121,17 @@ def test_records_are_reused_only_with_the_same_settings_and_the_report_names_wha
     assert list(report["cells"]) == ["per_level_ml-100k_s0"] and list(report["summary"]) == ["per_level/ml-100k"]
     assert report["missing"] == {"shared_ml-100k_s0": {"skipped": "not run"},
                                  "digits_ml-100k_s0": {"skipped": "no digits layout here"}}
+
+
+def test_wall_clock_of_cells_trained_by_an_earlier_run_is_kept(tmp_path):
+    """A resumed run has no engines for the cells it did not train: their timing is the earlier report's, and a key
+    with neither engines nor an earlier timing says why it is missing."""
+    pytest.importorskip("torch")
+    from ablation_cell import GridConfig
+    from ablation_layouts import wallclock
+    timed = {"ar": {"ms_per_list_median": 31.7}, "eagle": {"ms_per_list_median": 27.8}}
+    summary = {"per_level/ml-100k": {}, "shared/ml-100k": {}}
+    out = wallclock(GridConfig.quick(), tmp_path, summary, deadline=0.0,
+                    earlier={"per_level/ml-100k": timed, "shared/ml-100k": {"skipped": "no time left"}})
+    assert out["per_level/ml-100k"] == timed
+    assert "no seed-0 engines" in out["shared/ml-100k"]["skipped"]
