@@ -87,8 +87,7 @@ def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graph
     b.device = "cuda"  # the options only: no CUDA session is made
     opts, providers = b._options({"batch": 1}, cuda_graph=True)
     assert entry(opts) == "1"
-    assert providers[0] == ("CUDAExecutionProvider", {"enable_cuda_graph": "1",
-                                                      "arena_extend_strategy": "kSameAsRequested"})
+    assert providers[0] == ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
     with pytest.raises(RuntimeError, match="use_env_allocators"):  # a replayed graph keeps an arena of its own
         opts.get_session_config_entry(SHARED_ARENA)
     monkeypatch.setenv(GEMM_TUNE_ENV, "0")
