@@ -6,7 +6,8 @@ vocabulary) exported fp16 with their weights external, then on the same card in 
   weights (tools/torch_compiled.py) and the weight-bandwidth floor;
 - the runtime loaded as a user loads it (`Recommender(..., device="cuda")`), decoding at batch 1, 8, 32 and 64,
   with GPU memory by component: weights (one copy, shared by every session), KV caches and the rest
-  (ONNX Runtime's workspace and arenas), against the ceiling weights + KV caches + 25%.
+  (ONNX Runtime's workspace and arenas), against the ceiling weights + KV caches + 25%; with --graph-max-tokens N,
+  again with CUDA graphs for buckets of at most N tokens only (prefill sessions then share one arena).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_llm.py --shapes qwen-0.5b,qwen-1.5b,qwen-7b --out "$OUT"
     python tools/gpu_llm.py --small --out /tmp/o        # CPU smoke run of this script (tiny shape)
@@ -32,7 +33,7 @@ from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 from padrec_export.models import Draft, DraftConfig, Target, TargetConfig  # noqa: E402
 from padrec_export.onnx_export import ExportLimits, export_engines  # noqa: E402
 from padrec_export.sizes import SIZES  # noqa: E402
-from padrec_runtime import DecodeParams, Recommender  # noqa: E402
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions  # noqa: E402
 from padrec_runtime.grammar import Catalogue, TokenLayout  # noqa: E402
 
 CATALOGUE = "padrec_export/default_models/ml-100k/catalogue.json"
@@ -80,12 +81,15 @@ def compiled_steps(target, dtype, modes: list) -> dict:
     return torch_compiled.time_modes(target, dtype, "cuda", modes, LIMITS.max_seq_len, at=128)
 
 
-def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str) -> dict:
-    """The runtime as a user loads it: ms per list (AR and chain) and GPU memory by component per batch."""
+def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
+                  options: RuntimeOptions | None = None) -> dict:
+    """The runtime as a user loads it (with `options`): ms per list (AR and chain) and GPU memory by component
+    per batch."""
     base = device_used() if device == "cuda" else 0
     t0 = time.perf_counter()
-    rec = Recommender(engines, device=device)
-    out = {"load_s": time.perf_counter() - t0, "batches": {}}
+    rec = Recommender(engines, device=device, options=options)
+    out = {"load_s": time.perf_counter() - t0, "options": {k: v for k, v in (options or RuntimeOptions()).__dict__
+                                                             .items() if v is not None}, "batches": {}}
     rng = np.random.default_rng(0)
     for b in batches:
         hist = [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(b)]
@@ -132,7 +136,12 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dic
         row["padrec"] = our_steps(engines, cfg, row["floor_ms"], args.repeats)
         log(name, "padrec", json.dumps({k: v["ms"] for k, v in row["padrec"].items()}))
         gc.collect()
-    row["runtime"] = decode_memory(engines, cat, [int(b) for b in args.batches.split(",")], device)
+    batches = [int(b) for b in args.batches.split(",")]
+    row["runtime"] = decode_memory(engines, cat, batches, device)
+    if args.graph_max_tokens and device == "cuda":  # the same decode with prefill sessions on the shared arena
+        gc.collect()
+        row["runtime_graph_max_tokens"] = decode_memory(
+            engines, cat, batches, device, RuntimeOptions(cuda_graph_max_tokens=args.graph_max_tokens))
     return row
 
 
@@ -145,6 +154,8 @@ def main():
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default=None, help="where engines are written (default: a temporary directory)")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny shape")
+    ap.add_argument("--graph-max-tokens", type=int, default=None,
+                    help="also decode with RuntimeOptions(cuda_graph_max_tokens=N) and report its memory beside")
     args = ap.parse_args()
     shapes = ["tiny"] if args.small else args.shapes.split(",")
     unknown = [s for s in shapes if s not in SIZES]

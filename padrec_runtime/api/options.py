@@ -72,6 +72,9 @@ class RuntimeOptions:
     device_cache: bool | None = None  # KV cache resident on the engine's device (ONNX Runtime IO binding); CUDA default
     static_shapes: bool | None = None  # calls padded to fixed token buckets, one session each; CUDA default
     cuda_graphs: bool | None = None  # bucket sessions replay CUDA graphs; CUDA default
+    # buckets of more tokens than this (prefill) run without a graph and share one CUDA arena: each graphed
+    # session keeps an arena of its own, which at 7B holds a prefill's activations (GBs); None: every bucket
+    cuda_graph_max_tokens: int | None = None
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)
     max_request_tokens: int = 131072  # budget: histories x list tokens x tokens verified per round (see `request_cost`)
@@ -83,6 +86,7 @@ class RuntimeOptions:
                          "device_cache": dict(kind="bool", optional=True),
                          "static_shapes": dict(kind="bool", optional=True),
                          "cuda_graphs": dict(kind="bool", optional=True),
+                         "cuda_graph_max_tokens": dict(kind="int", lo=1, hi=1 << 20, optional=True),
                          "in_place": dict(kind="bool", optional=True),
                          "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
                          "max_request_tokens": dict(kind="int", lo=1),
@@ -100,6 +104,7 @@ class Settings:
     device_cache: bool
     static_shapes: bool
     cuda_graphs: bool
+    cuda_graph_max_tokens: int | None
     in_place: bool
     device_rounds_max_batch: int
     max_request_tokens: int
@@ -122,6 +127,9 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
     graphs = (static and cuda) if o.cuda_graphs is None else o.cuda_graphs
     if graphs and not (static and cuda):
         raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
+    if o.cuda_graph_max_tokens is not None and not graphs:
+        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it, or use "
+                           "device='cuda' with static shapes")
     # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
     cuda_fp32 = cuda and precision == "fp32"
     in_place = (device_cache and has_in_place and not cuda_fp32) if o.in_place is None else o.in_place
@@ -131,7 +139,8 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
     if in_place and cuda_fp32:
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
                            "export fp16 engines or drop in_place")
-    return Settings(backend, device, o.threads, device_cache, static, graphs, in_place, o.device_rounds_max_batch,
+    return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens, in_place,
+                    o.device_rounds_max_batch,
                     o.max_request_tokens, o.trt_module, o.allow_host_code)
 
 

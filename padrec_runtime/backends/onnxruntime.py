@@ -68,7 +68,8 @@ class OrtBackend:
     binds_device_buffers = True  # capability: IO binding of caller-owned buffers (device KV caches)
 
     def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
-                 cuda_graphs: bool = False, stream: int | None = None, weights: WeightPool | None = None):
+                 cuda_graphs: bool = False, stream: int | None = None, weights: WeightPool | None = None,
+                 graph_max_tokens: int | None = None):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -80,6 +81,7 @@ class OrtBackend:
         # stream: a CUDA stream pointer, or an object with `.ptr` (a cupy Stream) that this backend keeps alive
         # for as long as its sessions, which synchronise and free buffers through it (see the end of __init__)
         self.device, self.threads, self.cuda_graphs = device, threads, cuda_graphs
+        self.graph_max_tokens = graph_max_tokens
         self.stream = getattr(stream, "ptr", stream)
         if device == "cuda":
             require_cuda()
@@ -149,7 +151,7 @@ class OrtBackend:
         arithmetic away and, on CUDA with cuda_graphs, captures the whole graph once and replays it."""
         key = tuple(sorted(dims.items()))
         if key not in self._static:
-            want_graph = self.cuda_graphs and self.device == "cuda"
+            want_graph = self.wants_graph(dims)
             try:
                 self._static[key] = self._open(dims, cuda_graph=want_graph)
                 if want_graph:
@@ -160,6 +162,12 @@ class OrtBackend:
                 self.graph_notes.append(f"{dict(dims)}: no CUDA graph ({exc})")
                 self._static[key] = self._open(dims)
         return self._static[key]
+
+    def wants_graph(self, dims: dict) -> bool:
+        """Whether the static session for these dims is to capture a CUDA graph: on CUDA with cuda_graphs, for
+        calls of at most graph_max_tokens tokens a row (the others share the CUDA arena instead, see _options)."""
+        small = self.graph_max_tokens is None or dims.get("seq", 1) <= self.graph_max_tokens
+        return self.cuda_graphs and self.device == "cuda" and small
 
     def replays_graph(self, dims: dict) -> bool:
         """Whether the static session for these dims replays a CUDA graph."""

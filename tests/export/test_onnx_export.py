@@ -70,6 +70,20 @@ def test_fused_target_with_gate_up_in_one_matmul_gives_the_same_logits(tiny, tmp
     assert np.abs(logits[0] - logits[1]).max() <= 1e-5 and np.abs(logits[0]).max() > 1e-2
 
 
+def test_only_decode_sized_buckets_capture_graphs_under_cuda_graph_max_tokens(engines_master):
+    """With graph_max_tokens, a bucket of more tokens a row (prefill) is opened without a CUDA graph, and so joins
+    the shared arena; without it every CUDA bucket captures one; on the CPU none does."""
+    b = OrtBackend(load_manifest(engines_master), "target", cuda_graphs=True, graph_max_tokens=16)
+    assert not b.wants_graph({"batch": 8, "seq": 8})  # CPU: no graphs whatever the setting
+    b.device = "cuda"  # the decision only: no CUDA session is made
+    assert b.wants_graph({"batch": 8, "seq": 8}) and b.wants_graph({"batch": 8, "seq": 16})
+    assert not b.wants_graph({"batch": 8, "seq": 32}) and not b.wants_graph({"batch": 1, "seq": 256})
+    b.graph_max_tokens = None
+    assert b.wants_graph({"batch": 1, "seq": 256})
+    b.cuda_graphs = False
+    assert not b.wants_graph({"batch": 8, "seq": 8})
+
+
 def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graphs(engines_master, monkeypatch):
     """CUDA sessions carry ONNX Runtime's GEMM auto-tune entry; with ORT_CUDA_GEMM_AUTO_TUNE set they leave the
     choice to it; CPU sessions never carry it."""

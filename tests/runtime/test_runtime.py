@@ -238,6 +238,10 @@ def test_static_shape_options_are_checked(engines_master):
         Recommender(engines_master, options=RuntimeOptions(static_shapes=True))
     with pytest.raises(PadrecError, match="cuda_graphs: needs device='cuda'"):
         Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, cuda_graphs=True))
+    with pytest.raises(PadrecError, match="cuda_graph_max_tokens: 16 without CUDA graphs"):
+        Recommender(engines_master, options=RuntimeOptions(device_cache=True, cuda_graph_max_tokens=16))
+    with pytest.raises(InputError, match="cuda_graph_max_tokens"):
+        RuntimeOptions(cuda_graph_max_tokens=0)
     rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True))  # CPU: static shapes stay off unless asked for
     assert not rec.settings.static_shapes and not rec.settings.cuda_graphs
 
