@@ -140,8 +140,7 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
                            "export fp16 engines or drop in_place")
     return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens, in_place,
-                    o.device_rounds_max_batch,
-                    o.max_request_tokens, o.trt_module, o.allow_host_code)
+                    o.device_rounds_max_batch, o.max_request_tokens, o.trt_module, o.allow_host_code)
 
 
 @dataclass(frozen=True)
