@@ -73,7 +73,7 @@ class RuntimeOptions:
     static_shapes: bool | None = None  # calls padded to fixed token buckets, one session each; CUDA default
     cuda_graphs: bool | None = None  # bucket sessions replay CUDA graphs; CUDA default
     # buckets of more tokens than this (prefill) run without a graph and share one CUDA arena: each graphed
-    # session keeps an arena of its own, which at 7B holds a prefill's activations (GBs); None: every bucket
+    # session keeps an arena of its own, which at 7B holds a prefill's activations (~1 GB); None: every bucket
     cuda_graph_max_tokens: int | None = None
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)
