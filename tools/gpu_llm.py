@@ -121,10 +121,14 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dic
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     row = {"size": size.__dict__, "weight_bytes": weight_bytes, "floor_ms": weight_bytes / bw * 1e3}
     engines = work / name
-    export_engines(target, draft, cat, engines, "fp32" if args.small else "fp16", LIMITS, progress=False,
-                   external_data=True)
-    row["export_s"] = time.perf_counter() - t0
-    log(name, f"exported in {row['export_s']:.0f} s")
+    if (engines / "manifest.json").exists():  # a later call on the same --work (a 7B export takes minutes)
+        row["export_reused"] = str(engines)
+        log(name, f"engines in {engines} reused")
+    else:
+        export_engines(target, draft, cat, engines, "fp32" if args.small else "fp16", LIMITS, progress=False,
+                       external_data=True)
+        row["export_s"] = time.perf_counter() - t0
+        log(name, f"exported in {row['export_s']:.0f} s")
     if not args.small:
         row["torch_compile"] = compiled_steps(target, dtype, args.modes.split(","))
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
@@ -152,7 +156,8 @@ def main():
     ap.add_argument("--repeats", type=int, default=200)
     ap.add_argument("--modes", default="reduce-overhead,max-autotune", help="torch.compile modes of the baseline")
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--work", default=None, help="where engines are written (default: a temporary directory)")
+    ap.add_argument("--work", default=None, help="where engines are written (default: a temporary directory); "
+                    "engines already there are reused, so a call cut short can be repeated")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny shape")
     ap.add_argument("--graph-max-tokens", type=int, default=None,
                     help="also decode with RuntimeOptions(cuda_graph_max_tokens=N) and report its memory beside")
