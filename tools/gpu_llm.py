@@ -129,6 +129,8 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dic
                        external_data=True)
         row["export_s"] = time.perf_counter() - t0
         log(name, f"exported in {row['export_s']:.0f} s")
+    if args.export_only:
+        return row
     if not args.small:
         row["torch_compile"] = compiled_steps(target, dtype, args.modes.split(","))
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
@@ -159,6 +161,9 @@ def main():
     ap.add_argument("--work", default=None, help="where engines are written (default: a temporary directory); "
                     "engines already there are reused, so a call cut short can be repeated")
     ap.add_argument("--small", action="store_true", help="CPU smoke run with a tiny shape")
+    ap.add_argument("--export-only", action="store_true",
+                    help="export into --work and stop: the export is CPU-bound and can run beside other work, and "
+                    "a later call on the same --work times the engines it finds there")
     ap.add_argument("--graph-max-tokens", type=int, default=None,
                     help="also decode with RuntimeOptions(cuda_graph_max_tokens=N) and report its memory beside")
     args = ap.parse_args()
@@ -175,6 +180,8 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp())
+    if args.export_only and not args.work:
+        ap.error("--export-only needs --work: the engines are for a later call")
     for name in shapes:
         report["shapes"][name] = measure(name, SIZES[name], cat, args, work, bw)
         (out / "llm_steps.json").write_text(json.dumps(report, indent=2) + "\n")
