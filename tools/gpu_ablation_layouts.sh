@@ -19,6 +19,7 @@ start_mps() {
   if nvidia-cuda-mps-control -d && timeout 90 python3 -c "import torch; assert torch.ones(8, device='cuda').sum() == 8"
   then
     echo "mps: on"
+    trap 'echo quit | nvidia-cuda-mps-control' EXIT  # later jobs on the card get it to themselves
   else
     echo quit | timeout 10 nvidia-cuda-mps-control 2>/dev/null || true
     unset CUDA_MPS_PIPE_DIRECTORY CUDA_MPS_LOG_DIRECTORY
