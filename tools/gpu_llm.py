@@ -1,20 +1,25 @@
 """LLM-sized targets on one GPU: Qwen2.5-0.5B / 1.5B / 7B-shaped targets (random weights, our 1,029-token
-vocabulary) exported fp16 with their weights external, then on the same card in one process:
+vocabulary) exported fp16 with their weights external, then on the same card, by --parts:
 
-- our target step (the in-place target as the runtime runs it: a static-shape session replaying a CUDA graph)
-  for a 1-token step and an 8-token verify at batch 1, beside torch.compile's static-KV-cache step on the same
-  weights (tools/torch_compiled.py) and the weight-bandwidth floor;
-- the runtime loaded as a user loads it (`Recommender(..., device="cuda")`), decoding at batch 1, 8, 32 and 64,
-  with GPU memory by component: weights (one copy, shared by every session), KV caches and the rest
-  (ONNX Runtime's workspace and arenas), against the ceiling weights + KV caches + 25%; with --graph-max-tokens N,
-  again with CUDA graphs for buckets of at most N tokens only (prefill sessions then share one arena).
+- steps: our target step (the in-place target as the runtime runs it: a static-shape session replaying a CUDA
+  graph) for a 1-token step and an 8-token verify at batch 1, beside torch.compile's static-KV-cache step on the
+  same weights (tools/torch_compiled.py) in the same process, and the weight-bandwidth floor;
+- decode: the runtime loaded as a user loads it (`Recommender(..., device="cuda")`), AR and chain at batch 1, 8,
+  32 and 64, with GPU memory by component: weights (one copy, shared by every session), KV caches and the rest
+  (ONNX Runtime's workspace and arenas), against the ceiling weights + KV caches + 25%;
+- decode-graph-max: the same with CUDA graphs for buckets of at most --graph-max-tokens tokens only (prefill
+  sessions then share one arena);
+- adaptive: a fresh recommender calibrated (`Recommender.calibrate`), `speculate="auto"` against AR per batch.
 
-    PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_llm.py --shapes qwen-0.5b,qwen-1.5b,qwen-7b --out "$OUT"
+    PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_llm.py --shapes qwen-0.5b,qwen-1.5b --out "$OUT"
+    ... --shapes qwen-7b --work /tmp/w7 --parts decode-graph-max,adaptive   # a later call: engines reused
     python tools/gpu_llm.py --small --out /tmp/o        # CPU smoke run of this script (tiny shape)
 
-Writes OUT/llm_steps.json after every shape (a call cut short keeps what it finished).
+Writes OUT/llm_steps.json after every shape (a call cut short keeps the shapes it finished; --work keeps the
+engines, so a 7B shape's parts can be spread over 10-minute calls).
 """
 import argparse
+import dataclasses
 import gc
 import json
 import sys
@@ -81,6 +86,11 @@ def compiled_steps(target, dtype, modes: list) -> dict:
     return torch_compiled.time_modes(target, dtype, "cuda", modes, LIMITS.max_seq_len, at=128)
 
 
+def histories(cat: Catalogue, n: int, seed: int = 0) -> list:
+    rng = np.random.default_rng(seed)
+    return [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(n)]
+
+
 def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
                   options: RuntimeOptions | None = None) -> dict:
     """The runtime as a user loads it (with `options`): ms per list (AR and chain) and GPU memory by component
@@ -90,9 +100,8 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
     rec = Recommender(engines, device=device, options=options)
     out = {"load_s": time.perf_counter() - t0, "options": {k: v for k, v in (options or RuntimeOptions()).__dict__
                                                              .items() if v is not None}, "batches": {}}
-    rng = np.random.default_rng(0)
     for b in batches:
-        hist = [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(b)]
+        hist = histories(cat, b, seed=b)
         row = {}
         for mode in ("off", "chain"):
             rec.recommend(hist, params=DecodeParams(speculate=mode))  # warm: sessions, CUDA graphs
@@ -113,15 +122,42 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
     return out
 
 
-def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dict:
-    device = "cpu" if args.small else "cuda"
-    dtype = torch.float32 if args.small else torch.float16
+def adaptive(engines: Path, cat: Catalogue, batches: list, device: str, repeats: int = 3) -> dict:
+    """`speculate="auto"` after `Recommender.calibrate` against AR per batch (a fresh recommender, histories the
+    calibration did not see): median ms per list over `repeats` alternating calls, and lists/s."""
+    rec = Recommender(engines, device=device)
+    t0 = time.perf_counter()
+    plan = rec.calibrate(histories(cat, 2 * max(batches), seed=1), batches)
+    out = {"calibrate_s": time.perf_counter() - t0, "plan": [dataclasses.asdict(c) for c in plan], "batches": {}}
+    for b in batches:
+        hist, times = histories(cat, b, seed=100 + b), {"off": [], "auto": []}
+        for _ in range(repeats + 1):  # the first round warms
+            for mode, ts in times.items():
+                t0 = time.perf_counter()
+                rec.recommend(hist, params=DecodeParams(speculate=mode))
+                ts.append(time.perf_counter() - t0)
+        row = {f"{mode}_ms_per_list": float(np.median(ts[1:])) * 1e3 / b for mode, ts in times.items()}
+        row.update({f"{mode}_lists_per_s": 1e3 / row[f"{mode}_ms_per_list"] for mode in times})
+        row["auto_vs_off"] = row["off_ms_per_list"] / row["auto_ms_per_list"]
+        out["batches"][b] = row
+        log(b, "adaptive", json.dumps(row))
+    rec.close()
+    return out
+
+
+PARTS = ("steps", "decode", "decode-graph-max", "adaptive")
+
+
+def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
+    """(target, row, engines): the random pair, its row (size, weight floor) and its engine directory, exported
+    unless an earlier call on the same --work left it complete (a 7B export takes minutes)."""
+    device, dtype = ("cpu", torch.float32) if args.small else ("cuda", torch.float16)
     t0 = time.perf_counter()
     target, draft = random_pair(size, cat.layout.vocab_size, cat.layout.n_slots, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     row = {"size": size.__dict__, "weight_bytes": weight_bytes, "floor_ms": weight_bytes / bw * 1e3}
     engines = work / name
-    if (engines / "manifest.json").exists():  # a later call on the same --work (a 7B export takes minutes)
+    if (engines / "manifest.json").exists():  # the manifest is written last: its directory is complete
         row["export_reused"] = str(engines)
         log(name, f"engines in {engines} reused")
     else:
@@ -129,25 +165,35 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dic
                        external_data=True)
         row["export_s"] = time.perf_counter() - t0
         log(name, f"exported in {row['export_s']:.0f} s")
+    return target, row, engines
+
+
+def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dict:
+    """The row of one shape: its export, then each of --parts (each a fresh process state: no runtime is shared
+    between parts, so a part's memory is its own)."""
+    target, row, engines = engines_for(name, size, cat, args, work, bw)
     if args.export_only:
         return row
-    if not args.small:
-        row["torch_compile"] = compiled_steps(target, dtype, args.modes.split(","))
+    parts, device = args.parts.split(","), "cpu" if args.small else "cuda"
+    if "steps" in parts and not args.small:
+        row["torch_compile"] = compiled_steps(target, next(target.parameters()).dtype, args.modes.split(","))
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
     cfg = target.cfg
-    del target, draft
+    del target
     gc.collect()
     if device == "cuda":
         torch.cuda.empty_cache()
+    if "steps" in parts and device == "cuda":
         row["padrec"] = our_steps(engines, cfg, row["floor_ms"], args.repeats)
         log(name, "padrec", json.dumps({k: v["ms"] for k, v in row["padrec"].items()}))
-        gc.collect()
     batches = [int(b) for b in args.batches.split(",")]
-    row["runtime"] = decode_memory(engines, cat, batches, device)
-    if args.graph_max_tokens and device == "cuda":  # the same decode with prefill sessions on the shared arena
-        gc.collect()
+    if "decode" in parts:
+        row["runtime"] = decode_memory(engines, cat, batches, device)
+    if "decode-graph-max" in parts and device == "cuda":  # prefill sessions without graphs, on the shared arena
         row["runtime_graph_max_tokens"] = decode_memory(
             engines, cat, batches, device, RuntimeOptions(cuda_graph_max_tokens=args.graph_max_tokens))
+    if "adaptive" in parts:
+        row["adaptive"] = adaptive(engines, cat, batches, device)
     return row
 
 
@@ -164,13 +210,19 @@ def main():
     ap.add_argument("--export-only", action="store_true",
                     help="export into --work and stop: the export is CPU-bound and can run beside other work, and "
                     "a later call on the same --work times the engines it finds there")
-    ap.add_argument("--graph-max-tokens", type=int, default=None,
-                    help="also decode with RuntimeOptions(cuda_graph_max_tokens=N) and report its memory beside")
+    ap.add_argument("--parts", default="steps,decode",
+                    help=f"comma-separated, of {', '.join(PARTS)}: steps (ours and torch.compile's, batch 1), "
+                    "decode (ms per list and GPU memory per batch), decode-graph-max (the same with "
+                    "RuntimeOptions(cuda_graph_max_tokens=--graph-max-tokens)), adaptive (speculate='auto' "
+                    "calibrated, against AR); split them over calls where one call is too short for all")
+    ap.add_argument("--graph-max-tokens", type=int, default=16, help="for the decode-graph-max part")
     args = ap.parse_args()
     shapes = ["tiny"] if args.small else args.shapes.split(",")
     unknown = [s for s in shapes if s not in SIZES]
     if unknown:
         ap.error(f"--shapes: unknown {unknown} | choose from {', '.join(SIZES)}")
+    if not set(args.parts.split(",")) <= set(PARTS):
+        ap.error(f"--parts: got {args.parts!r} | choose from {', '.join(PARTS)}")
     from padrec_runtime.integrity import parse_json
     cat = Catalogue.from_json(parse_json(Path(CATALOGUE).read_bytes(), CATALOGUE), TokenLayout())
     device = "cpu" if args.small else "cuda"
