@@ -91,6 +91,12 @@ def histories(cat: Catalogue, n: int, seed: int = 0) -> list:
     return [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(n)]
 
 
+def static_sessions(rec: Recommender) -> dict:
+    """{graph: [static sessions, of which replay a CUDA graph]} so far (ONNX Runtime backends)."""
+    return {name: [len(getattr(b, "_static", {})), len(getattr(b, "_graphed", ()))]
+            for name, b in rec.backends.items()}
+
+
 def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
                   options: RuntimeOptions | None = None) -> dict:
     """The runtime as a user loads it (with `options`): ms per list (AR and chain) and GPU memory by component
@@ -100,6 +106,8 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
     rec = Recommender(engines, device=device, options=options)
     out = {"load_s": time.perf_counter() - t0, "options": {k: v for k, v in (options or RuntimeOptions()).__dict__
                                                              .items() if v is not None}, "batches": {}}
+    if device == "cuda":  # weights, the CUDA context, the sessions opened at load: what no batch adds
+        out["after_load_gb"] = (device_used() - base) / 1e9
     for b in batches:
         hist = histories(cat, b, seed=b)
         row = {}
@@ -109,6 +117,9 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
             res = rec.recommend(hist, params=DecodeParams(speculate=mode))
             row[f"{mode}_ms_per_list"] = (time.perf_counter() - t0) * 1e3 / b
             row[f"{mode}_tau"] = res.tau
+            if device == "cuda":  # what each mode's sessions added: the rest, attributed
+                row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
+        row["static_sessions"] = static_sessions(rec)
         mem = rec.memory()
         used = device_used() - base if device == "cuda" else None
         row.update({"weights_gb": mem["weights"] / 1e9, "weights_unshared_gb": mem["weights_unshared"] / 1e9,
