@@ -1,0 +1,39 @@
+"""tools/gpu_llm.py on the CPU (its --small shape): an --export-only call leaves complete engines that a later
+call reuses, and each call measures the parts it is asked for and no others."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parents[2]
+
+
+def gpu_llm(*args) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / "gpu_llm.py"), "--small", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_a_later_call_reuses_the_export_and_measures_only_its_parts(tmp_path):
+    work, first, second = tmp_path / "w", tmp_path / "o1", tmp_path / "o2"
+    done = gpu_llm("--work", str(work), "--out", str(first), "--export-only")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert (work / "tiny" / "manifest.json").exists()
+    row = json.loads((first / "llm_steps.json").read_text())["shapes"]["tiny"]
+    assert "export_s" in row and "runtime" not in row and "adaptive" not in row
+
+    done = gpu_llm("--work", str(work), "--out", str(second), "--parts", "decode", "--batches", "1,2")
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads((second / "llm_steps.json").read_text())["shapes"]["tiny"]
+    assert row["export_reused"] == str(work / "tiny") and "export_s" not in row
+    assert "adaptive" not in row and "torch_compile" not in row
+    assert set(row["runtime"]["batches"]) == {"1", "2"}
+    for b in row["runtime"]["batches"].values():
+        assert b["off_tau"] == 1.0 and b["chain_tau"] > 1.0  # a random draft still has some tokens accepted
+        assert b["weights_gb"] <= b["weights_unshared_gb"]
+
+
+def test_unknown_parts_and_export_only_without_work_are_refused(tmp_path):
+    done = gpu_llm("--out", str(tmp_path), "--parts", "decode,timing")
+    assert done.returncode == 2 and "--parts: got 'decode,timing'" in done.stderr
+    done = gpu_llm("--out", str(tmp_path), "--export-only")
+    assert done.returncode == 2 and "--export-only needs --work" in done.stderr
