@@ -132,20 +132,19 @@ def time_lists(engines: Path, histories: list, passes: int) -> dict:
 
 def wallclock(cfg: GridConfig, work: Path, summary: dict, deadline: float, earlier: dict) -> dict:
     """time_lists for every layout x data set with exported seed-0 engines, the largest PAD-Rec chain gain first,
-    while time is left; a key whose engines were made by an earlier run keeps that run's timing (`earlier`)."""
-    gain = {k: v.get("gain_vs_eagle", {}).get("padrec", {}).get(f"chain_K4", {}).get("gain_pct_mean", -1e9)
+    while time is left; a key this run cannot time (engines made by an earlier run, or no time left) keeps the
+    earlier report's timing (`earlier`) where it has one."""
+    gain = {k: v.get("gain_vs_eagle", {}).get("padrec", {}).get("chain_K4", {}).get("gain_pct_mean", -1e9)
             for k, v in summary.items()}
     out = {}
     for key in sorted(gain, key=lambda k: -gain[k]):
         layout, dataset = key.split("/")
         engines = work / "engines" / Cell(layout, dataset, min(cfg.seeds)).name
-        if not (engines / "padrec").is_dir() or not (engines / "eagle").is_dir():
+        have = (engines / "padrec").is_dir() and (engines / "eagle").is_dir()
+        if not have or time.time() > deadline:
             kept = earlier.get(key, {})
-            out[key] = kept if "ms_per_list_median" in kept.get("ar", {}) else {
-                "skipped": "no seed-0 engines in --work (trained in another run)"}
-            continue
-        if time.time() > deadline:
-            out[key] = {"skipped": "no time left within --budget-s"}
+            why = "no time left within --budget-s" if have else "no seed-0 engines in --work (trained in another run)"
+            out[key] = kept if "ms_per_list_median" in kept.get("ar", {}) else {"skipped": why}
             continue
         test = make_split(load_dataset(dataset), users=cfg.train_users).test
         out[key] = time_lists(engines, [h for _, h, _ in test[:cfg.wallclock_users]], cfg.wallclock_passes)

@@ -135,3 +135,20 @@ def test_wall_clock_of_cells_trained_by_an_earlier_run_is_kept(tmp_path):
                     earlier={"per_level/ml-100k": timed, "shared/ml-100k": {"skipped": "no time left"}})
     assert out["per_level/ml-100k"] == timed
     assert "no seed-0 engines" in out["shared/ml-100k"]["skipped"]
+
+
+def test_wall_clock_cut_short_by_the_budget_keeps_the_earlier_timing(tmp_path):
+    """Past --budget-s, a key whose engines are here is not timed: it keeps the earlier report's timing where there
+    is one, and says that time ran out where there is none."""
+    pytest.importorskip("torch")
+    from ablation_cell import Cell, GridConfig
+    from ablation_layouts import wallclock
+    cfg = GridConfig.quick()
+    for layout in ("per_level", "shared"):
+        for draft in ("padrec", "eagle"):
+            (tmp_path / "engines" / Cell(layout, "ml-100k", min(cfg.seeds)).name / draft).mkdir(parents=True)
+    timed = {"ar": {"ms_per_list_median": 31.7}, "eagle": {"ms_per_list_median": 27.8}}
+    out = wallclock(cfg, tmp_path, {"per_level/ml-100k": {}, "shared/ml-100k": {}}, deadline=0.0,
+                    earlier={"per_level/ml-100k": timed})
+    assert out["per_level/ml-100k"] == timed
+    assert out["shared/ml-100k"] == {"skipped": "no time left within --budget-s"}
