@@ -15,8 +15,8 @@ vocabulary) exported fp16 with their weights external, then on the same card, by
     ... --shapes qwen-7b --work /tmp/w7 --parts decode-graph-max,adaptive   # a later call: engines reused
     python tools/gpu_llm.py --small --out /tmp/o        # CPU smoke run of this script (tiny shape)
 
-Writes OUT/llm_steps.json after every shape (a call cut short keeps the shapes it finished; --work keeps the
-engines, so a 7B shape's parts can be spread over 10-minute calls).
+Writes OUT/llm_steps.json after every part of every shape (a call cut short keeps the parts it finished; --work
+keeps the engines, so a 7B shape's parts can be spread over 10-minute calls, each writing its own report).
 """
 import argparse
 import dataclasses
@@ -43,7 +43,7 @@ from padrec_runtime.grammar import Catalogue, TokenLayout  # noqa: E402
 
 CATALOGUE = "padrec_export/default_models/ml-100k/catalogue.json"
 LIMITS = ExportLimits(max_seq_len=256, max_history=20, max_batch=64, draft_steps=7)
-HEADROOM = 1.25  # the issue's ceiling: weights + KV caches + 25%
+HEADROOM = 1.25  # the memory ceiling we hold to: weights + KV caches + 25%
 
 
 def random_pair(size, vocab: int, n_slots: int, device: str, dtype):
@@ -103,9 +103,12 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
     per batch."""
     base = device_used() if device == "cuda" else 0
     t0 = time.perf_counter()
+    options = options or RuntimeOptions()
     rec = Recommender(engines, device=device, options=options)
-    out = {"load_s": time.perf_counter() - t0, "options": {k: v for k, v in (options or RuntimeOptions()).__dict__
-                                                             .items() if v is not None}, "batches": {}}
+    asked = {f.name: getattr(options, f.name) for f in dataclasses.fields(options)
+             if getattr(options, f.name) != f.default}  # what the caller set; `settings`: every choice resolved
+    out = {"load_s": time.perf_counter() - t0, "options": asked, "settings": dataclasses.asdict(rec.settings),
+           "batches": {}}
     if device == "cuda":  # weights, the CUDA context, the sessions opened at load: what no batch adds
         out["after_load_gb"] = (device_used() - base) / 1e9
     for b in batches:
@@ -179,16 +182,20 @@ def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
     return target, row, engines
 
 
-def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dict:
-    """The row of one shape: its export, then each of --parts (each a fresh process state: no runtime is shared
-    between parts, so a part's memory is its own)."""
+def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float, save) -> dict:
+    """The row of one shape: its export, then each of --parts, `save(row)` after each (a call cut short by the
+    device's limit keeps the parts it finished). Each part opens its own recommender, but parts of one call share
+    the process: the shared CUDA arena (share_cuda_arena) and torch's allocations outlive a part and count in the
+    next part's baseline, so compare the memory of decode and decode-graph-max from separate calls."""
     target, row, engines = engines_for(name, size, cat, args, work, bw)
+    save(row)
     if args.export_only:
         return row
     parts, device = args.parts.split(","), "cpu" if args.small else "cuda"
     if "steps" in parts and not args.small:
         row["torch_compile"] = compiled_steps(target, next(target.parameters()).dtype, args.modes.split(","))
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
+        save(row)
     cfg = target.cfg
     del target
     gc.collect()
@@ -197,14 +204,18 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float) -> dic
     if "steps" in parts and device == "cuda":
         row["padrec"] = our_steps(engines, cfg, row["floor_ms"], args.repeats)
         log(name, "padrec", json.dumps({k: v["ms"] for k, v in row["padrec"].items()}))
+        save(row)
     batches = [int(b) for b in args.batches.split(",")]
     if "decode" in parts:
         row["runtime"] = decode_memory(engines, cat, batches, device)
+        save(row)
     if "decode-graph-max" in parts and device == "cuda":  # prefill sessions without graphs, on the shared arena
         row["runtime_graph_max_tokens"] = decode_memory(
             engines, cat, batches, device, RuntimeOptions(cuda_graph_max_tokens=args.graph_max_tokens))
+        save(row)
     if "adaptive" in parts:
         row["adaptive"] = adaptive(engines, cat, batches, device)
+        save(row)
     return row
 
 
@@ -234,6 +245,10 @@ def main():
         ap.error(f"--shapes: unknown {unknown} | choose from {', '.join(SIZES)}")
     if not set(args.parts.split(",")) <= set(PARTS):
         ap.error(f"--parts: got {args.parts!r} | choose from {', '.join(PARTS)}")
+    if args.graph_max_tokens < 1:
+        ap.error(f"--graph-max-tokens: got {args.graph_max_tokens} | expected at least 1")
+    if args.export_only and not args.work:
+        ap.error("--export-only needs --work: the engines are for a later call")
     from padrec_runtime.integrity import parse_json
     cat = Catalogue.from_json(parse_json(Path(CATALOGUE).read_bytes(), CATALOGUE), TokenLayout())
     device = "cpu" if args.small else "cuda"
@@ -243,11 +258,13 @@ def main():
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(args.work or tempfile.mkdtemp())
-    if args.export_only and not args.work:
-        ap.error("--export-only needs --work: the engines are for a later call")
-    for name in shapes:
-        report["shapes"][name] = measure(name, SIZES[name], cat, args, work, bw)
+
+    def save(name: str, row: dict) -> None:
+        report["shapes"][name] = row
         (out / "llm_steps.json").write_text(json.dumps(report, indent=2) + "\n")
+
+    for name in shapes:
+        measure(name, SIZES[name], cat, args, work, bw, lambda row, name=name: save(name, row))
 
 
 if __name__ == "__main__":

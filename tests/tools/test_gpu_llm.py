@@ -37,3 +37,6 @@ def test_unknown_parts_and_export_only_without_work_are_refused(tmp_path):
     assert done.returncode == 2 and "--parts: got 'decode,timing'" in done.stderr
     done = gpu_llm("--out", str(tmp_path), "--export-only")
     assert done.returncode == 2 and "--export-only needs --work" in done.stderr
+    done = gpu_llm("--out", str(tmp_path), "--graph-max-tokens", "0")
+    assert done.returncode == 2 and "--graph-max-tokens: got 0" in done.stderr
+    assert not (tmp_path / "llm_steps.json").exists()  # refused before any work
