@@ -8,10 +8,11 @@ and two plots.
     python tools/ablation_layouts.py run --out DIR --quick --device cpu          # the CPU smoke test
     python tools/ablation_layouts.py plot DIR/ablation_layouts.json --out DIR
 
-Resumable: a cell whose record exists (under --work, or in --resume's JSON) is not run again. Cells start until
---stop-after-s; the JSON is rewritten after every cell, so an interrupted run still leaves a valid one.
-Chain tau for every K comes from one probe decode per draft (ablation_stats.py says why that is exact), checked
-against a real chain decode at --check-k; tree tau from a real tree decode.
+Resumable: a cell whose record exists (under --work, or in --resume's JSON) is not run again. Cells start while
+--budget-s (less a reserve for the wall-clock stage) lasts; the JSON is rewritten after every cell, so an interrupted
+run still leaves a valid one. Chain tau for every K comes from one probe decode per draft (ablation_stats.py says
+why that is exact), checked against a real chain decode at the config's check_k (4); tree tau from a real tree
+decode.
 """
 from __future__ import annotations
 
