@@ -128,8 +128,8 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
     if graphs and not (static and cuda):
         raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
     if o.cuda_graph_max_tokens is not None and not graphs:
-        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it, or use "
-                           "device='cuda' with static shapes")
+        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it, or keep "
+                           "cuda_graphs on (device='cuda' with static shapes, cuda_graphs not False)")
     # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
     cuda_fp32 = cuda and precision == "fp32"
     in_place = (device_cache and has_in_place and not cuda_fp32) if o.in_place is None else o.in_place
