@@ -28,14 +28,18 @@ from padrec_runtime.api.cli import parse_ids
               help="cut a request decoding longer than this (DeadlineError)")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="time AR against speculation per batch size at start, for speculate=auto")
+@click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
+              help="--device cuda: CUDA graphs only for buckets of at most N tokens a row; prefill buckets share one "
+                   "arena instead (less GPU memory at LLM sizes)")
 def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances,
-          devices, deadline_s, calibrate):
+          devices, deadline_s, calibrate, cuda_graph_max_tokens):
     """Serve recommendation lists over KServe v2 (HTTP and gRPC) with Triton Inference Server."""
     from .server import ServeConfig, serve as run
     gpus = None if devices is None else tuple(parse_ids(devices, "devices"))
     sys.exit(run(ServeConfig(engine_dir, device, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                              max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
-                             devices=gpus, deadline_s=deadline_s, calibrate=calibrate)))
+                             devices=gpus, deadline_s=deadline_s, calibrate=calibrate,
+                             cuda_graph_max_tokens=cuda_graph_max_tokens)))
 
 
 @click.command()

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from padrec_runtime import DecodeParams, Recommender
+from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
 from padrec_runtime.api.options import request_cost
 from padrec_runtime.errors import InputError
 from padrec_runtime.grammar import ListConstraint
@@ -42,11 +42,12 @@ def pin_gpu(gpu: int) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = visible_gpu(os.environ.get("CUDA_VISIBLE_DEVICES"), gpu)
 
 
-def open_recommender(engine_dir, device: str, gpu: int | None = None) -> Recommender:
+def open_recommender(engine_dir, device: str, gpu: int | None = None,
+                     options: RuntimeOptions | None = None) -> Recommender:
     """The instance's Recommender; on CUDA with `gpu` given, on that GPU."""
     if device == "cuda" and gpu is not None:
         pin_gpu(gpu)
-    return Recommender(engine_dir, device=device)
+    return Recommender(engine_dir, device=device, options=options)
 
 
 def calibration_batches(max_batch: int, device: str = "cpu") -> tuple:

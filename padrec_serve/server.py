@@ -39,9 +39,13 @@ class ServeConfig:
     devices: tuple | None = None  # GPU ids for the instances (cuda only); None: every GPU Triton sees
     deadline_s: float | None = None  # a request decoding longer is cut with DeadlineError
     calibrate: bool = True  # time AR vs speculation per batch size at start (for speculate=auto)
+    cuda_graph_max_tokens: int | None = None  # RuntimeOptions.cuda_graph_max_tokens of every instance (cuda only)
     exit_timeout_s: int = 5  # in-flight requests get this long on shutdown
 
     def __post_init__(self):
+        if self.cuda_graph_max_tokens is not None and self.device != "cuda":
+            raise InputError(f"--cuda-graph-max-tokens: got {self.cuda_graph_max_tokens} with --device {self.device} "
+                             "| CUDA graphs need --device cuda | add --device cuda, or drop --cuda-graph-max-tokens")
         if self.devices is None:
             return
         if self.device != "cuda":
@@ -85,7 +89,8 @@ def model_config(config: ServeConfig) -> str:
     """config.pbtxt of the padrec model."""
     params = {"engine_dir": str(Path(config.engine_dir).resolve()), "device": config.device,
               "deadline_s": "" if config.deadline_s is None else str(config.deadline_s),
-              "calibrate": "1" if config.calibrate else "0"}
+              "calibrate": "1" if config.calibrate else "0",
+              "cuda_graph_max_tokens": "" if config.cuda_graph_max_tokens is None else str(config.cuda_graph_max_tokens)}
     return "\n".join([
         f'name: "{MODEL_NAME}"', 'backend: "python"', f"max_batch_size: {config.max_batch}",
         f"dynamic_batching {{ max_queue_delay_microseconds: {config.max_queue_delay_us} }}",

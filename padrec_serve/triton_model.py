@@ -7,6 +7,8 @@ import logging
 import numpy as np
 import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend
 
+from padrec_runtime import RuntimeOptions
+
 from . import runtime
 from .model import ServeModel
 from .schema import INPUTS
@@ -57,7 +59,9 @@ class TritonPythonModel:
         device = _parameter(config, "device", "cpu")
         deadline = _parameter(config, "deadline_s")
         gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
-        self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device, gpu)
+        graph_max = _parameter(config, "cuda_graph_max_tokens")
+        options = RuntimeOptions(cuda_graph_max_tokens=int(graph_max) if graph_max else None)
+        self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device, gpu, options)
         max_batch = min(int(config["max_batch_size"]), self.rec.limits["max_batch"])
         batches = runtime.calibration_batches(max_batch, device)
         calibrated = _parameter(config, "calibrate", "1") == "1" and "draft" in self.rec.backends

@@ -91,6 +91,19 @@ def histories(cat: Catalogue, n: int, seed: int = 0) -> list:
     return [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(n)]
 
 
+TIMED_CALLS = 3  # a list's time is the median of this many calls
+
+
+def timed(call, n: int) -> tuple:
+    """(the last result, median ms) of `n` calls."""
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        res = call()
+        times.append(time.perf_counter() - t0)
+    return res, float(np.median(times)) * 1e3
+
+
 def static_sessions(rec: Recommender) -> dict:
     """{graph: [static sessions, of which replay a CUDA graph]} so far (ONNX Runtime backends)."""
     return {name: [len(getattr(b, "_static", {})), len(getattr(b, "_graphed", ()))]
@@ -116,10 +129,8 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
         row = {}
         for mode in ("off", "chain"):
             rec.recommend(hist, params=DecodeParams(speculate=mode))  # warm: sessions, CUDA graphs
-            t0 = time.perf_counter()
-            res = rec.recommend(hist, params=DecodeParams(speculate=mode))
-            row[f"{mode}_ms_per_list"] = (time.perf_counter() - t0) * 1e3 / b
-            row[f"{mode}_tau"] = res.tau
+            res, ms = timed(lambda: rec.recommend(hist, params=DecodeParams(speculate=mode)), TIMED_CALLS)
+            row[f"{mode}_ms_per_list"], row[f"{mode}_tau"] = ms / b, res.tau
             if device == "cuda":  # what each mode's sessions added: the rest, attributed
                 row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
         row["static_sessions"] = static_sessions(rec)

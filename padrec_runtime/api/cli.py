@@ -43,7 +43,7 @@ class EngineArgs(OptionGroup):
     """Where and how engines run: --engines, --backend, --device and the RuntimeOptions."""
 
     names = ("engine_dir", "backend", "device", "threads", "trt_module", "allow_host_code", "device_cache",
-             "static_shapes", "in_place")
+             "static_shapes", "in_place", "cuda_graph_max_tokens")
     options = (
         click.option("--engines", "engine_dir", required=True, type=click.Path(),
                      help="engine directory written by `padrec export`"),
@@ -61,6 +61,9 @@ class EngineArgs(OptionGroup):
         click.option("--in-place/--standard-graphs", default=None, show_default="in place for fp16/bf16 on CUDA",
                      help="run causal calls on the in-place graphs (target_gqa, draft_chain_gqa) or the standard "
                           "graphs only"),
+        click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
+                     help="CUDA: graphs only for static buckets of at most N tokens a row (decode steps, verifies); "
+                          "prefill buckets share one arena instead (less GPU memory at LLM sizes)"),
     )
 
     def parse(self, kwargs: dict) -> dict:
@@ -71,7 +74,8 @@ class EngineArgs(OptionGroup):
             device_cache = True  # both need the device cache: asking for them asks for it
         options = RuntimeOptions(threads=v["threads"], device_cache=device_cache, static_shapes=v["static_shapes"],
                                  in_place=v["in_place"], trt_module=v["trt_module"],
-                                 allow_host_code=v["allow_host_code"])
+                                 allow_host_code=v["allow_host_code"],
+                                 cuda_graph_max_tokens=v["cuda_graph_max_tokens"])
         return {"engine_dir": v["engine_dir"], "device": v["device"], "backend": v["backend"], "options": options}
 
 

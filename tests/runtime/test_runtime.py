@@ -150,7 +150,8 @@ def test_cli_recommend_and_errors(engines_master, engines):
         assert json.loads(rounds.stdout)["lists"] == data["lists"]
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
                       (["--history", "1,x"], "comma-separated"),
-                      (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches")]:
+                      (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches"),
+                      (["--history", "1000", "--cuda-graph-max-tokens", "16"], "cuda_graph_max_tokens: 16 without")]:
         bad = _cli("recommend", "--engines", str(engines_master), *args)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     (engines / "target.onnx").write_bytes(b"garbage")

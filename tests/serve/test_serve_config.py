@@ -35,6 +35,14 @@ def test_gpu_instances_on_every_gpu_or_on_the_listed_ones(engines_master):
     assert parsed(ServeConfig(str(engines_master), "cuda", devices=(1,))).parameters["device"].string_value == "cuda"
 
 
+def test_the_cuda_graph_limit_reaches_every_instance_and_needs_cuda(engines_master):
+    params = parsed(ServeConfig(str(engines_master), "cuda", cuda_graph_max_tokens=16)).parameters
+    assert params["cuda_graph_max_tokens"].string_value == "16"
+    assert parsed(ServeConfig(str(engines_master), "cuda")).parameters["cuda_graph_max_tokens"].string_value == ""
+    with pytest.raises(InputError, match="--cuda-graph-max-tokens: got 16 with --device cpu"):
+        ServeConfig(str(engines_master), cuda_graph_max_tokens=16)
+
+
 @pytest.mark.parametrize("device, devices, words", [
     ("cpu", (0,), "need --device cuda"),
     ("cuda", (), "distinct GPU ids"),
