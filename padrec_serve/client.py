@@ -80,7 +80,7 @@ class Client:
 
     def __init__(self, url: str = "localhost:8000", protocol: str = "http", timeout_s: float = 60.0):
         self.tc = _module(protocol)
-        self.protocol = protocol
+        self.protocol, self.url = protocol, url
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}
         self.conn = self.tc.InferenceServerClient(url, **kw)
 
@@ -101,8 +101,16 @@ class Client:
         try:
             result = self.conn.infer(MODEL_NAME, request_inputs(self.tc, history, n_items, **params))
         except self.tc.InferenceServerException as exc:
+            if "failed to connect" in str(exc.message()).lower():  # gRPC: nothing listening
+                self._unreachable("connection refused")
             raise_served(exc.message())
+        except OSError as exc:  # HTTP: nothing listening (the client's own socket errors)
+            self._unreachable(exc.__class__.__name__)
         return read_lists(result)[0]
+
+    def _unreachable(self, why: str):
+        raise BackendError(f"server: cannot connect to {self.url} ({why}) | start `padrec serve`, check --url, or "
+                           "give --wait-s to wait for a server that is starting") from None
 
     def recommend(self, histories, n_items=None, **params) -> list:
         return [self.recommend_one(h, n_items, **params) for h in histories]

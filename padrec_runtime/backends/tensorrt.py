@@ -40,6 +40,13 @@ def _cuda():
     return cudart
 
 
+def _require_gpu(cudart) -> None:
+    err, count = cudart.cudaGetDeviceCount()
+    if int(err) != 0 or count == 0:
+        raise BackendError(f"tensorrt: no usable CUDA GPU here ({err}; {count} devices) | TensorRT plans run on an "
+                           "NVIDIA GPU with its driver: run on such a machine, or use --backend onnxruntime")
+
+
 def _check(err, what: str):
     if isinstance(err, tuple):
         err, *rest = err
@@ -69,6 +76,8 @@ class TrtBackend:
             raise ManifestError(f"tensorrt.plans.{graph}: missing | {graph} has no TensorRT plan (onnxruntime only) "
                                 "| run it with the onnxruntime backend, or rebuild with `padrec build`")
         plan = manifest.read(build["plans"][graph])  # the bytes that were hashed are the bytes deserialized
+        self._cudart = _cuda()
+        _require_gpu(self._cudart)  # else TensorRT's own deserialization fails, blaming the plan
         self._logger = trt.Logger(trt.Logger.ERROR)
         self.runtime = trt.Runtime(self._logger)
         if build["embeds_host_code"]:
@@ -82,7 +91,6 @@ class TrtBackend:
         self.context = self.engine.create_execution_context()
         if self.context is None:
             raise BackendError(f"{graph}.plan: no execution context (out of GPU memory?)")
-        self._cudart = _cuda()
         self.stream = _check(self._cudart.cudaStreamCreate(), "stream create")
         self._buffers: dict = {}  # name -> (device pointer, bytes)
         self._in, self._out = graph_names(self.spec)

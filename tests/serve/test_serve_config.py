@@ -90,3 +90,15 @@ def test_the_stubs_numpy_is_the_interpreters_own_not_pythonpaths(tmp_path, monke
     (fake / "__init__.py").write_text("__version__ = '0.0.1'\n")
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     assert stub_numpy() == np.__version__
+
+
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_a_client_with_no_server_gets_one_named_error(protocol):
+    import socket
+    from padrec_serve.client import Client
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with Client(f"127.0.0.1:{port}", protocol, timeout_s=5) as c:
+        with pytest.raises(BackendError, match=f"server: cannot connect to 127.0.0.1:{port} .* start `padrec serve`"):
+            c.recommend([[1, 2]])
