@@ -176,7 +176,10 @@ class Catalogue:
         """Catalogue indices of item ids; unknown ids raise InputError naming them."""
         unknown = [int(i) for i in item_ids if int(i) not in self._index]
         if unknown:
-            raise InputError(f"history: unknown item ids {unknown[:10]} | use ids from the engine's catalogue")
+            lo, hi, n = int(self.item_ids.min()), int(self.item_ids.max()), len(self.item_ids)
+            span = f"ids {lo}..{hi}" if hi - lo + 1 == n else f"ids between {lo} and {hi}, not all of them"
+            raise InputError(f"history: unknown item ids {unknown[:10]} | expected ids of the engine's catalogue "
+                             f"({n} items, {span}) | use ids from its catalogue.json")
         return np.array([self._index[int(i)] for i in item_ids], dtype=np.int64)
 
     def _items_with(self, item_ids, sep: int, end: int) -> list:
