@@ -54,7 +54,8 @@ class IntList(click.ParamType):
 EXISTING_DIR = click.Path(exists=True, file_okay=False)
 
 
-@click.group(cls=PadrecGroup, context_settings={"show_default": True})
+@click.group(cls=PadrecGroup, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="padrec", prog_name="padrec")
 def main():
     """padrec: PAD-Rec speculative decoding for generative recommendation — export, build, run."""
 

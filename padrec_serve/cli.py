@@ -11,9 +11,10 @@ from padrec_runtime.api.cli import parse_ids
 
 @click.command()
 @click.option("--engines", "engine_dir", required=True, type=click.Path(exists=True), help="engine directory")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu")
-@click.option("--http-port", type=int, default=8000, show_default=True)
-@click.option("--grpc-port", type=int, default=8001, show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True,
+              help="where every instance runs its engines")
+@click.option("--http-port", type=int, default=8000, show_default=True, help="KServe v2 over HTTP")
+@click.option("--grpc-port", type=int, default=8001, show_default=True, help="KServe v2 over gRPC")
 @click.option("--metrics-port", type=int, default=8002, show_default=True,
               help="Prometheus metrics (Triton's and padrec's)")
 @click.option("--max-batch", type=click.IntRange(1, 1024), default=32, show_default=True,
@@ -44,16 +45,20 @@ def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max
 
 @click.command()
 @click.option("--url", default="localhost:8000", show_default=True, help="host:port of the server")
-@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True)
+@click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
+              help="KServe v2 over HTTP (--url port 8000) or gRPC (port 8001)")
 @click.option("--history", "histories", required=True, multiple=True,
               help="comma-separated item ids, oldest first; repeat for more requests")
-@click.option("--n-items", type=int, default=None)
-@click.option("--speculate", type=click.Choice(["auto", "off", "chain", "tree"]), default=None)
-@click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy")
-@click.option("--temperature", type=float, default=None)
-@click.option("--top-k", type=int, default=None)
-@click.option("--top-p", type=float, default=None)
-@click.option("--seed", type=int, default=None)
+@click.option("--n-items", type=int, default=None, show_default="the engines' list length",
+              help="items per list")
+@click.option("--speculate", type=click.Choice(["auto", "off", "chain", "tree"]), default=None,
+              show_default="auto (chain where the server runs --no-calibrate)", help="how the server decodes")
+@click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy", show_default=True,
+              help="greedy lists, or sampled with the options below")
+@click.option("--temperature", type=float, default=None, show_default="1.0", help="sampling temperature")
+@click.option("--top-k", type=int, default=None, show_default="0: all", help="sample among the k best")
+@click.option("--top-p", type=float, default=None, show_default="1.0", help="nucleus sampling mass")
+@click.option("--seed", type=int, default=None, show_default="0", help="sampling seed")
 @click.option("--wait-s", type=float, default=0, help="wait this long for the server to be ready")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def client(url, protocol, histories, n_items, speculate, mode, temperature, top_k, top_p, seed, wait_s, as_json):

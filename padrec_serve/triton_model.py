@@ -65,7 +65,9 @@ class TritonPythonModel:
         max_batch = min(int(config["max_batch_size"]), self.rec.limits["max_batch"])
         batches = runtime.calibration_batches(max_batch, device)
         calibrated = _parameter(config, "calibrate", "1") == "1" and "draft" in self.rec.backends
-        if calibrated:
+        if calibrated:  # a minute or two on a GPU: say so, or the server looks stuck
+            pb_utils.Logger.log_info(f"padrec {args['model_instance_name']}: calibrating auto speculation at batch "
+                                     f"sizes {list(batches)}")
             plan = runtime.calibrate(self.rec, batches)
             pb_utils.Logger.log_info(f"padrec {args['model_instance_name']} auto speculation: " + ", ".join(
                 f"batch<={c.batch}: {c.speculate}" + (f" K={c.draft_steps}" if c.draft_steps else "") for c in plan))

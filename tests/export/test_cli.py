@@ -15,7 +15,8 @@ from padrec_export.tiny import TinySpec, tiny_setup
 from padrec_runtime.errors import CheckpointError, InputError, ManifestError
 from padrec_runtime.manifest import load_manifest
 
-EXPORT_SIDE = ("export", "build", "demo", "train", "train-draft", "evaluate", "parity", "bench")
+EXPORT_SIDE = ("export", "build", "demo", "train", "train-draft", "evaluate", "parity", "bench", "recommend", "serve",
+               "client")
 
 
 def _invoke(*args):
@@ -44,6 +45,12 @@ def test_help_shows_every_flag_with_help_and_its_default(command):
             assert "default: " in text, f"{command} {names}: default not shown in {text!r}"
     out = _invoke(command, "--help").output
     assert out.startswith("Usage: ") and "[default: " in out
+
+
+def test_short_help_and_version_on_the_group():
+    assert _invoke("-h").output.startswith("Usage: ")  # CliRunner names the program "main"
+    out = _invoke("--version")
+    assert out.exit_code == 0 and out.output.startswith("padrec, version ")
 
 
 def test_build_defaults_to_the_builder_pip_installs():
