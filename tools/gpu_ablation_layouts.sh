@@ -16,6 +16,7 @@ start_mps() {
   fi
   export CUDA_MPS_PIPE_DIRECTORY=/tmp/mps-pipe CUDA_MPS_LOG_DIRECTORY=/tmp/mps-log
   mkdir -p "$CUDA_MPS_PIPE_DIRECTORY" "$CUDA_MPS_LOG_DIRECTORY"
+  echo quit | timeout 10 nvidia-cuda-mps-control 2>/dev/null || true  # a daemon left by a call cut short
   if nvidia-cuda-mps-control -d && timeout 90 python3 -c "import torch; assert torch.ones(8, device='cuda').sum() == 8"
   then
     echo "mps: on"
@@ -27,9 +28,13 @@ start_mps() {
   fi
 }
 
+mkdir -p "$OUT"
+: > "$OUT/ablation_layouts.log"
 if [ "${1:-}" = "--mps" ]; then
   shift
-  start_mps
+  start_mps > "$OUT/mps.txt"  # not in a pipe: its exports and trap must stay in this shell
+  cat "$OUT/mps.txt" | tee -a "$OUT/ablation_layouts.log"
+  rm "$OUT/mps.txt"
 fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 tools/ablation_layouts.py run --out "$OUT" --device cuda "$@" 2>&1 | tee "$OUT/ablation_layouts.log" | tail -80
+nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee -a "$OUT/ablation_layouts.log"
+python3 tools/ablation_layouts.py run --out "$OUT" --device cuda "$@" 2>&1 | tee -a "$OUT/ablation_layouts.log" | tail -80
