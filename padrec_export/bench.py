@@ -1,6 +1,7 @@
 """`padrec bench`: AR vs chain vs tree speculation on one backend (plus PyTorch eager), same inputs, JSON + plot."""
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata as md
 import os
 import platform
@@ -58,13 +59,15 @@ def _measure(run, repeats: int) -> dict:
 
 
 def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", batches=(1, 8, 32), repeats: int = 5,
-              target_dir=None, draft_dir=None, dataset: str | None = "ml-100k", progress: bool = True) -> dict:
-    """Every mode at every batch size on the same histories; PyTorch eager too when checkpoints are given."""
+              target_dir=None, draft_dir=None, dataset: str | None = "ml-100k", progress: bool = True,
+              options=None) -> dict:
+    """Every mode at every batch size on the same histories (the runtime with RuntimeOptions `options`); PyTorch
+    eager too when checkpoints are given."""
     if repeats < 1 or not batches or min(batches) < 1:
         from padrec_runtime.errors import InputError
         raise InputError(f"bench: got repeats {repeats}, batches {list(batches)} | expected repeats >= 1 and "
                          "batch sizes >= 1 | e.g. --repeats 5 --batch 1,8,32")
-    rec = Recommender(engine_dir, backend=backend, device=device)
+    rec = Recommender(engine_dir, backend=backend, device=device, options=options)
     hist_all = bench_histories(rec, max(batches), dataset)
     torch_models = None
     if target_dir:
@@ -100,8 +103,7 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         r["speedup_vs_ar"] = base["ms_per_call_median"] / r["ms_per_call_median"]
     return {"engines": str(engine_dir), "precision": rec.manifest.precision,
             "quantization": rec.manifest.quantization("target"), "device": device, "repeats": repeats,
-            "runtime": {"device_cache": rec.settings.device_cache, "static_shapes": rec.settings.static_shapes,
-                        "cuda_graphs": rec.settings.cuda_graphs},
+            "runtime": dataclasses.asdict(rec.settings),
             "hardware": hardware(), "n_items": rec.limits["n_items"], "draft_steps": rec.limits["draft_steps"],
             "tree": {"topk": rec.limits["tree_topk"], "size": rec.limits["tree_size"]},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "rows": rows}

@@ -6,7 +6,7 @@ import importlib.util
 
 import click
 
-from padrec_runtime.api.cli import PadrecGroup, recommend
+from padrec_runtime.api.cli import ENGINE, PadrecGroup, recommend
 from padrec_runtime.errors import BackendError
 from padrec_runtime.grammar import LAYOUT_KINDS, TokenLayout
 from padrec_serve.cli import client, serve
@@ -285,10 +285,7 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
 
 
 @main.command()
-@click.option("--engines", "engine_dir", required=True, type=click.Path(), help="engine directory to time")
-@click.option("--backend", type=click.Choice(["onnxruntime", "tensorrt"]), default="onnxruntime",
-              help="runtime backend")
-@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="runtime device")
+@ENGINE.add
 @click.option("--batch", "batches", type=IntList("batch sizes"), default="1,8,32", help="comma-separated batch sizes")
 @click.option("--repeats", type=click.IntRange(1), default=5, help="timed runs per point (after one warm-up)")
 @click.option("--target", "target_dir", type=EXISTING_DIR, default=None, help="also time PyTorch eager on this target")
@@ -297,7 +294,7 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
 @click.option("--json", "json_path", type=click.Path(), default=None, help="write the report here")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="PNG of latency, speed-up and tau (needs matplotlib: pip install 'padrec[plot]')")
-def bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path):
+def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path, **kwargs):
     """AR vs chain vs tree speculation on one backend (and PyTorch eager): latency, throughput, tau."""
     import json as _json
     from pathlib import Path
@@ -307,7 +304,9 @@ def bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, 
         require_plot()  # before the run, not after it
     if target_dir:
         require_export_extra("bench --target")
-    report = run_bench(engine_dir, backend, device, batches, repeats, target_dir, draft_dir, dataset)
+    engine = ENGINE.parse(kwargs)
+    report = run_bench(engine["engine_dir"], engine["backend"], engine["device"], batches, repeats, target_dir, draft_dir,
+                       dataset, options=engine["options"])
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")

@@ -9,6 +9,7 @@ from onnx import numpy_helper
 
 from padrec_export.bench import bench_plot, bench_table, run_bench
 from padrec_export.checkpoint import save_draft, save_target
+from padrec_runtime import RuntimeOptions
 from padrec_runtime.manifest import load_manifest, write_manifest
 from tests.conftest import polygraphy_cli
 
@@ -63,7 +64,8 @@ def test_polygraphy_runs_with_the_shipped_data_loader(engines_master):
 def test_bench_reports_every_mode_and_plots(tiny, engines_master, tmp_path):
     t, d = _checkpoints(tiny, tmp_path)
     report = run_bench(engines_master, batches=(1, 2), repeats=1, target_dir=t, draft_dir=d, dataset=None,
-                       progress=False)
+                       progress=False, options=RuntimeOptions(threads=2))
+    assert report["runtime"]["threads"] == 2  # the options reach the runtime, and the report says so
     rows = report["rows"]
     assert {(r["backend"], r["mode"], r["batch"]) for r in rows} == {
         (e, m, b) for e in ("onnxruntime", "pytorch-eager") for m in ("off", "chain", "tree") for b in (1, 2)}
