@@ -428,6 +428,9 @@ def _move_into(src: Path, out: Path) -> None:
     """A finished export's files into out: renamed whole when out is new, else file by file over the old ones
     (files of the user's own in out stay)."""
     if not out.exists():
+        umask = os.umask(0)
+        os.umask(umask)
+        src.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engines from a server running as another user
         src.rename(out)
         src.mkdir()  # TemporaryDirectory removes it on exit
         return

@@ -505,3 +505,11 @@ def test_export_refuses_a_draft_without_the_layouts_slots(layout_models, tmp_pat
     with pytest.raises(InputError, match="draft n_slots | got 5 | expected at least 11 for the digits layout"):
         export_engines(target, short, cat, tmp_path / "e", progress=False)
     assert not (tmp_path / "e").exists()
+
+
+def test_a_new_engine_directory_is_readable_as_the_umask_allows(engines_master):
+    """Not mkdtemp's 0700: a server running as another user reads the engines."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    assert engines_master.stat().st_mode & 0o777 == 0o777 & ~umask
