@@ -173,6 +173,19 @@ def adaptive(engines: Path, cat: Catalogue, batches: list, device: str, repeats:
 PARTS = ("steps", "decode", "decode-graph-max", "adaptive")
 
 
+def check_reusable(engines: Path, precision: str) -> None:
+    """Refuse engines in --work made with other limits or precision than this script's (their numbers would be
+    reported under this script's settings)."""
+    from padrec_runtime.manifest import load_manifest
+    m = load_manifest(engines, verify=False)
+    have = {k: m.data["model"][k] for k in ("max_seq_len", "max_history", "max_batch", "draft_steps")}
+    have["precision"] = m.data["precision"]
+    want = {"max_seq_len": LIMITS.max_seq_len, "max_history": LIMITS.max_history, "max_batch": LIMITS.max_batch,
+            "draft_steps": LIMITS.draft_steps, "precision": precision}
+    if have != want:
+        sys.exit(f"{engines}: made with {have} | this script uses {want} | remove it, or give another --work")
+
+
 def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
     """(target, row, engines): the random pair, its row (size, weight floor) and its engine directory, exported
     unless an earlier call on the same --work left it complete (a 7B export takes minutes)."""
@@ -181,13 +194,13 @@ def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
     target, draft = random_pair(size, cat.layout.vocab_size, cat.layout.n_slots, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     row = {"size": size.__dict__, "weight_bytes": weight_bytes, "floor_ms": weight_bytes / bw * 1e3}
-    engines = work / name
+    engines, precision = work / name, "fp32" if args.small else "fp16"
     if (engines / "manifest.json").exists():  # the manifest is written last: its directory is complete
+        check_reusable(engines, precision)
         row["export_reused"] = str(engines)
         log(name, f"engines in {engines} reused")
     else:
-        export_engines(target, draft, cat, engines, "fp32" if args.small else "fp16", LIMITS, progress=False,
-                       external_data=True)
+        export_engines(target, draft, cat, engines, precision, LIMITS, progress=False, external_data=True)
         row["export_s"] = time.perf_counter() - t0
         log(name, f"exported in {row['export_s']:.0f} s")
     return target, row, engines

@@ -31,6 +31,13 @@ def test_a_later_call_reuses_the_export_and_measures_only_its_parts(tmp_path):
         assert b["off_tau"] == 1.0 and b["chain_tau"] > 1.0  # a random draft still has some tokens accepted
         assert b["weights_gb"] <= b["weights_unshared_gb"]
 
+    manifest = work / "tiny" / "manifest.json"  # engines of other limits are not reported as this script's
+    data = json.loads(manifest.read_text())
+    data["model"]["max_batch"] = 32
+    manifest.write_text(json.dumps(data))
+    done = gpu_llm("--work", str(work), "--out", str(second), "--parts", "decode", "--batches", "1")
+    assert done.returncode == 1 and "'max_batch': 32" in done.stderr and "this script uses" in done.stderr
+
 
 def test_unknown_parts_and_export_only_without_work_are_refused(tmp_path):
     done = gpu_llm("--out", str(tmp_path), "--parts", "decode,timing")
