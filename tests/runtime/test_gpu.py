@@ -78,7 +78,17 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
             assert list(pool.map(run, range(len(modes)))) == want
     notes = [n for b in graphs.backends.values() for n in b.graph_notes]
     assert not notes, notes
-    # graphs for decode-sized calls only: prefill sessions open without one, on the shared arena; same lists
+    check_graph_max_tokens(engines, plain, hists)
+    fused_calls = counter.count("target", "target_gqa")
+    assert (fused_calls > 0) == graphs.settings.in_place
+    return {"ok": True, "precision": graphs.manifest.precision, "in_place_target_calls": fused_calls,
+            "pooled": {g: graphs.caches.pooled(g, 1) for g in ("target", "draft")}}
+
+
+def check_graph_max_tokens(engines: Path, plain, hists: list) -> None:
+    """Graphs for decode-sized calls only: prefill sessions open without one, on the shared arena; the lists are
+    those of `plain` (the same sessions without graphs)."""
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
     small = Recommender(engines, device="cuda", options=RuntimeOptions(cuda_graph_max_tokens=8))
     for mode in ("off", "chain", "tree"):
         want = [r.tokens for r in plain.recommend(hists, params=DecodeParams(speculate=mode)).lists]
@@ -86,10 +96,7 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
             assert [r.tokens for r in small.recommend(hists, params=DecodeParams(speculate=mode)).lists] == want, mode
     opened = [(dict(k), b.replays_graph(dict(k))) for b in small.backends.values() for k in b._static]
     assert any(g for _, g in opened) and all(g == (d["seq"] <= 8) for d, g in opened if "seq" in d), opened
-    fused_calls = counter.count("target", "target_gqa")
-    assert (fused_calls > 0) == graphs.settings.in_place
-    return {"ok": True, "precision": graphs.manifest.precision, "in_place_target_calls": fused_calls,
-            "pooled": {g: graphs.caches.pooled(g, 1) for g in ("target", "draft")}}
+    small.close()
 
 
 def check_accept_kernel(seed: int = 0) -> dict:
