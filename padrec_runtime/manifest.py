@@ -13,8 +13,8 @@ from pathlib import Path, PurePosixPath
 
 import numpy as np
 
-from .schema import (MAX_DIM, boolean, fail, file_entry, file_name, integer, listing, mapping, number, obj,
-                     one_of, sha, shape, short, string, template)
+from .schema import (MAX_DIM, MISSING, boolean, fail, file_entry, file_name, integer, listing, mapping, number,
+                     obj, one_of, sha, shape, short, string, template)
 from .errors import ManifestError
 from .integrity import confined, parse_json, read_verified, sha256, verify
 from .grammar import LAYOUT_KINDS, SPECIAL_TOKENS, Catalogue, TokenLayout
@@ -97,13 +97,13 @@ def _graph(v, path):
     inputs, outputs = _IO[name]
     for side, names in (("inputs", inputs), ("outputs", outputs)):
         for missing in sorted(set(names) - set(g[side])):
-            fail(f"{path}.{side}.{missing}", "nothing", f"this {side[:-1]}")
+            fail(f"{path}.{side}.{missing}", MISSING, f"this {side[:-1]}")
         for extra in sorted(set(g[side]) - set(names)):
             fail(f"{path}.{side}.{extra}", "an unknown tensor", f"only {', '.join(names)}")
     if name in CHAINS:
         for key in ("chain_steps", "catalogue"):
             if key not in g:
-                fail(f"{path}.{key}", "nothing", "this key on a chain graph")
+                fail(f"{path}.{key}", MISSING, "this key on a chain graph")
     return g
 
 
@@ -260,7 +260,7 @@ def _check_files(data: dict) -> None:
     if build is not None:
         for graph, g in data["graphs"].items():
             if not g.get("onnxruntime_only") and graph not in build["plans"]:
-                fail(f"tensorrt.plans.{graph}", "nothing", "a plan for every graph that is not onnxruntime_only")
+                fail(f"tensorrt.plans.{graph}", MISSING, "a plan for every graph that is not onnxruntime_only")
         for graph, plan in build["plans"].items():
             if graph not in data["graphs"]:
                 fail(f"tensorrt.plans.{graph}", "a plan for no graph", f"one of {', '.join(data['graphs'])}")

@@ -19,9 +19,14 @@ def short(v) -> str:
     return text if len(text) <= 120 else text[:117] + "..."
 
 
+MISSING = object()  # what `fail` is given for a key that is not there
+
+
 def fail(path: str, got, expected: str):
-    raise ManifestError(f"manifest {short(path)[1:-1]}: expected {expected}, got {short(got)} | re-export the "
-                        "engines with this padrec version")
+    where = "top level" if path == "(top)" else path.removeprefix("(top).")
+    got = "no such key" if got is MISSING else short(got)
+    raise ManifestError(f"manifest {short(where)[1:-1]}: got {got} | expected {expected} | the file was edited or "
+                        "written by another padrec version: restore it, or re-export the engines with this one")
 
 
 def obj(value, path: str, required: dict, optional: dict | None = None) -> dict:
@@ -35,7 +40,7 @@ def obj(value, path: str, required: dict, optional: dict | None = None) -> dict:
     out = {}
     for key, check in required.items():
         if key not in value:
-            fail(f"{path}.{key}", "nothing", "this key to be present")
+            fail(f"{path}.{key}", MISSING, "this key to be present")
         out[key] = check(value[key], f"{path}.{key}")
     for key, check in optional.items():
         if key in value:
