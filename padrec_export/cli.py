@@ -304,9 +304,8 @@ def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path
         require_plot()  # before the run, not after it
     if target_dir:
         require_export_extra("bench --target")
-    engine = ENGINE.parse(kwargs)
-    report = run_bench(engine["engine_dir"], engine["backend"], engine["device"], batches, repeats, target_dir, draft_dir,
-                       dataset, options=engine["options"])
+    report = run_bench(batches=batches, repeats=repeats, target_dir=target_dir, draft_dir=draft_dir, dataset=dataset,
+                       **ENGINE.parse(kwargs))
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
