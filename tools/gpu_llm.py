@@ -147,13 +147,15 @@ def decode_memory(engines: Path, cat: Catalogue, batches: list, device: str,
     return out
 
 
-def adaptive(engines: Path, cat: Catalogue, batches: list, device: str, repeats: int = 3) -> dict:
-    """`speculate="auto"` after `Recommender.calibrate` against AR per batch (a fresh recommender, histories the
-    calibration did not see): median ms per list over `repeats` alternating calls, and lists/s."""
-    rec = Recommender(engines, device=device)
+def adaptive(engines: Path, cat: Catalogue, batches: list, device: str, options: RuntimeOptions,
+             repeats: int = 3) -> dict:
+    """`speculate="auto"` after `Recommender.calibrate` against AR per batch (a fresh recommender with `options`,
+    histories the calibration did not see): median ms per list over `repeats` alternating calls, and lists/s."""
+    rec = Recommender(engines, device=device, options=options)
     t0 = time.perf_counter()
     plan = rec.calibrate(histories(cat, 2 * max(batches), seed=1), batches)
-    out = {"calibrate_s": time.perf_counter() - t0, "plan": [dataclasses.asdict(c) for c in plan], "batches": {}}
+    out = {"options": dataclasses.asdict(options), "calibrate_s": time.perf_counter() - t0,
+           "plan": [dataclasses.asdict(c) for c in plan], "batches": {}}
     for b in batches:
         hist, times = histories(cat, b, seed=100 + b), {"off": [], "auto": []}
         for _ in range(repeats + 1):  # the first round warms
@@ -230,15 +232,17 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float, save) 
         log(name, "padrec", json.dumps({k: v["ms"] for k, v in row["padrec"].items()}))
         save(row)
     batches = [int(b) for b in args.batches.split(",")]
+    options = RuntimeOptions(**json.loads(args.runtime_options))
     if "decode" in parts:
-        row["runtime"] = decode_memory(engines, cat, batches, device)
+        row["runtime"] = decode_memory(engines, cat, batches, device, options)
         save(row)
     if "decode-graph-max" in parts and device == "cuda":  # prefill sessions without graphs, on the shared arena
         row["runtime_graph_max_tokens"] = decode_memory(
-            engines, cat, batches, device, RuntimeOptions(cuda_graph_max_tokens=args.graph_max_tokens))
+            engines, cat, batches, device,
+            dataclasses.replace(options, cuda_graph_max_tokens=args.graph_max_tokens))
         save(row)
     if "adaptive" in parts:
-        row["adaptive"] = adaptive(engines, cat, batches, device)
+        row["adaptive"] = adaptive(engines, cat, batches, device, options)
         save(row)
     return row
 
@@ -262,6 +266,9 @@ def main():
                     "RuntimeOptions(cuda_graph_max_tokens=--graph-max-tokens)), adaptive (speculate='auto' "
                     "calibrated, against AR); split them over calls where one call is too short for all")
     ap.add_argument("--graph-max-tokens", type=int, default=16, help="for the decode-graph-max part")
+    ap.add_argument("--runtime-options", default="{}",
+                    help='RuntimeOptions of the decode, decode-graph-max and adaptive parts, as JSON, e.g. '
+                    '\'{"graph_sessions": "per_graph"}\'')
     args = ap.parse_args()
     shapes = ["tiny"] if args.small else args.shapes.split(",")
     unknown = [s for s in shapes if s not in SIZES]

@@ -21,6 +21,7 @@ BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 SPECULATE = ("off", "chain", "tree", "auto")
 TRT_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_rtx")
+GRAPH_SESSIONS = ("per_graph", "per_shape")
 
 
 def _check(owner: str, name: str, value, kind: str, lo=None, hi=None, choices=None, optional=False):
@@ -75,6 +76,9 @@ class RuntimeOptions:
     # buckets of more tokens than this (prefill) run without a graph and share one CUDA arena: each graphed
     # session keeps an arena of its own, which at 7B holds a prefill's activations (~1 GB); None: every bucket
     cuda_graph_max_tokens: int | None = None
+    # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
+    # cuBLAS / cuDNN state per engine graph); per_shape: a session per (batch, bucket) shape, each with its own
+    graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)
     max_request_tokens: int = 131072  # budget: histories x list tokens x tokens verified per round (see `request_cost`)
@@ -87,6 +91,7 @@ class RuntimeOptions:
                          "static_shapes": dict(kind="bool", optional=True),
                          "cuda_graphs": dict(kind="bool", optional=True),
                          "cuda_graph_max_tokens": dict(kind="int", lo=1, hi=1 << 20, optional=True),
+                         "graph_sessions": dict(kind="str", choices=GRAPH_SESSIONS),
                          "in_place": dict(kind="bool", optional=True),
                          "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
                          "max_request_tokens": dict(kind="int", lo=1),
@@ -105,6 +110,7 @@ class Settings:
     static_shapes: bool
     cuda_graphs: bool
     cuda_graph_max_tokens: int | None
+    graph_sessions: str
     in_place: bool
     device_rounds_max_batch: int
     max_request_tokens: int
@@ -139,7 +145,8 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
     if in_place and cuda_fp32:
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
                            "export fp16 engines or drop in_place")
-    return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens, in_place,
+    return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens,
+                    o.graph_sessions, in_place,
                     o.device_rounds_max_batch, o.max_request_tokens, o.trt_module, o.allow_host_code)
 
 

@@ -33,6 +33,7 @@ def _kv_shapes(kv: dict) -> dict:
 # to other sessions once the capturing run has freed them (seen as NaN logits on a trained 0.5B pair).
 SHARED_ARENA = "session.use_env_allocators"
 _arena_registered = False
+CACHE_DIMS = ("past", "max_seq_len")  # a bucket's dimensions that every call of a cache shares: its length
 _arena_lock = threading.Lock()
 
 
@@ -69,7 +70,7 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
                  cuda_graphs: bool = False, stream: int | None = None, weights: WeightPool | None = None,
-                 graph_max_tokens: int | None = None):
+                 graph_max_tokens: int | None = None, graph_sessions: str = "per_shape"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -81,7 +82,7 @@ class OrtBackend:
         # stream: a CUDA stream pointer, or an object with `.ptr` (a cupy Stream) that this backend keeps alive
         # for as long as its sessions, which synchronise and free buffers through it (see the end of __init__)
         self.device, self.threads, self.cuda_graphs = device, threads, cuda_graphs
-        self.graph_max_tokens = graph_max_tokens
+        self.graph_max_tokens, self.graph_sessions = graph_max_tokens, graph_sessions
         self.stream = getattr(stream, "ptr", stream)
         if device == "cuda":
             require_cuda()
@@ -101,6 +102,7 @@ class OrtBackend:
         self.supplied = self.weights.supply(graph, self.spec, self._external)
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
+        self._graph_session = None  # graph_sessions="per_graph": the one session whose CUDA graphs every bucket shares
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
         self.session = self._open()
         self._check_graph()
@@ -145,6 +147,28 @@ class OrtBackend:
                 opts.add_session_config_entry(SHARED_ARENA, "1")  # the arena share_cuda_arena registers
             providers.insert(0, ("CUDAExecutionProvider", cuda))
         return opts, providers
+
+    def bucket_session(self, dims: dict) -> tuple:
+        """(session, whether it replays CUDA graphs) for a bucket call of `dims` (made once).
+
+        per_shape: a session per shape, every dimension fixed, so ONNX Runtime folds the shape arithmetic away and,
+        with cuda_graphs, captures the whole graph once per cache. per_graph: one session for every bucket, only the
+        cache length fixed, each cache's bucket capturing a graph of its own in it (`run_options`): one arena and
+        one set of cuBLAS / cuDNN state for the graph instead of one per shape; buckets without a graph run on the
+        dynamic session."""
+        if self.graph_sessions == "per_shape":
+            session = self.static_session(dims)
+            return session, self.replays_graph(dims)
+        if not self.wants_graph(dims):
+            return self.session, False
+        if self._graph_session is None:
+            fixed = {k: v for k, v in dims.items() if k in CACHE_DIMS}
+            try:
+                self._graph_session = self._open(fixed, cuda_graph=True)
+            except BackendError as exc:
+                self.graph_notes.append(f"{fixed}: no CUDA graph ({exc})")
+                self._graph_session = False
+        return (self._graph_session, True) if self._graph_session else (self.session, False)
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape

@@ -30,7 +30,8 @@ from . import buckets
 from .buckets import KV_POS, KV_ROWS, Bound, Pending, fill_inputs, packed, route
 from .host import CacheSpec, attention_mask, take_on_host
 
-_GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved)
+_GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved), one per cache and bucket
+_CACHE_IDS = itertools.count(1)
 _CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays (ONNX Runtime: one warm-up run, one capture)
 
 
@@ -93,12 +94,9 @@ class DeviceCache:
         self._bound: dict = {}  # (graph, bucket) -> Bound, made once
         self._unread: dict = {}  # (graph, bucket) -> its last Pending, until a later call of that key
         self._runs: dict = {}  # (graph, bucket) -> runs so far (a CUDA graph replays after _CAPTURE_RUNS)
+        self._options: dict = {}  # (graph, bucket) -> its runs' options (plain, queued): its own CUDA graph id
         self._graphed: set = set()  # (graph, bucket) keys whose session replays a CUDA graph
-        self.graph_id = next(_GRAPH_IDS)
-        self._options = None
-        if static:
-            self._options = (backend.run_options(self.graph_id, queued=False),
-                             backend.run_options(self.graph_id, queued=device != "cpu"))
+        self.cache_id = next(_CACHE_IDS)
         self._memo: dict = {}  # what device-side helpers keep per cache (DeviceRounds' tables and staging)
         # set last: CPython drops an object's attributes in the order they were set, so the bindings above
         # are released before the stream they were bound on
@@ -212,8 +210,13 @@ class DeviceCache:
         if key not in self._bound:
             dims = ({"batch": B, "seq": P, "max_seq_len": self.spec.max_len} if g.in_place else
                     {"batch": B, "seq": P, "past": self.spec.max_len, "past_plus_seq": self.spec.max_len + P})
-            self._bound[key] = self._bind(name, g.backend.static_session(dims), P, bucket_inputs=True)
-            if g.backend.replays_graph(dims):
+            session, graphed = g.backend.bucket_session(dims)
+            self._bound[key] = self._bind(name, session, P, bucket_inputs=True)
+            # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
+            graph_id = next(_GRAPH_IDS)
+            self._options[key] = (g.backend.run_options(graph_id, queued=False),
+                                  g.backend.run_options(graph_id, queued=self.device != "cpu"))
+            if graphed:
                 self._graphed.add(key)
         bound = self._bound[key]
         unread = self._unread.pop(key, None)
@@ -282,7 +285,7 @@ class DeviceCache:
         runs = self._runs.get(key, 0)
         options = None
         if P is not None:
-            options = self._options[1 if key in self._graphed and runs >= _CAPTURE_RUNS else 0]
+            options = self._options[key][1 if key in self._graphed and runs >= _CAPTURE_RUNS else 0]
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()

@@ -79,6 +79,7 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     notes = [n for b in graphs.backends.values() for n in b.graph_notes]
     assert not notes, notes
     check_graph_max_tokens(engines, plain, hists)
+    check_per_graph_sessions(engines, plain, hists)
     fused_calls = counter.count("target", "target_gqa")
     assert (fused_calls > 0) == graphs.settings.in_place
     return {"ok": True, "precision": graphs.manifest.precision, "in_place_target_calls": fused_calls,
@@ -97,6 +98,22 @@ def check_graph_max_tokens(engines: Path, plain, hists: list) -> None:
     opened = [(dict(k), b.replays_graph(dict(k))) for b in small.backends.values() for k in b._static]
     assert any(g for _, g in opened) and all(g == (d["seq"] <= 8) for d, g in opened if "seq" in d), opened
     small.close()
+
+
+def check_per_graph_sessions(engines: Path, plain, hists: list) -> None:
+    """graph_sessions="per_graph": one CUDA-graph session per engine graph, every bucket of every batch size a graph
+    of its own in it, gives `plain`'s lists (batch 1 and a batch of several histories, each mode, replays too)."""
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+    one = Recommender(engines, device="cuda", options=RuntimeOptions(graph_sessions="per_graph"))
+    for batch in (hists[:1], hists):
+        for mode in ("off", "chain", "tree"):
+            want = [r.tokens for r in plain.recommend(batch, params=DecodeParams(speculate=mode)).lists]
+            for _ in range(3):
+                got = [r.tokens for r in one.recommend(batch, params=DecodeParams(speculate=mode)).lists]
+                assert got == want, (len(batch), mode)
+    assert all(not b._static for b in one.backends.values())
+    assert all(b._graph_session for b in one.backends.values()), [b.graph_notes for b in one.backends.values()]
+    one.close()
 
 
 def check_accept_kernel(seed: int = 0) -> dict:

@@ -199,7 +199,7 @@ def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
     want = [rec.recommend(h, params=DecodeParams(speculate="chain")).lists[0].tokens for h in (h1, h2)]
     for opts in (dict(device_rounds=True), {}):  # device rounds: a queued chain waits across the other's steps
         a, b = rec.start(h1, params=DecodeParams(speculate="chain", **opts)), rec.start(h2, params=DecodeParams(speculate="chain", **opts))
-        assert a.session.target is not b.session.target and a.session.target.graph_id != b.session.target.graph_id
+        assert a.session.target is not b.session.target and a.session.target.cache_id != b.session.target.cache_id
         while not (a.done and b.done):
             for s in (a, b):
                 if not s.done:
@@ -209,12 +209,12 @@ def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
         if opts:
             del a, b, s
             gc.collect()
-    ids = {a.session.target.graph_id, b.session.target.graph_id}
+    ids = {a.session.target.cache_id, b.session.target.cache_id}
     del a, b, s
     gc.collect()
     assert rec.caches.pooled("target", 1) == 2
     c = rec.start(h1, params=DecodeParams(speculate="chain"))
-    assert c.session.target.graph_id in ids  # a pooled cache, not a new one
+    assert c.session.target.cache_id in ids  # a pooled cache, not a new one
     while not c.done:
         c.step()
     assert c.result().lists[0].tokens == want[0]
@@ -279,6 +279,26 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
         dims = dict(key)
         shape = {i.name: i.shape for i in sess.get_inputs()}["attention_mask"]
         assert shape == [dims["batch"], dims["seq"], dims["past_plus_seq"]]
+
+
+def test_per_graph_sessions_run_buckets_without_a_session_per_shape(tiny, engines_master):
+    """graph_sessions="per_graph" opens no session per bucket shape: bucket calls without a CUDA graph (all of
+    them on a CPU) run on each graph's one dynamic session, with the same lists as a session per shape."""
+    per_shape = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    per_graph = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True,
+                                                                   graph_sessions="per_graph"))
+    assert per_graph.settings.graph_sessions == "per_graph" and per_shape.settings.graph_sessions == "per_shape"
+    for batch in (1, 3):
+        hist = _histories(tiny[0], 17, batch)
+        for mode in ("off", "chain", "tree"):
+            a = per_shape.recommend(hist, params=DecodeParams(speculate=mode))
+            b = per_graph.recommend(hist, params=DecodeParams(speculate=mode))
+            assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed
+    assert any(b._static for b in per_shape.backends.values())
+    assert not any(b._static for b in per_graph.backends.values())
+    assert all(b._graph_session is None for b in per_graph.backends.values())  # no graphs on a CPU
+    with pytest.raises(InputError, match="graph_sessions"):
+        RuntimeOptions(graph_sessions="per_batch")
 
 
 @pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])

@@ -1,0 +1,181 @@
+"""GPU memory of the runtime by component, per way of holding its CUDA-graph sessions, on one engine directory
+(e.g. one that `tools/gpu_llm.py --export-only` left in --work). Each variant runs in a process of its own (ONNX
+Runtime's shared arena never shrinks, so variants in one process would count each other's): the recommender as a
+user loads it, AR and chain at batch 1, 8, 32 and 64 in turn, and after each the GPU memory in use beyond the
+weights and KV caches, against the ceiling weights + KV caches + 25%. Every session opened is logged with the
+memory it took; the lists of every variant and mode are checked against the first variant's AR lists.
+
+    PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
+
+Writes OUT/gpu_memory_<engine dir name>.json (after every variant).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_timing import log  # noqa: E402
+
+HEADROOM = 1.25  # the ceiling: weights + KV caches + 25%
+VARIANTS = {  # name -> RuntimeOptions keywords
+    "per_shape": {},
+    "per_shape_graph_max_16": {"cuda_graph_max_tokens": 16},
+    "per_graph": {"graph_sessions": "per_graph"},
+    "per_graph_graph_max_16": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
+}
+
+
+DEVICE = "cuda"  # --device cpu: a smoke run of this script (no memory figures)
+
+
+SOURCES: set = set()  # where device_used read its figures: "process" (NVML, this process) or "device" (all)
+
+
+def device_used() -> int:
+    """Bytes this process holds on the GPU (NVML's per-process figure: other work on the card, e.g. training
+    in the background, does not count), or all the card's used bytes where NVML does not list this process;
+    0 on the CPU. Call `cuda_context()` first, so that the process is on the card from the first reading."""
+    if DEVICE == "cpu":
+        return 0
+    try:
+        import pynvml
+        pynvml.nvmlInit()
+        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        mine = [p.usedGpuMemory for p in pynvml.nvmlDeviceGetComputeRunningProcesses(handle)
+                if p.pid == os.getpid() and p.usedGpuMemory]
+        if mine:
+            SOURCES.add("process")
+            return int(mine[0])
+    except Exception:  # no NVML here (pynvml raises its own types): the card's figure
+        pass
+    from cupy.cuda import runtime
+    free, total = runtime.memGetInfo()
+    SOURCES.add("device")
+    return total - free
+
+
+def cuda_context() -> None:
+    """Put this process on the card (a CUDA context) before the first memory reading."""
+    if DEVICE == "cuda":
+        import cupy
+        cupy.zeros(1)
+
+
+def watch_sessions(opened: list) -> None:
+    """Log every ONNX Runtime session the backends open, with the device memory its creation took."""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    original = OrtBackend._open
+
+    def _open(self, dims=None, cuda_graph=False):
+        before = device_used()
+        session = original(self, dims, cuda_graph)
+        opened.append({"graph": self.graph_name, "dims": dims, "cuda_graph": cuda_graph,
+                       "mb": (device_used() - before) / 2**20})
+        return session
+    OrtBackend._open = _open
+
+
+def cupy_pool_bytes() -> int:
+    """Bytes cupy's default pool holds (KV caches, bound buffers and what their updates freed)."""
+    if DEVICE == "cpu":
+        return 0
+    import cupy
+    return cupy.get_default_memory_pool().total_bytes()
+
+
+def histories(cat, n: int, seed: int) -> list:
+    rng = np.random.default_rng(seed)
+    return [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(n)]
+
+
+def run_variant(engines: Path, options: dict, batches: list) -> dict:
+    """One variant in this process: load, then AR and chain per batch; memory, ms per list and lists."""
+    from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
+    opened: list = []
+    watch_sessions(opened)
+    cuda_context()
+    base = device_used()
+    t0 = time.perf_counter()
+    rec = Recommender(engines, device=DEVICE, options=RuntimeOptions(**options))
+    out = {"options": options, "settings": dataclasses.asdict(rec.settings), "load_s": time.perf_counter() - t0,
+           "after_load_gb": (device_used() - base) / 1e9, "batches": {}}
+    for b in batches:
+        hist, row = histories(rec.catalogue, b, seed=b), {}
+        for mode in ("off", "chain"):
+            params = DecodeParams(speculate=mode)
+            rec.recommend(hist, params=params)  # sessions, captures
+            t0 = time.perf_counter()
+            res = rec.recommend(hist, params=params)
+            row[f"{mode}_ms_per_list"] = (time.perf_counter() - t0) * 1e3 / b
+            row[f"{mode}_tau"], row[f"{mode}_lists"] = res.tau, [r.tokens for r in res.lists]
+            row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
+        mem, used = rec.memory(), device_used() - base
+        row.update({"weights_gb": mem["weights"] / 1e9, "kv_caches_gb": mem["kv_caches"] / 1e9,
+                    "gpu_used_gb": used / 1e9, "rest_gb": (used - mem["weights"] - mem["kv_caches"]) / 1e9,
+                    "cupy_pool_gb": cupy_pool_bytes() / 1e9,
+                    "within_ceiling": used <= HEADROOM * (mem["weights"] + mem["kv_caches"]),
+                    "sessions_so_far": len(opened)})
+        out["batches"][b] = row
+        log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
+    out["sessions"], out["memory_source"] = opened, sorted(SOURCES)
+    out["graph_notes"] = [n for be in rec.backends.values() for n in getattr(be, "graph_notes", [])]
+    rec.close()
+    return out
+
+
+def check_lists(report: dict) -> dict:
+    """Per variant: whether every list (AR and chain, every batch) equals the first variant's AR list."""
+    variants = report["variants"]
+    first = next(iter(variants.values()))
+    same = {}
+    for name, v in variants.items():
+        same[name] = all(v["batches"][b][f"{mode}_lists"] == first["batches"][b]["off_lists"]
+                         for b in v["batches"] for mode in ("off", "chain") if b in first["batches"])
+    return same
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--engines", required=True, type=Path)
+    ap.add_argument("--out", default="benchmarks/results", type=Path)
+    ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
+    ap.add_argument("--batches", default="1,8,32,64")
+    ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of this script")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant, print its JSON
+    args = ap.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
+    global DEVICE
+    DEVICE = args.device
+    if args.child:
+        print("RESULT " + json.dumps(run_variant(args.engines, VARIANTS[args.child], batches)))
+        return
+    gpu = "cpu"
+    if DEVICE == "cuda":
+        from cupy.cuda import runtime
+        gpu = runtime.getDeviceProperties(0)["name"].decode()
+    report = {"gpu": gpu, "engines": str(args.engines), "variants": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"gpu_memory_{args.engines.name}.json"
+    for name in args.variants.split(","):
+        log(name, "start")
+        proc = subprocess.run([sys.executable, __file__, "--engines", str(args.engines), "--batches", args.batches,
+                               "--device", DEVICE, "--child", name], capture_output=True, text=True)
+        sys.stderr.write(proc.stderr[-3000:])
+        lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
+        report["variants"][name] = (json.loads(lines[-1][7:]) if lines else
+                                    {"failed": proc.returncode, "tail": (proc.stdout + proc.stderr)[-2000:]})
+        done = {k: v for k, v in report["variants"].items() if "batches" in v}
+        report["lists_equal_first_ar"] = check_lists({"variants": done}) if done else {}
+        path.write_text(json.dumps(report, indent=1) + "\n")
+        log(name, "done", json.dumps(report["lists_equal_first_ar"]))
+
+
+if __name__ == "__main__":
+    main()
