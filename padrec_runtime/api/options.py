@@ -77,7 +77,8 @@ class RuntimeOptions:
     # session keeps an arena of its own, which at 7B holds a prefill's activations (~1 GB); None: every bucket
     cuda_graph_max_tokens: int | None = None
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
-    # cuBLAS / cuDNN state per engine graph); per_shape: a session per (batch, bucket) shape, each with its own
+    # cuBLAS / cuDNN state per engine graph; buckets above cuda_graph_max_tokens keep a session per shape, on the
+    # shared arena); per_shape: a session per (batch, bucket) shape, each with its own
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)

@@ -152,15 +152,15 @@ class OrtBackend:
         """(session, whether it replays CUDA graphs) for a bucket call of `dims` (made once).
 
         per_shape: a session per shape, every dimension fixed, so ONNX Runtime folds the shape arithmetic away and,
-        with cuda_graphs, captures the whole graph once per cache. per_graph: one session for every bucket, only the
-        cache length fixed, each cache's bucket capturing a graph of its own in it (`run_options`): one arena and
-        one set of cuBLAS / cuDNN state for the graph instead of one per shape; buckets without a graph run on the
-        dynamic session."""
-        if self.graph_sessions == "per_shape":
+        with cuda_graphs, captures the whole graph once per cache. per_graph: one session for every graphed bucket,
+        only the cache length fixed, each cache's bucket capturing a graph of its own in it (`run_options`): one
+        arena and one set of cuBLAS / cuDNN state for the graph instead of one per shape. Buckets without a graph
+        (above graph_max_tokens) run on per-shape sessions over the shared arena; a graph whose session ONNX
+        Runtime refuses to capture (data crossing between host and device, padrec_export.placement; engines
+        exported before that was fixed) keeps a graphed session per shape."""
+        if self.graph_sessions == "per_shape" or not self.wants_graph(dims) or self._graph_session is False:
             session = self.static_session(dims)
             return session, self.replays_graph(dims)
-        if not self.wants_graph(dims):
-            return self.session, False
         if self._graph_session is None:
             fixed = {k: v for k, v in dims.items() if k in CACHE_DIMS}
             try:
@@ -168,7 +168,9 @@ class OrtBackend:
             except BackendError as exc:
                 self.graph_notes.append(f"{fixed}: no CUDA graph ({exc})")
                 self._graph_session = False
-        return (self._graph_session, True) if self._graph_session else (self.session, False)
+        if self._graph_session is False:  # refused (e.g. shape nodes on the CPU): a graphed session per shape
+            return self.static_session(dims), self.replays_graph(dims)
+        return self._graph_session, True
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape

@@ -32,7 +32,12 @@ from .host import CacheSpec, attention_mask, take_on_host
 
 _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved), one per cache and bucket
 _CACHE_IDS = itertools.count(1)
-_CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays (ONNX Runtime: one warm-up run, one capture)
+_CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays: one outside any graph, one capture
+# A bucket's first run goes outside any graph (annotation -1), so what ONNX Runtime does once per shape (arena
+# growth, GEMM tuning) never lands inside a capture: its CUDA provider counts warm-up runs per session, not per
+# graph, so in a session that holds several graphs (graph_sessions="per_graph") a new bucket's first run would
+# otherwise be its capture.
+_OUTSIDE_GRAPHS = -1
 
 
 def array_module(device: str):
@@ -94,7 +99,7 @@ class DeviceCache:
         self._bound: dict = {}  # (graph, bucket) -> Bound, made once
         self._unread: dict = {}  # (graph, bucket) -> its last Pending, until a later call of that key
         self._runs: dict = {}  # (graph, bucket) -> runs so far (a CUDA graph replays after _CAPTURE_RUNS)
-        self._options: dict = {}  # (graph, bucket) -> its runs' options (plain, queued): its own CUDA graph id
+        self._options: dict = {}  # (graph, bucket) -> its runs' options (warm-up, capture, replay): its own graph id
         self._graphed: set = set()  # (graph, bucket) keys whose session replays a CUDA graph
         self.cache_id = next(_CACHE_IDS)
         self._memo: dict = {}  # what device-side helpers keep per cache (DeviceRounds' tables and staging)
@@ -214,7 +219,8 @@ class DeviceCache:
             self._bound[key] = self._bind(name, session, P, bucket_inputs=True)
             # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
             graph_id = next(_GRAPH_IDS)
-            self._options[key] = (g.backend.run_options(graph_id, queued=False),
+            self._options[key] = (g.backend.run_options(_OUTSIDE_GRAPHS, queued=False),
+                                  g.backend.run_options(graph_id, queued=False),
                                   g.backend.run_options(graph_id, queued=self.device != "cpu"))
             if graphed:
                 self._graphed.add(key)
@@ -285,7 +291,7 @@ class DeviceCache:
         runs = self._runs.get(key, 0)
         options = None
         if P is not None:
-            options = self._options[key][1 if key in self._graphed and runs >= _CAPTURE_RUNS else 0]
+            options = self._options[key][min(runs, _CAPTURE_RUNS) if key in self._graphed else 1]
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()

@@ -111,8 +111,11 @@ def check_per_graph_sessions(engines: Path, plain, hists: list) -> None:
             for _ in range(3):
                 got = [r.tokens for r in one.recommend(batch, params=DecodeParams(speculate=mode)).lists]
                 assert got == want, (len(batch), mode)
-    assert all(not b._static for b in one.backends.values())
-    assert all(b._graph_session for b in one.backends.values()), [b.graph_notes for b in one.backends.values()]
+    # every graph captures with dynamic batch and length: no data crosses between host and device inside it
+    # (padrec_export.placement); a refused one would fall back to a graphed session per shape, with a note
+    notes = {g: b.graph_notes for g, b in one.backends.items() if b.graph_notes}
+    assert not notes and all(not b._static for b in one.backends.values()), notes
+    assert all(b._graph_session is not False for b in one.backends.values())
     one.close()
 
 

@@ -281,9 +281,9 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
         assert shape == [dims["batch"], dims["seq"], dims["past_plus_seq"]]
 
 
-def test_per_graph_sessions_run_buckets_without_a_session_per_shape(tiny, engines_master):
-    """graph_sessions="per_graph" opens no session per bucket shape: bucket calls without a CUDA graph (all of
-    them on a CPU) run on each graph's one dynamic session, with the same lists as a session per shape."""
+def test_per_graph_sessions_run_ungraphed_buckets_on_per_shape_sessions(tiny, engines_master):
+    """graph_sessions="per_graph" holds CUDA-graph sessions only: bucket calls without a graph (all of them on a
+    CPU) run on the per-shape sessions per_shape opens, with the same lists, and no graph session is made."""
     per_shape = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
     per_graph = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True,
                                                                    graph_sessions="per_graph"))
@@ -294,11 +294,42 @@ def test_per_graph_sessions_run_buckets_without_a_session_per_shape(tiny, engine
             a = per_shape.recommend(hist, params=DecodeParams(speculate=mode))
             b = per_graph.recommend(hist, params=DecodeParams(speculate=mode))
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists] and a.committed == b.committed
-    assert any(b._static for b in per_shape.backends.values())
-    assert not any(b._static for b in per_graph.backends.values())
+    opened = {r: {(g, k) for g, b in rec.backends.items() for k in b._static} for r, rec in
+              (("shape", per_shape), ("graph", per_graph))}
+    assert opened["shape"] and opened["graph"] == opened["shape"]
     assert all(b._graph_session is None for b in per_graph.backends.values())  # no graphs on a CPU
     with pytest.raises(InputError, match="graph_sessions"):
         RuntimeOptions(graph_sessions="per_batch")
+
+
+def test_a_graphed_bucket_runs_once_outside_any_graph_before_its_own(tiny, engines_master, monkeypatch):
+    """Each graphed bucket's first run carries ONNX Runtime's "no graph" annotation (-1), its later runs the
+    bucket's own id, distinct per bucket: in a session holding several graphs, ONNX Runtime's warm-up count is the
+    session's, so without that run a new bucket would be captured on its first run, per-shape set-up and all.
+    (A CPU session ignores the annotations; which buckets claim a graph is forced here.)"""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    real_session, real_run = OrtBackend.bucket_session, OrtBackend.run_bound
+    ids: dict = {}  # the binding's id -> the annotation of each of its runs
+
+    def graphed(self, dims):
+        return real_session(self, dims)[0], True
+
+    def recording(self, graph, session, binding, options):
+        ids.setdefault(id(binding), []).append(int(options.get_run_config_entry("gpu_graph_id")))
+        return real_run(self, graph, session, binding, options)
+    hist = _histories(tiny[0], 5, 1)
+    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    want = [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate="chain")).lists]
+    monkeypatch.setattr(OrtBackend, "bucket_session", graphed)
+    monkeypatch.setattr(OrtBackend, "run_bound", recording)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    got = [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate="chain")).lists]
+    assert got == want
+    runs = list(ids.values())
+    assert runs and any(len(r) >= 3 for r in runs), runs
+    assert all(r[0] == -1 and len(set(r[1:])) <= 1 and all(i > 0 for i in r[1:]) for r in runs), runs
+    own = [r[1] for r in runs if len(r) > 1]
+    assert len(own) == len(set(own)), runs  # every bucket a graph of its own
 
 
 @pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])
