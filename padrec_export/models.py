@@ -155,13 +155,22 @@ class Attention(nn.Module):
         return self.o_proj(out), k, v
 
 
+def device_size(x, dim: int):
+    """x.shape[dim] as a float32 tensor the device computes (x's shape without dim, each entry the size): in an
+    exported graph a size read with .shape is shape arithmetic, which ONNX Runtime's CUDA provider runs on the
+    CPU, and a CPU value feeding device work (a copy) makes it refuse to capture the graph as a CUDA graph."""
+    return torch.ones_like(x, dtype=torch.float32).sum(dim)
+
+
 def full_mask(mask, input_ids, past):
     """The (B, T, past + T) mask, its last column taken by index: the same tensor, but in an exported graph a
     Gather of column past + T - 1, so a narrower mask (a width-1 one would broadcast over every key) makes
     ONNX Runtime raise instead of attending where it should not; a wider one fails where it meets the scores.
-    (A Reshape to the implied shape would not do: ONNX Runtime's optimizer rewrites it to fit any width.)"""
-    width = past[0][0].shape[2] + input_ids.shape[1]
-    last = mask.index_select(-1, torch.zeros(1, dtype=torch.long, device=mask.device) + (width - 1))
+    (A Reshape to the implied shape would not do: ONNX Runtime's optimizer rewrites it to fit any width.) On
+    CUDA, whose Gather reads an index past the end as 0, a width-1 mask masks every key instead: non-finite
+    logits, which the runtime refuses."""
+    width = device_size(past[0][0][:1, :1, :, 0], 2) + device_size(input_ids[:1], 1)  # (1, 1) and (1,)
+    last = mask.index_select(-1, (width.view(1) - 1).long())
     return torch.cat([mask[..., :-1], last], dim=-1)
 
 
@@ -446,12 +455,13 @@ class DraftChain(ChainGrammar):
         writes the catch-up tokens' KV at positions seqlens_k - seq + 1 .. and chain step j's right behind the
         row's last real catch-up token (over padding). Returns the tokens and the updated cache."""
         d = self.draft
-        B, T = input_ids.shape
+        B = input_ids.shape[0]
         x = d.layer_in(hidden_in, input_ids, torch.zeros_like(input_ids), slot)
         cos, sin = self.rotary_cos.to(x.dtype), self.rotary_sin.to(x.dtype)
         h, ck, cv = d.layer.forward_in_place(x, seqlens_k, total, cache_k, cache_v, cos, sin)
         cache = {"k": ck, "v": cv}
-        at_last = seqlens_k - T + 1 + last  # (B,) int32: the position of each row's last real catch-up token
+        # (B,) int32: the position of each row's last real catch-up token (T from the device, see device_size)
+        at_last = seqlens_k - device_size(input_ids, 1).to(seqlens_k.dtype) + 1 + last
 
         def layer(j, x):
             out, cache["k"], cache["v"] = d.layer.forward_in_place(x, at_last + j, total, cache["k"], cache["v"],

@@ -315,6 +315,45 @@ def test_fp16_export_within_its_tolerances(tiny, tmp_path):
     rows = compare_fused_target(target, OrtBackend(m, "target_gqa"), m.graph("target_gqa"), "fp16")
     assert len(rows) == 4 and all(r.ok for r in rows), [r for r in rows if not r.ok][:3]
     assert next(iter(target.parameters())).dtype.is_floating_point and target.lm_head.weight.dtype.itemsize == 4
+    from padrec_export.placement import crossings
+    for spec in m.data["graphs"].values():  # fp16: no half-precision value is shape arithmetic either
+        assert crossings(onnx.load(m.root / spec["file"], load_external_data=False)) == [], spec["file"]
+
+
+def test_no_graph_moves_data_between_host_and_device(engines_master):
+    """Under ONNX Runtime's CUDA placement (padrec_export.placement), every exported graph keeps its shape
+    arithmetic on the CPU and its data on the device: no copy inside the graph, so a session with dynamic batch
+    and length can capture each bucket as a CUDA graph. A size read with .shape and used as data is caught."""
+    from onnx import TensorProto, helper
+
+    from padrec_export.placement import crossings
+    m = load_manifest(engines_master)
+    for spec in m.data["graphs"].values():
+        assert crossings(onnx.load(m.root / spec["file"], load_external_data=False)) == [], spec["file"]
+    # seqlens - T + last, T read from input_ids' shape (as the draft chain once did): two crossings
+    nodes = [helper.make_node("Shape", ["ids"], ["shape"], start=1, end=2),
+             helper.make_node("Squeeze", ["shape"], ["T"]),
+             helper.make_node("Cast", ["T"], ["T32"], to=TensorProto.INT32),
+             helper.make_node("Sub", ["seqlens", "T32"], ["start"]),
+             helper.make_node("Add", ["start", "gpu"], ["out"]),
+             helper.make_node("Relu", ["ids"], ["gpu_ids"]), helper.make_node("Cast", ["gpu_ids"], ["gpu"], to=6)]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, ["B", "T"]),
+                                           helper.make_tensor_value_info("seqlens", TensorProto.INT32, ["B"])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT32, ["B", "T"])])
+    found = crossings(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert len(found) == 2 and "graph input seqlens" in found[0] and "CPU value start" in found[1], found
+    # a Clip with an absent min stays on the device (copies both ways); a shape computed on the device
+    nodes = [helper.make_node("Shape", ["ids"], ["shape"]), helper.make_node("Clip", ["shape", "", "hi"], ["clipped"]),
+             helper.make_node("Reshape", ["ids", "clipped"], ["flat"]),
+             helper.make_node("ReduceSum", ["ids"], ["n"], keepdims=0), helper.make_node("Cast", ["n"], ["n64"], to=7),
+             helper.make_node("Reshape", ["ids", "n64"], ["out"])]
+    hi = helper.make_tensor("hi", TensorProto.INT64, [], [1 << 20])
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("ids", TensorProto.INT32, ["B", "T"])],
+                              [helper.make_tensor_value_info("out", TensorProto.INT32, None),
+                               helper.make_tensor_value_info("flat", TensorProto.INT32, None)], [hi])
+    found = crossings(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]))
+    assert found == [" (Clip, on the device) reads CPU value shape", " (Reshape) reads device value clipped on the host",
+                     " (Reshape) reads device value n64 on the host"], found
 
 
 def test_step_and_slot_are_live_inputs(tiny, engines_master):
