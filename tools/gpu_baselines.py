@@ -23,11 +23,16 @@ if TYPE_CHECKING:
     from gpu_bench import Bench
 
 
-def bench_baselines(bench: Bench, models: Path, batches: list, draft_steps: int, modes: list) -> None:
-    """Every PyTorch baseline in turn on the pair in `models`: eager at batch 1 and 8, the compiled loop in each
-    compile mode of `modes` (None: eager), Hugging Face at batch 1, and on CUDA the floor (report["floor"])."""
+def bench_baselines(bench: Bench, models: Path, batches: list, draft_steps: int, modes: list,
+                    eager: bool = True) -> None:
+    """The PyTorch baselines in turn on the pair in `models`: with `eager`, eager at batch 1 and 8; with `modes`
+    (compile modes, None: static KV without compiling), the compiled loop in each, Hugging Face at batch 1 and on
+    CUDA the floor (report["floor"])."""
     target, draft, con = torch_pair(bench, models)
-    bench_eager(bench, target, draft, con, batches, draft_steps)
+    if eager:
+        bench_eager(bench, target, draft, con, batches, draft_steps)
+    if not modes:
+        return
     bench.report["torch_compiled"] = bench_compiled((target, draft), con, bench.users, bench.hist_all, batches,
                                                     draft_steps, modes, bench.repeats, bench.add,
                                                     bench.report["ar_tokens"])

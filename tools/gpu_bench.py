@@ -162,6 +162,27 @@ def add_bench_options(ap: argparse.ArgumentParser) -> None:
                    help="torch.compile modes of the static-KV PyTorch baseline ('eager': none); CPU runs eager")
     g.add_argument("--quick", action="store_true",
                    help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
+    g.add_argument("--sections", type=sections_arg, default=",".join(SECTIONS),
+                   help="what the bench runs, of: " + "; ".join(f"{k}: {v}" for k, v in SECTIONS.items())
+                        + ". An LLM-sized pair within a 10-minute call: headline,batches,eagle,pytorch")
+
+
+SECTIONS = {  # --sections: name -> what it runs (main, in this order)
+    "configs": "the runtime configurations at batch 1 and 8 (without it: the default one's AR and chain rows)",
+    "headline": "AR against the default speculation at batch 1, alternating",
+    "host": "graph op counts, launch times, GPU timeline and host profiles at batch 1",
+    "batches": "every draft at every batch, then speculate='auto'",
+    "depths": "other chain depths at batch 1",
+    "eagle": "PAD-Rec against EAGLE at batch 1, alternating",
+    "eager": "PyTorch eager, the same loop",
+    "pytorch": "torch.compile static-KV AR and chain, Hugging Face generate, the weight floor"}
+
+
+def sections_arg(text: str) -> set:
+    got = {s for s in text.split(",") if s}
+    if not got or got - set(SECTIONS):
+        raise argparse.ArgumentTypeError(f"got {text!r} | expected a comma-separated subset of {', '.join(SECTIONS)}")
+    return got
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -535,23 +556,52 @@ def main():
     batches = [int(b) for b in args.batches.split(",")]
     hist_all = bench_histories(max(batches))
     bench = Bench(Path(args.out), job.device, hist_all[:args.b1_users], hist_all, args.repeats, report)
-    engines = engine_dirs(job, plan)
-    report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
-    engine, opts = bench_runtime_configs(bench, engines["padrec"], batches, args.quick)
+    run_sections(bench, args, job, plan, batches)
+    write_report(bench)
+
+
+def run_sections(bench: Bench, args, job: Job, plan: ExportPlan, batches: list) -> None:
+    """The bench's --sections in order (see SECTIONS); every one adds rows or a report entry."""
+    sections, report, engines = args.sections, bench.report, engine_dirs(job, plan)
+    report["sections"] = sorted(sections)
+    if "configs" in sections:
+        engine, opts = bench_runtime_configs(bench, engines["padrec"], batches, args.quick)
+    else:  # the default configuration's rows at batch 1 and 8
+        engine, opts = "padrec-ort-cuda", ({} if bench.device == "cuda" else dict(static_shapes=True))  # as configs
+        rec = bench.open_rec(engines["padrec"], **opts)
+        for batch in [b for b in (1, 8) if b in batches]:
+            run_modes(bench, rec, engine, "padrec", batch, ["off", "chain", "chain-dev"])
+        report["graph_notes"] = {engine: [n for b in rec.backends.values() for n in b.graph_notes]}
+        report["gpu_mem_mib"] = {engine: bench.gpu_used_mib()}
+        close(rec)
     report["runtime"] = engine
-    rec = bench.open_rec(engines["padrec"], **opts)
-    report["headline_b1"] = bench_headline_b1(bench, rec)
-    bench_host_critical_b1(bench, rec)
-    close(rec)
-    bench_batches(bench, engines, engine, opts, batches)
-    bench_step_depths_b1(bench, engines["padrec"], engine, opts)
-    report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, export_depths(job, plan, args.depths), opts)
-    report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts)
+    if sections & {"headline", "host"}:
+        rec = bench.open_rec(engines["padrec"], **opts)
+        if "headline" in sections:
+            report["headline_b1"] = bench_headline_b1(bench, rec)
+        if "host" in sections:
+            report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
+            bench_host_critical_b1(bench, rec)
+        close(rec)
+    if "batches" in sections:
+        bench_batches(bench, engines, engine, opts, batches)
+    if "depths" in sections:
+        bench_step_depths_b1(bench, engines["padrec"], engine, opts)
+        report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, export_depths(job, plan, args.depths), opts)
+    if "eagle" in sections:
+        report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts)
     # PyTorch: eager, the strongest a user would write (static KV cache + torch.compile; eager on CPU smoke runs),
     # Hugging Face generate, the weight-bandwidth floor
-    modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if job.device == "cuda" else [None]
-    bench_baselines(bench, job.models, batches, args.draft_steps, modes)
-    write_report(bench)
+    if sections & {"eager", "pytorch"}:
+        missing = [b for b in batches if b <= 8 and b not in report.get("ar_tokens", {})]
+        if missing:  # AR's lists, which the PyTorch rows are checked against (our AR rows at those batches)
+            rec = bench.open_rec(engines["padrec"], **opts)
+            for batch in missing:
+                run_modes(bench, rec, engine, "padrec", batch, ["off"])
+            close(rec)
+        modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if job.device == "cuda" else [None]
+        bench_baselines(bench, job.models, batches, args.draft_steps, modes if "pytorch" in sections else [],
+                        eager="eager" in sections)
 
 
 if __name__ == "__main__":

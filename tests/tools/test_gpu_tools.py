@@ -73,3 +73,15 @@ def test_verify_parity_compares_steps_and_one_pass_over_the_same_cache(tmp_path)
     r = sp.verify_parity(tmp_path / "t.onnx", cfg, past=20, max_len=48, dtype=np.float32)
     assert r["T"] == 8 and r["argmax_equal_positions"] == 8
     assert r["logits"]["max_abs_diff"] < 1e-4 and r["hidden"]["max_abs_diff"] < 1e-4
+
+
+def test_bench_sections_parse_and_name_the_valid_ones():
+    """--sections takes a comma-separated subset of the bench's sections; anything else is refused with the list."""
+    import argparse
+
+    from gpu_bench import SECTIONS, parse_args, sections_arg
+    assert sections_arg("headline,pytorch") == {"headline", "pytorch"}
+    assert parse_args(["--work", "w"]).sections == set(SECTIONS)  # the default: every section
+    for bad in ("", "headline,profile"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a comma-separated subset of configs"):
+            sections_arg(bad)
