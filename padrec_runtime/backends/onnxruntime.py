@@ -158,19 +158,17 @@ class OrtBackend:
         (above graph_max_tokens) run on per-shape sessions over the shared arena; a graph whose session ONNX
         Runtime refuses to capture (data crossing between host and device, padrec_export.placement; engines
         exported before that was fixed) keeps a graphed session per shape."""
-        if self.graph_sessions == "per_shape" or not self.wants_graph(dims) or self._graph_session is False:
-            session = self.static_session(dims)
-            return session, self.replays_graph(dims)
-        if self._graph_session is None:
+        shared = self.graph_sessions == "per_graph" and self.wants_graph(dims)
+        if shared and self._graph_session is None:
             fixed = {k: v for k, v in dims.items() if k in CACHE_DIMS}
             try:
                 self._graph_session = self._open(fixed, cuda_graph=True)
-            except BackendError as exc:
+            except BackendError as exc:  # refused: a graphed session per shape, as per_shape
                 self.graph_notes.append(f"{fixed}: no CUDA graph ({exc})")
                 self._graph_session = False
-        if self._graph_session is False:  # refused (e.g. shape nodes on the CPU): a graphed session per shape
-            return self.static_session(dims), self.replays_graph(dims)
-        return self._graph_session, True
+        if shared and self._graph_session:
+            return self._graph_session, True
+        return self.static_session(dims), self.replays_graph(dims)
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape
