@@ -27,7 +27,7 @@ import torch
 
 from padrec_export.bench import hardware
 from padrec_export.data import load_dataset, make_split
-from padrec_export.pipeline import export_checkpoints
+from padrec_export.pipeline import DRAFTS, export_checkpoints
 from padrec_export.sizes import RECIPES, SIZES
 from padrec_export.quantize import parse_quantize
 from padrec_export.stages import ExportPlan, Job, engine_dirs, run_stages
@@ -48,7 +48,7 @@ def job_from_args(args) -> tuple[Job, ExportPlan]:
     recipe = dataclasses.replace(RECIPES[name], **{k: v for k, v in overrides.items() if v is not None})
     job = Job(Path(args.work), name, recipe, epochs=args.epochs, draft_epochs=args.draft_epochs,
               draft_train_steps=args.draft_train_steps, device="cpu" if args.small else "cuda",
-              users=40 if args.small else None)
+              users=40 if args.small else None, drafts=tuple(getattr(args, "drafts", DRAFTS)))
     precision = args.precision or ("fp32" if args.small else "fp16")
     quantization = parse_quantize(args.quantize, args.quantize_block, args.quantize_draft)
     return job, ExportPlan(precision, max_seq_len=256, max_history=20, max_batch=64, draft_steps=args.draft_steps,
@@ -121,6 +121,9 @@ def add_run_options(ap: argparse.ArgumentParser) -> None:
     g.add_argument("--small", action="store_true", help="CPU smoke run with a tiny model (--size tiny on CPU)")
     g.add_argument("--size", choices=list(SIZES), default="qwen-0.5b", help="target shape (sizes.SIZES)")
     g.add_argument("--stages", default="train,export,bench")
+    g.add_argument("--drafts", type=drafts_arg, default=",".join(DRAFTS),
+                   help=f"the drafts trained, exported and benched, of {', '.join(DRAFTS)} (padrec first); "
+                        "the eagle section needs both")
 
 
 def add_train_options(ap: argparse.ArgumentParser) -> None:
@@ -178,6 +181,13 @@ SECTIONS = {  # --sections: name -> what it runs (main, in this order)
     "eagle": "PAD-Rec against EAGLE at batch 1, alternating"}
 
 
+def drafts_arg(text: str) -> list:
+    got = [d for d in text.split(",") if d]
+    if not got or set(got) - set(DRAFTS) or got[0] != "padrec" or len(set(got)) < len(got):
+        raise argparse.ArgumentTypeError(f"got {text!r} | expected padrec, then any others of {', '.join(DRAFTS)}")
+    return got
+
+
 def sections_arg(text: str) -> set:
     got = {s for s in text.split(",") if s}
     if not got or got - set(SECTIONS):
@@ -189,7 +199,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     for add in (add_run_options, add_train_options, add_export_options, add_bench_options):
         add(ap)
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if "eagle" in args.sections and "eagle" not in args.drafts:
+        ap.error("--sections eagle: compares PAD-Rec with EAGLE | add eagle to --drafts, or drop the section")
+    return args
 
 
 # -- the pair: training and export stages ----------------------------------------------------------------------------
@@ -471,11 +484,11 @@ def bench_adaptive(bench: Bench, rec, engine: str, batches: list) -> None:
                    "samples_ms": {"auto": [v / bench.per_list(batch) for v in t["auto"]], "ar": t_ar}})
 
 
-def bench_batches(bench: Bench, engines: dict, engine: str, opts: dict, batches: list) -> None:
+def bench_batches(bench: Bench, engines: dict, engine: str, opts: dict, batches: list, padrec) -> None:
     """Every draft's engines in the chosen configuration at every batch (PAD-Rec's batch 1 and 8 ran with the
-    configurations), then adaptive speculation on PAD-Rec's."""
+    configurations), then adaptive speculation on PAD-Rec's. padrec: PAD-Rec's open recommender."""
     for name, eng in engines.items():
-        rec = bench.open_rec(eng, **opts)
+        rec = padrec if name == "padrec" else bench.open_rec(eng, **opts)
         for batch in batches:
             if name == "padrec" and batch in (1, 8):
                 continue  # measured with the configurations
@@ -483,19 +496,18 @@ def bench_batches(bench: Bench, engines: dict, engine: str, opts: dict, batches:
             run_modes(bench, rec, engine, name, batch, (["off"] if ar else []) + ["chain", "tree"])
         if name == "padrec":
             bench_adaptive(bench, rec, engine, batches)
-        close(rec)
+        else:
+            close(rec)
 
 
-def bench_step_depths_b1(bench: Bench, engine_dir: Path, engine: str, opts: dict) -> None:
+def bench_step_depths_b1(bench: Bench, rec, engine: str) -> None:
     """Other depths at batch 1, the draft step by step (trained with --draft-train-steps unrolled steps; deeper
     steps reuse the last step embedding); the default K ran the fused chain graph."""
-    rec = bench.open_rec(engine_dir, **opts)
     for K in (2, 4, 6):
         res, ms = timed(lambda: each(rec, bench.users, speculate="chain", draft_steps=K), bench.repeats)
         bench.add(f"{engine}/padrec", f"chain K={K}", 1, ms / len(bench.users), res.tau,
                   {"identical_to_ar": bench.same_as_ar(1, [r.tokens for r in res.lists]),
                    "rounds": res.rounds / len(bench.users)})
-    close(rec)
 
 
 def export_depths(job: Job, plan: ExportPlan, depths: str) -> dict:
@@ -524,9 +536,10 @@ def bench_fused_depths_b1(bench: Bench, depth: dict, opts: dict) -> dict:
     return res
 
 
-def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict) -> dict:
-    """PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state)."""
-    recs = {name: bench.open_rec(eng, **opts) for name, eng in engines.items()}
+def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict, padrec) -> dict:
+    """PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state).
+    padrec: PAD-Rec's open recommender."""
+    recs = {"padrec": padrec, "eagle": bench.open_rec(engines["eagle"], **opts)}
     res = {}
     for mode in ("chain", "tree"):
         t, last = alternate({name: (lambda r=r: each(r, bench.users, speculate=mode)) for name, r in recs.items()},
@@ -535,7 +548,7 @@ def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict) -> dict:
         med = {name: float(np.median(v)) / len(bench.users) for name, v in t.items()}
         res[mode] = {"ms": med, "tau": tau, "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
         log("padrec vs eagle", mode, json.dumps(res[mode]))
-    close(*recs.values())
+    close(recs["eagle"])
     return res
 
 
@@ -562,11 +575,14 @@ def main():
 
 
 def run_sections(bench: Bench, args, job: Job, plan: ExportPlan, batches: list) -> None:
-    """The bench's --sections in order (see SECTIONS); every one adds rows or a report entry."""
+    """The bench's --sections in order (see SECTIONS); every one adds rows or a report entry. One recommender
+    of the chosen configuration serves every section after the configurations: an LLM-sized engine directory
+    takes a minute or more to load."""
     sections, report, engines = args.sections, bench.report, engine_dirs(job, plan)
     report["sections"] = sorted(sections)
     if "configs" in sections:
         engine, opts = bench_runtime_configs(bench, engines["padrec"], batches, args.quick)
+        rec = bench.open_rec(engines["padrec"], **opts)
     else:  # the default configuration's rows at batch 1 and 8
         engine, opts = "padrec-ort-cuda", ({} if bench.device == "cuda" else dict(static_shapes=True))  # as configs
         rec = bench.open_rec(engines["padrec"], **opts)
@@ -574,36 +590,33 @@ def run_sections(bench: Bench, args, job: Job, plan: ExportPlan, batches: list) 
             run_modes(bench, rec, engine, "padrec", batch, ["off", "chain", "chain-dev"])
         report["graph_notes"] = {engine: [n for b in rec.backends.values() for n in b.graph_notes]}
         report["gpu_mem_mib"] = {engine: bench.gpu_used_mib()}
-        close(rec)
     report["runtime"] = engine
-    if sections & {"headline", "host"}:
-        rec = bench.open_rec(engines["padrec"], **opts)
-        if "headline" in sections:
-            report["headline_b1"] = bench_headline_b1(bench, rec)
-        if "host" in sections:
-            report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
-            bench_host_critical_b1(bench, rec)
-        close(rec)
-    # PyTorch: eager, the strongest a user would write (static KV cache + torch.compile; eager on CPU smoke runs),
-    # Hugging Face generate, the weight-bandwidth floor
+    if "headline" in sections:
+        report["headline_b1"] = bench_headline_b1(bench, rec)
+    if "host" in sections:
+        report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
+        bench_host_critical_b1(bench, rec)
     if sections & {"eager", "pytorch"}:
-        missing = [b for b in batches if b <= 8 and b not in report.get("ar_tokens", {})]
-        if missing:  # AR's lists, which the PyTorch rows are checked against (our AR rows at those batches)
-            rec = bench.open_rec(engines["padrec"], **opts)
-            for batch in missing:
-                run_modes(bench, rec, engine, "padrec", batch, ["off"])
-            close(rec)
-        modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if job.device == "cuda" else [None]
-        bench_baselines(bench, job.models, batches, args.draft_steps, modes if "pytorch" in sections else [],
-                        eager="eager" in sections)
+        bench_pytorch(bench, args, job, rec, engine, batches)
     if "batches" in sections:
-        bench_batches(bench, engines, engine, opts, batches)
+        bench_batches(bench, engines, engine, opts, batches, rec)
     if "depths" in sections:
-        bench_step_depths_b1(bench, engines["padrec"], engine, opts)
+        bench_step_depths_b1(bench, rec, engine)
         report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, export_depths(job, plan, args.depths), opts)
     if "eagle" in sections:
-        report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts)
+        report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts, rec)
+    close(rec)
 
+
+def bench_pytorch(bench: Bench, args, job: Job, rec, engine: str, batches: list) -> None:
+    """PyTorch: eager, the strongest a user would write (static KV cache + torch.compile; eager on CPU smoke
+    runs), Hugging Face generate, the weight-bandwidth floor; each checked against our AR lists (timed first
+    where the sections before did not)."""
+    for batch in [b for b in batches if b <= 8 and b not in bench.report.get("ar_tokens", {})]:
+        run_modes(bench, rec, engine, "padrec", batch, ["off"])
+    modes = [None if m == "eager" else m for m in args.compile_modes.split(",")] if job.device == "cuda" else [None]
+    bench_baselines(bench, job.models, batches, args.draft_steps, modes if "pytorch" in args.sections else [],
+                    eager="eager" in args.sections)
 
 if __name__ == "__main__":
     main()

@@ -85,3 +85,18 @@ def test_bench_sections_parse_and_name_the_valid_ones():
     for bad in ("", "headline,profile"):
         with pytest.raises(argparse.ArgumentTypeError, match="expected a comma-separated subset of configs"):
             sections_arg(bad)
+
+
+def test_bench_drafts_parse_and_the_eagle_section_needs_eagle():
+    """--drafts names the drafts a pair trains and benches, PAD-Rec first; the PAD-Rec/EAGLE section is refused
+    without EAGLE's draft, before any training starts."""
+    import argparse
+
+    from gpu_bench import drafts_arg, parse_args
+    assert drafts_arg("padrec") == ["padrec"] and drafts_arg("padrec,eagle") == ["padrec", "eagle"]
+    for bad in ("eagle", "padrec,padrec", "padrec,medusa", ""):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected padrec, then any others of"):
+            drafts_arg(bad)
+    assert parse_args(["--work", "w", "--drafts", "padrec", "--sections", "headline"]).drafts == ["padrec"]
+    with pytest.raises(SystemExit):
+        parse_args(["--work", "w", "--drafts", "padrec"])  # every section, eagle included
