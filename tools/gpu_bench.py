@@ -200,7 +200,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     for add in (add_run_options, add_train_options, add_export_options, add_bench_options):
         add(ap)
     args = ap.parse_args(argv)
-    if "eagle" in args.sections and "eagle" not in args.drafts:
+    if "bench" in args.stages.split(",") and "eagle" in args.sections and "eagle" not in args.drafts:
         ap.error("--sections eagle: compares PAD-Rec with EAGLE | add eagle to --drafts, or drop the section")
     return args
 
