@@ -219,9 +219,9 @@ class DeviceCache:
             self._bound[key] = self._bind(name, session, P, bucket_inputs=True)
             # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
             graph_id = next(_GRAPH_IDS)
-            self._options[key] = (g.backend.run_options(_OUTSIDE_GRAPHS, queued=False),
-                                  g.backend.run_options(graph_id, queued=False),
-                                  g.backend.run_options(graph_id, queued=self.device != "cpu"))
+            self._options[key] = (g.backend.run_options(_OUTSIDE_GRAPHS, queued=False, dims=dims),
+                                  g.backend.run_options(graph_id, queued=False, dims=dims),
+                                  g.backend.run_options(graph_id, queued=self.device != "cpu", dims=dims))
             if graphed:
                 self._graphed.add(key)
         bound = self._bound[key]

@@ -84,6 +84,29 @@ def test_only_decode_sized_buckets_capture_graphs_under_cuda_graph_max_tokens(en
     assert not b.wants_graph({"batch": 8, "seq": 8})
 
 
+def test_only_runs_too_large_for_a_cuda_graph_release_the_shared_arena(engines_master):
+    """Under graph_max_tokens a prefill-sized bucket's runs ask ONNX Runtime to shrink the shared CUDA arena when
+    they end (its activations go back to the device); decode-sized buckets, runs with CUDA graphs off and CPU
+    runs never do (a CPU session has no such arena: ONNX Runtime would refuse the run)."""
+    from padrec_runtime.backends.onnxruntime import ARENA_SHRINK
+
+    def shrinks(b, dims):
+        try:
+            return b.run_options(1, queued=False, dims=dims).get_run_config_entry(ARENA_SHRINK) == "gpu:0"
+        except RuntimeError:  # onnxruntime: no such entry
+            return False
+    b = OrtBackend(load_manifest(engines_master), "target", cuda_graphs=True, graph_max_tokens=16)
+    prefill, step = {"batch": 64, "seq": 128}, {"batch": 64, "seq": 8}
+    assert not shrinks(b, prefill)  # CPU
+    b.device = "cuda"  # the decision only: no CUDA session is made
+    assert shrinks(b, prefill) and not shrinks(b, step)
+    assert not shrinks(b, None) and not shrinks(b, {"batch": 1, "seq": 16})
+    b.graph_max_tokens = None  # every bucket graphed
+    assert not shrinks(b, prefill)
+    b.cuda_graphs, b.graph_max_tokens = False, 16  # no graphs at all: every step would pay the allocations
+    assert not shrinks(b, prefill)
+
+
 def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graphs(engines_master, monkeypatch):
     """CUDA sessions carry ONNX Runtime's GEMM auto-tune entry; with ORT_CUDA_GEMM_AUTO_TUNE set they leave the
     choice to it; CPU sessions never carry it."""
