@@ -270,6 +270,10 @@ class Bench:
                "tau": tau, **(extra or {})}
         self.rows.append(row)
         log(json.dumps(row))
+        self.save()
+
+    def save(self) -> None:
+        """Write the report as it stands (after every row and every section's entry)."""
         (self.out / "gpu_bench.json").write_text(json.dumps(
             {**{k: v for k, v in self.report.items() if k != "ar_tokens"}, "rows": self.rows}, indent=2) + "\n")
 
@@ -591,20 +595,27 @@ def run_sections(bench: Bench, args, job: Job, plan: ExportPlan, batches: list) 
         report["graph_notes"] = {engine: [n for b in rec.backends.values() for n in b.graph_notes]}
         report["gpu_mem_mib"] = {engine: bench.gpu_used_mib()}
     report["runtime"] = engine
+    bench.save()
     if "headline" in sections:
         report["headline_b1"] = bench_headline_b1(bench, rec)
+        bench.save()
     if "host" in sections:
         report["graph_ops"] = graph_op_counts(engines["padrec"], job.work, job.device)
         bench_host_critical_b1(bench, rec)
+        bench.save()
     if sections & {"eager", "pytorch"}:
         bench_pytorch(bench, args, job, rec, engine, batches)
+        bench.save()
     if "batches" in sections:
         bench_batches(bench, engines, engine, opts, batches, rec)
+        bench.save()
     if "depths" in sections:
         bench_step_depths_b1(bench, rec, engine)
         report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, export_depths(job, plan, args.depths), opts)
+        bench.save()
     if "eagle" in sections:
         report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts, rec)
+        bench.save()
     close(rec)
 
 

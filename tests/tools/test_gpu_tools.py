@@ -7,7 +7,8 @@ from types import SimpleNamespace
 import pytest
 
 torch = pytest.importorskip("torch")
-sys.path.insert(0, str(Path(__file__).parents[2] / "tools"))
+ROOT = Path(__file__).parents[2]
+sys.path.insert(0, str(ROOT / "tools"))
 from gpu_bench import Bench, check_against_ar, first_differences  # noqa: E402
 from gpu_trace import idle_report, union  # noqa: E402
 
@@ -100,3 +101,26 @@ def test_bench_drafts_parse_and_the_eagle_section_needs_eagle():
     assert parse_args(["--work", "w", "--drafts", "padrec", "--sections", "headline"]).drafts == ["padrec"]
     with pytest.raises(SystemExit):
         parse_args(["--work", "w", "--drafts", "padrec"])  # every section, eagle included
+
+
+def test_llm_plot_draws_the_committed_results_and_tolerates_missing_ones(tmp_path):
+    """tools/plot_llm.py draws the committed H200 results; a results folder without them still gives a figure."""
+    import shutil
+
+    from plot_llm import main as plot_llm
+    plot_llm(["--results", str(ROOT / "benchmarks/results"), "--out", str(tmp_path / "llm.png")])
+    assert (tmp_path / "llm.png").stat().st_size > 10_000
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    shutil.copy(ROOT / "benchmarks/results/llm_steps_h200.json", empty)
+    plot_llm(["--results", str(empty)])
+    assert (empty / "llm_h200.png").exists()
+
+
+def test_llm_plan_names_its_steps_and_sizes():
+    """tools/gpu_llm_plan.sh refuses an unknown step or pair size with its usage, before touching the machine."""
+    import subprocess
+    for args in (["launch"], ["train", "3b"], ["bench"]):
+        res = subprocess.run(["bash", str(ROOT / "tools/gpu_llm_plan.sh"), *args], capture_output=True, text=True,
+                             env={"PATH": "/usr/bin:/bin", "OUT": "/nonexistent"})
+        assert res.returncode == 2 and "usage: gpu_llm_plan.sh train 7b|1.5b" in res.stderr, (args, res.stderr)
