@@ -91,7 +91,7 @@ def bench_eager(bench: Bench, target, draft, con, batches: list, draft_steps: in
             gs = gs if batch == 1 else [gs]
             toks = [t for g in gs for t in g.tokens]
             tau = float(np.mean([n for g in gs for row in g.committed for n in row]))
-            bench.add("pytorch-eager", mode, batch, ms / bench.per_list(batch), tau,
+            bench.add("pytorch-eager", mode, batch, ms / bench.per_request(batch), tau,
                       {"identical_to_ar": bench.same_as_ar(batch, toks)})
 
 

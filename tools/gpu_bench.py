@@ -167,7 +167,8 @@ def add_bench_options(ap: argparse.ArgumentParser) -> None:
                    help="only the default runtime configuration (no dynamic / static-without-graphs rows)")
     g.add_argument("--sections", type=sections_arg, default=",".join(SECTIONS),
                    help="what the bench runs, of: " + "; ".join(f"{k}: {v}" for k, v in SECTIONS.items())
-                        + ". An LLM-sized pair within a 10-minute call: headline,pytorch,batches")
+                        + ". A 7B pair's 10-minute call holds headline,batches, or pytorch alone "
+                          "(its load and compile: ~4 min)")
 
 
 SECTIONS = {  # --sections: name -> what it runs (main, in this order)
@@ -265,9 +266,11 @@ class Bench:
     counters: dict = dataclasses.field(default_factory=dict)  # id(Recommender) -> its CallCounter
 
     def add(self, engine, mode, batch, ms, tau=None, extra=None) -> None:
-        """One result row (ms per list, and lists per second from it), logged; the JSON rewritten with it."""
-        row = {"engine": engine, "mode": mode, "batch": batch, "ms_per_list": ms, "lists_per_s": batch / ms * 1e3,
-               "tau": tau, **(extra or {})}
+        """One result row, logged; the JSON rewritten with it. ms: per request (batch 1: one user's request,
+        the users in turn; batch B: one request of B histories), as are the row's other times, samples and
+        rounds; ms_per_list and lists_per_s count each of a request's lists."""
+        row = {"engine": engine, "mode": mode, "batch": batch, "ms_per_request": ms, "ms_per_list": ms / batch,
+               "lists_per_s": batch / ms * 1e3, "tau": tau, **(extra or {})}
         self.rows.append(row)
         log(json.dumps(row))
         self.save()
@@ -294,7 +297,8 @@ class Bench:
         self.counters[id(rec)] = counter
         return rec
 
-    def per_list(self, batch) -> int:
+    def per_request(self, batch) -> int:
+        """Requests in one timed pass: one per user at batch 1, one at batch B."""
         return len(self.users) if batch == 1 else 1
 
     def request(self, rec, batch, **opts):
@@ -321,18 +325,18 @@ def run_modes(bench: Bench, rec, engine: str, name: str, batch: int, modes) -> N
     for mode in modes:
         counter.clear()
         bench.request(rec, batch, **mode_opts(mode))
-        calls[mode] = {call_name(key): n / bench.per_list(batch) for key, n in counter.calls.items()}
+        calls[mode] = {call_name(key): n / bench.per_request(batch) for key, n in counter.calls.items()}
     t, last = alternate({mode: (lambda o=mode_opts(mode): bench.request(rec, batch, **o)) for mode in modes},
                         bench.repeats)
     for mode in modes:
-        res, ms = last[mode], float(np.median(t[mode])) / bench.per_list(batch)
+        res, ms = last[mode], float(np.median(t[mode])) / bench.per_request(batch)
         same = check_against_ar(bench, [r.tokens for r in res.lists], engine, name, mode, batch)
-        split_ms = {k: v * 1e3 / bench.per_list(batch) for k, v in res.time_s.items()}
-        rounds = res.rounds / bench.per_list(batch)
+        split_ms = {k: v * 1e3 / bench.per_request(batch) for k, v in res.time_s.items()}
+        rounds = res.rounds / bench.per_request(batch)
         bench.add(f"{engine}/{name}" if mode != "off" else engine, mode, batch, ms, res.tau,
                   {"identical_to_ar": same, "rounds": rounds, "split_ms": split_ms,
                    "verify_ms_per_round": split_ms["verify"] / (rounds + 1),
-                   "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_list": calls[mode]})
+                   "host_ms_per_round": split_ms["host"] / max(rounds, 1), "engine_calls_per_request": calls[mode]})
 
 
 def check_against_ar(bench: Bench, toks: list, engine: str, name: str, mode: str, batch: int) -> bool:
@@ -478,14 +482,14 @@ def bench_adaptive(bench: Bench, rec, engine: str, batches: list) -> None:
     for batch in batches:
         t, last = alternate({"auto": lambda: bench.request(rec, batch, speculate="auto"),
                              "ar": lambda: bench.request(rec, batch, speculate="off")}, max(9, bench.repeats))
-        t_ar, res = [v / bench.per_list(batch) for v in t["ar"]], last["auto"]
-        ms, ar = float(np.median(t["auto"])) / bench.per_list(batch), float(np.median(t_ar))
+        t_ar, res = [v / bench.per_request(batch) for v in t["ar"]], last["auto"]
+        ms, ar = float(np.median(t["auto"])) / bench.per_request(batch), float(np.median(t_ar))
         pick = choose(plan, batch)
         noise = float(np.std(t_ar) / ar)
         bench.add(f"{engine}/auto", "auto", batch, ms, res.tau,
                   {"ar_ms": ar, "pick": [pick.speculate, pick.draft_steps, pick.device_rounds], "ar_rel_std": noise,
                    "not_slower_than_ar": ms <= ar * (1 + max(2 * noise, 0.01)),
-                   "samples_ms": {"auto": [v / bench.per_list(batch) for v in t["auto"]], "ar": t_ar}})
+                   "samples_ms": {"auto": [v / bench.per_request(batch) for v in t["auto"]], "ar": t_ar}})
 
 
 def bench_batches(bench: Bench, engines: dict, engine: str, opts: dict, batches: list, padrec) -> None:
@@ -528,15 +532,19 @@ def export_depths(job: Job, plan: ExportPlan, depths: str) -> dict:
     return out
 
 
-def bench_fused_depths_b1(bench: Bench, depth: dict, opts: dict) -> dict:
-    """The fused chain's depth at batch 1: the engines of each K timed alternately."""
-    recs = {K: bench.open_rec(eng, **opts) for K, eng in depth.items()}
+def bench_fused_depths_b1(bench: Bench, depth: dict, opts: dict, padrec) -> dict:
+    """The fused chain's depth at batch 1: the engines of each K timed alternately (padrec: the default K's open
+    recommender, `depth`'s first entry), each warmed up first."""
+    default = next(iter(depth))
+    recs = {K: padrec if K == default else bench.open_rec(eng, **opts) for K, eng in depth.items()}
+    for r in recs.values():
+        each(r, bench.users, speculate="chain")
     t, last = alternate({K: (lambda r=r: each(r, bench.users, speculate="chain")) for K, r in recs.items()},
                         max(5, bench.repeats))
     res = {str(K): {"ms": float(np.median(t[K])) / len(bench.users), "tau": last[K].tau,
                     "identical_to_ar": bench.same_as_ar(1, [r.tokens for r in last[K].lists])} for K in recs}
     log("fused chain depth", json.dumps(res))
-    close(*recs.values())
+    close(*[r for K, r in recs.items() if K != default])
     return res
 
 
@@ -546,6 +554,8 @@ def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict, padrec) ->
     recs = {"padrec": padrec, "eagle": bench.open_rec(engines["eagle"], **opts)}
     res = {}
     for mode in ("chain", "tree"):
+        for r in recs.values():  # one untimed pass each: EAGLE's sessions are new, PAD-Rec's warm
+            each(r, bench.users, speculate=mode)
         t, last = alternate({name: (lambda r=r: each(r, bench.users, speculate=mode)) for name, r in recs.items()},
                             max(5, bench.repeats))
         tau = {name: r.tau for name, r in last.items()}
@@ -571,6 +581,10 @@ def main():
     report = start_report(job)
     if not make_pair(args, job, plan, report):
         return
+    missing = [str(eng) for eng in engine_dirs(job, plan).values() if not (eng / "manifest.json").exists()]
+    if missing:
+        raise SystemExit(f"bench: no engines in {', '.join(missing)} | run the export stage with the same --drafts, "
+                         "or bench only the drafts exported (--drafts)")
     batches = [int(b) for b in args.batches.split(",")]
     hist_all = bench_histories(max(batches))
     bench = Bench(Path(args.out), job.device, hist_all[:args.b1_users], hist_all, args.repeats, report)
@@ -611,7 +625,8 @@ def run_sections(bench: Bench, args, job: Job, plan: ExportPlan, batches: list) 
         bench.save()
     if "depths" in sections:
         bench_step_depths_b1(bench, rec, engine)
-        report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, export_depths(job, plan, args.depths), opts)
+        depths = export_depths(job, plan, args.depths)
+        report["fused_chain_depth_b1"] = bench_fused_depths_b1(bench, depths, opts, rec)
         bench.save()
     if "eagle" in sections:
         report["padrec_vs_eagle_b1"] = bench_padrec_vs_eagle_b1(bench, engines, opts, rec)

@@ -9,12 +9,14 @@
 #   side                the GPU tests and the 1.5B memory run (per-process memory: a training beside it does not count)
 #   wait SIZE [SECONDS] until the pair's background stages end (at most SECONDS, default 540), then what they logged
 #   bench SIZE [SECONDS [SECTIONS]]
-#                       the pair's bench alone on the card (at most SECONDS, default 480; SECTIONS: gpu_bench.py
-#                       --sections, default headline,pytorch,batches, 1.5b adds eagle), then its memory in the
-#                       per-graph layout while the call's 10 minutes last
+#                       the pair's bench alone on the card (at most SECONDS, default 570; SECTIONS: gpu_bench.py
+#                       --sections, default headline,pytorch,batches, 1.5b adds eagle; a 7B pair's call holds
+#                       headline,batches, or pytorch alone)
+#   memory SIZE         the pair's GPU memory by batch in the per-graph layout (tools/gpu_memory.py: ~3 min at 7B)
 set -uo pipefail
-usage="usage: gpu_llm_plan.sh train 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS]]"
-step=${1:?$usage}
+usage="usage: gpu_llm_plan.sh train 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS]] | memory 7b|1.5b"
+if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
+step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
 pair() {  # the pair of SIZE: gpu_bench.py options, its background log directory, its default sections
   case "$1" in
@@ -30,9 +32,10 @@ case "$step" in
   train)
     pair "${2:-}"
     # no budget pause in the background: a paused 7B target state is 39 GB of the disk's 64
+    # its live log is $bg/gpu_bench.log (gpu_bench.sh's tee, line by line); train.log gets the tail at the end
     (OUT=$bg setsid nohup bash tools/gpu_bench.sh "${pair[@]}" --stages target,drafts,export --budget-s 3600 \
       > "$bg/train.log" 2>&1 &)
-    sleep 20; tail -3 "$bg/train.log" ;;
+    sleep 20; tail -3 "$bg/gpu_bench.log" ;;
   side)
     t0=$(date +%s)
     timeout 240 python3 tests/runtime/test_gpu.py > "$OUT/test_gpu.log" 2>&1
@@ -46,17 +49,16 @@ case "$step" in
     pair "${2:-}"
     t0=$(date +%s)
     while pgrep -f "gpu_bench.py --out $bg" > /dev/null && (( $(date +%s) - t0 < ${3:-540} )); do sleep 10; done
-    tail -6 "$bg/train.log"; cp "$bg/train.log" "$OUT/train_$2.log" ;;
+    tail -6 "$bg/gpu_bench.log"; cp "$bg/gpu_bench.log" "$OUT/train_$2.log" ;;
   bench)
     pair "${2:-}"
     t0=$(date +%s)
-    timeout "${3:-480}" bash tools/gpu_bench.sh "${pair[@]}" --stages bench --sections "${4:-$sections}" \
+    timeout "${3:-570}" bash tools/gpu_bench.sh "${pair[@]}" --stages bench --sections "${4:-$sections}" \
       --compile-modes reduce-overhead --batches "$batches" > /dev/null 2>&1
-    echo "bench rc $? in $(( $(date +%s) - t0 )) s"; tail -12 "$OUT/gpu_bench.log"
-    left=$(( 585 - ($(date +%s) - t0) ))
-    if (( left > 200 )); then  # one variant's process: ~3 minutes at 7B
-      timeout "$left" python3 tools/gpu_memory.py --engines "${pair[3]}/eng_padrec" --out "$OUT" \
-        --variants per_graph_graph_max_16 > "$OUT/memory_$2.log" 2>&1; echo "memory rc $?"
-    fi ;;
+    echo "bench rc $? in $(( $(date +%s) - t0 )) s"; tail -12 "$OUT/gpu_bench.log" ;;
+  memory)
+    pair "${2:-}"
+    timeout 570 python3 tools/gpu_memory.py --engines "${pair[3]}/eng_padrec" --out "$OUT" \
+      --variants per_graph_graph_max_16 > "$OUT/memory_$2.log" 2>&1; echo "memory rc $?"; tail -6 "$OUT/memory_$2.log" ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac

@@ -73,8 +73,8 @@ class RuntimeOptions:
     device_cache: bool | None = None  # KV cache resident on the engine's device (ONNX Runtime IO binding); CUDA default
     static_shapes: bool | None = None  # calls padded to fixed token buckets, one session each; CUDA default
     cuda_graphs: bool | None = None  # bucket sessions replay CUDA graphs; CUDA default
-    # buckets of more tokens than this (prefill) run without a graph on one shared CUDA arena, which each of their
-    # runs hands back when it ends: a graphed session keeps an arena of its own, which at 7B would hold a prefill's
+    # buckets of more tokens than this (prefill) run without a graph on one shared CUDA arena, which a prompt's
+    # prefill hands back when it ends: a graphed session keeps an arena of its own, which at 7B would hold a prefill's
     # activations (~1 GB) for good; None: every bucket
     cuda_graph_max_tokens: int | None = None
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one

@@ -32,10 +32,10 @@ def _kv_shapes(kv: dict) -> dict:
 # that replays a graph keeps its own: the replay writes to the addresses it captured, which a shared arena hands on
 # to other sessions once the capturing run has freed them (seen as NaN logits on a trained 0.5B pair).
 SHARED_ARENA = "session.use_env_allocators"
-# A run of a bucket left out of CUDA graphs for its size (a prefill above graph_max_tokens) hands the shared arena's
-# free memory back to the device when it ends: at LLM sizes a batch-64 prefill's activations are GBs, and an arena
-# never shrinks on its own, so every prefill shape served would otherwise keep its peak for the process's life.
-# Its cost, a cudaMalloc and cudaFree of those activations, falls once per request, on a run that syncs anyway.
+# A prefill run on the shared arena hands the arena's free memory back to the device when it ends: at LLM sizes a
+# batch-64 prefill's activations are GBs, and an arena never shrinks on its own, so every prefill shape served would
+# otherwise keep its peak for the process's life. Its cost, a cudaMalloc and cudaFree of those activations, falls
+# once per request, on a run that syncs anyway (decode-sized runs never ask: they would pay it every round).
 ARENA_SHRINK, ARENA_SHRINK_CUDA = "memory.enable_memory_arena_shrinkage", "gpu:0"
 _arena_registered = False
 CACHE_DIMS = ("past", "max_seq_len")  # a bucket's dimensions that every call of a cache shares: its length
@@ -253,24 +253,22 @@ class OrtBackend:
         """A host scalar input (ONNX Runtime reads total_sequence_length on the CPU)."""
         binding.bind_input(name, "cpu", 0, arr.dtype, [], arr.ctypes.data)
 
-    def run_options(self, graph_id: int, queued: bool, dims: dict | None = None):
+    def run_options(self, graph_id: int, queued: bool, release: bool = False):
         """Options of a cache's runs: its own CUDA graphs in the shared static sessions (an annotation id per
         cache: a graph is tied to the buffers it was captured with); `queued`: the run returns once queued
         (only for replays of a captured graph: a run that executes node by node must end with a sync, or ONNX
-        Runtime frees its pinned host buffers from a stream callback, where CUDA forbids it). dims: the bucket's;
-        one too large for a CUDA graph releases its activations after each run (ARENA_SHRINK)."""
+        Runtime frees its pinned host buffers from a stream callback, where CUDA forbids it). release: a
+        synchronous run on the shared arena (a session without a CUDA graph) that shrinks the arena when it
+        ends (ARENA_SHRINK); CUDA only: a CPU session has no such arena, and ONNX Runtime would refuse the run."""
+        if release and queued:
+            raise BackendError("run options: a queued run cannot release the arena | release on a synchronous run")
         options = self._ort.RunOptions()
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         if queued:
             options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        if dims is not None and self.releases_arena(dims):
+        if release and self.device == "cuda":
             options.add_run_config_entry(ARENA_SHRINK, ARENA_SHRINK_CUDA)
         return options
-
-    def releases_arena(self, dims: dict) -> bool:
-        """Whether a bucket's runs shrink the shared CUDA arena: those left out of CUDA graphs for their size
-        only (with cuda_graphs off every run would pay the device allocations)."""
-        return self.cuda_graphs and self.device == "cuda" and not self.wants_graph(dims)
 
     def run_bound(self, graph: str, session, binding, options) -> None:
         try:

@@ -38,6 +38,9 @@ _CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays: one outside
 # graph, so in a session that holds several graphs (graph_sessions="per_graph") a new bucket's first run would
 # otherwise be its capture.
 _OUTSIDE_GRAPHS = -1
+# A bucket's options: warm-up (outside graphs), capture / a run without a graph, replay (queued), and a run without
+# a graph that shrinks the shared arena after it: a prompt's prefill, the widest call of a request (see OrtBackend)
+_RELEASE = 3
 
 
 def array_module(device: str):
@@ -219,9 +222,10 @@ class DeviceCache:
             self._bound[key] = self._bind(name, session, P, bucket_inputs=True)
             # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
             graph_id = next(_GRAPH_IDS)
-            self._options[key] = (g.backend.run_options(_OUTSIDE_GRAPHS, queued=False, dims=dims),
-                                  g.backend.run_options(graph_id, queued=False, dims=dims),
-                                  g.backend.run_options(graph_id, queued=self.device != "cpu", dims=dims))
+            self._options[key] = (g.backend.run_options(_OUTSIDE_GRAPHS, queued=False),
+                                  g.backend.run_options(graph_id, queued=False),
+                                  g.backend.run_options(graph_id, queued=self.device != "cpu"),
+                                  g.backend.run_options(graph_id, queued=False, release=True))
             if graphed:
                 self._graphed.add(key)
         bound = self._bound[key]
@@ -290,8 +294,10 @@ class DeviceCache:
         g, xp, key = self._graphs[name], self.xp, (name, P)
         runs = self._runs.get(key, 0)
         options = None
-        if P is not None:
-            options = self._options[key][min(runs, _CAPTURE_RUNS) if key in self._graphed else 1]
+        if key in self._graphed:
+            options = self._options[key][min(runs, _CAPTURE_RUNS)]
+        elif P is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
+            options = self._options[key][_RELEASE if self.scratch == 0 and not self.lengths.any() else 1]
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()

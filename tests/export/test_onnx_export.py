@@ -11,7 +11,7 @@ from padrec_export.parity import compare_fused_target, compare_graph, compare_in
 from tests.conftest import polygraphy_cli
 from padrec_export.qa_feeds import graph_cases
 from padrec_runtime.backends.onnxruntime import OrtBackend
-from padrec_runtime.errors import IntegrityError, ManifestError
+from padrec_runtime.errors import IntegrityError, ManifestError, PadrecError
 from padrec_runtime.grammar import LAYOUT_KINDS
 from padrec_runtime.manifest import load_manifest
 
@@ -84,27 +84,23 @@ def test_only_decode_sized_buckets_capture_graphs_under_cuda_graph_max_tokens(en
     assert not b.wants_graph({"batch": 8, "seq": 8})
 
 
-def test_only_runs_too_large_for_a_cuda_graph_release_the_shared_arena(engines_master):
-    """Under graph_max_tokens a prefill-sized bucket's runs ask ONNX Runtime to shrink the shared CUDA arena when
-    they end (its activations go back to the device); decode-sized buckets, runs with CUDA graphs off and CPU
-    runs never do (a CPU session has no such arena: ONNX Runtime would refuse the run)."""
+def test_arena_release_is_asked_only_of_synchronous_cuda_runs(engines_master):
+    """A run that releases the shared arena carries ONNX Runtime's shrink entry on CUDA only (a CPU session has no
+    such arena: ONNX Runtime would refuse the run), and a queued run cannot ask for it (its memory is in use)."""
     from padrec_runtime.backends.onnxruntime import ARENA_SHRINK
 
-    def shrinks(b, dims):
+    def shrinks(options):
         try:
-            return b.run_options(1, queued=False, dims=dims).get_run_config_entry(ARENA_SHRINK) == "gpu:0"
+            return options.get_run_config_entry(ARENA_SHRINK) == "gpu:0"
         except RuntimeError:  # onnxruntime: no such entry
             return False
-    b = OrtBackend(load_manifest(engines_master), "target", cuda_graphs=True, graph_max_tokens=16)
-    prefill, step = {"batch": 64, "seq": 128}, {"batch": 64, "seq": 8}
-    assert not shrinks(b, prefill)  # CPU
-    b.device = "cuda"  # the decision only: no CUDA session is made
-    assert shrinks(b, prefill) and not shrinks(b, step)
-    assert not shrinks(b, None) and not shrinks(b, {"batch": 1, "seq": 16})
-    b.graph_max_tokens = None  # every bucket graphed
-    assert not shrinks(b, prefill)
-    b.cuda_graphs, b.graph_max_tokens = False, 16  # no graphs at all: every step would pay the allocations
-    assert not shrinks(b, prefill)
+    b = OrtBackend(load_manifest(engines_master), "target")
+    assert not shrinks(b.run_options(1, queued=False, release=True))  # CPU
+    b.device = "cuda"  # the options only: no CUDA session is made
+    assert shrinks(b.run_options(1, queued=False, release=True))
+    assert not shrinks(b.run_options(1, queued=False)) and not shrinks(b.run_options(1, queued=True))
+    with pytest.raises(PadrecError, match="a queued run cannot release the arena"):
+        b.run_options(1, queued=True, release=True)
 
 
 def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graphs(engines_master, monkeypatch):

@@ -87,9 +87,9 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
 
 
 def check_graph_max_tokens(engines: Path, plain, hists: list) -> None:
-    """Graphs for decode-sized calls only: prefill sessions open without one, on the shared arena, which their runs
-    shrink when they end (ONNX Runtime refuses a run whose shrink it cannot make); the lists are those of `plain`
-    (the same sessions without graphs)."""
+    """Graphs for decode-sized calls only: prefill sessions open without one, on the shared arena, which a prompt's
+    prefill shrinks when it ends (ONNX Runtime refuses a run whose shrink it cannot make); the lists are those of
+    `plain` (the same sessions without graphs)."""
     from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
     small = Recommender(engines, device="cuda", options=RuntimeOptions(cuda_graph_max_tokens=8))
     for mode in ("off", "chain", "tree"):

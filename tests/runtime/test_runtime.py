@@ -332,6 +332,49 @@ def test_a_graphed_bucket_runs_once_outside_any_graph_before_its_own(tiny, engin
     assert len(own) == len(set(own)), runs  # every bucket a graph of its own
 
 
+@pytest.mark.parametrize("graphs", [False, True])
+def test_only_a_prompts_prefill_releases_the_shared_arena(tiny, engines_master, monkeypatch, graphs):
+    """On the shared arena (buckets without a CUDA graph) a prompt's prefill - the call into an empty cache, the
+    target's and the draft's catch-up alike, on every request of a pooled cache - asks ONNX Runtime to shrink the
+    arena after it; no later call of a request does (it would pay the device allocations every round), and a
+    bucket that replays a CUDA graph never does (its memory is its own). Lists are unchanged."""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    real_options, real_session, real_run = OrtBackend.run_options, OrtBackend.bucket_session, OrtBackend.run_bound
+    released: dict = {}  # id(options) -> whether they release the arena
+    runs: list = []  # (graph, tokens of the binding's bucket, releases) per bucket run
+
+    def options(self, graph_id, queued, release=False):
+        made = real_options(self, graph_id, queued, release)
+        released[id(made)] = release
+        return made
+
+    def session(self, dims):
+        return real_session(self, dims)[0], graphs  # which buckets claim a graph is forced (CPU ignores it)
+
+    def recording(self, graph, session, binding, opts):
+        if opts is not None:
+            runs.append((graph, released[id(opts)]))
+        return real_run(self, graph, session, binding, opts)
+    hist = _histories(tiny[0], 5, 2)
+    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    want = {m: [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate=m)).lists]
+            for m in ("off", "chain")}
+    monkeypatch.setattr(OrtBackend, "run_options", options)
+    monkeypatch.setattr(OrtBackend, "bucket_session", session)
+    monkeypatch.setattr(OrtBackend, "run_bound", recording)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    for mode in ("off", "chain", "chain"):  # the second chain request reuses the pooled caches
+        before = len(runs)
+        assert [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate=mode)).lists] == want[mode]
+        mine = runs[before:]
+        releasing = [g for g, rel in mine if rel]
+        if graphs:
+            assert not releasing, mine
+        else:  # the target's prefill, then (speculating) the draft's: the first run into each empty cache
+            assert releasing == (["target"] if mode == "off" else ["target", "draft_chain"]), mine
+            assert mine[0] == ("target", True) and len(mine) > len(releasing) + 3, mine
+
+
 @pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])
 def test_in_place_gives_the_same_lists(tiny, engines_master, batch, static):
     """The in-place graphs (ONNX Runtime's fused ops writing the cache in place) run every causal call they can
