@@ -75,7 +75,7 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
                  cuda_graphs: bool = False, stream: int | None = None, weights: WeightPool | None = None,
-                 graph_max_tokens: int | None = None, graph_sessions: str = "per_shape"):
+                 graph_max_tokens: int | None = None, graph_sessions: str = "per_shape", static: bool = False):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -109,9 +109,20 @@ class OrtBackend:
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
         self._graph_session = None  # graph_sessions="per_graph": the one session whose CUDA graphs every bucket shares
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
-        self.session = self._open()
+        self._session_lock = threading.Lock()
+        self._session = self._open()
         self._check_graph()
+        if static:  # calls run on bucket sessions: the dynamic one, checked, goes until a call past every bucket
+            self._session = None  # needs it (on CUDA each session holds ~75 MB of cuBLAS / cuDNN state at 7B)
         self._stream_owner = stream  # set last: when the backend goes, its sessions go before the stream
+
+    @property
+    def session(self):
+        """The dynamic-shape session (made again on first use where `static` let it go)."""
+        with self._session_lock:
+            if self._session is None:
+                self._session = self._open()
+            return self._session
 
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""

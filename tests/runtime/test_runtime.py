@@ -264,6 +264,7 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
     counter = CallCounter()
     static = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False),
                          tracer=counter)
+    assert all(b._session is None for b in static.backends.values())  # checked at load, then let go
     hist = _histories(tiny[0], 11, batch)
     for mode in ("off", "chain", "tree"):
         for greedy in (True, False):
@@ -273,6 +274,7 @@ def test_static_shape_buckets_give_the_same_lists(tiny, engines_master, batch, b
     target = {bucket: n for (cache, _, bucket), n in counter.calls.items() if cache == "target"}
     assert set(target) - {None} <= set(bucket_table.BUCKETS)
     assert (target.get(None, 0) > 0) == bool(buckets)  # None: the dynamic session
+    assert (static.backends["target"]._session is not None) == bool(buckets)  # made again only when a call needs it
     sessions = static.backends["target"]._static
     assert len(sessions) >= 2  # AR (1 token) and verify buckets
     for key, sess in sessions.items():  # every dimension fixed: batch, seq, past, past + seq
