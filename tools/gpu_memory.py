@@ -29,7 +29,12 @@ VARIANTS = {  # name -> RuntimeOptions keywords
     "per_shape_graph_max_16": {"cuda_graph_max_tokens": 16},
     "per_graph": {"graph_sessions": "per_graph"},
     "per_graph_graph_max_16": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
+    "per_graph_graph_max_16_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
 }
+# A variant's environment: every session opened so far took 72-178 MB at creation whatever the model's size, about
+# what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
+# cuBLAS's workspace to tell (its ms per list say what the cap costs: split-K GEMMs use the workspace)
+VARIANT_ENV = {"per_graph_graph_max_16_cublas_4mb": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}}
 
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script (no memory figures)
@@ -166,7 +171,8 @@ def main():
     for name in args.variants.split(","):
         log(name, "start")
         proc = subprocess.run([sys.executable, __file__, "--engines", str(args.engines), "--batches", args.batches,
-                               "--device", DEVICE, "--child", name], capture_output=True, text=True)
+                               "--device", DEVICE, "--child", name], capture_output=True, text=True,
+                              env={**os.environ, **VARIANT_ENV.get(name, {})})
         sys.stderr.write(proc.stderr[-3000:])
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         report["variants"][name] = (json.loads(lines[-1][7:]) if lines else
