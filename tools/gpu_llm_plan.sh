@@ -8,13 +8,13 @@
 #                       epochs, ~11 min on an H200; 1.5b: both drafts, 2 + 4 epochs, ~6 min)
 #   side                the GPU tests and the 1.5B memory run (per-process memory: a training beside it does not count)
 #   wait SIZE [SECONDS] until the pair's background stages end (at most SECONDS, default 540), then what they logged
-#   bench SIZE [SECONDS [SECTIONS]]
+#   bench SIZE [SECONDS [SECTIONS [BATCHES]]]
 #                       the pair's bench alone on the card (at most SECONDS, default 570; SECTIONS: gpu_bench.py
-#                       --sections, default headline,pytorch,batches, 1.5b adds eagle; a 7B pair's call holds
-#                       headline,batches, or pytorch alone)
+#                       --sections, default headline,pytorch,batches, 1.5b adds eagle; BATCHES: default 1,8,32,64
+#                       at 7b, 1,8 at 1.5b). A 7B pair's call holds headline,batches, or pytorch at batch 1 alone
 #   memory SIZE         the pair's GPU memory by batch in the per-graph layout (tools/gpu_memory.py: ~3 min at 7B)
 set -uo pipefail
-usage="usage: gpu_llm_plan.sh train 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS]] | memory 7b|1.5b"
+usage="usage: gpu_llm_plan.sh train 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
 step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -54,7 +54,7 @@ case "$step" in
     pair "${2:-}"
     t0=$(date +%s)
     timeout "${3:-570}" bash tools/gpu_bench.sh "${pair[@]}" --stages bench --sections "${4:-$sections}" \
-      --compile-modes reduce-overhead --batches "$batches" > /dev/null 2>&1
+      --compile-modes reduce-overhead --batches "${5:-$batches}" > /dev/null 2>&1
     echo "bench rc $? in $(( $(date +%s) - t0 )) s"; tail -12 "$OUT/gpu_bench.log" ;;
   memory)
     pair "${2:-}"
