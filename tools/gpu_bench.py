@@ -586,7 +586,7 @@ def main():
         raise SystemExit(f"bench: no engines in {', '.join(missing)} | run the export stage with the same --drafts, "
                          "or bench only the drafts exported (--drafts)")
     batches = [int(b) for b in args.batches.split(",")]
-    hist_all = bench_histories(max(batches))
+    hist_all = bench_histories(max(*batches, args.b1_users))  # batch 1 runs b1_users requests
     bench = Bench(Path(args.out), job.device, hist_all[:args.b1_users], hist_all, args.repeats, report)
     run_sections(bench, args, job, plan, batches)
     write_report(bench)
