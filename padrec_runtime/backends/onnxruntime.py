@@ -109,6 +109,7 @@ class OrtBackend:
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
         self._graph_session = None  # graph_sessions="per_graph": the one session whose CUDA graphs every bucket shares
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
+        self.shrinks_arena = True  # prefill runs release the shared arena (until ONNX Runtime refuses: run_bound)
         self._session_lock = threading.Lock()
         self._session = self._open()
         self._check_graph()
@@ -277,7 +278,7 @@ class OrtBackend:
         options.add_run_config_entry("gpu_graph_id", str(graph_id))
         if queued:
             options.add_run_config_entry("disable_synchronize_execution_providers", "1")
-        if release and self.device == "cuda":
+        if release and self.device == "cuda" and self.shrinks_arena:
             options.add_run_config_entry(ARENA_SHRINK, ARENA_SHRINK_CUDA)
         return options
 
@@ -285,4 +286,21 @@ class OrtBackend:
         try:
             session.run_with_iobinding(binding, options)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
+            if not self._shrink_refused(options, exc):
+                raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
+            # ONNX Runtime checks the shrink request before the run starts, so nothing ran: run it without, and
+            # ask no more (a build whose shared arena it cannot find keeps prefill memory in the arena instead)
+            if self.shrinks_arena:
+                self.shrinks_arena = False
+                self.graph_notes.append(f"arena shrink refused, prefill memory stays in the arena ({str(exc)[:200]})")
+            self.run_bound(graph, session, binding,
+                           self.run_options(int(options.get_run_config_entry("gpu_graph_id")), queued=False))
+
+    @staticmethod
+    def _shrink_refused(options, exc: Exception) -> bool:
+        """Whether a run failed on its arena shrink request (the options asked for one and ONNX Runtime names it)."""
+        try:
+            asked = options is not None and bool(options.get_run_config_entry(ARENA_SHRINK))
+        except RuntimeError:  # onnxruntime: no such entry
+            return False
+        return asked and "arena" in str(exc)

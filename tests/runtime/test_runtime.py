@@ -377,6 +377,32 @@ def test_only_a_prompts_prefill_releases_the_shared_arena(tiny, engines_master, 
             assert mine[0] == ("target", True) and len(mine) > len(releasing) + 3, mine
 
 
+def test_an_onnx_runtime_that_refuses_the_arena_shrink_runs_the_prefill_without_it(tiny, engines_master, monkeypatch):
+    """Where ONNX Runtime cannot find the arena a prefill asks it to shrink (here: a CPU session asked for the GPU's,
+    which it refuses before running anything), the run goes ahead without the request, the backend asks no more
+    and says why in its graph notes; lists are unchanged."""
+    from padrec_runtime.backends.onnxruntime import ARENA_SHRINK, OrtBackend
+    real_options = OrtBackend.run_options
+
+    def cuda_decision(self, graph_id, queued, release=False):  # the options a CUDA backend would make
+        made = real_options(self, graph_id, queued)
+        if release and self.shrinks_arena:
+            made.add_run_config_entry(ARENA_SHRINK, "gpu:0")
+        return made
+    hist = _histories(tiny[0], 5, 2)
+    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    want = [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate="chain")).lists]
+    monkeypatch.setattr(OrtBackend, "run_options", cuda_decision)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    for _ in range(2):  # the second request: the caches' options made before the refusal still ask, once each
+        assert [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate="chain")).lists] == want
+    refused = {g: b.graph_notes for g, b in rec.backends.items() if not b.shrinks_arena}
+    assert set(refused) == {"target", "draft_chain"}, refused
+    assert all(len(n) == 1 and "arena shrink refused" in n[0] for n in refused.values()), refused
+    with pytest.raises(PadrecError, match="onnxruntime run failed"):  # any other failure still raises
+        rec.backends["target"].run_bound("target", rec.backends["target"].session, None, None)
+
+
 @pytest.mark.parametrize("batch,static", [(1, True), (1, False), (3, True)])
 def test_in_place_gives_the_same_lists(tiny, engines_master, batch, static):
     """The in-place graphs (ONNX Runtime's fused ops writing the cache in place) run every causal call they can
