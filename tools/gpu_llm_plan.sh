@@ -6,6 +6,9 @@
 # staging calls can do while a pair trains.
 #   train SIZE          the pair's training and export in the background (7b: PAD-Rec's draft only, 1 + 2
 #                       epochs, ~11 min on an H200; 1.5b: both drafts, 2 + 4 epochs, ~6 min)
+#   warm SIZE           in the background beside `train`: torch.compile's caches filled for the pair's PyTorch
+#                       baseline at batch 1 (tools/compile_cache.py: a random twin, same shapes), so the bench's
+#                       `pytorch` section loads its graphs instead of compiling them cold (~100 s each at 7B)
 #   side                the GPU tests and the 1.5B memory run (per-process memory: a training beside it does not count)
 #   wait SIZE [SECONDS] until the pair's background stages end (at most SECONDS, default 540), then what they logged
 #   bench SIZE [SECONDS [SECTIONS [BATCHES]]]
@@ -14,7 +17,7 @@
 #                       at 7b, 1,8 at 1.5b). A 7B pair's call holds headline,batches, or pytorch at batch 1 alone
 #   memory SIZE         the pair's GPU memory by batch in the per-graph layout (tools/gpu_memory.py: ~3 min at 7B)
 set -uo pipefail
-usage="usage: gpu_llm_plan.sh train 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b"
+usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
 step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -36,6 +39,11 @@ case "$step" in
     (OUT=$bg setsid nohup bash tools/gpu_bench.sh "${pair[@]}" --stages target,drafts,export --budget-s 3600 \
       > "$bg/train.log" 2>&1 &)
     sleep 20; tail -3 "$bg/gpu_bench.log" ;;
+  warm)
+    pair "${2:-}"
+    (setsid nohup python3 tools/compile_cache.py "${pair[@]:0:2}" --batches 1 --modes reduce-overhead --out "$bg" \
+      > "$bg/warm.log" 2>&1 &)
+    sleep 5; tail -2 "$bg/warm.log" ;;
   side)
     t0=$(date +%s)
     timeout 240 python3 tests/runtime/test_gpu.py > "$OUT/test_gpu.log" 2>&1
@@ -49,7 +57,8 @@ case "$step" in
     pair "${2:-}"
     t0=$(date +%s)
     while pgrep -f "gpu_bench.py --out $bg" > /dev/null && (( $(date +%s) - t0 < ${3:-540} )); do sleep 10; done
-    tail -6 "$bg/gpu_bench.log"; cp "$bg/gpu_bench.log" "$OUT/train_$2.log" ;;
+    tail -6 "$bg/gpu_bench.log"; cp "$bg/gpu_bench.log" "$OUT/train_$2.log"
+    tail -3 "$bg/warm.log" 2>/dev/null; cp "$bg"/warm.log "$bg"/compile_cache.json "$OUT/" 2>/dev/null; true ;;
   bench)
     pair "${2:-}"
     t0=$(date +%s)

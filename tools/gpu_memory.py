@@ -2,7 +2,8 @@
 (e.g. one that `tools/gpu_llm.py --export-only` left in --work). Each variant runs in a process of its own (ONNX
 Runtime's shared arena never shrinks, so variants in one process would count each other's): the recommender as a
 user loads it, AR and chain at batch 1, 8, 32 and 64 in turn, and after each the GPU memory in use beyond the
-weights and KV caches, against the ceiling weights + KV caches + 25%. Every session opened is logged with the
+weights and KV caches, against the ceiling weights + KV caches + 25%, both after the request and at its peak
+(sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every session opened is logged with the
 memory it took; the lists of every variant and mode are checked against the first variant's AR lists.
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
@@ -15,6 +16,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -87,6 +89,30 @@ def watch_sessions(opened: list) -> None:
     OrtBackend._open = _open
 
 
+class Peak:
+    """The most device_used() read while the block ran (NVML polled every 2 ms in a thread): a reading after a
+    request misses what a prefill held on the shared arena before it shrank."""
+
+    def __init__(self):
+        self.bytes, self._stop = 0, threading.Event()
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self.bytes = max(self.bytes, device_used())
+            time.sleep(0.002)
+
+    def __enter__(self):
+        self.bytes = device_used()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join()
+        self.bytes = max(self.bytes, device_used())
+
+
 def cupy_pool_bytes() -> int:
     """Bytes cupy's default pool holds (KV caches, bound buffers and what their updates freed)."""
     if DEVICE == "cpu":
@@ -112,20 +138,25 @@ def run_variant(engines: Path, options: dict, batches: list) -> dict:
     out = {"options": options, "settings": dataclasses.asdict(rec.settings), "load_s": time.perf_counter() - t0,
            "after_load_gb": (device_used() - base) / 1e9, "batches": {}}
     for b in batches:
-        hist, row = histories(rec.catalogue, b, seed=b), {}
+        hist, row, peak = histories(rec.catalogue, b, seed=b), {}, {"first": 0, "steady": 0}
         for mode in ("off", "chain"):
             params = DecodeParams(speculate=mode)
-            rec.recommend(hist, params=params)  # sessions, captures
-            t0 = time.perf_counter()
-            res = rec.recommend(hist, params=params)
-            row[f"{mode}_ms_per_list"] = (time.perf_counter() - t0) * 1e3 / b
+            with Peak() as first:
+                rec.recommend(hist, params=params)  # sessions, captures
+            with Peak() as steady:  # a request once everything is made: what serving needs on top of the load
+                t0 = time.perf_counter()
+                res = rec.recommend(hist, params=params)
+                row[f"{mode}_ms_per_list"] = (time.perf_counter() - t0) * 1e3 / b
+            peak = {"first": max(peak["first"], first.bytes), "steady": max(peak["steady"], steady.bytes)}
             row[f"{mode}_tau"], row[f"{mode}_lists"] = res.tau, [r.tokens for r in res.lists]
             row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
         mem, used = rec.memory(), device_used() - base
+        ceiling = HEADROOM * (mem["weights"] + mem["kv_caches"])
         row.update({"weights_gb": mem["weights"] / 1e9, "kv_caches_gb": mem["kv_caches"] / 1e9,
                     "gpu_used_gb": used / 1e9, "rest_gb": (used - mem["weights"] - mem["kv_caches"]) / 1e9,
-                    "cupy_pool_gb": cupy_pool_bytes() / 1e9,
-                    "within_ceiling": used <= HEADROOM * (mem["weights"] + mem["kv_caches"]),
+                    "cupy_pool_gb": cupy_pool_bytes() / 1e9, "ceiling_gb": ceiling / 1e9,
+                    "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,
+                    "within_ceiling": used <= ceiling, "steady_peak_within_ceiling": peak["steady"] - base <= ceiling,
                     "sessions_so_far": len(opened)})
         out["batches"][b] = row
         log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))

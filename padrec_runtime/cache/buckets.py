@@ -132,6 +132,19 @@ class Pending:
         return self._host
 
 
+class Ready:
+    """A call whose outputs are already on the host (a prefill run in row windows): the Pending interface."""
+
+    def __init__(self, xp, outs: dict):
+        self._xp, self._outs = xp, outs
+
+    def device(self, name: str):
+        return self._xp.asarray(self._outs[name])
+
+    def result(self) -> dict:
+        return self._outs
+
+
 def route(stand_in: str | None, fused_spec: dict | None, lengths: np.ndarray, scratch: int, max_len: int,
           feeds: dict, new_mask: np.ndarray, P: int, take: dict | None) -> bool:
     """Whether an attached in-place graph (`stand_in`) computes exactly what the cache's graph would for this

@@ -27,7 +27,7 @@ from ..errors import BackendError
 from ..manifest import IN_PLACE
 from ..trace import EngineCall
 from . import buckets
-from .buckets import KV_POS, KV_ROWS, Bound, Pending, fill_inputs, packed, route
+from .buckets import KV_POS, KV_ROWS, Bound, Pending, Ready, fill_inputs, packed, route
 from .host import CacheSpec, attention_mask, take_on_host
 
 _GRAPH_IDS = itertools.count(1)  # ONNX Runtime's CUDA-graph annotation ids (0 is reserved), one per cache and bucket
@@ -41,6 +41,10 @@ _OUTSIDE_GRAPHS = -1
 # A bucket's options: warm-up (outside graphs), capture / a run without a graph, replay (queued), and a run without
 # a graph that shrinks the shared arena after it: a prompt's prefill, the widest call of a request (see OrtBackend)
 _RELEASE = 3
+# A prompt's prefill runs at most this many rows at a time (`_prefill_rows`): its activations, and the arena that
+# holds them while it runs, stay at this batch's size whatever the batch (at 7B a 64-row prefill of 128-token
+# prompts would take ~2 GB), and the rows reuse this batch's sessions instead of a prefill session per batch size.
+PREFILL_ROWS = 8
 
 
 def array_module(device: str):
@@ -84,7 +88,7 @@ class DeviceCache:
     work of every cache sharing the stream (a CUDA-graph capture must not see another thread's work)."""
 
     def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
-                 static: bool = False, stream=None, lock=None, tracer=None):
+                 static: bool = False, stream=None, lock=None, tracer=None, rows_of=None):
         if not backend.binds_device_buffers:
             raise BackendError(f"{graph}: the {backend.name} backend binds no device buffers | use the host cache")
         self.xp, self._ptr = array_module(device)
@@ -96,7 +100,16 @@ class DeviceCache:
         self._stand_in: dict = {}  # graph -> the attached in-place graph that runs its causal calls
         self._total = np.array(spec.max_len, dtype=np.int32)  # the in-place graphs' host scalar input
         self.attach(graph, backend, graph_spec)
-        self.cache = self._allocate((spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len, spec.head_dim))
+        # rows_of: (cache, first row) makes this cache a window over `batch` rows of that cache's buffer (each
+        # layer's rows stay one contiguous block, bound as they are); only the window ending at its last row hands
+        # the arena back after a prefill, so a chunked prefill releases it once
+        if rows_of is None:
+            self.cache, self._releases = self._allocate((spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len,
+                                                         spec.head_dim)), True
+        else:
+            whole, r0 = rows_of
+            self.cache, self._releases = whole.cache[:, :, r0:r0 + batch], r0 + batch == whole.batch
+        self._windows: dict = {}  # first row -> a window of PREFILL_ROWS rows over this cache (`_prefill_rows`)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
         self._bound: dict = {}  # (graph, bucket) -> Bound, made once
@@ -161,6 +174,11 @@ class DeviceCache:
     @property
     def batch(self) -> int:
         return len(self.lengths)
+
+    @property
+    def empty(self) -> bool:
+        """No entry kept or pending: the next call is a prompt's prefill."""
+        return self.scratch == 0 and not self.lengths.any()
 
     def _route(self, graph: str, feeds: dict, new_mask, P: int, take) -> str:
         fused = self._stand_in.get(graph)
@@ -267,6 +285,8 @@ class DeviceCache:
         takes it whole). On the dynamic path (no bound input buffers) the host waits for those values instead.
         fill(device inputs): writes inputs on the device after the upload and `take` (static buckets only)."""
         B, T = feeds["input_ids"].shape
+        if B > PREFILL_ROWS and self.empty and take is None and fill is None:
+            return self._prefill_rows(feeds, new_mask, graph)
         P = buckets.bucket(T) if self.static else None
         name = self._route(graph or self.graph, feeds, new_mask, P or T, take)
         g = self._graphs[name]
@@ -289,6 +309,37 @@ class DeviceCache:
                      else self._dynamic_call(name, feeds, mask, T))
             return self._run(name, bound, T, P, fill is not None)
 
+    def _prefill_rows(self, feeds: dict, new_mask: np.ndarray, graph: str | None) -> Ready:
+        """A prefill of more than PREFILL_ROWS rows, that many at a time, each through a window over those rows.
+        The last window ends at the last row, so where the batch is not a multiple it overlaps the one before:
+        those rows run twice on the same inputs, and the later run's KV and outputs are the ones kept."""
+        B, T = new_mask.shape[:2]
+        starts = [*range(0, B - PREFILL_ROWS, PREFILL_ROWS), B - PREFILL_ROWS]
+        parts = []
+        for r0 in starts:
+            if r0 not in self._windows:
+                self._windows[r0] = self._window(r0)
+            window = self._windows[r0]
+            window.reset()
+            rows = slice(r0, r0 + PREFILL_ROWS)
+            part = {n: (a[rows] if np.ndim(a) and len(a) == B else a) for n, a in feeds.items()}
+            parts.append((rows, window.launch(part, new_mask[rows], graph).result()))
+        self.scratch += T
+        outs = {n: np.empty((B, *a.shape[1:]), a.dtype) for n, a in parts[0][1].items()}
+        for rows, got in parts:  # in order: an overlapped row keeps the later window's outputs
+            for n, a in got.items():
+                outs[n][rows] = a
+        return Ready(self.xp, outs)
+
+    def _window(self, r0: int) -> "DeviceCache":
+        first = self._graphs[self.graph]
+        window = DeviceCache(first.backend, self.graph, first.spec, self.spec, PREFILL_ROWS, self.device,
+                             self.static, self._stream_owner, self._lock, self.tracer, rows_of=(self, r0))
+        for name, g in self._graphs.items():
+            if name != self.graph:
+                window.attach(name, g.backend, g.spec)
+        return window
+
     def _run(self, name: str, bound: Bound, T: int, P: int | None, queued: bool) -> Pending:
         """Run a bound call, scatter its new KV, queue its outputs' way back; returns the Pending."""
         g, xp, key = self._graphs[name], self.xp, (name, P)
@@ -297,7 +348,7 @@ class DeviceCache:
         if key in self._graphed:
             options = self._options[key][min(runs, _CAPTURE_RUNS)]
         elif P is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
-            options = self._options[key][_RELEASE if self.scratch == 0 and not self.lengths.any() else 1]
+            options = self._options[key][_RELEASE if self._releases and self.empty else 1]
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()

@@ -190,6 +190,44 @@ def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
     assert [r.tokens for r in again.lists] == [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate="tree")).lists]
 
 
+@pytest.mark.parametrize("batch", [7, 6])
+def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, engines_master, monkeypatch, batch):
+    """A prefill of more than PREFILL_ROWS rows (3 here: these engines take at most 8) runs that many at a time over
+    windows of the cache (7: the last window overlaps the one before): the KV cache it leaves and its outputs equal
+    one call over every row, and so do the lists, speculative and AR, greedy and sampled."""
+    import padrec_runtime.cache.device as device
+    rng = np.random.default_rng(batch)
+    hist = [rng.choice(tiny[0].item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(batch)]
+    opts = RuntimeOptions(device_cache=True, static_shapes=True, in_place=False)
+    windowed, whole = Recommender(engines_master, options=opts), Recommender(engines_master, options=opts)
+    monkeypatch.setattr(device, "PREFILL_ROWS", 3)
+
+    def prefill(rec):
+        cache = rec.caches.shared("target", batch)
+        prompts = [rec.catalogue.prompt(h) for h in hist]
+        from padrec_runtime.loop.feeds import prefill_feeds
+        feeds, mask = prefill_feeds(prompts)
+        out = cache.launch(feeds, mask).result()
+        return cache, out
+    cache, out = prefill(windowed)
+    starts = sorted(cache._windows)
+    assert starts == {7: [0, 3, 4], 6: [0, 3]}[batch] and all(w.cache.base is not None for w in cache._windows.values())
+    monkeypatch.setattr(device, "PREFILL_ROWS", 1000)
+    ref_cache, ref = prefill(whole)
+    assert not ref_cache._windows and cache.scratch == ref_cache.scratch
+    np.testing.assert_array_equal(cache.cache, ref_cache.cache)
+    for name in ref:
+        np.testing.assert_allclose(out[name], ref[name], rtol=1e-5, atol=1e-5)
+    for mode in ("off", "chain", "tree"):
+        for greedy in (True, False):
+            params = DecodeParams(speculate=mode, greedy=greedy, seed=3)
+            monkeypatch.setattr(device, "PREFILL_ROWS", 3)
+            a = windowed.recommend(hist, params=params)
+            monkeypatch.setattr(device, "PREFILL_ROWS", 1000)
+            b = whole.recommend(hist, params=params)
+            assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists], (mode, greedy)
+
+
 def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
     """Two caller-owned sessions stepped alternately on the static path (each with its own caches and, on
     CUDA, its own graphs) give what `recommend` gives; finished sessions' caches are pooled and reused."""

@@ -126,3 +126,35 @@ def test_llm_plan_names_its_steps_and_sizes():
         res = subprocess.run(["bash", str(ROOT / "tools/gpu_llm_plan.sh"), *args], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "OUT": "/nonexistent"})
         assert res.returncode == 2 and "usage: gpu_llm_plan.sh train 7b|1.5b" in res.stderr, (args, res.stderr)
+
+
+def test_compile_cache_twin_has_the_trained_pairs_tensors_and_runs_the_baseline(tmp_path):
+    """tools/compile_cache.py warms torch.compile's caches with a random twin of a pair yet to train: the cache hits
+    only if every tensor the compiled graphs take has the trained pair's name, shape and dtype once loaded as the
+    bench loads it. Then its command runs the baseline eagerly and reports AR and chain rows."""
+    pytest.importorskip("recbole")
+    import json
+
+    from click.testing import CliRunner
+
+    from compile_cache import main as cache_main, twin_pair
+    from padrec_export.cli import main
+    from padrec_export.demo import default_model_dir
+    from padrec_export.pipeline import load_trained
+    models = tmp_path / "models"
+    res = CliRunner().invoke(main, ["train", "--size", "tiny", "--out", str(models), "--users", "6", "--epochs", "1",
+                                    "--draft-epochs", "1", "--drafts", "padrec"])
+    assert res.exit_code == 0, res.output
+    cat, target, draft, _ = load_trained(models, "padrec", dtype=None)
+    twin = twin_pair("tiny", cat, "cpu", torch.float16)
+    for trained, made in zip((target.to("cpu", torch.float16), draft.to("cpu", torch.float16)), twin):
+        def tensors(m):
+            return {n: (tuple(t.shape), t.dtype) for n, t in [*m.named_parameters(), *m.named_buffers()]}
+        assert tensors(made) == tensors(trained)
+        assert type(made) is type(trained) and made.cfg == trained.cfg
+    cache_main(["--size", "tiny", "--modes", "eager", "--device", "cpu", "--out", str(tmp_path),
+                "--catalogue", str(default_model_dir("ml-100k") / "catalogue.json")])
+    report = json.loads((tmp_path / "compile_cache.json").read_text())
+    assert [r[:3] for r in report["rows"]] == [["pytorch-compiled-eager", "off", 1],
+                                               ["pytorch-compiled-eager", "chain", 1]]
+    assert set(report["seconds_by_mode"]) == {"eager"}
