@@ -693,6 +693,21 @@ def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master,
     assert any(fastest[k] < worst[k] for k in times)
 
 
+def test_calibrate_times_candidates_far_behind_the_fastest_once():
+    """After the first round only AR and the candidates within PRUNE of the fastest are timed again; the pick
+    still weighs every candidate's runs."""
+    from padrec_runtime.api.adaptive import PRUNE, _timed_pick
+    now, calls = [0.0], {}
+    cost = {("off", None): 1.0, ("chain", 4): 0.8, ("chain", 2): 0.8 * PRUNE, ("tree", 4): 0.8 * PRUNE + 0.01}
+
+    def run(key):
+        calls[key] = calls.get(key, 0) + 1
+        now[0] += cost[key]
+    best, times = _timed_pick({k: (lambda k=k: run(k)) for k in cost}, 3, 0.03, clock=lambda: now[0])
+    assert calls == {("off", None): 3, ("chain", 4): 3, ("chain", 2): 3, ("tree", 4): 1}
+    assert best == ("chain", 4) and set(times) == set(cost) and times[("tree", 4)] == pytest.approx(1010.0)
+
+
 @pytest.mark.parametrize("verdicts, n_hist, want", [
     (["win", "lose"], 4, "off"),  # won on the first two histories, lost on the next two: AR
     (["win", "win"], 4, "chain"),
