@@ -1,5 +1,5 @@
-"""Plot the LLM-sized results of one card: batch-1 ms per list of the trained pairs (AR against speculation,
-timed alternately), the target step against torch.compile and the weight floor, and GPU memory by batch against
+"""Plot the LLM-sized results of one card: batch-1 ms per list of the trained pairs (ours and torch.compile, AR and
+speculation), the target step against torch.compile and the weight floor, and GPU memory by batch against
 the ceiling weights + KV caches + 25%.
 
     python tools/plot_llm.py                 # benchmarks/results/*_h200.json -> benchmarks/results/llm_h200.png
@@ -35,18 +35,34 @@ def step_ms(shape: dict) -> tuple:
     return ours, tc, shape.get("floor_ms")
 
 
+def b1_bars(bench: dict) -> list:
+    """(label, ms, color) bars of a trained pair at batch 1: ours against torch.compile where one process measured
+    both, else the alternating AR / speculation headline."""
+    if "b1_against_baselines" in bench:
+        b = bench["b1_against_baselines"]
+        return [("ours AR", b["ours_ar"], "tab:gray"), ("torch.compile AR", b["torch_compile_reduce_overhead_ar"],
+                                                         "tab:orange"),
+                ("torch.compile, same loop", b["torch_compile_reduce_overhead_same_chain_loop"], "tab:red"),
+                ("ours PAD-Rec", b["ours_speculation_chain_device_rounds"], "tab:blue")]
+    h = bench["headline_b1"]
+    return [("ours AR", h["ar_ms"], "tab:gray"), ("ours PAD-Rec", h["sd_ms"], "tab:blue")]
+
+
 def plot_headlines(ax, benches: dict) -> None:
-    names = [n for n, b in benches.items() if b and "headline_b1" in b]
+    names = [n for n, b in benches.items() if b and ("headline_b1" in b or "b1_against_baselines" in b)]
+    seen = set()
     for i, name in enumerate(names):
-        h = benches[name]["headline_b1"]
-        ax.bar(i - 0.2, h["ar_ms"], 0.4, color="tab:gray", label="AR" if i == 0 else None)
-        ax.bar(i + 0.2, h["sd_ms"], 0.4, color="tab:blue", label="PAD-Rec chain" if i == 0 else None)
-        ax.text(i + 0.2, h["sd_ms"], f"{h['speedup']:.2f}x\ntau {h['sd_tau']:.1f}", ha="center", va="bottom",
-                fontsize=7)
+        bars = b1_bars(benches[name])
+        w = 0.8 / len(bars)
+        for j, (label, ms, color) in enumerate(bars):
+            x = i - 0.4 + w * (j + 0.5)
+            ax.bar(x, ms, w, color=color, label=None if label in seen else label)
+            seen.add(label)
+        ax.text(i + 0.4 - w / 2, bars[-1][1], f"{bars[0][1] / bars[-1][1]:.2f}x", ha="center", va="bottom", fontsize=7)
     ax.set_xticks(range(len(names)), [SHAPES[n] for n in names])
     ax.set_ylabel("ms per 10-item list, batch 1")
-    ax.set_title("trained pairs: AR vs speculation (alternating)", fontsize=8)
-    legend(ax)
+    ax.set_title("trained pairs at batch 1 (7B: one process with torch.compile)", fontsize=8)
+    legend(ax, 6.5)
 
 
 def plot_steps(ax, steps: dict) -> None:
@@ -72,7 +88,11 @@ def plot_memory(ax, memory: dict) -> None:
             used = [v["batches"][x]["gpu_used_gb"] for x in b]
             ceiling = [1.25 * (v["batches"][x]["weights_gb"] + v["batches"][x]["kv_caches_gb"]) for x in b]
             color = plt.cm.tab10(k)
-            ax.plot([int(x) for x in b], used, "o-", color=color, label=f"{SHAPES[s]} in use")
+            peak = [v["batches"][x].get("peak_steady_gb") for x in b]
+            when = "" if all(p is not None for p in peak) else " (before prefill windows)"  # measured before peaks were
+            ax.plot([int(x) for x in b], used, "o-", color=color, label=f"{SHAPES[s]} in use{when}")
+            if all(p is not None for p in peak):
+                ax.plot([int(x) for x in b], peak, "^:", color=color, label=f"{SHAPES[s]} peak in a request")
             ax.plot([int(x) for x in b], ceiling, "--", color=color, label=f"{SHAPES[s]} ceiling")
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
