@@ -106,10 +106,13 @@ class DeviceCache:
         if rows_of is None:
             self.cache, self._releases = self._allocate((spec.n_layers, 2, batch, spec.n_kv_heads, spec.max_len,
                                                          spec.head_dim)), True
+            self._shared_buffers = None
         else:
             whole, r0 = rows_of
             self.cache, self._releases = whole.cache[:, :, r0:r0 + batch], r0 + batch == whole.batch
+            self._shared_buffers = whole._window_buffers
         self._windows: dict = {}  # first row -> a window of PREFILL_ROWS rows over this cache (`_prefill_rows`)
+        self._window_buffers: dict = {}  # the bound buffers those windows share (`_buffers`)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
         self._bound: dict = {}  # (graph, bucket) -> Bound, made once
@@ -189,12 +192,9 @@ class DeviceCache:
     def _bind(self, name: str, session, T: int, bucket_inputs: bool) -> Bound:
         """A binding for T new tokens with the cache, new-KV and output buffers (and, for a bucket, the
         input buffers) bound. Inputs and outputs each live in one packed buffer: one copy each way."""
-        g, xp, B, S = self._graphs[name], self.xp, self.batch, self.spec.max_len
-        be, dims = g.backend, {"batch": B, "seq": T, "past": S, "past_plus_seq": S + T}
+        g, be = self._graphs[name], self._graphs[name].backend
         binding = be.new_binding(session)
-        extra = g.spec.get("chain_steps", 1) - 1  # a chain graph also returns its draft steps' KV (not kept)
-        new = None if g.in_place else xp.empty(
-            (self.spec.n_layers, 2, B, self.spec.n_kv_heads, T + extra, self.spec.head_dim), dtype=self.dtype)
+        new, outs, ins = self._buffers(name, T, bucket_inputs)
         out_kv = self.cache if g.in_place else new
         for i, (k_in, v_in, k_out, v_out) in enumerate(g.kv_names):
             for tensor, arr, output in ((k_in, self.cache[i, 0], False), (v_in, self.cache[i, 1], False),
@@ -202,23 +202,39 @@ class DeviceCache:
                 be.bind(binding, tensor, arr, self.device, self._ptr(arr), output)
         if "total_sequence_length" in g.spec["inputs"]:
             be.bind_host_scalar(binding, "total_sequence_length", self._total)
+        for n, arr in outs.views.items():
+            be.bind(binding, n, arr, self.device, self._ptr(arr), output=True)
+        for n, arr in (ins.views.items() if ins is not None else ()):
+            if n not in (KV_ROWS, KV_POS):
+                be.bind(binding, n, arr, self.device, self._ptr(arr))
+        return Bound(binding, session, new, outs, ins)
+
+    def _buffers(self, name: str, T: int, bucket_inputs: bool) -> tuple:
+        """(new KV or None, outputs, inputs or None) of a binding. The row windows of one cache share one set: they
+        run one after another, each read before the next (`_prefill_rows`), so a batch-64 prefill holds batch
+        8's buffers once, not eight times."""
+        shared = self._shared_buffers
+        if shared is not None and (name, T, bucket_inputs) in shared:
+            return shared[(name, T, bucket_inputs)]
+        g, xp, B, S = self._graphs[name], self.xp, self.batch, self.spec.max_len
+        dims = {"batch": B, "seq": T, "past": S, "past_plus_seq": S + T}
+        extra = g.spec.get("chain_steps", 1) - 1  # a chain graph also returns its draft steps' KV (not kept)
+        new = None if g.in_place else xp.empty(
+            (self.spec.n_layers, 2, B, self.spec.n_kv_heads, T + extra, self.spec.head_dim), dtype=self.dtype)
 
         def shapes(side, skip=()):
             return {n: (tuple(dims.get(d, d) for d in t["shape"]), numpy_dtype(t["dtype"]))
                     for n, t in g.spec[side].items() if n not in skip}
         outs = self.packed(shapes("outputs"), host=bucket_inputs)  # a bucket's: a pinned copy too
-        for n, arr in outs.views.items():
-            be.bind(binding, n, arr, self.device, self._ptr(arr), output=True)
         ins = None
         if bucket_inputs:
             specs = shapes("inputs", g.kv_inputs | {"total_sequence_length"})
             specs[KV_ROWS] = specs[KV_POS] = ((B, T), np.int64)  # where the new KV goes: up with the feeds
             ins = self.packed(specs, host=True)
             ins.host[KV_ROWS][...] = np.arange(B)[:, None]
-            for n, arr in ins.views.items():
-                if n not in (KV_ROWS, KV_POS):
-                    be.bind(binding, n, arr, self.device, self._ptr(arr))
-        return Bound(binding, session, new, outs, ins)
+        if shared is not None:
+            shared[(name, T, bucket_inputs)] = (new, outs, ins)
+        return new, outs, ins
 
     def _check(self, name: str, feeds: dict, mask, B: int) -> dict:
         """Feeds cast to the graph's precision and checked against the manifest (each new shape)."""

@@ -194,7 +194,8 @@ def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
 def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, engines_master, monkeypatch, batch):
     """A prefill of more than PREFILL_ROWS rows (3 here: these engines take at most 8) runs that many at a time over
     windows of the cache (7: the last window overlaps the one before): the KV cache it leaves and its outputs equal
-    one call over every row, and so do the lists, speculative and AR, greedy and sampled."""
+    one call over every row, and so do the lists, speculative and AR, greedy and sampled. The windows share one set
+    of bound buffers."""
     import padrec_runtime.cache.device as device
     rng = np.random.default_rng(batch)
     hist = [rng.choice(tiny[0].item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(batch)]
@@ -212,6 +213,9 @@ def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, e
     cache, out = prefill(windowed)
     starts = sorted(cache._windows)
     assert starts == {7: [0, 3, 4], 6: [0, 3]}[batch] and all(w.cache.base is not None for w in cache._windows.values())
+    windows = list(cache._windows.values())  # one set of bound buffers, whatever the number of windows
+    keys = set.intersection(*(set(w._bound) for w in windows))
+    assert keys and all(len({id(w._bound[k].outs) for w in windows}) == 1 for k in keys)
     monkeypatch.setattr(device, "PREFILL_ROWS", 1000)
     ref_cache, ref = prefill(whole)
     assert not ref_cache._windows and cache.scratch == ref_cache.scratch
