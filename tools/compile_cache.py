@@ -60,6 +60,7 @@ def fill(size: str, catalogue: str, batches: list, modes: list, draft_steps: int
                              draft_steps, modes, 1, lambda *a, **k: rows.append(a[:4]), defaultdict(list))
     return {"size": size, "batches": batches, "draft_steps": draft_steps, "build_s": built,
             "seconds_by_mode": {m: r["seconds_total"] for m, r in summary.items() if "seconds_total" in r},
+            "compile_cache_by_mode": {m: r["compile_cache"] for m, r in summary.items() if "compile_cache" in r},
             "rows": rows, "cache_dir": _cache_dir()}
 
 

@@ -16,8 +16,8 @@ from padrec_export.reference import reference_generate
 from padrec_runtime.grammar import ListConstraint
 from padrec_runtime.loop import DecodeConfig
 from bench_timing import alternate, log, timed
-from torch_compiled import CompiledDraft, CompiledTarget, Decoder, copy_bandwidth_gbs, cudagraph_skips, floor_ms, \
-    step_times
+from torch_compiled import CompiledDraft, CompiledTarget, Decoder, compile_cache_counts, copy_bandwidth_gbs, \
+    cudagraph_skips, floor_ms, step_times
 
 if TYPE_CHECKING:
     from gpu_bench import Bench
@@ -120,7 +120,7 @@ def bench_compiled(models: tuple, con, users: list, hist_all: list, batches: lis
     dtype, cat = next(target.parameters()).dtype, con.catalogue
     summary = {}
     for mode in modes:
-        t0, skips = time.perf_counter(), cudagraph_skips()
+        t0, skips, cached = time.perf_counter(), cudagraph_skips(), compile_cache_counts()
         ct = CompiledTarget(target, 8, 256, dtype, mode)
         dec = Decoder(ct, CompiledDraft(draft, cat, K, 8, 256, dtype, mode), con)
         res = {"label": compiled_label(mode), **step_times(ct, tokens=(1, K + 1))}
@@ -141,6 +141,7 @@ def bench_compiled(models: tuple, con, users: list, hist_all: list, batches: lis
                     {"label": f"{res['label']}, " + ("AR" if name == "ar" else f"chain K={K}"),
                      "identical_to_ar": toks == ar_tokens[batch], "identical_to_own_ar": toks == last["ar"][0]})
         res["seconds_total"], res["cudagraph_skips"] = time.perf_counter() - t0, cudagraph_skips() - skips
+        res["compile_cache"] = {k: v - cached[k] for k, v in compile_cache_counts().items()}  # tools/compile_cache.py
         summary[mode or "eager"] = res
         log("compiled baseline", json.dumps(res))
         del dec, ct

@@ -109,6 +109,13 @@ def cudagraph_skips() -> int:
     return int(counters["inductor"]["cudagraph_skips"])
 
 
+def compile_cache_counts() -> dict:
+    """Inductor's FX-graph cache hits and misses so far in this process (a hit: a graph compiled before, by any
+    process of this user, e.g. tools/compile_cache.py, loaded instead of compiled)."""
+    from torch._dynamo.utils import counters
+    return {k: int(counters["inductor"][f"fxgraph_cache_{k}"]) for k in ("hit", "miss")}
+
+
 def _static(t: torch.Tensor) -> torch.Tensor:
     """Mark a state buffer's address as fixed, so CUDA graphs write it in place instead of copying it."""
     if t.is_cuda:

@@ -5,8 +5,8 @@ launch- or bandwidth-bound and stops paying as batches grow. `calibrate` times t
 the caller's own histories and keeps the fastest, AR included; speculation must beat AR by a margin (3%) on
 the medians and on the fastest runs, and its slowest run AR's median, so the chosen setting is never slower
 than AR on what was measured, nor merely within its noise; given more histories, the win must hold again on
-others. After one round, candidates far behind the fastest are dropped (PRUNE), so a large model calibrates in
-about a third of the time. A chain at the engines' own K is always a candidate, and so is that chain with device rounds where the
+others. After one round, candidates far behind the fastest are dropped (PRUNE): each of those is run twice (its
+warm-up and one timed run) instead of four times. A chain at the engines' own K is always a candidate, and so is that chain with device rounds where the
 caches allow them.
 """
 from __future__ import annotations
@@ -36,8 +36,8 @@ class Choice:
 
 
 MARGIN = 0.03  # speculation is chosen only when it beats AR by at least this fraction of AR's time
-# after the first round, a candidate this much slower than the fastest is timed no more (AR always is): it cannot
-# win on medians, and at 7B every candidate at batch 32 and 64 three times took minutes (tree passes of 1-2 s)
+# after the first round, a candidate this much slower than the fastest is timed no more and cannot be picked (AR
+# always stays): at 7B every candidate at batch 32 and 64 three times took minutes (tree passes of 1-2 s)
 PRUNE = 1.25
 
 
@@ -92,8 +92,8 @@ def _runs(rec, hist: list, candidates) -> dict:
 
 def _timed_pick(runs: dict, repeats: int, margin: float, clock=time.perf_counter) -> tuple:
     """(pick, median ms per candidate): the candidates timed in turn, `repeats` rounds, so all of them see the same
-    machine state (after the first round only AR and those within PRUNE of the fastest); medians, fastest and
-    slowest runs weighed by `pick`."""
+    machine state (after the first round only AR and those within PRUNE of the fastest, the only ones `pick`
+    weighs); medians, fastest and slowest runs weighed by `pick`."""
     samples = {key: [] for key in runs}
     timed = list(runs)
     for r in range(repeats):
@@ -105,8 +105,8 @@ def _timed_pick(runs: dict, repeats: int, margin: float, clock=time.perf_counter
             first = min(samples[key][0] for key in timed)
             timed = [key for key in timed if key == ("off", None) or samples[key][0] <= first * PRUNE]
     times = {key: float(np.median(v)) * 1e3 for key, v in samples.items()}
-    best = pick(times, margin, {key: max(v) * 1e3 for key, v in samples.items()},
-                {key: min(v) * 1e3 for key, v in samples.items()})
+    best = pick({key: times[key] for key in timed}, margin, {key: max(samples[key]) * 1e3 for key in timed},
+                {key: min(samples[key]) * 1e3 for key in timed})
     return best, times
 
 

@@ -133,13 +133,18 @@ class Pending:
 
 
 class Ready:
-    """A call whose outputs are already on the host (a prefill run in row windows): the Pending interface."""
+    """A call whose outputs are already on the host (a prefill run in row windows): the Pending interface. An
+    output asked for on the device is uploaded once, under the cache's lock and on its stream (work: both)."""
 
-    def __init__(self, xp, outs: dict):
-        self._xp, self._outs = xp, outs
+    def __init__(self, xp, outs: dict, work: tuple):
+        self._xp, self._outs, self._work, self._device = xp, outs, work, {}
 
     def device(self, name: str):
-        return self._xp.asarray(self._outs[name])
+        if name not in self._device:
+            lock, stream = self._work
+            with lock, stream:
+                self._device[name] = self._xp.asarray(self._outs[name])
+        return self._device[name]
 
     def result(self) -> dict:
         return self._outs

@@ -210,12 +210,12 @@ class DeviceCache:
         return Bound(binding, session, new, outs, ins)
 
     def _buffers(self, name: str, T: int, bucket_inputs: bool) -> tuple:
-        """(new KV or None, outputs, inputs or None) of a binding. The row windows of one cache share one set: they
-        run one after another, each read before the next (`_prefill_rows`), so a batch-64 prefill holds batch
-        8's buffers once, not eight times."""
-        shared = self._shared_buffers
-        if shared is not None and (name, T, bucket_inputs) in shared:
-            return shared[(name, T, bucket_inputs)]
+        """(new KV or None, outputs, inputs or None) of a binding. The row windows of one cache share one set per
+        bucket: they run one after another, each read before the next (`_prefill_rows`), so a batch-64 prefill holds
+        batch 8's buffers once, not eight times."""
+        shared = self._shared_buffers if bucket_inputs else None  # a dynamic call's buffers live for that call only
+        if shared is not None and (name, T) in shared:
+            return shared[(name, T)]
         g, xp, B, S = self._graphs[name], self.xp, self.batch, self.spec.max_len
         dims = {"batch": B, "seq": T, "past": S, "past_plus_seq": S + T}
         extra = g.spec.get("chain_steps", 1) - 1  # a chain graph also returns its draft steps' KV (not kept)
@@ -233,7 +233,7 @@ class DeviceCache:
             ins = self.packed(specs, host=True)
             ins.host[KV_ROWS][...] = np.arange(B)[:, None]
         if shared is not None:
-            shared[(name, T, bucket_inputs)] = (new, outs, ins)
+            shared[(name, T)] = (new, outs, ins)
         return new, outs, ins
 
     def _check(self, name: str, feeds: dict, mask, B: int) -> dict:
@@ -301,6 +301,9 @@ class DeviceCache:
         takes it whole). On the dynamic path (no bound input buffers) the host waits for those values instead.
         fill(device inputs): writes inputs on the device after the upload and `take` (static buckets only)."""
         B, T = feeds["input_ids"].shape
+        if B != self.batch or new_mask.shape[0] != B:
+            raise BackendError(f"{graph or self.graph}: a call of {B} rows (mask: {new_mask.shape[0]}) on a cache of "
+                               f"{self.batch} | use a cache of the request's batch size")
         if B > PREFILL_ROWS and self.empty and take is None and fill is None:
             return self._prefill_rows(feeds, new_mask, graph)
         P = buckets.bucket(T) if self.static else None
@@ -345,7 +348,7 @@ class DeviceCache:
         for rows, got in parts:  # in order: an overlapped row keeps the later window's outputs
             for n, a in got.items():
                 outs[n][rows] = a
-        return Ready(self.xp, outs)
+        return Ready(self.xp, outs, (self._lock, self.stream))
 
     def _window(self, r0: int) -> "DeviceCache":
         first = self._graphs[self.graph]

@@ -208,16 +208,23 @@ def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, e
         prompts = [rec.catalogue.prompt(h) for h in hist]
         from padrec_runtime.loop.feeds import prefill_feeds
         feeds, mask = prefill_feeds(prompts)
-        out = cache.launch(feeds, mask).result()
-        return cache, out
-    cache, out = prefill(windowed)
+        call = cache.launch(feeds, mask)
+        return cache, call.result(), call
+    cache, out, call = prefill(windowed)
     starts = sorted(cache._windows)
-    assert starts == {7: [0, 3, 4], 6: [0, 3]}[batch] and all(w.cache.base is not None for w in cache._windows.values())
-    windows = list(cache._windows.values())  # one set of bound buffers, whatever the number of windows
+    windows = [cache._windows[r0] for r0 in starts]
+    assert starts == {7: [0, 3, 4], 6: [0, 3]}[batch] and all(np.shares_memory(w.cache, cache.cache) for w in windows)
+    assert [w._releases for w in windows] == [False] * (len(windows) - 1) + [True]  # the arena goes back once
+    assert np.array_equal(call.device("hidden"), out["hidden"]) and call.device("hidden") is call.device("hidden")
+    with pytest.raises(BackendError, match="a call of 2 rows"):  # rows that do not match the cache's
+        from padrec_runtime.loop.feeds import prefill_feeds
+        short, short_mask = prefill_feeds([windowed.catalogue.prompt(h) for h in hist[:2]])
+        windowed.caches.lease("target", batch).launch(short, short_mask)
+    # one set of bound buffers, whatever the number of windows
     keys = set.intersection(*(set(w._bound) for w in windows))
     assert keys and all(len({id(w._bound[k].outs) for w in windows}) == 1 for k in keys)
     monkeypatch.setattr(device, "PREFILL_ROWS", 1000)
-    ref_cache, ref = prefill(whole)
+    ref_cache, ref, _ = prefill(whole)
     assert not ref_cache._windows and cache.scratch == ref_cache.scratch
     np.testing.assert_array_equal(cache.cache, ref_cache.cache)
     for name in ref:
@@ -687,6 +694,7 @@ def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master,
         seen.append((times, worst, fastest))
         return ("off", None)
     monkeypatch.setattr(adaptive, "pick", spy)
+    monkeypatch.setattr(adaptive, "PRUNE", 1e9)  # every candidate timed every round (on CPU most are far behind AR)
     rec = Recommender(engines_master)
     hist = [h for s in range(2) for h in _histories(tiny[0], s, 4)][:2]
     plan = rec.calibrate(hist, batches=(2,), repeats=3)
@@ -710,6 +718,12 @@ def test_calibrate_times_candidates_far_behind_the_fastest_once():
     best, times = _timed_pick({k: (lambda k=k: run(k)) for k in cost}, 3, 0.03, clock=lambda: now[0])
     assert calls == {("off", None): 3, ("chain", 4): 3, ("chain", 2): 3, ("tree", 4): 1}
     assert best == ("chain", 4) and set(times) == set(cost) and times[("tree", 4)] == pytest.approx(1010.0)
+    # a candidate dropped after one run is never picked on that run: here the tree's one run (0.9) would beat the
+    # chain's median (1.2), but the chain's first run (0.7) had left it behind
+    seq = {("off", None): [2.0] * 3, ("chain", 4): [0.7, 1.2, 1.2], ("tree", 4): [0.9]}
+    runs = {k: (lambda k=k: now.__setitem__(0, now[0] + seq[k].pop(0))) for k in seq}
+    best, times = _timed_pick(runs, 3, 0.03, clock=lambda: now[0])
+    assert best == ("chain", 4) and times[("tree", 4)] < times[("chain", 4)]
 
 
 @pytest.mark.parametrize("verdicts, n_hist, want", [
@@ -736,6 +750,7 @@ def test_calibrate_keeps_a_speculative_win_only_if_it_holds_on_other_histories(t
         return real(histories, *args, **kwargs)
 
     monkeypatch.setattr(adaptive, "pick", judge)
+    monkeypatch.setattr(adaptive, "PRUNE", 1e9)  # the winner stays timed whatever its first run
     monkeypatch.setattr(rec, "recommend", recommend)
     plan = rec.calibrate(hist, batches=(2,), repeats=1)
     assert plan[0].speculate == want
