@@ -51,7 +51,7 @@ case "$step" in
     timeout 150 python3 tools/gpu_llm.py --shapes qwen-1.5b --work /tmp/wr --export-only --out "$OUT" > "$OUT/export15.log" 2>&1
     echo "1.5B export rc $?"
     timeout $(( 560 - ($(date +%s) - t0) )) python3 tools/gpu_memory.py --engines /tmp/wr/qwen-1.5b --out "$OUT" \
-      --variants per_graph_graph_max_16,per_graph_graph_max_16_cublas_4mb,per_shape_graph_max_16 > "$OUT/memory15.log" 2>&1
+      --variants per_graph_graph_max_16,per_graph_graph_max_16_cublas_4mb > "$OUT/memory15.log" 2>&1
     echo "1.5B memory rc $?" ;;
   wait)
     pair "${2:-}"

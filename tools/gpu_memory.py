@@ -3,8 +3,10 @@
 Runtime's shared arena never shrinks, so variants in one process would count each other's): the recommender as a
 user loads it, AR and chain at batch 1, 8, 32 and 64 in turn, and after each the GPU memory in use beyond the
 weights and KV caches, against the ceiling weights + KV caches + 25%, both after the request and at its peak
-(sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every session opened is logged with the
-memory it took; the lists of every variant and mode are checked against the first variant's AR lists.
+(sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every
+session opened is logged with the memory it took, and so is the first run of each session and CUDA graph id
+(`first_runs`, summed by cause in `by_cause_so_far`); the lists of every variant and mode are checked against
+the first variant's AR lists. `--device cpu` is a smoke run over the GPU's code path (no memory figures).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
 
@@ -75,18 +77,43 @@ def cuda_context() -> None:
         cupy.zeros(1)
 
 
-def watch_sessions(opened: list) -> None:
-    """Log every ONNX Runtime session the backends open, with the device memory its creation took."""
+def watch_sessions(opened: list, first_runs: list) -> None:
+    """Log every ONNX Runtime session the backends open, with the device memory its creation took, and the first
+    run of each (session, CUDA graph id) with what that run added: a capture's arena and graph, or a plain
+    session's growth of the shared arena. Together they split the memory beyond weights and KV caches by cause."""
     from padrec_runtime.backends.onnxruntime import OrtBackend
-    original = OrtBackend._open
+    open_session, run_bound = OrtBackend._open, OrtBackend.run_bound
+    made: dict = {}  # id(session) -> its entry in `opened`
 
     def _open(self, dims=None, cuda_graph=False):
         before = device_used()
-        session = original(self, dims, cuda_graph)
+        session = open_session(self, dims, cuda_graph)
         opened.append({"graph": self.graph_name, "dims": dims, "cuda_graph": cuda_graph,
                        "mb": (device_used() - before) / 2**20})
+        made[id(session)] = opened[-1]
         return session
-    OrtBackend._open = _open
+
+    def _run_bound(self, graph, session, binding, options):
+        key = (id(session), options.get_run_config_entry("gpu_graph_id"))
+        if key in seen:
+            return run_bound(self, graph, session, binding, options)
+        seen.add(key)
+        before = device_used()
+        run_bound(self, graph, session, binding, options)
+        entry = made.get(id(session), {})
+        first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": entry.get("cuda_graph"),
+                           "gpu_graph_id": int(key[1]), "mb": (device_used() - before) / 2**20})
+    seen: set = set()
+    OrtBackend._open, OrtBackend.run_bound = _open, _run_bound
+
+
+def by_cause(opened: list, first_runs: list) -> dict:
+    """MB by cause: sessions made (graphed or plain), and first runs on graphed sessions (captures) or plain ones."""
+    kinds = {"graphed": True, "plain": False}
+    return {**{f"sessions_{k}_mb": sum(s["mb"] for s in opened if bool(s["cuda_graph"]) is v)
+               for k, v in kinds.items()},
+            **{f"first_runs_{k}_mb": sum(r["mb"] for r in first_runs if bool(r["session_graphed"]) is v)
+               for k, v in kinds.items()}}
 
 
 class Peak:
@@ -121,24 +148,27 @@ def cupy_pool_bytes() -> int:
     return cupy.get_default_memory_pool().total_bytes()
 
 
-def histories(cat, n: int, seed: int) -> list:
+def histories(cat, n: int, seed: int, length: int = 20) -> list:
     rng = np.random.default_rng(seed)
-    return [[int(i) for i in rng.choice(cat.item_ids, 20, replace=False)] for _ in range(n)]
+    return [[int(i) for i in rng.choice(cat.item_ids, length, replace=False)] for _ in range(n)]
 
 
 def run_variant(engines: Path, options: dict, batches: list) -> dict:
     """One variant in this process: load, then AR and chain per batch; memory, ms per list and lists."""
     from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
-    opened: list = []
-    watch_sessions(opened)
+    opened, first_runs = [], []
+    watch_sessions(opened, first_runs)
     cuda_context()
     base = device_used()
     t0 = time.perf_counter()
+    if DEVICE == "cpu":  # the smoke run takes the GPU's code path: device caches (numpy) over static buckets
+        options = {"device_cache": True, "static_shapes": True, **options}
     rec = Recommender(engines, device=DEVICE, options=RuntimeOptions(**options))
     out = {"options": options, "settings": dataclasses.asdict(rec.settings), "load_s": time.perf_counter() - t0,
            "after_load_gb": (device_used() - base) / 1e9, "batches": {}}
     for b in batches:
-        hist, row, peak = histories(rec.catalogue, b, seed=b), {}, {"first": 0, "steady": 0}
+        hist = histories(rec.catalogue, b, b, min(20, rec.limits["max_history"]))
+        row, peak = {}, {"first": 0, "steady": 0}
         for mode in ("off", "chain"):
             params = DecodeParams(speculate=mode)
             with Peak() as first:
@@ -157,10 +187,10 @@ def run_variant(engines: Path, options: dict, batches: list) -> dict:
                     "cupy_pool_gb": cupy_pool_bytes() / 1e9, "ceiling_gb": ceiling / 1e9,
                     "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,
                     "within_ceiling": used <= ceiling, "steady_peak_within_ceiling": peak["steady"] - base <= ceiling,
-                    "sessions_so_far": len(opened)})
+                    "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, first_runs)})
         out["batches"][b] = row
         log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
-    out["sessions"], out["memory_source"] = opened, sorted(SOURCES)
+    out["sessions"], out["first_runs"], out["memory_source"] = opened, first_runs, sorted(SOURCES)
     out["graph_notes"] = [n for be in rec.backends.values() for n in getattr(be, "graph_notes", [])]
     rec.close()
     return out
@@ -184,11 +214,16 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of {', '.join(VARIANTS)}")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of this script")
+    ap.add_argument("--prefill-rows", type=int, default=None,
+                    help="rows a windowed prefill takes (the runtime's: 8); fewer lets small engines take that path")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant, print its JSON
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     global DEVICE
     DEVICE = args.device
+    if args.prefill_rows:
+        import padrec_runtime.cache.device as device_cache
+        device_cache.PREFILL_ROWS = args.prefill_rows
     if args.child:
         print("RESULT " + json.dumps(run_variant(args.engines, VARIANTS[args.child], batches)))
         return
@@ -202,7 +237,9 @@ def main():
     for name in args.variants.split(","):
         log(name, "start")
         proc = subprocess.run([sys.executable, __file__, "--engines", str(args.engines), "--batches", args.batches,
-                               "--device", DEVICE, "--child", name], capture_output=True, text=True,
+                               "--device", DEVICE, "--child", name,
+                               *(["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else [])],
+                              capture_output=True, text=True,
                               env={**os.environ, **VARIANT_ENV.get(name, {})})
         sys.stderr.write(proc.stderr[-3000:])
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]

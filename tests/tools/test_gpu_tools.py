@@ -158,3 +158,28 @@ def test_compile_cache_twin_has_the_trained_pairs_tensors_and_runs_the_baseline(
     assert [r[:3] for r in report["rows"]] == [["pytorch-compiled-eager", "off", 1],
                                                ["pytorch-compiled-eager", "chain", 1]]
     assert set(report["seconds_by_mode"]) == {"eager"}
+
+
+def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_master, tmp_path):
+    """tools/gpu_memory.py's smoke run on the CPU takes the GPU's code path (device caches, static buckets) and logs
+    every session made and the first run of each (session, graph id): a batch-7 prefill runs in windows of 3 rows
+    (these engines take at most 8), each its own graph id on one session of batch 3."""
+    import json
+    import subprocess
+    res = subprocess.run([sys.executable, str(ROOT / "tools/gpu_memory.py"), "--engines", str(engines_master),
+                          "--out", str(tmp_path), "--device", "cpu", "--variants", "per_graph", "--batches", "1,7",
+                          "--prefill-rows", "3"],
+                         capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    report = json.loads((tmp_path / f"gpu_memory_{engines_master.name}.json").read_text())
+    assert report["lists_equal_first_ar"] == {"per_graph": True}
+    v = report["variants"]["per_graph"]
+    made = [(s["graph"], s["dims"]) for s in v["sessions"]]
+    assert v["first_runs"] and all((r["graph"], r["dims"]) in made for r in v["first_runs"])
+    prefill_batches = [r["dims"]["batch"] for r in v["first_runs"]
+                       if r["graph"].startswith("target") and r["dims"]["seq"] > 9]
+    assert prefill_batches.count(1) >= 1 and prefill_batches.count(3) >= 2 and not {7, 8} & set(prefill_batches)
+    ids = [(r["graph"], r["gpu_graph_id"]) for r in v["first_runs"]]
+    assert len(ids) == len(set(ids))
+    assert set(v["batches"]["7"]["by_cause_so_far"]) == {"sessions_graphed_mb", "sessions_plain_mb",
+                                                         "first_runs_graphed_mb", "first_runs_plain_mb"}
