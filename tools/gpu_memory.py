@@ -20,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -80,40 +81,52 @@ def cuda_context() -> None:
 def watch_sessions(opened: list, first_runs: list) -> None:
     """Log every ONNX Runtime session the backends open, with the device memory its creation took, and the first
     run of each (session, CUDA graph id) with what that run added: a capture's arena and graph, or a plain
-    session's growth of the shared arena. Together they split the memory beyond weights and KV caches by cause."""
+    session's growth of the shared arena. Together they split the memory beyond weights and KV caches by cause.
+    A session's entry says whether it is still held (`alive`, see `mark_alive`): a backend drops its load-time
+    dynamic session once its buckets are set."""
     from padrec_runtime.backends.onnxruntime import OrtBackend
     open_session, run_bound = OrtBackend._open, OrtBackend.run_bound
-    made: dict = {}  # id(session) -> its entry in `opened`
+    made = weakref.WeakKeyDictionary()  # session -> its entry in `opened`
+    runs = weakref.WeakKeyDictionary()  # session -> the CUDA graph ids it has run
 
     def _open(self, dims=None, cuda_graph=False):
         before = device_used()
         session = open_session(self, dims, cuda_graph)
         opened.append({"graph": self.graph_name, "dims": dims, "cuda_graph": cuda_graph,
-                       "mb": (device_used() - before) / 2**20})
-        made[id(session)] = opened[-1]
+                       "mb": (device_used() - before) / 2**20, "ref": weakref.ref(session)})
+        made[session] = opened[-1]
         return session
 
     def _run_bound(self, graph, session, binding, options):
-        key = (id(session), options.get_run_config_entry("gpu_graph_id"))
-        if key in seen:
+        graph_id = int(options.get_run_config_entry("gpu_graph_id")) if options is not None else None
+        ids = runs.setdefault(session, set())
+        if graph_id in ids:
             return run_bound(self, graph, session, binding, options)
-        seen.add(key)
+        ids.add(graph_id)
         before = device_used()
         run_bound(self, graph, session, binding, options)
-        entry = made.get(id(session), {})
+        entry = made.get(session, {})
         first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": entry.get("cuda_graph"),
-                           "gpu_graph_id": int(key[1]), "mb": (device_used() - before) / 2**20})
-    seen: set = set()
+                           "gpu_graph_id": graph_id, "mb": (device_used() - before) / 2**20})
     OrtBackend._open, OrtBackend.run_bound = _open, _run_bound
 
 
+def mark_alive(opened: list) -> None:
+    """Set each logged session's `alive` (still held by the runtime); JSON-ready: the weak reference goes."""
+    for s in opened:
+        s["alive"] = s.pop("ref")() is not None
+
+
 def by_cause(opened: list, first_runs: list) -> dict:
-    """MB by cause: sessions made (graphed or plain), and first runs on graphed sessions (captures) or plain ones."""
+    """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and first runs on
+    graphed sessions (captures) or plain ones."""
     kinds = {"graphed": True, "plain": False}
-    return {**{f"sessions_{k}_mb": sum(s["mb"] for s in opened if bool(s["cuda_graph"]) is v)
+    held = [s for s in opened if s["ref"]() is not None]  # during the run: mark_alive replaces the references
+    return {**{f"sessions_{k}_mb": sum(s["mb"] for s in held if bool(s["cuda_graph"]) is v)
                for k, v in kinds.items()},
             **{f"first_runs_{k}_mb": sum(r["mb"] for r in first_runs if bool(r["session_graphed"]) is v)
-               for k, v in kinds.items()}}
+               for k, v in kinds.items()},
+            "sessions_held": len(held)}
 
 
 class Peak:
@@ -140,12 +153,14 @@ class Peak:
         self.bytes = max(self.bytes, device_used())
 
 
-def cupy_pool_bytes() -> int:
-    """Bytes cupy's default pool holds (KV caches, bound buffers and what their updates freed)."""
+def cupy_pool_bytes() -> tuple[int, int]:
+    """Bytes cupy's default pool holds (KV caches, bound buffers and what their updates freed), and of those the
+    bytes in use (the rest are freed blocks the pool keeps for reuse)."""
     if DEVICE == "cpu":
-        return 0
+        return 0, 0
     import cupy
-    return cupy.get_default_memory_pool().total_bytes()
+    pool = cupy.get_default_memory_pool()
+    return pool.total_bytes(), pool.used_bytes()
 
 
 def histories(cat, n: int, seed: int, length: int = 20) -> list:
@@ -180,16 +195,17 @@ def run_variant(engines: Path, options: dict, batches: list) -> dict:
             peak = {"first": max(peak["first"], first.bytes), "steady": max(peak["steady"], steady.bytes)}
             row[f"{mode}_tau"], row[f"{mode}_lists"] = res.tau, [r.tokens for r in res.lists]
             row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
-        mem, used = rec.memory(), device_used() - base
+        (mem, used), (pool, pool_used) = (rec.memory(), device_used() - base), cupy_pool_bytes()
         ceiling = HEADROOM * (mem["weights"] + mem["kv_caches"])
         row.update({"weights_gb": mem["weights"] / 1e9, "kv_caches_gb": mem["kv_caches"] / 1e9,
                     "gpu_used_gb": used / 1e9, "rest_gb": (used - mem["weights"] - mem["kv_caches"]) / 1e9,
-                    "cupy_pool_gb": cupy_pool_bytes() / 1e9, "ceiling_gb": ceiling / 1e9,
+                    "cupy_pool_gb": pool / 1e9, "cupy_pool_used_gb": pool_used / 1e9, "ceiling_gb": ceiling / 1e9,
                     "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,
                     "within_ceiling": used <= ceiling, "steady_peak_within_ceiling": peak["steady"] - base <= ceiling,
                     "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, first_runs)})
         out["batches"][b] = row
         log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
+    mark_alive(opened)
     out["sessions"], out["first_runs"], out["memory_source"] = opened, first_runs, sorted(SOURCES)
     out["graph_notes"] = [n for be in rec.backends.values() for n in getattr(be, "graph_notes", [])]
     rec.close()

@@ -53,6 +53,7 @@ class Stream:
 
     def __init__(self, session: DecodeSession, catalogue: Catalogue):
         self.session, self.catalogue = session, catalogue
+        self.failed: str | None = None  # why a round failed: its caches and drafts are half-updated, so no more
 
     @property
     def done(self) -> bool:
@@ -60,7 +61,13 @@ class Stream:
 
     def step(self) -> list:
         """Run one round; returns the tokens each row committed in it."""
-        return self.session.step()
+        if self.failed is not None:
+            raise InputError(f"stream: a round failed earlier ({self.failed}) | start a new request")
+        try:
+            return self.session.step()
+        except Exception as exc:
+            self.failed = f"{type(exc).__name__}: {str(exc)[:200]}"
+            raise
 
     def partial(self) -> list:
         """Per row, a Recommendation of the items completed so far."""
@@ -186,10 +193,9 @@ class Recommender:
     def recommend(self, histories, n_items: int | None = None, params: DecodeParams | dict | None = None,
                   exclude_history: bool = True) -> RecommendResult:
         """One list per history (a list of item ids, oldest first). params: how to decode (DecodeParams)."""
-        params = _as_params(params)
+        params, t0 = _as_params(params), time.perf_counter()  # the deadline counts the wait and the prefill too
         with self._lock:
             stream = Stream(self._session(histories, n_items, params, exclude_history, shared=True), self.catalogue)
-            t0 = time.perf_counter()
             while not stream.done:
                 stream.step()
                 if params.deadline_s is not None and time.perf_counter() - t0 > params.deadline_s:

@@ -37,6 +37,7 @@ SHARED_ARENA = "session.use_env_allocators"
 # otherwise keep its peak for the process's life. Its cost, a cudaMalloc and cudaFree of those activations, falls
 # once per request, on a run that syncs anyway (decode-sized runs never ask: they would pay it every round).
 ARENA_SHRINK, ARENA_SHRINK_CUDA = "memory.enable_memory_arena_shrinkage", "gpu:0"
+SHRINK_REFUSED = "memory arena shrink list"  # ONNX Runtime's refusal: no arena of that device to shrink
 _arena_registered = False
 CACHE_DIMS = ("past", "max_seq_len")  # a bucket's dimensions that every call of a cache shares: its length
 _arena_lock = threading.Lock()
@@ -283,24 +284,23 @@ class OrtBackend:
         return options
 
     def run_bound(self, graph: str, session, binding, options) -> None:
+        if not self.shrinks_arena and self._asks_shrink(options):  # refused before: options made earlier still ask
+            options = self.run_options(int(options.get_run_config_entry("gpu_graph_id")), queued=False)
         try:
             session.run_with_iobinding(binding, options)
         except Exception as exc:  # onnxruntime raises its own exception types
-            if not self._shrink_refused(options, exc):
+            if not (self._asks_shrink(options) and SHRINK_REFUSED in str(exc)):
                 raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
             # ONNX Runtime checks the shrink request before the run starts, so nothing ran: run it without, and
             # ask no more (a build whose shared arena it cannot find keeps prefill memory in the arena instead)
-            if self.shrinks_arena:
-                self.shrinks_arena = False
-                self.graph_notes.append(f"arena shrink refused, prefill memory stays in the arena ({str(exc)[:200]})")
-            self.run_bound(graph, session, binding,
-                           self.run_options(int(options.get_run_config_entry("gpu_graph_id")), queued=False))
+            self.shrinks_arena = False
+            self.graph_notes.append(f"arena shrink refused, prefill memory stays in the arena ({str(exc)[:200]})")
+            self.run_bound(graph, session, binding, options)
 
     @staticmethod
-    def _shrink_refused(options, exc: Exception) -> bool:
-        """Whether a run failed on its arena shrink request (the options asked for one and ONNX Runtime names it)."""
+    def _asks_shrink(options) -> bool:
+        """Whether a run's options ask ONNX Runtime to shrink the shared arena when the run ends."""
         try:
-            asked = options is not None and bool(options.get_run_config_entry(ARENA_SHRINK))
+            return options is not None and bool(options.get_run_config_entry(ARENA_SHRINK))
         except RuntimeError:  # onnxruntime: no such entry
             return False
-        return asked and "arena" in str(exc)

@@ -60,11 +60,12 @@ def array_module(device: str):
 
 
 def device_work(lock, stream) -> contextlib.ExitStack:
-    """Enter `lock`, then `stream` (cupy streams are context managers that make themselves current)."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(lock)
-    stack.enter_context(stream)
-    return stack
+    """Enter `lock`, then `stream` (cupy streams are context managers that make themselves current); if the
+    stream cannot be entered, the lock is let go."""
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(lock)
+        stack.enter_context(stream)
+        return stack.pop_all()
 
 
 class _Graph:

@@ -429,7 +429,7 @@ def test_only_a_prompts_prefill_releases_the_shared_arena(tiny, engines_master, 
 def test_an_onnx_runtime_that_refuses_the_arena_shrink_runs_the_prefill_without_it(tiny, engines_master, monkeypatch):
     """Where ONNX Runtime cannot find the arena a prefill asks it to shrink (here: a CPU session asked for the GPU's,
     which it refuses before running anything), the run goes ahead without the request, the backend asks no more
-    and says why in its graph notes; lists are unchanged."""
+    (not even through options its caches made before) and says why in its graph notes; lists are unchanged."""
     from padrec_runtime.backends.onnxruntime import ARENA_SHRINK, OrtBackend
     real_options = OrtBackend.run_options
 
@@ -443,7 +443,7 @@ def test_an_onnx_runtime_that_refuses_the_arena_shrink_runs_the_prefill_without_
     want = [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate="chain")).lists]
     monkeypatch.setattr(OrtBackend, "run_options", cuda_decision)
     rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
-    for _ in range(2):  # the second request: the caches' options made before the refusal still ask, once each
+    for _ in range(2):  # the second request's prefills ask no more (each refusal adds a note: one each below)
         assert [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate="chain")).lists] == want
     refused = {g: b.graph_notes for g, b in rec.backends.items() if not b.shrinks_arena}
     assert set(refused) == {"target", "draft_chain"}, refused

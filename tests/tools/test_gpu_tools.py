@@ -181,5 +181,8 @@ def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_ma
     assert prefill_batches.count(1) >= 1 and prefill_batches.count(3) >= 2 and not {7, 8} & set(prefill_batches)
     ids = [(r["graph"], r["gpu_graph_id"]) for r in v["first_runs"]]
     assert len(ids) == len(set(ids))
-    assert set(v["batches"]["7"]["by_cause_so_far"]) == {"sessions_graphed_mb", "sessions_plain_mb",
+    assert set(v["batches"]["7"]["by_cause_so_far"]) == {"sessions_graphed_mb", "sessions_plain_mb", "sessions_held",
                                                          "first_runs_graphed_mb", "first_runs_plain_mb"}
+    # the load-time dynamic sessions went once the buckets were set; every bucket session is still held
+    assert [s["alive"] for s in v["sessions"]] == [s["dims"] is not None for s in v["sessions"]]
+    assert v["batches"]["7"]["by_cause_so_far"]["sessions_held"] == sum(s["alive"] for s in v["sessions"])
