@@ -13,8 +13,8 @@ from .weights import WeightPool
 # CUDA sessions ask ONNX Runtime (>= 1.31; older ones ignore the entry) to time, per MatMul shape, cuBLAS against
 # its small-M GEMV kernels on the session's first run of the shape and keep the fastest: on an H100 the fused
 # target's 1-token step 1.19 -> 1.16 ms and its 8-token verify 1.37 -> 1.31 ms (tools/gpu_step_profile.py,
-# benchmarks/results/step_profile_h100_s18.json). ORT_CUDA_GEMM_AUTO_TUNE in the environment decides instead
-# (0: cuBLAS only, the same kernels on every run).
+# benchmarks/results/step_profile_h100.json). ORT_CUDA_GEMM_AUTO_TUNE in the environment decides instead
+# (ONNX Runtime's own variable; 0: cuBLAS only, the same kernels on every run).
 GEMM_TUNE_ENTRY, GEMM_TUNE_ENV = "ep.cuda.enable_gemm_auto_tune", "ORT_CUDA_GEMM_AUTO_TUNE"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}

@@ -269,6 +269,30 @@ def test_interleaved_caller_sessions_on_device_caches(tiny, engines_master):
     assert c.result().lists[0].tokens == want[0]
 
 
+@pytest.mark.parametrize("mode", ["chain", "tree", "off"])
+def test_a_stream_whose_round_failed_refuses_more_rounds_and_its_caches_serve_again(tiny, engines_master, mode):
+    """A round that fails half-way (here: the target's verify pass) leaves a stream's caches half-updated: the
+    error reaches the caller, later steps raise InputError naming the failure, and the caches, once pooled, give
+    a new stream the lists `recommend` gives."""
+    import gc
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    hist = _histories(tiny[0], 41, 1)
+    want = rec.recommend(hist, params=DecodeParams(speculate=mode)).lists[0].tokens
+    s = rec.start(hist, params=DecodeParams(speculate=mode))
+    s.step()
+    s.session._verify = lambda proposal: (_ for _ in ()).throw(BackendError("target: injected failure"))
+    with pytest.raises(BackendError, match="injected"):
+        s.step()
+    with pytest.raises(InputError, match="a round failed earlier .*injected.* start a new request"):
+        s.step()
+    del s
+    gc.collect()
+    again = rec.start(hist, params=DecodeParams(speculate=mode))
+    while not again.done:
+        again.step()
+    assert again.result().lists[0].tokens == want
+
+
 def test_caller_sessions_from_threads_on_device_caches(tiny, engines_master):
     """Caller-owned sessions stepped from several threads at once (device work serialised per Recommender)
     give the lists one thread gets."""
@@ -706,11 +730,11 @@ def test_calibrate_weighs_medians_fastest_and_slowest_runs(tiny, engines_master,
 
 
 def test_calibrate_times_candidates_far_behind_the_fastest_once():
-    """After the first round only AR and the candidates within PRUNE of the fastest are timed again; the pick
-    still weighs every candidate's runs."""
+    """After the first round only AR and the candidates within PRUNE of the fastest are timed again; every
+    candidate's time is reported, and the pick is among the candidates kept."""
     from padrec_runtime.api.adaptive import PRUNE, _timed_pick
     now, calls = [0.0], {}
-    cost = {("off", None): 1.0, ("chain", 4): 0.8, ("chain", 2): 0.8 * PRUNE, ("tree", 4): 0.8 * PRUNE + 0.01}
+    cost = {("off", None): 1.0, ("chain", 4): 0.8, ("chain", 2): 0.8 * PRUNE - 0.01, ("tree", 4): 0.8 * PRUNE + 0.01}
 
     def run(key):
         calls[key] = calls.get(key, 0) + 1
