@@ -3,6 +3,7 @@ recommend."""
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import click
 
@@ -198,6 +199,7 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
                        layout=TokenLayout(levels, codebook, kind), users=users, stride=stride,
                        drafts=("padrec", "eagle") if drafts == "both" else (drafts,))
     click.echo(_json.dumps(report, indent=2))
+    click.echo(f"the report above is saved in {os.path.join(out_dir, 'train_report.json')}", err=True)
 
 
 @main.command("train-draft")
@@ -310,6 +312,8 @@ def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
     click.echo(bench_table(report))
+    if json_path:
+        click.echo(f"wrote {json_path}")
     if plot_path:
         bench_plot(report, plot_path)
         click.echo(f"wrote {plot_path}")

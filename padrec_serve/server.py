@@ -17,6 +17,7 @@ import numpy as np
 
 from padrec_runtime.errors import BackendError, InputError
 
+from .process import port_free
 from .schema import INPUTS, MODEL_NAME, OUTPUTS
 
 RESTRICTED = "model-repository,shared-memory,trace,logging"
@@ -193,8 +194,19 @@ def server_env() -> dict:
     return env
 
 
+def require_free_ports(config: ServeConfig) -> None:
+    """Refuse ports another process holds before loading anything: Triton would find out only after the
+    instances have loaded and calibrated, and say so in its own log."""
+    ports = {"--http-port": config.http_port, "--grpc-port": config.grpc_port, "--metrics-port": config.metrics_port}
+    for option, port in ports.items():
+        if not port_free(port):
+            raise InputError(f"{option}: port {port} is in use | stop what holds it, or pick another with {option} "
+                             "(clients then name it: padrec client --url)")
+
+
 def serve(config: ServeConfig) -> int:
     """Run Triton with padrec until SIGINT or SIGTERM (passed on to Triton, which drains and exits); its exit code."""
+    require_free_ports(config)
     with tempfile.TemporaryDirectory(prefix="padrec-serve-") as tmp:
         cmd = prepare(config, Path(tmp))
         proc = subprocess.Popen(cmd, env=server_env())

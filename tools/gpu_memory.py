@@ -231,17 +231,16 @@ def main():
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--device", default="cuda", choices=("cuda", "cpu"), help="cpu: a smoke run of this script")
     ap.add_argument("--prefill-rows", type=int, default=None,
-                    help="rows a windowed prefill takes (the runtime's: 8); fewer lets small engines take that path")
+                    help="RuntimeOptions.prefill_rows for every variant (default: the runtime's); fewer lets small "
+                         "engines take the windowed path")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant, print its JSON
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
     global DEVICE
     DEVICE = args.device
-    if args.prefill_rows:
-        import padrec_runtime.cache.device as device_cache
-        device_cache.PREFILL_ROWS = args.prefill_rows
     if args.child:
-        print("RESULT " + json.dumps(run_variant(args.engines, VARIANTS[args.child], batches)))
+        options = {**VARIANTS[args.child], **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
+        print("RESULT " + json.dumps(run_variant(args.engines, options, batches)))
         return
     gpu = "cpu"
     if DEVICE == "cuda":

@@ -117,7 +117,8 @@ def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candid
     another `batch` of them, the win must hold again against AR on those (timed afresh): a setting that wins
     on one set of histories by luck or noise alone is not kept."""
     if len(histories) < max(batches):
-        raise InputError(f"calibrate: {len(histories)} histories for batches up to {max(batches)}")
+        raise InputError(f"calibrate: got {len(histories)} histories | expected at least {max(batches)}, the largest "
+                         f"batch timed ({list(batches)}) | pass more histories, or batches=... up to {len(histories)}")
     candidates = candidates_for(rec, candidates)
     ar = ("off", None)
     plan = []

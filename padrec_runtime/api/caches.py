@@ -47,7 +47,8 @@ class CacheStore:
         kv = g["kv"]
         spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.manifest.model["max_seq_len"])
         cache = DeviceCache(self.backends[graph], graph, g, spec, batch, s.device, static=s.static_shapes,
-                            stream=self.stream, lock=self.device_lock, tracer=self.tracer)
+                            stream=self.stream, lock=self.device_lock, tracer=self.tracer,
+                            prefill_rows=s.prefill_rows)
         for name in self._attached(graph):
             cache.attach(name, self.backends[name], self.manifest.graph(name))
         return cache

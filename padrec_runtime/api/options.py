@@ -82,6 +82,10 @@ class RuntimeOptions:
     # shared arena); per_shape: a session per (batch, bucket) shape, each with its own
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
+    # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
+    # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a
+    # 64-row prefill of 128-token prompts would take ~2 GB at once)
+    prefill_rows: int = 8
     device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)
     max_request_tokens: int = 131072  # budget: histories x list tokens x tokens verified per round (see `request_cost`)
     trt_module: str = "tensorrt"  # tensorrt | tensorrt_lean | tensorrt_rtx
@@ -95,6 +99,7 @@ class RuntimeOptions:
                          "cuda_graph_max_tokens": dict(kind="int", lo=1, hi=1 << 20, optional=True),
                          "graph_sessions": dict(kind="str", choices=GRAPH_SESSIONS),
                          "in_place": dict(kind="bool", optional=True),
+                         "prefill_rows": dict(kind="int", lo=1, hi=1 << 16),
                          "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
                          "max_request_tokens": dict(kind="int", lo=1),
                          "trt_module": dict(kind="str", choices=TRT_MODULES),
@@ -114,6 +119,7 @@ class Settings:
     cuda_graph_max_tokens: int | None
     graph_sessions: str
     in_place: bool
+    prefill_rows: int
     device_rounds_max_batch: int
     max_request_tokens: int
     trt_module: str
@@ -148,7 +154,7 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
                            "export fp16 engines or drop in_place")
     return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens,
-                    o.graph_sessions, in_place,
+                    o.graph_sessions, in_place, o.prefill_rows,
                     o.device_rounds_max_batch, o.max_request_tokens, o.trt_module, o.allow_host_code)
 
 

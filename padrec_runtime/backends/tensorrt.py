@@ -21,7 +21,8 @@ def _runtime_module(name: str, built_with: str, version_compatible: bool):
         raise BackendError(f"tensorrt module: got {name!r} | expected one of {', '.join(RUNTIME_MODULES)}")
     if (built_with == "tensorrt_rtx") != (name == "tensorrt_rtx"):
         raise BackendError(f"engines built with {built_with} cannot run on the {name} runtime | "
-                           f"use module={'tensorrt_rtx' if built_with == 'tensorrt_rtx' else 'tensorrt'} or rebuild")
+                           f"use RuntimeOptions(trt_module={'tensorrt_rtx' if built_with == 'tensorrt_rtx' else 'tensorrt'!r}) "
+                           "(CLI: --trt-module) or rebuild")
     if name == "tensorrt_lean" and not version_compatible:
         raise BackendError("tensorrt_lean runs only version-compatible plans | rebuild with --version-compatible")
     try:
@@ -36,7 +37,8 @@ def _cuda():
     try:
         from cuda.bindings import runtime as cudart
     except ImportError:
-        raise BackendError("cuda-python: not installed | pip install 'padrec[trt]'") from None
+        raise BackendError("cuda-python: not installed | the TensorRT backend moves its buffers with it: "
+                           "pip install cuda-python (included in 'padrec[trt]')") from None
     return cudart
 
 

@@ -41,10 +41,6 @@ _OUTSIDE_GRAPHS = -1
 # A bucket's options: warm-up (outside graphs), capture / a run without a graph, replay (queued), and a run without
 # a graph that shrinks the shared arena after it: a prompt's prefill, the widest call of a request (see OrtBackend)
 _RELEASE = 3
-# A prompt's prefill runs at most this many rows at a time (`_prefill_rows`): its activations, and the arena that
-# holds them while it runs, stay at this batch's size whatever the batch (at 7B a 64-row prefill of 128-token
-# prompts would take ~2 GB), and the rows reuse this batch's sessions instead of a prefill session per batch size.
-PREFILL_ROWS = 8
 
 
 def array_module(device: str):
@@ -86,14 +82,17 @@ class DeviceCache:
 
     backend: a backend that binds device buffers (OrtBackend); stream: the cupy stream ONNX Runtime was given
     as its compute stream, so copies, engine runs and cache updates are ordered; lock: serialises the device
-    work of every cache sharing the stream (a CUDA-graph capture must not see another thread's work)."""
+    work of every cache sharing the stream (a CUDA-graph capture must not see another thread's work);
+    prefill_rows: a prefill into the empty cache of more rows than this runs that many at a time, through windows
+    over the cache (RuntimeOptions.prefill_rows)."""
 
     def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
-                 static: bool = False, stream=None, lock=None, tracer=None, rows_of=None):
+                 static: bool = False, stream=None, lock=None, tracer=None, rows_of=None, prefill_rows: int = 8):
         if not backend.binds_device_buffers:
             raise BackendError(f"{graph}: the {backend.name} backend binds no device buffers | use the host cache")
         self.xp, self._ptr = array_module(device)
         self.device, self.graph, self.spec, self.static, self.tracer = device, graph, spec, static, tracer
+        self.prefill_rows = prefill_rows
         self.stream = stream if stream is not None else contextlib.nullcontext()
         self._lock = lock if lock is not None else contextlib.nullcontext()
         self.dtype = numpy_dtype(graph_spec["kv"]["dtype"])
@@ -112,7 +111,7 @@ class DeviceCache:
             whole, r0 = rows_of
             self.cache, self._releases = whole.cache[:, :, r0:r0 + batch], r0 + batch == whole.batch
             self._shared_buffers = whole._window_buffers
-        self._windows: dict = {}  # first row -> a window of PREFILL_ROWS rows over this cache (`_prefill_rows`)
+        self._windows: dict = {}  # first row -> a window of prefill_rows rows over this cache (`_prefill_rows`)
         self._window_buffers: dict = {}  # the bound buffers those windows share (`_buffers`)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
@@ -305,7 +304,7 @@ class DeviceCache:
         if B != self.batch or new_mask.shape[0] != B:
             raise BackendError(f"{graph or self.graph}: a call of {B} rows (mask: {new_mask.shape[0]}) on a cache of "
                                f"{self.batch} | use a cache of the request's batch size")
-        if B > PREFILL_ROWS and self.empty and take is None and fill is None:
+        if B > self.prefill_rows and self.empty and take is None and fill is None:
             return self._prefill_rows(feeds, new_mask, graph)
         P = buckets.bucket(T) if self.static else None
         name = self._route(graph or self.graph, feeds, new_mask, P or T, take)
@@ -330,18 +329,18 @@ class DeviceCache:
             return self._run(name, bound, T, P, fill is not None)
 
     def _prefill_rows(self, feeds: dict, new_mask: np.ndarray, graph: str | None) -> Ready:
-        """A prefill of more than PREFILL_ROWS rows, that many at a time, each through a window over those rows.
+        """A prefill of more than prefill_rows rows, that many at a time, each through a window over those rows.
         The last window ends at the last row, so where the batch is not a multiple it overlaps the one before:
         those rows run twice on the same inputs, and the later run's KV and outputs are the ones kept."""
-        B, T = new_mask.shape[:2]
-        starts = [*range(0, B - PREFILL_ROWS, PREFILL_ROWS), B - PREFILL_ROWS]
+        B, T, R = *new_mask.shape[:2], self.prefill_rows
+        starts = [*range(0, B - R, R), B - R]
         parts = []
         for r0 in starts:
             if r0 not in self._windows:
                 self._windows[r0] = self._window(r0)
             window = self._windows[r0]
             window.reset()
-            rows = slice(r0, r0 + PREFILL_ROWS)
+            rows = slice(r0, r0 + R)
             part = {n: (a[rows] if np.ndim(a) and len(a) == B else a) for n, a in feeds.items()}
             parts.append((rows, window.launch(part, new_mask[rows], graph).result()))
         self.scratch += T
@@ -353,8 +352,9 @@ class DeviceCache:
 
     def _window(self, r0: int) -> "DeviceCache":
         first = self._graphs[self.graph]
-        window = DeviceCache(first.backend, self.graph, first.spec, self.spec, PREFILL_ROWS, self.device,
-                             self.static, self._stream_owner, self._lock, self.tracer, rows_of=(self, r0))
+        window = DeviceCache(first.backend, self.graph, first.spec, self.spec, self.prefill_rows, self.device,
+                             self.static, self._stream_owner, self._lock, self.tracer, rows_of=(self, r0),
+                             prefill_rows=self.prefill_rows)
         for name, g in self._graphs.items():
             if name != self.graph:
                 window.attach(name, g.backend, g.spec)

@@ -191,17 +191,16 @@ def test_device_resident_cache_gives_the_same_lists(tiny, engines_master):
 
 
 @pytest.mark.parametrize("batch", [7, 6])
-def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, engines_master, monkeypatch, batch):
-    """A prefill of more than PREFILL_ROWS rows (3 here: these engines take at most 8) runs that many at a time over
+def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, engines_master, batch):
+    """A prefill of more than `prefill_rows` rows (3 here: these engines take at most 8) runs that many at a time over
     windows of the cache (7: the last window overlaps the one before): the KV cache it leaves and its outputs equal
     one call over every row, and so do the lists, speculative and AR, greedy and sampled. The windows share one set
     of bound buffers."""
-    import padrec_runtime.cache.device as device
     rng = np.random.default_rng(batch)
     hist = [rng.choice(tiny[0].item_ids, size=int(rng.integers(1, 12)), replace=False).tolist() for _ in range(batch)]
-    opts = RuntimeOptions(device_cache=True, static_shapes=True, in_place=False)
-    windowed, whole = Recommender(engines_master, options=opts), Recommender(engines_master, options=opts)
-    monkeypatch.setattr(device, "PREFILL_ROWS", 3)
+    opts = dict(device_cache=True, static_shapes=True, in_place=False)
+    windowed = Recommender(engines_master, options=RuntimeOptions(prefill_rows=3, **opts))
+    whole = Recommender(engines_master, options=RuntimeOptions(prefill_rows=batch, **opts))
 
     def prefill(rec):
         cache = rec.caches.shared("target", batch)
@@ -223,7 +222,6 @@ def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, e
     # one set of bound buffers, whatever the number of windows
     keys = set.intersection(*(set(w._bound) for w in windows))
     assert keys and all(len({id(w._bound[k].outs) for w in windows}) == 1 for k in keys)
-    monkeypatch.setattr(device, "PREFILL_ROWS", 1000)
     ref_cache, ref, _ = prefill(whole)
     assert not ref_cache._windows and cache.scratch == ref_cache.scratch
     np.testing.assert_array_equal(cache.cache, ref_cache.cache)
@@ -232,10 +230,7 @@ def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, e
     for mode in ("off", "chain", "tree"):
         for greedy in (True, False):
             params = DecodeParams(speculate=mode, greedy=greedy, seed=3)
-            monkeypatch.setattr(device, "PREFILL_ROWS", 3)
-            a = windowed.recommend(hist, params=params)
-            monkeypatch.setattr(device, "PREFILL_ROWS", 1000)
-            b = whole.recommend(hist, params=params)
+            a, b = windowed.recommend(hist, params=params), whole.recommend(hist, params=params)
             assert [r.tokens for r in a.lists] == [r.tokens for r in b.lists], (mode, greedy)
 
 

@@ -102,3 +102,19 @@ def test_a_client_with_no_server_gets_one_named_error(protocol):
     with Client(f"127.0.0.1:{port}", protocol, timeout_s=5) as c:
         with pytest.raises(BackendError, match=f"server: cannot connect to 127.0.0.1:{port} .* start `padrec serve`"):
             c.recommend([[1, 2]])
+
+
+@pytest.mark.parametrize("option", ["http_port", "grpc_port", "metrics_port"])
+def test_a_port_in_use_is_refused_before_anything_loads(option, tmp_path):
+    """A port another process holds: one named error naming the option, before the engines load (Triton itself
+    would find out only after loading and calibrating every instance)."""
+    import socket
+    from padrec_serve.process import free_ports
+    from padrec_serve.server import serve
+    ports = dict(zip(["http_port", "grpc_port", "metrics_port"], free_ports(3)))
+    with socket.socket() as holder:
+        holder.bind(("0.0.0.0", ports[option]))
+        holder.listen()
+        flag = "--" + option.replace("_", "-")
+        with pytest.raises(InputError, match=rf"{flag}: port {ports[option]} is in use \| .* {flag}"):
+            serve(ServeConfig(str(tmp_path / "no-engines"), **ports))
