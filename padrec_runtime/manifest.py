@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -143,7 +144,7 @@ def _weight(v, path):
     w = obj(v, path, {"name": string, "file": file_name, "offset": integer(0, 1 << 42),
                       "length": integer(1, 1 << 42), "dtype": one_of(*WEIGHT_DTYPES),
                       "shape": listing(integer(0, 1 << 40), 8), "sha256": sha})
-    elements = int(np.prod(w["shape"], dtype=np.int64))
+    elements = math.prod(w["shape"])  # Python ints: a product of huge dimensions cannot wrap to a small one
     if elements * DTYPE_BYTES[w["dtype"]] != w["length"]:
         fail(f"{path}.length", w["length"], f"{elements} x {DTYPE_BYTES[w['dtype']]} bytes ({w['dtype']} "
              f"{w['shape']})")
@@ -256,6 +257,7 @@ def _check_files(data: dict) -> None:
             size = data["files"].get(w["file"], {}).get("bytes", 0)
             if w["offset"] + w["length"] > size:
                 fail(f"{where}.offset", w["offset"], f"a span of {w['length']} bytes inside {w['file']} ({size} bytes)")
+        _check_spans(name, g.get("weights", []))
     build = data.get("tensorrt")
     if build is not None:
         for graph, g in data["graphs"].items():
@@ -270,6 +272,20 @@ def _check_files(data: dict) -> None:
             fail(where, file, "a file listed under files")
     for file in data["files"]:
         file_name(file, f"files.{file}")
+
+
+def _check_spans(graph: str, weights: list) -> None:
+    """A graph's tensors lie in spans of their data files that do not overlap: an offset moved onto another
+    tensor's bytes, or part of them, would feed a session the wrong weights (the data files are hashed whole,
+    the spans only here)."""
+    ends: dict = {}  # file -> (end of the last span, its index)
+    for i in sorted(range(len(weights)), key=lambda i: (weights[i]["file"], weights[i]["offset"])):
+        w = weights[i]
+        end, j = ends.get(w["file"], (0, None))
+        if w["offset"] < end:
+            fail(f"graphs.{graph}.weights[{i}].offset", w["offset"], f"a span of {w['file']} clear of "
+                 f"graphs.{graph}.weights[{j}] (bytes up to {end})")
+        ends[w["file"]] = (w["offset"] + w["length"], i)
 
 
 def parse_manifest(data, root: Path = Path("."), allow_outside: bool = False) -> "Manifest":

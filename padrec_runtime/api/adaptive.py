@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..errors import InputError
-from .options import DecodeParams
+from .options import DecodeParams, _check
 
 CANDIDATES = (("off", None), ("chain", 2), ("chain", 4), ("chain", 6), ("chain", 8),
               ("tree", 3), ("tree", 4), ("tree", 6))
@@ -110,12 +110,26 @@ def _timed_pick(runs: dict, repeats: int, margin: float, clock=time.perf_counter
     return best, times
 
 
+def _calibration_args(rec, histories, batches, repeats) -> tuple:
+    """calibrate's arguments checked: a list of histories (each checked as a request's), batch sizes the engines
+    take, at least one repeat."""
+    if not isinstance(histories, (list, tuple)):
+        raise InputError(f"calibrate histories: got {type(histories).__name__} | expected a list of histories "
+                         "(lists of item ids)")
+    if not isinstance(batches, (list, tuple)) or not batches:
+        raise InputError(f"calibrate batches: got {batches!r} | expected a non-empty tuple of batch sizes, e.g. (1, 8)")
+    top = rec.limits["max_batch"]
+    batches = tuple(_check("calibrate", "batches", b, "int", lo=1, hi=top) for b in batches)
+    return list(histories), batches, _check("calibrate", "repeats", repeats, "int", lo=1, hi=1000)
+
+
 def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES,
               margin: float = MARGIN) -> list:
     """Choices (sorted by batch) measured on `histories` (at least max(batches) of them). Candidates (and a
     chain at the engines' K) are timed in turn (`_timed_pick`). Where speculation wins and `histories` hold
     another `batch` of them, the win must hold again against AR on those (timed afresh): a setting that wins
     on one set of histories by luck or noise alone is not kept."""
+    histories, batches, repeats = _calibration_args(rec, histories, batches, repeats)
     if len(histories) < max(batches):
         raise InputError(f"calibrate: got {len(histories)} histories | expected at least {max(batches)}, the largest "
                          f"batch timed ({list(batches)}) | pass more histories, or batches=... up to {len(histories)}")

@@ -9,6 +9,7 @@ loop's `DecodeConfig` with the manifest's defaults.
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -44,7 +45,12 @@ def _check(owner: str, name: str, value, kind: str, lo=None, hi=None, choices=No
                                                               else (int, float, np.integer, np.floating)):
         raise InputError(f"{where}: got {value!r} ({type(value).__name__}) | expected {'an integer' if kind == 'int' else 'a number'}"
                          f"{_range(lo, hi)}")
-    value = int(value) if kind == "int" else float(value)
+    if kind == "int":
+        value = int(value)
+    elif isinstance(value, int) and abs(value) > sys.float_info.max:  # out of any range, not an OverflowError
+        value = math.inf if value > 0 else -math.inf
+    else:
+        value = float(value)
     if not math.isfinite(value) or (lo is not None and value < lo) or (hi is not None and value > hi):
         raise InputError(f"{where}: got {value!r} | expected {'an integer' if kind == 'int' else 'a finite number'}"
                          f"{_range(lo, hi)}")
@@ -57,6 +63,22 @@ def _range(lo, hi) -> str:
     return f" in {lo if lo is not None else '-inf'}..{hi if hi is not None else 'inf'}"
 
 
+def checked_fields(cls):
+    """A frozen dataclass whose constructor names unknown keywords and extra positional values as an InputError
+    listing its fields (Python's own TypeError would not say which fields there are)."""
+    init, names = cls.__init__, [f.name for f in fields(cls)]
+
+    def __init__(self, *args, **kwargs):
+        unknown = sorted(map(str, set(kwargs) - set(names)))
+        if unknown or len(args) > len(names):
+            got = f"unknown {unknown}" if unknown else f"{len(args)} positional values"
+            raise InputError(f"{cls.__name__}: got {got} | its fields are {', '.join(names)}")
+        init(self, *args, **kwargs)
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
 def _validate(obj, rules: dict) -> None:
     """Check and normalise every field of a frozen dataclass against its rules (name -> _check keywords)."""
     owner = type(obj).__name__
@@ -65,6 +87,7 @@ def _validate(obj, rules: dict) -> None:
         object.__setattr__(obj, f.name, value)
 
 
+@checked_fields
 @dataclass(frozen=True)
 class RuntimeOptions:
     """How a Recommender runs its engines. None: decided from the device and the engines (see `resolve_runtime`)."""
@@ -158,6 +181,7 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
                     o.device_rounds_max_batch, o.max_request_tokens, o.trt_module, o.allow_host_code)
 
 
+@checked_fields
 @dataclass(frozen=True)
 class DecodeParams:
     """How one request's lists are decoded. None: the engines' default (manifest) or the runtime's rule."""

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import threading
 import time
 import weakref
@@ -63,6 +64,8 @@ class Stream:
         """Run one round; returns the tokens each row committed in it."""
         if self.failed is not None:
             raise InputError(f"stream: a round failed earlier ({self.failed}) | start a new request")
+        if self.done:
+            raise InputError("stream: every list is complete | read them with result()")
         try:
             return self.session.step()
         except Exception as exc:
@@ -74,6 +77,9 @@ class Stream:
         return [describe(self.catalogue, toks) for toks in self.session.out.tokens]
 
     def result(self) -> RecommendResult:
+        if not self.done:
+            raise InputError(f"stream: not done after {self.session.out.rounds} rounds | step() until done, or read "
+                             "the complete items so far with partial()")
         g = self.session.result()
         return RecommendResult([describe(self.catalogue, toks) for toks in g.tokens], g.tau, g.rounds, g.committed,
                                {"total": g.time_total_s, "draft": g.time_draft_s, "verify": g.time_verify_s,
@@ -104,9 +110,10 @@ def _as_params(params) -> DecodeParams:
         return params
     if isinstance(params, dict):
         known = {f.name for f in dataclasses.fields(DecodeParams)}
-        unknown = sorted(set(params) - known)
+        unknown = sorted(map(repr, set(params) - known))
         if unknown:
-            raise InputError(f"params: unknown {unknown} | DecodeParams fields: {', '.join(sorted(known))}")
+            raise InputError(f"params: unknown keys {', '.join(unknown)} | DecodeParams fields: "
+                             f"{', '.join(sorted(known))}")
         return DecodeParams(**params)
     raise InputError(f"params: got {type(params).__name__} | expected DecodeParams(...) or a dict of its fields")
 
@@ -120,6 +127,9 @@ class Recommender:
     def __init__(self, engine_dir, device: str = "cpu", backend: str = "onnxruntime",
                  options: RuntimeOptions | None = None, tracer=None):
         options = RuntimeOptions() if options is None else options
+        if not isinstance(engine_dir, (str, os.PathLike)) or isinstance(engine_dir, bytes):
+            raise InputError(f"engine_dir: got {type(engine_dir).__name__} | expected a path (str or pathlib.Path) "
+                             "of an engine directory from `padrec export`")
         if not isinstance(options, RuntimeOptions):
             raise InputError(f"options: got {type(options).__name__} | expected RuntimeOptions(...)")
         # each engine file is hashed once: as a backend or the catalogue reads it, the rest at the end of __init__

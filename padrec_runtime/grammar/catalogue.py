@@ -27,6 +27,7 @@ class Catalogue:
     def __init__(self, layout: TokenLayout, item_ids, sids, titles=None):
         self.layout = layout
         self.item_ids = _int_array(item_ids, "catalogue.item_ids", "ids", 0, self.MAX_ID)
+        _check_rows(sids, layout.levels)
         self.sids = _int_array(sids, "catalogue.sids", "codes", 0, layout.codebook - 1)
         n = len(self.item_ids)
         if self.item_ids.ndim != 1 or not 0 < n <= self.MAX_ITEMS:
@@ -254,8 +255,9 @@ class Catalogue:
         if extra or missing:
             raise ManifestError(f"catalogue | unknown keys {extra[:3]}, missing {missing} | expected item_ids, sids "
                                 "and optionally titles | re-export the engines")
-        if not isinstance(data["sids"], list) or not all(isinstance(row, list) for row in data["sids"]):
+        if not isinstance(data["sids"], list):
             raise ManifestError("catalogue.sids | expected one list of codes per item | re-export the engines")
+        _check_rows(data["sids"], layout.levels)
         for key, rows in (("item_ids", [data["item_ids"]]), ("sids", data["sids"])):
             for row in rows:  # JSON integers only: no floats, strings or booleans coerced into ids or codes
                 if not isinstance(row, list) or not all(type(v) is int for v in row):
@@ -271,6 +273,17 @@ class Catalogue:
         except OSError as exc:
             raise ManifestError(f"catalogue {path}: unreadable ({exc}) | re-export the engines") from None
         return cls.from_json(parse_json(raw, f"catalogue {path}"), layout)
+
+
+def _check_rows(sids, levels: int) -> None:
+    """A list of semantic IDs has one row of `levels` codes per item: a short or ragged row is named by index
+    (as an array of objects it would only show up as a row that is not an integer)."""
+    if isinstance(sids, np.ndarray) or not isinstance(sids, (list, tuple)):
+        return
+    for i, row in enumerate(sids):
+        if not isinstance(row, (list, tuple)) or len(row) != levels:
+            raise ManifestError(f"catalogue.sids[{i}] | got {str(row)[:40]!r} | expected a list of {levels} codes, "
+                                "one per level | re-export the engines")
 
 
 def _int_array(values, what: str, noun: str, lo: int, hi: int) -> np.ndarray:

@@ -209,6 +209,11 @@ BAD_WEIGHTS = {
     "span past the file's end": lambda m: _weight(m).update(offset=m["files"]["target.onnx.data"]["bytes"]),
     "dtype unknown": lambda m: _weight(m).update(dtype="float8"),
     "shape not a list": lambda m: _weight(m).update(shape=7),
+    # a product of these wraps to 1 in int64
+    "shape that overflows": lambda m: _weight(m).update(shape=[4294967297, 4294967295, 4294967297, 4294967295]),
+    "offset moved by 4 bytes": lambda m: _weight(m).update(offset=_weight(m)["offset"] + 4),
+    "span of another tensor": lambda m: _weight(m).update(offset=next(
+        w["offset"] for w in m["graphs"]["target"]["weights"][1:] if w["length"] == _weight(m)["length"])),
 }
 
 
@@ -325,13 +330,16 @@ BAD_CATALOGUE = {
     "code true": lambda c: c["sids"][0].__setitem__(0, True),
     "unknown key": lambda c: c.update(extra=1),
     "not an object": lambda c: c.clear() or c.update(item_ids=5),
+    "row short": lambda c: c["sids"][3].pop(),
+    "row a number": lambda c: c["sids"].__setitem__(3, 7),
 }
 
 
 @pytest.mark.parametrize("case", list(BAD_CATALOGUE))
 def test_bad_catalogues_are_refused_at_load(engines, case):
     _edit_catalogue(engines, BAD_CATALOGUE[case])
-    with pytest.raises(ManifestError, match="catalogue"):
+    with pytest.raises(ManifestError, match=r"catalogue.sids\[3\] .* expected a list of" if case.startswith("row")
+                       else "catalogue"):
         Recommender(engines)
 
 

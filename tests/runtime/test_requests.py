@@ -69,8 +69,10 @@ def test_numpy_integers_are_accepted_where_python_integers_are(rec):
 
 
 def test_unknown_parameters_and_wrong_containers_are_named(rec):
-    with pytest.raises(InputError, match=r"unknown \['temprature'\]"):
+    with pytest.raises(InputError, match=r"unknown keys 'temprature' \| DecodeParams fields: .*temperature"):
         rec.recommend(HIST, params={"temprature": 0.5})
+    with pytest.raises(InputError, match=r"unknown keys 'a', 1 \|"):  # keys of mixed types are named too
+        rec.recommend(HIST, params={1: 2, "a": 3})
     with pytest.raises(InputError, match="expected DecodeParams"):
         rec.recommend(HIST, params=[("speculate", "off")])
     with pytest.raises(InputError, match="wrap one user's history"):
@@ -81,6 +83,50 @@ def test_unknown_parameters_and_wrong_containers_are_named(rec):
         Recommender(rec.manifest.root, options={"threads": 2})
     with pytest.raises(InputError, match="RuntimeOptions.threads"):
         RuntimeOptions(threads=0)
+
+
+@pytest.mark.parametrize("make, words", [
+    (lambda: DecodeParams(bogus=1), r"DecodeParams: got unknown \['bogus'\] \| its fields are speculate, "),
+    (lambda: RuntimeOptions(bogus=1), r"RuntimeOptions: got unknown \['bogus'\] \| its fields are threads, "),
+    (lambda: DecodeParams(*range(14)), r"DecodeParams: got 14 positional values"),
+    (lambda: DecodeParams(temperature=10**400), r"DecodeParams.temperature: got inf \| expected a finite number"),
+    (lambda: DecodeParams(top_p=-10**400), r"DecodeParams.top_p: got -inf"),
+])
+def test_constructors_name_unknown_fields_and_numbers_past_floats(make, words):
+    with pytest.raises(InputError, match=words):
+        make()
+
+
+@pytest.mark.parametrize("engine_dir", [None, 123, b"/tmp", ["engines"]])
+def test_an_engine_dir_that_is_not_a_path_is_named(engine_dir):
+    with pytest.raises(InputError, match=r"engine_dir: got \w+ \| expected a path"):
+        Recommender(engine_dir)
+
+
+@pytest.mark.parametrize("kwargs, words", [
+    (dict(histories=None), "calibrate histories: got NoneType"),
+    (dict(histories=HIST, batches=(0,)), r"calibrate.batches: got 0 \| expected an integer in 1\.\.8"),
+    (dict(histories=HIST, batches=(9,)), r"calibrate.batches: got 9 \| expected an integer in 1\.\.8"),
+    (dict(histories=HIST, batches=1), "calibrate batches: got 1 | expected a non-empty tuple"),
+    (dict(histories=HIST, batches=()), "calibrate batches: got ()"),
+    (dict(histories=HIST, batches=(1,), repeats=0), r"calibrate.repeats: got 0"),
+    (dict(histories=HIST, batches=(1,), repeats="3"), r"calibrate.repeats: got '3'"),
+    (dict(histories=HIST, batches=(1, 4)), r"calibrate: got 1 histories \| expected at least 4, .* batches=\.\.\. up to 1"),
+])
+def test_calibrate_arguments_are_checked(rec, kwargs, words):
+    with pytest.raises(InputError, match=words):
+        rec.calibrate(**kwargs)
+
+
+def test_a_stream_is_read_when_done_and_stepped_only_until_then(rec):
+    s = rec.start(HIST, params=DecodeParams(speculate="chain"))
+    with pytest.raises(InputError, match=r"stream: not done after 0 rounds \| step\(\) until done"):
+        s.result()
+    while not s.done:
+        s.step()
+    with pytest.raises(InputError, match=r"stream: every list is complete \| read them with result\(\)"):
+        s.step()
+    assert s.result().lists[0].tokens == rec.recommend(HIST, params=DecodeParams(speculate="chain")).lists[0].tokens
 
 
 def test_request_budget_refuses_work_beyond_it(engines_master):
