@@ -37,6 +37,7 @@ SHARED_ARENA = "session.use_env_allocators"
 # otherwise keep its peak for the process's life. Its cost, a cudaMalloc and cudaFree of those activations, falls
 # once per request, on a run that syncs anyway (decode-sized runs never ask: they would pay it every round).
 ARENA_SHRINK, ARENA_SHRINK_CUDA = "memory.enable_memory_arena_shrinkage", "gpu:0"
+RUN_FAILED_FIX = " | check the engines with `padrec parity` (re-export them if it fails), and the card's free memory"
 SHRINK_REFUSED = "memory arena shrink list"  # ONNX Runtime's refusal: no arena of that device to shrink
 _arena_registered = False
 CACHE_DIMS = ("past", "max_seq_len")  # a bucket's dimensions that every call of a cache shares: its length
@@ -140,8 +141,10 @@ class OrtBackend:
         try:
             return self._ort.InferenceSession(self._model, opts, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.path}: onnxruntime cannot load it ({str(exc)[:300]}) | re-export the engines"
-                               ) from None
+            why = f"{type(exc).__name__}: {str(exc)[:300]}" if str(exc) else type(exc).__name__
+            raise BackendError(f"{self.path}: onnxruntime cannot make a session of it ({why}) | a file damaged past "
+                               "its hash, or a machine out of memory or threads (see RuntimeOptions.threads): "
+                               "re-export the engines, or free resources") from None
 
     def _options(self, dims: dict | None, cuda_graph: bool) -> tuple:
         """The session options and execution providers of a session (see `_open`)."""
@@ -246,7 +249,8 @@ class OrtBackend:
         try:
             values = self.session.run(self._outputs, feeds)
         except Exception as exc:  # onnxruntime raises its own exception types
-            raise BackendError(f"{self.graph_name}: onnxruntime run failed ({str(exc)[:300]})") from None
+            raise BackendError(f"{self.graph_name}: onnxruntime run failed ({str(exc)[:300]})"
+                               f"{RUN_FAILED_FIX}") from None
         return dict(zip(self._outputs, values))
 
 
@@ -290,7 +294,7 @@ class OrtBackend:
             session.run_with_iobinding(binding, options)
         except Exception as exc:  # onnxruntime raises its own exception types
             if not (self._asks_shrink(options) and SHRINK_REFUSED in str(exc)):
-                raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]})") from None
+                raise BackendError(f"{graph}: onnxruntime run failed ({str(exc)[:300]}){RUN_FAILED_FIX}") from None
             # ONNX Runtime checks the shrink request before the run starts, so nothing ran: run it without, and
             # ask no more (a build whose shared arena it cannot find keeps prefill memory in the arena instead)
             self.shrinks_arena = False

@@ -150,7 +150,7 @@ def test_an_unlisted_sidecar_is_never_read(engines_ext):
         del m["files"]["target.onnx.data"]
     _edit_manifest(engines_ext, drop)
     _resign(engines_ext)
-    with pytest.raises(BackendError, match="target.onnx: onnxruntime cannot load it"):
+    with pytest.raises(BackendError, match="target.onnx: onnxruntime cannot make a session of it"):
         OrtBackend(load_manifest(engines_ext), "target")
 
 
