@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import time
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -38,9 +40,26 @@ _CAPTURE_RUNS = 2  # runs of a bucket before its CUDA graph replays: one outside
 # graph, so in a session that holds several graphs (graph_sessions="per_graph") a new bucket's first run would
 # otherwise be its capture.
 _OUTSIDE_GRAPHS = -1
-# A bucket's options: warm-up (outside graphs), capture / a run without a graph, replay (queued), and a run without
-# a graph that shrinks the shared arena after it: a prompt's prefill, the widest call of a request (see OrtBackend)
-_RELEASE = 3
+
+
+class _RunOptions(NamedTuple):
+    """A bucket's run options, each with the bucket's own graph id (see OrtBackend.run_options)."""
+
+    warmup: object  # outside any CUDA graph
+    capture: object  # the capture, or a run of a session without graphs
+    replay: object  # queued: returns before the run ends
+    release: object  # without a graph, handing the shared arena back after it: a prompt's prefill, a request's widest
+
+
+@dataclass
+class _Bucket:
+    """A (graph, bucket) call's state in one cache: made on its first call, kept for the cache's life."""
+
+    bound: Bound  # buffers and binding (a CUDA graph is tied to the addresses it was captured with)
+    options: _RunOptions
+    graphed: bool  # its session replays a CUDA graph
+    runs: int = 0  # runs so far: the graph replays after _CAPTURE_RUNS
+    unread: Pending | None = None  # its last call, until the next call of this bucket waits for its input copy
 
 
 def array_module(device: str):
@@ -115,11 +134,7 @@ class DeviceCache:
         self._window_buffers: dict = {}  # the bound buffers those windows share (`_buffers`)
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
-        self._bound: dict = {}  # (graph, bucket) -> Bound, made once
-        self._unread: dict = {}  # (graph, bucket) -> its last Pending, until a later call of that key
-        self._runs: dict = {}  # (graph, bucket) -> runs so far (a CUDA graph replays after _CAPTURE_RUNS)
-        self._options: dict = {}  # (graph, bucket) -> its runs' options (warm-up, capture, replay): its own graph id
-        self._graphed: set = set()  # (graph, bucket) keys whose session replays a CUDA graph
+        self._buckets: dict = {}  # (graph, bucket) -> _Bucket
         self.cache_id = next(_CACHE_IDS)
         self._memo: dict = {}  # what device-side helpers keep per cache (DeviceRounds' tables and staging)
         # set last: CPython drops an object's attributes in the order they were set, so the bindings above
@@ -248,24 +263,14 @@ class DeviceCache:
 
     def _bucket_call(self, name: str, feeds: dict, mask, T: int, P: int, take, fill) -> Bound:
         """Upload a bucket call's inputs (one copy), then `take`'s device copies and `fill`, in stream order."""
-        key, g, B = (name, P), self._graphs[name], self.batch
-        if key not in self._bound:
-            dims = ({"batch": B, "seq": P, "max_seq_len": self.spec.max_len} if g.in_place else
-                    {"batch": B, "seq": P, "past": self.spec.max_len, "past_plus_seq": self.spec.max_len + P})
-            session, graphed = g.backend.bucket_session(dims)
-            self._bound[key] = self._bind(name, session, P, bucket_inputs=True)
-            # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
-            graph_id = next(_GRAPH_IDS)
-            self._options[key] = (g.backend.run_options(_OUTSIDE_GRAPHS, queued=False),
-                                  g.backend.run_options(graph_id, queued=False),
-                                  g.backend.run_options(graph_id, queued=self.device != "cpu"),
-                                  g.backend.run_options(graph_id, queued=False, release=True))
-            if graphed:
-                self._graphed.add(key)
-        bound = self._bound[key]
-        unread = self._unread.pop(key, None)
-        if unread is not None:  # its input copy may still be queued: wait before the host buffer changes
-            unread.result()
+        key, g = (name, P), self._graphs[name]
+        if key not in self._buckets:
+            self._buckets[key] = self._new_bucket(name, P)
+        bucket = self._buckets[key]
+        if bucket.unread is not None:  # its input copy may still be queued: wait before the host buffer changes
+            bucket.unread.result()
+            bucket.unread = None
+        bound = bucket.bound
         ins = bound.ins
         fill_inputs(ins.host, feeds, mask, T, P, g.per_token, self.spec.max_len)
         if not g.in_place:  # where `_scatter` puts the new KV
@@ -282,6 +287,19 @@ class DeviceCache:
         if fill is not None:
             fill(ins.views)
         return bound
+
+    def _new_bucket(self, name: str, P: int) -> _Bucket:
+        """A bucket's session (shared by the caches of this batch size), buffers and run options."""
+        g, B, S = self._graphs[name], self.batch, self.spec.max_len
+        dims = ({"batch": B, "seq": P, "max_seq_len": S} if g.in_place else
+                {"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
+        session, graphed = g.backend.bucket_session(dims)
+        # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
+        graph_id, run_options = next(_GRAPH_IDS), g.backend.run_options
+        options = _RunOptions(run_options(_OUTSIDE_GRAPHS, queued=False), run_options(graph_id, queued=False),
+                              run_options(graph_id, queued=self.device != "cpu"),
+                              run_options(graph_id, queued=False, release=True))
+        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, graphed)
 
     def _dynamic_call(self, name: str, feeds: dict, mask, T: int) -> Bound:
         """Buffers for one call of any length (prompt lengths vary without bound), its inputs bound as they are."""
@@ -321,7 +339,7 @@ class DeviceCache:
                                f"({buckets.BUCKETS[-1]}); use static shapes and a shorter call")
         if take and P is None:
             feeds, take = take_on_host(feeds, take), None
-        if P is None or (name, P) not in self._bound:  # a bucket's later calls cast while copying in
+        if P is None or (name, P) not in self._buckets:  # a bucket's later calls cast while copying in
             feeds = self._check(name, feeds, mask, B)
         with self.work():
             bound = (self._bucket_call(name, feeds, mask, T, P, take, fill) if P is not None
@@ -362,17 +380,19 @@ class DeviceCache:
 
     def _run(self, name: str, bound: Bound, T: int, P: int | None, queued: bool) -> Pending:
         """Run a bound call, scatter its new KV, queue its outputs' way back; returns the Pending."""
-        g, xp, key = self._graphs[name], self.xp, (name, P)
-        runs = self._runs.get(key, 0)
+        g, xp = self._graphs[name], self.xp
+        bucket = self._buckets.get((name, P)) if P is not None else None  # None: a dynamic call
         options = None
-        if key in self._graphed:
-            options = self._options[key][min(runs, _CAPTURE_RUNS)]
-        elif P is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
-            options = self._options[key][_RELEASE if self._releases and self.empty else 1]
+        if bucket is not None and bucket.graphed:
+            options = (bucket.options.warmup, bucket.options.capture, bucket.options.replay)[
+                min(bucket.runs, _CAPTURE_RUNS)]
+        elif bucket is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
+            options = bucket.options.release if self._releases and self.empty else bucket.options.capture
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()
-        self._runs[key] = runs + 1
+        if bucket is not None:
+            bucket.runs += 1
         if not g.in_place:  # (an in-place graph has written its new KV behind each row's entries itself)
             self._scatter(bound.new, T, bound.ins.views if P is not None else None)
         self.scratch += T
@@ -385,8 +405,8 @@ class DeviceCache:
             event.record(stream)
         pending = Pending((self._lock, self.stream), xp, bound.outs, T, g.per_token,
                           bound.outs.host_blob if event else None, event)
-        if P is not None:
-            self._unread[key] = pending
+        if bucket is not None:
+            bucket.unread = pending
         if self.tracer is not None:
             self.tracer.engine_call(EngineCall(self.graph, name, self.batch, T, P, queued, returned - t0, returned,
                                                bound.ins.views if P is not None else None))

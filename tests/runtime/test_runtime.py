@@ -220,8 +220,8 @@ def test_prefill_of_many_rows_runs_in_windows_with_the_same_kv_and_lists(tiny, e
         short, short_mask = prefill_feeds([windowed.catalogue.prompt(h) for h in hist[:2]])
         windowed.caches.lease("target", batch).launch(short, short_mask)
     # one set of bound buffers, whatever the number of windows
-    keys = set.intersection(*(set(w._bound) for w in windows))
-    assert keys and all(len({id(w._bound[k].outs) for w in windows}) == 1 for k in keys)
+    keys = set.intersection(*(set(w._buckets) for w in windows))
+    assert keys and all(len({id(w._buckets[k].bound.outs) for w in windows}) == 1 for k in keys)
     ref_cache, ref, _ = prefill(whole)
     assert not ref_cache._windows and cache.scratch == ref_cache.scratch
     np.testing.assert_array_equal(cache.cache, ref_cache.cache)
@@ -802,7 +802,7 @@ def test_queued_calls_keep_their_results_and_take_device_outputs(tiny, engines_m
     first = target.launch(feeds(0), mask)
     target.discard()
     second = target.launch(feeds(1), mask)  # same bucket: the first call's outputs are read before reuse
-    assert bucket(3) in {k[1] for k in target._unread}
+    assert bucket(3) in {k[1] for k, b in target._buckets.items() if b.unread is not None}
     np.testing.assert_allclose(first.result()["logits"], alone[0], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(second.result()["logits"], alone[1], rtol=1e-5, atol=1e-5)
 
