@@ -35,12 +35,19 @@ def hardware() -> dict:
 def bench_histories(rec: Recommender, n: int, dataset: str | None, seed: int = 0) -> list:
     """Held-out users' histories when the data package is there, else fixed random catalogue histories."""
     if dataset:
+        from padrec_runtime.errors import InputError, PadrecError
+
+        from .data import DATASETS, load_dataset, make_split
+        if dataset not in DATASETS:  # a typo must not pass for "data package absent" below
+            raise InputError(f"bench dataset: got {dataset!r} | expected one of {', '.join(DATASETS)} | "
+                             "e.g. --dataset ml-100k")
         try:
-            from .data import load_dataset, make_split
-            test = make_split(load_dataset(dataset)).test
+            data = load_dataset(dataset)
+        except PadrecError:  # its data package is not installed: random histories instead
+            data = None
+        if data is not None:
+            test = make_split(data).test
             return [h[-rec.limits["max_history"]:] for _, h, _ in (test * (1 + n // len(test)))[:n]]
-        except Exception:  # data package absent: fall back to random histories
-            pass
     rng = np.random.default_rng(seed)
     ids = rec.catalogue.item_ids
     longest = min(20, rec.limits["max_history"])

@@ -3,15 +3,19 @@ recommend."""
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
+import tempfile
+from pathlib import Path
 
 import click
 
 from padrec_runtime.api.cli import ENGINE, PadrecGroup, recommend
-from padrec_runtime.errors import BackendError
+from padrec_runtime.errors import BackendError, InputError
 from padrec_runtime.grammar import LAYOUT_KINDS, TokenLayout
 from padrec_serve.cli import client, serve
 
+from .data import DATASETS
 from .sizes import RECIPES, SIZES
 
 EXPORT_MODULES = ("torch", "onnx", "safetensors")  # what the [export] extra brings and the commands below import
@@ -43,13 +47,75 @@ class IntList(click.ParamType):
     def convert(self, value, param, ctx):
         if isinstance(value, (list, tuple)):
             return list(value)
-        try:
-            out = [int(x) for x in str(value).replace(" ", "").split(",") if x]
+        try:  # an empty field ("1,,2") is refused, not dropped: the user meant some number there
+            out = [int(x) for x in str(value).replace(" ", "").split(",")]
         except ValueError:
             out = []
         if not out or min(out) < 1:
-            self.fail(f"got {value!r} | expected comma-separated positive {self.what}, e.g. 1,8,32", param, ctx)
+            empty = ", an empty field" if "" in str(value).replace(" ", "").split(",") else ""
+            self.fail(f"got {value!r}{empty} | expected comma-separated positive {self.what}, e.g. 1,8,32", param,
+                      ctx)
         return out
+
+
+def _probe_dir(base: Path) -> None:
+    """Make and remove a directory in `base`: the one test that holds for root too (os.access says a root
+    process may write in /proc, where mkdir fails)."""
+    os.rmdir(tempfile.mkdtemp(dir=base, prefix=".padrec-probe-"))
+
+
+def check_writable(path, flag: str, kind: str) -> None:
+    """Refuse an output path (kind "dir" or "file") that cannot be written, in one line, before the work that
+    would write it: an export, a training run or a bench runs for minutes before its first write there."""
+    p = Path(path).absolute()
+    if kind == "file" and (p.is_dir() or str(path).endswith(("/", os.sep))):
+        raise InputError(f"{flag}: got {path}, a directory | expected a file path | name a file in it, e.g. "
+                         f"{flag} {os.path.join(path, 'FILE')}")
+    if kind == "dir" and p.exists() and not p.is_dir():
+        raise InputError(f"{flag}: got {path}, a file | expected a directory to write | pick another path")
+    base = p
+    while not base.exists():  # the nearest existing ancestor: where the missing directories are made
+        base = base.parent
+    if base != p and not base.is_dir():
+        raise InputError(f"{flag}: got {path}; {base} is a file, not a directory | expected a path under a "
+                         "directory | pick another path")
+    try:
+        if base.is_dir():
+            _probe_dir(base)
+        else:  # an existing --json file (or /dev/null): opened for appending, closed unwritten, left as it was
+            with open(base, "a"):
+                pass
+    except OSError as exc:
+        raise InputError(f"{flag}: cannot write {path} ({exc.strerror or exc} in {base}) | expected a writable "
+                         "location | pick another path") from None
+
+
+def check_export_room(target_dir, with_draft: bool, max_seq_len: int, max_history: int, draft_steps: int) -> None:
+    """Refuse a --max-seq-len that cannot hold the default request: a --max-history-item history, the default
+    list and one round of the default speculation, counted as the runtime counts a request's KV positions
+    (max_cache_len, Recommender._check_budget). Engines that small would refuse that request on every call, and
+    below the shapes export traces the export itself crashes."""
+    from padrec_runtime.grammar import Catalogue, ListConstraint
+    from padrec_runtime.loop import DecodeConfig
+    from padrec_runtime.loop.session import max_cache_len
+
+    from .onnx_export import ExportLimits
+    from .pipeline import read_layout
+    meta_path = Path(target_dir) / "padrec.json"
+    cat_path = next((d / "catalogue.json" for d in (Path(target_dir), Path(target_dir).parent)
+                     if (d / "catalogue.json").exists()), None)  # where load_target_dir looks for it
+    if not meta_path.exists() or cat_path is None:
+        return  # export_checkpoints names the missing file
+    cat = Catalogue.load(cat_path, read_layout(json.loads(meta_path.read_text()), meta_path))
+    n_items = ExportLimits().n_items
+    prompt = 1 + max_history * (cat.max_depth + 1)  # <bos>, then each item's tokens and its separator
+    cfg = DecodeConfig(speculate="chain" if with_draft else "off", draft_steps=draft_steps)
+    need = max_cache_len(prompt, ListConstraint(cat, n_items=n_items), cfg)
+    step = f"one chain round of K={draft_steps}" if with_draft else "one target step"
+    if max_seq_len < need:
+        raise InputError(f"--max-seq-len: got {max_seq_len} | expected at least {need}: a {max_history}-item "
+                         f"history ({prompt} prompt tokens), the default {n_items}-item list and {step} need that "
+                         f"many KV positions | pass --max-seq-len {need} or a smaller --max-history")
 
 
 EXISTING_DIR = click.Path(exists=True, file_okay=False)
@@ -74,10 +140,11 @@ main.add_command(client)
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="engine directory to write")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               help="weights and KV cache precision of the graphs (logits stay fp32)")
-@click.option("--max-seq-len", type=click.IntRange(8), default=512,
+# upper bounds: the manifest's (padrec_runtime/manifest.py `_model`), checked here rather than after the export
+@click.option("--max-seq-len", type=click.IntRange(8, 1 << 20), default=512,
               help="KV positions per row the engines are built for: prompt + list + a round of speculation")
-@click.option("--max-history", type=click.IntRange(1), default=50, help="longest history (items) accepted")
-@click.option("--max-batch", type=click.IntRange(1), default=64, help="most histories in one call")
+@click.option("--max-history", type=click.IntRange(1, 1 << 16), default=50, help="longest history (items) accepted")
+@click.option("--max-batch", type=click.IntRange(1, 1 << 16), default=64, help="most histories in one call")
 @click.option("--draft-steps", type=click.IntRange(1, 16), default=4,
               help="default K, and the K of draft_chain.onnx (a greedy chain round's draft in one call)")
 @click.option("--no-fused-chain", is_flag=True, help="skip draft_chain.onnx (chain rounds then call the draft K times)")
@@ -100,6 +167,8 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
            no_fused_chain, no_in_place, external_data, quantize, quantize_block, quantize_draft):
     """Export target (and draft) checkpoints to ONNX with a manifest."""
     require_export_extra("export")
+    check_export_room(target_dir, draft_dir is not None, max_seq_len, max_history, draft_steps)
+    check_writable(out_dir, "--out", "dir")
     from .pipeline import export_checkpoints
     from .quantize import parse_quantize
     quantization = parse_quantize(quantize, int(quantize_block), quantize_draft)
@@ -180,6 +249,7 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
     from .pipeline import ModelSize, TrainConfig, train_all
     from .train import check_device
     check_device(device)
+    check_writable(out_dir, "--out", "dir")
     dtype = "bfloat16" if bf16 else "float32"
     shape = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
                       intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
@@ -199,7 +269,6 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
                        layout=TokenLayout(levels, codebook, kind), users=users, stride=stride,
                        drafts=("padrec", "eagle") if drafts == "both" else (drafts,))
     click.echo(_json.dumps(report, indent=2))
-    click.echo(f"the report above is saved in {os.path.join(out_dir, 'train_report.json')}", err=True)
 
 
 @main.command("train-draft")
@@ -230,6 +299,7 @@ def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draf
 
     from .train import check_device
     check_device(device)
+    check_writable(out_dir, "--out", "dir")
 
     from .own_target import TrainConfig, train_draft_for
     cfg = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, draft_steps=draft_steps, device=device,
@@ -249,6 +319,8 @@ def evaluate(model_dir, dataset, users, json_path):
     from pathlib import Path
 
     from .pipeline import evaluate as run
+    if json_path:
+        check_writable(json_path, "--json", "file")
     report = run(model_dir, dataset, users=users)
     text = _json.dumps(report, indent=2)
     if json_path:
@@ -275,6 +347,8 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
     from pathlib import Path
 
     from .parity import parity_markdown, parity_summary, run_parity
+    if report_path:
+        check_writable(report_path, "--report", "file")
     report = run_parity(engine_dir, target_dir, draft_dir, backend, device, n_histories=n_histories)
     if report_path:
         path = Path(report_path)
@@ -292,7 +366,8 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
 @click.option("--repeats", type=click.IntRange(1), default=5, help="timed runs per point (after one warm-up)")
 @click.option("--target", "target_dir", type=EXISTING_DIR, default=None, help="also time PyTorch eager on this target")
 @click.option("--draft", "draft_dir", type=EXISTING_DIR, default=None, help="draft for the PyTorch eager timing")
-@click.option("--dataset", default="ml-100k", help="held-out histories from this data set when installed")
+@click.option("--dataset", type=click.Choice(DATASETS), default="ml-100k",
+              help="held-out histories from this data set when installed (else random catalogue histories)")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="write the report here")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
               help="PNG of latency, speed-up and tau (needs matplotlib: pip install 'padrec[plot]')")
@@ -304,6 +379,9 @@ def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path
     from .bench import bench_plot, bench_table, require_plot, run_bench
     if plot_path:
         require_plot()  # before the run, not after it
+    for path, flag in ((json_path, "--json"), (plot_path, "--plot")):
+        if path:
+            check_writable(path, flag, "file")
     if target_dir:
         require_export_extra("bench --target")
     report = run_bench(batches=batches, repeats=repeats, target_dir=target_dir, draft_dir=draft_dir, dataset=dataset,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 
 import click
@@ -21,6 +22,17 @@ class PadrecGroup(click.Group):
             return super().invoke(ctx)
         except PadrecError as exc:
             raise click.ClickException(str(exc)) from None
+
+
+class FiniteFloatRange(click.FloatRange):
+    """click.FloatRange that also refuses nan and inf: nan passes every range comparison, so a plain FloatRange
+    lets it through (a nan wait loops forever, a nan deadline fails every request)."""
+
+    def convert(self, value, param, ctx):
+        rv = super().convert(value, param, ctx)
+        if not math.isfinite(rv):
+            self.fail(f"got {value!r} | expected a finite number in {self._describe_range()}", param, ctx)
+        return rv
 
 
 class OptionGroup:
@@ -95,9 +107,9 @@ class DecodeArgs(OptionGroup):
                      help="tree: draft tokens verified per round"),
         click.option("--mode", type=click.Choice(["greedy", "sample"]), default="greedy",
                      help="greedy lists, or sampled with the options below"),
-        click.option("--temperature", type=click.FloatRange(1e-4, 1e4), default=1.0, help="sampling temperature"),
+        click.option("--temperature", type=FiniteFloatRange(1e-4, 1e4), default=1.0, help="sampling temperature"),
         click.option("--top-k", type=click.IntRange(0), default=0, help="sample among the k best (0: all)"),
-        click.option("--top-p", type=click.FloatRange(1e-6, 1.0), default=1.0, help="nucleus sampling mass"),
+        click.option("--top-p", type=FiniteFloatRange(1e-6, 1.0), default=1.0, help="nucleus sampling mass"),
         click.option("--seed", type=click.IntRange(0), default=0, help="sampling seed"),
         click.option("--device-rounds/--host-rounds", default=None, show_default="device up to 8 histories on CUDA",
                      help="greedy chain: queue each round's next draft chain on the device behind its verify pass"),
@@ -114,11 +126,15 @@ ENGINE, DECODE = EngineArgs(), DecodeArgs()
 
 
 def parse_ids(text: str, what: str = "history") -> list:
-    """Comma-separated ASCII integers ("12,7,301"); anything else is an InputError naming the option."""
-    parts = [x.strip() for x in text.split(",") if x.strip()]
+    """Comma-separated ASCII integers ("12,7,301"); anything else, an empty field included ("1,,2": a dropped id
+    would change the request silently), is an InputError naming the option and the value."""
     example = "12,7,301" if what == "history" else "1,8,32"
-    if not parts:
+    parts = [x.strip() for x in text.split(",")]
+    if not text.strip():
         raise InputError(f"--{what}: empty | expected comma-separated non-negative integers, e.g. {example}")
+    if "" in parts:
+        raise InputError(f"--{what}: got {text!r}, an empty field | expected comma-separated non-negative integers, "
+                         f"e.g. {example} | remove the extra comma")
     if not all(_ID.fullmatch(x) for x in parts):
         raise InputError(f"--{what}: got {text!r} | expected comma-separated non-negative integers, e.g. {example}")
     return [int(x) for x in parts]
@@ -150,5 +166,6 @@ def recommend(histories, n_items, as_json, **kwargs):
     """Write recommendation lists for one or more histories."""
     from .recommender import Recommender
     engine, params = ENGINE.parse(kwargs), DECODE.parse(kwargs)
+    requests = [parse_ids(h) for h in histories]  # before the engines load: a typo costs no load
     rec = Recommender(**engine)
-    print_result(rec.recommend([parse_ids(h) for h in histories], n_items=n_items, params=params), as_json)
+    print_result(rec.recommend(requests, n_items=n_items, params=params), as_json)

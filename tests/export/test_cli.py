@@ -152,3 +152,121 @@ def test_bench_plot_without_matplotlib_fails_before_the_run(tmp_path):
     out = _without({"matplotlib"}, "bench", "--engines", str(tmp_path / "nowhere"), "--plot", str(tmp_path / "p.png"))
     assert out.returncode == 1 and "pip install 'padrec[plot]'" in out.stderr, out.stderr
     assert "manifest" not in out.stderr  # refused before the engines were opened
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tiny, tmp_path_factory):
+    """(target dir, draft dir) of the tiny model as `padrec export` reads them (depth 3: 4 tokens per item)."""
+    from padrec_export.checkpoint import save_draft
+    cat, target, draft = tiny
+    root = tmp_path_factory.mktemp("cli_checkpoints")
+    save_target(target, root / "t", extra={"layout": cat.layout.to_json()})
+    cat.save(root / "t" / "catalogue.json")
+    save_draft(draft, root / "d")
+    return root / "t", root / "d"
+
+
+def _export(checkpoints, out, *args, draft=True):
+    t, d = checkpoints
+    return _invoke("export", "--target", str(t), *(["--draft", str(d)] if draft else []), "--out", str(out), *args)
+
+
+@pytest.mark.parametrize("seq_len", ["8", "40", "55"])
+def test_export_refuses_a_max_seq_len_below_the_default_request(checkpoints, tmp_path, seq_len):
+    """2 items of 4 tokens: prompt 1 + 2 x 4 = 9, the default 10-item list 40, a chain round of K=3 6, and 1:
+    56 KV positions, named in the message; refused before anything is written."""
+    out = _one_line_error(_export(checkpoints, tmp_path / "e", "--max-seq-len", seq_len, "--max-history", "2",
+                                  "--draft-steps", "3"))
+    assert f"--max-seq-len: got {seq_len} | expected at least 56" in out and "--max-seq-len 56" in out
+    assert not (tmp_path / "e").exists()
+
+
+def test_export_without_a_draft_needs_no_speculation_room(checkpoints, tmp_path):
+    out = _one_line_error(_export(checkpoints, tmp_path / "e", "--max-seq-len", "50", "--max-history", "2",
+                                  draft=False))
+    assert "expected at least 51" in out  # 9 + 40 + one target step + 1
+
+
+def test_export_at_the_smallest_max_seq_len_serves_the_default_request(checkpoints, tmp_path):
+    """The bound is the runtime's own: engines of exactly 56 positions take a 2-item history with the defaults."""
+    from padrec_runtime import Recommender
+    res = _export(checkpoints, tmp_path / "e", "--max-seq-len", "56", "--max-history", "2", "--draft-steps", "3",
+                  "--no-in-place")
+    assert res.exit_code == 0, res.output
+    rec = Recommender(tmp_path / "e")
+    got = rec.recommend([rec.catalogue.item_ids[:2].tolist()])
+    assert len(got.lists[0].item_ids) == 10
+
+
+@pytest.mark.parametrize("option, value", [("--max-batch", "100000"), ("--max-history", "65537"),
+                                           ("--max-seq-len", str((1 << 20) + 1))])
+def test_export_numbers_beyond_the_manifests_range_are_refused_up_front(checkpoints, tmp_path, option, value):
+    out = _one_line_error(_export(checkpoints, tmp_path / "e", option, value), code=2)
+    assert f"'{option}': {value} is not in the range" in out
+    assert not (tmp_path / "e").exists()
+
+
+def _unwritable(tmp_path) -> list:
+    """Output paths no process can create: under a file, and (Linux) under /proc, which even root cannot."""
+    (tmp_path / "file").write_text("")
+    paths = [str(tmp_path / "file" / "x")]
+    if __import__("os").path.isdir("/proc/self"):
+        paths.append("/proc/x")
+    return paths
+
+
+def test_export_and_train_refuse_an_unwritable_out_before_any_work(checkpoints, tmp_path):
+    for path in _unwritable(tmp_path):
+        for out in (_export(checkpoints, path), _invoke("train", "--out", path, "--epochs", "1")):
+            text = _one_line_error(out)
+            assert text.startswith("Error: --out: ") and path in text, text
+            assert "cannot write" in text or "is a file, not a directory" in text, text
+
+
+def test_export_refuses_an_out_that_is_a_file(checkpoints, tmp_path):
+    (tmp_path / "e").write_text("")
+    assert "--out: got" in _one_line_error(_export(checkpoints, tmp_path / "e"))
+
+
+@pytest.mark.parametrize("flag", ["--json", "--plot"])
+def test_bench_refuses_unwritable_report_paths_before_opening_the_engines(tmp_path, flag):
+    if flag == "--plot":
+        pytest.importorskip("matplotlib")
+    paths = _unwritable(tmp_path) + [str(tmp_path) + "/"]
+    for path in paths:
+        out = _one_line_error(_invoke("bench", "--engines", str(tmp_path / "nowhere"), flag, path))
+        assert out.startswith(f"Error: {flag}: ") and "manifest" not in out, out  # before the engines open
+    assert "a directory | expected a file path" in out
+
+
+def test_the_writability_probe_leaves_nothing_behind(tmp_path):
+    from padrec_export.cli import check_writable
+    (tmp_path / "r.json").write_text("kept")
+    check_writable(tmp_path / "a" / "b", "--out", "dir")
+    check_writable(tmp_path / "r.json", "--json", "file")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json"] and (tmp_path / "r.json").read_text() == "kept"
+
+
+def test_an_empty_id_field_is_refused_naming_the_option_and_value(tmp_path):
+    from padrec_runtime.api.cli import parse_ids
+    out = _one_line_error(_invoke("recommend", "--engines", str(tmp_path / "nowhere"), "--history", "1000,,1001"))
+    assert "--history: got '1000,,1001', an empty field" in out and "manifest" not in out
+    out = _one_line_error(_invoke("bench", "--engines", ".", "--batch", "1,,2"), code=2)
+    assert "got '1,,2', an empty field" in out
+    with pytest.raises(InputError, match="an empty field"):
+        parse_ids("1,2,")
+    assert parse_ids(" 1, 2 ") == [1, 2]
+
+
+def test_bench_refuses_an_unknown_dataset(engines_master):
+    from padrec_export.bench import run_bench
+    out = _one_line_error(_invoke("bench", "--engines", str(engines_master), "--dataset", "ml-1k"), code=2)
+    assert "'ml-1k' is not one of 'ml-100k', 'ml-9k'" in out
+    with pytest.raises(InputError, match="bench dataset: got 'ml-1k' | expected one of ml-100k, ml-9k"):
+        run_bench(engines_master, batches=(1,), repeats=1, dataset="ml-1k", progress=False)
+
+
+@pytest.mark.parametrize("option, value", [("--temperature", "nan"), ("--top-p", "nan")])
+def test_recommend_refuses_nan_sampling_options(option, value):
+    out = _one_line_error(_invoke("recommend", "--engines", ".", "--history", "1", option, value), code=2)
+    assert f"'{option}': got 'nan' | expected a finite number" in out

@@ -1,0 +1,54 @@
+"""`padrec serve` and `padrec client` refuse bad numbers at the command line, before Triton starts or a server is
+waited for: nan / inf / non-positive deadlines and waits, ports outside 1..65535 or shared, empty id fields."""
+import pytest
+from click.testing import CliRunner
+
+from padrec_export.cli import main
+from padrec_runtime.api.cli import FiniteFloatRange
+
+PORTS = ("--http-port", "--grpc-port", "--metrics-port")
+
+
+def _refused(*args, code: int = 2) -> str:
+    res = CliRunner().invoke(main, list(args), terminal_width=1000, max_content_width=1000)
+    assert res.exit_code == code, res.output
+    assert isinstance(res.exception, SystemExit) and "Traceback" not in res.output
+    return res.output
+
+
+@pytest.mark.parametrize("value, words", [("nan", "got 'nan' | expected a finite number"),
+                                          ("inf", "got 'inf' | expected a finite number"),
+                                          ("0", "not in the range x>=0.001"), ("-1", "not in the range")])
+def test_serve_refuses_a_deadline_that_is_not_a_positive_number(tmp_path, value, words):
+    assert words in _refused("serve", "--engines", str(tmp_path), "--deadline-s", value)
+
+
+@pytest.mark.parametrize("option", PORTS)
+@pytest.mark.parametrize("port", ["0", "65536", "99999"])
+def test_serve_refuses_ports_outside_1_to_65535(tmp_path, option, port):
+    out = _refused("serve", "--engines", str(tmp_path), option, port)
+    assert f"'{option}': {port} is not in the range 1<=x<=65535" in out
+
+
+def test_serve_refuses_two_listeners_on_one_port(tmp_path):
+    out = _refused("serve", "--engines", str(tmp_path), "--grpc-port", "9000", "--metrics-port", "9000")
+    assert "'--metrics-port': got 9000, the port of --grpc-port too | expected three different ports" in out
+    out = _refused("serve", "--engines", str(tmp_path), "--metrics-port", "8000")  # the default http port
+    assert "the port of --http-port too" in out
+
+
+@pytest.mark.parametrize("value, words", [("nan", "expected a finite number"), ("inf", "expected a finite number"),
+                                          ("-1", "not in the range x>=0")])
+def test_client_refuses_a_wait_that_could_never_end_or_is_negative(value, words):
+    out = _refused("client", "--history", "1,2", "--wait-s", value)
+    assert f"'--wait-s': " in out and words in out
+
+
+def test_client_refuses_an_empty_history_field_before_contacting_a_server():
+    out = _refused("client", "--url", "127.0.0.1:1", "--history", "1,,2", code=1)
+    assert "--history: got '1,,2', an empty field" in out and "cannot connect" not in out
+
+
+def test_finite_float_range_keeps_finite_values_in_range():
+    kind = FiniteFloatRange(min=0)
+    assert kind.convert("1.5", None, None) == 1.5 and kind.convert("0", None, None) == 0.0
