@@ -200,51 +200,65 @@ def test_draft_chain_is_the_step_by_step_greedy_draft(tiny, layout_models, kind)
         used.append({i for i in range(len(cat)) if int(cat.item_nodes[i, 2]) in prefix})
     tokens, k_new, _ = run(used)
     assert tokens.shape == (B, K) and k_new.shape == (B, kvh, T + K - 1, hd)
-    with torch.inference_mode():
-        for b in range(B):
-            n = int(last[b])
-            x = ids[b:b + 1, :n + 1]
-            logits, h, [(k, v)] = draft(hid[b:b + 1, :n + 1], x, pos[b:b + 1, :n + 1], torch.zeros_like(x),
-                                        slot[b:b + 1, :n + 1], mask[b:b + 1, :n + 1, :P + n + 1],
-                                        [(pk[b:b + 1], pv[b:b + 1])])
-            keys, values = torch.cat([pk[b:b + 1], k], 2), torch.cat([pv[b:b + 1], v], 2)
-            seen = mask[b:b + 1, n:n + 1, :P + n + 1]
-            (at, depth), lg, h, togo = start[b], logits[0, -1], h[:, -1:], int(left[b])
-            used_b = frozenset(used[b])
-            gone = cat.exhausted(used_b)
-            want = []
-            for j in range(1, K + 1):
-                in_item = at not in cat.leaf_item
-                if in_item:
-                    kids = [(t, m) for t, m in zip(cat.child_tokens[at], cat.child_nodes[at]) if not gone[m]]
-                    allowed = [int(t) for t, _ in kids]
-                else:
-                    allowed = [SEP] if togo > 0 else [EOS]
-                tok = allowed[int(torch.argmax(lg[allowed]))]
-                want.append(tok)
-                tok_slot = depth if in_item else lay.max_item_tokens  # its place in the item; the separator's
-                if in_item:
-                    at, depth = int(kids[allowed.index(tok)][1]), depth + 1
-                    if at in cat.leaf_item:  # the item is used: not proposed again in this chain
-                        togo -= 1
-                        used_b = used_b | {cat.leaf_item[at]}
-                        gone = cat.exhausted(used_b)
-                else:
-                    at, depth = 0, 0
-                if j == K:
-                    break
-                seen = torch.cat([seen, torch.ones(1, 1, 1, dtype=torch.bool)], -1)
-                x = torch.tensor([[tok]], dtype=torch.int32)
-                lg, h, [(k, v)] = draft(h, x, pos[b:b + 1, n:n + 1] + j, torch.full_like(x, j),
-                                        torch.full_like(x, tok_slot), seen, [(keys, values)])
-                keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
-                lg = lg[0, -1]
-            assert tokens[b].tolist() == want, b
-            # the chain steps' KV follows the catch-up's (padding included) in the output
-            torch.testing.assert_close(k_new[b:b + 1, :, T:], keys[:, :, P + n + 1:])
-            assert not set(items_of(b, want)) & used[b]  # the used-up prefixes were routed round
+    for b in range(B):
+        want, keys, n = _greedy_chain_step_by_step(draft, cat, K, b, dict(
+            ids=ids, hid=hid, pos=pos, slot=slot, last=last, mask=mask, past=(pk, pv), start=start, left=left,
+            used=used))
+        assert tokens[b].tolist() == want, b
+        # the chain steps' KV follows the catch-up's (padding included) in the output
+        torch.testing.assert_close(k_new[b:b + 1, :, T:], keys[:, :, P + n + 1:])
+        assert not set(items_of(b, want)) & used[b]  # the used-up prefixes were routed round
     assert any(used) and tokens.tolist() != free.tolist()
     assert EOS in tokens[1].tolist() and SEP not in tokens[1].tolist()  # row 1: one item, then the end
+
+
+def _greedy_chain_step_by_step(draft, cat, K: int, b: int, a: dict) -> tuple:
+    """Row b's K-token chain the plain way: the catch-up through Draft.forward, then one call per step fed its
+    own token, hidden state, position, step index and slot, each choice the trie's constrained argmax.
+    Returns (tokens, the keys after the last step, the row's last prompt position)."""
+    import torch
+    from padrec_runtime.grammar import EOS, SEP
+    lay, P = cat.layout, a["past"][0].shape[2]
+    pk, pv = a["past"]
+    with torch.inference_mode():
+        n = int(a["last"][b])
+        x = a["ids"][b:b + 1, :n + 1]
+        logits, h, [(k, v)] = draft(a["hid"][b:b + 1, :n + 1], x, a["pos"][b:b + 1, :n + 1], torch.zeros_like(x),
+                                    a["slot"][b:b + 1, :n + 1], a["mask"][b:b + 1, :n + 1, :P + n + 1],
+                                    [(pk[b:b + 1], pv[b:b + 1])])
+        keys, values = torch.cat([pk[b:b + 1], k], 2), torch.cat([pv[b:b + 1], v], 2)
+        seen = a["mask"][b:b + 1, n:n + 1, :P + n + 1]
+        (at, depth), lg, h, togo = a["start"][b], logits[0, -1], h[:, -1:], int(a["left"][b])
+        used_b = frozenset(a["used"][b])
+        gone = cat.exhausted(used_b)
+        want = []
+        for j in range(1, K + 1):
+            in_item = at not in cat.leaf_item
+            if in_item:
+                kids = [(t, m) for t, m in zip(cat.child_tokens[at], cat.child_nodes[at]) if not gone[m]]
+                allowed = [int(t) for t, _ in kids]
+            else:
+                allowed = [SEP] if togo > 0 else [EOS]
+            tok = allowed[int(torch.argmax(lg[allowed]))]
+            want.append(tok)
+            tok_slot = depth if in_item else lay.max_item_tokens  # its place in the item; the separator's
+            if in_item:
+                at, depth = int(kids[allowed.index(tok)][1]), depth + 1
+                if at in cat.leaf_item:  # the item is used: not proposed again in this chain
+                    togo -= 1
+                    used_b = used_b | {cat.leaf_item[at]}
+                    gone = cat.exhausted(used_b)
+            else:
+                at, depth = 0, 0
+            if j == K:
+                break
+            seen = torch.cat([seen, torch.ones(1, 1, 1, dtype=torch.bool)], -1)
+            x = torch.tensor([[tok]], dtype=torch.int32)
+            lg, h, [(k, v)] = draft(h, x, a["pos"][b:b + 1, n:n + 1] + j, torch.full_like(x, j),
+                                    torch.full_like(x, tok_slot), seen, [(keys, values)])
+            keys, values = torch.cat([keys, k], 2), torch.cat([values, v], 2)
+            lg = lg[0, -1]
+    return want, keys, n
 
 
 def _echo_pair(tiny):
