@@ -5,17 +5,18 @@
 # `train` needs onnxruntime-gpu installed in /tmp/gpusite (../shared/device/stage-gpu-wheels.sh), which the
 # staging calls can do while a pair trains.
 #   train SIZE          the pair's training and export in the background (7b: PAD-Rec's draft only, 1 + 2
-#                       epochs, ~11 min on an H200; 1.5b: both drafts, 2 + 4 epochs, ~6 min)
+#                       epochs, ~11 min on an H200; 1.5b: PAD-Rec's draft, 1 + 4 epochs)
 #   warm SIZE           in the background beside `train`: torch.compile's caches filled for the pair's PyTorch
 #                       baseline at batch 1 (tools/compile_cache.py: a random twin, same shapes), so the bench's
 #                       `pytorch` section loads its graphs instead of compiling them cold (~100 s each at 7B)
-#   side                the GPU tests and the 1.5B memory run (per-process memory: a training beside it does not count)
+#   side                the GPU tests and the weight-allocation probe (tools/gpu_weight_alloc.py: per-process memory,
+#                       so a training beside it does not count)
 #   wait SIZE [SECONDS] until the pair's background stages end (at most SECONDS, default 540), then what they logged
 #   bench SIZE [SECONDS [SECTIONS [BATCHES]]]
 #                       the pair's bench alone on the card (at most SECONDS, default 570; SECTIONS: gpu_bench.py
-#                       --sections, default headline,pytorch,batches, 1.5b adds eagle; BATCHES: default 1,8,32,64
-#                       at 7b, 1,8 at 1.5b). A 7B pair's call holds headline,batches, or pytorch at batch 1 alone
-#   memory SIZE         the pair's GPU memory by batch in the per-graph layout (tools/gpu_memory.py: ~3 min at 7B)
+#                       --sections, default headline,pytorch,batches; BATCHES: default 1,8,32,64 at 7b, 1,8 at
+#                       1.5b). A 7B pair's call holds headline,batches, or pytorch at batch 1 alone
+#   memory SIZE         the pair's GPU memory by batch in the per-graph and single layouts (tools/gpu_memory.py)
 set -uo pipefail
 usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
@@ -25,8 +26,8 @@ pair() {  # the pair of SIZE: gpu_bench.py options, its background log directory
   case "$1" in
     7b) pair=(--size qwen-7b --work /tmp/w7 --epochs 1 --draft-epochs 2 --drafts padrec)
         bg=/tmp/llm_bg7; sections=headline,pytorch,batches; batches=1,8,32,64 ;;
-    1.5b) pair=(--size qwen-1.5b --work /tmp/w15 --epochs 2 --draft-epochs 4)
-        bg=/tmp/llm_bg15; sections=headline,pytorch,batches,eagle; batches=1,8 ;;
+    1.5b) pair=(--size qwen-1.5b --work /tmp/w15 --epochs 1 --draft-epochs 4 --drafts padrec)
+        bg=/tmp/llm_bg15; sections=headline,pytorch,batches; batches=1,8 ;;
     *) echo "size: got ${1:-nothing} | $usage" >&2; exit 2 ;;
   esac
   mkdir -p "$bg"
@@ -46,13 +47,13 @@ case "$step" in
     sleep 5; tail -2 "$bg/warm.log" ;;
   side)
     t0=$(date +%s)
-    timeout 240 python3 tests/runtime/test_gpu.py > "$OUT/test_gpu.log" 2>&1
+    timeout 300 python3 tests/runtime/test_gpu.py > "$OUT/test_gpu.log" 2>&1
     echo "test_gpu rc $? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/test_gpu.log"
-    timeout 150 python3 tools/gpu_llm.py --shapes qwen-1.5b --work /tmp/wr --export-only --out "$OUT" > "$OUT/export15.log" 2>&1
-    echo "1.5B export rc $?"
-    timeout $(( 560 - ($(date +%s) - t0) )) python3 tools/gpu_memory.py --engines /tmp/wr/qwen-1.5b --out "$OUT" \
-      --variants per_graph_graph_max_16,per_graph_graph_max_16_cublas_4mb > "$OUT/memory15.log" 2>&1
-    echo "1.5B memory rc $?" ;;
+    timeout 120 python3 tools/gpu_weight_alloc.py --size qwen-1.5b --out "$OUT" > "$OUT/weight_alloc.log" 2>&1
+    echo "weight alloc 1.5B rc $?"
+    timeout 120 python3 tools/gpu_weight_alloc.py --size qwen-7b --dtypes float16 --out "$OUT/7b" \
+      >> "$OUT/weight_alloc.log" 2>&1
+    echo "weight alloc 7B rc $?"; cat "$OUT/weight_alloc.log" ;;
   wait)
     pair "${2:-}"
     t0=$(date +%s)
@@ -68,6 +69,7 @@ case "$step" in
   memory)
     pair "${2:-}"
     timeout 570 python3 tools/gpu_memory.py --engines "${pair[3]}/eng_padrec" --out "$OUT" \
-      --variants per_graph_graph_max_16 > "$OUT/memory_$2.log" 2>&1; echo "memory rc $?"; tail -6 "$OUT/memory_$2.log" ;;
+      --variants per_graph_graph_max_16,single_graph_max_16 > "$OUT/memory_$2.log" 2>&1
+    echo "memory rc $?"; tail -6 "$OUT/memory_$2.log" ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac

@@ -35,6 +35,7 @@ VARIANTS = {  # name -> RuntimeOptions keywords
     "per_graph": {"graph_sessions": "per_graph"},
     "per_graph_graph_max_16": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
     "per_graph_graph_max_16_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
+    "single_graph_max_16": {"graph_sessions": "single", "cuda_graph_max_tokens": 16},
 }
 # A variant's environment: every session opened so far took 72-178 MB at creation whatever the model's size, about
 # what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
@@ -197,7 +198,8 @@ def run_variant(engines: Path, options: dict, batches: list) -> dict:
             row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
         (mem, used), (pool, pool_used) = (rec.memory(), device_used() - base), cupy_pool_bytes()
         ceiling = HEADROOM * (mem["weights"] + mem["kv_caches"])
-        row.update({"weights_gb": mem["weights"] / 1e9, "kv_caches_gb": mem["kv_caches"] / 1e9,
+        row.update({"weights_gb": mem["weights"] / 1e9, "weights_allocated_gb": mem["weights_allocated"] / 1e9,
+                    "kv_caches_gb": mem["kv_caches"] / 1e9,
                     "gpu_used_gb": used / 1e9, "rest_gb": (used - mem["weights"] - mem["kv_caches"]) / 1e9,
                     "cupy_pool_gb": pool / 1e9, "cupy_pool_used_gb": pool_used / 1e9, "ceiling_gb": ceiling / 1e9,
                     "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,

@@ -22,7 +22,7 @@ BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 SPECULATE = ("off", "chain", "tree", "auto")
 TRT_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_rtx")
-GRAPH_SESSIONS = ("per_graph", "per_shape")
+GRAPH_SESSIONS = ("per_graph", "per_shape", "single")
 
 
 def _check(owner: str, name: str, value, kind: str, lo=None, hi=None, choices=None, optional=False):
@@ -102,7 +102,9 @@ class RuntimeOptions:
     cuda_graph_max_tokens: int | None = None
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
     # cuBLAS / cuDNN state per engine graph; buckets above cuda_graph_max_tokens keep a session per shape, on the
-    # shared arena); per_shape: a session per (batch, bucket) shape, each with its own
+    # shared arena); single: as per_graph, the buckets above cuda_graph_max_tokens too, outside any graph (no session
+    # per prefill shape; their activations stay in the graphed session's arena); per_shape: a session per (batch,
+    # bucket) shape, each with its own
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations

@@ -158,10 +158,12 @@ class Recommender:
 
     def memory(self) -> dict:
         """Bytes held by component: `weights` (one copy of each distinct weight tensor, shared by every session
-        of every graph), `weights_unshared` (what one copy per graph would hold: the saving is the difference;
-        each static-shape session would have held another copy), `kv_caches` (device caches kept)."""
+        of every graph), `weights_allocated` (the device memory holding them: their bytes plus alignment),
+        `weights_unshared` (what one copy per graph would hold: the saving is the difference; each static-shape
+        session would have held another copy), `kv_caches` (device caches kept)."""
         pools = {id(p): p for p in (getattr(b, "weights", None) for b in self.backends.values()) if p is not None}
         return {"weights": sum(p.bytes for p in pools.values()),
+                "weights_allocated": sum(p.device_bytes for p in pools.values()),
                 "weights_unshared": sum(p.uses for p in pools.values()), "kv_caches": self.caches.kv_bytes()}
 
     def close(self) -> None:

@@ -170,16 +170,22 @@ class OrtBackend:
         return opts, providers
 
     def bucket_session(self, dims: dict) -> tuple:
-        """(session, whether it replays CUDA graphs) for a bucket call of `dims` (made once).
+        """(session, how it runs) for a bucket call of `dims` (made once); how: "graph" (captures and replays a
+        CUDA graph), "plain" (a session without graphs, on the shared arena) or "outside" (in a CUDA-graph session,
+        outside any graph).
 
         per_shape: a session per shape, every dimension fixed, so ONNX Runtime folds the shape arithmetic away and,
         with cuda_graphs, captures the whole graph once per cache. per_graph: one session for every graphed bucket,
         only the cache length fixed, each cache's bucket capturing a graph of its own in it (`run_options`): one
-        arena and one set of cuBLAS / cuDNN state for the graph instead of one per shape. Buckets without a graph
-        (above graph_max_tokens) run on per-shape sessions over the shared arena; a graph whose session ONNX
-        Runtime refuses to capture (data crossing between host and device, padrec_export.placement; engines
-        exported before that was fixed) keeps a graphed session per shape."""
-        shared = self.graph_sessions == "per_graph" and self.wants_graph(dims)
+        arena and one set of cuBLAS / cuDNN state for the graph instead of one per shape; buckets without a graph
+        (above graph_max_tokens) run on per-shape sessions over the shared arena. single: as per_graph, and the
+        buckets without a graph run in that one session too, outside any graph (no session per prefill shape; their
+        activations stay in its arena). A graph whose session ONNX Runtime refuses to capture (data crossing between
+        host and device, padrec_export.placement; engines exported before that was fixed) keeps a graphed session
+        per shape."""
+        graphed = self.wants_graph(dims)
+        shared = self.cuda_graphs and self.device == "cuda" and (
+            self.graph_sessions == "single" or (self.graph_sessions == "per_graph" and graphed))
         if shared and self._graph_session is None:
             fixed = {k: v for k, v in dims.items() if k in CACHE_DIMS}
             try:
@@ -188,8 +194,8 @@ class OrtBackend:
                 self.graph_notes.append(f"{fixed}: no CUDA graph ({exc})")
                 self._graph_session = False
         if shared and self._graph_session:
-            return self._graph_session, True
-        return self.static_session(dims), self.replays_graph(dims)
+            return self._graph_session, ("graph" if graphed else "outside")
+        return self.static_session(dims), ("graph" if self.replays_graph(dims) else "plain")
 
     def static_session(self, dims: dict):
         """The session for one fixed shape (made once): every dimension known, so ONNX Runtime folds the shape

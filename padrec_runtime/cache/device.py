@@ -57,7 +57,7 @@ class _Bucket:
 
     bound: Bound  # buffers and binding (a CUDA graph is tied to the addresses it was captured with)
     options: _RunOptions
-    graphed: bool  # its session replays a CUDA graph
+    how: str  # graph (its session captures and replays a CUDA graph) | plain | outside (see OrtBackend.bucket_session)
     runs: int = 0  # runs so far: the graph replays after _CAPTURE_RUNS
     unread: Pending | None = None  # its last call, until the next call of this bucket waits for its input copy
 
@@ -293,13 +293,13 @@ class DeviceCache:
         g, B, S = self._graphs[name], self.batch, self.spec.max_len
         dims = ({"batch": B, "seq": P, "max_seq_len": S} if g.in_place else
                 {"batch": B, "seq": P, "past": S, "past_plus_seq": S + P})
-        session, graphed = g.backend.bucket_session(dims)
+        session, how = g.backend.bucket_session(dims)
         # a graph is tied to the buffers it was captured with, so each cache's bucket has an id of its own
         graph_id, run_options = next(_GRAPH_IDS), g.backend.run_options
         options = _RunOptions(run_options(_OUTSIDE_GRAPHS, queued=False), run_options(graph_id, queued=False),
                               run_options(graph_id, queued=self.device != "cpu"),
                               run_options(graph_id, queued=False, release=True))
-        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, graphed)
+        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, how)
 
     def _dynamic_call(self, name: str, feeds: dict, mask, T: int) -> Bound:
         """Buffers for one call of any length (prompt lengths vary without bound), its inputs bound as they are."""
@@ -383,9 +383,11 @@ class DeviceCache:
         g, xp = self._graphs[name], self.xp
         bucket = self._buckets.get((name, P)) if P is not None else None  # None: a dynamic call
         options = None
-        if bucket is not None and bucket.graphed:
+        if bucket is not None and bucket.how == "graph":
             options = (bucket.options.warmup, bucket.options.capture, bucket.options.replay)[
                 min(bucket.runs, _CAPTURE_RUNS)]
+        elif bucket is not None and bucket.how == "outside":  # in a graphed session: its arena is never shrunk
+            options = bucket.options.warmup  # (its graphs replay into memory the arena counts as free)
         elif bucket is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
             options = bucket.options.release if self._releases and self.empty else bucket.options.capture
         t0 = time.perf_counter()

@@ -79,7 +79,8 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     notes = [n for b in graphs.backends.values() for n in b.graph_notes]
     assert not notes, notes
     check_graph_max_tokens(engines, plain, hists)
-    check_per_graph_sessions(engines, plain, hists)
+    check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "per_graph"})
+    check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "single", "cuda_graph_max_tokens": 8})
     fused_calls = counter.count("target", "target_gqa")
     assert (fused_calls > 0) == graphs.settings.in_place
     return {"ok": True, "precision": graphs.manifest.precision, "in_place_target_calls": fused_calls,
@@ -101,11 +102,13 @@ def check_graph_max_tokens(engines: Path, plain, hists: list) -> None:
     small.close()
 
 
-def check_per_graph_sessions(engines: Path, plain, hists: list) -> None:
+def check_per_graph_sessions(engines: Path, plain, hists: list, options: dict) -> None:
     """graph_sessions="per_graph": one CUDA-graph session per engine graph, every bucket of every batch size a graph
-    of its own in it, gives `plain`'s lists (batch 1 and a batch of several histories, each mode, replays too)."""
+    of its own in it; "single" (with a token limit on graphs): the buckets past it run in that session too, outside
+    any graph. Either gives `plain`'s lists (batch 1 and a batch of several histories, each mode, replays too), and
+    no session per shape is made."""
     from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
-    one = Recommender(engines, device="cuda", options=RuntimeOptions(graph_sessions="per_graph"))
+    one = Recommender(engines, device="cuda", options=RuntimeOptions(**options))
     for batch in (hists[:1], hists):
         for mode in ("off", "chain", "tree"):
             want = [r.tokens for r in plain.recommend(batch, params=DecodeParams(speculate=mode)).lists]

@@ -182,11 +182,24 @@ def test_sessions_share_one_copy_of_each_weight(engines_ext):
     assert _lists(rec, HIST[:1]) == clean[:1]  # a second bucket shape: another session of each graph
     memory = rec.memory()
     assert memory["weights"] == _distinct_weight_bytes(rec.manifest) < memory["weights_unshared"]
+    assert memory["weights_allocated"] == memory["weights"]  # on the CPU one allocation per tensor, unpadded
     assert memory["kv_caches"] > 0
     # the sessions compute from the pooled tensors themselves: zeroing them changes what every session answers
     for value in rec.backends["target"].supplied.values():
         ctypes.memset(value.data_ptr(), 0, value.tensor_size_in_bytes())
     assert _lists(rec, HIST) != clean
+
+
+def test_a_slab_lays_each_weight_on_its_own_aligned_span():
+    """On CUDA a graph's new weights share one allocation of exactly their size: every tensor starts on a 256-byte
+    boundary after the one before it ends, and the slab ends where the last aligned tensor does."""
+    from padrec_runtime.backends.weights import slab_layout
+    sizes = [3, 256, 0, 257, 1 << 20, 5]
+    offsets, total = slab_layout(sizes)
+    assert offsets == [0, 256, 512, 512, 1024, 1024 + (1 << 20)] and total == 1024 + (1 << 20) + 256
+    assert all(o % 256 == 0 for o in offsets)
+    assert all(a + n <= b for a, n, b in zip(offsets, sizes, offsets[1:] + [total]))
+    assert slab_layout([]) == ([], 0)
 
 
 def test_a_false_claim_of_equal_weights_is_an_integrity_error(engines_ext):

@@ -372,6 +372,40 @@ def test_per_graph_sessions_run_ungraphed_buckets_on_per_shape_sessions(tiny, en
         RuntimeOptions(graph_sessions="per_batch")
 
 
+def test_single_sessions_run_ungraphed_buckets_outside_any_graph_and_never_release(tiny, engines_master, monkeypatch):
+    """graph_sessions="single": a bucket above cuda_graph_max_tokens runs in its graph's one CUDA-graph session,
+    every run carrying ONNX Runtime's "no graph" annotation (-1) and none asking for the arena shrink (the session's
+    arena holds memory its graphs replay into); graphed buckets still warm up, capture and replay under their own id.
+    Lists equal per_shape's. (A CPU has no graphs: which session each bucket gets is forced as on CUDA.)"""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    real_session, real_run = OrtBackend.bucket_session, OrtBackend.run_bound
+    runs: dict = {}  # id(binding) -> [(annotation, asks the shrink)] per run of that bucket
+
+    def single(self, dims):
+        assert self.graph_sessions == "single"
+        return real_session(self, dims)[0], "graph" if dims["seq"] <= 2 else "outside"
+
+    def recording(self, graph, session, binding, options):
+        runs.setdefault(id(binding), []).append((int(options.get_run_config_entry("gpu_graph_id")),
+                                                 OrtBackend._asks_shrink(options)))
+        return real_run(self, graph, session, binding, options)
+    hist = _histories(tiny[0], 17, 2)
+    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    want = {m: [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate=m)).lists] for m in ("off", "chain")}
+    monkeypatch.setattr(OrtBackend, "bucket_session", single)
+    monkeypatch.setattr(OrtBackend, "run_bound", recording)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True,
+                                                             graph_sessions="single"))
+    for mode in ("off", "chain", "chain"):  # the second chain request reuses the pooled caches and their buckets
+        assert [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate=mode)).lists] == want[mode]
+    assert not any(shrink for r in runs.values() for _, shrink in r), runs
+    annotations = [[i for i, _ in r] for r in runs.values()]
+    outside = [a for a in annotations if set(a) == {-1}]
+    graphed = [a for a in annotations if set(a) != {-1}]
+    assert any(len(a) >= 2 for a in outside), runs  # a prefill bucket, run again on the pooled cache: never a graph
+    assert graphed and all(a[0] == -1 and len(set(a[1:])) == 1 and a[1] > 0 for a in graphed), runs
+
+
 def test_a_graphed_bucket_runs_once_outside_any_graph_before_its_own(tiny, engines_master, monkeypatch):
     """Each graphed bucket's first run carries ONNX Runtime's "no graph" annotation (-1), its later runs the
     bucket's own id, distinct per bucket: in a session holding several graphs, ONNX Runtime's warm-up count is the
@@ -382,7 +416,7 @@ def test_a_graphed_bucket_runs_once_outside_any_graph_before_its_own(tiny, engin
     ids: dict = {}  # the binding's id -> the annotation of each of its runs
 
     def graphed(self, dims):
-        return real_session(self, dims)[0], True
+        return real_session(self, dims)[0], "graph"
 
     def recording(self, graph, session, binding, options):
         ids.setdefault(id(binding), []).append(int(options.get_run_config_entry("gpu_graph_id")))
@@ -418,8 +452,8 @@ def test_only_a_prompts_prefill_releases_the_shared_arena(tiny, engines_master, 
         released[id(made)] = release
         return made
 
-    def session(self, dims):
-        return real_session(self, dims)[0], graphs  # which buckets claim a graph is forced (CPU ignores it)
+    def session(self, dims):  # which buckets claim a graph is forced (CPU ignores it)
+        return real_session(self, dims)[0], "graph" if graphs else "plain"
 
     def recording(self, graph, session, binding, opts):
         if opts is not None:
