@@ -32,8 +32,10 @@ def hardware() -> dict:
     return info
 
 
-def bench_histories(rec: Recommender, n: int, dataset: str | None, seed: int = 0) -> list:
-    """Held-out users' histories when the data package is there, else fixed random catalogue histories."""
+def bench_histories(rec: Recommender, n: int, dataset: str | None, seed: int = 0) -> tuple[list, str]:
+    """(histories, where they come from): held-out users' histories when the data package is there and the engines'
+    catalogue holds their items, else fixed random catalogue histories."""
+    source = "random catalogue histories"
     if dataset:
         from padrec_runtime.errors import InputError, PadrecError
 
@@ -44,15 +46,21 @@ def bench_histories(rec: Recommender, n: int, dataset: str | None, seed: int = 0
         try:
             data = load_dataset(dataset)
         except PadrecError:  # its data package is not installed: random histories instead
-            data = None
+            data, source = None, f"random catalogue histories ({dataset}'s data package is not installed)"
         if data is not None:
             test = make_split(data).test
-            return [h[-rec.limits["max_history"]:] for _, h, _ in (test * (1 + n // len(test)))[:n]]
+            hists = [h[-rec.limits["max_history"]:] for _, h, _ in (test * (1 + n // len(test)))[:n]]
+            missing = {i for h in hists for i in h} - {int(i) for i in rec.catalogue.item_ids}
+            if not missing:
+                return hists, f"{dataset} held-out users"
+            # engines for another catalogue: its ids would be refused as unknown items
+            source = (f"random catalogue histories (the engines' catalogue lacks {len(missing)} of the item ids of "
+                      f"{dataset}'s held-out users)")
     rng = np.random.default_rng(seed)
     ids = rec.catalogue.item_ids
     longest = min(20, rec.limits["max_history"])
     return [rng.choice(ids, size=int(rng.integers(min(5, longest), longest + 1)), replace=False).tolist()
-            for _ in range(n)]
+            for _ in range(n)], source
 
 
 def _measure(run, repeats: int) -> dict:
@@ -75,7 +83,7 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         raise InputError(f"bench: got repeats {repeats}, batches {list(batches)} | expected repeats >= 1 and "
                          "batch sizes >= 1 | e.g. --repeats 5 --batch 1,8,32")
     rec = Recommender(engine_dir, backend=backend, device=device, options=options)
-    hist_all = bench_histories(rec, max(batches), dataset)
+    hist_all, hist_source = bench_histories(rec, max(batches), dataset)
     torch_models = None
     if target_dir:
         from .checkpoint import load_draft, load_target
@@ -108,7 +116,7 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
     for r in rows:
         base = next(x for x in rows if x["engine"] == r["engine"] and x["batch"] == r["batch"] and x["mode"] == "off")
         r["speedup_vs_ar"] = base["ms_per_call_median"] / r["ms_per_call_median"]
-    return {"engines": str(engine_dir), "precision": rec.manifest.precision,
+    return {"engines": str(engine_dir), "histories": hist_source, "precision": rec.manifest.precision,
             "quantization": rec.manifest.quantization("target"), "device": device, "repeats": repeats,
             "runtime": dataclasses.asdict(rec.settings),
             "hardware": hardware(), "n_items": rec.limits["n_items"], "draft_steps": rec.limits["draft_steps"],

@@ -389,6 +389,7 @@ def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
+    click.echo(f"histories: {report['histories']}")
     click.echo(bench_table(report))
     if json_path:
         click.echo(f"wrote {json_path}")

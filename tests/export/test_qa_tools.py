@@ -4,12 +4,13 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import onnx
 from onnx import numpy_helper
 
 from padrec_export.bench import bench_plot, bench_table, run_bench
 from padrec_export.checkpoint import save_draft, save_target
-from padrec_runtime import RuntimeOptions
+from padrec_runtime import Recommender, RuntimeOptions
 from padrec_runtime.manifest import load_manifest, write_manifest
 from tests.conftest import polygraphy_cli
 
@@ -59,6 +60,27 @@ def test_polygraphy_runs_with_the_shipped_data_loader(engines_master):
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
     assert "PASSED" in out.stdout + out.stderr
+
+
+def test_bench_histories_come_from_the_data_set_only_when_the_catalogue_holds_their_items(engines_master):
+    """Held-out MovieLens users when the engines' catalogue has every item they name; engines of another catalogue
+    (the tiny test engines: 60 items) get random histories of their own items instead of ids they would refuse,
+    and the source says why."""
+    import types
+
+    from padrec_export.bench import bench_histories
+    from padrec_export.data import load_dataset
+    pytest.importorskip("recbole")
+    load_dataset("ml-100k")  # the data package is there (else this test has nothing to compare)
+    rec = Recommender(engines_master)
+    hists, source = bench_histories(rec, 5, "ml-100k")
+    assert "lacks" in source and source.startswith("random catalogue histories"), source
+    assert len(hists) == 5 and all(set(h) <= {int(i) for i in rec.catalogue.item_ids} for h in hists)
+    every_id = types.SimpleNamespace(catalogue=types.SimpleNamespace(item_ids=np.arange(1 << 17)), limits=rec.limits)
+    hists, source = bench_histories(every_id, 5, "ml-100k")
+    assert source == "ml-100k held-out users" and len(hists) == 5
+    assert any(max(h) > 60 for h in hists)  # MovieLens ids, not the tiny catalogue's
+    assert bench_histories(rec, 3, None)[1] == "random catalogue histories"
 
 
 def test_bench_reports_every_mode_and_plots(tiny, engines_master, tmp_path):
