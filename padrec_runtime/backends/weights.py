@@ -44,9 +44,10 @@ class WeightPool:
         for w in spec.get("weights", []):
             host = hosts[w["name"]] = np.frombuffer(buffers[w["file"]], dtype=np.uint8, count=w["length"],
                                                     offset=w["offset"])
-            known = self._values.get(w["sha256"])
+            first = new.get(w["sha256"])  # the same sha256 earlier in this graph, still to upload
+            known = self._values.get(w["sha256"]) or (first and (None, hosts[first["name"]]))
             if known is None:
-                new.setdefault(w["sha256"], w)
+                new[w["sha256"]] = w
             elif known[1] is not host and not np.array_equal(known[1], host):
                 raise IntegrityError(f"graphs.{graph}.weights {w['name']}: its bytes differ from another graph's "
                                      f"tensor of the same sha256 | the manifest is wrong: re-export the engines")
