@@ -52,7 +52,7 @@ case "$step" in
     echo "test_gpu rc $? in $(( $(date +%s) - t0 )) s"; tail -3 "$OUT/test_gpu.log"
     timeout 120 python3 tools/gpu_weight_alloc.py --size qwen-1.5b --out "$OUT" > "$OUT/weight_alloc.log" 2>&1
     echo "weight alloc 1.5B rc $?"
-    timeout 120 python3 tools/gpu_weight_alloc.py --size qwen-7b --dtypes float16 --out "$OUT/7b" \
+    timeout 120 python3 tools/gpu_weight_alloc.py --size qwen-7b --dtypes float16 --out "$OUT" \
       >> "$OUT/weight_alloc.log" 2>&1
     echo "weight alloc 7B rc $?"; cat "$OUT/weight_alloc.log" ;;
   wait)

@@ -80,7 +80,8 @@ def session_drop() -> dict:
     graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
                               [helper.make_tensor_value_info("x", TensorProto.FLOAT16, [None, 1024])],
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT16, [None, 1024])], [w])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    # IR 10: what every ONNX Runtime we support reads (onnx 1.23 would write 14, which 1.31 refuses)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=10).SerializeToString()
     onnx.checker.check_model(onnx.load_from_string(model))
     out, base = {}, used()
     opts = ort.SessionOptions()
@@ -127,7 +128,14 @@ def main():
         return
     from cupy.cuda import runtime
     gpu = runtime.getDeviceProperties(0)["name"].decode()
-    report = {"gpu": gpu, "size": args.size, "cuda_module_loading": os.environ.get("CUDA_MODULE_LOADING"), "what": __doc__.split("\n\n")[1].replace("\n", " "), "runs": {}}
+    args.out.mkdir(parents=True, exist_ok=True)
+    card = "h200" if "H200" in gpu else "h100" if "H100" in gpu else "gpu"
+    path = args.out / f"gpu_weight_alloc_{card}.json"
+    # one file per card; each size's runs replace that size's earlier ones
+    report = json.loads(path.read_text()) if path.exists() else {"gpu": gpu, "sizes": {}}
+    report.update(cuda_module_loading=os.environ.get("CUDA_MODULE_LOADING"),
+                  what=__doc__.split("\n\n")[1].replace("\n", " "))
+    runs = report["sizes"][args.size] = {}
     for dtype in args.dtypes.split(","):
         for method in METHODS:
             if method == "session_drop" and dtype != "float16":
@@ -135,12 +143,10 @@ def main():
             proc = subprocess.run([sys.executable, __file__, "--child", method, "--size", args.size,
                                    "--dtype", dtype], capture_output=True, text=True)
             lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
-            report["runs"][f"{method}/{dtype}"] = (json.loads(lines[-1][7:]) if lines else
-                                                   {"failed": proc.returncode, "tail": proc.stderr[-1500:]})
-            print(method, dtype, report["runs"][f"{method}/{dtype}"], flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    card = "h200" if "H200" in gpu else "h100" if "H100" in gpu else "gpu"
-    (args.out / f"gpu_weight_alloc_{card}.json").write_text(json.dumps(report, indent=1) + "\n")
+            runs[f"{method}/{dtype}"] = (json.loads(lines[-1][7:]) if lines else
+                                         {"failed": proc.returncode, "tail": proc.stderr[-1500:]})
+            print(method, dtype, runs[f"{method}/{dtype}"], flush=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
 
 
 if __name__ == "__main__":
