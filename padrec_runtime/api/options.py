@@ -103,7 +103,8 @@ class RuntimeOptions:
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
     # cuBLAS / cuDNN state per engine graph; buckets above cuda_graph_max_tokens keep a session per shape, on the
     # shared arena); single: as per_graph, the buckets above cuda_graph_max_tokens too, outside any graph (no session
-    # per prefill shape; their activations stay in the graphed session's arena); per_shape: a session per (batch,
+    # per prefill shape; their activations stay in the graphed session's arena: smaller only at batch 1, 1.5B
+    # on an H100); per_shape: a session per (batch,
     # bucket) shape, each with its own
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
