@@ -61,7 +61,7 @@ class EngineArgs(OptionGroup):
                      help="engine directory written by `padrec export`"),
         click.option("--backend", type=click.Choice(BACKENDS), default="onnxruntime", help="inference backend"),
         click.option("--device", type=click.Choice(DEVICES), default="cpu", help="where the engines run"),
-        click.option("--threads", type=click.IntRange(1, 1024), default=1, help="ONNX Runtime CPU threads"),
+        click.option("--threads", type=click.IntRange(1, 1024), default=1, help="ONNX Runtime CPU threads, at most the cores this process may use"),
         click.option("--trt-module", type=click.Choice(TRT_MODULES), default="tensorrt",
                      help="TensorRT runtime package (--backend tensorrt)"),
         click.option("--allow-host-code", is_flag=True, help="load TensorRT plans that embed host code"),

@@ -9,6 +9,7 @@ loop's `DecodeConfig` with the manifest's defaults.
 from __future__ import annotations
 
 import math
+import os
 import sys
 from dataclasses import dataclass, fields
 
@@ -152,11 +153,20 @@ class Settings:
     allow_host_code: bool
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask where the platform has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precision: str, has_in_place: bool) -> Settings:
     """Decide every setting once; raises BackendError naming the impossible combination and the way out."""
     backend = _check("Recommender", "backend", backend, "str", choices=BACKENDS)
     device = _check("Recommender", "device", device, "str", choices=DEVICES)
     o, cuda, ort = options, device == "cuda", backend == "onnxruntime"
+    cores = usable_cores()
+    if ort and o.threads is not None and o.threads > cores:  # more spin-waiting threads than cores slow every call
+        raise BackendError(f"threads: {o.threads} on a process that may use {cores} CPU cores | pass threads={cores} "
+                           "or fewer (RuntimeOptions: None for ONNX Runtime's default)")
     device_cache = (cuda and ort) if o.device_cache is None else o.device_cache
     if device_cache and not ort:
         raise BackendError("device_cache: only the onnxruntime backend binds device buffers | drop device_cache "

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from padrec_runtime import DeadlineError, DecodeParams, InputError, PadrecError, Recommender, RuntimeOptions
+from padrec_runtime import BackendError, DeadlineError, DecodeParams, InputError, PadrecError, Recommender, RuntimeOptions
 
 HIST = [[1000, 1001, 1002]]
 
@@ -83,6 +83,16 @@ def test_unknown_parameters_and_wrong_containers_are_named(rec):
         Recommender(rec.manifest.root, options={"threads": 2})
     with pytest.raises(InputError, match="RuntimeOptions.threads"):
         RuntimeOptions(threads=0)
+
+
+def test_threads_past_the_usable_cores_are_refused_by_name(rec, monkeypatch):
+    from padrec_runtime.api import options
+    monkeypatch.setattr(options, "usable_cores", lambda: 2)
+    with pytest.raises(BackendError, match=r"threads: 3 on a process that may use 2 CPU cores \| pass threads=2"):
+        Recommender(rec.manifest.root, options=RuntimeOptions(threads=3))
+    two = Recommender(rec.manifest.root, options=RuntimeOptions(threads=2))
+    assert two.settings.threads == 2
+    two.close()
 
 
 @pytest.mark.parametrize("make, words", [
