@@ -106,12 +106,15 @@ def test_bench_drafts_parse_and_the_eagle_section_needs_eagle(capsys):
 
 
 def test_llm_plot_draws_the_committed_results_and_tolerates_missing_ones(tmp_path):
-    """tools/plot_llm.py draws the committed H200 results; a results folder without them still gives a figure."""
+    """tools/plot_llm.py draws the committed H200 and H100 results; a results folder without them still gives a figure."""
     import shutil
 
     from plot_llm import main as plot_llm
     plot_llm(["--results", str(ROOT / "benchmarks/results"), "--out", str(tmp_path / "llm.png")])
     assert (tmp_path / "llm.png").stat().st_size > 10_000
+    # the H100 results have no random-weight step file: the step panel comes from the trained pair's bench
+    plot_llm(["--results", str(ROOT / "benchmarks/results"), "--card", "h100", "--out", str(tmp_path / "h100.png")])
+    assert (tmp_path / "h100.png").stat().st_size > 10_000
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(ROOT / "benchmarks/results/llm_steps_h200.json", empty)
