@@ -16,7 +16,7 @@
 #                       the pair's bench alone on the card (at most SECONDS, default 570; SECTIONS: gpu_bench.py
 #                       --sections, default headline,pytorch,batches; BATCHES: default 1,8,32,64 at 7b, 1,8 at
 #                       1.5b). A 7B pair's call holds headline,batches, or pytorch at batch 1 alone
-#   memory SIZE         the pair's GPU memory by batch in the per-graph and single layouts (tools/gpu_memory.py)
+#   memory SIZE         the pair's GPU memory by batch, both graph families and the standard one alone (tools/gpu_memory.py)
 #   random SIZE         the same on random-weight engines of SIZE (tools/gpu_llm.py --export-only), no training
 set -uo pipefail
 usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b"
@@ -70,14 +70,14 @@ case "$step" in
   memory)
     pair "${2:-}"
     timeout 570 python3 tools/gpu_memory.py --engines "${pair[3]}/eng_padrec" --out "$OUT" \
-      --variants per_graph_graph_max_16,single_graph_max_16 > "$OUT/memory_$2.log" 2>&1
+      --variants per_graph_graph_max_16,per_graph_graph_max_16_standard > "$OUT/memory_$2.log" 2>&1
     echo "memory rc $?"; tail -6 "$OUT/memory_$2.log" ;;
   random)
     pair "${2:-}"
     timeout 200 python3 tools/gpu_llm.py --shapes "${pair[1]}" --work /tmp/wr --export-only --out "$OUT" \
       > "$OUT/export_random_$2.log" 2>&1; echo "export rc $?"
     timeout 380 python3 tools/gpu_memory.py --engines "/tmp/wr/${pair[1]}" --out "$OUT" \
-      --variants per_graph_graph_max_16,single_graph_max_16 > "$OUT/memory_random_$2.log" 2>&1
+      --variants per_graph_graph_max_16,per_graph_graph_max_16_standard > "$OUT/memory_random_$2.log" 2>&1
     echo "memory rc $?"; tail -6 "$OUT/memory_random_$2.log" ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac

@@ -36,6 +36,9 @@ VARIANTS = {  # name -> RuntimeOptions keywords
     "per_graph_graph_max_16": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
     "per_graph_graph_max_16_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
     "single_graph_max_16": {"graph_sessions": "single", "cuda_graph_max_tokens": 16},
+    # the standard graphs alone: no second graph family (ONNX Runtime's GroupQueryAttention refuses several new
+    # tokens a row for a batch above 1, so the in-place graphs serve only part of a batch's calls)
+    "per_graph_graph_max_16_standard": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16, "in_place": False},
 }
 # A variant's environment: every session opened so far took 72-178 MB at creation whatever the model's size, about
 # what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
