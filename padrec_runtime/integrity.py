@@ -19,7 +19,11 @@ CHUNK = 1 << 20  # bytes hashed per read: large files are streamed, never hashed
 def confined(root: Path, name: str, allow_outside: bool = False) -> Path:
     """root / name with symlinks resolved; outside root (`..`, an absolute path, a symlink out) it raises
     IntegrityError before touching the file, so the error says nothing about files elsewhere."""
-    path = (Path(root) / name).resolve()
+    try:
+        path = (Path(root) / name).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop (RuntimeError before Python 3.13), a path past the OS's
+        raise IntegrityError(f"{Path(root) / name}: cannot be resolved ({type(exc).__name__}: {str(exc)[:120]}) | "
+                             "re-copy the engines without the looping symlink") from None
     if allow_outside:
         return path
     top = Path(root).resolve()
@@ -32,12 +36,15 @@ def confined(root: Path, name: str, allow_outside: bool = False) -> Path:
 
 def _open(root: Path, name: str, allow_outside: bool):
     path = confined(root, name, allow_outside)
+    # a regular file before opening it: opening a named pipe would block until someone writes to it
+    if path.exists() and not path.is_file():
+        raise IntegrityError(f"{Path(root) / name}: not a regular file | re-export or re-copy the engines")
     try:
         f = open(path, "rb")
     except OSError:
         raise IntegrityError(f"{Path(root) / name}: missing or unreadable | the engine directory is incomplete; "
                              "re-export or re-copy it") from None
-    if not os.path.isfile(path):
+    if not os.path.isfile(path):  # swapped for something else between the check and the open
         f.close()
         raise IntegrityError(f"{Path(root) / name}: not a regular file | re-export or re-copy the engines")
     return f
@@ -105,11 +112,20 @@ def sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different: with a key twice, which one counts is the parser's choice."""
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen = [k for i, (k, _) in enumerate(pairs) if k in (p for p, _ in pairs[:i])]
+        raise ValueError(f"key {seen[0]!r} appears more than once in one object")
+    return out
+
+
 def parse_json(raw: bytes, label: str):
     """JSON from checked bytes; malformed or absurdly nested text is a ManifestError. (The decoder itself
     raises RecursionError past Python's recursion limit: no valid engine file nests more than a few levels.)"""
     try:
-        return json.loads(raw)
+        return json.loads(raw, object_pairs_hook=_unique_keys)
     except (ValueError, UnicodeDecodeError) as exc:
         raise ManifestError(f"{label}: not valid JSON ({str(exc)[:200]}) | re-export the engines") from None
     except RecursionError:

@@ -6,6 +6,8 @@ engine files are read through `Manifest.read` (padrec_runtime/integrity.py), whi
 """
 from __future__ import annotations
 
+import os
+
 import hashlib
 import json
 import math
@@ -402,6 +404,13 @@ def load_manifest(engine_dir, verify: bool = True, allow_outside: bool = False) 
     files may lie outside DIR (default: refused, see docs/security.md)."""
     root = Path(engine_dir)
     path = root / "manifest.json"
+    try:
+        os.stat(root)
+    except PermissionError:
+        raise ManifestError(f"{root}: not readable by this user | check its permissions, or copy the engine "
+                            "directory somewhere this user can read") from None
+    except OSError:
+        pass  # missing: said below
     if root.is_file():
         raise ManifestError(f"{root}: is a file | expected an engine directory holding manifest.json | pass the "
                             "directory `padrec export --out` wrote")

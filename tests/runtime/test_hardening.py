@@ -426,3 +426,38 @@ def test_a_manifest_naming_a_file_outside_cannot_learn_its_size(engines, tmp_pat
             Recommender(engines)
         assert "12345" not in str(err.value)
         (engines / "manifest.json").write_text(clean)
+
+
+@pytest.mark.parametrize("file", ["catalogue.json", "draft.onnx"])
+def test_a_named_pipe_in_place_of_an_engine_file_is_refused_without_blocking(engines, file):
+    (engines / file).unlink()
+    os.mkfifo(engines / file)  # opening it for reading would wait for a writer forever
+    with pytest.raises(IntegrityError, match=f"{file}: not a regular file"):
+        Recommender(engines)
+
+
+def test_a_symlink_loop_is_an_integrity_error(engines):
+    (engines / "draft.onnx").unlink()
+    os.symlink("draft.onnx", engines / "draft.onnx")
+    with pytest.raises(IntegrityError, match="draft.onnx: cannot be resolved"):
+        Recommender(engines)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every directory")
+def test_an_unreadable_engine_directory_is_a_manifest_error(tmp_path):
+    locked = tmp_path / "locked"
+    (locked / "engines").mkdir(parents=True)
+    locked.chmod(0)
+    try:
+        with pytest.raises(ManifestError, match="not readable by this user"):
+            Recommender(locked / "engines")
+    finally:
+        locked.chmod(0o755)
+
+
+def test_a_key_twice_in_the_manifest_is_a_manifest_error(engines):
+    text = (engines / "manifest.json").read_text()
+    assert text.lstrip().startswith("{")
+    (engines / "manifest.json").write_text('{"format": "nope", ' + text.lstrip()[1:])  # the later key would win
+    with pytest.raises(ManifestError, match="key 'format' appears more than once"):
+        Recommender(engines)
