@@ -35,15 +35,22 @@ QUANT_BLOCK_SIZES = (16, 32, 64, 128, 256)  # weights per scale that ONNX Runtim
 QUANT_FAMILIES = (("target", "target_gqa"), ("draft", "draft_chain", "draft_chain_gqa"))  # graphs run as one model
 
 
+# (key input, value input, key output, value output) of a layer's KV, by whether the graph writes its cache in place
+KV_TEMPLATES = {False: ("past.%d.key", "past.%d.value", "new.%d.key", "new.%d.value"),
+                True: ("cache.%d.key", "cache.%d.value", "cache.%d.key.out", "cache.%d.value.out")}
+
+
 def _kv(v, path):
     # in_place: the whole cache (max_len positions) is bound as input and output, the graph writes new KV
     kv = obj(v, path, {"key_input": template, "value_input": template, "key_output": template,
                         "value_output": template, "n_layers": integer(1, 1024), "n_kv_heads": integer(1, 1024),
                         "head_dim": integer(1, 4096), "dtype": one_of(*DTYPES)},
               {"in_place": boolean, "max_len": integer(1, 1 << 20)})
-    names = [kv[k] for k in ("key_input", "value_input", "key_output", "value_output")]
-    if len(set(names)) != 4:
-        fail(f"{path}.key_input", names, "four different templates")
+    # the contract's names: the host cache reads past/new by these, so a swapped key and value would pass unseen
+    want = KV_TEMPLATES[bool(kv.get("in_place"))]
+    for key, name in zip(("key_input", "value_input", "key_output", "value_output"), want):
+        if kv[key] != name:
+            fail(f"{path}.{key}", kv[key], name + (" (an in-place graph)" if kv.get("in_place") else ""))
     return kv
 
 
