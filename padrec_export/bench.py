@@ -82,7 +82,15 @@ def run_bench(engine_dir, backend: str = "onnxruntime", device: str = "cpu", bat
         from padrec_runtime.errors import InputError
         raise InputError(f"bench: got repeats {repeats}, batches {list(batches)} | expected repeats >= 1 and "
                          "batch sizes >= 1 | e.g. --repeats 5 --batch 1,8,32")
+    if draft_dir and not target_dir:
+        from padrec_runtime.errors import InputError
+        raise InputError("bench: a draft checkpoint without --target | the PyTorch timing needs its target; pass "
+                         "--target too, or drop --draft")
     rec = Recommender(engine_dir, backend=backend, device=device, options=options)
+    if max(batches) > rec.limits["max_batch"]:  # before any history is drawn or any point timed
+        from padrec_runtime.errors import InputError
+        raise InputError(f"bench: batch {max(batches)} | the engines take at most {rec.limits['max_batch']}; "
+                         f"pass --batch sizes up to {rec.limits['max_batch']}")
     hist_all, hist_source = bench_histories(rec, max(batches), dataset)
     torch_models = None
     if target_dir:

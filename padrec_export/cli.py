@@ -386,12 +386,15 @@ def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path
         require_export_extra("bench --target")
     report = run_bench(batches=batches, repeats=repeats, target_dir=target_dir, draft_dir=draft_dir, dataset=dataset,
                        **ENGINE.parse(kwargs))
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
     click.echo(f"histories: {report['histories']}")
-    click.echo(bench_table(report))
+    click.echo(bench_table(report))  # first: a file that cannot be written then loses nothing that was measured
     if json_path:
+        try:
+            Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+            Path(json_path).write_text(_json.dumps(report, indent=2) + "\n")
+        except OSError as exc:
+            raise InputError(f"--json {json_path}: cannot be written ({exc.strerror}) | the table above holds the "
+                             "results; pass a path on a disk with room") from None
         click.echo(f"wrote {json_path}")
     if plot_path:
         bench_plot(report, plot_path)

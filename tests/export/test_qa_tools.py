@@ -102,3 +102,13 @@ def test_bench_reports_every_mode_and_plots(tiny, engines_master, tmp_path):
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
     assert np.isfinite([r["speedup_vs_ar"] for r in rows]).all()
+
+
+def test_bench_refuses_a_batch_past_the_engines_and_a_draft_without_its_target(engines_master, tmp_path):
+    """Both before any history is drawn or any point is timed."""
+    from padrec_runtime.errors import InputError
+    too_many = load_manifest(engines_master, verify=False).model["max_batch"] + 1
+    with pytest.raises(InputError, match=f"bench: batch {too_many} \\| the engines take at most {too_many - 1}"):
+        run_bench(engines_master, batches=[1, too_many], repeats=1, progress=False)
+    with pytest.raises(InputError, match="a draft checkpoint without --target"):
+        run_bench(engines_master, batches=[1], repeats=1, draft_dir=tmp_path, progress=False)
