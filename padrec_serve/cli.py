@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from padrec_runtime.api.cli import FiniteFloatRange, parse_ids
+from padrec_runtime.api.cli import INT32_MAX, INT64_MAX, FiniteFloatRange, parse_ids
 
 PORT = click.IntRange(1, 65535)  # Triton takes any int and wraps it modulo 65536: refused here instead
 
@@ -57,12 +57,13 @@ def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max
 
 
 @click.command()
-@click.option("--url", default="localhost:8000", show_default=True, help="host:port of the server")
+@click.option("--url", default=None, show_default="localhost:8000 (http), localhost:8001 (grpc)",
+              help="host:port of the server, no scheme")
 @click.option("--protocol", type=click.Choice(["http", "grpc"]), default="http", show_default=True,
               help="KServe v2 over HTTP (--url port 8000) or gRPC (port 8001)")
 @click.option("--history", "histories", required=True, multiple=True,
               help="comma-separated item ids, oldest first; repeat for more requests")
-@click.option("--n-items", type=click.IntRange(1), default=None, show_default="the engines' list length",
+@click.option("--n-items", type=click.IntRange(1, INT32_MAX), default=None, show_default="the engines' list length",
               help="items per list")
 @click.option("--speculate", type=click.Choice(["auto", "off", "chain", "tree"]), default=None,
               show_default="auto (chain where the server runs --no-calibrate)", help="how the server decodes")
@@ -71,17 +72,17 @@ def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max
 # the ranges of `padrec recommend` (DecodeArgs): refused here, not after a round trip to the server
 @click.option("--temperature", type=FiniteFloatRange(1e-4, 1e4), default=None, show_default="1.0",
               help="sampling temperature")
-@click.option("--top-k", type=click.IntRange(0), default=None, show_default="0: all", help="sample among the k best")
+@click.option("--top-k", type=click.IntRange(0, INT32_MAX), default=None, show_default="0: all", help="sample among the k best")
 @click.option("--top-p", type=FiniteFloatRange(1e-6, 1.0), default=None, show_default="1.0",
               help="nucleus sampling mass")
-@click.option("--seed", type=click.IntRange(0), default=None, show_default="0", help="sampling seed")
+@click.option("--seed", type=click.IntRange(0, INT64_MAX), default=None, show_default="0", help="sampling seed")
 @click.option("--wait-s", type=FiniteFloatRange(min=0), default=0, help="wait this long for the server to be ready")
 @click.option("--json", "as_json", is_flag=True, help="print JSON")
 def client(url, protocol, histories, n_items, speculate, mode, temperature, top_k, top_p, seed, wait_s, as_json):
     """Ask a running `padrec serve` for lists."""
-    from .client import Client
+    from .client import DEFAULT_URLS, Client
     requests = [parse_ids(h) for h in histories]  # before waiting for a server: a typo is told at once
-    with Client(url, protocol) as c:
+    with Client(url or DEFAULT_URLS[protocol], protocol) as c:
         if wait_s:
             c.wait_ready(wait_s)
         lists = c.recommend(requests, n_items, speculate=speculate, greedy=mode == "greedy",

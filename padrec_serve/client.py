@@ -1,6 +1,7 @@
 """A client of `padrec serve` over KServe v2 (tritonclient, HTTP or gRPC): histories in, lists out."""
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -75,10 +76,23 @@ def read_lists(result) -> list:
     return lists
 
 
+DEFAULT_URLS = {"http": "localhost:8000", "grpc": "localhost:8001"}  # `padrec serve`'s ports
+_URL = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9.-]+):([0-9]{1,5})")
+
+
+def check_url(url) -> None:
+    """host:port, as tritonclient takes it (no scheme, a port in 1..65535); else an InputError."""
+    m = _URL.fullmatch(url) if isinstance(url, str) else None
+    if not m or not 1 <= int(m.group(2)) <= 65535:
+        raise InputError(f"--url: got {url!r} | expected host:port with no scheme and a port in 1..65535, e.g. "
+                         "localhost:8000 (http) or localhost:8001 (grpc)")
+
+
 class Client:
     """One connection to a server; `recommend` sends one request per history."""
 
     def __init__(self, url: str = "localhost:8000", protocol: str = "http", timeout_s: float = 60.0):
+        check_url(url)
         self.tc = _module(protocol)
         self.protocol, self.url = protocol, url
         kw = {"network_timeout": timeout_s, "connection_timeout": timeout_s} if protocol == "http" else {}

@@ -12,6 +12,8 @@ from .options import BACKENDS, DEVICES, TRT_MODULES, DecodeParams, RuntimeOption
 
 CONTEXT = {"show_default": True, "help_option_names": ["-h", "--help"]}
 _ID = re.compile(r"[0-9]+", re.ASCII)
+INT64_MAX = 2**63 - 1  # ids and seeds travel as int64 (numpy, Triton)
+INT32_MAX = 2**31 - 1
 
 
 class PadrecGroup(click.Group):
@@ -138,6 +140,10 @@ def parse_ids(text: str, what: str = "history") -> list:
                          f"e.g. {example} | remove the extra comma")
     if not all(_ID.fullmatch(x) for x in parts):
         raise InputError(f"--{what}: got {text!r} | expected comma-separated non-negative integers, e.g. {example}")
+    big = [x for x in parts if len(x) > 19 or int(x) > INT64_MAX]  # the length first: int() of 5000 digits raises
+    if big:
+        raise InputError(f"--{what}: got {big[0][:30]}{'...' if len(big[0]) > 30 else ''} | expected integers up to "
+                         f"{INT64_MAX} (int64), e.g. {example}")
     return [int(x) for x in parts]
 
 

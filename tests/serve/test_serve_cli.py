@@ -52,3 +52,23 @@ def test_client_refuses_an_empty_history_field_before_contacting_a_server():
 def test_finite_float_range_keeps_finite_values_in_range():
     kind = FiniteFloatRange(min=0)
     assert kind.convert("1.5", None, None) == 1.5 and kind.convert("0", None, None) == 0.0
+
+
+@pytest.mark.parametrize("url", ["http://localhost:8000", "localhost:99999", "localhost:0", "::::", "a b c", "host"])
+def test_client_refuses_a_url_that_is_not_host_port_before_contacting_a_server(url):
+    out = _refused("client", "--url", url, "--history", "1,2", code=1)
+    assert f"--url: got {url!r} | expected host:port with no scheme" in out
+
+
+@pytest.mark.parametrize("args, words", [
+    (("--history", "18446744073709551616"), "--history: got 18446744073709551616 | expected integers up to"),
+    (("--history", "1" * 5000), "--history: got 111111111111111111111111111111... | expected integers up to"),
+    (("--history", "1", "--seed", "9223372036854775808"), "'--seed': 9223372036854775808 is not in the range"),
+    (("--history", "1", "--top-k", "99999999999999999999"), "'--top-k': 99999999999999999999 is not in the range"),
+    (("--history", "1", "--n-items", "99999999999999999999"), "'--n-items': 99999999999999999999 is not in the range"),
+])
+def test_client_refuses_numbers_past_what_a_request_carries(args, words):
+    res = CliRunner().invoke(main, ["client", "--url", "127.0.0.1:1", *args], terminal_width=1000,
+                             max_content_width=1000)
+    assert res.exit_code in (1, 2) and isinstance(res.exception, SystemExit), res.output
+    assert words in res.output and "Traceback" not in res.output
