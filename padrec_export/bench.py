@@ -150,7 +150,7 @@ def require_plot() -> None:
     except ImportError:
         from padrec_runtime.errors import BackendError
         raise BackendError("bench --plot: matplotlib is not installed | expected the plot extra | "
-                           "pip install 'padrec[plot]' (or leave out --plot)") from None
+                           "pip install '.[plot]' (in the padrec checkout) (or leave out --plot)") from None
 
 
 def bench_plot(report: dict, path) -> None:

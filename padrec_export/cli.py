@@ -33,7 +33,7 @@ def require_export_extra(command: str, modules=EXPORT_MODULES) -> None:
             missing.append(name)
     if missing:
         raise BackendError(f"padrec {command}: needs {', '.join(missing)}, not installed (a runtime-only install) | "
-                           "expected the export extra | pip install 'padrec[export]'")
+                           "expected the export extra | pip install '.[export]' (in the padrec checkout)")
 
 
 class IntList(click.ParamType):
@@ -370,7 +370,7 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
               help="held-out histories from this data set when installed (else random catalogue histories)")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="write the report here")
 @click.option("--plot", "plot_path", type=click.Path(), default=None,
-              help="PNG of latency, speed-up and tau (needs matplotlib: pip install 'padrec[plot]')")
+              help="PNG of latency, speed-up and tau (needs matplotlib: pip install '.[plot]' (in the padrec checkout))")
 def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path, **kwargs):
     """AR vs chain vs tree speculation on one backend (and PyTorch eager): latency, throughput, tau."""
     import json as _json

@@ -77,7 +77,7 @@ def _quantizer_module():
         from onnxruntime.quantization import matmul_nbits_quantizer as mnq
     except ImportError as exc:
         raise InputError(f"--quantize: ONNX Runtime's quantizer cannot be imported ({exc}) | expected onnxruntime "
-                         "and onnx-ir | pip install 'padrec[export]'") from None
+                         "and onnx-ir | pip install '.[export]' (in the padrec checkout)") from None
     finally:
         root.removeHandler(guard)
     logging.getLogger(mnq.__name__).setLevel(logging.WARNING)

@@ -34,7 +34,7 @@ def _module(protocol: str):
         else:
             raise InputError(f"protocol: got {protocol!r} | expected http or grpc")
     except ImportError as exc:
-        raise BackendError(f"padrec client: {exc} | pip install 'padrec[serve]'") from None
+        raise BackendError(f"padrec client: {exc} | pip install '.[serve]' (in the padrec checkout)") from None
     return tc
 
 

@@ -63,7 +63,7 @@ def triton_dist() -> Path:
     spec = importlib.util.find_spec("pytriton")
     if spec is None or not spec.submodule_search_locations:
         raise BackendError("padrec serve: no module named 'pytriton' | needs Triton from PyTriton | run "
-                           ".venv-serve/bin/padrec serve (tools/setup.sh makes it), or pip install 'padrec[serve]' in "
+                           ".venv-serve/bin/padrec serve (tools/setup.sh makes it), or pip install '.[serve]' (in the padrec checkout) in "
                            "a venv of its own (PyTriton pins numpy<2)")
     return Path(list(spec.submodule_search_locations)[0])
 

@@ -62,11 +62,11 @@ def require_cuda() -> None:
     try:
         import onnxruntime as ort
     except ImportError:
-        raise BackendError("onnxruntime: not installed | pip install 'padrec[gpu]' for device='cuda'") from None
+        raise BackendError("onnxruntime: not installed | pip install '.[gpu]' (in the padrec checkout) for device='cuda'") from None
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         raise BackendError("device='cuda': ONNX Runtime has no CUDAExecutionProvider here (no GPU, or the CPU-only "
                            "onnxruntime package) | install onnxruntime-gpu matching your CUDA on a GPU machine "
-                           "(pip install 'padrec[gpu]'), or use device='cpu'")
+                           "(pip install '.[gpu]' (in the padrec checkout)), or use device='cpu'")
 
 
 class OrtBackend:
@@ -81,7 +81,7 @@ class OrtBackend:
         try:
             import onnxruntime as ort
         except ImportError:
-            raise BackendError("onnxruntime: not installed | pip install 'padrec[runtime]' "
+            raise BackendError("onnxruntime: not installed | pip install '.[runtime]' (in the padrec checkout) "
                                "(or 'padrec[gpu]' for CUDA)") from None
         self._ort = ort
         self.graph_name, self.spec = graph, manifest.graph(graph)

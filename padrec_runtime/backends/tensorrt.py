@@ -28,7 +28,7 @@ def _runtime_module(name: str, built_with: str, version_compatible: bool):
     try:
         return importlib.import_module(name)
     except ImportError:
-        raise BackendError(f"{name}: not installed | pip install 'padrec[trt]' (or tensorrt-rtx-cu13 for RTX)") from None
+        raise BackendError(f"{name}: not installed | pip install '.[trt]' (in the padrec checkout) (or tensorrt-rtx-cu13 for RTX)") from None
     except OSError as exc:
         raise BackendError(f"{name}: installed but its libraries failed to load ({exc})") from None
 

@@ -70,7 +70,7 @@ def array_module(device: str):
         import cupy
     except ImportError:
         raise BackendError("cupy: not installed | device='cuda' keeps the KV cache on the GPU through cupy: "
-                           "pip install 'padrec[gpu]' (cupy-cuda12x, or cupy-cuda13x on CUDA 13)") from None
+                           "pip install '.[gpu]' (in the padrec checkout) (cupy-cuda12x, or cupy-cuda13x on CUDA 13)") from None
     return cupy, (lambda a: a.data.ptr)
 
 

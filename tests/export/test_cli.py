@@ -145,12 +145,12 @@ def test_runtime_only_install_names_the_export_extra(tmp_path):
                  ["parity", "--engines", d, "--target", d], ["evaluate", "--models", d]):
         out = _without({"torch"}, *args, env=env)
         assert out.returncode == 1, (args, out.stderr)
-        assert "pip install 'padrec[export]'" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
+        assert "pip install '.[export]' (in the padrec checkout)" in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
 
 
 def test_bench_plot_without_matplotlib_fails_before_the_run(tmp_path):
     out = _without({"matplotlib"}, "bench", "--engines", str(tmp_path / "nowhere"), "--plot", str(tmp_path / "p.png"))
-    assert out.returncode == 1 and "pip install 'padrec[plot]'" in out.stderr, out.stderr
+    assert out.returncode == 1 and "pip install '.[plot]' (in the padrec checkout)" in out.stderr, out.stderr
     assert "manifest" not in out.stderr  # refused before the engines were opened
 
 
