@@ -132,6 +132,9 @@ class Recommender:
                              "of an engine directory from `padrec export`")
         if not isinstance(options, RuntimeOptions):
             raise InputError(f"options: got {type(options).__name__} | expected RuntimeOptions(...)")
+        if tracer is not None and not callable(getattr(tracer, "engine_call", None)):
+            raise InputError(f"tracer: got {type(tracer).__name__} | expected an object with an engine_call(call) "
+                             "method (padrec_runtime.trace.Tracer), or None")
         # each engine file is hashed once: as a backend or the catalogue reads it, the rest at the end of __init__
         self.manifest = m = load_manifest(engine_dir, verify=False)
         self.settings = resolve_runtime(options, backend, device, m.precision, "target_gqa" in m.data["graphs"])

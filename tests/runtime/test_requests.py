@@ -171,3 +171,8 @@ def test_cuda_on_a_machine_without_a_gpu_says_so(engines_master):
     with pytest.raises(PadrecError, match="no CUDAExecutionProvider here") as err:
         Recommender(engines_master, device="cuda")
     assert "cupy" not in str(err.value)
+
+
+def test_a_tracer_without_engine_call_is_refused_at_construction(rec):
+    with pytest.raises(InputError, match=r"tracer: got int \| expected an object with an engine_call"):
+        Recommender(rec.manifest.root, options=RuntimeOptions(device_cache=True), tracer=5)
