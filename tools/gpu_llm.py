@@ -37,6 +37,7 @@ from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 
 from padrec_export.models import Draft, DraftConfig, Target, TargetConfig  # noqa: E402
 from padrec_export.onnx_export import ExportLimits, export_engines  # noqa: E402
+from padrec_export.quantize import parse_quantize  # noqa: E402
 from padrec_export.sizes import SIZES  # noqa: E402
 from padrec_runtime import DecodeParams, Recommender, RuntimeOptions  # noqa: E402
 from padrec_runtime.grammar import Catalogue, TokenLayout  # noqa: E402
@@ -175,34 +176,41 @@ def adaptive(engines: Path, cat: Catalogue, batches: list, device: str, options:
 PARTS = ("steps", "decode", "decode-graph-max", "adaptive")
 
 
-def check_reusable(engines: Path, precision: str) -> None:
-    """Refuse engines in --work made with other limits or precision than this script's (their numbers would be
-    reported under this script's settings)."""
+def check_reusable(engines: Path, precision: str, quantize: str) -> None:
+    """Refuse engines in --work made with other limits, precision or quantization than this script's (their
+    numbers would be reported under this script's settings)."""
     from padrec_runtime.manifest import load_manifest
     m = load_manifest(engines, verify=False)
     have = {k: m.data["model"][k] for k in ("max_seq_len", "max_history", "max_batch", "draft_steps")}
     have["precision"] = m.data["precision"]
+    have["quantize"] = (m.quantization("target") or {}).get("kind", "none")
     want = {"max_seq_len": LIMITS.max_seq_len, "max_history": LIMITS.max_history, "max_batch": LIMITS.max_batch,
-            "draft_steps": LIMITS.draft_steps, "precision": precision}
+            "draft_steps": LIMITS.draft_steps, "precision": precision, "quantize": quantize}
     if have != want:
         sys.exit(f"{engines}: made with {have} | this script uses {want} | remove it, or give another --work")
 
 
 def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
     """(target, row, engines): the random pair, its row (size, weight floor) and its engine directory, exported
-    unless an earlier call on the same --work left it complete (a 7B export takes minutes)."""
+    unless an earlier call on the same --work left it complete (a 7B export takes minutes). With --quantize the
+    directory is <shape>_<kind> and the floor stays the fp16 weights' (the torch.compile baseline's bytes)."""
     device, dtype = ("cpu", torch.float32) if args.small else ("cuda", torch.float16)
     t0 = time.perf_counter()
     target, draft = random_pair(size, cat.layout.vocab_size, cat.layout.n_slots, device, dtype)
     weight_bytes = sum(p.numel() * p.element_size() for p in target.parameters())
     row = {"size": size.__dict__, "weight_bytes": weight_bytes, "floor_ms": weight_bytes / bw * 1e3}
-    engines, precision = work / name, "fp32" if args.small else "fp16"
+    quantization = parse_quantize(args.quantize)
+    engines = work / (name if quantization is None else f"{name}_{args.quantize}")
+    precision = "fp32" if args.small else "fp16"
+    if quantization is not None:
+        row["quantization"] = quantization.record(0)
     if (engines / "manifest.json").exists():  # the manifest is written last: its directory is complete
-        check_reusable(engines, precision)
+        check_reusable(engines, precision, args.quantize)
         row["export_reused"] = str(engines)
         log(name, f"engines in {engines} reused")
     else:
-        export_engines(target, draft, cat, engines, precision, LIMITS, progress=False, external_data=True)
+        export_engines(target, draft, cat, engines, precision, LIMITS, progress=False, external_data=True,
+                       quantization=quantization)
         row["export_s"] = time.perf_counter() - t0
         log(name, f"exported in {row['export_s']:.0f} s")
     return target, row, engines
@@ -218,8 +226,9 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float, save) 
     if args.export_only:
         return row
     parts, device = args.parts.split(","), "cpu" if args.small else "cuda"
-    if "steps" in parts and not args.small:
-        row["torch_compile"] = compiled_steps(target, next(target.parameters()).dtype, args.modes.split(","))
+    modes = [m for m in args.modes.split(",") if m]  # --modes "": our step alone (a baseline timed in another call)
+    if "steps" in parts and not args.small and modes:
+        row["torch_compile"] = compiled_steps(target, next(target.parameters()).dtype, modes)
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
         save(row)
     cfg = target.cfg
@@ -252,7 +261,7 @@ def main():
     ap.add_argument("--shapes", default="qwen-0.5b,qwen-1.5b,qwen-7b", help=f"comma-separated: {', '.join(SIZES)}")
     ap.add_argument("--batches", default="1,8,32,64")
     ap.add_argument("--repeats", type=int, default=200)
-    ap.add_argument("--modes", default="reduce-overhead,max-autotune", help="torch.compile modes of the baseline")
+    ap.add_argument("--modes", default="reduce-overhead,max-autotune", help="torch.compile modes of the baseline (\"\": none, our step alone)")
     ap.add_argument("--out", default="benchmarks/results")
     ap.add_argument("--work", default=None, help="where engines are written (default: a temporary directory); "
                     "engines already there are reused, so a call cut short can be repeated")
@@ -265,6 +274,9 @@ def main():
                     "decode (ms per list and GPU memory per batch), decode-graph-max (the same with "
                     "RuntimeOptions(cuda_graph_max_tokens=--graph-max-tokens)), adaptive (speculate='auto' "
                     "calibrated, against AR); split them over calls where one call is too short for all")
+    ap.add_argument("--quantize", choices=("none", "int4", "int8"), default="none",
+                    help="weight-only quantization of the target's decoder layers (MatMulNBits, block 32); the "
+                    "report is llm_steps_<kind>.json")
     ap.add_argument("--graph-max-tokens", type=int, default=16, help="for the decode-graph-max part")
     ap.add_argument("--runtime-options", default="{}",
                     help='RuntimeOptions of the decode, decode-graph-max and adaptive parts, as JSON, e.g. '
@@ -292,7 +304,7 @@ def main():
 
     def save(name: str, row: dict) -> None:
         report["shapes"][name] = row
-        (out / "llm_steps.json").write_text(json.dumps(report, indent=2) + "\n")
+        (out / f"llm_steps{'' if args.quantize == 'none' else '_' + args.quantize}.json").write_text(json.dumps(report, indent=2) + "\n")
 
     for name in shapes:
         measure(name, SIZES[name], cat, args, work, bw, lambda row, name=name: save(name, row))

@@ -16,8 +16,12 @@
 #                       the pair's bench alone on the card (at most SECONDS, default 570; SECTIONS: gpu_bench.py
 #                       --sections, default headline,pytorch,batches; BATCHES: default 1,8,32,64 at 7b, 1,8 at
 #                       1.5b). A 7B pair's call holds headline,batches, or pytorch at batch 1 alone
-#   memory SIZE         the pair's GPU memory by batch, both graph families and the standard one alone (tools/gpu_memory.py)
-#   random SIZE         the same on random-weight engines of SIZE (tools/gpu_llm.py --export-only), no training
+#   memory SIZE         the pair's GPU memory by batch (tools/gpu_memory.py): both graph families, the standard one
+#                       alone, each with and without cuBLAS's workspace capped to 4 MiB
+#   random SIZE         the same on random-weight engines of SIZE (tools/gpu_llm.py --export-only, skipped where
+#                       a call before exported them), no training
+# Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`);
+# VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
 set -uo pipefail
 usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
@@ -25,14 +29,16 @@ step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
 pair() {  # the pair of SIZE: gpu_bench.py options, its background log directory, its default sections
   case "$1" in
-    7b) pair=(--size qwen-7b --work /tmp/w7 --epochs 1 --draft-epochs 2 --drafts padrec)
+    7b) pair=(--size qwen-7b --work /tmp/w7 --epochs 1 --draft-epochs 2 --drafts "${DRAFTS:-padrec}")
         bg=/tmp/llm_bg7; sections=headline,pytorch,batches; batches=1,8,32,64 ;;
-    1.5b) pair=(--size qwen-1.5b --work /tmp/w15 --epochs 1 --draft-epochs 4 --drafts padrec)
+    1.5b) pair=(--size qwen-1.5b --work /tmp/w15 --epochs 1 --draft-epochs 4 --drafts "${DRAFTS:-padrec}")
         bg=/tmp/llm_bg15; sections=headline,pytorch,batches; batches=1,8 ;;
     *) echo "size: got ${1:-nothing} | $usage" >&2; exit 2 ;;
   esac
   mkdir -p "$bg"
 }
+variants=${VARIANTS:-per_graph_graph_max_16,per_graph_graph_max_16_standard,per_graph_graph_max_16_cublas_4mb,per_graph_graph_max_16_standard_cublas_4mb}
+memory=(--variants "$variants" --repeats "${REPEATS:-1}" --tag "${TAG:-}")
 case "$step" in
   train)
     pair "${2:-}"
@@ -69,15 +75,17 @@ case "$step" in
     echo "bench rc $? in $(( $(date +%s) - t0 )) s"; tail -12 "$OUT/gpu_bench.log" ;;
   memory)
     pair "${2:-}"
-    timeout 570 python3 tools/gpu_memory.py --engines "${pair[3]}/eng_padrec" --out "$OUT" \
-      --variants per_graph_graph_max_16,per_graph_graph_max_16_standard > "$OUT/memory_$2.log" 2>&1
+    timeout 570 python3 tools/gpu_memory.py --engines "${pair[3]}/eng_padrec" --out "$OUT" "${memory[@]}" \
+      > "$OUT/memory_$2.log" 2>&1
     echo "memory rc $?"; tail -6 "$OUT/memory_$2.log" ;;
   random)
     pair "${2:-}"
-    timeout 200 python3 tools/gpu_llm.py --shapes "${pair[1]}" --work /tmp/wr --export-only --out "$OUT" \
-      > "$OUT/export_random_$2.log" 2>&1; echo "export rc $?"
-    timeout 380 python3 tools/gpu_memory.py --engines "/tmp/wr/${pair[1]}" --out "$OUT" \
-      --variants per_graph_graph_max_16,per_graph_graph_max_16_standard > "$OUT/memory_random_$2.log" 2>&1
+    if [[ ! -f /tmp/wr/${pair[1]}/manifest.json ]]; then
+      timeout 200 python3 tools/gpu_llm.py --shapes "${pair[1]}" --work /tmp/wr --export-only --out "$OUT" \
+        > "$OUT/export_random_$2.log" 2>&1; echo "export rc $?"
+    fi
+    timeout 380 python3 tools/gpu_memory.py --engines "/tmp/wr/${pair[1]}" --out "$OUT" "${memory[@]}" \
+      > "$OUT/memory_random_$2.log" 2>&1
     echo "memory rc $?"; tail -6 "$OUT/memory_random_$2.log" ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac

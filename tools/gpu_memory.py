@@ -39,11 +39,14 @@ VARIANTS = {  # name -> RuntimeOptions keywords
     # the standard graphs alone: no second graph family (ONNX Runtime's GroupQueryAttention refuses several new
     # tokens a row for a batch above 1, so the in-place graphs serve only part of a batch's calls)
     "per_graph_graph_max_16_standard": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16, "in_place": False},
+    "per_graph_graph_max_16_standard_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
+                                                   "in_place": False},
 }
 # A variant's environment: every session opened so far took 72-178 MB at creation whatever the model's size, about
 # what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
 # cuBLAS's workspace to tell (its ms per list say what the cap costs: split-K GEMMs use the workspace)
-VARIANT_ENV = {"per_graph_graph_max_16_cublas_4mb": {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}}
+CUBLAS_4MB = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}
+VARIANT_ENV = {"per_graph_graph_max_16_cublas_4mb": CUBLAS_4MB, "per_graph_graph_max_16_standard_cublas_4mb": CUBLAS_4MB}
 
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script (no memory figures)
@@ -172,8 +175,9 @@ def histories(cat, n: int, seed: int, length: int = 20) -> list:
     return [[int(i) for i in rng.choice(cat.item_ids, length, replace=False)] for _ in range(n)]
 
 
-def run_variant(engines: Path, options: dict, batches: list) -> dict:
-    """One variant in this process: load, then AR and chain per batch; memory, ms per list and lists."""
+def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -> dict:
+    """One variant in this process: load, then AR and chain per batch; memory, ms per list (the median of
+    `repeats` requests once everything is made) and lists."""
     from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
     opened, first_runs = [], []
     watch_sessions(opened, first_runs)
@@ -192,10 +196,13 @@ def run_variant(engines: Path, options: dict, batches: list) -> dict:
             params = DecodeParams(speculate=mode)
             with Peak() as first:
                 rec.recommend(hist, params=params)  # sessions, captures
-            with Peak() as steady:  # a request once everything is made: what serving needs on top of the load
-                t0 = time.perf_counter()
-                res = rec.recommend(hist, params=params)
-                row[f"{mode}_ms_per_list"] = (time.perf_counter() - t0) * 1e3 / b
+            with Peak() as steady:  # requests once everything is made: what serving needs on top of the load
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    res = rec.recommend(hist, params=params)
+                    times.append(time.perf_counter() - t0)
+                row[f"{mode}_ms_per_list"] = float(np.median(times)) * 1e3 / b
             peak = {"first": max(peak["first"], first.bytes), "steady": max(peak["steady"], steady.bytes)}
             row[f"{mode}_tau"], row[f"{mode}_lists"] = res.tau, [r.tokens for r in res.lists]
             row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
@@ -238,6 +245,8 @@ def main():
     ap.add_argument("--prefill-rows", type=int, default=None,
                     help="RuntimeOptions.prefill_rows for every variant (default: the runtime's); fewer lets small "
                          "engines take the windowed path")
+    ap.add_argument("--repeats", type=int, default=1, help="timed requests per batch and mode (ms per list: median)")
+    ap.add_argument("--tag", default="", help="added to the report's name (gpu_memory_<engines>[_<tag>].json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant, print its JSON
     args = ap.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
@@ -245,19 +254,19 @@ def main():
     DEVICE = args.device
     if args.child:
         options = {**VARIANTS[args.child], **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
-        print("RESULT " + json.dumps(run_variant(args.engines, options, batches)))
+        print("RESULT " + json.dumps(run_variant(args.engines, options, batches, args.repeats)))
         return
     gpu = "cpu"
     if DEVICE == "cuda":
         from cupy.cuda import runtime
         gpu = runtime.getDeviceProperties(0)["name"].decode()
-    report = {"gpu": gpu, "engines": str(args.engines), "variants": {}}
+    report = {"gpu": gpu, "engines": str(args.engines), "repeats": args.repeats, "variants": {}}
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"gpu_memory_{args.engines.name}.json"
+    path = args.out / f"gpu_memory_{args.engines.name}{'_' + args.tag if args.tag else ''}.json"
     for name in args.variants.split(","):
         log(name, "start")
         proc = subprocess.run([sys.executable, __file__, "--engines", str(args.engines), "--batches", args.batches,
-                               "--device", DEVICE, "--child", name,
+                               "--device", DEVICE, "--child", name, "--repeats", str(args.repeats),
                                *(["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else [])],
                               capture_output=True, text=True,
                               env={**os.environ, **VARIANT_ENV.get(name, {})})

@@ -47,3 +47,18 @@ def test_unknown_parts_and_export_only_without_work_are_refused(tmp_path):
     done = gpu_llm("--out", str(tmp_path), "--graph-max-tokens", "0")
     assert done.returncode == 2 and "--graph-max-tokens: got 0" in done.stderr
     assert not (tmp_path / "llm_steps.json").exists()  # refused before any work
+
+
+def test_a_quantized_export_has_its_own_directory_and_report(tmp_path):
+    work, out = tmp_path / "w", tmp_path / "o"
+    done = gpu_llm("--work", str(work), "--out", str(out), "--export-only", "--quantize", "int8")
+    assert done.returncode == 0, done.stderr[-2000:]
+    manifest = json.loads((work / "tiny_int8" / "manifest.json").read_text())
+    assert manifest["graphs"]["target"]["quantization"]["kind"] == "int8"
+    assert not (work / "tiny").exists() and not (out / "llm_steps.json").exists()
+    row = json.loads((out / "llm_steps_int8.json").read_text())["shapes"]["tiny"]
+    assert row["quantization"]["kind"] == "int8"
+    # the same directory under another quantization is refused, not reported as this one
+    (work / "tiny").symlink_to(work / "tiny_int8")
+    done = gpu_llm("--work", str(work), "--out", str(out), "--parts", "decode", "--batches", "1")
+    assert done.returncode == 1 and "'quantize': 'int8'" in done.stderr

@@ -171,11 +171,11 @@ def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_ma
     import subprocess
     res = subprocess.run([sys.executable, str(ROOT / "tools/gpu_memory.py"), "--engines", str(engines_master),
                           "--out", str(tmp_path), "--device", "cpu", "--variants", "per_graph", "--batches", "1,7",
-                          "--prefill-rows", "3"],
+                          "--prefill-rows", "3", "--repeats", "2", "--tag", "smoke"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr[-2000:]
-    report = json.loads((tmp_path / f"gpu_memory_{engines_master.name}.json").read_text())
-    assert report["lists_equal_first_ar"] == {"per_graph": True}
+    report = json.loads((tmp_path / f"gpu_memory_{engines_master.name}_smoke.json").read_text())
+    assert report["lists_equal_first_ar"] == {"per_graph": True} and report["repeats"] == 2
     v = report["variants"]["per_graph"]
     made = [(s["graph"], s["dims"]) for s in v["sessions"]]
     assert v["first_runs"] and all((r["graph"], r["dims"]) in made for r in v["first_runs"])
