@@ -41,7 +41,15 @@ VARIANTS = {  # name -> RuntimeOptions keywords
     "per_graph_graph_max_16_standard": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16, "in_place": False},
     "per_graph_graph_max_16_standard_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
                                                    "in_place": False},
+    # the cap through the runtime's own setting instead of the environment (it sets the variable before any session)
+    "per_graph_graph_max_16_cublas_option": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
+                                             "cublas_workspace_mib": 4},
+    "per_graph_graph_max_16_cublas_option_exact_arena": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
+                                                         "cublas_workspace_mib": 4},
 }
+# A variant's CUDA provider options for the sessions that capture CUDA graphs: each keeps an arena of its own, which
+# by default grows in doubling regions (its first runs took 128-164 MB a session at batch 1, 1.5B pair, H100)
+VARIANT_GRAPH_CUDA = {"per_graph_graph_max_16_cublas_option_exact_arena": {"arena_extend_strategy": "kSameAsRequested"}}
 # A variant's environment: every session opened so far took 72-178 MB at creation whatever the model's size, about
 # what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
 # cuBLAS's workspace to tell (its ms per list say what the cap costs: split-K GEMMs use the workspace)
@@ -175,6 +183,19 @@ def histories(cat, n: int, seed: int, length: int = 20) -> list:
     return [[int(i) for i in rng.choice(cat.item_ids, length, replace=False)] for _ in range(n)]
 
 
+def graph_cuda_options(extra: dict) -> None:
+    """Add `extra` to the CUDA provider options of every session that captures CUDA graphs."""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    options = OrtBackend._options
+
+    def _options(self, dims, cuda_graph):
+        opts, providers = options(self, dims, cuda_graph)
+        if cuda_graph and isinstance(providers[0], tuple):
+            providers[0][1].update(extra)
+        return opts, providers
+    OrtBackend._options = _options
+
+
 def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -> dict:
     """One variant in this process: load, then AR and chain per batch; memory, ms per list (the median of
     `repeats` requests once everything is made) and lists."""
@@ -188,6 +209,7 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
         options = {"device_cache": True, "static_shapes": True, **options}
     rec = Recommender(engines, device=DEVICE, options=RuntimeOptions(**options))
     out = {"options": options, "settings": dataclasses.asdict(rec.settings), "load_s": time.perf_counter() - t0,
+           "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
            "after_load_gb": (device_used() - base) / 1e9, "batches": {}}
     for b in batches:
         hist = histories(rec.catalogue, b, b, min(20, rec.limits["max_history"]))
@@ -254,6 +276,7 @@ def main():
     DEVICE = args.device
     if args.child:
         options = {**VARIANTS[args.child], **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
+        graph_cuda_options(VARIANT_GRAPH_CUDA.get(args.child, {}))
         print("RESULT " + json.dumps(run_variant(args.engines, options, batches, args.repeats)))
         return
     gpu = "cpu"

@@ -109,6 +109,10 @@ class RuntimeOptions:
     # bucket) shape, each with its own
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
+    # cuBLAS's workspace per handle, in MiB, for the whole process (CUBLAS_WORKSPACE_CONFIG; every CUDA session makes
+    # its own handles, 32 MiB each on Hopper by default): 4 held a 1.5B pair's memory 0.25-0.5 GB lower at no
+    # measured speed cost (H100). None: cuBLAS's default, or what the environment sets
+    cublas_workspace_mib: int | None = None
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a
     # 64-row prefill of 128-token prompts would take ~2 GB at once)
@@ -126,6 +130,7 @@ class RuntimeOptions:
                          "cuda_graph_max_tokens": dict(kind="int", lo=1, hi=1 << 20, optional=True),
                          "graph_sessions": dict(kind="str", choices=GRAPH_SESSIONS),
                          "in_place": dict(kind="bool", optional=True),
+                         "cublas_workspace_mib": dict(kind="int", lo=1, hi=1 << 12, optional=True),
                          "prefill_rows": dict(kind="int", lo=1, hi=1 << 16),
                          "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
                          "max_request_tokens": dict(kind="int", lo=1),
@@ -146,6 +151,7 @@ class Settings:
     cuda_graph_max_tokens: int | None
     graph_sessions: str
     in_place: bool
+    cublas_workspace_mib: int | None
     prefill_rows: int
     device_rounds_max_batch: int
     max_request_tokens: int
@@ -189,8 +195,11 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
     if in_place and cuda_fp32:
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
                            "export fp16 engines or drop in_place")
+    if o.cublas_workspace_mib is not None and not (cuda and ort):
+        raise BackendError(f"cublas_workspace_mib: {o.cublas_workspace_mib} sizes cuBLAS's workspace for ONNX "
+                           f"Runtime's CUDA sessions | drop it on backend={backend}, device={device}")
     return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens,
-                    o.graph_sessions, in_place, o.prefill_rows,
+                    o.graph_sessions, in_place, o.cublas_workspace_mib, o.prefill_rows,
                     o.device_rounds_max_batch, o.max_request_tokens, o.trt_module, o.allow_host_code)
 
 

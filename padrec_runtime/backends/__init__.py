@@ -31,4 +31,7 @@ def open_backends(manifest, graphs, settings, stream=None) -> dict:
     """graph -> its backend; ONNX Runtime's graphs share one device copy of each weight (backends/weights.py)."""
     from .weights import WeightPool
     weights = WeightPool(settings.device) if settings.backend == "onnxruntime" else None
+    if settings.cublas_workspace_mib is not None:  # before the first session makes its cuBLAS handles
+        from .onnxruntime import cap_cublas_workspace
+        cap_cublas_workspace(settings.cublas_workspace_mib)
     return {g: open_backend(manifest, g, settings, stream, weights) for g in graphs}

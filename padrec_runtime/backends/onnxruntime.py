@@ -44,6 +44,23 @@ CACHE_DIMS = ("past", "max_seq_len")  # a bucket's dimensions that every call of
 _arena_lock = threading.Lock()
 
 
+# cuBLAS gives each handle a workspace (32 MiB a handle on Hopper, and every CUDA session makes its own handles):
+# capped to 4 MiB, the sessions of a 1.5B pair (graph max 16) held 0.25 GB less at batch 1 and 0.5 GB less from
+# batch 8, with no AR or chain time change beyond the noise (H100, benchmarks/results/gpu_memory_h100.json). cuBLAS
+# reads the variable when it makes a handle, so the cap holds for handles made after it is set.
+CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
+
+
+def cap_cublas_workspace(mib: int) -> None:
+    """Set cuBLAS's workspace to one buffer of `mib` MiB a handle for this process, unless its environment asks
+    for another (then raise: the caller's setting and the process's would disagree)."""
+    want, have = f":{mib * 1024}:1", os.environ.get(CUBLAS_WORKSPACE_ENV)
+    if have is not None and have != want:
+        raise BackendError(f"cublas_workspace_mib={mib}: the environment sets {CUBLAS_WORKSPACE_ENV}={have} | drop "
+                           f"one: unset the variable, or leave cublas_workspace_mib None to keep it")
+    os.environ[CUBLAS_WORKSPACE_ENV] = want
+
+
 def share_cuda_arena(ort) -> None:
     """Register the process's shared CUDA arena with ONNX Runtime (once; its sessions opt in, see _options)."""
     global _arena_registered

@@ -1,6 +1,7 @@
 """Requests checked at the boundary: every DecodeParams / RuntimeOptions field, n_items, histories, the budget and
 the deadline each end in a named PadrecError or a correct list - never another exception or a quietly changed value."""
 import math
+import os
 import subprocess
 import sys
 
@@ -93,6 +94,23 @@ def test_threads_past_the_usable_cores_are_refused_by_name(rec, monkeypatch):
     two = Recommender(rec.manifest.root, options=RuntimeOptions(threads=2))
     assert two.settings.threads == 2
     two.close()
+
+
+def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_environment(rec, monkeypatch):
+    from padrec_runtime.backends.onnxruntime import CUBLAS_WORKSPACE_ENV, cap_cublas_workspace
+    with pytest.raises(BackendError, match=r"cublas_workspace_mib: 4 sizes cuBLAS's workspace .* \| drop it on "
+                                           r"backend=onnxruntime, device=cpu"):
+        Recommender(rec.manifest.root, options=RuntimeOptions(cublas_workspace_mib=4))
+    with pytest.raises(InputError, match=r"cublas_workspace_mib: got 0"):
+        RuntimeOptions(cublas_workspace_mib=0)
+    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV, raising=False)
+    cap_cublas_workspace(4)
+    assert os.environ[CUBLAS_WORKSPACE_ENV] == ":4096:1"
+    cap_cublas_workspace(4)  # the same setting again: nothing to disagree with
+    monkeypatch.setenv(CUBLAS_WORKSPACE_ENV, ":16384:8")
+    with pytest.raises(BackendError, match=r"the environment sets CUBLAS_WORKSPACE_CONFIG=:16384:8 \| drop one"):
+        cap_cublas_workspace(4)
+    assert os.environ[CUBLAS_WORKSPACE_ENV] == ":16384:8"
 
 
 @pytest.mark.parametrize("make, words", [
