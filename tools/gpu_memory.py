@@ -46,6 +46,8 @@ VARIANTS = {  # name -> RuntimeOptions keywords
                                              "cublas_workspace_mib": 4},
     "per_graph_graph_max_16_cublas_option_exact_arena": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
                                                          "cublas_workspace_mib": 4},
+    "per_graph_graph_max_16_cublas_option_no_gemm_tune": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
+                                                          "cublas_workspace_mib": 4},
 }
 # A variant's CUDA provider options for the sessions that capture CUDA graphs: each keeps an arena of its own, which
 # by default grows in doubling regions (its first runs took 128-164 MB a session at batch 1, 1.5B pair, H100)
@@ -54,7 +56,9 @@ VARIANT_GRAPH_CUDA = {"per_graph_graph_max_16_cublas_option_exact_arena": {"aren
 # what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
 # cuBLAS's workspace to tell (its ms per list say what the cap costs: split-K GEMMs use the workspace)
 CUBLAS_4MB = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}
-VARIANT_ENV = {"per_graph_graph_max_16_cublas_4mb": CUBLAS_4MB, "per_graph_graph_max_16_standard_cublas_4mb": CUBLAS_4MB}
+VARIANT_ENV = {"per_graph_graph_max_16_cublas_4mb": CUBLAS_4MB, "per_graph_graph_max_16_standard_cublas_4mb": CUBLAS_4MB,
+               # ONNX Runtime's GEMM tuning off (its variable): what its first-run timing trials leave in the arenas
+               "per_graph_graph_max_16_cublas_option_no_gemm_tune": {"ORT_CUDA_GEMM_AUTO_TUNE": "0"}}
 
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script (no memory figures)
