@@ -54,6 +54,9 @@ def _scalar(req: dict, name: str, kinds: str, default):
     if name not in req:
         return default
     a = np.asarray(req[name])
+    if a.dtype.kind == "O" and not all(isinstance(v, (bytes, str)) for v in a.reshape(-1).tolist()):
+        raise InputError(f"{name}: got objects other than strings ({a.reshape(-1).tolist()[:4]!r:.80}) | expected "
+                         f"{kinds_name(kinds)} | send the documented type")
     if a.size == 0 or a.ndim != 2 or a.shape[1] != 1 or len(set(a.reshape(-1).tolist())) != 1:
         raise InputError(f"{name}: got {a.reshape(-1).tolist()[:8]} of shape {list(a.shape)} | expected one value "
                          "per history row, the same for all rows | send [[value]], or one request per setting")
@@ -110,6 +113,8 @@ def parse_histories(req: dict, limits: dict, known: dict) -> list:
         raise InputError(f"history: got dtype {a.dtype} | expected INT64 item ids | send integers")
     if a.ndim != 2:
         raise InputError(f"history: got shape {list(a.shape)} | expected (rows, length) | send [[id, id, ...]]")
+    if a.shape[0] == 0:
+        raise InputError("history: no rows | send one row of item ids per user: [[id, id, ...]]")
     if a.shape[1] == 0:
         raise InputError("history: empty | give at least one item the user interacted with")
     if a.shape[1] > limits["max_history"]:

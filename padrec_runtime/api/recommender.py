@@ -320,4 +320,5 @@ class Recommender:
                              "keep the most recent ones")
         if len(set(h)) != len(h):
             raise InputError(f"histories[{b}]: item ids repeat | give each item once")
+        self.catalogue.check_known(h, f"histories[{b}]")  # here, so the error names the row
         return [int(i) for i in h]

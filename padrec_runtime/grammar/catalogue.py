@@ -173,14 +173,18 @@ class Catalogue:
             self._row_of = self._chain_rows()[1]
         return int(self._row_of[state.node])
 
-    def index_of(self, item_ids) -> np.ndarray:
-        """Catalogue indices of item ids; unknown ids raise InputError naming them."""
+    def check_known(self, item_ids, what: str = "history") -> None:
+        """Raise InputError naming `what` and its ids that are not in this catalogue."""
         unknown = [int(i) for i in item_ids if int(i) not in self._index]
         if unknown:
             lo, hi, n = int(self.item_ids.min()), int(self.item_ids.max()), len(self.item_ids)
             span = f"ids {lo}..{hi}" if hi - lo + 1 == n else f"ids between {lo} and {hi}, not all of them"
-            raise InputError(f"history: unknown item ids {unknown[:10]} | expected ids of the engine's catalogue "
+            raise InputError(f"{what}: unknown item ids {unknown[:10]} | expected ids of the engine's catalogue "
                              f"({n} items, {span}) | use ids from its catalogue.json")
+
+    def index_of(self, item_ids) -> np.ndarray:
+        """Catalogue indices of item ids; unknown ids raise InputError naming them."""
+        self.check_known(item_ids)
         return np.array([self._index[int(i)] for i in item_ids], dtype=np.int64)
 
     def _items_with(self, item_ids, sep: int, end: int) -> list:

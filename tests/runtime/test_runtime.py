@@ -98,7 +98,8 @@ def test_step_api_streams_the_same_list(rec):
 
 
 @pytest.mark.parametrize("histories,options,pattern", [
-    ([[1000, 99999]], {}, r"unknown item ids \[99999\]"),
+    ([[1000, 99999]], {}, r"histories\[0\]: unknown item ids \[99999\]"),
+    ([[1000], [1000, 99999]], {}, r"histories\[1\]: unknown item ids \[99999\]"),
     ([[]], {}, "empty"),
     ([list(range(1000, 1013))], {}, "at most 12"),
     ([[1000, 1000]], {}, "repeat"),

@@ -56,6 +56,28 @@ def test_a_history_the_batch_call_rejects_fails_alone(rec):
     assert out[2].outputs["item_ids"][0].tolist() == listed(rec, good[1], speculate="off")
 
 
+def objects(*values) -> np.ndarray:
+    """A (1, n) object array holding `values` as they are (np.array would unpack a list into a dimension)."""
+    a = np.empty((1, len(values)), dtype=object)
+    a[0, :] = values
+    return a
+
+
+@pytest.mark.parametrize("bad, words", [
+    ({"history": np.zeros((0, 3), np.int64)}, "history: no rows"),
+    ({"speculate": objects(["chain"])}, "speculate: got objects other than strings"),
+    ({"speculate": objects({"a": 1})}, "speculate: got objects other than strings"),
+    ({"speculate": objects(7)}, "speculate: got objects other than strings"),
+])
+def test_a_malformed_request_fails_alone_with_a_named_error(rec, bad, words):
+    ids = rec.catalogue.item_ids.tolist()
+    broken = {**request(ids[3:5]), **bad}
+    out = ServeModel(rec)([request(ids[0:2]), broken, request(ids[6:8])])
+    assert words in error_of(out[1]) and out[1].outcome == "client_error"
+    assert error_of(out[0]) == error_of(out[2]) == ""
+    assert out[2].outputs["item_ids"][0].tolist() == listed(rec, ids[6:8], speculate="chain")
+
+
 def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
     ids = rec.catalogue.item_ids.tolist()
     out = ServeModel(rec, deadline_s=1e-6)([request(ids[0:4]), request(ids[4:6])])
