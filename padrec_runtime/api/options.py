@@ -119,7 +119,7 @@ class RuntimeOptions:
     prefill_rows: int = 8
     device_rounds_max_batch: int = 8  # greedy chain rounds queued on the device up to this batch (timed faster there)
     max_request_tokens: int = 131072  # budget: histories x list tokens x tokens verified per round (see `request_cost`)
-    trt_module: str = "tensorrt"  # tensorrt | tensorrt_lean | tensorrt_rtx
+    trt_module: str | None = None  # tensorrt | tensorrt_lean | tensorrt_rtx; None: the plans' builder's runtime
     allow_host_code: bool = False  # load TensorRT plans that embed host code (version-compatible builds)
 
     def __post_init__(self):
@@ -134,7 +134,7 @@ class RuntimeOptions:
                          "prefill_rows": dict(kind="int", lo=1, hi=1 << 16),
                          "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
                          "max_request_tokens": dict(kind="int", lo=1),
-                         "trt_module": dict(kind="str", choices=TRT_MODULES),
+                         "trt_module": dict(kind="str", choices=TRT_MODULES, optional=True),
                          "allow_host_code": dict(kind="bool")})
 
 
@@ -164,43 +164,48 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precision: str, has_in_place: bool) -> Settings:
-    """Decide every setting once; raises BackendError naming the impossible combination and the way out."""
+def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precision: str, has_in_place: bool,
+                    trt_builder: str | None = None) -> Settings:
+    """Decide every setting once; raises BackendError naming the impossible combination and the way out.
+    trt_builder: the package that built the engines' TensorRT plans (manifest `tensorrt.builder`), if any."""
     backend = _check("Recommender", "backend", backend, "str", choices=BACKENDS)
     device = _check("Recommender", "device", device, "str", choices=DEVICES)
     o, cuda, ort = options, device == "cuda", backend == "onnxruntime"
     cores = usable_cores()
     if ort and o.threads is not None and o.threads > cores:  # more spin-waiting threads than cores slow every call
         raise BackendError(f"threads: {o.threads} on a process that may use {cores} CPU cores | pass threads={cores} "
-                           "or fewer (RuntimeOptions: None for ONNX Runtime's default)")
+                           f"(--threads {cores}) or fewer (RuntimeOptions: None for ONNX Runtime's default)")
     device_cache = (cuda and ort) if o.device_cache is None else o.device_cache
     if device_cache and not ort:
         raise BackendError("device_cache: only the onnxruntime backend binds device buffers | drop device_cache "
                            "(TensorRT keeps the KV cache on the host)")
     static = (device_cache and cuda) if o.static_shapes is None else o.static_shapes
     if static and not device_cache:
-        raise BackendError("static_shapes: needs device_cache (fixed buffers) | pass device_cache=True")
+        raise BackendError("static_shapes: needs device_cache (fixed buffers) | pass device_cache=True (--device-cache)")
     graphs = (static and cuda) if o.cuda_graphs is None else o.cuda_graphs
     if graphs and not (static and cuda):
         raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
     if o.cuda_graph_max_tokens is not None and not graphs:
-        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it, or keep "
+        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it (--cuda-graph-max-tokens), or keep "
                            "cuda_graphs on (device='cuda' with static shapes, cuda_graphs not False)")
     # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
     cuda_fp32 = cuda and precision == "fp32"
     in_place = (device_cache and has_in_place and not cuda_fp32) if o.in_place is None else o.in_place
     if in_place and not (device_cache and has_in_place):
         raise BackendError("in_place: needs device_cache (the graph writes the bound cache in place) and engines "
-                           "with a target_gqa graph | drop in_place or re-export without --no-in-place")
+                           "with a target_gqa graph | drop in_place (--standard-graphs) or re-export without --no-in-place")
     if in_place and cuda_fp32:
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
-                           "export fp16 engines or drop in_place")
+                           "export fp16 engines or drop in_place (--standard-graphs)")
     if o.cublas_workspace_mib is not None and not (cuda and ort):
         raise BackendError(f"cublas_workspace_mib: {o.cublas_workspace_mib} sizes cuBLAS's workspace for ONNX "
-                           f"Runtime's CUDA sessions | drop it on backend={backend}, device={device}")
+                           f"Runtime's CUDA sessions | drop it (--cublas-workspace-mib) on backend={backend}, "
+                           f"device={device}")
+    # RTX-built plans run only on TensorRT for RTX's runtime, the others on TensorRT's (lean: asked for by name)
+    trt_module = o.trt_module or ("tensorrt_rtx" if trt_builder == "tensorrt_rtx" else "tensorrt")
     return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens,
                     o.graph_sessions, in_place, o.cublas_workspace_mib, o.prefill_rows,
-                    o.device_rounds_max_batch, o.max_request_tokens, o.trt_module, o.allow_host_code)
+                    o.device_rounds_max_batch, o.max_request_tokens, trt_module, o.allow_host_code)
 
 
 @checked_fields

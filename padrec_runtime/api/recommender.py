@@ -137,7 +137,8 @@ class Recommender:
                              "method (padrec_runtime.trace.Tracer), or None")
         # each engine file is hashed once: as a backend or the catalogue reads it, the rest at the end of __init__
         self.manifest = m = load_manifest(engine_dir, verify=False)
-        self.settings = resolve_runtime(options, backend, device, m.precision, "target_gqa" in m.data["graphs"])
+        self.settings = resolve_runtime(options, backend, device, m.precision, "target_gqa" in m.data["graphs"],
+                                        (m.tensorrt or {}).get("builder"))
         self.catalogue = m.load_catalogue()  # parsed from its checked bytes, matched with the chain graphs
         _check_pairing(m)
         self.stream = None  # one CUDA stream for the engines and the cache updates, in order
@@ -270,7 +271,7 @@ class Recommender:
         cfg = params.plan(self.limits, default_rounds)
         if cfg.device_rounds and not (s.device_cache and s.static_shapes):
             raise InputError("device_rounds: needs device caches with static shapes | RuntimeOptions("
-                             "device_cache=True, static_shapes=True) (the CUDA defaults)")
+                             "device_cache=True, static_shapes=True) (--device-cache --static-shapes; the CUDA defaults)")
         return cfg
 
     def _check_budget(self, prompts: list, constraint: ListConstraint, cfg) -> None:

@@ -96,6 +96,14 @@ def test_threads_past_the_usable_cores_are_refused_by_name(rec, monkeypatch):
     two.close()
 
 
+@pytest.mark.parametrize("builder, asked, want", [("tensorrt_rtx", None, "tensorrt_rtx"), ("tensorrt", None, "tensorrt"),
+                                                  (None, None, "tensorrt"), ("tensorrt", "tensorrt_lean", "tensorrt_lean")])
+def test_the_tensorrt_runtime_follows_the_plans_builder_unless_asked(builder, asked, want):
+    from padrec_runtime.api.options import resolve_runtime
+    got = resolve_runtime(RuntimeOptions(trt_module=asked), "tensorrt", "cuda", "fp16", False, builder)
+    assert got.trt_module == want
+
+
 def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_environment(rec, monkeypatch):
     from padrec_runtime.backends.onnxruntime import CUBLAS_WORKSPACE_ENV, cap_cublas_workspace
     with pytest.raises(BackendError, match=r"cublas_workspace_mib: 4 sizes cuBLAS's workspace .* \| drop it on "

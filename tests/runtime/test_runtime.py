@@ -152,7 +152,9 @@ def test_cli_recommend_and_errors(engines_master, engines):
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
                       (["--history", "1,x"], "comma-separated"),
                       (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches"),
-                      (["--history", "1000", "--cuda-graph-max-tokens", "16"], "cuda_graph_max_tokens: 16 without")]:
+                      (["--history", "1000", "--cuda-graph-max-tokens", "16"], "cuda_graph_max_tokens: 16 without"),
+                      (["--history", "1000", "--cublas-workspace-mib", "4"], "drop it (--cublas-workspace-mib) on "
+                                                                             "backend=onnxruntime, device=cpu")]:
         bad = _cli("recommend", "--engines", str(engines_master), *args)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     (engines / "target.onnx").write_bytes(b"garbage")
@@ -166,8 +168,8 @@ def test_tensorrt_backend_as_far_as_this_machine_goes(engines):
     build_engines(engines, BuildOptions(builder="tensorrt_rtx"), progress=False)
     with pytest.raises(BackendError, match="cannot run on the tensorrt runtime"):
         Recommender(engines, backend="tensorrt", options=RuntimeOptions(trt_module="tensorrt"))
-    with pytest.raises(BackendError) as err:
-        Recommender(engines, backend="tensorrt", options=RuntimeOptions(trt_module="tensorrt_rtx"))
+    with pytest.raises(BackendError) as err:  # no trt_module: the plans' builder picks TensorRT for RTX's runtime
+        Recommender(engines, backend="tensorrt")
     # no GPU here: the plan is not deserialized; the error names what is missing (cuda-python, else the GPU)
     try:
         import cuda.bindings  # noqa: F401
