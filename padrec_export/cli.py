@@ -309,7 +309,8 @@ def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draf
 
 @main.command()
 @click.option("--models", "model_dir", required=True, type=EXISTING_DIR, help="directory written by `padrec train`")
-@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k", help="MovieLens data set")
+@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default=None,
+              show_default="the one the models were trained on", help="MovieLens data set")
 @click.option("--users", type=click.IntRange(1), default=None, help="evaluate the first N held-out users only")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the report here")
 def evaluate(model_dir, dataset, users, json_path):

@@ -261,13 +261,19 @@ def baseline_lists(data: Interactions, split, k: int) -> dict:
     return {"popularity": pop_lists, "co-occurrence": co_lists}
 
 
-def evaluate(model_dir, dataset: str, n_items: int = 10, users: int | None = None, batch: int = 32,
+def evaluate(model_dir, dataset: str | None = None, n_items: int = 10, users: int | None = None, batch: int = 32,
              draft_steps: int = 4, tree_topk: int = 4, tree_size: int = 16, progress: bool = True) -> dict:
-    """Quality of the target's lists vs baselines, and tau of each draft (chain, tree), greedy."""
+    """Quality of the target's lists vs baselines, and tau of each draft (chain, tree), greedy, on the held-out
+    users of the data set the models were trained on (`dataset`, if given, must be that one)."""
+    cat, target, _, meta = load_trained(model_dir, draft=None)
+    trained_on = meta.get("dataset")
+    if dataset is not None and trained_on is not None and dataset != trained_on:
+        raise InputError(f"--dataset {dataset}: the models in {model_dir} were trained on {trained_on} (their item "
+                         f"ids are that set's) | drop --dataset, or pass --dataset {trained_on}")
+    dataset = dataset or trained_on or "ml-100k"
     data = load_dataset(dataset)
     split = make_split(data, n_items=n_items)
     test = split.test[:users] if users else split.test
-    cat, target, _, _ = load_trained(model_dir, draft=None)
     drafts = {name: load_draft(Path(model_dir) / f"draft_{name}", target) for name in DRAFTS
               if (Path(model_dir) / f"draft_{name}").is_dir()}  # `padrec train --drafts` may have skipped one
     con = ListConstraint(cat, n_items=n_items)

@@ -64,3 +64,13 @@ def test_demo_cache_key_follows_the_model_files(tmp_path):
     f = model / "draft_padrec" / "draft.json"
     f.write_text(f.read_text() + " ")
     assert default_engines_key(model) != key
+
+
+def test_evaluate_refuses_a_data_set_the_models_were_not_trained_on():
+    from padrec_export.pipeline import evaluate
+    from padrec_runtime import InputError
+    with pytest.raises(InputError, match=r"--dataset ml-9k: the models in .* were trained on ml-100k .* \| drop "
+                                         r"--dataset, or pass --dataset ml-100k"):
+        evaluate(default_model_dir(), "ml-9k", users=2, progress=False)
+    report = evaluate(default_model_dir(), users=2, progress=False)  # no --dataset: the models' own
+    assert report["dataset"] == "ml-100k" and report["users"] == 2 and report["ar"]["tau"] == 1.0
