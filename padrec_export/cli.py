@@ -228,7 +228,9 @@ def demo(users, engine_dir, speculate):
 @click.option("--hidden", type=click.IntRange(8), default=256, help="model width")
 @click.option("--layers", type=click.IntRange(1), default=4, help="target decoder layers")
 @click.option("--heads", type=click.IntRange(1), default=None, help="attention heads  [default: hidden / 32]")
-@click.option("--kv-heads", type=click.IntRange(1), default=2, help="KV heads (== heads: plain multi-head attention)")
+@click.option("--kv-heads", type=click.IntRange(1), default=None,
+              help="KV heads, dividing --heads (== heads: plain multi-head attention)  [default: 2 where it divides "
+                   "the heads, else 1]")
 @click.option("--intermediate", type=click.IntRange(1), default=None,
               help="SwiGLU width  [default: about 2.7 x hidden]")
 @click.option("--codebook", type=click.IntRange(2), default=64, help="semantic-ID codebook size per level")
@@ -251,7 +253,8 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
     check_device(device)
     check_writable(out_dir, "--out", "dir")
     dtype = "bfloat16" if bf16 else "float32"
-    shape = ModelSize(hidden=hidden, layers=layers, heads=heads or max(1, hidden // 32), kv_heads=kv_heads,
+    heads = heads or max(1, hidden // 32)
+    shape = ModelSize(hidden=hidden, layers=layers, heads=heads, kv_heads=kv_heads or (2 if heads % 2 == 0 else 1),
                       intermediate=intermediate or int(hidden * 2.6875 / 8) * 8)
     target_extra, draft_extra, draft_lr = {}, {}, lr or 3e-3
     if size:  # a named shape and how it fits one GPU

@@ -190,8 +190,9 @@ def test_padrec_train_layout_trains_exports_and_decodes_that_layout(tmp_path):
     out = tmp_path / "m"
     out.mkdir()
     shutil.copy(default_model_dir("ml-100k") / "catalogue.json", out / "catalogue.json")
+    # --hidden 32 and no --heads / --kv-heads: one head, so the KV heads default to one (2 would not divide it)
     res = CliRunner().invoke(main, ["train", "--out", str(out), "--layout", kind, "--hidden", "32", "--layers", "1",
-                                    "--heads", "2", "--kv-heads", "1", "--intermediate", "64", "--users", "8",
+                                    "--intermediate", "64", "--users", "8",
                                     "--epochs", "1", "--draft-epochs", "1", "--drafts", "padrec", "--batch-size", "64"])
     assert res.exit_code == 0, res.output
     layout = TokenLayout(4, 64, kind)
@@ -199,6 +200,7 @@ def test_padrec_train_layout_trains_exports_and_decodes_that_layout(tmp_path):
     draft_cfg = json.loads((out / "draft_padrec" / "draft.json").read_text())
     target_cfg = json.loads((out / "target" / "config.json").read_text())
     assert draft_cfg["config"]["n_slots"] == layout.n_slots and target_cfg["vocab_size"] == layout.vocab_size
+    assert (target_cfg["n_heads"], target_cfg["n_kv_heads"]) == (1, 1)
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng", fused_target=False)
     assert m.layout == layout and m.data["model"]["layout"]["kind"] == kind
     rec = Recommender(tmp_path / "eng")
