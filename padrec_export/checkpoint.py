@@ -227,6 +227,10 @@ def load_draft(path, target: Target) -> Draft:
         cfg = DraftConfig(**meta["config"])
     except TypeError as exc:
         raise CheckpointError(f"draft: draft.json config: {exc}") from None
+    if (cfg.hidden_size, cfg.vocab_size) != (target.cfg.hidden_size, target.cfg.vocab_size):
+        raise CheckpointError(f"draft {path}: hidden {cfg.hidden_size}, vocab {cfg.vocab_size} | its target has hidden "
+                              f"{target.cfg.hidden_size}, vocab {target.cfg.vocab_size} | give the draft trained "
+                              "with this target, or train one for it (padrec train-draft)")
     model = Draft(cfg, target)
     state = _read_safetensors(path, "draft")
     state.update({k: v for k, v in model.state_dict().items() if k.startswith(("embed_tokens.", "lm_head."))})

@@ -169,6 +169,9 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
     require_export_extra("export")
     check_export_room(target_dir, draft_dir is not None, max_seq_len, max_history, draft_steps)
     check_writable(out_dir, "--out", "dir")
+    from pathlib import Path
+    if (Path(out_dir) / "manifest.json").is_file():  # replaced as a whole at the end, never left half-written
+        click.echo(f"padrec export: {out_dir} holds an earlier export; it will be replaced", err=True)
     from .pipeline import export_checkpoints
     from .quantize import parse_quantize
     quantization = parse_quantize(quantize, int(quantize_block), quantize_draft)

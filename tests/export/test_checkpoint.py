@@ -142,7 +142,8 @@ def test_mismatched_checkpoint_names_the_problem(tmp_path):
         load_target(tmp_path / "nowhere")
     _, other, _ = tiny_setup(TinySpec(hidden=32))
     save_draft(draft, tmp_path / "d")
-    with pytest.raises(CheckpointError, match="hidden"):
+    with pytest.raises(CheckpointError, match=r"draft .*d: hidden \d+, vocab \d+ \| its target has hidden 32, .* "
+                                              r"\| give the draft trained with this target"):
         load_draft(tmp_path / "d", other)
 
 

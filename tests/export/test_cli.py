@@ -193,9 +193,13 @@ def test_export_at_the_smallest_max_seq_len_serves_the_default_request(checkpoin
     res = _export(checkpoints, tmp_path / "e", "--max-seq-len", "56", "--max-history", "2", "--draft-steps", "3",
                   "--no-in-place")
     assert res.exit_code == 0, res.output
+    assert "earlier export" not in res.output
     rec = Recommender(tmp_path / "e")
     got = rec.recommend([rec.catalogue.item_ids[:2].tolist()])
     assert len(got.lists[0].item_ids) == 10
+    again = _export(checkpoints, tmp_path / "e", "--max-seq-len", "56", "--max-history", "2", "--draft-steps", "3",
+                    "--no-in-place")  # a second export into the same directory says it replaces the first
+    assert again.exit_code == 0 and "holds an earlier export; it will be replaced" in again.output
 
 
 @pytest.mark.parametrize("option, value", [("--max-batch", "100000"), ("--max-history", "65537"),
