@@ -16,10 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 SHAPES = {"qwen-0.5b": "0.5B", "qwen-1.5b": "1.5B", "qwen-7b": "7B"}
 
 
-def legend(ax, size: float = 7) -> None:
+def legend(ax, size: float = 7, **where) -> None:
     """A legend where the panel drew something; otherwise the panel says its results are missing."""
     if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=size)
+        ax.legend(fontsize=size, **where)
     else:
         ax.text(0.5, 0.5, "not measured", ha="center", transform=ax.transAxes)
 
@@ -73,28 +73,59 @@ def bench_step_ms(bench: dict) -> tuple:
     return ar["verify_ms_per_round"], tc, bench["floor"]["floor_ms_per_target_step"]
 
 
+def step_bars(steps: dict, benches: dict) -> dict:
+    """shape -> [(label, ms, color)] of the 1-token step: random-weight steps where measured (llm_steps_CARD.json,
+    quantized rows beside their shape's), else the trained pair's bench (an AR round with its share of the prefill)."""
+    rows = steps.get("shapes", {})
+    out = {}
+    for s in SHAPES:
+        if s in rows:
+            ours, tc, floor = step_ms(rows[s])
+            bars = [("ours fp16", ours, "tab:blue")]
+            bars += [(f"ours {q}", step_ms(rows[f"{s}_{q}"])[0], color) for q, color in
+                     (("int4", "tab:cyan"), ("int8", "tab:purple")) if f"{s}_{q}" in rows]
+        elif benches.get(s) and "torch_compiled" in benches[s] and "floor" in benches[s]:
+            ours, tc, floor = bench_step_ms(benches[s])
+            bars = [("ours fp16 (trained pair: AR round)", ours, "tab:blue")]
+        else:
+            continue
+        out[s] = bars + [("torch.compile fp16", tc, "tab:orange"), ("fp16 weight floor", floor, "tab:green")]
+    return out
+
+
 def plot_steps(ax, steps: dict, benches: dict) -> None:
-    """Random-weight steps where measured (llm_steps_CARD.json), else the trained pairs' benches."""
-    per_shape = {s: step_ms(steps["shapes"][s]) for s in SHAPES if s in steps.get("shapes", {})}
-    source = "random weights, fp16"
-    if not per_shape:
-        per_shape = {s: bench_step_ms(b) for s, b in benches.items() if b and "torch_compiled" in b and "floor" in b}
-        source = "trained pairs, fp16; ours: an AR round with its share of the prefill"
-    shapes = list(per_shape)
-    for i, s in enumerate(shapes):
-        ours, tc, floor = per_shape[s]
-        for dx, v, color, label in ((-0.25, ours, "tab:blue", "ours"), (0.0, tc, "tab:orange", "torch.compile"),
-                                    (0.25, floor, "tab:green", "weight floor")):
-            if v is not None:
-                ax.bar(i + dx, v, 0.25, color=color, label=label if i == 0 else None)
-    ax.set_xticks(range(len(shapes)), [SHAPES[s] for s in shapes])
+    per_shape, seen = step_bars(steps, benches), set()
+    for i, (s, bars) in enumerate(per_shape.items()):
+        w = 0.8 / len(bars)
+        for j, (label, ms, color) in enumerate(bars):
+            if ms is not None:
+                ax.bar(i - 0.4 + w * (j + 0.5), ms, w, color=color, label=None if label in seen else label)
+                seen.add(label)
+    ax.set_xticks(range(len(per_shape)), [SHAPES[s] for s in per_shape])
     ax.set_ylabel("target step, 1 token, batch 1 (ms)")
-    ax.set_title(f"target step ({source})", fontsize=8)
-    legend(ax)
+    ax.set_title("target step (random weights where measured, else the trained pair)", fontsize=8)
+    legend(ax, 6.5)
 
 
-def plot_memory(ax, memory: dict) -> None:
+CAPPED = {"qwen-1.5b_random_cublas_setting": ("qwen-1.5b", "per_graph_graph_max_16_cublas_option"),
+          "qwen-7b_random": ("qwen-7b", "per_graph_graph_max_16_cublas_4mb")}  # levers file runs drawn as lines
+
+
+def plot_levers(ax, levers: dict, colors: dict) -> None:
+    """The cuBLAS-capped runs of gpu_memory_levers_CARD.json, in their shape's color."""
+    for run, (s, variant) in CAPPED.items():
+        v = levers.get("runs", {}).get(run, {}).get("variants", {}).get(variant)
+        if v is None:
+            continue
+        b = sorted(v["batches"], key=int)
+        ax.plot([int(x) for x in b], [v["batches"][x]["gpu_used_gb"] for x in b], "s-.", color=colors.get(s, "k"),
+                label=f"{SHAPES[s]} in use, cuBLAS capped (random weights)")
+
+
+def plot_memory(ax, memory: dict, levers: dict) -> None:
+    colors = {}
     for k, (s, shape) in enumerate(memory.get("shapes", {}).items()):
+        colors[s] = plt.cm.tab10(k)
         for name, v in shape["variants"].items():
             if name != "per_graph_graph_max_16":
                 continue
@@ -108,11 +139,12 @@ def plot_memory(ax, memory: dict) -> None:
             if all(p is not None for p in peak):
                 ax.plot([int(x) for x in b], peak, "^:", color=color, label=f"{SHAPES[s]} peak in a request")
             ax.plot([int(x) for x in b], ceiling, "--", color=color, label=f"{SHAPES[s]} ceiling")
+    plot_levers(ax, levers, colors)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
     ax.set_ylabel("GPU memory of the process (GB)")
     ax.set_title("memory, graph_sessions=per_graph, cuda_graph_max_tokens=16", fontsize=8)
-    legend(ax, 6.5)
+    legend(ax, 5.5, loc="center", ncol=2)  # the lines lie low (0.5B, 1.5B) and high (7B): the middle is free
 
 
 def main(argv=None) -> None:
@@ -128,7 +160,7 @@ def main(argv=None) -> None:
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     plot_headlines(axes[0], benches)
     plot_steps(axes[1], steps, benches)
-    plot_memory(axes[2], memory)
+    plot_memory(axes[2], memory, load(res / f"gpu_memory_levers_{args.card}.json") or {})
     gpu = steps.get("gpu") or memory.get("gpu") or "?"
     fig.suptitle(f"{gpu}: Qwen2.5-shaped targets over semantic-ID tokens", fontsize=9)
     fig.tight_layout()

@@ -112,9 +112,17 @@ def test_llm_plot_draws_the_committed_results_and_tolerates_missing_ones(tmp_pat
     from plot_llm import main as plot_llm
     plot_llm(["--results", str(ROOT / "benchmarks/results"), "--out", str(tmp_path / "llm.png")])
     assert (tmp_path / "llm.png").stat().st_size > 10_000
-    # the H100 results have no random-weight step file: the step panel comes from the trained pair's bench
     plot_llm(["--results", str(ROOT / "benchmarks/results"), "--card", "h100", "--out", str(tmp_path / "h100.png")])
     assert (tmp_path / "h100.png").stat().st_size > 10_000
+    # on the H100 the 1.5B step comes from the trained pair's bench, the 7B one from the random-weight steps with
+    # its quantized rows beside it
+    from plot_llm import load, step_bars
+    res = ROOT / "benchmarks/results"
+    bars = step_bars(load(res / "llm_steps_h100.json"), {s: load(res / f"gpu_bench_{s}_h100.json")
+                                                          for s in ("qwen-1.5b", "qwen-7b")})
+    assert "trained pair" in bars["qwen-1.5b"][0][0]
+    labels = [label for label, ms, _ in bars["qwen-7b"] if ms is not None]
+    assert labels == ["ours fp16", "ours int4", "ours int8", "torch.compile fp16", "fp16 weight floor"]
     empty = tmp_path / "empty"
     empty.mkdir()
     shutil.copy(ROOT / "benchmarks/results/llm_steps_h200.json", empty)
