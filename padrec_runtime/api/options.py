@@ -181,19 +181,22 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
                            "(TensorRT keeps the KV cache on the host)")
     static = (device_cache and cuda) if o.static_shapes is None else o.static_shapes
     if static and not device_cache:
-        raise BackendError("static_shapes: needs device_cache (fixed buffers) | pass device_cache=True (--device-cache)")
+        raise BackendError("static_shapes: needs device_cache (fixed buffers) | pass device_cache=True "
+                           "(--device-cache)")
     graphs = (static and cuda) if o.cuda_graphs is None else o.cuda_graphs
     if graphs and not (static and cuda):
         raise BackendError("cuda_graphs: needs device='cuda' and static_shapes | drop cuda_graphs")
     if o.cuda_graph_max_tokens is not None and not graphs:
-        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it (--cuda-graph-max-tokens), or keep "
+        raise BackendError(f"cuda_graph_max_tokens: {o.cuda_graph_max_tokens} without CUDA graphs | drop it "
+                           "(--cuda-graph-max-tokens), or keep "
                            "cuda_graphs on (device='cuda' with static shapes, cuda_graphs not False)")
     # ONNX Runtime's CUDA GroupQueryAttention has fp16 / bf16 kernels only: an fp32 one would run on the CPU
     cuda_fp32 = cuda and precision == "fp32"
     in_place = (device_cache and has_in_place and not cuda_fp32) if o.in_place is None else o.in_place
     if in_place and not (device_cache and has_in_place):
         raise BackendError("in_place: needs device_cache (the graph writes the bound cache in place) and engines "
-                           "with a target_gqa graph | drop in_place (--standard-graphs) or re-export without --no-in-place")
+                           "with a target_gqa graph | drop in_place (--standard-graphs) or re-export without "
+                           "--no-in-place")
     if in_place and cuda_fp32:
         raise BackendError("in_place: fp32 engines | ONNX Runtime's CUDA GroupQueryAttention runs fp16 / bf16 only; "
                            "export fp16 engines or drop in_place (--standard-graphs)")

@@ -271,7 +271,8 @@ class Recommender:
         cfg = params.plan(self.limits, default_rounds)
         if cfg.device_rounds and not (s.device_cache and s.static_shapes):
             raise InputError("device_rounds: needs device caches with static shapes | RuntimeOptions("
-                             "device_cache=True, static_shapes=True) (--device-cache --static-shapes; the CUDA defaults)")
+                             "device_cache=True, static_shapes=True) (--device-cache --static-shapes; the CUDA "
+                             "defaults)")
         return cfg
 
     def _check_budget(self, prompts: list, constraint: ListConstraint, cfg) -> None:
