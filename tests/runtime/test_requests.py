@@ -106,8 +106,8 @@ def test_the_tensorrt_runtime_follows_the_plans_builder_unless_asked(builder, as
 
 def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_environment(rec, monkeypatch):
     from padrec_runtime.backends.onnxruntime import CUBLAS_WORKSPACE_ENV, cap_cublas_workspace
-    with pytest.raises(BackendError, match=r"cublas_workspace_mib: 4 sizes cuBLAS's workspace .* \| drop it on "
-                                           r"backend=onnxruntime, device=cpu"):
+    with pytest.raises(BackendError, match=r"cublas_workspace_mib: 4 sizes cuBLAS's workspace .* \| drop it "
+                                           r"\(--cublas-workspace-mib\) on backend=onnxruntime, device=cpu"):
         Recommender(rec.manifest.root, options=RuntimeOptions(cublas_workspace_mib=4))
     with pytest.raises(InputError, match=r"cublas_workspace_mib: got 0"):
         RuntimeOptions(cublas_workspace_mib=0)
