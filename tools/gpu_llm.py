@@ -203,7 +203,7 @@ def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
     engines = work / (name if quantization is None else f"{name}_{args.quantize}")
     precision = "fp32" if args.small else "fp16"
     if quantization is not None:
-        row["quantization"] = quantization.record(0)
+        row["quantization"] = {k: v for k, v in quantization.record(0).items() if k != "matmuls"}  # the manifest counts
     if (engines / "manifest.json").exists():  # the manifest is written last: its directory is complete
         check_reusable(engines, precision, args.quantize)
         row["export_reused"] = str(engines)
