@@ -50,13 +50,20 @@ def _load_state(model: torch.nn.Module, state: dict, what: str) -> None:
     model.load_state_dict(state)
 
 
-def _read_json(path: Path, what: str) -> dict:
+def read_json_object(path: Path, what: str) -> dict:
+    """A checkpoint's JSON file (config.json, padrec.json, draft.json): an object, else a CheckpointError."""
+    path = Path(path)
     if not path.exists():
         raise CheckpointError(f"{what}: {path} not found | point at a checkpoint directory")
     try:
-        return json.loads(path.read_text())
-    except ValueError as exc:
-        raise CheckpointError(f"{what}: {path} is not valid JSON ({exc})") from None
+        data = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{what}: {path} is not valid JSON ({exc}) | restore the file from its training run") \
+            from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{what}: {path} holds a JSON {type(data).__name__} | expected an object "
+                              "({\"key\": value, ...}) | restore the file from its training run")
+    return data
 
 
 def _read_safetensors(directory: Path, what: str) -> dict:
@@ -76,7 +83,7 @@ def _weight_files(directory: Path, what: str) -> list:
     """The safetensors files of a checkpoint: the shards its index names, else every *.safetensors."""
     index = directory / INDEX
     if index.exists():
-        weight_map = _read_json(index, what).get("weight_map")
+        weight_map = read_json_object(index, what).get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map or not all(
                 isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f"{what}: {index.name} weight_map | got {type(weight_map).__name__} | expected "
@@ -132,7 +139,7 @@ def load_target(path, dtype: torch.dtype | None = torch.float32) -> Target:
     where `dtype` differs (dtype None: keep the checkpoint's, e.g. bf16, with no fp32 copy made)."""
     path = Path(path)
     what = f"target {path}"
-    cfg = target_config_from_hf(_read_json(path / "config.json", "target"))
+    cfg = target_config_from_hf(read_json_object(path / "config.json", "target"))
     headers = {_hf_to_ours(k): v for k, v in _headers(_weight_files(path, what), what).items()
                if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_embeddings:
@@ -220,7 +227,7 @@ def save_draft(model: Draft, path, extra: dict | None = None) -> None:
 def load_draft(path, target: Target) -> Draft:
     """A Draft bound to its target (whose embedding and head it shares)."""
     path = Path(path)
-    meta = _read_json(path / "draft.json", "draft")
+    meta = read_json_object(path / "draft.json", "draft")
     if meta.get("format") != "padrec-draft" or meta.get("version") != 1:
         raise CheckpointError(f"draft: {path / 'draft.json'} is not a padrec-draft v1 checkpoint")
     try:
@@ -241,7 +248,7 @@ def load_draft(path, target: Target) -> Draft:
 def check_draft_pairing(draft_dir, target_dir) -> None:
     """A draft written by `padrec train-draft` names its target's digest: refuse it with any other target."""
     meta_path = Path(draft_dir) / "draft.json"
-    want = json.loads(meta_path.read_text()).get("target_digest") if meta_path.exists() else None
+    want = read_json_object(meta_path, "draft").get("target_digest") if meta_path.exists() else None
     if want is not None and want != target_digest(target_dir):
         raise CheckpointError(f"draft {draft_dir}: trained against a target with embedding/head digest {want[:12]} | "
                               f"got {target_digest(target_dir)[:12]} from {target_dir} | train the draft against "

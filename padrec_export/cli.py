@@ -3,7 +3,6 @@ recommend."""
 from __future__ import annotations
 
 import importlib.util
-import json
 import os
 import tempfile
 from pathlib import Path
@@ -100,13 +99,14 @@ def check_export_room(target_dir, with_draft: bool, max_seq_len: int, max_histor
     from padrec_runtime.loop.session import max_cache_len
 
     from .onnx_export import ExportLimits
+    from .checkpoint import read_json_object
     from .pipeline import read_layout
     meta_path = Path(target_dir) / "padrec.json"
     cat_path = next((d / "catalogue.json" for d in (Path(target_dir), Path(target_dir).parent)
                      if (d / "catalogue.json").exists()), None)  # where load_target_dir looks for it
     if not meta_path.exists() or cat_path is None:
         return  # export_checkpoints names the missing file
-    cat = Catalogue.load(cat_path, read_layout(json.loads(meta_path.read_text()), meta_path))
+    cat = Catalogue.load(cat_path, read_layout(read_json_object(meta_path, "padrec.json"), meta_path))
     n_items = ExportLimits().n_items
     prompt = 1 + max_history * (cat.max_depth + 1)  # <bos>, then each item's tokens and its separator
     cfg = DecodeConfig(speculate="chain" if with_draft else "off", draft_steps=draft_steps)

@@ -382,8 +382,8 @@ def _write_fused_target(target: Target, precision: str, max_seq_len: int, path: 
     return [data.path.name]
 
 
-STALE = ("target.plan", "draft.plan", "draft_chain.plan", "draft_chain.onnx", f"{FUSED_TARGET}.onnx",
-         "draft_chain_gqa.onnx", "manifest.json", *(f"{g}.onnx.data" for g in GRAPHS))  # an earlier export's files
+STALE = ("manifest.json", *(f"{g}{ext}" for g in GRAPHS for ext in (".onnx", ".onnx.data", ".plan")))  # an earlier
+# export's files: each graph's, whether or not this export writes that graph again
 
 
 def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, out_dir,

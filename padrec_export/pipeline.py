@@ -14,7 +14,7 @@ from padrec_runtime.loop import DecodeConfig
 from padrec_runtime.errors import CheckpointError, InputError
 from padrec_runtime.grammar import LAYOUT_KINDS, Catalogue, ListConstraint, TokenLayout
 
-from .checkpoint import check_draft_pairing, load_draft, load_target, save_draft, save_target
+from .checkpoint import check_draft_pairing, load_draft, load_target, read_json_object, save_draft, save_target
 from .data import Interactions, item_titles, load_dataset, make_split
 from .models import DraftConfig, TargetConfig
 from .onnx_export import TORCH_DTYPES, ExportLimits, export_engines
@@ -145,7 +145,7 @@ def load_trained(model_dir, draft: str = "padrec", dtype: torch.dtype | None = t
     meta_path = model_dir / "target" / "padrec.json"
     if not meta_path.exists():
         raise CheckpointError(f"{model_dir}: no target/padrec.json | train with `padrec train` first")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, "padrec.json")
     layout = read_layout(meta, meta_path)
     cat = Catalogue.load(model_dir / "catalogue.json", layout)
     target = load_target(model_dir / "target", dtype)
@@ -171,7 +171,7 @@ def load_target_dir(target_dir, dtype=torch.float32):
     if not meta_path.exists():
         raise CheckpointError(f"{target_dir}: no padrec.json (token layout) | export a padrec-trained target, or "
                               "add padrec.json with {\"layout\": {\"levels\": L, \"codebook\": C}}")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json_object(meta_path, "padrec.json")
     layout = read_layout(meta, meta_path)
     cat_path = target_dir / "catalogue.json"
     if not cat_path.exists():

@@ -6,7 +6,7 @@ import sys
 
 import click
 
-from padrec_runtime.api.cli import INT32_MAX, INT64_MAX, FiniteFloatRange, parse_ids
+from padrec_runtime.api.cli import CUDA_MEMORY, INT32_MAX, INT64_MAX, FiniteFloatRange, parse_ids
 
 PORT = click.IntRange(1, 65535)  # Triton takes any int and wraps it modulo 65536: refused here instead
 
@@ -41,11 +41,9 @@ def check_ports(ports: dict) -> None:
               help="cut a request decoding longer than this (DeadlineError)")
 @click.option("--calibrate/--no-calibrate", default=True, show_default=True,
               help="time AR against speculation per batch size at start, for speculate=auto")
-@click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
-              help="--device cuda: CUDA graphs only for buckets of at most N tokens a row; prefill buckets share one "
-                   "arena instead (less GPU memory at LLM sizes)")
+@CUDA_MEMORY.add
 def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max_queue_delay_us, instances,
-          devices, deadline_s, calibrate, cuda_graph_max_tokens):
+          devices, deadline_s, calibrate, **kwargs):
     """Serve recommendation lists over KServe v2 (HTTP and gRPC) with Triton Inference Server."""
     from .server import ServeConfig, serve as run
     check_ports({"--http-port": http_port, "--grpc-port": grpc_port, "--metrics-port": metrics_port})
@@ -53,7 +51,7 @@ def serve(engine_dir, device, http_port, grpc_port, metrics_port, max_batch, max
     sys.exit(run(ServeConfig(engine_dir, device, http_port=http_port, grpc_port=grpc_port, metrics_port=metrics_port,
                              max_batch=max_batch, max_queue_delay_us=max_queue_delay_us, instances=instances,
                              devices=gpus, deadline_s=deadline_s, calibrate=calibrate,
-                             cuda_graph_max_tokens=cuda_graph_max_tokens)))
+                             runtime_options=CUDA_MEMORY.parse(kwargs))))
 
 
 @click.command()

@@ -49,35 +49,38 @@ class Job:
     params: DecodeParams
 
 
-def _scalar(req: dict, name: str, kinds: str, default):
+def _scalar(req: dict, name: str, kinds: str, default, rows: int):
     """The one value of an optional (1,)-shaped input: (rows, 1), one value per history row, all equal."""
     if name not in req:
         return default
     a = np.asarray(req[name])
-    if a.dtype.kind == "O" and not all(isinstance(v, (bytes, str)) for v in a.reshape(-1).tolist()):
-        raise InputError(f"{name}: got objects other than strings ({a.reshape(-1).tolist()[:4]!r:.80}) | expected "
+    values = a.reshape(-1).tolist()  # Python scalars (bytes and str as they are)
+    if a.dtype.kind == "O" and not all(isinstance(v, (bytes, str)) for v in values):
+        raise InputError(f"{name}: got objects other than strings ({values[:4]!r:.80}) | expected "
                          f"{kinds_name(kinds)} | send the documented type")
-    if a.size == 0 or a.ndim != 2 or a.shape[1] != 1 or len(set(a.reshape(-1).tolist())) != 1:
-        raise InputError(f"{name}: got {a.reshape(-1).tolist()[:8]} of shape {list(a.shape)} | expected one value "
-                         "per history row, the same for all rows | send [[value]], or one request per setting")
+    if a.shape != (rows, 1) or len({repr(v) for v in values}) != 1:  # repr: two NaNs are the same value
+        raise InputError(f"{name}: got {values[:8]!r:.120} of shape {list(a.shape)} | expected one value per history "
+                         f"row ({rows}), the same for all rows | send [[value]] per row, or one request per setting")
     if a.dtype.kind not in kinds:
         raise InputError(f"{name}: got dtype {a.dtype} | expected {kinds_name(kinds)} | send the documented type")
-    v = a.reshape(-1)[0]
-    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v.item()
+    v = values[0]
+    return v.decode("utf-8", "replace") if isinstance(v, bytes) else v
 
 
 def kinds_name(kinds: str) -> str:
-    return {"iu": "an integer", "f": "a float", "fiu": "a number", "b": "a bool", "SO": "a string"}.get(kinds, kinds)
+    return {"iu": "an integer", "f": "a float", "fiu": "a number", "b": "a bool", "SOU": "a string"}.get(kinds, kinds)
 
 
 def parse_params(req: dict, limits: dict, has_draft: bool, calibrated: bool,
-                 deadline_s: float | None = None) -> tuple:
+                 deadline_s: float | None = None, rows: int = 1) -> tuple:
     """(n_items, DecodeParams) of one request, every value checked against the engines' limits (speculate
-    defaults to auto on a calibrated server, else to the engines' chain); the server's deadline goes along."""
-    n_items = _scalar(req, "n_items", "iu", limits["n_items"])
+    defaults to auto on a calibrated server, else to the engines' chain); the server's deadline goes along. rows:
+    the request's history rows, each of which carries the same value of every setting."""
+    n_items = _scalar(req, "n_items", "iu", limits["n_items"], rows)
     if not 1 <= n_items <= limits["max_items"]:
-        raise InputError(f"n_items: got {n_items} | expected 1..{limits['max_items']} | ask for fewer items")
-    speculate = _scalar(req, "speculate", "SO", "off" if not has_draft else "auto" if calibrated else "chain")
+        raise InputError(f"n_items: got {n_items} | expected 1..{limits['max_items']} | ask for that many items")
+    default = "off" if not has_draft else "auto" if calibrated else "chain"
+    speculate = _scalar(req, "speculate", "SOU", default, rows)
     if speculate not in SPECULATE:
         raise InputError(f"speculate: got {speculate!r:.40} | expected one of {', '.join(SPECULATE)}")
     if speculate != "off" and not has_draft:
@@ -85,17 +88,17 @@ def parse_params(req: dict, limits: dict, has_draft: bool, calibrated: bool,
     if speculate == "auto" and not calibrated:
         raise InputError("speculate: got 'auto' | the server was started with --no-calibrate | send off, chain or "
                          "tree, or restart the server with --calibrate")
-    greedy = _scalar(req, "greedy", "b", True)
-    temperature = _scalar(req, "temperature", "f", 1.0)
+    greedy = _scalar(req, "greedy", "b", True, rows)
+    temperature = _scalar(req, "temperature", "f", 1.0, rows)
     if not (np.isfinite(temperature) and temperature > 0):
         raise InputError(f"temperature: got {temperature} | expected a finite value > 0")
-    top_k = _scalar(req, "top_k", "iu", 0)
+    top_k = _scalar(req, "top_k", "iu", 0, rows)
     if top_k < 0:
         raise InputError(f"top_k: got {top_k} | expected >= 0 (0 keeps every allowed token)")
-    top_p = _scalar(req, "top_p", "f", 1.0)
+    top_p = _scalar(req, "top_p", "f", 1.0, rows)
     if not (np.isfinite(top_p) and 0 < top_p <= 1):
         raise InputError(f"top_p: got {top_p} | expected 0 < top_p <= 1")
-    seed = _scalar(req, "seed", "iu", 0)
+    seed = _scalar(req, "seed", "iu", 0, rows)
     if seed < 0:
         raise InputError(f"seed: got {seed} | expected >= 0")
     if greedy:  # sampling settings do not change a greedy list: one group for all greedy requests
@@ -137,5 +140,6 @@ def parse_request(req: dict, limits: dict, known: dict, has_draft: bool, calibra
     extra = sorted(set(req) - {s.name for s in INPUTS})
     if extra:
         raise InputError(f"inputs: unknown {extra} | expected {[s.name for s in INPUTS]}")
-    n_items, params = parse_params(req, limits, has_draft, calibrated, deadline_s)
-    return [Job(h, n_items, params) for h in parse_histories(req, limits, known)]
+    histories = parse_histories(req, limits, known)
+    n_items, params = parse_params(req, limits, has_draft, calibrated, deadline_s, len(histories))
+    return [Job(h, n_items, params) for h in histories]

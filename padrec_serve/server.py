@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import secrets
 import shutil
@@ -10,11 +11,12 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from padrec_runtime import RuntimeOptions
 from padrec_runtime.errors import BackendError, InputError
 
 from .process import port_free
@@ -40,13 +42,17 @@ class ServeConfig:
     devices: tuple | None = None  # GPU ids for the instances (cuda only); None: every GPU Triton sees
     deadline_s: float | None = None  # a request decoding longer is cut with DeadlineError
     calibrate: bool = True  # time AR vs speculation per batch size at start (for speculate=auto)
-    cuda_graph_max_tokens: int | None = None  # RuntimeOptions.cuda_graph_max_tokens of every instance (cuda only)
+    # RuntimeOptions keywords of every instance: how its CUDA sessions hold memory (CUDA_MEMORY's; cuda only)
+    runtime_options: dict = field(default_factory=dict)
     exit_timeout_s: int = 5  # in-flight requests get this long on shutdown
 
     def __post_init__(self):
-        if self.cuda_graph_max_tokens is not None and self.device != "cuda":
-            raise InputError(f"--cuda-graph-max-tokens: got {self.cuda_graph_max_tokens} with --device {self.device} "
-                             "| CUDA graphs need --device cuda | add --device cuda, or drop --cuda-graph-max-tokens")
+        RuntimeOptions(**self.runtime_options)  # its types and ranges, before anything starts
+        for name, value in self.runtime_options.items():
+            if self.device != "cuda":
+                flag = "--" + name.replace("_", "-")
+                raise InputError(f"{flag}: got {value} with --device {self.device} | it sets how CUDA sessions hold "
+                                 f"memory | add --device cuda, or drop {flag}")
         if self.devices is None:
             return
         if self.device != "cuda":
@@ -91,14 +97,16 @@ def model_config(config: ServeConfig) -> str:
     params = {"engine_dir": str(Path(config.engine_dir).resolve()), "device": config.device,
               "deadline_s": "" if config.deadline_s is None else str(config.deadline_s),
               "calibrate": "1" if config.calibrate else "0",
-              "cuda_graph_max_tokens": "" if config.cuda_graph_max_tokens is None else str(config.cuda_graph_max_tokens)}
+              "runtime_options": json.dumps(config.runtime_options)}
     return "\n".join([
         f'name: "{MODEL_NAME}"', 'backend: "python"', f"max_batch_size: {config.max_batch}",
         f"dynamic_batching {{ max_queue_delay_microseconds: {config.max_queue_delay_us} }}",
         instance_group(config),
         "input [\n" + _tensor_block(INPUTS, ragged=True) + "\n]",
         "output [\n" + _tensor_block(OUTPUTS, ragged=False) + "\n]",
-        *(f'parameters {{ key: "{k}", value: {{ string_value: "{v}" }} }}' for k, v in params.items()), ""])
+        # a JSON string literal is a text-format one (quotes and backslashes escaped: paths, the options' JSON)
+        *(f'parameters {{ key: "{k}", value: {{ string_value: {json.dumps(v, ensure_ascii=False)} }} }}'
+          for k, v in params.items()), ""])
 
 
 def prepare(config: ServeConfig, workdir: Path) -> list:

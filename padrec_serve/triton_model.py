@@ -59,8 +59,7 @@ class TritonPythonModel:
         device = _parameter(config, "device", "cpu")
         deadline = _parameter(config, "deadline_s")
         gpu = int(args["model_instance_device_id"]) if args.get("model_instance_kind") == "GPU" else None
-        graph_max = _parameter(config, "cuda_graph_max_tokens")
-        options = RuntimeOptions(cuda_graph_max_tokens=int(graph_max) if graph_max else None)
+        options = RuntimeOptions(**json.loads(_parameter(config, "runtime_options", "{}")))
         self.rec = runtime.open_recommender(_parameter(config, "engine_dir"), device, gpu, options)
         max_batch = min(int(config["max_batch_size"]), self.rec.limits["max_batch"])
         batches = runtime.calibration_batches(max_batch, device)

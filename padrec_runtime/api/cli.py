@@ -53,11 +53,35 @@ class OptionGroup:
         return {k: kwargs.pop(k) for k in self.names}
 
 
+class CudaMemoryArgs(OptionGroup):
+    """How CUDA sessions hold GPU memory (RuntimeOptions): shared by the commands that run engines and `padrec serve`."""
+
+    names = ("cuda_graph_max_tokens", "graph_sessions", "cublas_workspace_mib")
+    options = (
+        click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
+                     help="CUDA: graphs only for static buckets of at most N tokens a row (decode steps, verifies); "
+                          "prefill buckets share one arena instead (less GPU memory at LLM sizes)"),
+        click.option("--graph-sessions", type=click.Choice(GRAPH_SESSIONS), default=None, show_default="per_shape",
+                     help="CUDA graphs: a session per bucket shape, one per engine graph (per_graph: less GPU "
+                          "memory), or one for every bucket (single)"),
+        click.option("--cublas-workspace-mib", type=click.IntRange(1, 4096), default=None,
+                     show_default="cuBLAS's: 32 a handle on Hopper",
+                     help="CUDA: cuBLAS's workspace per handle for this process; 4 saves 0.25-0.5 GB at 1.5B"),
+    )
+
+    def parse(self, kwargs: dict) -> dict:
+        """The RuntimeOptions keywords given (the rest stay the runtime's defaults)."""
+        return {k: v for k, v in self.take(kwargs).items() if v is not None}
+
+
+CUDA_MEMORY = CudaMemoryArgs()
+
+
 class EngineArgs(OptionGroup):
     """Where and how engines run: --engines, --backend, --device and the RuntimeOptions."""
 
     names = ("engine_dir", "backend", "device", "threads", "trt_module", "allow_host_code", "device_cache",
-             "static_shapes", "in_place", "cuda_graph_max_tokens", "graph_sessions", "cublas_workspace_mib")
+             "static_shapes", "in_place", *CUDA_MEMORY.names)
     options = (
         click.option("--engines", "engine_dir", required=True, type=click.Path(),
                      help="engine directory written by `padrec export`"),
@@ -77,15 +101,7 @@ class EngineArgs(OptionGroup):
         click.option("--in-place/--standard-graphs", default=None, show_default="in place for fp16/bf16 on CUDA",
                      help="run causal calls on the in-place graphs (target_gqa, draft_chain_gqa) or the standard "
                           "graphs only"),
-        click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
-                     help="CUDA: graphs only for static buckets of at most N tokens a row (decode steps, verifies); "
-                          "prefill buckets share one arena instead (less GPU memory at LLM sizes)"),
-        click.option("--graph-sessions", type=click.Choice(GRAPH_SESSIONS), default="per_shape",
-                     help="CUDA graphs: a session per bucket shape, one per engine graph (per_graph: less GPU "
-                          "memory), or one for every bucket (single)"),
-        click.option("--cublas-workspace-mib", type=click.IntRange(1, 4096), default=None,
-                     show_default="cuBLAS's (32 a handle on Hopper)",
-                     help="CUDA: cuBLAS's workspace per handle for this process; 4 saves 0.25-0.5 GB at 1.5B"),
+        *CUDA_MEMORY.options,
     )
 
     def parse(self, kwargs: dict) -> dict:
@@ -96,9 +112,7 @@ class EngineArgs(OptionGroup):
             device_cache = True  # both need the device cache: asking for them asks for it
         options = RuntimeOptions(threads=v["threads"], device_cache=device_cache, static_shapes=v["static_shapes"],
                                  in_place=v["in_place"], trt_module=v["trt_module"],
-                                 allow_host_code=v["allow_host_code"],
-                                 cuda_graph_max_tokens=v["cuda_graph_max_tokens"],
-                                 graph_sessions=v["graph_sessions"], cublas_workspace_mib=v["cublas_workspace_mib"])
+                                 allow_host_code=v["allow_host_code"], **CUDA_MEMORY.parse(v))
         return {"engine_dir": v["engine_dir"], "device": v["device"], "backend": v["backend"], "options": options}
 
 

@@ -204,6 +204,10 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
         raise BackendError(f"cublas_workspace_mib: {o.cublas_workspace_mib} sizes cuBLAS's workspace for ONNX "
                            f"Runtime's CUDA sessions | drop it (--cublas-workspace-mib) on backend={backend}, "
                            f"device={device}")
+    if (o.trt_module is not None or o.allow_host_code) and backend != "tensorrt":
+        raise BackendError(f"{'trt_module' if o.trt_module is not None else 'allow_host_code'}: a TensorRT setting "
+                           f"on backend={backend} | drop it (--trt-module / --allow-host-code), or pass "
+                           "backend='tensorrt' (--backend tensorrt)")
     # RTX-built plans run only on TensorRT for RTX's runtime, the others on TensorRT's (lean: asked for by name)
     trt_module = o.trt_module or ("tensorrt_rtx" if trt_builder == "tensorrt_rtx" else "tensorrt")
     return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens,

@@ -51,14 +51,20 @@ _arena_lock = threading.Lock()
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
 
+_cublas_capped: str | None = None  # the value cap_cublas_workspace set, if it set one
+
+
 def cap_cublas_workspace(mib: int) -> None:
     """Set cuBLAS's workspace to one buffer of `mib` MiB a handle for this process, unless its environment asks
     for another (then raise: the caller's setting and the process's would disagree)."""
+    global _cublas_capped
     want, have = f":{mib * 1024}:1", os.environ.get(CUBLAS_WORKSPACE_ENV)
     if have is not None and have != want:
-        raise BackendError(f"cublas_workspace_mib={mib}: the environment sets {CUBLAS_WORKSPACE_ENV}={have} | drop "
-                           f"one: unset the variable, or leave cublas_workspace_mib None to keep it")
-    os.environ[CUBLAS_WORKSPACE_ENV] = want
+        whose = ("an earlier Recommender of this process set" if have == _cublas_capped else "the environment sets")
+        raise BackendError(f"cublas_workspace_mib={mib}: {whose} {CUBLAS_WORKSPACE_ENV}={have}, which holds for the "
+                           f"whole process | give every Recommender the same cublas_workspace_mib "
+                           f"(--cublas-workspace-mib), or unset the variable before the process starts")
+    os.environ[CUBLAS_WORKSPACE_ENV] = _cublas_capped = want
 
 
 def share_cuda_arena(ort) -> None:

@@ -181,3 +181,19 @@ def test_bf16_checkpoint_exports_in_bf16_without_a_copy(tmp_path, monkeypatch):
     m = export_checkpoints(tmp_path / "t", None, tmp_path / "e", precision="bf16", max_seq_len=64)
     assert m.data["precision"] == "bf16" and not copies and len(exported) == 1
     assert {p.dtype for p in exported[0].parameters()} == {torch.bfloat16}
+
+
+@pytest.mark.parametrize("text, words", [("[1]", "holds a JSON list | expected an object"),
+                                         ("{bad", "is not valid JSON")])
+def test_a_damaged_padrec_json_is_a_checkpoint_error_in_export_and_evaluate(tmp_path, text, words):
+    import shutil
+
+    from padrec_export.demo import default_model_dir
+    from padrec_export.pipeline import evaluate, export_checkpoints
+    models = tmp_path / "m"
+    shutil.copytree(default_model_dir(), models)
+    (models / "target" / "padrec.json").write_text(text)
+    with pytest.raises(CheckpointError, match=f"padrec.json: .*padrec.json {words}"):
+        export_checkpoints(models / "target", None, tmp_path / "e")
+    with pytest.raises(CheckpointError, match=words):
+        evaluate(models, users=1, progress=False)

@@ -200,6 +200,9 @@ def test_export_at_the_smallest_max_seq_len_serves_the_default_request(checkpoin
     again = _export(checkpoints, tmp_path / "e", "--max-seq-len", "56", "--max-history", "2", "--draft-steps", "3",
                     "--no-in-place")  # a second export into the same directory says it replaces the first
     assert again.exit_code == 0 and "holds an earlier export; it will be replaced" in again.output
+    target_only = _export(checkpoints, tmp_path / "e", "--max-seq-len", "56", "--max-history", "2", draft=False)
+    assert target_only.exit_code == 0, target_only.output  # the earlier export's draft graphs go with it
+    assert not list((tmp_path / "e").glob("draft*")) and (tmp_path / "e" / "target.onnx").exists()
 
 
 @pytest.mark.parametrize("option, value", [("--max-batch", "100000"), ("--max-history", "65537"),

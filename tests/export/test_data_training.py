@@ -200,7 +200,7 @@ def test_padrec_train_layout_trains_exports_and_decodes_that_layout(tmp_path):
     draft_cfg = json.loads((out / "draft_padrec" / "draft.json").read_text())
     target_cfg = json.loads((out / "target" / "config.json").read_text())
     assert draft_cfg["config"]["n_slots"] == layout.n_slots and target_cfg["vocab_size"] == layout.vocab_size
-    assert (target_cfg["n_heads"], target_cfg["n_kv_heads"]) == (1, 1)
+    assert (target_cfg["num_attention_heads"], target_cfg["num_key_value_heads"]) == (1, 1)
     m = export_checkpoints(out / "target", out / "draft_padrec", tmp_path / "eng", fused_target=False)
     assert m.layout == layout and m.data["model"]["layout"]["kind"] == kind
     rec = Recommender(tmp_path / "eng")

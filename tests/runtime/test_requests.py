@@ -102,6 +102,10 @@ def test_the_tensorrt_runtime_follows_the_plans_builder_unless_asked(builder, as
     from padrec_runtime.api.options import resolve_runtime
     got = resolve_runtime(RuntimeOptions(trt_module=asked), "tensorrt", "cuda", "fp16", False, builder)
     assert got.trt_module == want
+    with pytest.raises(BackendError, match=r"trt_module: a TensorRT setting on backend=onnxruntime \| drop it"):
+        resolve_runtime(RuntimeOptions(trt_module="tensorrt"), "onnxruntime", "cpu", "fp32", False)
+    with pytest.raises(BackendError, match=r"allow_host_code: a TensorRT setting on backend=onnxruntime"):
+        resolve_runtime(RuntimeOptions(allow_host_code=True), "onnxruntime", "cpu", "fp32", False)
 
 
 def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_environment(rec, monkeypatch):
@@ -115,8 +119,11 @@ def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_env
     cap_cublas_workspace(4)
     assert os.environ[CUBLAS_WORKSPACE_ENV] == ":4096:1"
     cap_cublas_workspace(4)  # the same setting again: nothing to disagree with
+    with pytest.raises(BackendError, match=r"cublas_workspace_mib=8: an earlier Recommender of this process set "
+                                           r"CUBLAS_WORKSPACE_CONFIG=:4096:1"):
+        cap_cublas_workspace(8)
     monkeypatch.setenv(CUBLAS_WORKSPACE_ENV, ":16384:8")
-    with pytest.raises(BackendError, match=r"the environment sets CUBLAS_WORKSPACE_CONFIG=:16384:8 \| drop one"):
+    with pytest.raises(BackendError, match=r"the environment sets CUBLAS_WORKSPACE_CONFIG=:16384:8, which holds for the whole"):
         cap_cublas_workspace(4)
     assert os.environ[CUBLAS_WORKSPACE_ENV] == ":16384:8"
 

@@ -35,12 +35,19 @@ def test_gpu_instances_on_every_gpu_or_on_the_listed_ones(engines_master):
     assert parsed(ServeConfig(str(engines_master), "cuda", devices=(1,))).parameters["device"].string_value == "cuda"
 
 
-def test_the_cuda_graph_limit_reaches_every_instance_and_needs_cuda(engines_master):
-    params = parsed(ServeConfig(str(engines_master), "cuda", cuda_graph_max_tokens=16)).parameters
-    assert params["cuda_graph_max_tokens"].string_value == "16"
-    assert parsed(ServeConfig(str(engines_master), "cuda")).parameters["cuda_graph_max_tokens"].string_value == ""
+def test_the_cuda_memory_settings_reach_every_instance_and_need_cuda(engines_master, tmp_path):
+    import json
+    opts = {"cuda_graph_max_tokens": 16, "graph_sessions": "per_graph", "cublas_workspace_mib": 4}
+    params = parsed(ServeConfig(str(engines_master), "cuda", runtime_options=opts)).parameters
+    assert json.loads(params["runtime_options"].string_value) == opts
+    assert json.loads(parsed(ServeConfig(str(engines_master), "cuda")).parameters["runtime_options"].string_value) == {}
     with pytest.raises(InputError, match="--cuda-graph-max-tokens: got 16 with --device cpu"):
-        ServeConfig(str(engines_master), cuda_graph_max_tokens=16)
+        ServeConfig(str(engines_master), runtime_options={"cuda_graph_max_tokens": 16})
+    with pytest.raises(InputError, match="RuntimeOptions.graph_sessions: got 'all'"):
+        ServeConfig(str(engines_master), "cuda", runtime_options={"graph_sessions": "all"})
+    odd = tmp_path / 'quote"and\\back'  # a path the config must escape, not end its string at
+    odd.mkdir()
+    assert '"' in str(odd) and parsed(ServeConfig(str(odd))).parameters["engine_dir"].string_value == str(odd)
 
 
 @pytest.mark.parametrize("device, devices, words", [

@@ -68,6 +68,9 @@ def objects(*values) -> np.ndarray:
     ({"speculate": objects(["chain"])}, "speculate: got objects other than strings"),
     ({"speculate": objects({"a": 1})}, "speculate: got objects other than strings"),
     ({"speculate": objects(7)}, "speculate: got objects other than strings"),
+    ({"n_items": np.array([[3], [3], [3]], np.int32)}, "n_items: got [3, 3, 3] of shape [3, 1] | expected one value "
+                                                       "per history row (1)"),
+    ({"temperature": np.array([[np.nan]], np.float32), "greedy": np.array([[False]])}, "temperature: got nan"),
 ])
 def test_a_malformed_request_fails_alone_with_a_named_error(rec, bad, words):
     ids = rec.catalogue.item_ids.tolist()
@@ -76,6 +79,14 @@ def test_a_malformed_request_fails_alone_with_a_named_error(rec, bad, words):
     assert words in error_of(out[1]) and out[1].outcome == "client_error"
     assert error_of(out[0]) == error_of(out[2]) == ""
     assert out[2].outputs["item_ids"][0].tolist() == listed(rec, ids[6:8], speculate="chain")
+
+
+def test_a_string_setting_may_come_as_bytes_str_or_an_object_array_of_either(rec):
+    ids = rec.catalogue.item_ids.tolist()
+    forms = [np.array([[b"off"]]), np.array([["off"]]), objects("off"), objects(b"off")]
+    out = ServeModel(rec)([{**request(ids[0:2]), "speculate": f} for f in forms])
+    assert [error_of(o) for o in out] == [""] * 4
+    assert {tuple(o.outputs["item_ids"][0].tolist()) for o in out} == {tuple(listed(rec, ids[0:2], speculate="off"))}
 
 
 def test_a_request_past_the_deadline_is_cut_with_a_named_error(rec):
