@@ -110,8 +110,8 @@ class RuntimeOptions:
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     # cuBLAS's workspace per handle, in MiB, for the whole process (CUBLAS_WORKSPACE_CONFIG; every CUDA session makes
-    # its own handles, 32 MiB each on Hopper by default): 4 held a 1.5B pair's memory 0.25-0.5 GB lower at no
-    # measured speed cost (H100). None: cuBLAS's default, or what the environment sets
+    # its own handles, 32 MiB each on Hopper by default): 4 held a 1.5B pair's memory 0.25-0.5 GB lower (H100; its
+    # speed cost at batch 32 is not settled). None: cuBLAS's default, or what the environment sets
     cublas_workspace_mib: int | None = None
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a

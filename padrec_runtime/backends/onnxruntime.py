@@ -46,8 +46,8 @@ _arena_lock = threading.Lock()
 
 # cuBLAS gives each handle a workspace (32 MiB a handle on Hopper, and every CUDA session makes its own handles):
 # capped to 4 MiB, the sessions of a 1.5B pair (graph max 16) held 0.25 GB less at batch 1 and 0.5 GB less from
-# batch 8, with no AR or chain time change beyond the noise (H100, benchmarks/results/gpu_memory_h100.json). cuBLAS
-# reads the variable when it makes a handle, so the cap holds for handles made after it is set.
+# batch 8 (H100, benchmarks/results/gpu_memory_levers_h100.json). cuBLAS reads the variable when it makes a handle,
+# so the cap holds for handles made after it is set.
 CUBLAS_WORKSPACE_ENV = "CUBLAS_WORKSPACE_CONFIG"
 
 
