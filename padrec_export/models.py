@@ -6,7 +6,8 @@ attention_mask is (B, T, P+T) bool over past then new positions, so a draft tree
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
+from numbers import Integral, Real
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +26,11 @@ class _Heads:
 
     def __post_init__(self):
         from padrec_runtime.errors import CheckpointError
+        for f in fields(self):  # a config read from JSON: "128" or 2.5 would fail later, far from the file
+            want, v = {"int": Integral, "float": Real, "bool": bool}.get(f.type), getattr(self, f.name)
+            if want is not None and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
+                raise CheckpointError(f"{type(self).__name__}.{f.name}: got {v!r:.40} | expected {f.type} | fix the "
+                                      "checkpoint's config")
         if self.hidden_size % self.n_heads or self.n_heads % self.n_kv_heads:
             raise CheckpointError(f"{type(self).__name__}: hidden {self.hidden_size}, heads {self.n_heads}, kv heads "
                                   f"{self.n_kv_heads} | heads must divide hidden and kv heads must divide heads")

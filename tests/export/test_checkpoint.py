@@ -197,3 +197,14 @@ def test_a_damaged_padrec_json_is_a_checkpoint_error_in_export_and_evaluate(tmp_
         export_checkpoints(models / "target", None, tmp_path / "e")
     with pytest.raises(CheckpointError, match=words):
         evaluate(models, users=1, progress=False)
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", "128"), ("n_slots", 2.5), ("use_slot", 1)])
+def test_a_draft_config_of_the_wrong_types_names_the_field(tmp_path, field, value):
+    _, target, draft = tiny_setup(TinySpec())
+    save_draft(draft, tmp_path / "d")
+    meta = json.loads((tmp_path / "d" / "draft.json").read_text())
+    meta["config"][field] = value
+    (tmp_path / "d" / "draft.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=rf"DraftConfig.{field}: got {value!r} \| expected"):
+        load_draft(tmp_path / "d", target)
