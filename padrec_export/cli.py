@@ -169,16 +169,14 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
     require_export_extra("export")
     check_export_room(target_dir, draft_dir is not None, max_seq_len, max_history, draft_steps)
     check_writable(out_dir, "--out", "dir")
-    from pathlib import Path
-    if (Path(out_dir) / "manifest.json").is_file():  # replaced as a whole at the end, never left half-written
-        click.echo(f"padrec export: {out_dir} holds an earlier export; it will be replaced", err=True)
+    earlier = (Path(out_dir) / "manifest.json").is_file()  # files move in only once the whole export is written
     from .pipeline import export_checkpoints
     from .quantize import parse_quantize
     quantization = parse_quantize(quantize, int(quantize_block), quantize_draft)
     m = export_checkpoints(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, max_batch,
                            draft_steps, not no_fused_chain, not no_in_place, external_data,
                            quantization=quantization)
-    click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})")
+    click.echo(f"wrote {m.root} ({', '.join(m.data['files'])})" + (", replacing an earlier export" if earlier else ""))
 
 
 @main.command()
@@ -212,7 +210,7 @@ def demo(users, engine_dir, speculate):
 
 
 @main.command()
-@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default="ml-100k", help="MovieLens data set")
+@click.option("--dataset", type=click.Choice(DATASETS), default="ml-100k", help="MovieLens data set")
 @click.option("--out", "out_dir", required=True, type=click.Path(), help="directory for catalogue and checkpoints")
 @click.option("--epochs", type=click.IntRange(1), default=30, help="target epochs")
 @click.option("--draft-epochs", type=click.IntRange(1), default=10, help="epochs of each draft")
@@ -280,7 +278,7 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
 @main.command("train-draft")
 @click.option("--target", "target_dir", required=True, type=click.Path(file_okay=False),
               help="target checkpoint directory (Hugging Face Llama / Qwen2 + padrec.json + catalogue.json)")
-@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), required=True,
+@click.option("--dataset", type=click.Choice(DATASETS), required=True,
               help="interactions to train on (items must be in the target's catalogue)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
               help="draft directory to write; rerunning with the same settings continues its training")
@@ -315,7 +313,7 @@ def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draf
 
 @main.command()
 @click.option("--models", "model_dir", required=True, type=EXISTING_DIR, help="directory written by `padrec train`")
-@click.option("--dataset", type=click.Choice(["ml-100k", "ml-9k"]), default=None,
+@click.option("--dataset", type=click.Choice(DATASETS), default=None,
               show_default="the one the models were trained on", help="MovieLens data set")
 @click.option("--users", type=click.IntRange(1), default=None, help="evaluate the first N held-out users only")
 @click.option("--json", "json_path", type=click.Path(), default=None, help="also write the report here")

@@ -6,15 +6,30 @@ attention_mask is (B, T, P+T) bool over past then new positions, so a draft tree
 """
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, fields
 from numbers import Integral, Real
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .gqa import GroupQueryAttention, rotary_cache, rotate
+
+
+_EXPECTED = {"int": "an integer >= 1", "float": "a finite number", "bool": "true or false"}  # by field annotation
+_AS = {"int": int, "float": float, "bool": bool}
+
+
+def _valid(kind: str, x) -> bool:
+    """Whether x is a config field's value of annotation `kind`: every int field is a size, so at least 1."""
+    if kind == "bool":
+        return isinstance(x, (bool, np.bool_))
+    if isinstance(x, (bool, np.bool_)):
+        return False
+    return isinstance(x, Integral) and x >= 1 if kind == "int" else isinstance(x, Real) and math.isfinite(x)
 
 
 class _Heads:
@@ -26,11 +41,12 @@ class _Heads:
 
     def __post_init__(self):
         from padrec_runtime.errors import CheckpointError
-        for f in fields(self):  # a config read from JSON: "128" or 2.5 would fail later, far from the file
-            want, v = {"int": Integral, "float": Real, "bool": bool}.get(f.type), getattr(self, f.name)
-            if want is not None and (not isinstance(v, want) or (isinstance(v, bool) and want is not bool)):
-                raise CheckpointError(f"{type(self).__name__}.{f.name}: got {v!r:.40} | expected {f.type} | fix the "
-                                      "checkpoint's config")
+        for f in fields(self):  # a config read from JSON: "128", 2.5 or 0 would fail later, far from the file
+            v = getattr(self, f.name)
+            if not _valid(f.type, v):
+                raise CheckpointError(f"{type(self).__name__}.{f.name}: got {v!r:.40} | expected {_EXPECTED[f.type]} "
+                                      "| fix the checkpoint's config")
+            object.__setattr__(self, f.name, _AS[f.type](v))  # numpy scalars as Python ones (configs go to JSON)
         if self.hidden_size % self.n_heads or self.n_heads % self.n_kv_heads:
             raise CheckpointError(f"{type(self).__name__}: hidden {self.hidden_size}, heads {self.n_heads}, kv heads "
                                   f"{self.n_kv_heads} | heads must divide hidden and kv heads must divide heads")

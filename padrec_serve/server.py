@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from padrec_runtime import RuntimeOptions
+from padrec_runtime.api.cli import CUDA_MEMORY
 from padrec_runtime.errors import BackendError, InputError
 
 from .process import port_free
@@ -42,17 +43,24 @@ class ServeConfig:
     devices: tuple | None = None  # GPU ids for the instances (cuda only); None: every GPU Triton sees
     deadline_s: float | None = None  # a request decoding longer is cut with DeadlineError
     calibrate: bool = True  # time AR vs speculation per batch size at start (for speculate=auto)
-    # RuntimeOptions keywords of every instance: how its CUDA sessions hold memory (CUDA_MEMORY's; cuda only)
+    # RuntimeOptions keywords of every instance, of CUDA_MEMORY's names only (how its CUDA sessions hold memory;
+    # cuda only); the other settings are the device's defaults
     runtime_options: dict = field(default_factory=dict)
     exit_timeout_s: int = 5  # in-flight requests get this long on shutdown
 
     def __post_init__(self):
-        RuntimeOptions(**self.runtime_options)  # its types and ranges, before anything starts
-        for name, value in self.runtime_options.items():
+        given = {k: v for k, v in self.runtime_options.items() if v is not None}  # None: the runtime's default
+        other = sorted(set(given) - set(CUDA_MEMORY.names))
+        if other:
+            raise InputError(f"runtime_options: got {other} | a server takes {', '.join(CUDA_MEMORY.names)} (the "
+                             "other settings are the device's defaults) | drop them")
+        RuntimeOptions(**given)  # their types and ranges, before anything starts
+        for name, value in given.items():
             if self.device != "cuda":
                 flag = "--" + name.replace("_", "-")
                 raise InputError(f"{flag}: got {value} with --device {self.device} | it sets how CUDA sessions hold "
                                  f"memory | add --device cuda, or drop {flag}")
+        object.__setattr__(self, "runtime_options", given)
         if self.devices is None:
             return
         if self.device != "cuda":

@@ -29,36 +29,41 @@ sys.path.insert(0, str(Path(__file__).parent))
 from bench_timing import log  # noqa: E402
 
 HEADROOM = 1.25  # the ceiling: weights + KV caches + 25%
-VARIANTS = {  # name -> RuntimeOptions keywords
-    "per_shape": {},
-    "per_shape_graph_max_16": {"cuda_graph_max_tokens": 16},
-    "per_graph": {"graph_sessions": "per_graph"},
-    "per_graph_graph_max_16": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
-    "per_graph_graph_max_16_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16},
-    "single_graph_max_16": {"graph_sessions": "single", "cuda_graph_max_tokens": 16},
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One way of holding the runtime's memory: RuntimeOptions keywords, the child process's environment, and CUDA
+    provider options for the sessions that capture CUDA graphs (an experiment's hook, not a runtime setting)."""
+
+    options: dict
+    env: dict = dataclasses.field(default_factory=dict)
+    graph_cuda: dict = dataclasses.field(default_factory=dict)
+
+
+LEAN = {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16}  # the memory runs' base settings
+CAP = {"cublas_workspace_mib": 4}
+# every session opened took 72-178 MB at creation whatever the model's size, about what cuBLAS's default workspace on
+# Hopper (32 MiB a handle) and its cuBLASLt twin would make: the _cublas variants cap it (their ms per list say what
+# the cap costs: split-K GEMMs use the workspace), through the environment (_4mb) or the runtime's setting (_option)
+CUBLAS_ENV = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}
+VARIANTS = {
+    "per_shape": Variant({}),
+    "per_shape_graph_max_16": Variant({"cuda_graph_max_tokens": 16}),
+    "per_graph": Variant({"graph_sessions": "per_graph"}),
+    "per_graph_graph_max_16": Variant(LEAN),
+    "per_graph_graph_max_16_cublas_4mb": Variant(LEAN, env=CUBLAS_ENV),
+    "single_graph_max_16": Variant({"graph_sessions": "single", "cuda_graph_max_tokens": 16}),
     # the standard graphs alone: no second graph family (ONNX Runtime's GroupQueryAttention refuses several new
     # tokens a row for a batch above 1, so the in-place graphs serve only part of a batch's calls)
-    "per_graph_graph_max_16_standard": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16, "in_place": False},
-    "per_graph_graph_max_16_standard_cublas_4mb": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
-                                                   "in_place": False},
-    # the cap through the runtime's own setting instead of the environment (it sets the variable before any session)
-    "per_graph_graph_max_16_cublas_option": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
-                                             "cublas_workspace_mib": 4},
-    "per_graph_graph_max_16_cublas_option_exact_arena": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
-                                                         "cublas_workspace_mib": 4},
-    "per_graph_graph_max_16_cublas_option_no_gemm_tune": {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16,
-                                                          "cublas_workspace_mib": 4},
+    "per_graph_graph_max_16_standard": Variant({**LEAN, "in_place": False}),
+    "per_graph_graph_max_16_standard_cublas_4mb": Variant({**LEAN, "in_place": False}, env=CUBLAS_ENV),
+    "per_graph_graph_max_16_cublas_option": Variant({**LEAN, **CAP}),
+    # graphed arenas grown by what is asked instead of in doubling regions (their first runs took 128-164 MB a
+    # session at batch 1, 1.5B pair, H100)
+    "per_graph_graph_max_16_cublas_option_exact_arena": Variant(
+        {**LEAN, **CAP}, graph_cuda={"arena_extend_strategy": "kSameAsRequested"}),
+    # ONNX Runtime's GEMM tuning off (its own variable): what its first-run timing trials leave in the arenas
+    "per_graph_graph_max_16_cublas_option_no_gemm_tune": Variant({**LEAN, **CAP}, env={"ORT_CUDA_GEMM_AUTO_TUNE": "0"}),
 }
-# A variant's CUDA provider options for the sessions that capture CUDA graphs: each keeps an arena of its own, which
-# by default grows in doubling regions (its first runs took 128-164 MB a session at batch 1, 1.5B pair, H100)
-VARIANT_GRAPH_CUDA = {"per_graph_graph_max_16_cublas_option_exact_arena": {"arena_extend_strategy": "kSameAsRequested"}}
-# A variant's environment: every session opened so far took 72-178 MB at creation whatever the model's size, about
-# what cuBLAS's default workspace on Hopper (32 MiB a handle) and its cuBLASLt twin would make; this variant caps
-# cuBLAS's workspace to tell (its ms per list say what the cap costs: split-K GEMMs use the workspace)
-CUBLAS_4MB = {"CUBLAS_WORKSPACE_CONFIG": ":4096:1"}
-VARIANT_ENV = {"per_graph_graph_max_16_cublas_4mb": CUBLAS_4MB, "per_graph_graph_max_16_standard_cublas_4mb": CUBLAS_4MB,
-               # ONNX Runtime's GEMM tuning off (its variable): what its first-run timing trials leave in the arenas
-               "per_graph_graph_max_16_cublas_option_no_gemm_tune": {"ORT_CUDA_GEMM_AUTO_TUNE": "0"}}
 
 
 DEVICE = "cuda"  # --device cpu: a smoke run of this script (no memory figures)
@@ -275,12 +280,16 @@ def main():
     ap.add_argument("--tag", default="", help="added to the report's name (gpu_memory_<engines>[_<tag>].json)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)  # run one variant, print its JSON
     args = ap.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:
+        ap.error(f"--variants: unknown {unknown} | choose from {', '.join(VARIANTS)}")
     batches = [int(b) for b in args.batches.split(",")]
     global DEVICE
     DEVICE = args.device
     if args.child:
-        options = {**VARIANTS[args.child], **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
-        graph_cuda_options(VARIANT_GRAPH_CUDA.get(args.child, {}))
+        variant = VARIANTS[args.child]
+        options = {**variant.options, **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
+        graph_cuda_options(variant.graph_cuda)
         print("RESULT " + json.dumps(run_variant(args.engines, options, batches, args.repeats)))
         return
     gpu = "cpu"
@@ -296,7 +305,7 @@ def main():
                                "--device", DEVICE, "--child", name, "--repeats", str(args.repeats),
                                *(["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else [])],
                               capture_output=True, text=True,
-                              env={**os.environ, **VARIANT_ENV.get(name, {})})
+                              env={**os.environ, **VARIANTS[name].env})
         sys.stderr.write(proc.stderr[-3000:])
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")]
         report["variants"][name] = (json.loads(lines[-1][7:]) if lines else

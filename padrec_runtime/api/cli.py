@@ -61,7 +61,8 @@ class CudaMemoryArgs(OptionGroup):
         click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
                      help="CUDA: graphs only for static buckets of at most N tokens a row (decode steps, verifies); "
                           "prefill buckets share one arena instead (less GPU memory at LLM sizes)"),
-        click.option("--graph-sessions", type=click.Choice(GRAPH_SESSIONS), default=None, show_default="per_shape",
+        click.option("--graph-sessions", type=click.Choice(GRAPH_SESSIONS), default=None,
+                     show_default=RuntimeOptions().graph_sessions,
                      help="CUDA graphs: a session per bucket shape, one per engine graph (per_graph: less GPU "
                           "memory), or one for every bucket (single)"),
         click.option("--cublas-workspace-mib", type=click.IntRange(1, 4096), default=None,

@@ -111,7 +111,8 @@ class RuntimeOptions:
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     # cuBLAS's workspace per handle, in MiB, for the whole process (CUBLAS_WORKSPACE_CONFIG; every CUDA session makes
     # its own handles, 32 MiB each on Hopper by default): 4 held a 1.5B pair's memory 0.25-0.5 GB lower (H100; its
-    # speed cost at batch 32 is not settled). None: cuBLAS's default, or what the environment sets
+    # speed cost at batch 32 is not settled). None: whatever the process has (cuBLAS's default, the environment's
+    # value, or the cap an earlier Recommender of this process set)
     cublas_workspace_mib: int | None = None
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a
@@ -210,9 +211,10 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
                            "backend='tensorrt' (--backend tensorrt)")
     # RTX-built plans run only on TensorRT for RTX's runtime, the others on TensorRT's (lean: asked for by name)
     trt_module = o.trt_module or ("tensorrt_rtx" if trt_builder == "tensorrt_rtx" else "tensorrt")
-    return Settings(backend, device, o.threads, device_cache, static, graphs, o.cuda_graph_max_tokens,
-                    o.graph_sessions, in_place, o.cublas_workspace_mib, o.prefill_rows,
-                    o.device_rounds_max_batch, o.max_request_tokens, trt_module, o.allow_host_code)
+    resolved = dict(backend=backend, device=device, device_cache=device_cache, static_shapes=static,
+                    cuda_graphs=graphs, in_place=in_place, trt_module=trt_module)
+    # every other setting is the option as given
+    return Settings(**{f.name: resolved[f.name] if f.name in resolved else getattr(o, f.name) for f in fields(Settings)})
 
 
 @checked_fields

@@ -108,6 +108,9 @@ def test_the_tensorrt_runtime_follows_the_plans_builder_unless_asked(builder, as
         resolve_runtime(RuntimeOptions(allow_host_code=True), "onnxruntime", "cpu", "fp32", False)
 
 
+CUBLAS_AT_IMPORT = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+
+
 def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_environment(rec, monkeypatch):
     from padrec_runtime.backends.onnxruntime import CUBLAS_WORKSPACE_ENV, cap_cublas_workspace
     with pytest.raises(BackendError, match=r"cublas_workspace_mib: 4 sizes cuBLAS's workspace .* \| drop it "
@@ -115,7 +118,10 @@ def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_env
         Recommender(rec.manifest.root, options=RuntimeOptions(cublas_workspace_mib=4))
     with pytest.raises(InputError, match=r"cublas_workspace_mib: got 0"):
         RuntimeOptions(cublas_workspace_mib=0)
-    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV, raising=False)
+    from padrec_runtime.backends import onnxruntime as ort_backend
+    monkeypatch.setenv(CUBLAS_WORKSPACE_ENV, "x")  # set, then removed: the process's own value comes back at the end
+    monkeypatch.delenv(CUBLAS_WORKSPACE_ENV)
+    monkeypatch.setattr(ort_backend, "_cublas_capped", None)
     cap_cublas_workspace(4)
     assert os.environ[CUBLAS_WORKSPACE_ENV] == ":4096:1"
     cap_cublas_workspace(4)  # the same setting again: nothing to disagree with
@@ -123,9 +129,15 @@ def test_a_cublas_workspace_cap_is_for_cuda_sessions_and_never_overrides_the_env
                                            r"CUBLAS_WORKSPACE_CONFIG=:4096:1"):
         cap_cublas_workspace(8)
     monkeypatch.setenv(CUBLAS_WORKSPACE_ENV, ":16384:8")
-    with pytest.raises(BackendError, match=r"the environment sets CUBLAS_WORKSPACE_CONFIG=:16384:8, which holds for the whole"):
+    with pytest.raises(BackendError, match=r"the environment sets CUBLAS_WORKSPACE_CONFIG=:16384:8, which holds"):
         cap_cublas_workspace(4)
     assert os.environ[CUBLAS_WORKSPACE_ENV] == ":16384:8"
+
+
+def test_no_cublas_setting_leaks_out_of_the_test_above():
+    """The test above sets the variable for the process; monkeypatch must have taken it back (later tests, and the
+    servers and tools they start, would run with a capped cuBLAS)."""
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == CUBLAS_AT_IMPORT
 
 
 @pytest.mark.parametrize("make, words", [

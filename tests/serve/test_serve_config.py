@@ -45,6 +45,10 @@ def test_the_cuda_memory_settings_reach_every_instance_and_need_cuda(engines_mas
         ServeConfig(str(engines_master), runtime_options={"cuda_graph_max_tokens": 16})
     with pytest.raises(InputError, match="RuntimeOptions.graph_sessions: got 'all'"):
         ServeConfig(str(engines_master), "cuda", runtime_options={"graph_sessions": "all"})
+    with pytest.raises(InputError, match=r"runtime_options: got \['threads'\] \| a server takes cuda_graph_max_tokens"):
+        ServeConfig(str(engines_master), "cuda", runtime_options={"threads": 2})
+    unset = ServeConfig(str(engines_master), runtime_options={"cublas_workspace_mib": None})  # None: not given
+    assert json.loads(parsed(unset).parameters["runtime_options"].string_value) == {}
     odd = tmp_path / 'quote"and\\back'  # a path the config must escape, not end its string at
     odd.mkdir()
     assert '"' in str(odd) and parsed(ServeConfig(str(odd))).parameters["engine_dir"].string_value == str(odd)

@@ -81,6 +81,15 @@ def test_a_malformed_request_fails_alone_with_a_named_error(rec, bad, words):
     assert out[2].outputs["item_ids"][0].tolist() == listed(rec, ids[6:8], speculate="chain")
 
 
+def test_a_setting_equal_in_every_row_is_one_value_even_when_it_is_nan(rec):
+    """Two NaN rows are one value (refused for being NaN), not two values (refused for differing)."""
+    ids = rec.catalogue.item_ids.tolist()
+    req = {"history": np.array([ids[0:2], ids[2:4]], np.int64), "greedy": np.array([[False], [False]]),
+           "temperature": np.array([[np.nan], [np.nan]], np.float32)}
+    out = ServeModel(rec)([req, request(ids[6:8])])
+    assert "temperature: got nan | expected a finite value > 0" in error_of(out[0]) and error_of(out[1]) == ""
+
+
 def test_a_string_setting_may_come_as_bytes_str_or_an_object_array_of_either(rec):
     ids = rec.catalogue.item_ids.tolist()
     forms = [np.array([[b"off"]]), np.array([["off"]]), objects("off"), objects(b"off")]
