@@ -54,7 +54,8 @@ class OptionGroup:
 
 
 class CudaMemoryArgs(OptionGroup):
-    """How CUDA sessions hold GPU memory (RuntimeOptions): shared by the commands that run engines and `padrec serve`."""
+    """How CUDA sessions hold GPU memory (RuntimeOptions): shared by the commands that run engines and by
+    `padrec serve`."""
 
     names = ("cuda_graph_max_tokens", "graph_sessions", "cublas_workspace_mib")
     options = (

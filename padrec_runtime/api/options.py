@@ -214,7 +214,8 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
     resolved = dict(backend=backend, device=device, device_cache=device_cache, static_shapes=static,
                     cuda_graphs=graphs, in_place=in_place, trt_module=trt_module)
     # every other setting is the option as given
-    return Settings(**{f.name: resolved[f.name] if f.name in resolved else getattr(o, f.name) for f in fields(Settings)})
+    return Settings(**{f.name: resolved[f.name] if f.name in resolved else getattr(o, f.name)
+                       for f in fields(Settings)})
 
 
 @checked_fields
