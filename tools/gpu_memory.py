@@ -37,6 +37,7 @@ class Variant:
     options: dict
     env: dict = dataclasses.field(default_factory=dict)
     graph_cuda: dict = dataclasses.field(default_factory=dict)
+    tune_apart: bool = True  # the runtime's TUNE_APART: graphed buckets tune ONNX Runtime's GEMMs in a throwaway twin
 
 
 LEAN = {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16}  # the memory runs' base settings
@@ -63,6 +64,9 @@ VARIANTS = {
         {**LEAN, **CAP}, graph_cuda={"arena_extend_strategy": "kSameAsRequested"}),
     # ONNX Runtime's GEMM tuning off (its own variable): what its first-run timing trials leave in the arenas
     "per_graph_graph_max_16_cublas_option_no_gemm_tune": Variant({**LEAN, **CAP}, env={"ORT_CUDA_GEMM_AUTO_TUNE": "0"}),
+    # each graphed session tunes in its own arena (the runtime's way before TUNE_APART)
+    "per_graph_graph_max_16_cublas_option_tune_own": Variant({**LEAN, **CAP}, tune_apart=False),
+    "per_graph_graph_max_16_tune_own": Variant(LEAN, tune_apart=False),
 }
 
 
@@ -131,24 +135,29 @@ def watch_sessions(opened: list, first_runs: list) -> None:
         run_bound(self, graph, session, binding, options)
         entry = made.get(session, {})
         first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": entry.get("cuda_graph"),
-                           "gpu_graph_id": graph_id, "mb": (device_used() - before) / 2**20})
+                           "gpu_graph_id": graph_id, "mb": (device_used() - before) / 2**20,
+                           "ref": weakref.ref(session)})
     OrtBackend._open, OrtBackend.run_bound = _open, _run_bound
 
 
-def mark_alive(opened: list) -> None:
-    """Set each logged session's `alive` (still held by the runtime); JSON-ready: the weak reference goes."""
+def mark_alive(opened: list, first_runs: list) -> None:
+    """Set each logged session's and first run's `alive` (its session still held by the runtime); JSON-ready: the
+    weak references go."""
     for s in opened:
         s["alive"] = s.pop("ref")() is not None
+    for r in first_runs:
+        r["alive"] = r.pop("ref")() is not None
 
 
 def by_cause(opened: list, first_runs: list) -> dict:
     """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and first runs on
-    graphed sessions (captures) or plain ones."""
+    the graphed sessions held (captures) or plain ones (a throwaway tuning twin's run went with it)."""
     kinds = {"graphed": True, "plain": False}
     held = [s for s in opened if s["ref"]() is not None]  # during the run: mark_alive replaces the references
     return {**{f"sessions_{k}_mb": sum(s["mb"] for s in held if bool(s["cuda_graph"]) is v)
                for k, v in kinds.items()},
-            **{f"first_runs_{k}_mb": sum(r["mb"] for r in first_runs if bool(r["session_graphed"]) is v)
+            **{f"first_runs_{k}_mb": sum(r["mb"] for r in first_runs
+                                         if bool(r["session_graphed"]) is v and r["ref"]() is not None)
                for k, v in kinds.items()},
             "sessions_held": len(held)}
 
@@ -185,6 +194,36 @@ def cupy_pool_bytes() -> tuple[int, int]:
     import cupy
     pool = cupy.get_default_memory_pool()
     return pool.total_bytes(), pool.used_bytes()
+
+
+def buffer_mb(rec) -> dict:
+    """MB of the device caches' buffers by kind (each buffer once): KV caches, buckets' new KV, outputs and inputs,
+    the prefill windows' shared buffers, device-side rounds' tables (what cupy's pool holds beyond them is
+    unaccounted)."""
+    seen, mb = set(), {}
+
+    def add(kind, arr):
+        if arr is None or not hasattr(arr, "nbytes") or id(arr) in seen:
+            return
+        seen.add(id(arr))
+        mb[kind] = mb.get(kind, 0.0) + arr.nbytes / 2**20
+    for cache in list(rec.caches._shared.values()):
+        add("kv_caches", cache.cache)
+        for bucket in cache._buckets.values():
+            add("bucket_new_kv", bucket.bound.new)
+            add("bucket_outputs", bucket.bound.outs.blob)
+            add("bucket_inputs", bucket.bound.ins.blob if bucket.bound.ins is not None else None)
+        for new, outs, ins in cache._window_buffers.values():
+            add("window_new_kv", new)
+            add("window_outputs", outs.blob)
+            add("window_inputs", ins.blob if ins is not None else None)
+        for window in cache._windows.values():
+            for bucket in window._buckets.values():
+                add("window_new_kv", bucket.bound.new)
+        for memo in cache._memo.values():
+            for value in (vars(memo).values() if hasattr(memo, "__dict__") else [memo]):
+                add("rounds_tables", value)
+    return {k: round(v, 1) for k, v in mb.items()}
 
 
 def histories(cat, n: int, seed: int, length: int = 20) -> list:
@@ -226,7 +265,9 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
         for mode in ("off", "chain"):
             params = DecodeParams(speculate=mode)
             with Peak() as first:
+                t0 = time.perf_counter()
                 rec.recommend(hist, params=params)  # sessions, captures
+                row[f"{mode}_first_s"] = time.perf_counter() - t0
             with Peak() as steady:  # requests once everything is made: what serving needs on top of the load
                 times = []
                 for _ in range(repeats):
@@ -245,10 +286,11 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
                     "cupy_pool_gb": pool / 1e9, "cupy_pool_used_gb": pool_used / 1e9, "ceiling_gb": ceiling / 1e9,
                     "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,
                     "within_ceiling": used <= ceiling, "steady_peak_within_ceiling": peak["steady"] - base <= ceiling,
-                    "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, first_runs)})
+                    "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, first_runs),
+                    "buffers_mb": buffer_mb(rec)})
         out["batches"][b] = row
         log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
-    mark_alive(opened)
+    mark_alive(opened, first_runs)
     out["sessions"], out["first_runs"], out["memory_source"] = opened, first_runs, sorted(SOURCES)
     out["graph_notes"] = [n for be in rec.backends.values() for n in getattr(be, "graph_notes", [])]
     rec.close()
@@ -290,6 +332,8 @@ def main():
         variant = VARIANTS[args.child]
         options = {**variant.options, **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
         graph_cuda_options(variant.graph_cuda)
+        from padrec_runtime.backends import onnxruntime as ort_backend
+        ort_backend.TUNE_APART = variant.tune_apart
         print("RESULT " + json.dumps(run_variant(args.engines, options, batches, args.repeats)))
         return
     gpu = "cpu"

@@ -204,12 +204,13 @@ class DeviceCache:
                    self.spec.max_len, feeds, new_mask, P, take)
         return fused if ok else graph
 
-    def _bind(self, name: str, session, T: int, bucket_inputs: bool) -> Bound:
+    def _bind(self, name: str, session, T: int, bucket_inputs: bool, buffers: tuple | None = None) -> Bound:
         """A binding for T new tokens with the cache, new-KV and output buffers (and, for a bucket, the
-        input buffers) bound. Inputs and outputs each live in one packed buffer: one copy each way."""
+        input buffers) bound. Inputs and outputs each live in one packed buffer: one copy each way.
+        buffers: (new KV, outputs, inputs) to bind instead of the bucket's own (another session over them)."""
         g, be = self._graphs[name], self._graphs[name].backend
         binding = be.new_binding(session)
-        new, outs, ins = self._buffers(name, T, bucket_inputs)
+        new, outs, ins = buffers or self._buffers(name, T, bucket_inputs)
         out_kv = self.cache if g.in_place else new
         for i, (k_in, v_in, k_out, v_out) in enumerate(g.kv_names):
             for tensor, arr, output in ((k_in, self.cache[i, 0], False), (v_in, self.cache[i, 1], False),
@@ -390,6 +391,8 @@ class DeviceCache:
             options = bucket.options.warmup  # (its graphs replay into memory the arena counts as free)
         elif bucket is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
             options = bucket.options.release if self._releases and self.empty else bucket.options.capture
+        if bucket is not None and bucket.how == "graph" and bucket.runs == 0 and g.backend.tunes_apart:
+            self._tune_apart(name, bound, P)
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()
@@ -413,6 +416,19 @@ class DeviceCache:
             self.tracer.engine_call(EngineCall(self.graph, name, self.batch, T, P, queued, returned - t0, returned,
                                                bound.ins.views if P is not None else None))
         return pending
+
+    def _tune_apart(self, name: str, bound: Bound, P: int) -> None:
+        """Run a graphed bucket's call once in a throwaway twin of its session, then drop the twin: ONNX Runtime's
+        GEMM tuning (process-wide results) reads an L2-eviction scratch of twice the card's L2 from the arena of
+        the session that tunes, and a graphed session's arena never shrinks; tuned here, the bucket's own first run
+        finds the results and its arena holds only its activations. The call is repeated, not changed: the same
+        inputs write the same outputs and KV."""
+        g = self._graphs[name]
+        twin = g.backend.tuning_twin(bound.session)
+        if twin is None:
+            return
+        twin_bound = self._bind(name, twin, P, bucket_inputs=True, buffers=(bound.new, bound.outs, bound.ins))
+        g.backend.run_bound(name, twin, twin_bound.binding, g.backend.run_options(_OUTSIDE_GRAPHS, queued=False))
 
     def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         """`launch`, then wait for the outputs."""
