@@ -37,7 +37,7 @@ class Variant:
     options: dict
     env: dict = dataclasses.field(default_factory=dict)
     graph_cuda: dict = dataclasses.field(default_factory=dict)
-    tune_apart: bool = True  # the runtime's TUNE_APART: graphed buckets tune ONNX Runtime's GEMMs in a throwaway twin
+    tune_apart: bool = True  # the runtime's TUNE_APART: graphed buckets tune ONNX Runtime's GEMMs apart first
 
 
 LEAN = {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16}  # the memory runs' base settings
@@ -67,6 +67,8 @@ VARIANTS = {
     # each graphed session tunes in its own arena (the runtime's way before TUNE_APART)
     "per_graph_graph_max_16_cublas_option_tune_own": Variant({**LEAN, **CAP}, tune_apart=False),
     "per_graph_graph_max_16_tune_own": Variant(LEAN, tune_apart=False),
+    # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
+    "per_graph_graph_max_8_cublas_option": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP}),
 }
 
 
@@ -151,7 +153,7 @@ def mark_alive(opened: list, first_runs: list) -> None:
 
 def by_cause(opened: list, first_runs: list) -> dict:
     """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and first runs on
-    the graphed sessions held (captures) or plain ones (a throwaway tuning twin's run went with it)."""
+    the graphed sessions held (captures) or plain ones."""
     kinds = {"graphed": True, "plain": False}
     held = [s for s in opened if s["ref"]() is not None]  # during the run: mark_alive replaces the references
     return {**{f"sessions_{k}_mb": sum(s["mb"] for s in held if bool(s["cuda_graph"]) is v)
