@@ -37,7 +37,6 @@ class Variant:
     options: dict
     env: dict = dataclasses.field(default_factory=dict)
     graph_cuda: dict = dataclasses.field(default_factory=dict)
-    tune_apart: bool = True  # the runtime's TUNE_APART: graphed buckets tune ONNX Runtime's GEMMs apart first
 
 
 LEAN = {"graph_sessions": "per_graph", "cuda_graph_max_tokens": 16}  # the memory runs' base settings
@@ -63,12 +62,13 @@ VARIANTS = {
     "per_graph_graph_max_16_cublas_option_exact_arena": Variant(
         {**LEAN, **CAP}, graph_cuda={"arena_extend_strategy": "kSameAsRequested"}),
     # ONNX Runtime's GEMM tuning off (its own variable): what its first-run timing trials leave in the arenas
-    "per_graph_graph_max_16_cublas_option_no_gemm_tune": Variant({**LEAN, **CAP}, env={"ORT_CUDA_GEMM_AUTO_TUNE": "0"}),
-    # each graphed session tunes in its own arena (the runtime's way before TUNE_APART)
-    "per_graph_graph_max_16_cublas_option_tune_own": Variant({**LEAN, **CAP}, tune_apart=False),
-    "per_graph_graph_max_16_tune_own": Variant(LEAN, tune_apart=False),
+    # ONNX Runtime's GEMM tuning (RuntimeOptions.gemm_tuning): off, or apart from the graphed sessions' arenas
+    "per_graph_graph_max_16_cublas_option_tune_off": Variant({**LEAN, **CAP, "gemm_tuning": "off"}),
+    "per_graph_graph_max_16_cublas_option_tune_apart": Variant({**LEAN, **CAP, "gemm_tuning": "apart"}),
+    "per_graph_graph_max_16_tune_apart": Variant({**LEAN, "gemm_tuning": "apart"}),
     # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
-    "per_graph_graph_max_8_cublas_option": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP}),
+    "per_graph_graph_max_8_cublas_option_tune_apart": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP,
+                                                               "gemm_tuning": "apart"}),
 }
 
 
@@ -334,8 +334,6 @@ def main():
         variant = VARIANTS[args.child]
         options = {**variant.options, **({"prefill_rows": args.prefill_rows} if args.prefill_rows else {})}
         graph_cuda_options(variant.graph_cuda)
-        from padrec_runtime.backends import onnxruntime as ort_backend
-        ort_backend.TUNE_APART = variant.tune_apart
         print("RESULT " + json.dumps(run_variant(args.engines, options, batches, args.repeats)))
         return
     gpu = "cpu"

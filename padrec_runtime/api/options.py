@@ -24,6 +24,7 @@ DEVICES = ("cpu", "cuda")
 SPECULATE = ("off", "chain", "tree", "auto")
 TRT_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_rtx")
 GRAPH_SESSIONS = ("per_graph", "per_shape", "single")
+GEMM_TUNING = ("session", "apart", "off")
 
 
 def _check(owner: str, name: str, value, kind: str, lo=None, hi=None, choices=None, optional=False):
@@ -114,6 +115,12 @@ class RuntimeOptions:
     # speed cost at batch 32 is not settled). None: whatever the process has (cuBLAS's default, the environment's
     # value, or the cap an earlier Recommender of this process set)
     cublas_workspace_mib: int | None = None
+    # where ONNX Runtime's GEMM tuning (per MatMul shape, cuBLAS against its GEMV kernels) runs on CUDA: session (in
+    # each session; a graphed session's arena keeps the tuning's L2-eviction scratch, ~100 MB on an H100), apart (a
+    # graphed bucket's first call also runs in a throwaway twin of its session, which takes the scratch with it:
+    # 0.29 GB less for a 1.5B pair at batch 64, its first calls at each new batch size seconds slower at 1.5B and
+    # 25-40 s slower at 7B; H100) or off (cuBLAS only: the memory of apart, no tuning)
+    gemm_tuning: str = "session"
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a
     # 64-row prefill of 128-token prompts would take ~2 GB at once)
@@ -132,6 +139,7 @@ class RuntimeOptions:
                          "graph_sessions": dict(kind="str", choices=GRAPH_SESSIONS),
                          "in_place": dict(kind="bool", optional=True),
                          "cublas_workspace_mib": dict(kind="int", lo=1, hi=1 << 12, optional=True),
+                         "gemm_tuning": dict(kind="str", choices=GEMM_TUNING),
                          "prefill_rows": dict(kind="int", lo=1, hi=1 << 16),
                          "device_rounds_max_batch": dict(kind="int", lo=0, hi=1 << 16),
                          "max_request_tokens": dict(kind="int", lo=1),
@@ -153,6 +161,7 @@ class Settings:
     graph_sessions: str
     in_place: bool
     cublas_workspace_mib: int | None
+    gemm_tuning: str
     prefill_rows: int
     device_rounds_max_batch: int
     max_request_tokens: int
@@ -205,6 +214,12 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
         raise BackendError(f"cublas_workspace_mib: {o.cublas_workspace_mib} sizes cuBLAS's workspace for ONNX "
                            f"Runtime's CUDA sessions | drop it (--cublas-workspace-mib) on backend={backend}, "
                            f"device={device}")
+    if o.gemm_tuning != "session" and not (cuda and ort):
+        raise BackendError(f"gemm_tuning: {o.gemm_tuning} places ONNX Runtime's CUDA GEMM tuning | drop it "
+                           f"(--gemm-tuning) on backend={backend}, device={device}")
+    if o.gemm_tuning == "apart" and not graphs:
+        raise BackendError("gemm_tuning: apart keeps the tuning out of CUDA-graph sessions, and there are none | "
+                           "drop it (--gemm-tuning), or keep cuda_graphs on")
     if (o.trt_module is not None or o.allow_host_code) and backend != "tensorrt":
         raise BackendError(f"{'trt_module' if o.trt_module is not None else 'allow_host_code'}: a TensorRT setting "
                            f"on backend={backend} | drop it (--trt-module / --allow-host-code), or pass "

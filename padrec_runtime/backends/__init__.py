@@ -22,7 +22,7 @@ def open_backend(manifest, graph: str, settings, stream=None, weights=None) -> B
         return OrtBackend(manifest, graph, device=settings.device, threads=settings.threads,
                           cuda_graphs=settings.cuda_graphs, graph_max_tokens=settings.cuda_graph_max_tokens,
                           graph_sessions=settings.graph_sessions, static=settings.static_shapes,
-                          stream=stream, weights=weights)
+                          gemm_tuning=settings.gemm_tuning, stream=stream, weights=weights)
     from .tensorrt import TrtBackend
     return TrtBackend(manifest, graph, module=settings.trt_module, allow_host_code=settings.allow_host_code)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from pathlib import PurePosixPath
 
 from ..errors import BackendError, ManifestError
@@ -10,17 +11,15 @@ from ..manifest import Manifest
 from .base import check_feeds, graph_names
 from .weights import WeightPool
 
-# CUDA sessions ask ONNX Runtime (>= 1.31; older ones ignore the entry) to time, per MatMul shape, cuBLAS against
-# its small-M GEMV kernels on the session's first run of the shape and keep the fastest: on an H100 the fused
-# target's 1-token step 1.19 -> 1.16 ms and its 8-token verify 1.37 -> 1.31 ms (tools/gpu_step_profile.py,
-# benchmarks/results/step_profile_h100.json). ORT_CUDA_GEMM_AUTO_TUNE in the environment decides instead
-# (ONNX Runtime's own variable; 0: cuBLAS only, the same kernels on every run).
-GEMM_TUNE_ENTRY, GEMM_TUNE_ENV = "ep.cuda.enable_gemm_auto_tune", "ORT_CUDA_GEMM_AUTO_TUNE"
-# The tuning's timed trials evict L2 by reading a scratch of twice the card's L2 (100 MB on an H100), taken from the
-# tuning session's arena: a graphed session keeps it (its arena never shrinks), so graphed buckets tune first in a
-# session of their own that hands its arena back after each run (OrtBackend.tune; ONNX Runtime keeps the results
-# per process). False: each graphed session tunes in its own arena.
-TUNE_APART = True
+# ONNX Runtime (>= 1.31; older ones ignore the entry) can time, per MatMul shape, cuBLAS against its small-M GEMV
+# kernels on a session's first run of the shape and keep the fastest: on an H100 the fused 0.5B target's 1-token
+# step 1.19 -> 1.16 ms and its 8-token verify 1.37 -> 1.31 ms (tools/gpu_step_profile.py,
+# benchmarks/results/step_profile_h100.json). Its timed trials evict L2 by reading a scratch of twice the card's L2
+# (100 MB on an H100) from the tuning session's arena, which a graphed session keeps for good (its arena never
+# shrinks): RuntimeOptions.gemm_tuning says where tuning runs - "session" (each session), "apart" (a graphed bucket
+# first in a throwaway twin of its session, DeviceCache._tune_apart: the results are kept per process, the scratch
+# goes with the twin) or "off" (cuBLAS only). The setting decides over ONNX Runtime's ORT_CUDA_GEMM_AUTO_TUNE.
+GEMM_TUNE_ENTRY = "ep.cuda.enable_gemm_auto_tune"
 _ORT_TYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(bfloat16)": "bfloat16",
               "tensor(int32)": "int32", "tensor(int64)": "int64", "tensor(bool)": "bool"}
 
@@ -105,7 +104,8 @@ class OrtBackend:
 
     def __init__(self, manifest: Manifest, graph: str, device: str = "cpu", threads: int | None = 1,
                  cuda_graphs: bool = False, stream: int | None = None, weights: WeightPool | None = None,
-                 graph_max_tokens: int | None = None, graph_sessions: str = "per_shape", static: bool = False):
+                 graph_max_tokens: int | None = None, graph_sessions: str = "per_shape", static: bool = False,
+                 gemm_tuning: str = "session"):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -117,7 +117,7 @@ class OrtBackend:
         # stream: a CUDA stream pointer, or an object with `.ptr` (a cupy Stream) that this backend keeps alive
         # for as long as its sessions, which synchronise and free buffers through it (see the end of __init__)
         self.device, self.threads, self.cuda_graphs = device, threads, cuda_graphs
-        self.graph_max_tokens, self.graph_sessions = graph_max_tokens, graph_sessions
+        self.graph_max_tokens, self.graph_sessions, self.gemm_tuning = graph_max_tokens, graph_sessions, gemm_tuning
         self.stream = getattr(stream, "ptr", stream)
         if device == "cuda":
             require_cuda()
@@ -137,7 +137,7 @@ class OrtBackend:
         self.supplied = self.weights.supply(graph, self.spec, self._external)
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
-        self._tuners: dict = {}  # cache dimensions -> the session graphed buckets of that cache length tune in
+        self._graphed_dims: dict = {}  # id of a session made with a CUDA graph -> its fixed dimensions
         self._graph_session = None  # graph_sessions="per_graph": the one session whose CUDA graphs every bucket shares
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
         self.shrinks_arena = True  # prefill runs release the shared arena (until ONNX Runtime refuses: run_bound)
@@ -158,37 +158,26 @@ class OrtBackend:
 
     @property
     def tunes_apart(self) -> bool:
-        """Whether a graphed bucket's first call runs once in the graph's tuning session first (`tune`): on CUDA
-        with graphs and ONNX Runtime's GEMM tuning on (what the environment's ORT_CUDA_GEMM_AUTO_TUNE says, else
-        on, see _options)."""
-        tuning = os.environ.get(GEMM_TUNE_ENV, "1").strip().lower() in ("1", "true", "on")
-        return self.device == "cuda" and self.cuda_graphs and tuning and TUNE_APART
+        """Whether a graphed bucket's first call runs once in a throwaway twin of its session first (DeviceCache):
+        gemm_tuning="apart", on CUDA with graphs."""
+        return self.device == "cuda" and self.cuda_graphs and self.gemm_tuning == "apart"
 
-    def tune(self, dims: dict, bind) -> None:
-        """Run a bucket's call once, outside any graph, in this graph's tuning session for the bucket's cache
-        length (made once, with a CUDA graph as the bucket's session was, so ONNX Runtime tunes the same keys);
-        bind(session) binds the bucket's buffers to it. The tuning session never captures, so its arena, which
-        the tuning's L2 scratch grew, is handed back after each run (where ONNX Runtime refuses that, the session
-        goes instead)."""
-        key = tuple(sorted((k, v) for k, v in dims.items() if k in CACHE_DIMS))
-        session = self._tuners.get(key)
-        if session is None:
-            session = self._tuners[key] = self._open(dict(key), cuda_graph=True)
-        options = self.run_options(-1, queued=False)
-        if self.device == "cuda":
-            options.add_run_config_entry(ARENA_SHRINK, ARENA_SHRINK_CUDA)
-        binding = bind(session)
-        try:
-            session.run_with_iobinding(binding, options)
-        except Exception as exc:  # onnxruntime raises its own exception types
-            if SHRINK_REFUSED not in str(exc):
-                raise BackendError(f"{self.graph_name}: onnxruntime run failed ({str(exc)[:300]}){RUN_FAILED_FIX}"
-                                   ) from None
-            del self._tuners[key]  # nothing ran (the request is checked first): run it without, then let it go
-            session.run_with_iobinding(binding, self.run_options(-1, queued=False))
+    def tuning_twin(self, session):
+        """A new session made as `session` was (the same fixed dimensions, a CUDA graph), for one run outside any
+        graph whose GEMM tuning leaves its scratch in the twin's arena, which goes with the twin; None for a
+        session this backend did not make with a graph."""
+        dims = self._graphed_dims.get(id(session))
+        return None if dims is None else self._open(dims, cuda_graph=True)
 
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""
+        session = self._make(dims, cuda_graph)
+        if cuda_graph:
+            self._graphed_dims[id(session)] = dict(dims or {})
+            weakref.finalize(session, self._graphed_dims.pop, id(session), None)
+        return session
+
+    def _make(self, dims: dict | None, cuda_graph: bool):
         opts, providers = self._options(dims, cuda_graph)
         if self.device == "cuda":
             share_cuda_arena(self._ort)
@@ -217,8 +206,7 @@ class OrtBackend:
             opts.add_free_dimension_override_by_name(name, int(size))
         providers: list = ["CPUExecutionProvider"]
         if self.device == "cuda":
-            if GEMM_TUNE_ENV not in os.environ:
-                opts.add_session_config_entry(GEMM_TUNE_ENTRY, "1")
+            opts.add_session_config_entry(GEMM_TUNE_ENTRY, "0" if self.gemm_tuning == "off" else "1")
             cuda = {}
             if self.stream is not None:
                 cuda["user_compute_stream"] = str(self.stream)

@@ -58,7 +58,6 @@ class _Bucket:
     bound: Bound  # buffers and binding (a CUDA graph is tied to the addresses it was captured with)
     options: _RunOptions
     how: str  # graph (its session captures and replays a CUDA graph) | plain | outside (see OrtBackend.bucket_session)
-    dims: dict  # the bucket's dimensions (batch, seq and the cache's length)
     runs: int = 0  # runs so far: the graph replays after _CAPTURE_RUNS
     unread: Pending | None = None  # its last call, until the next call of this bucket waits for its input copy
 
@@ -301,7 +300,7 @@ class DeviceCache:
         options = _RunOptions(run_options(_OUTSIDE_GRAPHS, queued=False), run_options(graph_id, queued=False),
                               run_options(graph_id, queued=self.device != "cpu"),
                               run_options(graph_id, queued=False, release=True))
-        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, how, dims)
+        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, how)
 
     def _dynamic_call(self, name: str, feeds: dict, mask, T: int) -> Bound:
         """Buffers for one call of any length (prompt lengths vary without bound), its inputs bound as they are."""
@@ -393,7 +392,7 @@ class DeviceCache:
         elif bucket is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
             options = bucket.options.release if self._releases and self.empty else bucket.options.capture
         if bucket is not None and bucket.how == "graph" and bucket.runs == 0 and g.backend.tunes_apart:
-            self._tune_apart(name, bucket, P)
+            self._tune_apart(name, bound, P)
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()
@@ -418,15 +417,18 @@ class DeviceCache:
                                                bound.ins.views if P is not None else None))
         return pending
 
-    def _tune_apart(self, name: str, bucket: "_Bucket", P: int) -> None:
-        """Run a graphed bucket's first call once in its graph's tuning session (OrtBackend.tune): ONNX Runtime's
-        GEMM tuning reads an L2-eviction scratch of twice the card's L2 from the arena of the session that tunes,
-        and a graphed session's arena never shrinks; tuned there, the bucket's own first run finds the results and
-        its arena holds only its activations. The call is repeated, not changed: the same inputs write the same
-        outputs and KV."""
-        b = bucket.bound
-        self._graphs[name].backend.tune(bucket.dims, lambda session: self._bind(
-            name, session, P, bucket_inputs=True, buffers=(b.new, b.outs, b.ins)).binding)
+    def _tune_apart(self, name: str, bound: Bound, P: int) -> None:
+        """Run a graphed bucket's call once in a throwaway twin of its session, then drop the twin: ONNX Runtime's
+        GEMM tuning (process-wide results) reads an L2-eviction scratch of twice the card's L2 from the arena of
+        the session that tunes, and a graphed session's arena never shrinks; tuned here, the bucket's own first run
+        finds the results and its arena holds only its activations. The call is repeated, not changed: the same
+        inputs write the same outputs and KV."""
+        g = self._graphs[name]
+        twin = g.backend.tuning_twin(bound.session)
+        if twin is None:
+            return
+        twin_bound = self._bind(name, twin, P, bucket_inputs=True, buffers=(bound.new, bound.outs, bound.ins))
+        g.backend.run_bound(name, twin, twin_bound.binding, g.backend.run_options(_OUTSIDE_GRAPHS, queued=False))
 
     def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:
         """`launch`, then wait for the outputs."""

@@ -104,9 +104,10 @@ def test_arena_release_is_asked_only_of_synchronous_cuda_runs(engines_master):
 
 
 def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graphs(engines_master, monkeypatch):
-    """CUDA sessions carry ONNX Runtime's GEMM auto-tune entry; with ORT_CUDA_GEMM_AUTO_TUNE set they leave the
-    choice to it; CPU sessions never carry it."""
-    from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY, GEMM_TUNE_ENV, SHARED_ARENA
+    """CUDA sessions carry ONNX Runtime's GEMM auto-tune entry as gemm_tuning says ("0" for off), whatever
+    ORT_CUDA_GEMM_AUTO_TUNE says (the entry decides over it); CPU sessions never carry it; only "apart" with graphs
+    on CUDA tunes graphed buckets in a throwaway twin."""
+    from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY, SHARED_ARENA
     b = OrtBackend(load_manifest(engines_master), "target")
 
     def entry(opts):
@@ -114,19 +115,23 @@ def test_cuda_sessions_ask_for_tuned_gemms_and_share_an_arena_only_without_graph
             return opts.get_session_config_entry(GEMM_TUNE_ENTRY)
         except RuntimeError:  # onnxruntime: no such entry
             return None
-    monkeypatch.delenv(GEMM_TUNE_ENV, raising=False)
+    monkeypatch.setenv("ORT_CUDA_GEMM_AUTO_TUNE", "0")
     opts, providers = b._options({"batch": 1}, cuda_graph=False)
-    assert entry(opts) is None and providers == ["CPUExecutionProvider"]
+    assert entry(opts) is None and providers == ["CPUExecutionProvider"] and not b.tunes_apart
     b.device = "cuda"  # the options only: no CUDA session is made
     opts, providers = b._options({"batch": 1}, cuda_graph=True)
     assert entry(opts) == "1"
     assert providers[0] == ("CUDAExecutionProvider", {"enable_cuda_graph": "1"})
     with pytest.raises(RuntimeError, match="use_env_allocators"):  # a replayed graph keeps an arena of its own
         opts.get_session_config_entry(SHARED_ARENA)
-    monkeypatch.setenv(GEMM_TUNE_ENV, "0")
+    b.gemm_tuning = "off"
     opts, _ = b._options({"batch": 1}, cuda_graph=False)
-    assert entry(opts) is None
+    assert entry(opts) == "0"
     assert opts.get_session_config_entry(SHARED_ARENA) == "1"  # sessions without a graph share the process's arena
+    b.gemm_tuning = "apart"
+    assert entry(b._options({"batch": 1}, cuda_graph=True)[0]) == "1" and not b.tunes_apart  # no graphs here
+    b.cuda_graphs = True
+    assert b.tunes_apart
 
 
 def test_export_without_in_place_graphs(tiny, tmp_path):

@@ -108,6 +108,24 @@ def test_the_tensorrt_runtime_follows_the_plans_builder_unless_asked(builder, as
         resolve_runtime(RuntimeOptions(allow_host_code=True), "onnxruntime", "cpu", "fp32", False)
 
 
+def test_gemm_tuning_is_a_cuda_onnxruntime_setting_and_apart_needs_graphs():
+    """gemm_tuning: "session" everywhere (it is the default); "off" and "apart" only where ONNX Runtime runs on CUDA,
+    "apart" only with CUDA graphs (it keeps the tuning out of their sessions); each refusal names the flag."""
+    from padrec_runtime.api.options import resolve_runtime
+    on_cuda = resolve_runtime(RuntimeOptions(gemm_tuning="apart"), "onnxruntime", "cuda", "fp16", True)
+    assert on_cuda.gemm_tuning == "apart" and on_cuda.cuda_graphs
+    assert resolve_runtime(RuntimeOptions(), "onnxruntime", "cpu", "fp32", False).gemm_tuning == "session"
+    with pytest.raises(BackendError, match=r"gemm_tuning: off places ONNX Runtime's CUDA GEMM tuning \| drop it "
+                                           r"\(--gemm-tuning\) on backend=onnxruntime, device=cpu"):
+        resolve_runtime(RuntimeOptions(gemm_tuning="off"), "onnxruntime", "cpu", "fp32", False)
+    with pytest.raises(BackendError, match=r"gemm_tuning: apart .* there are none"):
+        resolve_runtime(RuntimeOptions(gemm_tuning="apart", cuda_graphs=False), "onnxruntime", "cuda", "fp16", True)
+    with pytest.raises(BackendError, match=r"gemm_tuning: off .* backend=tensorrt"):
+        resolve_runtime(RuntimeOptions(gemm_tuning="off"), "tensorrt", "cuda", "fp16", False)
+    with pytest.raises(InputError, match=r"gemm_tuning: got 'own'"):
+        RuntimeOptions(gemm_tuning="own")
+
+
 CUBLAS_AT_IMPORT = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
 
 

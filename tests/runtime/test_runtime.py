@@ -154,7 +154,8 @@ def test_cli_recommend_and_errors(engines_master, engines):
                       (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches"),
                       (["--history", "1000", "--cuda-graph-max-tokens", "16"], "cuda_graph_max_tokens: 16 without"),
                       (["--history", "1000", "--cublas-workspace-mib", "4"], "drop it (--cublas-workspace-mib) on "
-                                                                             "backend=onnxruntime, device=cpu")]:
+                                                                             "backend=onnxruntime, device=cpu"),
+                      (["--history", "1000", "--gemm-tuning", "off"], "drop it (--gemm-tuning) on backend=onnxruntime")]:
         bad = _cli("recommend", "--engines", str(engines_master), *args)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     (engines / "target.onnx").write_bytes(b"garbage")
@@ -409,41 +410,45 @@ def test_single_sessions_run_ungraphed_buckets_outside_any_graph_and_never_relea
     assert graphed and all(a[0] == -1 and len(set(a[1:])) == 1 and a[1] > 0 for a in graphed), runs
 
 
-def test_a_graphed_bucket_tunes_in_its_graphs_tuning_session_first(tiny, engines_master, monkeypatch):
-    """Where ONNX Runtime tunes its GEMMs (CUDA, graphs), a graphed bucket's first call runs once first in its graph's
-    tuning session (one per cache length, made with a graph, kept), outside any graph, over the bucket's own buffers,
-    right before the bucket's own warm-up; later calls do not tune, and the lists equal a run without tuning
-    sessions. (A CPU has no graphs: they are forced here.)"""
-    from padrec_runtime.backends.onnxruntime import CACHE_DIMS, OrtBackend
-    real_tune, real_run = OrtBackend.tune, OrtBackend.run_bound
-    events = []  # (graph, "tune" | the annotation of a bucket run)
+def test_a_graphed_bucket_tunes_in_a_throwaway_twin_first(tiny, engines_master, monkeypatch):
+    """With gemm_tuning="apart" (CUDA, graphs) a graphed bucket's first call runs once first in a throwaway twin of
+    its session (the same fixed dimensions, made with a graph), outside any graph, over the bucket's own buffers, and
+    the twin is dropped at once (its arena, holding the tuning's scratch, goes with it): one twin per graphed bucket,
+    none for later calls, and the lists equal a run without twins. (A CPU has no graphs: they are forced here.)"""
+    import weakref
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    real_twin, real_run = OrtBackend.tuning_twin, OrtBackend.run_bound
+    twins, events = [], []  # weak references to the twins; (binding id, session is a twin, annotation) per run
 
-    def tune(self, dims, bind):
-        events.append((self.graph_name, "tune", dims))
-        return real_tune(self, dims, bind)
+    def twin(self, session):
+        made = real_twin(self, session)
+        assert made is not None and made is not session
+        twins.append(weakref.ref(made))
+        return made
 
     def recording(self, graph, session, binding, options):
-        events.append((graph, int(options.get_run_config_entry("gpu_graph_id")), None))
+        is_twin = any(t() is session for t in twins)
+        events.append((graph, is_twin, int(options.get_run_config_entry("gpu_graph_id"))))
         return real_run(self, graph, session, binding, options)
     hist = _histories(tiny[0], 9, 2)
     plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
     want = {m: [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate=m)).lists] for m in ("off", "chain")}
     monkeypatch.setattr(OrtBackend, "wants_graph", lambda self, dims: dims.get("seq", 1) <= 2)
     monkeypatch.setattr(OrtBackend, "tunes_apart", True)
-    monkeypatch.setattr(OrtBackend, "tune", tune)
+    monkeypatch.setattr(OrtBackend, "tuning_twin", twin)
     monkeypatch.setattr(OrtBackend, "run_bound", recording)
     rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
-    for _ in range(2):  # the second request tunes nothing: every bucket has run
+    for _ in range(2):  # the second request makes no twin: every bucket has run
         got = {m: [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate=m)).lists] for m in want}
         assert got == want
-    buckets = [(c.graph, b.dims) for c in rec.caches._shared.values() for b in c._buckets.values() if b.how == "graph"]
-    tuned = [(g, d) for g, kind, d in events if kind == "tune"]
-    assert buckets and len(tuned) == len(buckets) and all(d["seq"] <= 2 for _, d in tuned)
-    after = [events[i + 1][:2] for i, e in enumerate(events) if e[1] == "tune"]  # the bucket's own warm-up
-    assert after == [(g, -1) for g, _ in tuned]
-    for name, backend in rec.backends.items():  # one kept tuning session per cache length the graph tuned
-        lengths = {tuple(sorted((k, v) for k, v in d.items() if k in CACHE_DIMS)) for g, d in tuned if g == name}
-        assert set(backend._tuners) == lengths
+    graphed = [(g, k) for g, b in rec.backends.items() for k in b._graphed]
+    buckets = sum(1 for c in rec.caches._shared.values() for b in c._buckets.values() if b.how == "graph")
+    assert graphed and len(twins) == buckets >= len(graphed)
+    assert all(t() is None for t in twins)  # dropped once run
+    twin_runs = [e for e in events if e[1]]
+    assert len(twin_runs) == len(twins) and all(a == -1 for _, _, a in twin_runs)
+    after = [events[i + 1] for i, e in enumerate(events) if e[1]]  # right after each twin: the bucket's warm-up
+    assert [(g, tw, a) for g, tw, a in after] == [(g, False, -1) for g, _, _ in twin_runs]
 
 
 def test_a_graphed_bucket_runs_once_outside_any_graph_before_its_own(tiny, engines_master, monkeypatch):
