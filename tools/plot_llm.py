@@ -107,19 +107,23 @@ def plot_steps(ax, steps: dict, benches: dict) -> None:
     legend(ax, 6.5)
 
 
-CAPPED = {"qwen-1.5b_random_cublas_setting": ("qwen-1.5b", "per_graph_graph_max_16_cublas_option"),
-          "qwen-7b_random": ("qwen-7b", "per_graph_graph_max_16_cublas_4mb")}  # levers file runs drawn as lines
+# levers file runs drawn as lines: (run, shape, variant, marker, label)
+CAPPED = (("qwen-1.5b_random_cublas_setting", "qwen-1.5b", "per_graph_graph_max_16_cublas_option", "s-.",
+           "cuBLAS capped"),
+          ("qwen-7b_random", "qwen-7b", "per_graph_graph_max_16_cublas_4mb", "s-.", "cuBLAS capped"),
+          ("qwen-1.5b_random_gemm_tuning", "qwen-1.5b", "per_graph_graph_max_16_cublas_option_tune_apart", "D-",
+           "capped, GEMM tuning apart"))
 
 
 def plot_levers(ax, levers: dict, colors: dict) -> None:
-    """The cuBLAS-capped runs of gpu_memory_levers_CARD.json, in their shape's color."""
-    for run, (s, variant) in CAPPED.items():
+    """The memory-lever runs of gpu_memory_levers_CARD.json, in their shape's color."""
+    for run, s, variant, marker, label in CAPPED:
         v = levers.get("runs", {}).get(run, {}).get("variants", {}).get(variant)
         if v is None:
             continue
         b = sorted(v["batches"], key=int)
-        ax.plot([int(x) for x in b], [v["batches"][x]["gpu_used_gb"] for x in b], "s-.", color=colors.get(s, "k"),
-                label=f"{SHAPES[s]} in use, cuBLAS capped (random weights)")
+        ax.plot([int(x) for x in b], [v["batches"][x]["gpu_used_gb"] for x in b], marker, color=colors.get(s, "k"),
+                label=f"{SHAPES[s]} in use, {label} (random weights)")
 
 
 def plot_memory(ax, memory: dict, levers: dict) -> None:

@@ -72,7 +72,7 @@ class CudaMemoryArgs(OptionGroup):
         click.option("--gemm-tuning", type=click.Choice(GEMM_TUNING), default=None,
                      show_default=RuntimeOptions().gemm_tuning,
                      help="CUDA: where ONNX Runtime tunes its GEMMs: in each session, apart (graphed sessions keep "
-                          "no tuning scratch: 0.29 GB less at 1.5B, slower first calls), or off"),
+                          "no tuning scratch: 0.22-0.41 GB less at 1.5B, slower first calls), or off"),
     )
 
     def parse(self, kwargs: dict) -> dict:

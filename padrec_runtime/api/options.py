@@ -118,8 +118,8 @@ class RuntimeOptions:
     # where ONNX Runtime's GEMM tuning (per MatMul shape, cuBLAS against its GEMV kernels) runs on CUDA: session (in
     # each session; a graphed session's arena keeps the tuning's L2-eviction scratch, ~100 MB on an H100), apart (a
     # graphed bucket's first call also runs in a throwaway twin of its session, which takes the scratch with it:
-    # 0.29 GB less for a 1.5B pair at batch 64, its first calls at each new batch size seconds slower at 1.5B and
-    # 25-40 s slower at 7B; H100) or off (cuBLAS only: the memory of apart, no tuning)
+    # 0.22-0.41 GB less for a 1.5B pair, the first calls at each new batch size 4-5 s slower at 1.5B and
+    # 26-28 s slower at 7B; H100) or off (cuBLAS only: the memory of apart, no tuning)
     gemm_tuning: str = "session"
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a

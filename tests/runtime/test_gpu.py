@@ -80,6 +80,7 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     assert not notes, notes
     check_graph_max_tokens(engines, plain, hists)
     check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "per_graph"})
+    check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "per_graph", "gemm_tuning": "apart"})
     check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "single", "cuda_graph_max_tokens": 8})
     fused_calls = counter.count("target", "target_gqa")
     assert (fused_calls > 0) == graphs.settings.in_place
