@@ -66,6 +66,9 @@ VARIANTS = {
     "per_graph_graph_max_16_cublas_option_tune_off": Variant({**LEAN, **CAP, "gemm_tuning": "off"}),
     "per_graph_graph_max_16_cublas_option_tune_apart": Variant({**LEAN, **CAP, "gemm_tuning": "apart"}),
     "per_graph_graph_max_16_tune_apart": Variant({**LEAN, "gemm_tuning": "apart"}),
+    # no plain prefill sessions (prefill runs in the graphed sessions, outside any graph), tuning kept out of them
+    "single_graph_max_16_cublas_option_tune_apart": Variant({"graph_sessions": "single", "cuda_graph_max_tokens": 16,
+                                                             **CAP, "gemm_tuning": "apart"}),
     # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
     "per_graph_graph_max_8_cublas_option_tune_apart": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP,
                                                                "gemm_tuning": "apart"}),
