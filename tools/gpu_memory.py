@@ -61,7 +61,6 @@ VARIANTS = {
     # session at batch 1, 1.5B pair, H100)
     "per_graph_graph_max_16_cublas_option_exact_arena": Variant(
         {**LEAN, **CAP}, graph_cuda={"arena_extend_strategy": "kSameAsRequested"}),
-    # ONNX Runtime's GEMM tuning off (its own variable): what its first-run timing trials leave in the arenas
     # ONNX Runtime's GEMM tuning (RuntimeOptions.gemm_tuning): off, or apart from the graphed sessions' arenas
     "per_graph_graph_max_16_cublas_option_tune_off": Variant({**LEAN, **CAP, "gemm_tuning": "off"}),
     "per_graph_graph_max_16_cublas_option_tune_apart": Variant({**LEAN, **CAP, "gemm_tuning": "apart"}),

@@ -219,7 +219,8 @@ def resolve_runtime(options: RuntimeOptions, backend: str, device: str, precisio
                            f"(--gemm-tuning) on backend={backend}, device={device}")
     if o.gemm_tuning == "apart" and not graphs:
         raise BackendError("gemm_tuning: apart keeps the tuning out of CUDA-graph sessions, and there are none | "
-                           "drop it (--gemm-tuning), or keep cuda_graphs on")
+                           "drop it (--gemm-tuning), or keep CUDA graphs on (device='cuda' with static shapes: "
+                           "--static-shapes --device-cache; cuda_graphs not False)")
     if (o.trt_module is not None or o.allow_host_code) and backend != "tensorrt":
         raise BackendError(f"{'trt_module' if o.trt_module is not None else 'allow_host_code'}: a TensorRT setting "
                            f"on backend={backend} | drop it (--trt-module / --allow-host-code), or pass "

@@ -138,6 +138,7 @@ class OrtBackend:
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph
         self._graphed_dims: dict = {}  # id of a session made with a CUDA graph -> its fixed dimensions
+        self._tuned: set = set()  # the call dims a tuning twin has run (gemm_tuning="apart")
         self._graph_session = None  # graph_sessions="per_graph": the one session whose CUDA graphs every bucket shares
         self.graph_notes: list = []  # why a static session runs without a CUDA graph, if one does
         self.shrinks_arena = True  # prefill runs release the shared arena (until ONNX Runtime refuses: run_bound)
@@ -158,16 +159,20 @@ class OrtBackend:
 
     @property
     def tunes_apart(self) -> bool:
-        """Whether a graphed bucket's first call runs once in a throwaway twin of its session first (DeviceCache):
-        gemm_tuning="apart", on CUDA with graphs."""
+        """Whether the first call of a bucket in a CUDA-graph session runs once in a throwaway twin of the session
+        first (DeviceCache._tune_apart): gemm_tuning="apart", on CUDA with graphs."""
         return self.device == "cuda" and self.cuda_graphs and self.gemm_tuning == "apart"
 
-    def tuning_twin(self, session):
-        """A new session made as `session` was (the same fixed dimensions, a CUDA graph), for one run outside any
-        graph whose GEMM tuning leaves its scratch in the twin's arena, which goes with the twin; None for a
-        session this backend did not make with a graph."""
-        dims = self._graphed_dims.get(id(session))
-        return None if dims is None else self._open(dims, cuda_graph=True)
+    def tuning_twin(self, session, call: dict):
+        """A new session made as `session` was (the same fixed dimensions, a CUDA graph), for one run of a call of
+        dims `call` outside any graph, whose GEMM tuning leaves its scratch in the twin's arena, which goes with
+        the twin. None where no twin is needed: a call of these dims was tuned before (ONNX Runtime keeps the results
+        per process: another cache's bucket, a prefill window), or `session` was not made with a graph."""
+        dims, key = self._graphed_dims.get(id(session)), tuple(sorted(call.items()))
+        if dims is None or key in self._tuned:
+            return None
+        self._tuned.add(key)
+        return self._open(dims, cuda_graph=True)
 
     def _open(self, dims: dict | None = None, cuda_graph: bool = False):
         """A session over the graph; `dims` fixes its symbolic dimensions (a static-shape session)."""

@@ -58,6 +58,7 @@ class _Bucket:
     bound: Bound  # buffers and binding (a CUDA graph is tied to the addresses it was captured with)
     options: _RunOptions
     how: str  # graph (its session captures and replays a CUDA graph) | plain | outside (see OrtBackend.bucket_session)
+    dims: dict  # the bucket's dimensions (batch, seq and the cache's length)
     runs: int = 0  # runs so far: the graph replays after _CAPTURE_RUNS
     unread: Pending | None = None  # its last call, until the next call of this bucket waits for its input copy
 
@@ -300,7 +301,7 @@ class DeviceCache:
         options = _RunOptions(run_options(_OUTSIDE_GRAPHS, queued=False), run_options(graph_id, queued=False),
                               run_options(graph_id, queued=self.device != "cpu"),
                               run_options(graph_id, queued=False, release=True))
-        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, how)
+        return _Bucket(self._bind(name, session, P, bucket_inputs=True), options, how, dims)
 
     def _dynamic_call(self, name: str, feeds: dict, mask, T: int) -> Bound:
         """Buffers for one call of any length (prompt lengths vary without bound), its inputs bound as they are."""
@@ -391,8 +392,8 @@ class DeviceCache:
             options = bucket.options.warmup  # (its graphs replay into memory the arena counts as free)
         elif bucket is not None:  # on the shared arena: a prompt's prefill (the call into the empty cache) releases it
             options = bucket.options.release if self._releases and self.empty else bucket.options.capture
-        if bucket is not None and bucket.how == "graph" and bucket.runs == 0 and g.backend.tunes_apart:
-            self._tune_apart(name, bound, P)
+        if bucket is not None and bucket.how != "plain" and bucket.runs == 0 and g.backend.tunes_apart:
+            self._tune_apart(name, bucket, P)
         t0 = time.perf_counter()
         g.backend.run_bound(name, bound.session, bound.binding, options)
         returned = time.perf_counter()
@@ -417,17 +418,22 @@ class DeviceCache:
                                                bound.ins.views if P is not None else None))
         return pending
 
-    def _tune_apart(self, name: str, bound: Bound, P: int) -> None:
-        """Run a graphed bucket's call once in a throwaway twin of its session, then drop the twin: ONNX Runtime's
-        GEMM tuning (process-wide results) reads an L2-eviction scratch of twice the card's L2 from the arena of
-        the session that tunes, and a graphed session's arena never shrinks; tuned here, the bucket's own first run
-        finds the results and its arena holds only its activations. The call is repeated, not changed: the same
-        inputs write the same outputs and KV."""
-        g = self._graphs[name]
-        twin = g.backend.tuning_twin(bound.session)
+    def _tune_apart(self, name: str, bucket: "_Bucket", P: int) -> None:
+        """Run the first call of a bucket in a CUDA-graph session (captured, or outside any graph) once in a
+        throwaway twin of the session, then drop the twin: ONNX Runtime's GEMM tuning (process-wide results) reads
+        an L2-eviction scratch of twice the card's L2 from the arena of the session that tunes, and a graph
+        session's arena never shrinks; tuned here, the bucket's own first run finds the results and its arena holds
+        only its activations. The call is repeated, not changed: the same inputs write the same outputs and KV. A
+        twin that cannot be made costs the saving, not the request (noted in graph_notes)."""
+        g, b = self._graphs[name], bucket.bound
+        try:
+            twin = g.backend.tuning_twin(b.session, bucket.dims)
+        except BackendError as exc:
+            g.backend.graph_notes.append(f"{bucket.dims}: no tuning twin, tuned in its own session ({exc})")
+            return
         if twin is None:
             return
-        twin_bound = self._bind(name, twin, P, bucket_inputs=True, buffers=(bound.new, bound.outs, bound.ins))
+        twin_bound = self._bind(name, twin, P, bucket_inputs=True, buffers=(b.new, b.outs, b.ins))
         g.backend.run_bound(name, twin, twin_bound.binding, g.backend.run_options(_OUTSIDE_GRAPHS, queued=False))
 
     def forward(self, feeds: dict, new_mask: np.ndarray, graph: str | None = None) -> dict:

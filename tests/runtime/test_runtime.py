@@ -155,7 +155,8 @@ def test_cli_recommend_and_errors(engines_master, engines):
                       (["--history", "1000", "--cuda-graph-max-tokens", "16"], "cuda_graph_max_tokens: 16 without"),
                       (["--history", "1000", "--cublas-workspace-mib", "4"], "drop it (--cublas-workspace-mib) on "
                                                                              "backend=onnxruntime, device=cpu"),
-                      (["--history", "1000", "--gemm-tuning", "off"], "drop it (--gemm-tuning) on backend=onnxruntime")]:
+                      (["--history", "1000", "--gemm-tuning", "off"],
+                       "drop it (--gemm-tuning) on backend=onnxruntime")]:
         bad = _cli("recommend", "--engines", str(engines_master), *args)
         assert bad.returncode == 1 and msg in bad.stderr and "Traceback" not in bad.stderr, bad.stderr
     (engines / "target.onnx").write_bytes(b"garbage")
@@ -411,44 +412,69 @@ def test_single_sessions_run_ungraphed_buckets_outside_any_graph_and_never_relea
 
 
 def test_a_graphed_bucket_tunes_in_a_throwaway_twin_first(tiny, engines_master, monkeypatch):
-    """With gemm_tuning="apart" (CUDA, graphs) a graphed bucket's first call runs once first in a throwaway twin of
-    its session (the same fixed dimensions, made with a graph), outside any graph, over the bucket's own buffers, and
-    the twin is dropped at once (its arena, holding the tuning's scratch, goes with it): one twin per graphed bucket,
-    none for later calls, and the lists equal a run without twins. (A CPU has no graphs: they are forced here.)"""
+    """With gemm_tuning="apart" (CUDA, graphs) the first call of each new call shape in a CUDA-graph session runs once
+    first in a throwaway twin of its session (the same fixed dimensions, made with a graph), outside any graph, over
+    the bucket's own buffers, and the twin is dropped at once (its arena, holding the tuning's scratch, goes with it):
+    one twin per graph and call shape, whichever caches and prefill windows share it, none for later calls, and the
+    lists equal a run without twins. (A CPU has no graphs: they are forced here, for every bucket.)"""
     import weakref
     from padrec_runtime.backends.onnxruntime import OrtBackend
     real_twin, real_run = OrtBackend.tuning_twin, OrtBackend.run_bound
-    twins, events = [], []  # weak references to the twins; (binding id, session is a twin, annotation) per run
+    twins, made, events = [], [], []  # weak references to the twins; (graph, call dims); (graph, twin?, annotation)
 
-    def twin(self, session):
-        made = real_twin(self, session)
-        assert made is not None and made is not session
-        twins.append(weakref.ref(made))
-        return made
+    def twin(self, session, call):
+        got = real_twin(self, session, call)
+        if got is not None:
+            assert got is not session
+            twins.append(weakref.ref(got))
+            made.append((self.graph_name, tuple(sorted(call.items()))))
+        return got
 
     def recording(self, graph, session, binding, options):
         is_twin = any(t() is session for t in twins)
         events.append((graph, is_twin, int(options.get_run_config_entry("gpu_graph_id"))))
         return real_run(self, graph, session, binding, options)
-    hist = _histories(tiny[0], 9, 2)
-    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
-    want = {m: [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate=m)).lists] for m in ("off", "chain")}
-    monkeypatch.setattr(OrtBackend, "wants_graph", lambda self, dims: dims.get("seq", 1) <= 2)
+    hist = _histories(tiny[0], 9, 5)
+    options = RuntimeOptions(device_cache=True, static_shapes=True, prefill_rows=2)  # a prefill in three windows
+    plain = Recommender(engines_master, options=options)
+    want = {m: [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate=m)).lists]
+            for m in ("off", "chain")}
+    monkeypatch.setattr(OrtBackend, "wants_graph", lambda self, dims: True)
     monkeypatch.setattr(OrtBackend, "tunes_apart", True)
     monkeypatch.setattr(OrtBackend, "tuning_twin", twin)
     monkeypatch.setattr(OrtBackend, "run_bound", recording)
-    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
-    for _ in range(2):  # the second request makes no twin: every bucket has run
+    rec = Recommender(engines_master, options=options)
+    for _ in range(2):  # the second request makes no twin: every call shape has run
         got = {m: [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate=m)).lists] for m in want}
         assert got == want
-    graphed = [(g, k) for g, b in rec.backends.items() for k in b._graphed]
-    buckets = sum(1 for c in rec.caches._shared.values() for b in c._buckets.values() if b.how == "graph")
-    assert graphed and len(twins) == buckets >= len(graphed)
+    caches = [c for whole in rec.caches._shared.values() for c in (whole, *whole._windows.values())]
+    buckets = [(name, tuple(sorted(b.dims.items()))) for c in caches for (name, _), b in c._buckets.items()]
+    assert len(buckets) > len(set(buckets))  # the windows share call shapes
+    assert len(made) == len(set(made)) and set(made) == set(buckets)
     assert all(t() is None for t in twins)  # dropped once run
     twin_runs = [e for e in events if e[1]]
     assert len(twin_runs) == len(twins) and all(a == -1 for _, _, a in twin_runs)
     after = [events[i + 1] for i, e in enumerate(events) if e[1]]  # right after each twin: the bucket's warm-up
     assert [(g, tw, a) for g, tw, a in after] == [(g, False, -1) for g, _, _ in twin_runs]
+
+
+def test_a_tuning_twin_that_cannot_be_made_costs_the_saving_not_the_request(tiny, engines_master, monkeypatch):
+    """A twin that ONNX Runtime refuses (out of memory, say) is noted in graph_notes and the bucket tunes in its own
+    session: the request's lists are the same."""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+
+    def refused(self, session, call):
+        raise BackendError(f"{self.graph_name}: onnxruntime cannot make a session of it (out of memory)")
+    hist = _histories(tiny[0], 4, 2)
+    plain = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    want = [r.tokens for r in plain.recommend(hist, params=DecodeParams(speculate="chain")).lists]
+    monkeypatch.setattr(OrtBackend, "wants_graph", lambda self, dims: dims.get("seq", 1) <= 2)
+    monkeypatch.setattr(OrtBackend, "tunes_apart", True)
+    monkeypatch.setattr(OrtBackend, "tuning_twin", refused)
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True))
+    assert [r.tokens for r in rec.recommend(hist, params=DecodeParams(speculate="chain")).lists] == want
+    notes = [n for b in rec.backends.values() for n in b.graph_notes]
+    assert notes and all("no tuning twin, tuned in its own session" in n and "out of memory" in n for n in notes)
 
 
 def test_a_graphed_bucket_runs_once_outside_any_graph_before_its_own(tiny, engines_master, monkeypatch):
