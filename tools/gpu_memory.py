@@ -200,36 +200,6 @@ def cupy_pool_bytes() -> tuple[int, int]:
     return pool.total_bytes(), pool.used_bytes()
 
 
-def buffer_mb(rec) -> dict:
-    """MB of the device caches' buffers by kind (each buffer once): KV caches, buckets' new KV, outputs and inputs,
-    the prefill windows' shared buffers, device-side rounds' tables (what cupy's pool holds beyond them is
-    unaccounted)."""
-    seen, mb = set(), {}
-
-    def add(kind, arr):
-        if arr is None or not hasattr(arr, "nbytes") or id(arr) in seen:
-            return
-        seen.add(id(arr))
-        mb[kind] = mb.get(kind, 0.0) + arr.nbytes / 2**20
-    for cache in list(rec.caches._shared.values()):
-        add("kv_caches", cache.cache)
-        for bucket in cache._buckets.values():
-            add("bucket_new_kv", bucket.bound.new)
-            add("bucket_outputs", bucket.bound.outs.blob)
-            add("bucket_inputs", bucket.bound.ins.blob if bucket.bound.ins is not None else None)
-        for new, outs, ins in cache._window_buffers.values():
-            add("window_new_kv", new)
-            add("window_outputs", outs.blob)
-            add("window_inputs", ins.blob if ins is not None else None)
-        for window in cache._windows.values():
-            for bucket in window._buckets.values():
-                add("window_new_kv", bucket.bound.new)
-        for memo in cache._memo.values():
-            for value in (vars(memo).values() if hasattr(memo, "__dict__") else [memo]):
-                add("rounds_tables", value)
-    return {k: round(v, 1) for k, v in mb.items()}
-
-
 def histories(cat, n: int, seed: int, length: int = 20) -> list:
     rng = np.random.default_rng(seed)
     return [[int(i) for i in rng.choice(cat.item_ids, length, replace=False)] for _ in range(n)]
@@ -291,7 +261,7 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
                     "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,
                     "within_ceiling": used <= ceiling, "steady_peak_within_ceiling": peak["steady"] - base <= ceiling,
                     "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, first_runs),
-                    "buffers_mb": buffer_mb(rec)})
+                    "buffers_mb": {k: round(v / 2**20, 1) for k, v in mem["cache_buffers"].items()}})
         out["batches"][b] = row
         log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
     mark_alive(opened, first_runs)

@@ -89,6 +89,16 @@ class CacheStore:
             caches = [*self._shared.values(), *(c for free in self._pool.values() for c in free)]
         return sum(int(c.cache.nbytes) for c in caches)
 
+    def buffer_bytes(self) -> dict:
+        """Bytes of the kept device caches' bound buffers by kind (DeviceCache.buffer_bytes), KV caches aside."""
+        with self._pool_lock:
+            caches = [*self._shared.values(), *(c for free in self._pool.values() for c in free)]
+        seen, total = set(), {}
+        for cache in caches:
+            for kind, n in cache.buffer_bytes(seen).items():
+                total[kind] = total.get(kind, 0) + n
+        return total
+
     def clear(self) -> None:
         self._shared.clear()
         with self._pool_lock:

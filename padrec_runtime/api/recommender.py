@@ -164,11 +164,14 @@ class Recommender:
         """Bytes held by component: `weights` (one copy of each distinct weight tensor, shared by every session
         of every graph), `weights_allocated` (the device memory holding them: their bytes plus alignment),
         `weights_unshared` (what one copy per graph would hold: the saving is the difference; each static-shape
-        session would have held another copy), `kv_caches` (device caches kept)."""
+        session would have held another copy), `kv_caches` (device caches kept), `cache_buffers` (those caches'
+        bound input, output and new-KV buffers and device tables, by kind). ONNX Runtime's own arenas and sessions
+        are not counted (tools/gpu_memory.py measures them)."""
         pools = {id(p): p for p in (getattr(b, "weights", None) for b in self.backends.values()) if p is not None}
         return {"weights": sum(p.bytes for p in pools.values()),
                 "weights_allocated": sum(p.device_bytes for p in pools.values()),
-                "weights_unshared": sum(p.uses for p in pools.values()), "kv_caches": self.caches.kv_bytes()}
+                "weights_unshared": sum(p.uses for p in pools.values()), "kv_caches": self.caches.kv_bytes(),
+                "cache_buffers": self.caches.buffer_bytes()}
 
     def close(self) -> None:
         """Free the engines and device caches now (also on `with Recommender(...) as rec:` exit). Queued device

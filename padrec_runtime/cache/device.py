@@ -167,6 +167,26 @@ class DeviceCache:
     def packed(self, specs: dict, host: bool):
         return packed(self.xp, specs, host)
 
+    def buffer_bytes(self, seen: set | None = None) -> dict:
+        """Device bytes of this cache's bound buffers by kind (new_kv, outputs, inputs, rounds: DeviceRounds' tables),
+        its prefill windows' included, the KV cache not; each buffer counted once across calls sharing `seen`."""
+        seen = set() if seen is None else seen
+        kinds: dict = {}
+
+        def add(kind, arr):
+            if arr is not None and hasattr(arr, "nbytes") and id(arr) not in seen:
+                seen.add(id(arr))
+                kinds[kind] = kinds.get(kind, 0) + int(arr.nbytes)
+        bound = [b.bound for c in (self, *self._windows.values()) for b in c._buckets.values()]
+        for new, outs, ins in [(b.new, b.outs, b.ins) for b in bound] + list(self._window_buffers.values()):
+            add("new_kv", new)
+            add("outputs", outs.blob)
+            add("inputs", ins.blob if ins is not None else None)
+        for memo in self._memo.values():
+            for value in (vars(memo).values() if hasattr(memo, "__dict__") else [memo]):
+                add("rounds", value)
+        return kinds
+
     def attach(self, graph: str, backend, graph_spec: dict) -> None:
         """Let `launch(..., graph=graph)` run another graph over this cache (same KV layout), e.g. the fused
         draft chain next to the draft."""

@@ -190,6 +190,33 @@ def test_sessions_share_one_copy_of_each_weight(engines_ext):
     assert _lists(rec, HIST) != clean
 
 
+def test_memory_reports_the_device_caches_bound_buffers_by_kind(engines_ext):
+    """Recommender.memory()["cache_buffers"]: the kept device caches' bound buffers by kind, each once: a larger batch
+    adds its cache's, a repeated request adds nothing (the buffers are kept and reused), the prefill windows' shared
+    set counts once, and host caches hold none."""
+    options = RuntimeOptions(device_cache=True, static_shapes=True, in_place=False, prefill_rows=2)
+    rec = Recommender(engines_ext, options=options)
+    _lists(rec, HIST[:1])
+    one = rec.memory()["cache_buffers"]
+    assert one["outputs"] > 0 and one["inputs"] > 0 and one["new_kv"] > 0
+    rec.recommend([HIST[0]] * 5)  # a prefill in three windows of two rows
+    five = rec.memory()["cache_buffers"]
+    rec.recommend([HIST[0]] * 5)
+    assert rec.memory()["cache_buffers"] == five and sum(five.values()) > sum(one.values())
+    whole = rec.caches._shared[("target", 5)]
+
+    def nbytes(new, outs, ins):
+        return sum(int(a.nbytes) for a in (new, outs.blob, ins.blob if ins is not None else None) if a is not None)
+    window_set = sum(nbytes(*bufs) for bufs in whole._window_buffers.values())
+    own = sum(nbytes(b.bound.new, b.bound.outs, b.bound.ins) for b in whole._buckets.values())
+    assert len(whole._windows) >= 2 and window_set > 0
+    kinds = whole.buffer_bytes()
+    assert sum(kinds.values()) - kinds.get("rounds", 0) == own + window_set
+    host = Recommender(engines_ext, options=RuntimeOptions(device_cache=False))
+    _lists(host, HIST[:1])
+    assert host.memory()["cache_buffers"] == {}
+
+
 def test_a_slab_lays_each_weight_on_its_own_aligned_span():
     """On CUDA a graph's new weights share one allocation of exactly their size: every tensor starts on a 256-byte
     boundary after the one before it ends, and the slab ends where the last aligned tensor does."""
