@@ -4,8 +4,8 @@ Runtime's shared arena never shrinks, so variants in one process would count eac
 user loads it, AR and chain at batch 1, 8, 32 and 64 in turn, and after each the GPU memory in use beyond the
 weights and KV caches, against the ceiling weights + KV caches + 25%, both after the request and at its peak
 (sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every
-session opened is logged with the memory it took, and so is the first run of each session and CUDA graph id
-(`first_runs`, summed by cause in `by_cause_so_far`); the lists of every variant and mode are checked against
+session opened is logged with the memory it took, and so are the first three runs of each session and CUDA graph
+id and, summed, the later runs of a batch's first requests (`first_runs`, by cause in `by_cause_so_far`); the lists of every variant and mode are checked against
 the first variant's AR lists. `--device cpu` is a smoke run over the GPU's code path (no memory figures).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
@@ -110,16 +110,22 @@ def cuda_context() -> None:
         cupy.zeros(1)
 
 
+WATCH = {"on": False, "mb": 0.0}  # every run measured while on (a batch's first requests); mb: what those runs added
+
+
 def watch_sessions(opened: list, first_runs: list) -> None:
     """Log every ONNX Runtime session the backends open, with the device memory its creation took, and the first
-    run of each (session, CUDA graph id) with what that run added: a capture's arena and graph, or a plain
-    session's growth of the shared arena. Together they split the memory beyond weights and KV caches by cause.
-    A session's entry says whether it is still held (`alive`, see `mark_alive`): a backend drops its load-time
-    dynamic session once its buckets are set."""
+    three runs of each (session, CUDA graph id) with what each added: the first, a plain session's growth of the
+    shared arena or a graphed bucket's warm-up; the next two, ONNX Runtime's capture and first replay. While
+    WATCH is on every run is measured, and the later runs' growth is summed by kind (`first_runs` entries with
+    run 0). Together they split the memory beyond weights and KV caches by cause. A session's entry says whether
+    it is still held (`alive`, see `mark_alive`): a backend drops its load-time dynamic session once its buckets
+    are set."""
     from padrec_runtime.backends.onnxruntime import OrtBackend
     open_session, run_bound = OrtBackend._open, OrtBackend.run_bound
     made = weakref.WeakKeyDictionary()  # session -> its entry in `opened`
-    runs = weakref.WeakKeyDictionary()  # session -> the CUDA graph ids it has run
+    runs = weakref.WeakKeyDictionary()  # session -> {CUDA graph id: runs so far}
+    later: dict = {}  # (graph, session graphed, session id) -> the entry summing its runs after the third
 
     def _open(self, dims=None, cuda_graph=False):
         before = device_used()
@@ -131,16 +137,25 @@ def watch_sessions(opened: list, first_runs: list) -> None:
 
     def _run_bound(self, graph, session, binding, options):
         graph_id = int(options.get_run_config_entry("gpu_graph_id")) if options is not None else None
-        ids = runs.setdefault(session, set())
-        if graph_id in ids:
+        counts = runs.setdefault(session, {})
+        n = counts[graph_id] = counts.get(graph_id, 0) + 1
+        if n > 3 and not WATCH["on"]:
             return run_bound(self, graph, session, binding, options)
-        ids.add(graph_id)
         before = device_used()
         run_bound(self, graph, session, binding, options)
+        mb = (device_used() - before) / 2**20
+        WATCH["mb"] += mb if WATCH["on"] else 0.0
         entry = made.get(session, {})
+        if n > 3:
+            key = (graph, bool(entry.get("cuda_graph")), id(session))
+            if key not in later:
+                later[key] = {"graph": graph, "dims": entry.get("dims"), "session_graphed": key[1],
+                              "gpu_graph_id": None, "run": 0, "mb": 0.0, "ref": weakref.ref(session)}
+                first_runs.append(later[key])
+            later[key]["mb"] += mb
+            return
         first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": entry.get("cuda_graph"),
-                           "gpu_graph_id": graph_id, "mb": (device_used() - before) / 2**20,
-                           "ref": weakref.ref(session)})
+                           "gpu_graph_id": graph_id, "run": n, "mb": mb, "ref": weakref.ref(session)})
     OrtBackend._open, OrtBackend.run_bound = _open, _run_bound
 
 
@@ -154,15 +169,17 @@ def mark_alive(opened: list, first_runs: list) -> None:
 
 
 def by_cause(opened: list, first_runs: list) -> dict:
-    """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and first runs on
-    the graphed sessions held (captures) or plain ones."""
+    """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and on the sessions
+    held: first runs (a graphed bucket's warm-up, a plain session's first growth), the next two (a graphed bucket's
+    capture and first replay) and later runs during a batch's first requests, each graphed or plain."""
     kinds = {"graphed": True, "plain": False}
     held = [s for s in opened if s["ref"]() is not None]  # during the run: mark_alive replaces the references
+    live = [r for r in first_runs if r["ref"]() is not None]
+    which = {"first_runs": lambda n: n == 1, "next_runs": lambda n: n in (2, 3), "later_runs": lambda n: n == 0}
     return {**{f"sessions_{k}_mb": sum(s["mb"] for s in held if bool(s["cuda_graph"]) is v)
                for k, v in kinds.items()},
-            **{f"first_runs_{k}_mb": sum(r["mb"] for r in first_runs
-                                         if bool(r["session_graphed"]) is v and r["ref"]() is not None)
-               for k, v in kinds.items()},
+            **{f"{w}_{k}_mb": sum(r["mb"] for r in live if bool(r["session_graphed"]) is v and pick(r["run"]))
+               for w, pick in which.items() for k, v in kinds.items()},
             "sessions_held": len(held)}
 
 
@@ -239,9 +256,11 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
         for mode in ("off", "chain"):
             params = DecodeParams(speculate=mode)
             with Peak() as first:
-                t0 = time.perf_counter()
+                t0, before, WATCH["on"], WATCH["mb"] = time.perf_counter(), device_used(), True, 0.0
                 rec.recommend(hist, params=params)  # sessions, captures
-                row[f"{mode}_first_s"] = time.perf_counter() - t0
+                row[f"{mode}_first_s"], WATCH["on"] = time.perf_counter() - t0, False
+                # what the request added outside every engine run: sessions made, cupy's pool (buffers, KV caches)
+                row[f"{mode}_first_outside_runs_mb"] = (device_used() - before) / 2**20 - WATCH["mb"]
             with Peak() as steady:  # requests once everything is made: what serving needs on top of the load
                 times = []
                 for _ in range(repeats):

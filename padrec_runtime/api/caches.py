@@ -22,6 +22,7 @@ class CacheStore:
         self.device_lock = threading.RLock()  # one engine call or cache update at a time on the device
         self._shared: dict = {}
         self._pool: dict = {}
+        self._window_buffers: dict = {}  # graph -> the prefill windows' bound buffers, one set for its caches
         self._pool_lock = threading.Lock()
 
     def _attached(self, graph: str) -> list:
@@ -48,7 +49,7 @@ class CacheStore:
         spec = CacheSpec(kv["n_layers"], kv["n_kv_heads"], kv["head_dim"], self.manifest.model["max_seq_len"])
         cache = DeviceCache(self.backends[graph], graph, g, spec, batch, s.device, static=s.static_shapes,
                             stream=self.stream, lock=self.device_lock, tracer=self.tracer,
-                            prefill_rows=s.prefill_rows)
+                            prefill_rows=s.prefill_rows, window_buffers=self._window_buffers.setdefault(graph, {}))
         for name in self._attached(graph):
             cache.attach(name, self.backends[name], self.manifest.graph(name))
         return cache
@@ -101,6 +102,7 @@ class CacheStore:
 
     def clear(self) -> None:
         self._shared.clear()
+        self._window_buffers.clear()
         with self._pool_lock:
             self._pool.clear()
 

@@ -104,10 +104,12 @@ class DeviceCache:
     as its compute stream, so copies, engine runs and cache updates are ordered; lock: serialises the device
     work of every cache sharing the stream (a CUDA-graph capture must not see another thread's work);
     prefill_rows: a prefill into the empty cache of more rows than this runs that many at a time, through windows
-    over the cache (RuntimeOptions.prefill_rows)."""
+    over the cache (RuntimeOptions.prefill_rows); window_buffers: the bound buffers those windows use, which the
+    caches of one store share (a dict of its own where none is given)."""
 
     def __init__(self, backend, graph: str, graph_spec: dict, spec: CacheSpec, batch: int, device: str = "cuda",
-                 static: bool = False, stream=None, lock=None, tracer=None, rows_of=None, prefill_rows: int = 8):
+                 static: bool = False, stream=None, lock=None, tracer=None, rows_of=None, prefill_rows: int = 8,
+                 window_buffers: dict | None = None):
         if not backend.binds_device_buffers:
             raise BackendError(f"{graph}: the {backend.name} backend binds no device buffers | use the host cache")
         self.xp, self._ptr = array_module(device)
@@ -132,7 +134,9 @@ class DeviceCache:
             self.cache, self._releases = whole.cache[:, :, r0:r0 + batch], r0 + batch == whole.batch
             self._shared_buffers = whole._window_buffers
         self._windows: dict = {}  # first row -> a window of prefill_rows rows over this cache (`_prefill_rows`)
-        self._window_buffers: dict = {}  # the bound buffers those windows share (`_buffers`)
+        # the bound buffers those windows share (`_buffers`); every window runs under the device lock, so the
+        # caches of one store can share one set (a batch-64 cache's windows reuse a batch-32 cache's)
+        self._window_buffers: dict = {} if window_buffers is None else window_buffers
         self.lengths = np.zeros(batch, dtype=np.int64)
         self.scratch = 0
         self._buckets: dict = {}  # (graph, bucket) -> _Bucket
@@ -178,7 +182,8 @@ class DeviceCache:
                 seen.add(id(arr))
                 kinds[kind] = kinds.get(kind, 0) + int(arr.nbytes)
         bound = [b.bound for c in (self, *self._windows.values()) for b in c._buckets.values()]
-        for new, outs, ins in [(b.new, b.outs, b.ins) for b in bound] + list(self._window_buffers.values()):
+        windows = list(self._window_buffers.values()) if self._windows else []
+        for new, outs, ins in [(b.new, b.outs, b.ins) for b in bound] + windows:
             add("new_kv", new)
             add("outputs", outs.blob)
             add("inputs", ins.blob if ins is not None else None)
@@ -375,14 +380,15 @@ class DeviceCache:
         B, T, R = *new_mask.shape[:2], self.prefill_rows
         starts = [*range(0, B - R, R), B - R]
         parts = []
-        for r0 in starts:
-            if r0 not in self._windows:
-                self._windows[r0] = self._window(r0)
-            window = self._windows[r0]
-            window.reset()
-            rows = slice(r0, r0 + R)
-            part = {n: (a[rows] if np.ndim(a) and len(a) == B else a) for n, a in feeds.items()}
-            parts.append((rows, window.launch(part, new_mask[rows], graph).result()))
+        with self._lock:  # the windows' buffers may be another cache's too: no other cache's window in between
+            for r0 in starts:
+                if r0 not in self._windows:
+                    self._windows[r0] = self._window(r0)
+                window = self._windows[r0]
+                window.reset()
+                rows = slice(r0, r0 + R)
+                part = {n: (a[rows] if np.ndim(a) and len(a) == B else a) for n, a in feeds.items()}
+                parts.append((rows, window.launch(part, new_mask[rows], graph).result()))
         self.scratch += T
         outs = {n: np.empty((B, *a.shape[1:]), a.dtype) for n, a in parts[0][1].items()}
         for rows, got in parts:  # in order: an overlapped row keeps the later window's outputs

@@ -217,6 +217,27 @@ def test_memory_reports_the_device_caches_bound_buffers_by_kind(engines_ext):
     assert host.memory()["cache_buffers"] == {}
 
 
+def test_prefill_windows_of_every_batch_size_share_one_set_of_buffers(engines_ext):
+    """The caches of two batch sizes (5 and 7 rows, windows of two) bind their prefill windows to one set of buffers:
+    the second batch size adds its own buckets' buffers only, and both still decode as one call over every row does."""
+    options = RuntimeOptions(device_cache=True, static_shapes=True, in_place=False, prefill_rows=2)
+    rec = Recommender(engines_ext, options=options)
+    whole = Recommender(engines_ext, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False,
+                                                            prefill_rows=8))
+    hist = {5: [HIST[0]] * 5, 7: [HIST[i % len(HIST)] for i in range(7)]}
+    got = {b: _lists(rec, h) for b, h in hist.items()}
+    five, seven = rec.caches._shared[("target", 5)], rec.caches._shared[("target", 7)]
+    assert five._windows and seven._windows and five._window_buffers is seven._window_buffers
+    bound = {id(b.bound.outs.blob) for c in (five, seven) for w in c._windows.values() for b in w._buckets.values()}
+    assert bound == {id(outs.blob) for _, outs, _ in five._window_buffers.values()}  # every window binds the one set
+    assert got == {b: _lists(whole, h) for b, h in hist.items()}
+    each = sum(sum(c.buffer_bytes().values()) for c in rec.caches._shared.values())  # a cache alone counts the set
+    once = sum(rec.memory()["cache_buffers"].values())
+    sets = sum(int(o.blob.nbytes) + int(i.blob.nbytes) + (int(n.nbytes) if n is not None else 0)
+               for c in (five, rec.caches._shared[("draft", 5)]) for n, o, i in c._window_buffers.values())
+    assert sets > 0 and each - once == sets  # the target's and the draft's sets, each counted once, not twice
+
+
 def test_a_slab_lays_each_weight_on_its_own_aligned_span():
     """On CUDA a graph's new weights share one allocation of exactly their size: every tensor starts on a 256-byte
     boundary after the one before it ends, and the slab ends where the last aligned tensor does."""
