@@ -20,7 +20,8 @@
 #                       alone, each with and without cuBLAS's workspace capped to 4 MiB
 #   random SIZE         the same on random-weight engines of SIZE (tools/gpu_llm.py --export-only, skipped where
 #                       a call before exported them), no training
-# Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`);
+# Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
+# DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same);
 # VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
 set -uo pipefail
 usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b"
@@ -29,7 +30,7 @@ step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
 pair() {  # the pair of SIZE: gpu_bench.py options, its background log directory, its default sections
   case "$1" in
-    7b) pair=(--size qwen-7b --work /tmp/w7 --epochs 1 --draft-epochs 2 --drafts "${DRAFTS:-padrec}")
+    7b) pair=(--size qwen-7b --work /tmp/w7 --epochs 1 --draft-epochs "${DRAFT_EPOCHS:-2}" --drafts "${DRAFTS:-padrec}")
         bg=/tmp/llm_bg7; sections=headline,pytorch,batches; batches=1,8,32,64 ;;
     1.5b) pair=(--size qwen-1.5b --work /tmp/w15 --epochs 1 --draft-epochs 4 --drafts "${DRAFTS:-padrec}")
         bg=/tmp/llm_bg15; sections=headline,pytorch,batches; batches=1,8 ;;
