@@ -4,9 +4,11 @@ Runtime's shared arena never shrinks, so variants in one process would count eac
 user loads it, AR and chain at batch 1, 8, 32 and 64 in turn, and after each the GPU memory in use beyond the
 weights and KV caches, against the ceiling weights + KV caches + 25%, both after the request and at its peak
 (sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every
-session opened is logged with the memory it took, and so are the first three runs of each session and CUDA graph
-id and, summed, the later runs of a batch's first requests (`first_runs`, by cause in `by_cause_so_far`); the lists of every variant and mode are checked against
-the first variant's AR lists. `--device cpu` is a smoke run over the GPU's code path (no memory figures).
+session opened is logged with the memory it took, and so is the first run of each session and CUDA graph id
+(`first_runs`) and, per session and kind (warm-up, capture, replay, a plain session's first or later run), what the
+runs of a batch's first requests added (`run_sums`; by cause in `by_cause_so_far`), and what those requests added
+outside every run (`<mode>_first_outside_runs_mb`); the lists of every variant and mode are checked against the
+first variant's AR lists. `--device cpu` is a smoke run over the GPU's code path (no memory figures).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
 
@@ -116,19 +118,26 @@ def cuda_context() -> None:
 WATCH = {"on": False, "mb": 0.0}  # every run measured while on (a batch's first requests); mb: what those runs added
 
 
-def watch_sessions(opened: list, first_runs: list) -> None:
-    """Log every ONNX Runtime session the backends open, with the device memory its creation took, and the first
-    three runs of each (session, CUDA graph id) with what each added: the first, a plain session's growth of the
-    shared arena or a graphed bucket's warm-up; the next two, ONNX Runtime's capture and first replay. While
-    WATCH is on every run is measured, and the later runs' growth is summed by kind (`first_runs` entries with
-    run 0). Together they split the memory beyond weights and KV caches by cause. A session's entry says whether
-    it is still held (`alive`, see `mark_alive`): a backend drops its load-time dynamic session once its buckets
-    are set."""
+def run_kind(graphed: bool, graph_id, n: int) -> str:
+    """What the n-th run of (session, graph id) is: on a CUDA-graph session a bucket's warm-up outside any graph
+    (id -1, every bucket's), a capture (an id's first run) or a replay; on a plain one its first run or a later."""
+    if not graphed:
+        return "plain_first" if n == 1 else "plain_later"
+    return "warmup" if graph_id == -1 else "capture" if n == 1 else "replay"
+
+
+def watch_sessions(opened: list, first_runs: list, run_sums: list) -> None:
+    """Log every ONNX Runtime session the backends open, with the device memory its creation took; the first run
+    of each (session, CUDA graph id) with what it added; and per session and kind of run (`run_kind`) the sum of
+    what its runs added, every run measured while WATCH is on (a batch's first requests) and each id's first run
+    always. Together they split the memory beyond weights and KV caches by cause. An entry says whether its
+    session is still held (`alive`, see `mark_alive`): a backend drops its load-time dynamic session once its
+    buckets are set, and a tuning twin after its one run."""
     from padrec_runtime.backends.onnxruntime import OrtBackend
     open_session, run_bound = OrtBackend._open, OrtBackend.run_bound
     made = weakref.WeakKeyDictionary()  # session -> its entry in `opened`
     runs = weakref.WeakKeyDictionary()  # session -> {CUDA graph id: runs so far}
-    later: dict = {}  # (graph, session graphed, session id) -> the entry summing its runs after the third
+    sums = weakref.WeakKeyDictionary()  # session -> {kind: its entry in run_sums}
 
     def _open(self, dims=None, cuda_graph=False):
         before = device_used()
@@ -142,47 +151,46 @@ def watch_sessions(opened: list, first_runs: list) -> None:
         graph_id = int(options.get_run_config_entry("gpu_graph_id")) if options is not None else None
         counts = runs.setdefault(session, {})
         n = counts[graph_id] = counts.get(graph_id, 0) + 1
-        if n > 3 and not WATCH["on"]:
+        if n > 1 and not WATCH["on"]:
             return run_bound(self, graph, session, binding, options)
         before = device_used()
         run_bound(self, graph, session, binding, options)
         mb = (device_used() - before) / 2**20
         WATCH["mb"] += mb if WATCH["on"] else 0.0
         entry = made.get(session, {})
-        if n > 3:
-            key = (graph, bool(entry.get("cuda_graph")), id(session))
-            if key not in later:
-                later[key] = {"graph": graph, "dims": entry.get("dims"), "session_graphed": key[1],
-                              "gpu_graph_id": None, "run": 0, "mb": 0.0, "ref": weakref.ref(session)}
-                first_runs.append(later[key])
-            later[key]["mb"] += mb
-            return
-        first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": entry.get("cuda_graph"),
-                           "gpu_graph_id": graph_id, "run": n, "mb": mb, "ref": weakref.ref(session)})
+        graphed = bool(entry.get("cuda_graph"))
+        if n == 1:
+            first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": graphed,
+                               "gpu_graph_id": graph_id, "mb": mb, "ref": weakref.ref(session)})
+        kind, mine = run_kind(graphed, graph_id, n), sums.setdefault(session, {})
+        if kind not in mine:
+            mine[kind] = {"graph": graph, "dims": entry.get("dims"), "kind": kind, "runs": 0, "mb": 0.0,
+                          "ref": weakref.ref(session)}
+            run_sums.append(mine[kind])
+        mine[kind]["runs"] += 1
+        mine[kind]["mb"] += mb
     OrtBackend._open, OrtBackend.run_bound = _open, _run_bound
 
 
-def mark_alive(opened: list, first_runs: list) -> None:
-    """Set each logged session's and first run's `alive` (its session still held by the runtime); JSON-ready: the
-    weak references go."""
-    for s in opened:
-        s["alive"] = s.pop("ref")() is not None
-    for r in first_runs:
-        r["alive"] = r.pop("ref")() is not None
+def mark_alive(*logs: list) -> None:
+    """Set each logged entry's `alive` (its session still held by the runtime); JSON-ready: the weak references
+    go."""
+    for entries in logs:
+        for e in entries:
+            e["alive"] = e.pop("ref")() is not None
 
 
-def by_cause(opened: list, first_runs: list) -> dict:
-    """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and on the sessions
-    held: first runs (a graphed bucket's warm-up, a plain session's first growth), the next two (a graphed bucket's
-    capture and first replay) and later runs during a batch's first requests, each graphed or plain."""
-    kinds = {"graphed": True, "plain": False}
+RUN_KINDS = ("warmup", "capture", "replay", "plain_first", "plain_later")
+
+
+def by_cause(opened: list, run_sums: list) -> dict:
+    """MB by cause: sessions held (graphed or plain; a session dropped gave its memory back), and what each kind
+    of run (`run_kind`) added on the sessions held."""
     held = [s for s in opened if s["ref"]() is not None]  # during the run: mark_alive replaces the references
-    live = [r for r in first_runs if r["ref"]() is not None]
-    which = {"first_runs": lambda n: n == 1, "next_runs": lambda n: n in (2, 3), "later_runs": lambda n: n == 0}
-    return {**{f"sessions_{k}_mb": sum(s["mb"] for s in held if bool(s["cuda_graph"]) is v)
-               for k, v in kinds.items()},
-            **{f"{w}_{k}_mb": sum(r["mb"] for r in live if bool(r["session_graphed"]) is v and pick(r["run"]))
-               for w, pick in which.items() for k, v in kinds.items()},
+    live = [r for r in run_sums if r["ref"]() is not None]
+    return {"sessions_graphed_mb": sum(s["mb"] for s in held if s["cuda_graph"]),
+            "sessions_plain_mb": sum(s["mb"] for s in held if not s["cuda_graph"]),
+            **{f"runs_{k}_mb": sum(r["mb"] for r in live if r["kind"] == k) for k in RUN_KINDS},
             "sessions_held": len(held)}
 
 
@@ -242,8 +250,8 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
     """One variant in this process: load, then AR and chain per batch; memory, ms per list (the median of
     `repeats` requests once everything is made) and lists."""
     from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
-    opened, first_runs = [], []
-    watch_sessions(opened, first_runs)
+    opened, first_runs, run_sums = [], [], []
+    watch_sessions(opened, first_runs, run_sums)
     cuda_context()
     base = device_used()
     t0 = time.perf_counter()
@@ -282,12 +290,13 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
                     "cupy_pool_gb": pool / 1e9, "cupy_pool_used_gb": pool_used / 1e9, "ceiling_gb": ceiling / 1e9,
                     "peak_first_gb": (peak["first"] - base) / 1e9, "peak_steady_gb": (peak["steady"] - base) / 1e9,
                     "within_ceiling": used <= ceiling, "steady_peak_within_ceiling": peak["steady"] - base <= ceiling,
-                    "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, first_runs),
+                    "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, run_sums),
                     "buffers_mb": {k: round(v / 2**20, 1) for k, v in mem["cache_buffers"].items()}})
         out["batches"][b] = row
         log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
-    mark_alive(opened, first_runs)
-    out["sessions"], out["first_runs"], out["memory_source"] = opened, first_runs, sorted(SOURCES)
+    mark_alive(opened, first_runs, run_sums)
+    out["sessions"], out["first_runs"], out["run_sums"] = opened, first_runs, run_sums
+    out["memory_source"] = sorted(SOURCES)
     out["graph_notes"] = [n for be in rec.backends.values() for n in getattr(be, "graph_notes", [])]
     rec.close()
     return out

@@ -173,7 +173,7 @@ def test_compile_cache_twin_has_the_trained_pairs_tensors_and_runs_the_baseline(
 
 def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_master, tmp_path):
     """tools/gpu_memory.py's smoke run on the CPU takes the GPU's code path (device caches, static buckets) and logs
-    every session made and the first three runs of each (session, graph id), later ones summed: a batch-7 prefill runs in windows of 3 rows
+    every session made, the first run of each (session, graph id) and the runs summed by kind: a batch-7 prefill runs in windows of 3 rows
     (these engines take at most 8), each its own graph id on one session of batch 3."""
     import json
     import subprocess
@@ -190,13 +190,14 @@ def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_ma
     prefill_batches = [r["dims"]["batch"] for r in v["first_runs"]
                        if r["graph"].startswith("target") and r["dims"]["seq"] > 9]
     assert prefill_batches.count(1) >= 1 and prefill_batches.count(3) >= 2 and not {7, 8} & set(prefill_batches)
-    ids = [(r["graph"], r["gpu_graph_id"], r["run"]) for r in v["first_runs"]]
-    firsts = [(g, i) for g, i, n in ids if n == 1]
-    assert len(firsts) == len(set(firsts)) and {n for *_, n in ids} <= {0, 1, 2, 3}
-    assert any(n == 0 for *_, n in ids)  # a bucket run more than three times in a first request: summed
+    ids = [(r["graph"], r["gpu_graph_id"]) for r in v["first_runs"]]
+    assert len(ids) == len(set(ids))
+    kinds = {r["kind"] for r in v["run_sums"]}  # no CUDA graphs on the CPU: every bucket on a plain session
+    assert kinds == {"plain_first", "plain_later"} and all(r["runs"] >= 1 for r in v["run_sums"])
+    assert sum(r["runs"] for r in v["run_sums"] if r["kind"] == "plain_first") == len(ids)
     assert set(v["batches"]["7"]["by_cause_so_far"]) == {"sessions_graphed_mb", "sessions_plain_mb", "sessions_held",
-                                                         *(f"{w}_runs_{k}_mb" for w in ("first", "next", "later")
-                                                           for k in ("graphed", "plain"))}
+                                                         *(f"runs_{k}_mb" for k in ("warmup", "capture", "replay",
+                                                                                    "plain_first", "plain_later"))}
     assert {"off_first_outside_runs_mb", "chain_first_outside_runs_mb"} <= set(v["batches"]["7"])
     # the load-time dynamic sessions went once the buckets were set; every bucket session is still held
     assert [s["alive"] for s in v["sessions"]] == [s["dims"] is not None for s in v["sessions"]]
