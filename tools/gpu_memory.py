@@ -73,6 +73,9 @@ VARIANTS = {
     # prefill windows of 4 rows: half the windows' buffers and prefill activations, twice the prefill calls
     "per_graph_graph_max_16_cublas_option_tune_apart_rows_4": Variant({**LEAN, **CAP, "gemm_tuning": "apart",
                                                                        "prefill_rows": 4}),
+    "single_graph_max_16_cublas_option_tune_apart_rows_4": Variant({"graph_sessions": "single",
+                                                                    "cuda_graph_max_tokens": 16, **CAP,
+                                                                    "gemm_tuning": "apart", "prefill_rows": 4}),
     # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
     "per_graph_graph_max_8_cublas_option_tune_apart": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP,
                                                                "gemm_tuning": "apart"}),
