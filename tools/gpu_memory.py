@@ -5,7 +5,8 @@ user loads it, AR and chain at batch 1, 8, 32 and 64 in turn, and after each the
 weights and KV caches, against the ceiling weights + KV caches + 25%, both after the request and at its peak
 (sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every
 session opened is logged with the memory it took, and so is the first run of each session and CUDA graph id
-(`first_runs`) and, per session and kind (warm-up, capture, replay, a plain session's first or later run), what the
+(`first_runs`) and, per session and kind (`run_kind`: outside any graph, capture, replay, a plain session's first
+or later run, a tuning twin's), what the
 runs of a batch's first requests added (`run_sums`; by cause in `by_cause_so_far`), and what those requests added
 outside every run (`<mode>_first_outside_runs_mb`); the lists of every variant and mode are checked against the
 first variant's AR lists. `--device cpu` is a smoke run over the GPU's code path (no memory figures).
@@ -121,12 +122,16 @@ def cuda_context() -> None:
 WATCH = {"on": False, "mb": 0.0}  # every run measured while on (a batch's first requests); mb: what those runs added
 
 
-def run_kind(graphed: bool, graph_id, n: int) -> str:
-    """What the n-th run of (session, graph id) is: on a CUDA-graph session a bucket's warm-up outside any graph
-    (id -1, every bucket's), a capture (an id's first run) or a replay; on a plain one its first run or a later."""
+def run_kind(graphed: bool, graph_id, n: int, twin: bool = False) -> str:
+    """What the n-th run of (session, graph id) is: a tuning twin's one run (gemm_tuning="apart"; the twin goes
+    after it, and its memory with it); on a CUDA-graph session a run outside any graph (id -1: every bucket's
+    warm-up, and under graph_sessions="single" every prefill run), a capture (an id's first run) or a replay; on
+    a plain session its first run or a later one."""
+    if twin:
+        return "twin"
     if not graphed:
         return "plain_first" if n == 1 else "plain_later"
-    return "warmup" if graph_id == -1 else "capture" if n == 1 else "replay"
+    return "outside_graph" if graph_id == -1 else "capture" if n == 1 else "replay"
 
 
 def watch_sessions(opened: list, first_runs: list, run_sums: list) -> None:
@@ -137,7 +142,7 @@ def watch_sessions(opened: list, first_runs: list, run_sums: list) -> None:
     session is still held (`alive`, see `mark_alive`): a backend drops its load-time dynamic session once its
     buckets are set, and a tuning twin after its one run."""
     from padrec_runtime.backends.onnxruntime import OrtBackend
-    open_session, run_bound = OrtBackend._open, OrtBackend.run_bound
+    open_session, run_bound, tuning_twin = OrtBackend._open, OrtBackend.run_bound, OrtBackend.tuning_twin
     made = weakref.WeakKeyDictionary()  # session -> its entry in `opened`
     runs = weakref.WeakKeyDictionary()  # session -> {CUDA graph id: runs so far}
     sums = weakref.WeakKeyDictionary()  # session -> {kind: its entry in run_sums}
@@ -159,20 +164,25 @@ def watch_sessions(opened: list, first_runs: list, run_sums: list) -> None:
         before = device_used()
         run_bound(self, graph, session, binding, options)
         mb = (device_used() - before) / 2**20
-        WATCH["mb"] += mb if WATCH["on"] else 0.0
         entry = made.get(session, {})
-        graphed = bool(entry.get("cuda_graph"))
+        graphed, twin = bool(entry.get("cuda_graph")), bool(entry.get("twin"))
+        WATCH["mb"] += mb if WATCH["on"] and not twin else 0.0  # a twin's run goes back with the twin
         if n == 1:
             first_runs.append({"graph": graph, "dims": entry.get("dims"), "session_graphed": graphed,
                                "gpu_graph_id": graph_id, "mb": mb, "ref": weakref.ref(session)})
-        kind, mine = run_kind(graphed, graph_id, n), sums.setdefault(session, {})
+        kind, mine = run_kind(graphed, graph_id, n, twin), sums.setdefault(session, {})
         if kind not in mine:
             mine[kind] = {"graph": graph, "dims": entry.get("dims"), "kind": kind, "runs": 0, "mb": 0.0,
                           "ref": weakref.ref(session)}
             run_sums.append(mine[kind])
         mine[kind]["runs"] += 1
         mine[kind]["mb"] += mb
-    OrtBackend._open, OrtBackend.run_bound = _open, _run_bound
+    def _tuning_twin(self, session, call):
+        twin = tuning_twin(self, session, call)
+        if twin is not None:
+            made[twin]["twin"] = True
+        return twin
+    OrtBackend._open, OrtBackend.run_bound, OrtBackend.tuning_twin = _open, _run_bound, _tuning_twin
 
 
 def mark_alive(*logs: list) -> None:
@@ -183,7 +193,7 @@ def mark_alive(*logs: list) -> None:
             e["alive"] = e.pop("ref")() is not None
 
 
-RUN_KINDS = ("warmup", "capture", "replay", "plain_first", "plain_later")
+RUN_KINDS = ("outside_graph", "capture", "replay", "plain_first", "plain_later", "twin")
 
 
 def by_cause(opened: list, run_sums: list) -> dict:

@@ -173,8 +173,8 @@ def test_compile_cache_twin_has_the_trained_pairs_tensors_and_runs_the_baseline(
 
 def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_master, tmp_path):
     """tools/gpu_memory.py's smoke run on the CPU takes the GPU's code path (device caches, static buckets) and logs
-    every session made, the first run of each (session, graph id) and the runs summed by kind: a batch-7 prefill runs in windows of 3 rows
-    (these engines take at most 8), each its own graph id on one session of batch 3."""
+    every session made, the first run of each (session, graph id) and the runs summed by kind: a batch-7 prefill
+    runs in windows of 3 rows (these engines take at most 8), each its own graph id on one session of batch 3."""
     import json
     import subprocess
     res = subprocess.run([sys.executable, str(ROOT / "tools/gpu_memory.py"), "--engines", str(engines_master),
@@ -195,9 +195,9 @@ def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_ma
     kinds = {r["kind"] for r in v["run_sums"]}  # no CUDA graphs on the CPU: every bucket on a plain session
     assert kinds == {"plain_first", "plain_later"} and all(r["runs"] >= 1 for r in v["run_sums"])
     assert sum(r["runs"] for r in v["run_sums"] if r["kind"] == "plain_first") == len(ids)
+    kinds = ("outside_graph", "capture", "replay", "plain_first", "plain_later", "twin")
     assert set(v["batches"]["7"]["by_cause_so_far"]) == {"sessions_graphed_mb", "sessions_plain_mb", "sessions_held",
-                                                         *(f"runs_{k}_mb" for k in ("warmup", "capture", "replay",
-                                                                                    "plain_first", "plain_later"))}
+                                                         *(f"runs_{k}_mb" for k in kinds)}
     assert {"off_first_outside_runs_mb", "chain_first_outside_runs_mb"} <= set(v["batches"]["7"])
     # the load-time dynamic sessions went once the buckets were set; every bucket session is still held
     assert [s["alive"] for s in v["sessions"]] == [s["dims"] is not None for s in v["sessions"]]
