@@ -166,6 +166,40 @@ def test_threads_give_the_single_thread_lists(tiny, engines_master):
         assert [results[k][i] for i in range(len(requests))] == expected
 
 
+def test_windowed_prefills_of_several_streams_at_once_give_the_single_thread_lists(tiny, engines_master):
+    """Caller-owned streams of batch 3, 5 and 7 stepped from eight threads at once, each prefill in windows of two
+    rows that every cache's windows bind to one shared set of buffers: the lists equal one thread's. (The windowed
+    prefill holds the device lock from its first window to its last; without that another stream's window
+    overwrites the set between a window's run and its read.)"""
+    rec = Recommender(engines_master, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=False,
+                                                             prefill_rows=2))
+    rng = np.random.default_rng(3)
+    ids = tiny[0].item_ids
+    requests = [[rng.choice(ids, size=int(rng.integers(1, 8)), replace=False).tolist() for _ in range(b)]
+                for b in (3, 5, 7, 3, 5, 7, 5, 7)]
+    params = DecodeParams(speculate="chain")
+    expected = [[r.tokens for r in rec.recommend(h, n_items=3, params=params).lists] for h in requests]
+    results, errors = {}, []
+
+    def worker(k):
+        try:
+            for _ in range(3):
+                stream = rec.start(requests[k], n_items=3, params=params)
+                while not stream.done:
+                    stream.step()
+                results.setdefault(k, []).append([r.tokens for r in stream.result().lists])
+        except Exception as exc:  # any failure in a thread must surface in the test
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(len(requests))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert all(results[k] == [expected[k]] * 3 for k in range(len(requests)))
+
+
 def _json_values():
     return st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.integers() | st.floats(allow_nan=True) |
                         st.text(max_size=8), lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6),
