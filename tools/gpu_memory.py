@@ -17,6 +17,7 @@ Writes OUT/gpu_memory_<engine dir name>.json (after every variant).
 """
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -293,7 +294,7 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
                     times.append(time.perf_counter() - t0)
                 row[f"{mode}_ms_per_list"] = float(np.median(times)) * 1e3 / b
             peak = {"first": max(peak["first"], first.bytes), "steady": max(peak["steady"], steady.bytes)}
-            row[f"{mode}_tau"], row[f"{mode}_lists"] = res.tau, [r.tokens for r in res.lists]
+            row[f"{mode}_tau"], row[f"{mode}_lists_sha256"] = res.tau, lists_digest([r.tokens for r in res.lists])
             row[f"after_{mode}_gb"] = (device_used() - base) / 1e9
         (mem, used), (pool, pool_used) = (rec.memory(), device_used() - base), cupy_pool_bytes()
         ceiling = HEADROOM * (mem["weights"] + mem["kv_caches"])
@@ -306,7 +307,7 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
                     "sessions_so_far": len(opened), "by_cause_so_far": by_cause(opened, run_sums),
                     "buffers_mb": {k: round(v / 2**20, 1) for k, v in mem["cache_buffers"].items()}})
         out["batches"][b] = row
-        log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists")}))
+        log(b, json.dumps({k: v for k, v in row.items() if not k.endswith("_lists_sha256")}))
     mark_alive(opened, first_runs, run_sums)
     out["sessions"], out["first_runs"], out["run_sums"] = opened, first_runs, run_sums
     out["memory_source"] = sorted(SOURCES)
@@ -315,13 +316,19 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
     return out
 
 
+def lists_digest(lists: list) -> str:
+    """The sha256 of a batch's token lists: the report compares lists by it (the lists themselves made the
+    committed reports megabytes)."""
+    return hashlib.sha256(json.dumps(lists).encode()).hexdigest()
+
+
 def check_lists(report: dict) -> dict:
     """Per variant: whether every list (AR and chain, every batch) equals the first variant's AR list."""
     variants = report["variants"]
     first = next(iter(variants.values()))
     same = {}
     for name, v in variants.items():
-        same[name] = all(v["batches"][b][f"{mode}_lists"] == first["batches"][b]["off_lists"]
+        same[name] = all(v["batches"][b][f"{mode}_lists_sha256"] == first["batches"][b]["off_lists_sha256"]
                          for b in v["batches"] for mode in ("off", "chain") if b in first["batches"])
     return same
 

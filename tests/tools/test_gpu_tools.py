@@ -202,3 +202,15 @@ def test_memory_ledger_logs_each_session_and_first_run_of_each_window(engines_ma
     # the load-time dynamic sessions went once the buckets were set; every bucket session is still held
     assert [s["alive"] for s in v["sessions"]] == [s["dims"] is not None for s in v["sessions"]]
     assert v["batches"]["7"]["by_cause_so_far"]["sessions_held"] == sum(s["alive"] for s in v["sessions"])
+
+
+def test_the_tracked_tree_leaves_room_for_a_wheel_part_beside_it():
+    """A GPU call carries the working tree and one 50 MiB part of the onnxruntime-gpu wheel within 64 MiB
+    (docs/llm_pairs.md), so the tracked files stay under 13.5 MiB: reports keep digests of their lists, not the
+    lists."""
+    import subprocess
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    names = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout.split(b"\0")
+    size = sum((ROOT / n.decode()).stat().st_size for n in names if n and (ROOT / n.decode()).is_file())
+    assert size < 13.5 * 2**20, f"{size / 2**20:.1f} MiB tracked"
