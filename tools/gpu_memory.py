@@ -6,10 +6,9 @@ weights and KV caches, against the ceiling weights + KV caches + 25%, both after
 (sampled while the batch's first AR and chain requests ran: sessions opened, graphs captured, prefills). Every
 session opened is logged with the memory it took, and so is the first run of each session and CUDA graph id
 (`first_runs`) and, per session and kind (`run_kind`: outside any graph, capture, replay, a plain session's first
-or later run, a tuning twin's), what the
-runs of a batch's first requests added (`run_sums`; by cause in `by_cause_so_far`), and what those requests added
-outside every run (`<mode>_first_outside_runs_mb`); the lists of every variant and mode are checked against the
-first variant's AR lists. `--device cpu` is a smoke run over the GPU's code path (no memory figures).
+or later run, a tuning twin's), what the runs of a batch's first requests added (`run_sums`; by cause in
+`by_cause_so_far`), and what those requests added outside every run (`<mode>_first_outside_runs_mb`); the lists
+of every variant and mode are checked against the first variant's AR lists (by digest). `--device cpu` is a smoke run over the GPU's code path (no memory figures).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
 
@@ -178,6 +177,7 @@ def watch_sessions(opened: list, first_runs: list, run_sums: list) -> None:
             run_sums.append(mine[kind])
         mine[kind]["runs"] += 1
         mine[kind]["mb"] += mb
+
     def _tuning_twin(self, session, call):
         twin = tuning_twin(self, session, call)
         if twin is not None:
