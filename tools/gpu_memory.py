@@ -8,7 +8,8 @@ session opened is logged with the memory it took, and so is the first run of eac
 (`first_runs`) and, per session and kind (`run_kind`: outside any graph, capture, replay, a plain session's first
 or later run, a tuning twin's), what the runs of a batch's first requests added (`run_sums`; by cause in
 `by_cause_so_far`), and what those requests added outside every run (`<mode>_first_outside_runs_mb`); the lists
-of every variant and mode are checked against the first variant's AR lists (by digest). `--device cpu` is a smoke run over the GPU's code path (no memory figures).
+of every variant and mode are checked against the first variant's AR lists (by digest). `--device cpu` is a smoke
+run over the GPU's code path (no memory figures).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_memory.py --engines /tmp/w7/qwen-7b --out "$OUT"
 
