@@ -284,6 +284,7 @@ def run_variant(engines: Path, options: dict, batches: list, repeats: int = 1) -
             with Peak() as first:
                 t0, before, WATCH["on"], WATCH["mb"] = time.perf_counter(), device_used(), True, 0.0
                 rec.recommend(hist, params=params)  # sessions, captures
+                # first_s includes an NVML reading around every run (WATCH): not comparable with reports before it
                 row[f"{mode}_first_s"], WATCH["on"] = time.perf_counter() - t0, False
                 # what the request added outside every engine run: sessions made, cupy's pool (buffers, KV caches)
                 row[f"{mode}_first_outside_runs_mb"] = (device_used() - before) / 2**20 - WATCH["mb"]
