@@ -78,6 +78,12 @@ VARIANTS = {
     "single_graph_max_16_cublas_option_tune_apart_rows_4": Variant({"graph_sessions": "single",
                                                                     "cuda_graph_max_tokens": 16, **CAP,
                                                                     "gemm_tuning": "apart", "prefill_rows": 4}),
+    # prefill buckets on one dynamic-shape session per graph (no plain session per prefill shape), on the shared arena
+    "pair_graph_max_16_cublas_option_tune_apart": Variant({"graph_sessions": "pair", "cuda_graph_max_tokens": 16,
+                                                           **CAP, "gemm_tuning": "apart"}),
+    "pair_graph_max_16_cublas_option_tune_apart_rows_4": Variant({"graph_sessions": "pair",
+                                                                  "cuda_graph_max_tokens": 16, **CAP,
+                                                                  "gemm_tuning": "apart", "prefill_rows": 4}),
     # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
     "per_graph_graph_max_8_cublas_option_tune_apart": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP,
                                                                "gemm_tuning": "apart"}),

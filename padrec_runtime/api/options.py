@@ -23,7 +23,7 @@ BACKENDS = ("onnxruntime", "tensorrt")
 DEVICES = ("cpu", "cuda")
 SPECULATE = ("off", "chain", "tree", "auto")
 TRT_MODULES = ("tensorrt", "tensorrt_lean", "tensorrt_rtx")
-GRAPH_SESSIONS = ("per_graph", "per_shape", "single")
+GRAPH_SESSIONS = ("per_graph", "per_shape", "single", "pair")
 GEMM_TUNING = ("session", "apart", "off")
 
 
@@ -104,10 +104,10 @@ class RuntimeOptions:
     cuda_graph_max_tokens: int | None = None
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
     # cuBLAS / cuDNN state per engine graph; buckets above cuda_graph_max_tokens keep a session per shape, on the
-    # shared arena); single: as per_graph, the buckets above cuda_graph_max_tokens too, outside any graph (no session
-    # per prefill shape; their activations stay in the graphed session's arena: smaller only at batch 1, 1.5B
-    # on an H100); per_shape: a session per (batch,
-    # bucket) shape, each with its own
+    # shared arena); pair: as per_graph, the buckets above cuda_graph_max_tokens on one dynamic-shape session per
+    # engine graph, on the shared arena (no session per prefill shape); single: as per_graph, the buckets above
+    # cuda_graph_max_tokens too, outside any graph (their activations stay in the graphed session's arena: smaller
+    # only at batch 1, 1.5B on an H100); per_shape: a session per (batch, bucket) shape, each with its own
     graph_sessions: str = "per_shape"
     in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
     # cuBLAS's workspace per handle, in MiB, for the whole process (CUBLAS_WORKSPACE_CONFIG; every CUDA session makes

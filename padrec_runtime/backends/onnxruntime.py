@@ -233,12 +233,15 @@ class OrtBackend:
         arena and one set of cuBLAS / cuDNN state for the graph instead of one per shape; buckets without a graph
         (above graph_max_tokens) run on per-shape sessions over the shared arena. single: as per_graph, and the
         buckets without a graph run in that one session too, outside any graph (no session per prefill shape; their
-        activations stay in its arena). A graph whose session ONNX Runtime refuses to capture (data crossing between
-        host and device, padrec_export.placement; engines exported before that was fixed) keeps a graphed session
-        per shape."""
+        activations stay in its arena). pair: as per_graph, the buckets without a graph on the graph's one
+        dynamic-shape session (no session per prefill shape; their activations go back with the shared arena). A
+        graph whose session ONNX Runtime refuses to capture (data crossing between host and device,
+        padrec_export.placement; engines exported before that was fixed) keeps a graphed session per shape."""
         graphed = self.wants_graph(dims)
+        if self.graph_sessions == "pair" and not graphed:
+            return self.session, "plain"
         shared = self.cuda_graphs and self.device == "cuda" and (
-            self.graph_sessions == "single" or (self.graph_sessions == "per_graph" and graphed))
+            self.graph_sessions == "single" or (self.graph_sessions in ("per_graph", "pair") and graphed))
         if shared and self._graph_session is None:
             fixed = {k: v for k, v in dims.items() if k in CACHE_DIMS}
             try:

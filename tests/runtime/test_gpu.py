@@ -82,6 +82,8 @@ def check_cuda_graph_sessions(engines: Path) -> dict:
     check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "per_graph"})
     check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "per_graph", "gemm_tuning": "apart"})
     check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "single", "cuda_graph_max_tokens": 8})
+    check_per_graph_sessions(engines, plain, hists, {"graph_sessions": "pair", "cuda_graph_max_tokens": 8,
+                                                     "gemm_tuning": "apart"})
     fused_calls = counter.count("target", "target_gqa")
     assert (fused_calls > 0) == graphs.settings.in_place
     return {"ok": True, "precision": graphs.manifest.precision, "in_place_target_calls": fused_calls,
@@ -106,8 +108,8 @@ def check_graph_max_tokens(engines: Path, plain, hists: list) -> None:
 def check_per_graph_sessions(engines: Path, plain, hists: list, options: dict) -> None:
     """graph_sessions="per_graph": one CUDA-graph session per engine graph, every bucket of every batch size a graph
     of its own in it; "single" (with a token limit on graphs): the buckets past it run in that session too, outside
-    any graph. Either gives `plain`'s lists (batch 1 and a batch of several histories, each mode, replays too), and
-    no session per shape is made."""
+    any graph; "pair" (with a limit): on the graph's dynamic-shape session. Each gives `plain`'s lists (batch 1 and a
+    batch of several histories, each mode, replays too), and no session per shape is made."""
     from padrec_runtime import DecodeParams, Recommender, RuntimeOptions
     one = Recommender(engines, device="cuda", options=RuntimeOptions(**options))
     for batch in (hists[:1], hists):
@@ -121,6 +123,8 @@ def check_per_graph_sessions(engines: Path, plain, hists: list, options: dict) -
     notes = {g: b.graph_notes for g, b in one.backends.items() if b.graph_notes}
     assert not notes and all(not b._static for b in one.backends.values()), notes
     assert all(b._graph_session is not False for b in one.backends.values())
+    if options["graph_sessions"] == "pair":  # the prefills ran on the dynamic session, made again for them
+        assert one.backends["target"]._session is not None
     one.close()
 
 

@@ -377,6 +377,30 @@ def test_per_graph_sessions_run_ungraphed_buckets_on_per_shape_sessions(tiny, en
         RuntimeOptions(graph_sessions="per_batch")
 
 
+def test_pair_sessions_run_ungraphed_buckets_on_the_dynamic_session(tiny, engines_master, monkeypatch):
+    """graph_sessions="pair": bucket calls without a graph (prefill) run on the graph's one dynamic-shape session, the
+    graphed ones on static sessions as per_graph's, with per_shape's lists; per_graph opens a static session per
+    prefill shape instead. (A CPU has no graphs: buckets of at most 2 tokens a row are forced to want one.)"""
+    from padrec_runtime.backends.onnxruntime import OrtBackend
+    monkeypatch.setattr(OrtBackend, "wants_graph", lambda self, dims: dims.get("seq", 1) <= 2)
+    opts = dict(device_cache=True, static_shapes=True)
+    recs = {k: Recommender(engines_master, options=RuntimeOptions(**opts, graph_sessions=k))
+            for k in ("per_shape", "per_graph", "pair")}
+    assert recs["pair"].settings.graph_sessions == "pair"
+    assert all(b._session is None for b in recs["pair"].backends.values())  # checked at load, then let go
+    for batch in (1, 3):
+        hist = _histories(tiny[0], 19, batch)
+        for mode in ("off", "chain", "tree"):
+            want = recs["per_shape"].recommend(hist, params=DecodeParams(speculate=mode))
+            for k in ("per_graph", "pair"):
+                got = recs[k].recommend(hist, params=DecodeParams(speculate=mode))
+                assert [r.tokens for r in got.lists] == [r.tokens for r in want.lists], (k, mode, batch)
+    seqs = {k: {dict(key)["seq"] for b in rec.backends.values() for key in b._static} for k, rec in recs.items()}
+    assert any(s > 2 for s in seqs["per_graph"])  # prefill shapes, a session each
+    assert seqs["pair"] and max(seqs["pair"]) <= 2 and seqs["pair"] <= seqs["per_graph"]
+    assert recs["pair"].backends["target"]._session is not None  # made again for the prefills
+
+
 def test_single_sessions_run_ungraphed_buckets_outside_any_graph_and_never_release(tiny, engines_master, monkeypatch):
     """graph_sessions="single": a bucket above cuda_graph_max_tokens runs in its graph's one CUDA-graph session,
     every run carrying ONNX Runtime's "no graph" annotation (-1) and none asking for the arena shrink (the session's
