@@ -108,47 +108,41 @@ def plot_steps(ax, steps: dict, benches: dict) -> None:
 
 
 # levers file runs drawn as lines: (run, shape, variant, marker, label)
-CAPPED = (("qwen-1.5b_random_cublas_setting", "qwen-1.5b", "per_graph_graph_max_16_cublas_option", "s-.",
-           "cuBLAS capped"),
-          ("qwen-7b_random", "qwen-7b", "per_graph_graph_max_16_cublas_4mb", "s-.", "cuBLAS capped"),
+CAPPED = (("qwen-7b_random", "qwen-7b", "per_graph_graph_max_16_cublas_4mb", "s-.", "cuBLAS capped"),
           ("qwen-1.5b_random_gemm_tuning", "qwen-1.5b", "per_graph_graph_max_16_cublas_option_tune_apart", "D-",
-           "capped, GEMM tuning apart"))
+           "capped, GEMM tuning apart"),
+          ("qwen-1.5b_random_pair", "qwen-1.5b", "pair_graph_max_16_cublas_option_tune_apart_rows_4", "P-",
+           "the memory settings (pair, 4-row windows)"),
+          ("qwen-7b_random_pair", "qwen-7b", "pair_graph_max_16_cublas_option_tune_apart", "P-",
+           "pair, capped, tuning apart"))
 
 
-def plot_levers(ax, levers: dict, colors: dict) -> None:
-    """The memory-lever runs of gpu_memory_levers_CARD.json, in their shape's color."""
-    for run, s, variant, marker, label in CAPPED:
-        v = levers.get("runs", {}).get(run, {}).get("variants", {}).get(variant)
-        if v is None:
-            continue
-        b = sorted(v["batches"], key=int)
-        ax.plot([int(x) for x in b], [v["batches"][x]["gpu_used_gb"] for x in b], marker, color=colors.get(s, "k"),
-                label=f"{SHAPES[s]} in use, {label} (random weights)")
+def ratio(v: dict) -> tuple:
+    """(batches, GPU memory in use after each batch as a share of its ceiling, weights + KV caches + 25%)."""
+    b = sorted(v["batches"], key=int)
+    return [int(x) for x in b], [v["batches"][x]["gpu_used_gb"] / v["batches"][x]["ceiling_gb"] for x in b]
 
 
 def plot_memory(ax, memory: dict, levers: dict) -> None:
+    """Each run's memory as a share of its ceiling (1.0: weights + KV caches + 25%): the base runs of
+    gpu_memory_CARD.json, then the lever runs of gpu_memory_levers_CARD.json, in their shape's color."""
     colors = {}
     for k, (s, shape) in enumerate(memory.get("shapes", {}).items()):
         colors[s] = plt.cm.tab10(k)
-        for name, v in shape["variants"].items():
-            if name != "per_graph_graph_max_16":
-                continue
-            b = sorted(v["batches"], key=int)
-            used = [v["batches"][x]["gpu_used_gb"] for x in b]
-            ceiling = [1.25 * (v["batches"][x]["weights_gb"] + v["batches"][x]["kv_caches_gb"]) for x in b]
-            color = plt.cm.tab10(k)
-            peak = [v["batches"][x].get("peak_steady_gb") for x in b]
-            when = "" if all(p is not None for p in peak) else " (before prefill windows)"  # measured before peaks were
-            ax.plot([int(x) for x in b], used, "o-", color=color, label=f"{SHAPES[s]} in use{when}")
-            if all(p is not None for p in peak):
-                ax.plot([int(x) for x in b], peak, "^:", color=color, label=f"{SHAPES[s]} peak in a request")
-            ax.plot([int(x) for x in b], ceiling, "--", color=color, label=f"{SHAPES[s]} ceiling")
-    plot_levers(ax, levers, colors)
+        v = shape["variants"].get("per_graph_graph_max_16")
+        if v is not None and all("ceiling_gb" in x for x in v["batches"].values()):
+            ax.plot(*ratio(v), "o:", color=colors[s], label=f"{SHAPES[s]}, no levers")
+    for run, s, variant, marker, label in CAPPED:
+        v = levers.get("runs", {}).get(run, {}).get("variants", {}).get(variant)
+        if v is not None:
+            ax.plot(*ratio(v), marker, color=colors.get(s, "k"), label=f"{SHAPES[s]}, {label}")
+    ax.axhline(1.0, color="k", lw=0.8)
+    ax.set_ylim(0.7, 1.3)  # the 0.5B run without levers (2-2.7x) lies above: its row in gpu_memory_CARD.json
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch")
-    ax.set_ylabel("GPU memory of the process (GB)")
-    ax.set_title("memory, graph_sessions=per_graph, cuda_graph_max_tokens=16", fontsize=8)
-    legend(ax, 5.5, loc="center", ncol=2)  # the lines lie low (0.5B, 1.5B) and high (7B): the middle is free
+    ax.set_ylabel("in use after the batch / ((weights + KV) x 1.25)")
+    ax.set_title("memory against the ceiling (cuda_graph_max_tokens=16)", fontsize=8)
+    legend(ax, 5.5)
 
 
 def main(argv=None) -> None:
