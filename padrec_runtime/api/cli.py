@@ -57,7 +57,7 @@ class CudaMemoryArgs(OptionGroup):
     """How CUDA sessions hold GPU memory (RuntimeOptions): shared by the commands that run engines and by
     `padrec serve`."""
 
-    names = ("cuda_graph_max_tokens", "graph_sessions", "cublas_workspace_mib", "gemm_tuning")
+    names = ("cuda_graph_max_tokens", "graph_sessions", "cublas_workspace_mib", "gemm_tuning", "prefill_rows")
     options = (
         click.option("--cuda-graph-max-tokens", type=click.IntRange(1), default=None, show_default="every bucket",
                      help="CUDA: graphs only for static buckets of at most N tokens a row (decode steps, verifies); "
@@ -74,6 +74,10 @@ class CudaMemoryArgs(OptionGroup):
                      show_default=RuntimeOptions().gemm_tuning,
                      help="CUDA: where ONNX Runtime tunes its GEMMs: in each session, apart (graphed sessions keep "
                           "no tuning scratch: 0.22-0.41 GB less at 1.5B, slower first calls), or off"),
+        click.option("--prefill-rows", type=click.IntRange(1, 1 << 16), default=None,
+                     show_default=RuntimeOptions().prefill_rows,
+                     help="device cache: a prompt's prefill runs at most N rows at a time (4: less GPU memory "
+                          "at 1.5B batch 64, more prefill calls)"),
     )
 
     def parse(self, kwargs: dict) -> dict:

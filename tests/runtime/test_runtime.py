@@ -149,6 +149,12 @@ def test_cli_recommend_and_errors(engines_master, engines):
                       "--static-shapes", *flags)
         assert rounds.returncode == 0, rounds.stderr
         assert json.loads(rounds.stdout)["lists"] == data["lists"]
+    two = ["--history", "1000,1001,1002", "--history", "1003,1000", "--json"]
+    plain = _cli("recommend", "--engines", str(engines_master), *two)
+    windows = _cli("recommend", "--engines", str(engines_master), *two, "--device-cache", "--static-shapes",
+                   "--graph-sessions", "pair", "--prefill-rows", "1")  # the memory flags: a prefill row by row
+    assert plain.returncode == 0 and windows.returncode == 0, windows.stderr
+    assert json.loads(windows.stdout)["lists"] == json.loads(plain.stdout)["lists"]
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
                       (["--history", "1,x"], "comma-separated"),
                       (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches"),

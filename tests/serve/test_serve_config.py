@@ -37,8 +37,8 @@ def test_gpu_instances_on_every_gpu_or_on_the_listed_ones(engines_master):
 
 def test_the_cuda_memory_settings_reach_every_instance_and_need_cuda(engines_master, tmp_path):
     import json
-    opts = {"cuda_graph_max_tokens": 16, "graph_sessions": "per_graph", "cublas_workspace_mib": 4,
-            "gemm_tuning": "apart"}
+    opts = {"cuda_graph_max_tokens": 16, "graph_sessions": "pair", "cublas_workspace_mib": 4,
+            "gemm_tuning": "apart", "prefill_rows": 4}
     params = parsed(ServeConfig(str(engines_master), "cuda", runtime_options=opts)).parameters
     assert json.loads(params["runtime_options"].string_value) == opts
     assert json.loads(parsed(ServeConfig(str(engines_master), "cuda")).parameters["runtime_options"].string_value) == {}
