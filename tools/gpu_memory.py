@@ -84,6 +84,9 @@ VARIANTS = {
     "pair_graph_max_16_cublas_option_tune_apart_rows_4": Variant({"graph_sessions": "pair",
                                                                   "cuda_graph_max_tokens": 16, **CAP,
                                                                   "gemm_tuning": "apart", "prefill_rows": 4}),
+    "pair_graph_max_16_cublas_option_tune_apart_rows_2": Variant({"graph_sessions": "pair",
+                                                                  "cuda_graph_max_tokens": 16, **CAP,
+                                                                  "gemm_tuning": "apart", "prefill_rows": 2}),
     # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
     "per_graph_graph_max_8_cublas_option_tune_apart": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP,
                                                                "gemm_tuning": "apart"}),
