@@ -105,7 +105,7 @@ class RuntimeOptions:
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
     # cuBLAS / cuDNN state per engine graph; buckets above cuda_graph_max_tokens keep a session per shape, on the
     # shared arena); pair: as per_graph, the buckets above cuda_graph_max_tokens on one dynamic-shape session per
-    # engine graph, on the shared arena (no session per prefill shape); single: as per_graph, the buckets above
+    # engine graph, on the shared arena (no session per prefill shape; without CUDA graphs, as per_graph); single: as per_graph, the buckets above
     # cuda_graph_max_tokens too, outside any graph (their activations stay in the graphed session's arena: smaller
     # only at batch 1, 1.5B on an H100); per_shape: a session per (batch, bucket) shape, each with its own
     graph_sessions: str = "per_shape"

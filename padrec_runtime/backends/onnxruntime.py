@@ -238,7 +238,7 @@ class OrtBackend:
         graph whose session ONNX Runtime refuses to capture (data crossing between host and device,
         padrec_export.placement; engines exported before that was fixed) keeps a graphed session per shape."""
         graphed = self.wants_graph(dims)
-        if self.graph_sessions == "pair" and not graphed:
+        if self.graph_sessions == "pair" and self.cuda_graphs and not graphed:  # without graphs: as per_graph
             return self.session, "plain"
         shared = self.cuda_graphs and self.device == "cuda" and (
             self.graph_sessions == "single" or (self.graph_sessions in ("per_graph", "pair") and graphed))

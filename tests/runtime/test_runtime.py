@@ -155,6 +155,12 @@ def test_cli_recommend_and_errors(engines_master, engines):
                    "--graph-sessions", "pair", "--prefill-rows", "1")  # the memory flags: a prefill row by row
     assert plain.returncode == 0 and windows.returncode == 0, windows.stderr
     assert json.loads(windows.stdout)["lists"] == json.loads(plain.stdout)["lists"]
+    from padrec_runtime.api.cli import ENGINE
+    parsed = ENGINE.parse(dict(engine_dir="e", backend="onnxruntime", device="cpu", threads=1, trt_module=None,
+                               allow_host_code=False, device_cache=True, static_shapes=True, in_place=None,
+                               cuda_graph_max_tokens=None, graph_sessions="pair", cublas_workspace_mib=None,
+                               gemm_tuning=None, prefill_rows=1))
+    assert (parsed["options"].graph_sessions, parsed["options"].prefill_rows) == ("pair", 1)
     for args, msg in [(["--history", "1000,77"], "unknown item ids"), (["--history", ""], "empty"),
                       (["--history", "1,x"], "comma-separated"),
                       (["--history", "1000", "--device-rounds"], "device_rounds: needs device caches"),
@@ -384,26 +390,43 @@ def test_per_graph_sessions_run_ungraphed_buckets_on_per_shape_sessions(tiny, en
 
 
 def test_pair_sessions_run_ungraphed_buckets_on_the_dynamic_session(tiny, engines_master, monkeypatch):
-    """graph_sessions="pair": bucket calls without a graph (prefill) run on the graph's one dynamic-shape session, the
-    graphed ones on static sessions as per_graph's, with per_shape's lists; per_graph opens a static session per
-    prefill shape instead. (A CPU has no graphs: buckets of at most 2 tokens a row are forced to want one.)"""
+    """graph_sessions="pair": bucket calls without a graph (prefill) run on the graph's one dynamic-shape session as
+    "plain" runs (the shared arena, its hand-back), the graphed ones on static sessions as per_graph's, with
+    per_shape's lists; per_graph opens a static session per prefill shape instead; without CUDA graphs pair is
+    per_graph. (A CPU has no graphs: buckets of at most 2 tokens a row are forced to want one.)"""
     from padrec_runtime.backends.onnxruntime import OrtBackend
     monkeypatch.setattr(OrtBackend, "wants_graph", lambda self, dims: dims.get("seq", 1) <= 2)
+    real, given = OrtBackend.bucket_session, []  # (graph_sessions, graphs, seq, on the dynamic session, how)
+
+    def recording(self, dims):
+        session, how = real(self, dims)
+        given.append((self.graph_sessions, self.cuda_graphs, dims["seq"], session is self._session, how))
+        return session, how
+    monkeypatch.setattr(OrtBackend, "bucket_session", recording)
     opts = dict(device_cache=True, static_shapes=True)
     recs = {k: Recommender(engines_master, options=RuntimeOptions(**opts, graph_sessions=k))
             for k in ("per_shape", "per_graph", "pair")}
+    recs["pair_no_graphs"] = Recommender(engines_master, options=RuntimeOptions(**opts, graph_sessions="pair"))
     assert recs["pair"].settings.graph_sessions == "pair"
     assert all(b._session is None for b in recs["pair"].backends.values())  # checked at load, then let go
+    for b in recs["pair"].backends.values():
+        b.cuda_graphs = True  # as on CUDA (a CPU run has none): what pair's branch asks
     for batch in (1, 3):
         hist = _histories(tiny[0], 19, batch)
         for mode in ("off", "chain", "tree"):
             want = recs["per_shape"].recommend(hist, params=DecodeParams(speculate=mode))
-            for k in ("per_graph", "pair"):
+            for k in ("per_graph", "pair", "pair_no_graphs"):
                 got = recs[k].recommend(hist, params=DecodeParams(speculate=mode))
                 assert [r.tokens for r in got.lists] == [r.tokens for r in want.lists], (k, mode, batch)
+                assert got.committed == want.committed, (k, mode, batch)
     seqs = {k: {dict(key)["seq"] for b in rec.backends.values() for key in b._static} for k, rec in recs.items()}
     assert any(s > 2 for s in seqs["per_graph"])  # prefill shapes, a session each
     assert seqs["pair"] and max(seqs["pair"]) <= 2 and seqs["pair"] <= seqs["per_graph"]
+    assert seqs["pair_no_graphs"] == seqs["per_graph"]
+    pair = [(seq, dynamic, how) for k, graphs, seq, dynamic, how in given if (k, graphs) == ("pair", True)]
+    assert any(seq > 2 for seq, _, _ in pair)
+    assert all((dynamic, how) == ((True, "plain") if seq > 2 else (False, "graph")) for seq, dynamic, how in pair), \
+        sorted(set(pair))
     assert recs["pair"].backends["target"]._session is not None  # made again for the prefills
 
 
