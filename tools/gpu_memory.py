@@ -87,6 +87,11 @@ VARIANTS = {
     "pair_graph_max_16_cublas_option_tune_apart_rows_2": Variant({"graph_sessions": "pair",
                                                                   "cuda_graph_max_tokens": 16, **CAP,
                                                                   "gemm_tuning": "apart", "prefill_rows": 2}),
+    # no GEMM tuning: no tuning twin, whose arena (the tuning's scratch) lifts a batch's first request
+    "pair_graph_max_16_cublas_option_tune_off_rows_2": Variant({"graph_sessions": "pair", "cuda_graph_max_tokens": 16,
+                                                                **CAP, "gemm_tuning": "off", "prefill_rows": 2}),
+    "pair_graph_max_16_cublas_option_tune_off_rows_4": Variant({"graph_sessions": "pair", "cuda_graph_max_tokens": 16,
+                                                                **CAP, "gemm_tuning": "off", "prefill_rows": 4}),
     # fewer graphed buckets (calls of 9-16 tokens a row run on the shared arena)
     "per_graph_graph_max_8_cublas_option_tune_apart": Variant({**LEAN, "cuda_graph_max_tokens": 8, **CAP,
                                                                "gemm_tuning": "apart"}),
