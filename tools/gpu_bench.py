@@ -552,7 +552,7 @@ def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict, padrec) ->
     """PAD-Rec vs plain EAGLE wall time at batch 1: both loaded, timed alternately (same machine state).
     padrec: PAD-Rec's open recommender."""
     recs = {"padrec": padrec, "eagle": bench.open_rec(engines["eagle"], **opts)}
-    res = {}
+    res, ar = {}, bench.report.get("ar_tokens", {}).get(1)  # AR's lists where a section before timed them
     for mode in ("chain", "tree"):
         for r in recs.values():  # one untimed pass each: EAGLE's sessions are new, PAD-Rec's warm
             each(r, bench.users, speculate=mode)
@@ -560,7 +560,9 @@ def bench_padrec_vs_eagle_b1(bench: Bench, engines: dict, opts: dict, padrec) ->
                             max(5, bench.repeats))
         tau = {name: r.tau for name, r in last.items()}
         med = {name: float(np.median(v)) / len(bench.users) for name, v in t.items()}
-        res[mode] = {"ms": med, "tau": tau, "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100}
+        same = {name: None if ar is None else [x.tokens for x in r.lists] == ar for name, r in last.items()}
+        res[mode] = {"ms": med, "tau": tau, "padrec_gain_pct": (med["eagle"] / med["padrec"] - 1) * 100,
+                     "identical_to_ar": same}
         log("padrec vs eagle", mode, json.dumps(res[mode]))
     close(recs["eagle"])
     return res

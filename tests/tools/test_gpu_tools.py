@@ -9,7 +9,7 @@ import pytest
 torch = pytest.importorskip("torch")
 ROOT = Path(__file__).parents[2]
 sys.path.insert(0, str(ROOT / "tools"))
-from gpu_bench import Bench, check_against_ar, first_differences  # noqa: E402
+from gpu_bench import Bench, bench_padrec_vs_eagle_b1, check_against_ar, first_differences  # noqa: E402
 from gpu_trace import idle_report, union  # noqa: E402
 
 
@@ -21,6 +21,32 @@ def test_first_differences_names_row_position_and_tokens():
         {"row": 2, "at": 2, "ar": 2, "got": None, "prefix": [4, 4]}]
     assert first_differences(ar, ar) == []
 
+
+
+class _FixedLists:
+    """A recommender stand-in whose every list is `tokens`: what the comparison reads of a result."""
+
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+    def recommend(self, histories, params=None):
+        from padrec_runtime.api.recommender import Recommendation, RecommendResult
+        return RecommendResult([Recommendation([], [], None, list(self.tokens)) for _ in histories], 2.0, 1, [[2]],
+                               {"total": 0.0})
+
+    def close(self):
+        pass
+
+
+def test_padrec_against_eagle_says_whether_each_drafts_lists_are_ar_s(tmp_path):
+    bench = Bench(tmp_path, "cpu", users=[[11], [12]], hist_all=[[11], [12]], repeats=1,
+                  report={"ar_tokens": {1: [[5, 6, 2], [5, 6, 2]]}})
+    bench.open_rec = lambda eng, **opts: _FixedLists([5, 7, 2])  # EAGLE's lists leave AR's at the second token
+    res = bench_padrec_vs_eagle_b1(bench, {"eagle": "eng_eagle"}, {}, _FixedLists([5, 6, 2]))
+    assert res["chain"]["identical_to_ar"] == res["tree"]["identical_to_ar"] == {"padrec": True, "eagle": False}
+    bench.report.pop("ar_tokens")  # no section before timed AR: nothing to compare with
+    assert bench_padrec_vs_eagle_b1(bench, {"eagle": "e"}, {}, _FixedLists([5, 6, 2]))["chain"]["identical_to_ar"] == {
+        "padrec": None, "eagle": None}
 
 
 def test_lists_are_checked_against_the_first_ar_lists_of_their_batch(tmp_path):
