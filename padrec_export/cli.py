@@ -277,7 +277,8 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
 
 @main.command("train-draft")
 @click.option("--target", "target_dir", required=True, type=click.Path(file_okay=False),
-              help="target checkpoint directory (Hugging Face Llama / Qwen2 + padrec.json + catalogue.json)")
+              help="target checkpoint directory (Hugging Face Llama / Qwen2 + padrec.json; catalogue.json in it "
+                   "or its parent)")
 @click.option("--dataset", type=click.Choice(DATASETS), required=True,
               help="interactions to train on (items must be in the target's catalogue)")
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),

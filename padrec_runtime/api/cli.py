@@ -64,7 +64,8 @@ class CudaMemoryArgs(OptionGroup):
                           "prefill buckets share one arena instead (less GPU memory at LLM sizes)"),
         click.option("--graph-sessions", type=click.Choice(GRAPH_SESSIONS), default=None,
                      show_default=RuntimeOptions().graph_sessions,
-                     help="CUDA graphs: a session per bucket shape, one per engine graph (per_graph: less GPU "
+                     help="CUDA graphs: a session per bucket shape (per_shape), one per engine graph (per_graph: "
+                          "less GPU "
                           "memory; pair: and one dynamic-shape session for its prefill buckets), or one for every "
                           "bucket (single)"),
         click.option("--cublas-workspace-mib", type=click.IntRange(1, 4096), default=None,
@@ -75,8 +76,8 @@ class CudaMemoryArgs(OptionGroup):
                      help="CUDA: where ONNX Runtime tunes its GEMMs: in each session, apart (graphed sessions keep "
                           "no tuning scratch: 0.22-0.41 GB less at 1.5B, slower first calls), or off"),
         click.option("--prefill-rows", type=click.IntRange(1, 1 << 16), default=None,
-                     show_default=RuntimeOptions().prefill_rows,
-                     help="device cache: a prompt's prefill runs at most N rows at a time (4: less GPU memory "
+                     show_default=str(RuntimeOptions().prefill_rows),  # click shows no int beside a None default
+                     help="device cache: a prompt's prefill runs at most N rows at a time (2-4: less GPU memory "
                           "at 1.5B batch 64, more prefill calls)"),
     )
 
@@ -109,7 +110,9 @@ class EngineArgs(OptionGroup):
         click.option("--static-shapes/--dynamic-shapes", default=None, show_default="static on CUDA",
                      help="CUDA: fixed-shape bucket sessions replaying CUDA graphs (fastest for a service) or one "
                           "dynamic session (opens faster)"),
-        click.option("--in-place/--standard-graphs", default=None, show_default="in place for fp16/bf16 on CUDA",
+        click.option("--in-place/--standard-graphs", default=None,
+                     show_default="in place with a device cache, where the engines have in-place graphs (not fp32 on "
+                                  "CUDA)",
                      help="run causal calls on the in-place graphs (target_gqa, draft_chain_gqa) or the standard "
                           "graphs only"),
         *CUDA_MEMORY.options,

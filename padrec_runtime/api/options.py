@@ -45,8 +45,8 @@ def _check(owner: str, name: str, value, kind: str, lo=None, hi=None, choices=No
         return value
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer) if kind == "int"
                                                               else (int, float, np.integer, np.floating)):
-        raise InputError(f"{where}: got {value!r} ({type(value).__name__}) | expected {'an integer' if kind == 'int' else 'a number'}"
-                         f"{_range(lo, hi)}")
+        expected = "an integer" if kind == "int" else "a number"
+        raise InputError(f"{where}: got {value!r} ({type(value).__name__}) | expected {expected}{_range(lo, hi)}")
     if kind == "int":
         value = int(value)
     elif isinstance(value, int) and abs(value) > sys.float_info.max:  # out of any range, not an OverflowError
@@ -105,11 +105,14 @@ class RuntimeOptions:
     # per_graph: one CUDA-graph session per engine graph, each bucket a graph of its own in it (one arena and one
     # cuBLAS / cuDNN state per engine graph; buckets above cuda_graph_max_tokens keep a session per shape, on the
     # shared arena); pair: as per_graph, the buckets above cuda_graph_max_tokens on one dynamic-shape session per
-    # engine graph, on the shared arena (no session per prefill shape; without CUDA graphs, as per_graph); single: as per_graph, the buckets above
-    # cuda_graph_max_tokens too, outside any graph (their activations stay in the graphed session's arena: smaller
-    # only at batch 1, 1.5B on an H100); per_shape: a session per (batch, bucket) shape, each with its own
+    # engine graph, on the shared arena (no session per prefill shape; without CUDA graphs, as per_graph); single:
+    # as per_graph, the buckets above cuda_graph_max_tokens too, outside any graph (their activations stay in the
+    # graphed session's arena: smaller only at batch 1, 1.5B on an H100); per_shape: a session per (batch, bucket)
+    # shape (the default)
     graph_sessions: str = "per_shape"
-    in_place: bool | None = None  # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); fp16/bf16 CUDA default
+    # causal calls on the in-place graphs (target_gqa, draft_chain_gqa); None: where the cache is on the device and
+    # the engines have them (fp16 exports), fp32 on CUDA excepted
+    in_place: bool | None = None
     # cuBLAS's workspace per handle, in MiB, for the whole process (CUBLAS_WORKSPACE_CONFIG; every CUDA session makes
     # its own handles, 32 MiB each on Hopper by default): 4 held a 1.5B pair's memory 0.25-0.5 GB lower (H100; its
     # speed cost at batch 32 is not settled). None: whatever the process has (cuBLAS's default, the environment's

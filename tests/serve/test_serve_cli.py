@@ -72,3 +72,21 @@ def test_client_refuses_numbers_past_what_a_request_carries(args, words):
                              max_content_width=1000)
     assert res.exit_code in (1, 2) and isinstance(res.exception, SystemExit), res.output
     assert words in res.output and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize("command", ["recommend", "bench", "serve"])
+def test_the_memory_flags_show_their_defaults(command):
+    """Each CUDA memory flag says under --help what leaving it out means (click shows no plain number beside a
+    None default, so the runtime's value is given as text)."""
+    from padrec_runtime import RuntimeOptions
+    res = CliRunner().invoke(main, [command, "--help"], terminal_width=1000, max_content_width=1000)
+    assert res.exit_code == 0, res.output
+    entries = {}  # flag -> its entry in the help, which may run over several lines
+    for chunk in ("\n" + res.output).split("\n  -")[1:]:
+        entries["-" + chunk.split()[0]] = " ".join(chunk.split())
+    defaults = {"--prefill-rows": f"[default: ({RuntimeOptions().prefill_rows})",
+                "--graph-sessions": f"[default: ({RuntimeOptions().graph_sessions})",
+                "--gemm-tuning": f"[default: ({RuntimeOptions().gemm_tuning})",
+                "--cuda-graph-max-tokens": "[default: (every bucket)", "--cublas-workspace-mib": "[default: (cuBLAS's"}
+    for flag, shown in defaults.items():
+        assert shown in entries[flag], entries[flag]
