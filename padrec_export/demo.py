@@ -10,6 +10,7 @@ import click
 import numpy as np
 
 from padrec_runtime import DecodeParams, Recommender
+from padrec_runtime.errors import InputError, IntegrityError, ManifestError
 
 from .data import load_dataset, make_split
 
@@ -48,9 +49,24 @@ def cached_default_engines(dataset: str = "ml-100k") -> Path:
     from .cli import require_export_extra
     require_export_extra("demo (its first run exports the default model)")
     from .pipeline import export_checkpoints
+    try:  # the cache's place comes from the environment: a file or an unwritable path there is the user's to fix
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f"demo cache {out.parent}: cannot be made ({exc.strerror}) | point PADREC_CACHE (or "
+                         "XDG_CACHE_HOME) at a writable directory, or pass --engines") from None
     click.echo(f"exporting the embedded default ({dataset}) to ONNX once; cached in {out} ...")
     export_checkpoints(model / "target", model / "draft_padrec", out)  # all or nothing: no half-made cache
     return out
+
+
+def _open_cached(dataset: str) -> Recommender:
+    """The default engines from the cache; damaged ones are named with the fix (the cache is ours to rebuild)."""
+    engine_dir = cached_default_engines(dataset)
+    try:
+        return Recommender(engine_dir, backend="onnxruntime", device="cpu")
+    except (IntegrityError, ManifestError) as exc:
+        raise type(exc)(f"{str(exc).split(' | ')[0]} | the demo's cached engines are damaged: delete {engine_dir} "
+                        "and run padrec demo again (it exports them anew)") from None
 
 
 def demo_histories(rec: Recommender, dataset: str, users: int) -> tuple[list, list]:
@@ -79,11 +95,8 @@ def _timed(rec: Recommender, hist: list, repeats: int, params: DecodeParams):
 def run_demo(users: int = 3, engine_dir=None, speculate: str = "chain", dataset: str = "ml-100k",
              repeats: int = 3) -> dict:
     if users < 1:
-        from padrec_runtime.errors import InputError
         raise InputError(f"--users: got {users} | expected at least 1")
-    if engine_dir is None:
-        engine_dir = cached_default_engines(dataset)
-    rec = Recommender(engine_dir, backend="onnxruntime", device="cpu")
+    rec = Recommender(engine_dir, backend="onnxruntime", device="cpu") if engine_dir else _open_cached(dataset)
     histories, names = demo_histories(rec, dataset, users)
     summary = {"users": []}
     for name, hist in zip(names, histories):

@@ -84,7 +84,9 @@ def _runs(rec, hist: list, candidates) -> dict:
         run = (lambda p=params: rec.recommend(hist, params=p))
         try:
             run()
-        except InputError:  # this setting does not fit the engines' limits
+        except InputError:  # this setting does not fit the engines' limits (AR always fits: its refusal is the input's)
+            if key == ("off", None):
+                raise
             continue
         runs[key] = run
     return runs
@@ -113,14 +115,17 @@ def _timed_pick(runs: dict, repeats: int, margin: float, clock=time.perf_counter
 def _calibration_args(rec, histories, batches, repeats) -> tuple:
     """calibrate's arguments checked: a list of histories (each checked as a request's), batch sizes the engines
     take, at least one repeat."""
-    if not isinstance(histories, (list, tuple)):
-        raise InputError(f"calibrate histories: got {type(histories).__name__} | expected a list of histories "
-                         "(lists of item ids)")
+    if isinstance(histories, np.ndarray):
+        histories = histories.tolist()
+    if not isinstance(histories, (list, tuple)) or not histories:
+        raise InputError(f"calibrate histories: got {type(histories).__name__} {histories!r:.40} | expected a "
+                         "non-empty list of histories (lists of item ids)")
     if not isinstance(batches, (list, tuple)) or not batches:
         raise InputError(f"calibrate batches: got {batches!r} | expected a non-empty tuple of batch sizes, e.g. (1, 8)")
     top = rec.limits["max_batch"]
     batches = tuple(_check("calibrate", "batches", b, "int", lo=1, hi=top) for b in batches)
-    return list(histories), batches, _check("calibrate", "repeats", repeats, "int", lo=1, hi=1000)
+    histories = [rec._check_history(b, h) for b, h in enumerate(histories)]  # named by row, before any timing
+    return histories, batches, _check("calibrate", "repeats", repeats, "int", lo=1, hi=1000)
 
 
 def calibrate(rec, histories: list, batches=(1, 8, 32), repeats: int = 3, candidates=CANDIDATES,

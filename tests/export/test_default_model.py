@@ -55,6 +55,24 @@ def test_demo_runs_from_the_cache_without_exporting_again(demo_cache, capsys, mo
     assert "exporting" not in out
 
 
+def test_a_damaged_demo_cache_is_named_with_its_fix(demo_cache, tmp_path, monkeypatch):
+    """A cached export whose target graph changed is refused, naming the cache entry to delete; a cache place that
+    is a file is refused before any export."""
+    from padrec_runtime.errors import InputError, IntegrityError
+    copy = tmp_path / "cache" / demo_cache.name
+    shutil.copytree(demo_cache, copy)
+    graph = copy / "target.onnx"
+    graph.write_bytes(graph.read_bytes()[:-1] + bytes([graph.read_bytes()[-1] ^ 1]))
+    monkeypatch.setenv("PADREC_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(IntegrityError, match=rf"target.onnx: sha256 differs .* \| the demo's cached engines are "
+                                             rf"damaged: delete {copy}"):
+        run_demo(users=1, repeats=1)
+    (tmp_path / "file").write_text("not a directory")
+    monkeypatch.setenv("PADREC_CACHE", str(tmp_path / "file"))
+    with pytest.raises(InputError, match=r"demo cache .*file: cannot be made .* \| point PADREC_CACHE"):
+        run_demo(users=1, repeats=1)
+
+
 def test_demo_cache_key_follows_the_model_files(tmp_path):
     """The cache entry is keyed by the default model's bytes: a changed draft gets a new entry."""
     model = tmp_path / "ml-100k"

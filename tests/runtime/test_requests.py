@@ -178,6 +178,10 @@ def test_an_engine_dir_that_is_not_a_path_is_named(engine_dir):
 
 @pytest.mark.parametrize("kwargs, words", [
     (dict(histories=None), "calibrate histories: got NoneType"),
+    (dict(histories=[]), r"calibrate histories: got list \[\] \| expected a non-empty list"),
+    (dict(histories=[[0]], batches=(1,)), r"histories\[0\]: unknown item ids \[0\]"),
+    (dict(histories=[[]], batches=(1,)), r"histories\[0\]: empty"),
+    (dict(histories=[1000, 1001], batches=(1,)), r"histories\[0\]: expected a list of integer item ids"),
     (dict(histories=HIST, batches=(0,)), r"calibrate.batches: got 0 \| expected an integer in 1\.\.8"),
     (dict(histories=HIST, batches=(9,)), r"calibrate.batches: got 9 \| expected an integer in 1\.\.8"),
     (dict(histories=HIST, batches=1), "calibrate batches: got 1 | expected a non-empty tuple"),
