@@ -19,6 +19,7 @@ import numpy as np
 from padrec_runtime import RuntimeOptions
 from padrec_runtime.api.cli import CUDA_MEMORY
 from padrec_runtime.errors import BackendError, InputError
+from padrec_runtime.manifest import load_manifest
 
 from .process import port_free
 from .schema import INPUTS, MODEL_NAME, OUTPUTS
@@ -119,9 +120,9 @@ def model_config(config: ServeConfig) -> str:
 
 def prepare(config: ServeConfig, workdir: Path) -> list:
     """A model repository and a Python backend (with the stub for this interpreter) in workdir; the command."""
-    if not (Path(config.engine_dir) / "manifest.json").is_file():
-        raise InputError(f"--engines: {config.engine_dir} has no manifest.json | give an engine directory "
-                         "(padrec export --out DIR)")
+    # checked here, hashes included, so that a bad directory is one line before Triton starts, not a failed load in
+    # its log (each instance checks it again when it loads)
+    load_manifest(config.engine_dir)
     dist = triton_dist() / "tritonserver"
     version = f"{sys.version_info[0]}.{sys.version_info[1]}"
     stub = dist / "python_backend_stubs" / version / "triton_python_backend_stub"

@@ -90,3 +90,16 @@ def test_the_memory_flags_show_their_defaults(command):
                 "--cuda-graph-max-tokens": "[default: (every bucket)", "--cublas-workspace-mib": "[default: (cuBLAS's"}
     for flag, shown in defaults.items():
         assert shown in entries[flag], entries[flag]
+
+
+def test_serve_refuses_a_damaged_engine_directory_before_triton_starts(engines, monkeypatch):
+    """A changed graph is one line (IntegrityError) at `padrec serve`, not a failed model load in Triton's log."""
+    import padrec_serve.server as server
+    monkeypatch.setattr(server, "triton_dist", lambda: pytest.fail("Triton was looked for: the check came too late"))
+    graph = engines / "target.onnx"
+    raw = bytearray(graph.read_bytes())
+    raw[len(raw) // 2] ^= 1
+    graph.write_bytes(bytes(raw))
+    out = _refused("serve", "--engines", str(engines), "--http-port", "18123", "--grpc-port", "18124",
+                   "--metrics-port", "18125", code=1)
+    assert "target.onnx: sha256 differs from the manifest" in out, out
