@@ -426,11 +426,14 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
 
 def _move_into(src: Path, out: Path) -> None:
     """A finished export's files into out: renamed whole when out is new, else file by file over the old ones
-    (files of the user's own in out stay)."""
+    (files of the user's own in out stay). Modes follow the umask, as for any file the user writes: mkdtemp's 0700
+    and onnx's 0600 external data files would hide the engines from a server running as another user."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in src.iterdir():
+        f.chmod(0o666 & ~umask)
     if not out.exists():
-        umask = os.umask(0)
-        os.umask(umask)
-        src.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the engines from a server running as another user
+        src.chmod(0o777 & ~umask)
         src.rename(out)
         src.mkdir()  # TemporaryDirectory removes it on exit
         return

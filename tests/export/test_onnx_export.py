@@ -590,3 +590,14 @@ def test_a_new_engine_directory_is_readable_as_the_umask_allows(engines_master):
     umask = os.umask(0)
     os.umask(umask)
     assert engines_master.stat().st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_every_engine_file_is_as_readable_as_the_umask_allows(engines_external_master):
+    """An export's files, external data included (onnx writes those 0600), take the modes any file the user
+    writes would: a server running as another user reads them where the umask lets it."""
+    import os
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f.name: f.stat().st_mode & 0o777 for f in engines_external_master.iterdir()}
+    assert any(name.endswith(".onnx.data") for name in modes)
+    assert modes == dict.fromkeys(modes, 0o666 & ~umask)
