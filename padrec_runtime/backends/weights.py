@@ -11,15 +11,36 @@ tensors are only shared when their bytes are equal.
 from __future__ import annotations
 
 import ctypes
+from pathlib import PurePosixPath
 
 import numpy as np
 
 from ..errors import BackendError, IntegrityError
+from .onnx_wire import initializers
 
 _ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int32": 6, "int64": 7, "bool": 9, "uint8": 2}
 
 
 _ALIGN = 256  # bytes: each tensor's offset in a slab (cuBLAS and cuDNN want 16-byte, 256 costs nothing)
+
+
+def check_entries(graph: str, spec: dict, model: bytes) -> None:
+    """Each of the manifest's weight entries for `graph` against the model's own initializer of that name: type,
+    shape and the external data span it declares. The data files are hashed whole, so only this keeps a manifest
+    that names the wrong tensor (two of one shape swapped, say) from feeding a session another tensor's bytes."""
+    if not spec.get("weights"):
+        return
+    declared = initializers(model, spec["file"])
+    for i, w in enumerate(spec["weights"]):
+        init = declared.get(w["name"])
+        got = None if init is None else (
+            init.data_type, list(init.dims), PurePosixPath(init.external.get("location", "")).name,
+            int(init.external.get("offset", 0)), int(init.external.get("length", w["length"])))
+        want = (_ONNX_TYPES[w["dtype"]], list(w["shape"]), PurePosixPath(w["file"]).name, w["offset"], w["length"])
+        if got != want:
+            raise IntegrityError(f"graphs.{graph}.weights[{i}] {w['name']!r}: the manifest says (type, shape, file, "
+                                 f"offset, length) {want}, {spec['file']} says {got or 'no such initializer'} | the "
+                                 "manifest is wrong: re-export the engines")
 
 
 class WeightPool:

@@ -286,6 +286,31 @@ def test_bad_weight_entries_are_manifest_errors(engines_external_master, case):
         parse_manifest(m, engines_external_master)
 
 
+def _swap_same_shape(m):
+    """The names of the first two target weights of one shape and type swapped: every span stays valid."""
+    ws = m["graphs"]["target"]["weights"]
+    a, b = next((a, b) for i, a in enumerate(ws) for b in ws[i + 1:]
+                if (a["shape"], a["dtype"]) == (b["shape"], b["dtype"]) and a["sha256"] != b["sha256"])
+    a["name"], b["name"] = b["name"], a["name"]
+
+
+@pytest.mark.parametrize("case, edit", [
+    ("names of two same-shape tensors swapped", _swap_same_shape),
+    ("a name the graph does not have", lambda m: _weight(m).update(name="no.such.tensor")),
+    ("the shape of another tensor of that size", lambda m: _weight(m).update(shape=_weight(m)["shape"][::-1])),
+])
+def test_weight_entries_that_name_the_wrong_tensor_are_refused_at_load(engines_ext, case, edit):
+    """The data files are hashed whole, so a manifest that says another tensor lies at a span would feed a session
+    the wrong bytes: each entry is held against the graph's own initializer of that name when the engines load."""
+    path = engines_ext / "manifest.json"
+    m = json.loads(path.read_text())
+    edit(m)
+    path.write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=r"graphs\.target\.weights\[\d+\] .*target\.onnx says .* \| the "
+                                             r"manifest is wrong: re-export the engines"):
+        Recommender(engines_ext)
+
+
 # -- manifest values that crashed or were accepted ----------------------------------------------------------------
 
 def _graph(name):
