@@ -10,6 +10,8 @@ from ..errors import IntegrityError
 # field numbers of onnx.proto: ModelProto.graph, GraphProto.initializer and the TensorProto fields read here
 _MODEL_GRAPH, _GRAPH_INITIALIZER = 7, 5
 _DIMS, _DATA_TYPE, _NAME, _EXTERNAL_DATA = 1, 2, 8, 13
+_GRAPH_NODE, _NODE_INPUT, _NODE_OP_TYPE = 1, 1, 4
+COS_CACHE = 7  # GroupQueryAttention's input of the rotary cosines, a row per position
 
 
 @dataclass(frozen=True)
@@ -72,11 +74,35 @@ def _tensor(buf) -> tuple[str, Initializer]:
     return name, Initializer(data_type, tuple(dims), external)
 
 
+def _graph_parts(model: bytes, label: str, number: int) -> list:
+    """The main graph's fields of one number (initializers, nodes), each as its bytes."""
+    try:
+        graphs = [v for n, w, v in _fields(memoryview(model)) if n == _MODEL_GRAPH and w == 2]
+        return [v for g in graphs for n, w, v in _fields(g) if n == number and w == 2]
+    except ValueError as exc:
+        raise IntegrityError(f"{label}: not a readable ONNX model ({exc}) | re-export the engines") from None
+
+
 def initializers(model: bytes, label: str) -> dict:
     """name -> Initializer of every initializer of the model's main graph."""
     try:
-        buf = memoryview(model)
-        graphs = [v for n, w, v in _fields(buf) if n == _MODEL_GRAPH and w == 2]
-        return dict(_tensor(v) for g in graphs for n, w, v in _fields(g) if n == _GRAPH_INITIALIZER and w == 2)
+        return dict(_tensor(v) for v in _graph_parts(model, label, _GRAPH_INITIALIZER))
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{label}: not a readable ONNX model ({exc}) | re-export the engines") from None
+
+
+def rotary_positions(model: bytes, label: str) -> int | None:
+    """The fewest positions any GroupQueryAttention node's cosine table holds (its rows), where the tables are
+    initializers; None without such nodes."""
+    tables = set()
+    try:
+        for node in _graph_parts(model, label, _GRAPH_NODE):
+            fields = list(_fields(node))
+            op = next((bytes(v).decode() for n, w, v in fields if n == _NODE_OP_TYPE and w == 2), "")
+            inputs = [bytes(v).decode() for n, w, v in fields if n == _NODE_INPUT and w == 2]
+            if op == "GroupQueryAttention" and len(inputs) > COS_CACHE:
+                tables.add(inputs[COS_CACHE])
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{label}: not a readable ONNX model ({exc}) | re-export the engines") from None
+    rows = [init.dims[0] for name, init in initializers(model, label).items() if name in tables and init.dims]
+    return min(rows) if rows else None

@@ -16,7 +16,7 @@ from pathlib import PurePosixPath
 import numpy as np
 
 from ..errors import BackendError, IntegrityError
-from .onnx_wire import initializers
+from .onnx_wire import initializers, rotary_positions
 
 _ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int32": 6, "int64": 7, "bool": 9, "uint8": 2}
 
@@ -41,6 +41,19 @@ def check_entries(graph: str, spec: dict, model: bytes) -> None:
             raise IntegrityError(f"graphs.{graph}.weights[{i}] {w['name']!r}: the manifest says (type, shape, file, "
                                  f"offset, length) {want}, {spec['file']} says {got or 'no such initializer'} | the "
                                  "manifest is wrong: re-export the engines")
+
+
+def check_positions(graph: str, spec: dict, model: bytes) -> None:
+    """An in-place graph's rotary tables against the positions the manifest says its cache holds: ONNX Runtime
+    would refuse the first call past the table, mid-request; here the load does."""
+    kv = spec.get("kv") or {}
+    if not kv.get("in_place"):
+        return
+    rows = rotary_positions(model, spec["file"])
+    if rows is not None and rows < kv["max_len"]:
+        raise IntegrityError(f"graphs.{graph}.kv.max_len: the manifest says {kv['max_len']} positions, "
+                             f"{spec['file']}'s rotary tables hold {rows} | the manifest is wrong: re-export the engines with the "
+                             "max_seq_len you need")
 
 
 class WeightPool:

@@ -311,6 +311,21 @@ def test_weight_entries_that_name_the_wrong_tensor_are_refused_at_load(engines_e
         Recommender(engines_ext)
 
 
+def test_a_cache_longer_than_the_rotary_tables_is_refused_at_load(engines):
+    """A manifest raised to more positions than the in-place graphs' rotary tables hold, consistently (model and
+    every in-place graph), is refused when the engines load, not by ONNX Runtime at the first long request."""
+    path = engines / "manifest.json"
+    m = json.loads(path.read_text())
+    m["model"]["max_seq_len"] = 4096
+    for g in m["graphs"].values():
+        if g.get("kv", {}).get("in_place"):
+            g["kv"]["max_len"] = 4096
+    path.write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match=r"graphs\.target_gqa\.kv\.max_len: the manifest says 4096 positions, "
+                                             r"target_gqa\.onnx's rotary tables hold \d+ \| the manifest is wrong"):
+        Recommender(engines, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=True))
+
+
 # -- manifest values that crashed or were accepted ----------------------------------------------------------------
 
 def _graph(name):
