@@ -65,9 +65,8 @@ class CudaMemoryArgs(OptionGroup):
         click.option("--graph-sessions", type=click.Choice(GRAPH_SESSIONS), default=None,
                      show_default=RuntimeOptions().graph_sessions,
                      help="CUDA graphs: a session per bucket shape (per_shape), one per engine graph (per_graph: "
-                          "less GPU "
-                          "memory; pair: and one dynamic-shape session for its prefill buckets), or one for every "
-                          "bucket (single)"),
+                          "less GPU memory; pair: and one dynamic-shape session for its prefill buckets), or one for "
+                          "every bucket (single)"),
         click.option("--cublas-workspace-mib", type=click.IntRange(1, 4096), default=None,
                      show_default="cuBLAS's: 32 a handle on Hopper",
                      help="CUDA: cuBLAS's workspace per handle for this process; 4 saves 0.25-0.5 GB at 1.5B"),

@@ -52,8 +52,8 @@ def check_positions(graph: str, spec: dict, model: bytes) -> None:
     rows = rotary_positions(model, spec["file"])
     if rows is not None and rows < kv["max_len"]:
         raise IntegrityError(f"graphs.{graph}.kv.max_len: the manifest says {kv['max_len']} positions, "
-                             f"{spec['file']}'s rotary tables hold {rows} | the manifest is wrong: re-export the engines with the "
-                             "max_seq_len you need")
+                             f"{spec['file']}'s rotary tables hold {rows} | the manifest is wrong: re-export the "
+                             "engines with the max_seq_len you need")
 
 
 class WeightPool:
