@@ -81,7 +81,9 @@ def client(url, protocol, histories, n_items, speculate, mode, temperature, top_
     from .client import DEFAULT_URLS, Client
     requests = [parse_ids(h) for h in histories]  # before waiting for a server: a typo is told at once
     with Client(url or DEFAULT_URLS[protocol], protocol) as c:
-        if wait_s:
+        if wait_s:  # on stderr: --json's stdout stays the lists alone
+            click.echo(f"waiting up to {wait_s:g} s for {url or DEFAULT_URLS[protocol]} to be ready (calibration runs "
+                       "first) ...", err=True)
             c.wait_ready(wait_s)
         lists = c.recommend(requests, n_items, speculate=speculate, greedy=mode == "greedy",
                             temperature=temperature, top_k=top_k, top_p=top_p, seed=seed)

@@ -188,6 +188,7 @@ def test_client_command_prints_the_lists(server, rec):
     args += [a for h in hist for a in ("--history", ",".join(map(str, h)))]
     out = subprocess.run(args, capture_output=True, text=True, cwd=ROOT)
     assert out.returncode == 0, out.stderr
+    assert f"waiting up to 30 s for {server.grpc} to be ready" in out.stderr  # stdout holds the JSON alone
     got = [x["item_ids"] for x in json.loads(out.stdout)]
     assert got == [x.item_ids for x in want_lists(rec, hist)]
     bad = subprocess.run(args[:-4] + ["--history", "1,1"], capture_output=True, text=True, cwd=ROOT)
