@@ -424,6 +424,9 @@ def load_manifest(engine_dir, verify: bool = True, allow_outside: bool = False) 
     if not root.exists():
         raise ManifestError(f"{root}: directory not found | expected an engine directory holding manifest.json | "
                             "check the path, or make one with `padrec export`")
+    if path.exists() and not path.is_file():
+        raise ManifestError(f"{path}: not a regular file | expected the JSON `padrec export` writes | re-export the "
+                            "engine directory, or copy it again")
     if not path.is_file():
         raise ManifestError(f"{path}: not found | point at an engine directory made by `padrec export`")
     data = parse_json(confined(root, "manifest.json", allow_outside).read_bytes(), str(path))

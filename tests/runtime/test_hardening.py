@@ -326,6 +326,13 @@ def test_a_cache_longer_than_the_rotary_tables_is_refused_at_load(engines):
         Recommender(engines, options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=True))
 
 
+def test_a_manifest_that_is_not_a_regular_file_is_named_so(engines):
+    (engines / "manifest.json").unlink()
+    (engines / "manifest.json").mkdir()
+    with pytest.raises(ManifestError, match=r"manifest\.json: not a regular file \| expected the JSON"):
+        load_manifest(engines)
+
+
 # -- manifest values that crashed or were accepted ----------------------------------------------------------------
 
 def _graph(name):
