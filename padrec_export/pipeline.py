@@ -283,7 +283,9 @@ def evaluate(model_dir, dataset: str | None = None, n_items: int = 10, users: in
               "decode": {"draft_steps": draft_steps, "tree_topk": tree_topk, "tree_size": tree_size}}
     runs = [("ar", None, "off")] + [(f"{n}-{m}", n, m) for n in drafts for m in ("chain", "tree")]
     tokens: dict = {}
-    for name, draft, mode in tqdm(runs, desc="evaluate", disable=not progress):
+    bar = tqdm(runs, desc="evaluate", unit="decoder", disable=not progress)
+    for name, draft, mode in bar:
+        bar.set_postfix_str(f"{name} over {len(hist)} users")  # each takes seconds to minutes on a CPU
         cfg = DecodeConfig(speculate=mode, draft_steps=draft_steps, tree_topk=tree_topk, tree_size=tree_size)
         toks, committed, t0 = [], [], time.perf_counter()
         for s in range(0, len(hist), batch):
