@@ -85,15 +85,16 @@ def _graph_parts(model: bytes, label: str, number: int) -> list:
 
 def initializers(model: bytes, label: str) -> dict:
     """name -> Initializer of every initializer of the model's main graph."""
+    parts = _graph_parts(model, label, _GRAPH_INITIALIZER)
     try:
-        return dict(_tensor(v) for v in _graph_parts(model, label, _GRAPH_INITIALIZER))
+        return dict(_tensor(v) for v in parts)
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{label}: not a readable ONNX model ({exc}) | re-export the engines") from None
 
 
-def rotary_positions(model: bytes, label: str) -> int | None:
+def rotary_positions(model: bytes, label: str, declared: dict) -> int | None:
     """The fewest positions any GroupQueryAttention node's cosine table holds (its rows), where the tables are
-    initializers; None without such nodes."""
+    among `declared` (the model's initializers); None without such nodes."""
     tables = set()
     try:
         for node in _graph_parts(model, label, _GRAPH_NODE):
@@ -104,5 +105,5 @@ def rotary_positions(model: bytes, label: str) -> int | None:
                 tables.add(inputs[COS_CACHE])
     except (ValueError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{label}: not a readable ONNX model ({exc}) | re-export the engines") from None
-    rows = [init.dims[0] for name, init in initializers(model, label).items() if name in tables and init.dims]
+    rows = [init.dims[0] for name, init in declared.items() if name in tables and init.dims]
     return min(rows) if rows else None

@@ -9,7 +9,7 @@ from pathlib import PurePosixPath
 from ..errors import BackendError, ManifestError
 from ..manifest import Manifest
 from .base import check_feeds, graph_names
-from .weights import WeightPool, check_entries, check_positions
+from .weights import WeightPool, check_graph
 
 # ONNX Runtime (>= 1.31; older ones ignore the entry) can time, per MatMul shape, cuBLAS against its small-M GEMV
 # kernels on a session's first run of the shape and keep the fastest: on an H100 the fused 0.5B target's 1-token
@@ -134,8 +134,7 @@ class OrtBackend:
         self._external = {f: manifest.read(f, mutable=True) for f in self.spec.get("external_data", [])}
         # the listed weights come from one device copy shared by all sessions (backends/weights.py)
         self.weights = weights if weights is not None else WeightPool(device)
-        check_entries(graph, self.spec, self._model)
-        check_positions(graph, self.spec, self._model)
+        check_graph(graph, self.spec, self._model)
         self.supplied = self.weights.supply(graph, self.spec, self._external)
         self._static: dict = {}
         self._graphed: set = set()  # keys of static sessions that capture and replay a CUDA graph

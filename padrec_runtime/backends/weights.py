@@ -24,14 +24,22 @@ _ONNX_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "int32": 6, "int64":
 _ALIGN = 256  # bytes: each tensor's offset in a slab (cuBLAS and cuDNN want 16-byte, 256 costs nothing)
 
 
-def check_entries(graph: str, spec: dict, model: bytes) -> None:
+def check_graph(graph: str, spec: dict, model: bytes) -> None:
+    """The graph's own initializers (read once) against the manifest: `check_entries`, `check_positions`."""
+    in_place = (spec.get("kv") or {}).get("in_place")
+    if not spec.get("weights") and not in_place:
+        return
+    declared = initializers(model, spec["file"])
+    check_entries(graph, spec, declared)
+    if in_place:
+        check_positions(graph, spec, rotary_positions(model, spec["file"], declared))
+
+
+def check_entries(graph: str, spec: dict, declared: dict) -> None:
     """Each of the manifest's weight entries for `graph` against the model's own initializer of that name: type,
     shape and the external data span it declares. The data files are hashed whole, so only this keeps a manifest
     that names the wrong tensor (two of one shape swapped, say) from feeding a session another tensor's bytes."""
-    if not spec.get("weights"):
-        return
-    declared = initializers(model, spec["file"])
-    for i, w in enumerate(spec["weights"]):
+    for i, w in enumerate(spec.get("weights", [])):
         init = declared.get(w["name"])
         got = None if init is None else (
             init.data_type, list(init.dims), PurePosixPath(init.external.get("location", "")).name,
@@ -43,13 +51,10 @@ def check_entries(graph: str, spec: dict, model: bytes) -> None:
                                  "manifest is wrong: re-export the engines")
 
 
-def check_positions(graph: str, spec: dict, model: bytes) -> None:
-    """An in-place graph's rotary tables against the positions the manifest says its cache holds: ONNX Runtime
-    would refuse the first call past the table, mid-request; here the load does."""
-    kv = spec.get("kv") or {}
-    if not kv.get("in_place"):
-        return
-    rows = rotary_positions(model, spec["file"])
+def check_positions(graph: str, spec: dict, rows: int | None) -> None:
+    """An in-place graph's rotary tables (`rows` positions) against the positions the manifest says its cache
+    holds: ONNX Runtime would refuse the first call past the table, mid-request; here the load does."""
+    kv = spec["kv"]
     if rows is not None and rows < kv["max_len"]:
         raise IntegrityError(f"graphs.{graph}.kv.max_len: the manifest says {kv['max_len']} positions, "
                              f"{spec['file']}'s rotary tables hold {rows} | the manifest is wrong: re-export the "
