@@ -4,6 +4,8 @@ vocabulary) exported fp16 with their weights external, then on the same card, by
 - steps: our target step (the in-place target as the runtime runs it: a static-shape session replaying a CUDA
   graph) for a 1-token step and an 8-token verify at batch 1, beside torch.compile's static-KV-cache step on the
   same weights (tools/torch_compiled.py) in the same process, and the weight-bandwidth floor;
+- steps-paired: the same two steps, both sides timed by the same methods in alternating rounds
+  (tools/paired_steps.py), per torch.compile mode of --modes ("eager" on the CPU smoke run);
 - decode: the runtime loaded as a user loads it (`Recommender(..., device="cuda")`), AR and chain at batch 1, 8,
   32 and 64, with GPU memory by component: weights (one copy, shared by every session), KV caches and the rest
   (ONNX Runtime's workspace and arenas), against the ceiling weights + KV caches + 25%;
@@ -33,6 +35,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).parent))
 import gpu_step_profile as profile  # noqa: E402
 from bench_timing import log  # noqa: E402
+from paired_steps import paired_steps  # noqa: E402
 from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 
 from padrec_export.models import Draft, DraftConfig, Target, TargetConfig  # noqa: E402
@@ -173,7 +176,7 @@ def adaptive(engines: Path, cat: Catalogue, batches: list, device: str, options:
     return out
 
 
-PARTS = ("steps", "decode", "decode-graph-max", "adaptive")
+PARTS = ("steps", "steps-paired", "decode", "decode-graph-max", "adaptive")
 
 
 def check_reusable(engines: Path, precision: str, quantize: str) -> None:
@@ -227,6 +230,12 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float, save) 
         return row
     parts, device = args.parts.split(","), "cpu" if args.small else "cuda"
     modes = [m for m in args.modes.split(",") if m]  # --modes "": our step alone (a baseline timed in another call)
+    if "steps-paired" in parts:  # ours and torch.compile's timed alike, alternating
+        for mode in modes:
+            row.setdefault("steps_paired", {})[mode] = paired_steps(
+                engines / "target_gqa.onnx", target, mode, LIMITS.max_seq_len, row["floor_ms"])
+            log(name, "paired", mode, json.dumps(row["steps_paired"][mode]["methods"]))
+            save(row)
     if "steps" in parts and not args.small and modes:
         row["torch_compile"] = compiled_steps(target, next(target.parameters()).dtype, modes)
         log(name, "torch.compile", json.dumps(row["torch_compile"]))
@@ -271,6 +280,7 @@ def main():
                     "a later call on the same --work times the engines it finds there")
     ap.add_argument("--parts", default="steps,decode",
                     help=f"comma-separated, of {', '.join(PARTS)}: steps (ours and torch.compile's, batch 1), "
+                    "steps-paired (the same, both timed alike in alternating rounds: tools/paired_steps.py), "
                     "decode (ms per list and GPU memory per batch), decode-graph-max (the same with "
                     "RuntimeOptions(cuda_graph_max_tokens=--graph-max-tokens)), adaptive (speculate='auto' "
                     "calibrated, against AR); split them over calls where one call is too short for all")

@@ -31,6 +31,19 @@ def test_a_later_call_reuses_the_export_and_measures_only_its_parts(tmp_path):
         assert b["off_tau"] == 1.0 and b["chain_tau"] > 1.0  # a random draft still has some tokens accepted
         assert b["weights_gb"] <= b["weights_unshared_gb"]
 
+    third = tmp_path / "o3"  # both sides of the step, timed alike: both methods, both step sizes, each side
+    done = gpu_llm("--work", str(work), "--out", str(third), "--parts", "steps-paired", "--modes", "eager")
+    assert done.returncode == 0, done.stderr[-2000:]
+    row = json.loads((third / "llm_steps.json").read_text())["shapes"]["tiny"]
+    assert "runtime" not in row and "torch_compile" not in row
+    paired = row["steps_paired"]["eager"]
+    assert set(paired["methods"]) == {"back_to_back", "per_call"}
+    for method in paired["methods"].values():
+        for T in ("T1", "T8"):
+            m = method[T]
+            assert m["padrec_ms"] > 0 and m["torch_compile_ms"] > 0 and m["ratio_max"] >= m["ratio_median"] > 0
+            assert abs(m["padrec_x_floor"] * row["floor_ms"] - m["padrec_ms"]) < 1e-9
+
     manifest = work / "tiny" / "manifest.json"  # engines of other limits are not reported as this script's
     data = json.loads(manifest.read_text())
     data["model"]["max_batch"] = 32
