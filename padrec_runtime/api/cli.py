@@ -73,7 +73,8 @@ class CudaMemoryArgs(OptionGroup):
         click.option("--gemm-tuning", type=click.Choice(GEMM_TUNING), default=None,
                      show_default=RuntimeOptions().gemm_tuning,
                      help="CUDA: where ONNX Runtime tunes its GEMMs: in each session, apart (graphed sessions keep "
-                          "no tuning scratch: 0.22-0.41 GB less at 1.5B, slower first calls), or off"),
+                          "no tuning scratch: 0.22-0.41 GB less at 1.5B, slower first calls), or off (the same, "
+                          "and no first-request lift)"),
         click.option("--prefill-rows", type=click.IntRange(1, 1 << 16), default=None,
                      show_default=str(RuntimeOptions().prefill_rows),  # click shows no int beside a None default
                      help="device cache: a prompt's prefill runs at most N rows at a time (2-4: less GPU memory "

@@ -122,7 +122,8 @@ class RuntimeOptions:
     # each session; a graphed session's arena keeps the tuning's L2-eviction scratch, ~100 MB on an H100), apart (a
     # graphed bucket's first call also runs in a throwaway twin of its session, which takes the scratch with it:
     # 0.22-0.41 GB less for a 1.5B pair, the first calls at each new batch size 4-5 s slower at 1.5B and
-    # 26-28 s slower at 7B; H100) or off (cuBLAS only: the memory of apart, no tuning)
+    # 26-28 s slower at 7B; H100) or off (cuBLAS only: the memory of apart, and each batch size's first request
+    # without the twin's 0.11-0.18 GB lift at 1.5B; slower at 1.5B batch 32-64)
     gemm_tuning: str = "session"
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a
