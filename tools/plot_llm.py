@@ -73,17 +73,31 @@ def bench_step_ms(bench: dict) -> tuple:
     return ar["verify_ms_per_round"], tc, bench["floor"]["floor_ms_per_target_step"]
 
 
+def paired_bars(paired: dict) -> list:
+    """Bars of a shape's paired step (tools/paired_steps.py): both sides timed back to back in alternating rounds."""
+    modes = paired["steps_paired"]
+    first = next(iter(modes.values()))["methods"]["back_to_back"]["T1"]
+    bars = [("ours fp16 (paired, back to back)", first["padrec_ms"], "tab:blue")]
+    bars += [(f"torch.compile {mode} (paired)", m["methods"]["back_to_back"]["T1"]["torch_compile_ms"], color)
+             for (mode, m), color in zip(modes.items(), ("tab:orange", "tab:red"))]
+    return bars + [("fp16 weight floor", paired["floor_ms"], "tab:green")]
+
+
 def step_bars(steps: dict, benches: dict) -> dict:
-    """shape -> [(label, ms, color)] of the 1-token step: random-weight steps where measured (llm_steps_CARD.json,
-    quantized rows beside their shape's), else the trained pair's bench (an AR round with its share of the prefill)."""
-    rows = steps.get("shapes", {})
+    """shape -> [(label, ms, color)] of the 1-token step: the paired timing where measured, else random-weight steps
+    (llm_steps_CARD.json), else the trained pair's bench (an AR round with its share of the prefill); quantized
+    rows beside their shape's."""
+    rows, paired = steps.get("shapes", {}), steps.get("paired", {}).get("shapes", {})
     out = {}
     for s in SHAPES:
+        quantized = [(f"ours {q}", step_ms(rows[f"{s}_{q}"])[0], color) for q, color in
+                     (("int4", "tab:cyan"), ("int8", "tab:purple")) if f"{s}_{q}" in rows]
+        if s in paired:
+            out[s] = paired_bars(paired[s]) + quantized
+            continue
         if s in rows:
             ours, tc, floor = step_ms(rows[s])
-            bars = [("ours fp16", ours, "tab:blue")]
-            bars += [(f"ours {q}", step_ms(rows[f"{s}_{q}"])[0], color) for q, color in
-                     (("int4", "tab:cyan"), ("int8", "tab:purple")) if f"{s}_{q}" in rows]
+            bars = [("ours fp16", ours, "tab:blue")] + quantized
         elif benches.get(s) and "torch_compiled" in benches[s] and "floor" in benches[s]:
             ours, tc, floor = bench_step_ms(benches[s])
             bars = [("ours fp16 (trained pair: AR round)", ours, "tab:blue")]
@@ -103,7 +117,8 @@ def plot_steps(ax, steps: dict, benches: dict) -> None:
                 seen.add(label)
     ax.set_xticks(range(len(per_shape)), [SHAPES[s] for s in per_shape])
     ax.set_ylabel("target step, 1 token, batch 1 (ms)")
-    ax.set_title("target step (random weights where measured, else the trained pair)", fontsize=8)
+    ax.set_title("target step (random weights where measured, else the trained pair; paired: one process,\n"
+                 "both sides queued back to back in alternating rounds)", fontsize=7)
     legend(ax, 6.5)
 
 
@@ -112,13 +127,23 @@ CAPPED = (("qwen-7b_random", "qwen-7b", "per_graph_graph_max_16_cublas_4mb", "s-
           ("qwen-1.5b_random_gemm_tuning", "qwen-1.5b", "per_graph_graph_max_16_cublas_option_tune_apart", "D-",
            "capped, GEMM tuning apart"),
           ("qwen-1.5b_random_pair", "qwen-1.5b", "pair_graph_max_16_cublas_option_tune_apart_rows_4", "P-",
-           "the memory settings (pair, 4-row windows)"),
+           "pair, tuning apart, 4-row windows"),
+          ("qwen-1.5b_random_tune_off", "qwen-1.5b", "pair_graph_max_16_cublas_option_tune_off_rows_2", "*-",
+           "the memory settings (pair, tuning off, 2-row windows)"),
           ("qwen-7b_random_pair", "qwen-7b", "pair_graph_max_16_cublas_option_tune_apart", "P-",
            "pair, capped, tuning apart"),
           ("qwen-1.5b_random_quiet", "qwen-1.5b", "per_graph_graph_max_16_cublas_option_tune_apart", "D-",
            "capped, GEMM tuning apart"),
           ("qwen-1.5b_random_quiet", "qwen-1.5b", "pair_graph_max_16_cublas_option_tune_apart_rows_4", "P-",
-           "the memory settings (pair, 4-row windows)"))
+           "pair, tuning apart, 4-row windows"))
+PEAKS = {"qwen-1.5b_random_tune_off"}  # runs whose peaks are drawn too (every request's, the first included)
+
+
+def peak_ratio(v: dict) -> tuple:
+    """(batches, the most held during any request of each batch, first or later, as a share of its ceiling)."""
+    b = sorted(v["batches"], key=int)
+    return [int(x) for x in b], [max(v["batches"][x]["peak_first_gb"], v["batches"][x]["peak_steady_gb"]) /
+                                 v["batches"][x]["ceiling_gb"] for x in b]
 
 
 def ratio(v: dict) -> tuple:
@@ -140,8 +165,10 @@ def plot_memory(ax, memory: dict, levers: dict) -> None:
     for run, s, variant, marker, label in CAPPED:
         v = levers.get("runs", {}).get(run, {}).get("variants", {}).get(variant)
         if v is not None:
-            ax.plot(*ratio(v), marker, color=colors.get(s, plt.cm.tab10(list(SHAPES).index(s) % 10)),
-                    label=f"{SHAPES[s]}, {label} (random weights)")
+            color = colors.get(s, plt.cm.tab10(list(SHAPES).index(s) % 10))
+            ax.plot(*ratio(v), marker, color=color, label=f"{SHAPES[s]}, {label} (random weights)")
+            if run in PEAKS:
+                ax.plot(*peak_ratio(v), marker[0] + ":", color=color, label=f"{SHAPES[s]}, {label}: peaks")
     ax.axhline(1.0, color="k", lw=0.8)
     ax.set_ylim(0.7, 1.6)  # the 0.5B run without levers (2-2.7x) lies above: its row in gpu_memory_CARD.json
     ax.set_xscale("log", base=2)
