@@ -140,12 +140,23 @@ def test_llm_plot_draws_the_committed_results_and_tolerates_missing_ones(tmp_pat
     assert (tmp_path / "llm.png").stat().st_size > 10_000
     plot_llm(["--results", str(ROOT / "benchmarks/results"), "--card", "h100", "--out", str(tmp_path / "h100.png")])
     assert (tmp_path / "h100.png").stat().st_size > 10_000
-    # on the H100 the 1.5B step comes from the trained pair's bench, the 7B one from the random-weight steps with
-    # its quantized rows beside it
+    # on the H100 each step comes from the paired timing (both compile modes where both ran), the quantized rows
+    # beside 7B's; without it, 1.5B's from the trained pair's bench and 7B's from the random-weight steps
     from plot_llm import load, step_bars
     res = ROOT / "benchmarks/results"
-    bars = step_bars(load(res / "llm_steps_h100.json"), {s: load(res / f"gpu_bench_{s}_h100.json")
-                                                          for s in ("qwen-1.5b", "qwen-7b")})
+    steps = load(res / "llm_steps_h100.json")
+    benches = {s: load(res / f"gpu_bench_{s}_h100.json") for s in ("qwen-1.5b", "qwen-7b")}
+    bars = step_bars(steps, benches)
+    assert [label for label, _, _ in bars["qwen-0.5b"]] == [
+        "ours fp16 (paired, back to back)", "torch.compile reduce-overhead (paired)",
+        "torch.compile max-autotune (paired)", "fp16 weight floor"]
+    assert [label for label, _, _ in bars["qwen-7b"]] == [
+        "ours fp16 (paired, back to back)", "torch.compile reduce-overhead (paired)", "fp16 weight floor",
+        "ours int4", "ours int8"]
+    assert bars["qwen-7b"][0][1] == steps["paired"]["shapes"]["qwen-7b"]["steps_paired"]["reduce-overhead"][
+        "methods"]["back_to_back"]["T1"]["padrec_ms"]
+    del steps["paired"]
+    bars = step_bars(steps, benches)
     assert "trained pair" in bars["qwen-1.5b"][0][0]
     labels = [label for label, ms, _ in bars["qwen-7b"] if ms is not None]
     assert labels == ["ours fp16", "ours int4", "ours int8", "torch.compile fp16", "fp16 weight floor"]
