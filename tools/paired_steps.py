@@ -2,12 +2,14 @@
 
 The `steps` part of tools/gpu_llm.py times each side its own way: ours as one synchronised call at a time
 (gpu_step_profile.time_calls), torch.compile's as the mean of 20 back-to-back calls (torch_compiled.time_ms),
-each measured once. This times both sides by both methods, round after round with the order flipped each round,
-so a slow spell of the card hits both alike:
+each measured once. This times every side by both methods, round after round with the order flipped each round,
+so a slow spell of the card hits them alike:
 - back_to_back: the mean ms of `inner` calls issued back to back and synchronised once at the end (ours
   queued without a wait, as the runtime queues a round's device work);
 - per_call: the median ms of `inner` calls, each synchronised before the next.
-Per side and method: the median over rounds, and the ratio ours / torch.compile's per round.
+Ours runs twice: with ONNX Runtime's GEMM tuning, as the runtime's default (`gemm_tuning="session"`) runs it, and
+without, as the README's memory settings (`gemm_tuning="off"`) run it. Per side and method: the median over
+rounds, and each of ours against torch.compile's per round.
 """
 import time
 from pathlib import Path
@@ -17,18 +19,25 @@ import torch
 
 import gpu_step_profile as profile
 import torch_compiled
+from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY
 
 METHODS = ("back_to_back", "per_call")
+OURS = {"padrec": "1", "padrec_tuning_off": "0"}  # our sides: the session entry the runtime sets for each
+PREFIX = {"padrec": "", "padrec_tuning_off": "tuning_off_"}  # of each side's ratios in the report
 
 
-def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype):
-    """A callable running our in-place target once (a static-shape session replaying a CUDA graph), whether it
-    waits for the device, and what must outlive it (the bound device values)."""
+def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str):
+    """A callable running our in-place target once (a static-shape session replaying a CUDA graph) without
+    waiting for the device, and what must outlive it (the session and its bound device values)."""
     import onnxruntime as ort
     dims = {"batch": 1, "seq": T, "max_seq_len": max_len}
-    sess = profile.session(path, dims, graph=device == "cuda")
+    profile.VARIANT.update({"config": {GEMM_TUNE_ENTRY: tune}})
+    try:
+        sess = profile.session(path, dims, graph=device == "cuda")
+    finally:
+        profile.VARIANT.clear()
     io, keep = profile.bound(sess, profile.gqa_feeds_for(cfg, T, at, max_len, dtype))
-    for _ in range(20):  # the capture, then a few replays
+    for _ in range(20):  # the tuning and capture, then a few replays
         sess.run_with_iobinding(io)
     queued = ort.RunOptions()
     queued.add_run_config_entry("disable_synchronize_execution_providers", "1")
@@ -47,43 +56,46 @@ def _time(fn, device: str, method: str, inner: int) -> float:
     return torch_compiled.time_ms(fn, device, repeats=inner, inner=1, warm=2)
 
 
+def _summary(times: dict, T: int, method: str, floor_ms: float) -> dict:
+    theirs = np.array(times["torch_compile", T, method])
+    row = {"torch_compile_ms": float(np.median(theirs))}
+    for side, prefix in PREFIX.items():
+        ours = np.array(times[side, T, method])
+        row.update({f"{side}_ms": float(np.median(ours)), f"{prefix}ratio_median": float(np.median(ours / theirs)),
+                    f"{prefix}ratio_max": float(np.max(ours / theirs)),
+                    f"{prefix}x_floor": float(np.median(ours)) / floor_ms})
+    return row
+
+
 def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, at: int = 128,
                  rounds: int = 9, inner: int = 50) -> dict:
-    """Batch 1, 1-token step and 8-token verify at positions `at`..: ours (the in-place graph at `path`) against
-    `target` compiled in `mode` ("eager": not compiled, for a CPU smoke run), by both METHODS over `rounds`
-    alternating rounds, on the target's device."""
+    """Batch 1, 1-token step and 8-token verify at positions `at`..: ours (the in-place graph at `path`, with and
+    without GEMM tuning) against `target` compiled in `mode` ("eager": not compiled, for a CPU smoke run), by both
+    METHODS over `rounds` alternating rounds, on the target's device."""
     t0 = time.perf_counter()
     device = next(target.parameters()).device.type
     profile.DEVICE = device  # gpu_step_profile's sessions and bindings follow it, as its own --cpu does
     dtype = next(target.parameters()).dtype
     cache_dtype = np.float16 if dtype == torch.float16 else np.float32  # the exported graph's KV cache
-    ct = torch_compiled.CompiledTarget(target, 1, max_len, dtype,
-                                       None if mode == "eager" else mode)
+    ct = torch_compiled.CompiledTarget(target, 1, max_len, dtype, None if mode == "eager" else mode)
     compile_s = ct.warm_up((1, 8))
     fns, keep = {}, []
     with torch.no_grad():
         for T in (1, 8):
-            fns["padrec", T], kept = _ours(path, target.cfg, T, at, max_len, device, cache_dtype)
-            keep.append(kept)
+            for side, tune in OURS.items():
+                fns[side, T], kept = _ours(path, target.cfg, T, at, max_len, device, cache_dtype, tune)
+                keep.append(kept)
             fns["torch_compile", T] = _theirs(ct, T, at, device)
-        times = {key + (m,): [] for key in fns for m in METHODS}
+        sides = (*OURS, "torch_compile")
+        times = {(side, T, m): [] for side in sides for T in (1, 8) for m in METHODS}
         for r in range(rounds):
-            for side in (("padrec", "torch_compile") if r % 2 == 0 else ("torch_compile", "padrec")):
+            for side in (sides if r % 2 == 0 else sides[::-1]):
                 for T in (1, 8):
                     for m in METHODS:
                         times[side, T, m].append(_time(fns[side, T], device, m, inner))
-    out = {"mode": mode, "rounds": rounds, "inner": inner, "at": at, "compile_s": compile_s,
-           "floor_ms": floor_ms, "methods": {}}
-    for m in METHODS:
-        row = {}
-        for T in (1, 8):
-            ours, theirs = np.array(times["padrec", T, m]), np.array(times["torch_compile", T, m])
-            row[f"T{T}"] = {"padrec_ms": float(np.median(ours)), "torch_compile_ms": float(np.median(theirs)),
-                            "ratio_median": float(np.median(ours / theirs)),
-                            "ratio_max": float(np.max(ours / theirs)),
-                            "padrec_x_floor": float(np.median(ours)) / floor_ms}
-        out["methods"][m] = row
-    out["seconds"] = time.perf_counter() - t0
+    out = {"mode": mode, "rounds": rounds, "inner": inner, "at": at, "compile_s": compile_s, "floor_ms": floor_ms,
+           "methods": {m: {f"T{T}": _summary(times, T, m, floor_ms) for T in (1, 8)} for m in METHODS},
+           "seconds": time.perf_counter() - t0}
     del fns, keep, ct
     torch._dynamo.reset()
     return out

@@ -74,10 +74,14 @@ def bench_step_ms(bench: dict) -> tuple:
 
 
 def paired_bars(paired: dict) -> list:
-    """Bars of a shape's paired step (tools/paired_steps.py): both sides timed back to back in alternating rounds."""
+    """Bars of a shape's paired step (tools/paired_steps.py): every side timed back to back in alternating rounds;
+    ours with GEMM tuning (the runtime's default) and without (the memory settings), where each was timed."""
     modes = paired["steps_paired"]
     first = next(iter(modes.values()))["methods"]["back_to_back"]["T1"]
-    bars = [("ours fp16 (paired, back to back)", first["padrec_ms"], "tab:blue")]
+    bars = [(label, first[key], color) for key, label, color in
+            (("padrec_ms", "ours fp16 (paired, back to back)", "tab:blue"),
+             ("padrec_tuning_off_ms", "ours fp16, GEMM tuning off (paired, back to back)", "tab:cyan"))
+            if key in first]
     bars += [(f"torch.compile {mode} (paired)", m["methods"]["back_to_back"]["T1"]["torch_compile_ms"], color)
              for (mode, m), color in zip(modes.items(), ("tab:orange", "tab:red"))]
     return bars + [("fp16 weight floor", paired["floor_ms"], "tab:green")]
@@ -91,7 +95,7 @@ def step_bars(steps: dict, benches: dict) -> dict:
     out = {}
     for s in SHAPES:
         quantized = [(f"ours {q}", step_ms(rows[f"{s}_{q}"])[0], color) for q, color in
-                     (("int4", "tab:cyan"), ("int8", "tab:purple")) if f"{s}_{q}" in rows]
+                     (("int4", "tab:olive"), ("int8", "tab:purple")) if f"{s}_{q}" in rows]
         if s in paired:
             out[s] = paired_bars(paired[s]) + quantized
             continue

@@ -123,7 +123,7 @@ class RuntimeOptions:
     # graphed bucket's first call also runs in a throwaway twin of its session, which takes the scratch with it:
     # 0.22-0.41 GB less for a 1.5B pair, the first calls at each new batch size 4-5 s slower at 1.5B and
     # 26-28 s slower at 7B; H100) or off (cuBLAS only: the memory of apart, and each batch size's first request
-    # without the twin's 0.11-0.18 GB lift at 1.5B; slower at 1.5B batch 32-64)
+    # without the twin's 0.11-0.18 GB lift at 1.5B; slower from batch 8 at 1.5B)
     gemm_tuning: str = "session"
     # a prompt's prefill runs at most this many rows at a time, over windows of the device cache: its activations
     # (and the arena holding them) stay at this batch's size, and its sessions serve every larger batch (at 7B a
