@@ -75,7 +75,8 @@ def device_used() -> int:
 
 def our_steps(engines: Path, cfg, floor_ms: float, repeats: int) -> dict:
     """The in-place target's 1-token step and 8-token verify (batch 1, 128 cached positions), timed as the
-    runtime runs them (gpu_step_profile.time_calls: a static-shape session replaying a CUDA graph)."""
+    runtime runs them (gpu_step_profile.time_calls: a static-shape session replaying a CUDA graph) under
+    gemm_tuning="off" (the session sets no tuning entry; steps-paired times the tuned session too)."""
     out = {}
     for T in (1, 8):
         dims = {"batch": 1, "seq": T, "max_seq_len": LIMITS.max_seq_len}
