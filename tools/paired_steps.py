@@ -22,8 +22,8 @@ import torch_compiled
 from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY
 
 METHODS = ("back_to_back", "per_call")
-OURS = {"padrec": "1", "padrec_tuning_off": "0"}  # our sides: the session entry the runtime sets for each
-PREFIX = {"padrec": "", "padrec_tuning_off": "tuning_off_"}  # of each side's ratios in the report
+# our sides: (the tuning entry the runtime sets for each, the prefix of its ratios in the report)
+OURS = {"padrec": ("1", ""), "padrec_tuning_off": ("0", "tuning_off_")}
 
 
 def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str):
@@ -59,7 +59,7 @@ def _time(fn, device: str, method: str, inner: int) -> float:
 def _summary(times: dict, T: int, method: str, floor_ms: float) -> dict:
     theirs = np.array(times["torch_compile", T, method])
     row = {"torch_compile_ms": float(np.median(theirs))}
-    for side, prefix in PREFIX.items():
+    for side, (_, prefix) in OURS.items():
         ours = np.array(times[side, T, method])
         row.update({f"{side}_ms": float(np.median(ours)), f"{prefix}ratio_median": float(np.median(ours / theirs)),
                     f"{prefix}ratio_max": float(np.max(ours / theirs)),
@@ -82,7 +82,7 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
     fns, keep = {}, []
     with torch.no_grad():
         for T in (1, 8):
-            for side, tune in OURS.items():
+            for side, (tune, _) in OURS.items():
                 fns[side, T], kept = _ours(path, target.cfg, T, at, max_len, device, cache_dtype, tune)
                 keep.append(kept)
             fns["torch_compile", T] = _theirs(ct, T, at, device)
