@@ -20,11 +20,14 @@
 #                       alone, each with and without cuBLAS's workspace capped to 4 MiB
 #   random SIZE         the same on random-weight engines of SIZE (tools/gpu_llm.py --export-only, skipped where
 #                       a call before exported them), no training
+#   paired SIZE [MODES] the target step at SIZE (0.5b, 1.5b or 7b; random weights), ours and torch.compile's timed
+#                       alike in alternating rounds (gpu_llm.py --parts steps-paired; MODES default
+#                       reduce-overhead,max-autotune); its JSON lands in $OUT/paired_SIZE/
 # Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
 # DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same);
 # VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
 set -uo pipefail
-usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b"
+usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b | paired 0.5b|1.5b|7b [MODES]"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
 step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -88,5 +91,11 @@ case "$step" in
     timeout 380 python3 tools/gpu_memory.py --engines "/tmp/wr/${pair[1]}" --out "$OUT" "${memory[@]}" \
       > "$OUT/memory_random_$2.log" 2>&1
     echo "memory rc $?"; tail -6 "$OUT/memory_random_$2.log" ;;
+  paired)
+    [[ "${2:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${2:-nothing} | $usage" >&2; exit 2; }
+    mkdir -p "$OUT/paired_$2"; t0=$(date +%s)
+    timeout 570 python3 tools/gpu_llm.py --shapes "qwen-$2" --work /tmp/wr --parts steps-paired \
+      --modes "${3:-reduce-overhead,max-autotune}" --out "$OUT/paired_$2" > "$OUT/paired_$2.log" 2>&1
+    echo "paired rc $? in $(( $(date +%s) - t0 )) s"; grep -E "paired|error|Error" "$OUT/paired_$2.log" | tail -8 ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac
