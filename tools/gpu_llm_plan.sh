@@ -21,8 +21,8 @@
 #   random SIZE         the same on random-weight engines of SIZE (tools/gpu_llm.py --export-only, skipped where
 #                       a call before exported them), no training
 #   paired SIZE [MODES] the target step at SIZE (0.5b, 1.5b or 7b; random weights), ours and torch.compile's timed
-#                       alike in alternating rounds (gpu_llm.py --parts steps-paired; MODES default
-#                       reduce-overhead,max-autotune); its JSON lands in $OUT/paired_SIZE/
+#                       alike in alternating rounds (gpu_llm.py --parts steps-paired; MODES default:
+#                       gpu_llm.py's, reduce-overhead,max-autotune); its JSON lands in $OUT/paired_SIZE/
 # Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
 # DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same);
 # VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
@@ -93,9 +93,10 @@ case "$step" in
     echo "memory rc $?"; tail -6 "$OUT/memory_random_$2.log" ;;
   paired)
     [[ "${2:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${2:-nothing} | $usage" >&2; exit 2; }
+    modes=(); [[ -n "${3:-}" ]] && modes=(--modes "$3")  # none given: gpu_llm.py's default, both modes
     mkdir -p "$OUT/paired_$2"; t0=$(date +%s)
-    timeout 570 python3 tools/gpu_llm.py --shapes "qwen-$2" --work /tmp/wr --parts steps-paired \
-      --modes "${3:-reduce-overhead,max-autotune}" --out "$OUT/paired_$2" > "$OUT/paired_$2.log" 2>&1
+    timeout 570 python3 tools/gpu_llm.py --shapes "qwen-$2" --work /tmp/wr --parts steps-paired "${modes[@]}" \
+      --out "$OUT/paired_$2" > "$OUT/paired_$2.log" 2>&1
     echo "paired rc $? in $(( $(date +%s) - t0 )) s"; grep -E "paired|error|Error" "$OUT/paired_$2.log" | tail -8 ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac
