@@ -108,20 +108,40 @@ def _w(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def _attention(b: _Builder, a, h: str, i: int, c) -> str:
+def _padded_heads(a, c, group: int) -> tuple:
+    """q's weight and bias, o's weight, with zero query heads added so that each KV head serves `group` of them:
+    a padded head's output meets zero columns of o, so the layer computes what it did. Why: ONNX Runtime's XQA
+    decode kernel takes only groups dividing 64 (a Qwen2.5 shape has 7)."""
+    kv, g, d = c.n_kv_heads, c.n_heads // c.n_kv_heads, c.head_dim
+    if group < g:
+        raise ValueError(f"query_group {group} | the model has {g} query heads per KV head | expected at least {g}")
+
+    def pad(t: torch.Tensor, axis: int) -> torch.Tensor:  # the heads' axis, (kv, g, d) flattened, padded to group
+        shape = list(t.shape)
+        t = t.reshape(shape[:axis] + [kv, g, d] + shape[axis + 1:])
+        widths = [0, 0] * (t.dim() - axis - 2) + [0, group - g]  # F.pad: the last axis first
+        return torch.nn.functional.pad(t, widths).reshape(shape[:axis] + [kv * group * d] + shape[axis + 1:])
+
+    q_bias = None if a.q_proj.bias is None else pad(a.q_proj.bias, 0)
+    return pad(a.q_proj.weight, 0), q_bias, pad(a.o_proj.weight, 1)
+
+
+def _attention(b: _Builder, a, h: str, i: int, c, query_group: int | None) -> str:
     """Layer i's attention over its in-place cache: one QKV projection, GroupQueryAttention, the output
-    projection."""
+    projection; with `query_group`, zero query heads added (_padded_heads)."""
     from onnx import helper
-    qkv_bias = None if a.q_proj.bias is None else torch.cat([a.q_proj.bias, a.k_proj.bias, a.v_proj.bias])
-    qkv = b.linear(h, torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]), f"l{i}.qkv", qkv_bias)
+    q_w, q_b, o_w = (a.q_proj.weight, a.q_proj.bias, a.o_proj.weight) if query_group is None else \
+        _padded_heads(a, c, query_group)
+    qkv_bias = None if q_b is None else torch.cat([q_b, a.k_proj.bias, a.v_proj.bias])
+    qkv = b.linear(h, torch.cat([q_w, a.k_proj.weight, a.v_proj.weight]), f"l{i}.qkv", qkv_bias)
     k_in, v_in = KV_IN_PLACE[0] % i, KV_IN_PLACE[1] % i
     attn = f"l{i}.attn"
     b.nodes.append(helper.make_node(  # its cache outputs are the graph's (no copy): bound to the inputs
         "GroupQueryAttention", [qkv, "", "", k_in, v_in, "seqlens_k", "total_sequence_length", "rotary.cos",
                                 "rotary.sin"], [attn, k_in + ".out", v_in + ".out"], name=f"l{i}.gqa",
-        domain="com.microsoft", num_heads=c.n_heads, kv_num_heads=c.n_kv_heads, do_rotary=1,
-        rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
-    return b.linear(attn, a.o_proj.weight, f"l{i}.o", a.o_proj.bias)  # o bias: Llama with attention_bias
+        domain="com.microsoft", num_heads=c.n_kv_heads * (query_group or c.n_heads // c.n_kv_heads),
+        kv_num_heads=c.n_kv_heads, do_rotary=1, rotary_interleaved=0, scale=float(c.head_dim ** -0.5)))
+    return b.linear(attn, o_w, f"l{i}.o", a.o_proj.bias)  # o bias: Llama with attention_bias
 
 
 def _mlp(b: _Builder, layer, h: str, i: int, gate_up: bool) -> str:
@@ -165,10 +185,11 @@ def _graph_io(target: Target, precision: str, max_seq_len: int, dt: int) -> tupl
     return g_in, g_out
 
 
-def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False, data=None):
+def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: bool = False, data=None,
+                     query_group: int | None = None):
     """The fused target as an onnx ModelProto (weights inside, or with `data`, a streamed.DataFile, written to
-    it one at a time). `gate_up`: the MLP's gate and up projections as one MatMul split in two (one larger GEMM
-    instead of two)."""
+    it one at a time). Profiling forms: `gate_up`, the MLP's gate and up projections as one MatMul split in two
+    (one larger GEMM instead of two); `query_group`, zero query heads added up to that many per KV head."""
     from onnx import helper
     if precision not in ("fp32", "fp16"):
         raise NotImplementedError(f"fused target: precision {precision} | export fp16 or fp32")
@@ -182,7 +203,7 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
                        float(c.rms_eps))
     for i, layer in enumerate(target.layers):
         h = stream.norm(layer.input_layernorm.weight, f"l{i}.input_norm")
-        stream.pending = _attention(b, layer.self_attn, h, i, c)
+        stream.pending = _attention(b, layer.self_attn, h, i, c, query_group)
         h = stream.norm(layer.post_attention_layernorm.weight, f"l{i}.post_norm")
         stream.pending = _mlp(b, layer, h, i, gate_up)
     _head(b, target, stream.norm(target.norm.weight, "final_norm"), precision)
@@ -192,8 +213,9 @@ def build_gqa_target(target: Target, precision: str, max_seq_len: int, gate_up: 
                              ir_version=8)  # readable by older ONNX Runtimes too
 
 
-def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Path, gate_up: bool = False) -> None:
-    """Write the fused target graph (see the module docstring)."""
-    import onnx
-    model = build_gqa_target(target, precision, max_seq_len, gate_up)
-    onnx.save(model, str(path))
+def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Path, gate_up: bool = False,
+                      query_group: int | None = None) -> None:
+    """Write the fused target graph (see the module docstring; the profiling forms: build_gqa_target), its weights
+    in `<name>.data` beside it past ONNX's 2 GB."""
+    from .onnx_export import save_graph
+    save_graph(build_gqa_target(target, precision, max_seq_len, gate_up, query_group=query_group), path)

@@ -38,6 +38,7 @@ from bench_timing import log  # noqa: E402
 from paired_steps import paired_steps  # noqa: E402
 from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 
+from padrec_export.fused import export_gqa_target  # noqa: E402
 from padrec_export.models import Draft, DraftConfig, Target, TargetConfig  # noqa: E402
 from padrec_export.onnx_export import ExportLimits, export_engines  # noqa: E402
 from padrec_export.quantize import parse_quantize  # noqa: E402
@@ -220,6 +221,19 @@ def engines_for(name: str, size, cat: Catalogue, args, work: Path, bw: float):
     return target, row, engines
 
 
+def padded_graph(target, engines: Path, group: int | None, device: str) -> Path | None:
+    """With --query-group, the fused target with zero query heads added up to `group` per KV head (for XQA),
+    written beside the engines unless an earlier call did."""
+    if group is None:
+        return None
+    path = engines / f"target_gqa_group{group}.onnx"
+    if not path.exists():
+        t0 = time.perf_counter()
+        export_gqa_target(target, "fp32" if device == "cpu" else "fp16", LIMITS.max_seq_len, path, query_group=group)
+        log("padded", path.name, f"exported in {time.perf_counter() - t0:.0f} s")
+    return path
+
+
 def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float, save) -> dict:
     """The row of one shape: its export, then each of --parts, `save(row)` after each (a call cut short by the
     device's limit keeps the parts it finished). Each part opens its own recommender, but parts of one call share
@@ -232,9 +246,10 @@ def measure(name: str, size, cat: Catalogue, args, work: Path, bw: float, save) 
     parts, device = args.parts.split(","), "cpu" if args.small else "cuda"
     modes = [m for m in args.modes.split(",") if m]  # --modes "": our step alone (a baseline timed in another call)
     if "steps-paired" in parts:  # ours and torch.compile's timed alike, alternating
+        padded = padded_graph(target, engines, args.query_group, device)
         for mode in modes:
             row.setdefault("steps_paired", {})[mode] = paired_steps(
-                engines / "target_gqa.onnx", target, mode, LIMITS.max_seq_len, row["floor_ms"])
+                engines / "target_gqa.onnx", target, mode, LIMITS.max_seq_len, row["floor_ms"], padded=padded)
             log(name, "paired", mode, json.dumps(row["steps_paired"][mode]["methods"]))
             save(row)
     if "steps" in parts and not args.small and modes:
@@ -289,6 +304,9 @@ def main():
                     help="weight-only quantization of the target's decoder layers (MatMulNBits, block 32); the "
                     "report is llm_steps_<kind>.json")
     ap.add_argument("--graph-max-tokens", type=int, default=16, help="for the decode-graph-max part")
+    ap.add_argument("--query-group", type=int, default=None,
+                    help="steps-paired also times the fused target with zero query heads added up to this many per "
+                    "KV head, with ONNX Runtime's XQA decode kernel and without (XQA takes groups dividing 64)")
     ap.add_argument("--runtime-options", default="{}",
                     help='RuntimeOptions of the decode, decode-graph-max and adaptive parts, as JSON, e.g. '
                     '\'{"graph_sessions": "per_graph"}\'')

@@ -24,7 +24,8 @@
 #                       alike in alternating rounds (gpu_llm.py --parts steps-paired; MODES default:
 #                       gpu_llm.py's, reduce-overhead,max-autotune); its JSON lands in $OUT/paired_SIZE/
 # Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
-# DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same);
+# DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same); QUERY_GROUP (paired: the graph with
+# query heads padded to that many per KV head timed too, with XQA and without: gpu_llm.py --query-group);
 # VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
 set -uo pipefail
 usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b | paired 0.5b|1.5b|7b [MODES]"
@@ -94,6 +95,7 @@ case "$step" in
   paired)
     [[ "${2:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${2:-nothing} | $usage" >&2; exit 2; }
     modes=(); [[ -n "${3:-}" ]] && modes=(--modes "$3")  # none given: gpu_llm.py's default, both modes
+    [[ -n "${QUERY_GROUP:-}" ]] && modes+=(--query-group "$QUERY_GROUP")
     mkdir -p "$OUT/paired_$2"; t0=$(date +%s)
     timeout 570 python3 tools/gpu_llm.py --shapes "qwen-$2" --work /tmp/wr --parts steps-paired "${modes[@]}" \
       --out "$OUT/paired_$2" > "$OUT/paired_$2.log" 2>&1

@@ -8,8 +8,10 @@ so a slow spell of the card hits them alike:
   queued without a wait, as the runtime queues a round's device work);
 - per_call: the median ms of `inner` calls, each synchronised before the next.
 Ours runs twice: with ONNX Runtime's GEMM tuning, as the runtime's default (`gemm_tuning="session"`) runs it, and
-without, as the README's memory settings (`gemm_tuning="off"`) run it. Per side and method: the median over
-rounds, and each of ours against torch.compile's per round.
+without, as the README's memory settings (`gemm_tuning="off"`) run it. Given a graph with zero query heads added
+(fused.build_gqa_target's `query_group`), twice more, tuned: with ONNX Runtime's XQA decode kernel
+(ORT_ENABLE_XQA=1, which takes such groups) and without. Per side and method: the median over rounds, and each of
+ours against torch.compile's per round.
 """
 import time
 from pathlib import Path
@@ -22,16 +24,19 @@ import torch_compiled
 from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY
 
 METHODS = ("back_to_back", "per_call")
-# our sides: (the tuning entry the runtime sets for each, the prefix of its ratios in the report)
-OURS = {"padrec": ("1", ""), "padrec_tuning_off": ("0", "tuning_off_")}
+# our sides: (the tuning entry the runtime sets for each, the prefix of its ratios in the report, ORT_ENABLE_XQA
+# or None for the shipped graph; a value for the graph with padded query groups)
+OURS = {"padrec": ("1", "", None), "padrec_tuning_off": ("0", "tuning_off_", None)}
+PADDED = {"padrec_padded": ("1", "padded_", "0"), "padrec_padded_xqa": ("1", "padded_xqa_", "1")}
 
 
-def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str):
+def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str, xqa: str | None):
     """A callable running our in-place target once (a static-shape session replaying a CUDA graph) without
     waiting for the device, and what must outlive it (the session and its bound device values)."""
     import onnxruntime as ort
     dims = {"batch": 1, "seq": T, "max_seq_len": max_len}
-    profile.VARIANT.update({"config": {GEMM_TUNE_ENTRY: tune}})
+    env = {} if xqa is None else {"ORT_ENABLE_XQA": xqa}  # read as ONNX Runtime makes the session's kernels
+    profile.VARIANT.update({"config": {GEMM_TUNE_ENTRY: tune}, "env": env})
     try:
         sess = profile.session(path, dims, graph=device == "cuda")
     finally:
@@ -56,10 +61,10 @@ def _time(fn, device: str, method: str, inner: int) -> float:
     return torch_compiled.time_ms(fn, device, repeats=inner, inner=1, warm=2)
 
 
-def _summary(times: dict, T: int, method: str, floor_ms: float) -> dict:
+def _summary(times: dict, T: int, method: str, floor_ms: float, ours: dict) -> dict:
     theirs = np.array(times["torch_compile", T, method])
     row = {"torch_compile_ms": float(np.median(theirs))}
-    for side, (_, prefix) in OURS.items():
+    for side, (_, prefix, _) in ours.items():
         ours = np.array(times[side, T, method])
         row.update({f"{side}_ms": float(np.median(ours)), f"{prefix}ratio_median": float(np.median(ours / theirs)),
                     f"{prefix}ratio_max": float(np.max(ours / theirs)),
@@ -68,10 +73,11 @@ def _summary(times: dict, T: int, method: str, floor_ms: float) -> dict:
 
 
 def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, at: int = 128,
-                 rounds: int = 9, inner: int = 50) -> dict:
+                 rounds: int = 9, inner: int = 50, padded: Path | None = None) -> dict:
     """Batch 1, 1-token step and 8-token verify at positions `at`..: ours (the in-place graph at `path`, with and
-    without GEMM tuning) against `target` compiled in `mode` ("eager": not compiled, for a CPU smoke run), by both
-    METHODS over `rounds` alternating rounds, on the target's device."""
+    without GEMM tuning; the graph at `padded`, with padded query groups, with and without XQA) against `target`
+    compiled in `mode` ("eager": not compiled, for a CPU smoke run), by both METHODS over `rounds` alternating
+    rounds, on the target's device."""
     t0 = time.perf_counter()
     device = next(target.parameters()).device.type
     profile.DEVICE = device  # gpu_step_profile's sessions and bindings follow it, as its own --cpu does
@@ -79,14 +85,16 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
     cache_dtype = np.float16 if dtype == torch.float16 else np.float32  # the exported graph's KV cache
     ct = torch_compiled.CompiledTarget(target, 1, max_len, dtype, None if mode == "eager" else mode)
     compile_s = ct.warm_up((1, 8))
-    fns, keep = {}, []
+    fns, keep = {}, {}
+    ours = {**OURS, **(PADDED if padded else {})}
     with torch.no_grad():
         for T in (1, 8):
-            for side, (tune, _) in OURS.items():
-                fns[side, T], kept = _ours(path, target.cfg, T, at, max_len, device, cache_dtype, tune)
-                keep.append(kept)
+            for side, (tune, _, xqa) in ours.items():
+                fns[side, T], kept = _ours(path if xqa is None else padded, target.cfg, T, at, max_len, device,
+                                           cache_dtype, tune, xqa)
+                keep[side, T] = kept
             fns["torch_compile", T] = _theirs(ct, T, at, device)
-        sides = (*OURS, "torch_compile")
+        sides = (*ours, "torch_compile")
         times = {(side, T, m): [] for side in sides for T in (1, 8) for m in METHODS}
         for r in range(rounds):
             for side in (sides if r % 2 == 0 else sides[::-1]):
@@ -94,8 +102,12 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
                     for m in METHODS:
                         times[side, T, m].append(_time(fns[side, T], device, m, inner))
     out = {"mode": mode, "rounds": rounds, "inner": inner, "at": at, "compile_s": compile_s, "floor_ms": floor_ms,
-           "methods": {m: {f"T{T}": _summary(times, T, m, floor_ms) for T in (1, 8)} for m in METHODS},
+           "methods": {m: {f"T{T}": _summary(times, T, m, floor_ms, ours) for T in (1, 8)} for m in METHODS},
            "seconds": time.perf_counter() - t0}
+    if padded:  # each padded side's last logits against the shipped graph's (the same inputs, run last alike)
+        logits = {key: kept[1].get_outputs()[0].numpy() for key, kept in keep.items()}
+        out["padded_logits_max_abs_diff"] = {
+            f"{side}_T{T}": float(np.abs(logits[side, T] - logits["padrec", T]).max()) for side in PADDED for T in (1, 8)}
     del fns, keep, ct
     torch._dynamo.reset()
     return out

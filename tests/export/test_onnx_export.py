@@ -49,25 +49,33 @@ def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
     assert all(r.max_abs == 0 for r in rows if r.output == "tokens")
 
 
-def test_fused_target_with_gate_up_in_one_matmul_gives_the_same_logits(tiny, tmp_path):
-    """The profiling form of the fused target (gate and up projections as one MatMul, split in two) computes what
-    the shipped form does."""
+def test_fused_target_profiling_forms_give_the_same_logits(tiny, tmp_path):
+    """The profiling forms of the fused target (gate and up projections as one MatMul, split in two; zero query
+    heads added up to 4 per KV head) compute what the shipped form does, and a group smaller than the model's is
+    refused."""
     from padrec_export.fused import KV_IN_PLACE, export_gqa_target
     import onnxruntime as ort
     _, target, _ = tiny
     c, n = target.cfg, 16
+    assert c.n_heads // c.n_kv_heads == 2
     feeds = {"input_ids": np.array([[5, 9, 7]], np.int32), "seqlens_k": np.array([2], np.int32),
              "total_sequence_length": np.array(n, np.int32)}
     feeds.update({t % i: np.zeros((1, c.n_kv_heads, n, c.head_dim), np.float32)
                   for i in range(c.n_layers) for t in KV_IN_PLACE})
     logits = []
-    for gate_up in (False, True):
-        export_gqa_target(target, "fp32", n, tmp_path / f"{gate_up}.onnx", gate_up=gate_up)
-        nodes = {x.op_type for x in onnx.load(tmp_path / f"{gate_up}.onnx").graph.node}
-        assert ("Split" in nodes) == gate_up
-        sess = ort.InferenceSession(str(tmp_path / f"{gate_up}.onnx"), providers=["CPUExecutionProvider"])
+    for name, form in {"shipped": {}, "gate_up": {"gate_up": True}, "group4": {"query_group": 4}}.items():
+        export_gqa_target(target, "fp32", n, tmp_path / f"{name}.onnx", **form)
+        graph = onnx.load(tmp_path / f"{name}.onnx").graph
+        assert ("Split" in {x.op_type for x in graph.node}) == (name == "gate_up")
+        heads = {a.i for x in graph.node if x.op_type == "GroupQueryAttention" for a in x.attribute
+                 if a.name == "num_heads"}
+        assert heads == {4 * c.n_kv_heads if name == "group4" else c.n_heads}
+        sess = ort.InferenceSession(str(tmp_path / f"{name}.onnx"), providers=["CPUExecutionProvider"])
         logits.append(sess.run(["logits"], {k: v.copy() for k, v in feeds.items()})[0])
-    assert np.abs(logits[0] - logits[1]).max() <= 1e-5 and np.abs(logits[0]).max() > 1e-2
+    assert np.abs(logits[0]).max() > 1e-2
+    assert all(np.abs(logits[0] - other).max() <= 1e-5 for other in logits[1:])
+    with pytest.raises(ValueError, match="query_group 1"):
+        export_gqa_target(target, "fp32", n, tmp_path / "group1.onnx", query_group=1)
 
 
 def test_only_decode_sized_buckets_capture_graphs_under_cuda_graph_max_tokens(engines_master):

@@ -31,8 +31,10 @@ def test_a_later_call_reuses_the_export_and_measures_only_its_parts(tmp_path):
         assert b["off_tau"] == 1.0 and b["chain_tau"] > 1.0  # a random draft still has some tokens accepted
         assert b["weights_gb"] <= b["weights_unshared_gb"]
 
-    third = tmp_path / "o3"  # both sides of the step, timed alike: both methods, both step sizes, each side
-    done = gpu_llm("--work", str(work), "--out", str(third), "--parts", "steps-paired", "--modes", "eager")
+    third = tmp_path / "o3"  # both sides of the step, timed alike: both methods, both step sizes, each side;
+    # with --query-group, the graph with padded query groups too (XQA on and off: alike on the CPU)
+    done = gpu_llm("--work", str(work), "--out", str(third), "--parts", "steps-paired", "--modes", "eager",
+                   "--query-group", "4")
     assert done.returncode == 0, done.stderr[-2000:]
     row = json.loads((third / "llm_steps.json").read_text())["shapes"]["tiny"]
     assert "runtime" not in row and "torch_compile" not in row
@@ -42,9 +44,14 @@ def test_a_later_call_reuses_the_export_and_measures_only_its_parts(tmp_path):
         for T in ("T1", "T8"):
             m = method[T]
             assert m["torch_compile_ms"] > 0
-            for side, prefix in (("padrec", ""), ("padrec_tuning_off", "tuning_off_")):
+            for side, prefix in (("padrec", ""), ("padrec_tuning_off", "tuning_off_"), ("padrec_padded", "padded_"),
+                                 ("padrec_padded_xqa", "padded_xqa_")):
                 assert m[f"{side}_ms"] > 0 and m[f"{prefix}ratio_max"] >= m[f"{prefix}ratio_median"] > 0
                 assert abs(m[f"{prefix}x_floor"] * row["floor_ms"] - m[f"{side}_ms"]) < 1e-9
+    assert (work / "tiny" / "target_gqa_group4.onnx").exists()
+    diffs = paired["padded_logits_max_abs_diff"]  # the padded graph computes the shipped one's logits
+    assert set(diffs) == {f"{side}_T{T}" for side in ("padrec_padded", "padrec_padded_xqa") for T in (1, 8)}
+    assert all(d <= 1e-4 for d in diffs.values()), diffs
 
     manifest = work / "tiny" / "manifest.json"  # engines of other limits are not reported as this script's
     data = json.loads(manifest.read_text())
