@@ -160,6 +160,7 @@ def bench_plot(report: dict, path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from .figures import save_png
 
     rows = report["rows"]
     engines = sorted({r["backend"] for r in rows})
@@ -191,5 +192,5 @@ def bench_plot(report: dict, path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
     plt.close(fig)

@@ -7,6 +7,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from padrec_export.figures import save_png  # noqa: E402
+
 METRICS = (("chain_K4", "chain K=4"), ("chain_K8", "chain K=8"), ("tree", "tree"))
 PAIR = (("eagle", "plain EAGLE", "C0"), ("padrec", "PAD-Rec", "C3"))
 
@@ -55,7 +57,7 @@ def plot_tau(report: dict, path) -> None:
     fig.legend(*axes[0][0].get_legend_handles_labels(), loc="upper right", fontsize=7)
     fig.suptitle(_title(report), fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -96,5 +98,5 @@ def plot_acceptance(report: dict, path) -> None:
     fig.suptitle(_title(report) + "\nacceptance = accepted / verified draft tokens (chain rounds at the deepest K)",
                  fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_png(fig, path, dpi=110)
     plt.close(fig)

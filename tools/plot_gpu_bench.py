@@ -8,6 +8,8 @@ import numpy as np
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from padrec_export.figures import save_png  # noqa: E402
+
 
 def main(path="benchmarks/results/gpu_bench_h200.json", out="benchmarks/results/gpu_bench_h200.png"):
     d = json.load(open(path))
@@ -33,7 +35,7 @@ def main(path="benchmarks/results/gpu_bench_h200.json", out="benchmarks/results/
                  f"weight floor {floor:.2f} ms/step", fontsize=9)
     ax.legend(fontsize=6.5, ncol=3)
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    save_png(fig, out, dpi=120)
 
 
 if __name__ == "__main__":

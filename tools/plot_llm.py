@@ -13,6 +13,8 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
+from padrec_export.figures import save_png  # noqa: E402
+
 SHAPES = {"qwen-0.5b": "0.5B", "qwen-1.5b": "1.5B", "qwen-7b": "7B"}
 
 
@@ -200,7 +202,7 @@ def main(argv=None) -> None:
     fig.suptitle(f"{gpu}: Qwen2.5-shaped targets over semantic-ID tokens", fontsize=9)
     fig.tight_layout()
     out = Path(args.out or res / f"llm_{args.card}.png")
-    fig.savefig(out, dpi=120)
+    save_png(fig, out, dpi=120)
     print(out)
 
 

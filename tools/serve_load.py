@@ -184,6 +184,7 @@ def plot(result: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from padrec_export.figures import save_png
     fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
     for mode in result["speculate"]:
         rows = [r for r in result["levels"] if r["speculate"] == mode]
@@ -200,7 +201,7 @@ def plot(result: dict, path: Path) -> None:
     a.set_ylim(bottom=0)
     fig.suptitle(f"padrec serve on {result['card']} (loopback, {result['engines']})")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_png(fig, path, dpi=120)
 
 
 def parse_args():

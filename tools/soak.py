@@ -73,6 +73,7 @@ def main():
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from padrec_export.figures import save_png
     fig, ax = plt.subplots(figsize=(6, 3.2))
     ax.plot([p["request"] for p in trace], [p["rss_mib"] for p in trace], label="RSS (MiB)")
     if args.device == "cuda":
@@ -83,7 +84,7 @@ def main():
     ax.set_title(f"soak: {args.requests} requests on {args.device}, RSS growth after warm-up {growth:+.2f}%", fontsize=9)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(args.out + ".png", dpi=120)
+    save_png(fig, args.out + ".png", dpi=120)
     print(json.dumps({k: v for k, v in out.items() if k != "trace"}))
 
 

@@ -140,6 +140,9 @@ def test_llm_plot_draws_the_committed_results_and_tolerates_missing_ones(tmp_pat
     assert (tmp_path / "llm.png").stat().st_size > 10_000
     plot_llm(["--results", str(ROOT / "benchmarks/results"), "--card", "h100", "--out", str(tmp_path / "h100.png")])
     assert (tmp_path / "h100.png").stat().st_size > 10_000
+    from PIL import Image
+    with Image.open(tmp_path / "h100.png") as image:  # written as a 256-colour PNG (padrec_export.figures)
+        assert image.mode == "P" and image.format == "PNG"
     # on the H100 each step comes from the paired timing (both compile modes where both ran), the quantized rows
     # beside 7B's; without it, 1.5B's from the trained pair's bench and 7B's from the random-weight steps
     from plot_llm import load, step_bars
