@@ -106,8 +106,8 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
            "seconds": time.perf_counter() - t0}
     if padded:  # each padded side's last logits against the shipped graph's (the same inputs, run last alike)
         logits = {key: kept[1].get_outputs()[0].numpy() for key, kept in keep.items()}
-        out["padded_logits_max_abs_diff"] = {
-            f"{side}_T{T}": float(np.abs(logits[side, T] - logits["padrec", T]).max()) for side in PADDED for T in (1, 8)}
+        out["padded_logits_max_abs_diff"] = {f"{side}_T{T}": float(np.abs(logits[side, T] - logits["padrec", T]).max())
+                                             for side in PADDED for T in (1, 8)}
     del fns, keep, ct
     torch._dynamo.reset()
     return out
