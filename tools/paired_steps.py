@@ -7,9 +7,10 @@ so a slow spell of the card hits them alike:
 - back_to_back: the mean ms of `inner` calls issued back to back and synchronised once at the end (ours
   queued without a wait, as the runtime queues a round's device work);
 - per_call: the median ms of `inner` calls, each synchronised before the next.
-Ours runs twice: with ONNX Runtime's GEMM tuning, as the runtime's default (`gemm_tuning="session"`) runs it, and
-without, as the README's memory settings (`gemm_tuning="off"`) run it. Given a graph with zero query heads added
-(fused.build_gqa_target's `query_group`), twice more, tuned: with ONNX Runtime's XQA decode kernel
+Ours runs three times: with ONNX Runtime's GEMM tuning, as the runtime's default (`gemm_tuning="session"`) runs it;
+without, as the README's memory settings (`gemm_tuning="off"`) run it; tuned, with cuDNN's attention kernels off
+(ORT_ENABLE_CUDNN_FLASH_ATTENTION=0: GroupQueryAttention falls back to Flash attention). Given a graph with zero
+query heads added (fused.build_gqa_target's `query_group`), twice more, tuned: with ONNX Runtime's XQA decode kernel
 (ORT_ENABLE_XQA=1, which takes such groups) and without. Per side and method: the median over rounds, and each of
 ours against torch.compile's per round.
 """
@@ -24,18 +25,19 @@ import torch_compiled
 from padrec_runtime.backends.onnxruntime import GEMM_TUNE_ENTRY
 
 METHODS = ("back_to_back", "per_call")
-# our sides: (the tuning entry the runtime sets for each, the prefix of its ratios in the report, ORT_ENABLE_XQA
-# or None for the shipped graph; a value for the graph with padded query groups)
-OURS = {"padrec": ("1", "", None), "padrec_tuning_off": ("0", "tuning_off_", None)}
-PADDED = {"padrec_padded": ("1", "padded_", "0"), "padrec_padded_xqa": ("1", "padded_xqa_", "1")}
+# our sides: (the tuning entry the runtime sets for each, the prefix of its ratios in the report, the environment
+# ONNX Runtime reads as it makes the session's kernels); PADDED's run the graph with padded query groups
+OURS = {"padrec": ("1", "", {}), "padrec_tuning_off": ("0", "tuning_off_", {}),
+        "padrec_flash": ("1", "flash_", {"ORT_ENABLE_CUDNN_FLASH_ATTENTION": "0"})}
+PADDED = {"padrec_padded": ("1", "padded_", {"ORT_ENABLE_XQA": "0"}),
+          "padrec_padded_xqa": ("1", "padded_xqa_", {"ORT_ENABLE_XQA": "1"})}
 
 
-def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str, xqa: str | None):
+def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str, env: dict):
     """A callable running our in-place target once (a static-shape session replaying a CUDA graph) without
     waiting for the device, and what must outlive it (the session and its bound device values)."""
     import onnxruntime as ort
     dims = {"batch": 1, "seq": T, "max_seq_len": max_len}
-    env = {} if xqa is None else {"ORT_ENABLE_XQA": xqa}  # read as ONNX Runtime makes the session's kernels
     profile.VARIANT.update({"config": {GEMM_TUNE_ENTRY: tune}, "env": env})
     try:
         sess = profile.session(path, dims, graph=device == "cuda")
@@ -89,9 +91,9 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
     ours = {**OURS, **(PADDED if padded else {})}
     with torch.no_grad():
         for T in (1, 8):
-            for side, (tune, _, xqa) in ours.items():
-                fns[side, T], kept = _ours(path if xqa is None else padded, target.cfg, T, at, max_len, device,
-                                           cache_dtype, tune, xqa)
+            for side, (tune, _, env) in ours.items():
+                fns[side, T], kept = _ours(padded if side in PADDED else path, target.cfg, T, at, max_len, device,
+                                           cache_dtype, tune, env)
                 keep[side, T] = kept
             fns["torch_compile", T] = _theirs(ct, T, at, device)
         sides = (*ours, "torch_compile")

@@ -44,8 +44,8 @@ def test_a_later_call_reuses_the_export_and_measures_only_its_parts(tmp_path):
         for T in ("T1", "T8"):
             m = method[T]
             assert m["torch_compile_ms"] > 0
-            for side, prefix in (("padrec", ""), ("padrec_tuning_off", "tuning_off_"), ("padrec_padded", "padded_"),
-                                 ("padrec_padded_xqa", "padded_xqa_")):
+            for side, prefix in (("padrec", ""), ("padrec_tuning_off", "tuning_off_"), ("padrec_flash", "flash_"),
+                                 ("padrec_padded", "padded_"), ("padrec_padded_xqa", "padded_xqa_")):
                 assert m[f"{side}_ms"] > 0 and m[f"{prefix}ratio_max"] >= m[f"{prefix}ratio_median"] > 0
                 assert abs(m[f"{prefix}x_floor"] * row["floor_ms"] - m[f"{side}_ms"]) < 1e-9
     assert (work / "tiny" / "target_gqa_group4.onnx").exists()
