@@ -125,7 +125,10 @@ def plot_steps(ax, steps: dict, benches: dict) -> None:
     ax.set_ylabel("target step, 1 token, batch 1 (ms)")
     ax.set_title("target step (random weights where measured, else the trained pair; paired: one process,\n"
                  "both sides queued back to back in alternating rounds)", fontsize=7)
-    legend(ax, 6.5)
+    tallest = max((ms for bars in per_shape.values() for _, ms, _ in bars if ms is not None), default=None)
+    if tallest:
+        ax.set_ylim(0, 1.8 * tallest)  # the legend above the bars, not over 7B's
+    legend(ax, 6.5, loc="upper left")
 
 
 # levers file runs drawn as lines: (run, shape, variant, marker, label)
