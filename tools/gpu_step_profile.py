@@ -35,7 +35,8 @@ GEMM_TUNE = {"ep.cuda.enable_gemm_auto_tune": "1"}  # ONNX Runtime >= 1.31: per 
 # its small-M GEMV kernels, measured when a session first runs the shape
 # --variants: the fused target's forms and ONNX Runtime settings timed in one process, each against the default.
 # env: variables ONNX Runtime reads when it makes a session's kernels; config: session config entries;
-# disabled: graph optimizers turned off; gate_up: the MLP's gate and up projections as one MatMul.
+# disabled: graph optimizers turned off; gate_up: the MLP's gate and up projections as one MatMul; weights:
+# initializers as device OrtValues (device_weights), given to the session instead of its own copy.
 NO_GEMM = ["MatMulAddFusion"]  # keeps the QKV projection a MatMul (+ bias Add) instead of a Gemm, which is untuned
 VARIANTS = {
     "default": {},
@@ -61,11 +62,24 @@ def session(path: Path, dims: dict, graph: bool):
         opts.add_free_dimension_override_by_name(name, size)
     for key, value in VARIANT.get("config", {}).items():
         opts.add_session_config_entry(key, value)
+    for name, value in VARIANT.get("weights", {}).items():
+        opts.add_initializer(name, value)
     cuda = dict(CUDA_OPTIONS, **({"enable_cuda_graph": "1"} if graph else {}))
     providers = [("CUDAExecutionProvider", cuda)] if DEVICE == "cuda" else []
     with mock.patch.dict(os.environ, VARIANT.get("env", {})):  # ONNX Runtime reads them as it makes its kernels
         return ort.InferenceSession(str(path), opts, providers=providers + ["CPUExecutionProvider"],
                                     disabled_optimizers=VARIANT.get("disabled") or None)
+
+
+def device_weights(path: Path) -> tuple[dict, list]:
+    """Every initializer of the graph at `path` (its external data read) as one OrtValue on DEVICE: sessions given
+    them share that copy, as the runtime's sessions share theirs (padrec_runtime/backends/weights.py). With the
+    arrays they were made from, which must outlive them on the CPU (an OrtValue there wraps its array's memory)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
+    return {name: ort.OrtValue.ortvalue_from_numpy(a, DEVICE, 0) for name, a in arrays.items()}, list(arrays.values())
 
 
 def bound(sess, feeds: dict):

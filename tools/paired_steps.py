@@ -11,8 +11,9 @@ Ours runs twice: with ONNX Runtime's GEMM tuning, as the runtime's default (`gem
 without, as the README's memory settings (`gemm_tuning="off"`) run it. Given a graph with zero query heads added
 (fused.build_gqa_target's `query_group`), three times more, tuned: the shipped graph with cuDNN's attention kernels
 off (ORT_ENABLE_CUDNN_FLASH_ATTENTION=0: GroupQueryAttention falls back to Flash attention), and the padded graph
-with ONNX Runtime's XQA decode kernel (ORT_ENABLE_XQA=1, which takes such groups) and without. Each side's sessions
-hold their own weights: at 7B the four of the first two fill an 80 GB card beside torch.compile's. Per side and method: the median over rounds, and each of
+with ONNX Runtime's XQA decode kernel (ORT_ENABLE_XQA=1, which takes such groups) and without. The sessions of a
+graph share one device copy of its weights, as the runtime's do (with a copy each, three 7B sessions beside
+torch.compile's fill an 80 GB card). Per side and method: the median over rounds, and each of
 ours against torch.compile's per round.
 """
 import time
@@ -34,12 +35,13 @@ PADDED = {"padrec_padded": ("1", "padded_", {"ORT_ENABLE_XQA": "0"}),
           "padrec_padded_xqa": ("1", "padded_xqa_", {"ORT_ENABLE_XQA": "1"})}
 
 
-def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str, env: dict):
-    """A callable running our in-place target once (a static-shape session replaying a CUDA graph) without
-    waiting for the device, and what must outlive it (the session and its bound device values)."""
+def _ours(path: Path, cfg, T: int, at: int, max_len: int, device: str, dtype, tune: str, env: dict, weights: dict):
+    """A callable running our in-place target once (a static-shape session replaying a CUDA graph, over the
+    graph's shared `weights`) without waiting for the device, and what must outlive it (the session and its bound
+    device values)."""
     import onnxruntime as ort
     dims = {"batch": 1, "seq": T, "max_seq_len": max_len}
-    profile.VARIANT.update({"config": {GEMM_TUNE_ENTRY: tune}, "env": env})
+    profile.VARIANT.update({"config": {GEMM_TUNE_ENTRY: tune}, "env": env, "weights": weights})
     try:
         sess = profile.session(path, dims, graph=device == "cuda")
     finally:
@@ -89,12 +91,14 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
     ct = torch_compiled.CompiledTarget(target, 1, max_len, dtype, None if mode == "eager" else mode)
     compile_s = ct.warm_up((1, 8))
     fns, keep = {}, {}
-    ours = {**OURS, **({**FLASH, **PADDED} if padded else {})}  # each side's sessions hold their own weights
+    ours = {**OURS, **({**FLASH, **PADDED} if padded else {})}
+    graphs = {path: profile.device_weights(path), **({padded: profile.device_weights(padded)} if padded else {})}
     with torch.no_grad():
         for T in (1, 8):
             for side, (tune, _, env) in ours.items():
-                fns[side, T], kept = _ours(padded if side in PADDED else path, target.cfg, T, at, max_len, device,
-                                           cache_dtype, tune, env)
+                graph = padded if side in PADDED else path
+                fns[side, T], kept = _ours(graph, target.cfg, T, at, max_len, device, cache_dtype, tune, env,
+                                           graphs[graph][0])
                 keep[side, T] = kept
             fns["torch_compile", T] = _theirs(ct, T, at, device)
         sides = (*ours, "torch_compile")
@@ -111,6 +115,6 @@ def paired_steps(path: Path, target, mode: str, max_len: int, floor_ms: float, a
         logits = {key: kept[1].get_outputs()[0].numpy() for key, kept in keep.items()}
         out["padded_logits_max_abs_diff"] = {f"{side}_T{T}": float(np.abs(logits[side, T] - logits["padrec", T]).max())
                                              for side in PADDED for T in (1, 8)}
-    del fns, keep, ct
+    del fns, keep, ct, graphs
     torch._dynamo.reset()
     return out
