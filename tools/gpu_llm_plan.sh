@@ -23,12 +23,16 @@
 #   paired SIZE [MODES] the target step at SIZE (0.5b, 1.5b or 7b; random weights), ours and torch.compile's timed
 #                       alike in alternating rounds (gpu_llm.py --parts steps-paired; MODES default:
 #                       gpu_llm.py's, reduce-overhead,max-autotune); its JSON lands in $OUT/paired_SIZE/
+#   paired-bg SIZE [MODES]
+#                       the same in the background, up to 25 minutes (a max-autotune compile at 1.5B or 7B takes
+#                       most of a call); the calls after it only wait, so the card stays its own
+#   paired-wait SIZE    until paired-bg SIZE ends (at most WAIT_S, default 540), then its JSON and log into $OUT
 # Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
 # DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same); QUERY_GROUP (paired: the graph with
 # query heads padded to that many per KV head timed too, with XQA and without: gpu_llm.py --query-group);
 # VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
 set -uo pipefail
-usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b | paired 0.5b|1.5b|7b [MODES]"
+usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b | paired 0.5b|1.5b|7b [MODES] | paired-bg 0.5b|1.5b|7b [MODES] | paired-wait 0.5b|1.5b|7b"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
 step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -41,6 +45,12 @@ pair() {  # the pair of SIZE: gpu_bench.py options, its background log directory
     *) echo "size: got ${1:-nothing} | $usage" >&2; exit 2 ;;
   esac
   mkdir -p "$bg"
+}
+paired_args() {  # gpu_llm.py's options of `paired SIZE [MODES]` (MODES default: gpu_llm.py's, both modes)
+  [[ "${2:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${2:-nothing} | $usage" >&2; exit 2; }
+  paired=(--shapes "qwen-$2" --work /tmp/wr --parts steps-paired)
+  [[ -n "${3:-}" ]] && paired+=(--modes "$3")
+  [[ -n "${QUERY_GROUP:-}" ]] && paired+=(--query-group "$QUERY_GROUP")
 }
 variants=${VARIANTS:-per_graph_graph_max_16,per_graph_graph_max_16_standard,per_graph_graph_max_16_cublas_4mb,per_graph_graph_max_16_standard_cublas_4mb}
 memory=(--variants "$variants" --repeats "${REPEATS:-1}" --tag "${TAG:-}")
@@ -93,12 +103,21 @@ case "$step" in
       > "$OUT/memory_random_$2.log" 2>&1
     echo "memory rc $?"; tail -6 "$OUT/memory_random_$2.log" ;;
   paired)
-    [[ "${2:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${2:-nothing} | $usage" >&2; exit 2; }
-    modes=(); [[ -n "${3:-}" ]] && modes=(--modes "$3")  # none given: gpu_llm.py's default, both modes
-    [[ -n "${QUERY_GROUP:-}" ]] && modes+=(--query-group "$QUERY_GROUP")
+    paired_args "$@"
     mkdir -p "$OUT/paired_$2"; t0=$(date +%s)
-    timeout 570 python3 tools/gpu_llm.py --shapes "qwen-$2" --work /tmp/wr --parts steps-paired "${modes[@]}" \
-      --out "$OUT/paired_$2" > "$OUT/paired_$2.log" 2>&1
+    timeout 570 python3 tools/gpu_llm.py "${paired[@]}" --out "$OUT/paired_$2" > "$OUT/paired_$2.log" 2>&1
     echo "paired rc $? in $(( $(date +%s) - t0 )) s"; grep -E "paired|error|Error" "$OUT/paired_$2.log" | tail -8 ;;
+  paired-bg)  # past one call: the calls after it wait (the card to itself), then paired-wait brings the results
+    paired_args "$@"
+    mkdir -p "/tmp/paired_$2"
+    (setsid nohup timeout 1500 python3 tools/gpu_llm.py "${paired[@]}" --out "/tmp/paired_$2" \
+      > "/tmp/paired_$2.log" 2>&1 &)
+    sleep 20; tail -2 "/tmp/paired_$2.log" ;;
+  paired-wait)
+    paired_args "$@"
+    t0=$(date +%s)
+    while pgrep -f "gpu_llm.py --shapes qwen-$2 " > /dev/null && (( $(date +%s) - t0 < ${WAIT_S:-540} )); do sleep 10; done
+    cp -r "/tmp/paired_$2" "/tmp/paired_$2.log" "$OUT/" 2>/dev/null
+    grep -E "paired|error|Error" "/tmp/paired_$2.log" | tail -8 ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac
