@@ -66,10 +66,10 @@ def _time(fn, device: str, method: str, inner: int) -> float:
     return torch_compiled.time_ms(fn, device, repeats=inner, inner=1, warm=2)
 
 
-def _summary(times: dict, T: int, method: str, floor_ms: float, ours: dict) -> dict:
+def _summary(times: dict, T: int, method: str, floor_ms: float, sides: dict) -> dict:
     theirs = np.array(times["torch_compile", T, method])
     row = {"torch_compile_ms": float(np.median(theirs))}
-    for side, (_, prefix, _) in ours.items():
+    for side, (_, prefix, _) in sides.items():
         ours = np.array(times[side, T, method])
         row.update({f"{side}_ms": float(np.median(ours)), f"{prefix}ratio_median": float(np.median(ours / theirs)),
                     f"{prefix}ratio_max": float(np.max(ours / theirs)),
