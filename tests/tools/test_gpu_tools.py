@@ -102,6 +102,36 @@ def test_verify_parity_compares_steps_and_one_pass_over_the_same_cache(tmp_path)
     assert r["logits"]["max_abs_diff"] < 1e-4 and r["hidden"]["max_abs_diff"] < 1e-4
 
 
+def test_step_profile_sessions_run_on_the_weights_they_are_given(tmp_path):
+    """device_weights puts a graph's initializers on the device once; a session given them (VARIANT "weights")
+    computes with those, not with its own copy from the file: with the head's weights zeroed, its logits are zero."""
+    import numpy as np
+    import onnxruntime as ort
+    import gpu_step_profile as sp
+    import padrec_export.models as models
+    from padrec_export.fused import export_gqa_target
+    cfg = models.TargetConfig(vocab_size=120, hidden_size=64, n_layers=2, n_heads=4, n_kv_heads=2,
+                              intermediate_size=96)
+    torch.manual_seed(0)
+    export_gqa_target(models.Target(cfg), "fp32", 48, tmp_path / "t.onnx")
+    sp.DEVICE = "cpu"
+    values, arrays = sp.device_weights(tmp_path / "t.onnx")
+    assert "lm_head" in values and len(values) == len(arrays)
+    feeds = sp.gqa_feeds_for(cfg, 1, 20, 48, np.float32)
+    zero = np.zeros_like(values["lm_head"].numpy())  # outlives the OrtValue that wraps it
+    logits = {}
+    for name, given in (("own", {}), ("given", values),
+                        ("zero_head", {**values, "lm_head": ort.OrtValue.ortvalue_from_numpy(zero)})):
+        sp.VARIANT.update({"weights": given})
+        try:
+            sess = sp.session(tmp_path / "t.onnx", {"batch": 1, "seq": 1, "max_seq_len": 48}, graph=False)
+        finally:
+            sp.VARIANT.clear()
+        logits[name] = sess.run(["logits"], {k: v.copy() for k, v in feeds.items()})[0]
+    assert np.abs(logits["own"]).max() > 1e-3
+    assert np.array_equal(logits["own"], logits["given"]) and not logits["zero_head"].any()
+
+
 def test_bench_sections_parse_and_name_the_valid_ones():
     """--sections takes a comma-separated subset of the bench's sections; anything else is refused with the list."""
     import argparse
