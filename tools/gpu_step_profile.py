@@ -74,12 +74,18 @@ def session(path: Path, dims: dict, graph: bool):
 def device_weights(path: Path) -> tuple[dict, list]:
     """Every initializer of the graph at `path` (its external data read) as one OrtValue on DEVICE: sessions given
     them share that copy, as the runtime's sessions share theirs (padrec_runtime/backends/weights.py). With the
-    arrays they were made from, which must outlive them on the CPU (an OrtValue there wraps its array's memory)."""
+    arrays whose memory they wrap, which must outlive them (numpy's on the CPU, cupy's on the device)."""
     import onnx
     import onnxruntime as ort
     from onnx import numpy_helper
     arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
-    return {name: ort.OrtValue.ortvalue_from_numpy(a, DEVICE, 0) for name, a in arrays.items()}, list(arrays.values())
+    if DEVICE == "cpu":
+        return {name: ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for name, a in arrays.items()}, list(arrays.values())
+    # ONNX Runtime takes a device initializer only from memory it does not own (ortvalue_from_numpy on CUDA
+    # allocates with its own allocator): cupy's arrays through DLPack, as the runtime's pool does
+    import cupy
+    held = {name: cupy.asarray(a) for name, a in arrays.items()}
+    return {name: ort.OrtValue.from_dlpack(a) for name, a in held.items()}, list(held.values())
 
 
 def bound(sess, feeds: dict):
