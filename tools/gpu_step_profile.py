@@ -1,10 +1,11 @@
-"""Where a target step's time goes on a GPU: a Qwen2.5-0.5B-shaped target with random weights, exported fp16,
-run as the runtime runs it (a static-shape session replaying a CUDA graph, device-resident inputs and
-outputs) for a 1-token step and an 8-token verify over a 256-position cache. Reports ms per call against the
+"""Where a target step's time goes on a GPU: a Qwen2.5-shaped target (--shape, default 0.5B; --layers deep) with
+random weights, exported fp16, run as the runtime runs it (a static-shape session replaying a CUDA graph,
+device-resident inputs and outputs) for a 1-token step and an 8-token verify over a 256-position cache. Reports ms per call against the
 weight-bandwidth floor, and kernels per call, GPU busy time per call and the largest kernels (CUPTI through
 torch.profiler, on a session without CUDA graphs, whose kernels are the same).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_step_profile.py --out "$OUT"    # -> step_profile.json
+    ... --shape qwen-7b --layers 4 --graphs gqa      # a 7B layer's kernels against its weights' reads
 """
 import argparse
 import json
@@ -29,7 +30,6 @@ from padrec_export.sizes import SIZES  # noqa: E402
 from padrec_runtime.cache.host import KV_INPUT  # noqa: E402
 
 CUDA_OPTIONS = {}  # --cuda-options
-SHAPE = "qwen-0.5b"  # the profiled target's shape (padrec_export/sizes.py), --layers deep
 DEVICE = "cuda"  # --cpu: a smoke run of this script on CPU (no timings worth reading, no kernel profile)
 GEMM_TUNE = {"ep.cuda.enable_gemm_auto_tune": "1"}  # ONNX Runtime >= 1.31: per shape, the fastest of cuBLAS and
 # its small-M GEMV kernels, measured when a session first runs the shape
@@ -257,6 +257,8 @@ def verify_parity(path, cfg, past: int, max_len: int, T: int = 8, dtype=np.float
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--shape", default="qwen-0.5b", choices=sorted(s for s in SIZES if s.startswith("qwen")),
+                    help="the target's layer shape (padrec_export/sizes.py); --layers sets its depth")
     ap.add_argument("--layers", type=int, default=24)
     ap.add_argument("--vocab", type=int, default=1100)
     ap.add_argument("--past", type=int, default=256)
@@ -279,9 +281,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def random_target(layers: int, vocab: int):
-    """A target of the profiled shape, `layers` deep, with random weights on DEVICE; returns (config, target)."""
-    s = SIZES[SHAPE]
+def random_target(shape: str, layers: int, vocab: int):
+    """A target of `shape`'s layers, `layers` deep, with random weights on DEVICE; returns (config, target)."""
+    s = SIZES[shape]
     cfg = models.TargetConfig(vocab_size=vocab, hidden_size=s.hidden, n_layers=layers, n_heads=s.heads,
                               n_kv_heads=s.kv_heads, intermediate_size=s.intermediate, qkv_bias=True)
     torch.manual_seed(0)
@@ -296,7 +298,8 @@ def floor_report(target, args) -> dict:
     """The report's head: the card, the shape, and the weight-bandwidth floor of one fp16 step."""
     n_bytes = sum(p.numel() for p in target.parameters()) * 2
     bw = copy_bandwidth_gbs(DEVICE) * 1e9  # bytes/s
-    return {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "layers": args.layers,
+    return {"gpu": torch.cuda.get_device_name(0) if DEVICE == "cuda" else "cpu", "shape": args.shape,
+            "layers": args.layers,
             "past": args.past, "weight_bytes": n_bytes, "copy_bandwidth_gbs": bw / 1e9, "floor_ms": n_bytes / bw * 1e3}
 
 
@@ -348,7 +351,7 @@ def main(argv=None):
     CUDA_OPTIONS.update(json.loads(args.cuda_options))
     global DEVICE
     DEVICE = "cpu" if args.cpu else "cuda"
-    cfg, target = random_target(args.layers, args.vocab)
+    cfg, target = random_target(args.shape, args.layers, args.vocab)
     report = floor_report(target, args)
     tmp = Path(tempfile.mkdtemp())
     for form in args.graphs.split(","):

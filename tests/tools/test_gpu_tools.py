@@ -102,6 +102,20 @@ def test_verify_parity_compares_steps_and_one_pass_over_the_same_cache(tmp_path)
     assert r["logits"]["max_abs_diff"] < 1e-4 and r["hidden"]["max_abs_diff"] < 1e-4
 
 
+def test_step_profile_shape_sets_the_profiled_layers():
+    """--shape picks the layer shape from padrec_export/sizes.py (--layers its depth); a shape it lacks is refused."""
+    import gpu_step_profile as sp
+    from padrec_export.sizes import SIZES
+    args = sp.parse_args(["--shape", "qwen-1.5b", "--layers", "1", "--cpu"])
+    sp.DEVICE = "cpu"
+    cfg, _ = sp.random_target(args.shape, args.layers, 64)
+    s = SIZES["qwen-1.5b"]
+    assert (cfg.hidden_size, cfg.n_heads, cfg.n_kv_heads, cfg.intermediate_size, cfg.n_layers) == (
+        s.hidden, s.heads, s.kv_heads, s.intermediate, 1)
+    with pytest.raises(SystemExit):
+        sp.parse_args(["--shape", "qwen-9b"])
+
+
 def test_step_profile_sessions_run_on_the_weights_they_are_given(tmp_path):
     """device_weights puts a graph's initializers on the device once; a session given them (VARIANT "weights")
     computes with those, not with its own copy from the file: with the head's weights zeroed, its logits are zero."""
@@ -185,12 +199,11 @@ def test_llm_plot_draws_the_committed_results_and_tolerates_missing_ones(tmp_pat
         "torch.compile reduce-overhead (paired)", "torch.compile max-autotune (paired)", "fp16 weight floor"]
     assert bars["qwen-0.5b"][0][1] == steps["paired"]["shapes"]["qwen-0.5b"]["steps_paired"]["reduce-overhead"][
         "methods"]["back_to_back"]["T1"]["padrec_ms"]
-    assert [label for label, _, _ in bars["qwen-7b"]] == [
-        "ours fp16, GEMM tuning off (paired, back to back)", "torch.compile reduce-overhead (paired)",
-        "fp16 weight floor",
-        "ours int4", "ours int8"]
+    assert [label for label, _, _ in bars["qwen-7b"]] == [  # one mode, the quantized rows after the floor
+        "ours fp16 (paired, back to back)", "ours fp16, GEMM tuning off (paired, back to back)",
+        "torch.compile reduce-overhead (paired)", "fp16 weight floor", "ours int4", "ours int8"]
     assert bars["qwen-7b"][0][1] == steps["paired"]["shapes"]["qwen-7b"]["steps_paired"]["reduce-overhead"][
-        "methods"]["back_to_back"]["T1"]["padrec_tuning_off_ms"]
+        "methods"]["back_to_back"]["T1"]["padrec_ms"]
     del steps["paired"]
     bars = step_bars(steps, benches)
     assert "trained pair" in bars["qwen-1.5b"][0][0]
