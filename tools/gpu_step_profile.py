@@ -1,8 +1,8 @@
 """Where a target step's time goes on a GPU: a Qwen2.5-shaped target (--shape, default 0.5B; --layers deep) with
 random weights, exported fp16, run as the runtime runs it (a static-shape session replaying a CUDA graph,
-device-resident inputs and outputs) for a 1-token step and an 8-token verify over a 256-position cache. Reports ms per call against the
-weight-bandwidth floor, and kernels per call, GPU busy time per call and the largest kernels (CUPTI through
-torch.profiler, on a session without CUDA graphs, whose kernels are the same).
+device-resident inputs and outputs) for a 1-token step and an 8-token verify over a 256-position cache. Reports ms
+per call against the weight-bandwidth floor, and kernels per call, GPU busy time per call and the largest kernels
+(CUPTI through torch.profiler, on a session without CUDA graphs, whose kernels are the same).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_step_profile.py --out "$OUT"    # -> step_profile.json
     ... --shape qwen-7b --layers 4 --graphs gqa      # a 7B layer's kernels against its weights' reads
