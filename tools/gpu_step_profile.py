@@ -80,7 +80,8 @@ def device_weights(path: Path) -> tuple[dict, list]:
     from onnx import numpy_helper
     arrays = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer}
     if DEVICE == "cpu":
-        return {name: ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for name, a in arrays.items()}, list(arrays.values())
+        host = {name: ort.OrtValue.ortvalue_from_numpy(a, "cpu", 0) for name, a in arrays.items()}
+        return host, list(arrays.values())
     # ONNX Runtime takes a device initializer only from memory it does not own (ortvalue_from_numpy on CUDA
     # allocates with its own allocator): cupy's arrays through DLPack, as the runtime's pool does
     import cupy
