@@ -27,12 +27,15 @@
 #                       the same in the background, up to 25 minutes (a max-autotune compile at 1.5B or 7B takes
 #                       most of a call); the calls after it only wait, so the card stays its own
 #   paired-wait SIZE    until paired-bg SIZE ends (at most WAIT_S, default 540), then its JSON and log into $OUT
+#   profile SIZE [LAYERS]
+#                       where the fused target's step time goes at SIZE's layer shape, LAYERS deep (default 4):
+#                       kernels per call and the largest ones (tools/gpu_step_profile.py --graphs gqa); $OUT/profile_SIZE/
 # Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
 # DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same); QUERY_GROUP (paired: the graph with
 # query heads padded to that many per KV head timed too, with XQA and without: gpu_llm.py --query-group);
 # VARIANTS, REPEATS and TAG go to gpu_memory.py (--variants, --repeats, --tag)
 set -uo pipefail
-usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b | paired 0.5b|1.5b|7b [MODES] | paired-bg 0.5b|1.5b|7b [MODES] | paired-wait 0.5b|1.5b|7b"
+usage="usage: gpu_llm_plan.sh train 7b|1.5b | warm 7b|1.5b | side | wait 7b|1.5b [SECONDS] | bench 7b|1.5b [SECONDS [SECTIONS [BATCHES]]] | memory 7b|1.5b | random 7b|1.5b | paired 0.5b|1.5b|7b [MODES] | paired-bg 0.5b|1.5b|7b [MODES] | paired-wait 0.5b|1.5b|7b | profile 0.5b|1.5b|7b [LAYERS]"
 if (( $# == 0 )); then echo "$usage" >&2; exit 2; fi
 step=$1
 export PYTHONPATH=/tmp/gpusite:/tmp/site:$PWD PYTHONUNBUFFERED=1
@@ -46,8 +49,11 @@ pair() {  # the pair of SIZE: gpu_bench.py options, its background log directory
   esac
   mkdir -p "$bg"
 }
+shape_size() {  # the size of `paired` and `profile`: a shape of the random-weight tools, not a trained pair's
+  [[ "${1:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${1:-nothing} | $usage" >&2; exit 2; }
+}
 paired_args() {  # gpu_llm.py's options of `paired SIZE [MODES]` (MODES default: gpu_llm.py's, both modes)
-  [[ "${2:-}" =~ ^(0\.5b|1\.5b|7b)$ ]] || { echo "size: got ${2:-nothing} | $usage" >&2; exit 2; }
+  shape_size "${2:-}"
   paired=(--shapes "qwen-$2" --work /tmp/wr --parts steps-paired)
   [[ -n "${3:-}" ]] && paired+=(--modes "$3")
   [[ -n "${QUERY_GROUP:-}" ]] && paired+=(--query-group "$QUERY_GROUP")
@@ -119,5 +125,11 @@ case "$step" in
     while pgrep -f "gpu_llm.py --shapes qwen-$2 " > /dev/null && (( $(date +%s) - t0 < ${WAIT_S:-540} )); do sleep 10; done
     cp -r "/tmp/paired_$2" "/tmp/paired_$2.log" "$OUT/" 2>/dev/null
     grep -E "paired|error|Error" "/tmp/paired_$2.log" | tail -8 ;;
+  profile)
+    shape_size "${2:-}"
+    mkdir -p "$OUT/profile_$2"
+    timeout 570 python3 tools/gpu_step_profile.py --shape "qwen-$2" --layers "${3:-4}" --graphs gqa \
+      --out "$OUT/profile_$2" > "$OUT/profile_$2.log" 2>&1
+    echo "profile rc $?"; tail -4 "$OUT/profile_$2.log" ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;
 esac

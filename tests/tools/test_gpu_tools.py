@@ -220,7 +220,7 @@ def test_llm_plan_names_its_steps_and_sizes():
     """tools/gpu_llm_plan.sh refuses an unknown step or pair size with its usage, before touching the machine."""
     import subprocess
     for args in ([], ["launch"], ["train", "3b"], ["bench"], ["memory", "0.5b"], ["paired"], ["paired", "3b"],
-                 ["paired-bg", "3b"], ["paired-wait"]):
+                 ["paired-bg", "3b"], ["paired-wait"], ["profile", "9b"]):
         res = subprocess.run(["bash", str(ROOT / "tools/gpu_llm_plan.sh"), *args], capture_output=True, text=True,
                              env={"PATH": "/usr/bin:/bin", "OUT": "/nonexistent"})
         assert res.returncode == 2 and "usage: gpu_llm_plan.sh train 7b|1.5b" in res.stderr, (args, res.stderr)
