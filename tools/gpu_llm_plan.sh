@@ -29,7 +29,8 @@
 #   paired-wait SIZE    until paired-bg SIZE ends (at most WAIT_S, default 540), then its JSON and log into $OUT
 #   profile SIZE [LAYERS]
 #                       where the fused target's step time goes at SIZE's layer shape, LAYERS deep (default 4):
-#                       kernels per call and the largest ones (tools/gpu_step_profile.py --graphs gqa); $OUT/profile_SIZE/
+#                       kernels per call and the largest ones, beside torch.compile's step on the same weights
+#                       (tools/gpu_step_profile.py --graphs gqa,compiled); $OUT/profile_SIZE/
 # Environment: DRAFTS (default padrec; padrec,eagle trains, exports and benches both: `bench SIZE S eagle 1`),
 # DRAFT_EPOCHS (7b only, default 2: every step of a pair takes the same); QUERY_GROUP (paired: the graph with
 # query heads padded to that many per KV head timed too, with XQA and without: gpu_llm.py --query-group);
@@ -128,7 +129,7 @@ case "$step" in
   profile)
     shape_size "${2:-}"
     mkdir -p "$OUT/profile_$2"
-    timeout 570 python3 tools/gpu_step_profile.py --shape "qwen-$2" --layers "${3:-4}" --graphs gqa \
+    timeout 570 python3 tools/gpu_step_profile.py --shape "qwen-$2" --layers "${3:-4}" --graphs gqa,compiled \
       --out "$OUT/profile_$2" > "$OUT/profile_$2.log" 2>&1
     echo "profile rc $?"; tail -4 "$OUT/profile_$2.log" ;;
   *) echo "unknown step $step | $usage" >&2; exit 2 ;;

@@ -5,7 +5,7 @@ per call against the weight-bandwidth floor, and kernels per call, GPU busy time
 (CUPTI through torch.profiler, on a session without CUDA graphs, whose kernels are the same).
 
     PYTHONPATH=/tmp/gpusite:$PWD python3 tools/gpu_step_profile.py --out "$OUT"    # -> step_profile.json
-    ... --shape qwen-7b --layers 4 --graphs gqa      # a 7B layer's kernels against its weights' reads
+    ... --shape qwen-7b --layers 4 --graphs gqa,compiled   # a 7B layer's kernels, ours and torch.compile's
 """
 import argparse
 import json
@@ -136,20 +136,28 @@ def kernel_profile(sess, feeds: dict, calls: int = 20) -> dict:
     if DEVICE != "cuda":
         return {}
     io, _keep = bound(sess, feeds)
+    return kernel_stats(lambda: sess.run_with_iobinding(io), calls)
+
+
+def kernel_stats(call, calls: int = 20) -> dict:
+    """CUPTI's kernels of `calls` calls of `call` (after 3 unprofiled): kernels and GPU busy ms per call, and the
+    largest kernels by busy time per call with their launches per call."""
     for _ in range(3):
-        sess.run_with_iobinding(io)
+        call()
     torch.cuda.synchronize()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            sess.run_with_iobinding(io)
+            call()
         torch.cuda.synchronize()
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    busy = Counter()
+    busy, count = Counter(), Counter()
     for e in kernels:
         busy[e.name[:80]] += e.device_time
+        count[e.name[:80]] += 1
     return {"kernels_per_call": len(kernels) / calls,
             "gpu_busy_ms_per_call": sum(busy.values()) / calls / 1e3,
-            "top_kernels_us_per_call": {k: v / calls for k, v in busy.most_common(12)}}
+            "top_kernels_us_per_call": {k: v / calls for k, v in busy.most_common(16)},
+            "top_kernels_launches_per_call": {k: count[k] / calls for k, _ in busy.most_common(16)}}
 
 
 def profile_or_note(path, dims, feeds) -> dict:
@@ -264,7 +272,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--vocab", type=int, default=1100)
     ap.add_argument("--past", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=512, help="the fused target's cache length")
-    ap.add_argument("--graphs", default="standard,gqa", help="target forms to time: standard, gqa (fused)")
+    ap.add_argument("--graphs", default="standard,gqa",
+                    help="target forms to time: standard, gqa (fused), compiled (torch.compile's step, GPU only)")
     ap.add_argument("--variants", default="default",
                     help="the fused target's variants to time, comma-separated: " + ", ".join(VARIANTS))
     ap.add_argument("--repeats", type=int, default=300)
@@ -277,8 +286,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if unknown:
         ap.error(f"--variants: unknown {unknown} | choose from {', '.join(VARIANTS)}")
     for form in args.graphs.split(","):
-        if form not in ("standard", "gqa"):
-            ap.error(f"--graphs: {form!r} | expected standard or gqa")
+        if form not in ("standard", "gqa", "compiled"):
+            ap.error(f"--graphs: {form!r} | expected standard, gqa or compiled")
     return args
 
 
@@ -347,6 +356,24 @@ def profile_gqa(target, cfg, args, tmp: Path, floor_ms: float) -> dict:
     return into
 
 
+def profile_compiled(target, args, floor_ms: float, mode: str = "reduce-overhead") -> dict:
+    """torch.compile's static-KV-cache step (tools/torch_compiled.py) on the same weights, last (it moves the
+    target to fp16 in place): per number of tokens its ms back to back, multiple of the floor and kernels
+    (CUPTI sees the kernels of a CUDA graph's replay)."""
+    import torch_compiled
+    ct = torch_compiled.CompiledTarget(target, 1, args.max_len, torch.float16, mode)
+    into = {"mode": mode, "compile_s": ct.warm_up((1, 8))}
+    times = torch_compiled.step_times(ct, at=args.past, repeats=max(3, args.repeats // 40))
+    with torch.no_grad():
+        for T in (1, 8):
+            ids = torch.zeros(1, T, dtype=torch.long, device=DEVICE)
+            positions = (args.past + torch.arange(T, device=DEVICE))[None]
+            ms = times[f"step_ms_{T}"]
+            into[f"T{T}"] = {"ms": ms, "x_floor": ms / floor_ms, **kernel_stats(lambda: ct.step(ids, positions))}
+            print("compiled", f"T{T}", json.dumps(into[f"T{T}"]), flush=True)
+    return into
+
+
 def main(argv=None):
     args = parse_args(argv)
     CUDA_OPTIONS.update(json.loads(args.cuda_options))
@@ -355,13 +382,17 @@ def main(argv=None):
     cfg, target = random_target(args.shape, args.layers, args.vocab)
     report = floor_report(target, args)
     tmp = Path(tempfile.mkdtemp())
-    for form in args.graphs.split(","):
+    forms = args.graphs.split(",")
+    for form in sorted(forms, key=lambda f: f == "compiled"):  # compiled last: it moves the target to fp16
         if form == "standard":  # its keys at the top level, as before
             report.update(profile_standard(target, cfg, args, tmp, report["floor_ms"]))
-        else:
+        elif form == "gqa":
             report["gqa"] = profile_gqa(target, cfg, args, tmp, report["floor_ms"])
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
+        elif DEVICE == "cuda":
+            report["compiled"] = profile_compiled(target, args, report["floor_ms"])
+        # after each form: a later one that fails or runs out of time leaves the ones before it
+        Path(args.out).mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "step_profile.json").write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

@@ -114,6 +114,9 @@ def test_step_profile_shape_sets_the_profiled_layers():
         s.hidden, s.heads, s.kv_heads, s.intermediate, 1)
     with pytest.raises(SystemExit):
         sp.parse_args(["--shape", "qwen-9b"])
+    assert sp.parse_args(["--graphs", "gqa,compiled"]).graphs == "gqa,compiled"
+    with pytest.raises(SystemExit):
+        sp.parse_args(["--graphs", "gqa,eager"])
 
 
 def test_step_profile_sessions_run_on_the_weights_they_are_given(tmp_path):
