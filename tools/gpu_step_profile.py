@@ -35,7 +35,7 @@ GEMM_TUNE = {"ep.cuda.enable_gemm_auto_tune": "1"}  # ONNX Runtime >= 1.31: per 
 # its small-M GEMV kernels, measured when a session first runs the shape
 # --variants: the fused target's forms and ONNX Runtime settings timed in one process, each against the default.
 # env: variables ONNX Runtime reads when it makes a session's kernels; config: session config entries;
-# disabled: graph optimizers turned off; gate_up: the MLP's gate and up projections as one MatMul; weights:
+# disabled: graph optimizers turned off; gate_up False: the MLP's gate and up projections as two MatMuls; weights:
 # initializers as device OrtValues (device_weights), given to the session instead of its own copy.
 NO_GEMM = ["MatMulAddFusion"]  # keeps the QKV projection a MatMul (+ bias Add) instead of a Gemm, which is untuned
 VARIANTS = {
@@ -43,11 +43,9 @@ VARIANTS = {
     "gemm_tune": {"config": GEMM_TUNE},
     "gemm_tune_replay": {"config": GEMM_TUNE, "env": {"ORT_CUDA_GEMM_GRAPH_REPLAY_TUNING": "1"}},
     "gemm_tune_no_gemm_fusion": {"config": GEMM_TUNE, "disabled": NO_GEMM},
-    "gemm_tune_all": {"config": GEMM_TUNE, "disabled": NO_GEMM, "gate_up": True},
     "small_n_gemv": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}},
     "small_n_gemv_no_gemm_fusion": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}, "disabled": NO_GEMM},
-    "small_n_gemv_all": {"env": {"ORT_ENABLE_SMALL_N_GEMV": "1"}, "disabled": NO_GEMM, "gate_up": True},
-    "gate_up": {"gate_up": True},
+    "separate_gate_up": {"gate_up": False},
     "no_flash_decode": {"env": {"ORT_DISABLE_FLASH_DECODE": "1"}},
     "gemm_tune_no_flash": {"config": GEMM_TUNE, "env": {"ORT_DISABLE_FLASH_ATTENTION": "1"}},
 }
@@ -206,7 +204,7 @@ def time_variants(paths: dict, variants: list, cases: dict, repeats: int, floor_
         VARIANT.clear()
         VARIANT.update(VARIANTS[name])
         for T, (dims, feeds) in cases.items():
-            sess = session(paths[bool(VARIANT.get("gate_up"))], dims, graph=DEVICE == "cuda")
+            sess = session(paths[VARIANT.get("gate_up", True)], dims, graph=DEVICE == "cuda")
             io, keep = bound(sess, feeds)
             for _ in range(20):
                 sess.run_with_iobinding(io)
@@ -226,7 +224,7 @@ def time_variants(paths: dict, variants: list, cases: dict, repeats: int, floor_
         ms = float(np.median(ts)) * 1e3
         out.setdefault(name, {})[f"T{T}"] = {
             "ms": ms, "ms_p10": float(np.percentile(ts, 10)) * 1e3, "x_floor": ms / floor_ms,
-            **profile_or_note(paths[bool(VARIANT.get("gate_up"))], *cases[T])}
+            **profile_or_note(paths[VARIANT.get("gate_up", True)], *cases[T])}
         print("gqa", name, f"T{T}", json.dumps(out[name][f"T{T}"]), flush=True)
     VARIANT.clear()
     return out
@@ -333,7 +331,7 @@ def profile_gqa(target, cfg, args, tmp: Path, floor_ms: float) -> dict:
     variants = args.variants.split(",")
     t0 = time.perf_counter()
     paths = {}
-    for gate_up in sorted({bool(VARIANTS[v].get("gate_up")) for v in variants}):
+    for gate_up in sorted({VARIANTS[v].get("gate_up", True) for v in variants}):
         paths[gate_up] = tmp / f"gqa{'_gate_up' * gate_up}.onnx"
         export_gqa_target(target, "fp16", args.max_len, paths[gate_up], gate_up=gate_up)
     into = {"export_s": time.perf_counter() - t0}
@@ -342,7 +340,7 @@ def profile_gqa(target, cfg, args, tmp: Path, floor_ms: float) -> dict:
         for name in variants:
             VARIANT.clear()
             VARIANT.update(VARIANTS[name])
-            into["verify_parity"][name] = verify_parity(paths[bool(VARIANT.get("gate_up"))], cfg, args.past,
+            into["verify_parity"][name] = verify_parity(paths[VARIANT.get("gate_up", True)], cfg, args.past,
                                                         args.max_len)
             print("parity", name, json.dumps(into["verify_parity"][name]), flush=True)
         VARIANT.clear()

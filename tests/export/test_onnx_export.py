@@ -50,9 +50,9 @@ def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
 
 
 def test_fused_target_profiling_forms_give_the_same_logits(tiny, tmp_path):
-    """The profiling forms of the fused target (gate and up projections as one MatMul, split in two; zero query
-    heads added up to 4 per KV head) compute what the shipped form does, and a group smaller than the model's is
-    refused."""
+    """The profiling forms of the fused target (gate and up projections as two MatMuls; zero query heads added up
+    to 4 per KV head) compute what the shipped form (gate and up as one MatMul, split in two) does, and a group
+    smaller than the model's is refused."""
     from padrec_export.fused import KV_IN_PLACE, export_gqa_target
     import onnxruntime as ort
     _, target, _ = tiny
@@ -63,10 +63,10 @@ def test_fused_target_profiling_forms_give_the_same_logits(tiny, tmp_path):
     feeds.update({t % i: np.zeros((1, c.n_kv_heads, n, c.head_dim), np.float32)
                   for i in range(c.n_layers) for t in KV_IN_PLACE})
     logits = []
-    for name, form in {"shipped": {}, "gate_up": {"gate_up": True}, "group4": {"query_group": 4}}.items():
+    for name, form in {"shipped": {}, "separate": {"gate_up": False}, "group4": {"query_group": 4}}.items():
         export_gqa_target(target, "fp32", n, tmp_path / f"{name}.onnx", **form)
         graph = onnx.load(tmp_path / f"{name}.onnx").graph
-        assert ("Split" in {x.op_type for x in graph.node}) == (name == "gate_up")
+        assert ("Split" in {x.op_type for x in graph.node}) == (name != "separate")  # gate|up as one MatMul
         heads = {a.i for x in graph.node if x.op_type == "GroupQueryAttention" for a in x.attribute
                  if a.name == "num_heads"}
         assert heads == {4 * c.n_kv_heads if name == "group4" else c.n_heads}
