@@ -221,3 +221,50 @@ def export_gqa_target(target: Target, precision: str, max_seq_len: int, path: Pa
     in `<name>.data` beside it past ONNX's 2 GB."""
     from .onnx_export import save_graph
     save_graph(build_gqa_target(target, precision, max_seq_len, gate_up, query_group=query_group), path)
+
+
+def fuse_gate_up(proto, target: Target, dtype: torch.dtype) -> int:
+    """Rewrite a standard target graph (onnx ModelProto, weights loaded) so that each decoder layer's gate and up
+    MatMuls are one MatMul over gate|up split in two: the tensor the fused target holds, byte for byte, so the
+    runtime keeps one device copy of it for both graphs instead of one of each (7.6 GB at 7B). The two MatMuls
+    are found by their weights' bytes, as quantization finds projections. Returns the layers rewritten."""
+    from onnx import helper, numpy_helper
+    from .quantize import _as_stored, _digest, _layer_digests
+    g = proto.graph
+    inits = {i.name: i for i in g.initializer}
+    users: dict = {}  # weight digest -> the MatMuls that read it
+    for node in g.node:
+        if node.op_type == "MatMul" and node.input[1] in inits:
+            users.setdefault(_digest(numpy_helper.to_array(inits[node.input[1]])), []).append(node)
+    fused = 0
+    for i, layer in enumerate(target.layers):
+        d = _layer_digests(layer, dtype)
+        gate, up = users.get(d["gate"], []), users.get(d["up"], [])
+        if len(gate) != 1 or len(up) != 1 or gate[0].input[0] != up[0].input[0]:
+            continue  # not this graph's layer, or not a pair over one input: left as it is
+        gate, up = gate[0], up[0]
+        both, n = f"l{i}.gate_up", layer.gate_proj.out_features
+        weight = _as_stored([layer.gate_proj, layer.up_proj], dtype).numpy()
+        g.initializer.extend([numpy_helper.from_array(weight, both),
+                              numpy_helper.from_array(np.array([n, n], np.int64), f"{both}.split")])
+        at = min(list(g.node).index(gate), list(g.node).index(up))  # both outputs' readers come after it
+        new = [helper.make_node("MatMul", [gate.input[0], both], [f"{both}.out"], name=both),
+               helper.make_node("Split", [f"{both}.out", f"{both}.split"], [gate.output[0], up.output[0]],
+                                name=f"{both}.split", axis=-1)]
+        g.node.remove(gate)
+        g.node.remove(up)
+        for k, node in enumerate(new):
+            g.node.insert(at + k, node)
+        fused += 1
+    _drop_unused(g)
+    return fused
+
+
+def _drop_unused(g) -> None:
+    """Initializers no node reads any more, and their entries among the graph's inputs (old IRs list them)."""
+    read = {name for node in g.node for name in node.input}
+    dropped = {i.name for i in g.initializer if i.name not in read}
+    for field in (g.initializer, g.input):
+        keep = [x for x in field if x.name not in dropped]
+        del field[:]
+        field.extend(keep)

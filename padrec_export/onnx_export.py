@@ -22,7 +22,7 @@ from padrec_runtime.grammar import SPECIAL_TOKENS, Catalogue
 from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION, Manifest, load_manifest, trie_digest,
                                     write_manifest)
 
-from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
+from .fused import GRAPH as FUSED_TARGET, build_gqa_target, fuse_gate_up, gqa_inputs, gqa_io, in_place_kv
 from .models import Draft, DraftChain, Target
 from .quantize import BlockCache, Quantization, quantize_model
 from .streamed import DataFile, export_streamed
@@ -345,6 +345,8 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
         extra["onnxruntime_only"] = True
     else:
         ext = export_graph(model, is_draft, precision, out / file, external)
+        if name == "target" and _has_fused_target(limits, precision):  # gate|up: one device copy for both targets
+            ext = fuse_gate_up_graph(out / file, model, precision, external or bool(ext) or None)
         inputs, outputs, kv = graph_io(model, is_draft, precision)
     if quantization is not None and quantization.covers(name):
         # a streamed graph keeps its weights external (its runtime sessions share them with the other graphs')
@@ -368,6 +370,19 @@ def quantize_graph(path: Path, model, quantization: Quantization, precision: str
     record = quantize_model(proto, model, quantization, TORCH_DTYPES[precision], path.name, blocks)
     dedupe_initializers(proto.graph)  # a weight quantized at each of its uses (the chain's steps): keep one copy
     return save_graph(proto, path, external), record
+
+
+def fuse_gate_up_graph(path: Path, target: Target, precision: str, external: bool | None) -> list[str]:
+    """The standard target graph at `path` rewritten to hold each layer's gate|up as the fused target does
+    (fused.fuse_gate_up); returns its external data files. Loaded whole with its weights, as quantize_graph is."""
+    import onnx
+    proto = onnx.load(str(path))
+    fuse_gate_up(proto, target, TORCH_DTYPES[precision])
+    return save_graph(proto, path, external)
+
+
+def _has_fused_target(limits: ExportLimits, precision: str) -> bool:
+    return limits.fused_target and precision in ("fp32", "fp16")  # ONNX Runtime's fused ops have no bf16 on CPU
 
 
 def _write_fused_target(target: Target, precision: str, max_seq_len: int, path: Path, external: bool | None) -> list:
@@ -471,7 +486,7 @@ def _write_engines(target, draft, catalogue, out: Path, precision: str, limits: 
     parts = [("target", target, False)] + ([("draft", draft, True)] if draft is not None else [])
     if draft is not None and limits.fused_chain:  # a greedy chain round's K draft steps in one engine call
         parts.append(("draft_chain", draft, True))
-    if limits.fused_target and precision in ("fp32", "fp16"):  # ONNX Runtime's fused ops have no bf16 on CPU
+    if _has_fused_target(limits, precision):
         parts.append((FUSED_TARGET, target, False))
         if draft is not None and limits.fused_chain:
             parts.append(("draft_chain_gqa", draft, True))

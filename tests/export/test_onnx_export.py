@@ -49,6 +49,23 @@ def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
     assert all(r.max_abs == 0 for r in rows if r.output == "tokens")
 
 
+def test_both_targets_hold_gate_up_as_one_tensor_shared_on_the_device(engines_external_master, tiny):
+    """The standard target holds each layer's gate|up as the fused target does (one MatMul over the concatenated
+    weight, split in two), so every weight of the fused target but its rotary tables is one the standard target
+    holds too, by its bytes: the runtime keys its one device copy of each weight by those bytes."""
+    import onnx
+    _, target, _ = tiny
+    m = load_manifest(engines_external_master)
+    standard = {w["sha256"] for w in m.graph("target")["weights"]}
+    fused = {w["name"]: w for w in m.graph("target_gqa")["weights"]}
+    assert {n for n, w in fused.items() if w["sha256"] not in standard} == {"rotary.cos", "rotary.sin"}
+    assert all(fused[f"l{i}.gate_up"]["sha256"] in standard for i in range(target.cfg.n_layers))
+    graph = onnx.load(str(engines_external_master / "target.onnx"), load_external_data=False).graph
+    inits = {i.name for i in graph.initializer}
+    weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+    assert len(weighted) == 4 * target.cfg.n_layers + 1  # q|k|v, o, gate|up, down a layer; the head
+
+
 def test_fused_target_profiling_forms_give_the_same_logits(tiny, tmp_path):
     """The profiling forms of the fused target (gate and up projections as two MatMuls; zero query heads added up
     to 4 per KV head) compute what the shipped form (gate and up as one MatMul, split in two) does, and a group

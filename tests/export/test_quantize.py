@@ -27,7 +27,7 @@ from padrec_runtime.manifest import load_manifest
 from tests.conftest import LIMITS
 
 HIST = [[1000, 1001, 1002], [1010], [1020, 1033, 1041, 1007], [1055, 1003]]
-LAYER_MATMULS = {"target": 5, "target_gqa": 4}  # per decoder layer: q|k|v, o, gate, up, down (fused: gate|up)
+LAYER_MATMULS = 4  # q|k|v, o, gate|up, down per decoder layer, in both target graphs
 
 
 def _checkpoints(tiny, path):
@@ -80,7 +80,7 @@ def test_quantized_graphs_hold_matmulnbits_and_are_smaller(quantized, engines_ma
         model, matmuls = _const_matmuls(engines / f"{graph}.onnx")
         nbits = [n for n in model.graph.node if n.op_type == "MatMulNBits"]
         record = m.quantization(graph)
-        assert len(nbits) == record["matmuls"] == LAYER_MATMULS[graph] * target.cfg.n_layers
+        assert len(nbits) == record["matmuls"] == LAYER_MATMULS * target.cfg.n_layers
         assert {a.i for n in nbits for a in n.attribute if a.name == "bits"} == {record["bits"]}
         assert {a.i for n in nbits for a in n.attribute if a.name == "block_size"} == {32}
         # the one MatMul left over a constant weight is the fp32 output head, untouched
@@ -150,7 +150,7 @@ def test_quantized_external_weights_are_listed_and_shared(quantized):
     m = load_manifest(quantized[1])
     weights = m.graph("target")["weights"]
     packed = [w for w in weights if w["dtype"] == "uint8"]
-    assert len(packed) >= LAYER_MATMULS["target"] and all(w["length"] == int(np.prod(w["shape"])) for w in packed)
+    assert len(packed) >= LAYER_MATMULS and all(w["length"] == int(np.prod(w["shape"])) for w in packed)
     rec = Recommender(quantized[1], options=RuntimeOptions(device_cache=True, static_shapes=True, in_place=True))
     clean = [r.tokens for r in rec.recommend(HIST).lists]
     memory = rec.memory()
@@ -234,4 +234,4 @@ def test_quantizing_a_graph_of_another_model_is_refused(tiny, engines_master, tm
     with pytest.raises(InputError, match=r"target\.onnx: decoder layers \[1\] have projections"):
         quantize_graph(tmp_path / "target.onnx", other, Quantization(), "fp32", None)
     files, record = quantize_graph(tmp_path / "target.onnx", target, Quantization(), "fp32", None)
-    assert files == [] and record["matmuls"] == LAYER_MATMULS["target"] * target.cfg.n_layers
+    assert files == [] and record["matmuls"] == LAYER_MATMULS * target.cfg.n_layers
