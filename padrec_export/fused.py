@@ -262,7 +262,7 @@ def fuse_gate_up(proto, target: Target, dtype: torch.dtype) -> int:
 
 def _drop_unused(g) -> None:
     """Initializers no node reads any more, and their entries among the graph's inputs (old IRs list them)."""
-    read = {name for node in g.node for name in node.input}
+    read = {name for node in g.node for name in node.input} | {o.name for o in g.output}
     dropped = {i.name for i in g.initializer if i.name not in read}
     for field in (g.initializer, g.input):
         keep = [x for x in field if x.name not in dropped]

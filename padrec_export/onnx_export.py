@@ -377,7 +377,10 @@ def fuse_gate_up_graph(path: Path, target: Target, precision: str, external: boo
     (fused.fuse_gate_up); returns its external data files. Loaded whole with its weights, as quantize_graph is."""
     import onnx
     proto = onnx.load(str(path))
-    fuse_gate_up(proto, target, TORCH_DTYPES[precision])
+    fused, layers = fuse_gate_up(proto, target, TORCH_DTYPES[precision]), len(target.layers)
+    if fused < layers:  # the graph still computes the model; the card just holds those layers' gate and up twice
+        warnings.warn(f"{path.name}: gate|up shared with the fused target in {fused} of {layers} layers (the "
+                      "others' gate and up MatMuls were not found by their weights' bytes)")
     return save_graph(proto, path, external)
 
 
