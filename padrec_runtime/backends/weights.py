@@ -3,8 +3,8 @@
 ONNX Runtime makes each session's initializers from the model unless the caller supplies them
 (`SessionOptions.add_initializer`); a supplied tensor that already lies on the device the session plans it on is
 used as it is. So the static-shape sessions (one per bucket shape, each replaying its own CUDA graph) and the
-graphs that hold the same tensor (the standard and in-place targets share all but their attention input
-projections) share one device copy instead of one each. The manifest's `graphs.<graph>.weights` says where each
+graphs that hold the same tensor (the standard and in-place targets: their projections, the MLP's gate|up as one
+tensor in both) share one device copy instead of one each. The manifest's `graphs.<graph>.weights` says where each
 external tensor lies in its (verified) data file; its sha256 is the key under which graphs share, and two
 tensors are only shared when their bytes are equal.
 """
