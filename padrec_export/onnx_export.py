@@ -22,7 +22,8 @@ from padrec_runtime.grammar import SPECIAL_TOKENS, Catalogue
 from padrec_runtime.manifest import (FORMAT, GRAPHS, PRECISIONS, SCHEMA_VERSION, Manifest, load_manifest, trie_digest,
                                     write_manifest)
 
-from .fused import GRAPH as FUSED_TARGET, build_gqa_target, fuse_gate_up, gqa_inputs, gqa_io, in_place_kv
+from .fused import GRAPH as FUSED_TARGET, build_gqa_target, gqa_inputs, gqa_io, in_place_kv
+from .gate_up import fuse_gate_up_graph
 from .models import Draft, DraftChain, Target
 from .quantize import BlockCache, Quantization, quantize_model
 from .streamed import DataFile, export_streamed
@@ -346,7 +347,7 @@ def _export_part(name: str, model, is_draft: bool, catalogue: Catalogue, precisi
     else:
         ext = export_graph(model, is_draft, precision, out / file, external)
         if name == "target" and _has_fused_target(limits, precision):  # gate|up: one device copy for both targets
-            ext = fuse_gate_up_graph(out / file, model, precision, external or bool(ext) or None)
+            ext = fuse_gate_up_graph(out / file, model, TORCH_DTYPES[precision], external or bool(ext) or None)
         inputs, outputs, kv = graph_io(model, is_draft, precision)
     if quantization is not None and quantization.covers(name):
         # a streamed graph keeps its weights external (its runtime sessions share them with the other graphs')
@@ -370,18 +371,6 @@ def quantize_graph(path: Path, model, quantization: Quantization, precision: str
     record = quantize_model(proto, model, quantization, TORCH_DTYPES[precision], path.name, blocks)
     dedupe_initializers(proto.graph)  # a weight quantized at each of its uses (the chain's steps): keep one copy
     return save_graph(proto, path, external), record
-
-
-def fuse_gate_up_graph(path: Path, target: Target, precision: str, external: bool | None) -> list[str]:
-    """The standard target graph at `path` rewritten to hold each layer's gate|up as the fused target does
-    (fused.fuse_gate_up); returns its external data files. Loaded whole with its weights, as quantize_graph is."""
-    import onnx
-    proto = onnx.load(str(path))
-    fused, layers = fuse_gate_up(proto, target, TORCH_DTYPES[precision]), len(target.layers)
-    if fused < layers:  # the graph still computes the model; the card just holds those layers' gate and up twice
-        warnings.warn(f"{path.name}: gate|up shared with the fused target in {fused} of {layers} layers (the "
-                      "others' gate and up MatMuls were not found by their weights' bytes)")
-    return save_graph(proto, path, external)
 
 
 def _has_fused_target(limits: ExportLimits, precision: str) -> bool:

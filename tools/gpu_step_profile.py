@@ -25,6 +25,7 @@ from torch_compiled import copy_bandwidth_gbs  # noqa: E402
 
 import padrec_export.models as models  # noqa: E402
 from padrec_export.fused import KV_IN_PLACE, export_gqa_target  # noqa: E402
+from padrec_export.gate_up import fuse_gate_up_graph  # noqa: E402
 from padrec_export.onnx_export import export_graph, slim_graph  # noqa: E402
 from padrec_export.sizes import SIZES  # noqa: E402
 from padrec_runtime.cache.host import KV_INPUT  # noqa: E402
@@ -317,6 +318,7 @@ def profile_standard(target, cfg, args, tmp: Path, floor_ms: float) -> dict:
     t0 = time.perf_counter()
     export_graph(target, False, "fp16", path)
     slim_graph(path)
+    fuse_gate_up_graph(path, target, torch.float16, None)  # the shipped form: gate|up as one MatMul
     res = {"export_s": time.perf_counter() - t0}
     for T in (1, 8):
         dims = {"batch": 1, "seq": T, "past": args.past, "past_plus_seq": args.past + T}

@@ -5,10 +5,11 @@ import subprocess
 import numpy as np
 import onnx
 import pytest
+import torch
 
 from padrec_export.parity import compare_fused_target, compare_graph, compare_in_place_chain
 
-from tests.conftest import polygraphy_cli
+from tests.conftest import LIMITS, polygraphy_cli
 from padrec_export.qa_feeds import graph_cases
 from padrec_runtime.backends.onnxruntime import OrtBackend
 from padrec_runtime.errors import IntegrityError, ManifestError, PadrecError
@@ -49,7 +50,8 @@ def test_in_place_chain_graph_is_the_standard_chain(tiny, engines_master):
     assert all(r.max_abs == 0 for r in rows if r.output == "tokens")
 
 
-def test_both_targets_hold_gate_up_as_one_tensor_shared_on_the_device(engines_external_master, tiny):
+def test_both_targets_hold_gate_up_as_one_tensor_shared_on_the_device(engines_external_master, engines_master,
+                                                                      tiny):
     """The standard target holds each layer's gate|up as the fused target does (one MatMul over the concatenated
     weight, split in two), so every weight of the fused target but its rotary tables is one the standard target
     holds too, by its bytes: the runtime keys its one device copy of each weight by those bytes."""
@@ -60,10 +62,28 @@ def test_both_targets_hold_gate_up_as_one_tensor_shared_on_the_device(engines_ex
     fused = {w["name"]: w for w in m.graph("target_gqa")["weights"]}
     assert {n for n, w in fused.items() if w["sha256"] not in standard} == {"rotary.cos", "rotary.sin"}
     assert all(fused[f"l{i}.gate_up"]["sha256"] in standard for i in range(target.cfg.n_layers))
-    graph = onnx.load(str(engines_external_master / "target.onnx"), load_external_data=False).graph
-    inits = {i.name for i in graph.initializer}
-    weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
-    assert len(weighted) == 4 * target.cfg.n_layers + 1  # q|k|v, o, gate|up, down a layer; the head
+    for engines in (engines_external_master, engines_master):  # rewritten tensor by tensor, and in memory
+        graph = onnx.load(str(engines / "target.onnx"), load_external_data=False).graph
+        inits = {i.name for i in graph.initializer}
+        weighted = [n for n in graph.node if n.op_type == "MatMul" and n.input[1] in inits]
+        assert len(weighted) == 4 * target.cfg.n_layers + 1  # q|k|v, o, gate|up, down a layer; the head
+
+
+@pytest.mark.parametrize("external", [True, False])
+def test_a_layer_whose_gate_and_up_are_one_matmul_is_left_apart_with_a_warning(tiny, tmp_path, external):
+    """Gate and up with the same bytes are one MatMul in the exported graph (the exporter merges them): that layer
+    keeps it, the export says so, and the standard target still computes the model."""
+    import copy
+    from padrec_export.onnx_export import export_engines
+    cat, target, _ = tiny
+    twin = copy.deepcopy(target)
+    with torch.no_grad():
+        twin.layers[0].up_proj.weight.copy_(twin.layers[0].gate_proj.weight)
+    with pytest.warns(UserWarning, match=r"target\.onnx: gate\|up shared with the fused target in 1 of 2 layers"):
+        export_engines(twin, None, cat, tmp_path / "e", "fp32", LIMITS, progress=False, external_data=external)
+    m = load_manifest(tmp_path / "e")
+    rows = compare_graph("target", twin, False, OrtBackend(m, "target"), m.graph("target"), "fp32")
+    assert rows and all(r.ok for r in rows), [r for r in rows if not r.ok]
 
 
 def test_fused_target_profiling_forms_give_the_same_logits(tiny, tmp_path):
