@@ -141,6 +141,7 @@ CAPPED = (("qwen-7b_random", "qwen-7b", "per_graph_graph_max_16_cublas_4mb", "s-
            "the memory settings (pair, tuning off, 2-row windows)"),
           ("qwen-7b_random_pair", "qwen-7b", "pair_graph_max_16_cublas_option_tune_apart", "P-",
            "pair, capped, tuning apart"),
+          ("qwen-7b_random_gate_up", "qwen-7b", "per_graph_graph_max_16", "o-", "no levers, gate|up as one MatMul"),
           ("qwen-1.5b_random_quiet", "qwen-1.5b", "per_graph_graph_max_16_cublas_option_tune_apart", "D-",
            "capped, GEMM tuning apart"),
           ("qwen-1.5b_random_quiet", "qwen-1.5b", "pair_graph_max_16_cublas_option_tune_apart_rows_4", "P-",
