@@ -123,8 +123,8 @@ def plot_steps(ax, steps: dict, benches: dict) -> None:
                 seen.add(label)
     ax.set_xticks(range(len(per_shape)), [SHAPES[s] for s in per_shape])
     ax.set_ylabel("target step, 1 token, batch 1 (ms)")
-    ax.set_title("target step (random weights where measured, else the trained pair; paired: one process,\n"
-                 "both sides queued back to back in alternating rounds)", fontsize=7)
+    ax.set_title("target step (random weights where measured, else the trained pair;\n"
+                 "paired: each mode beside ours, back to back; ours: beside the first)", fontsize=7)
     tallest = max((ms for bars in per_shape.values() for _, ms, _ in bars if ms is not None), default=None)
     if tallest:
         ax.set_ylim(0, 1.8 * tallest)  # the legend above the bars, not over 7B's
