@@ -121,6 +121,19 @@ def check_export_room(target_dir, with_draft: bool, max_seq_len: int, max_histor
 EXISTING_DIR = click.Path(exists=True, file_okay=False)
 
 
+class OutputPath(click.Path):
+    """A path to write: an empty one is refused (a variable left unset in a script would otherwise write into the
+    working directory, or nowhere without a word)."""
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, str) and not value.strip():
+            self.fail("empty | expected a path to write", param, ctx)
+        return super().convert(value, param, ctx)
+
+
+OUTPUT = OutputPath()
+
+
 @click.group(cls=PadrecGroup, context_settings={"show_default": True, "help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="padrec", prog_name="padrec")
 def main():
@@ -137,7 +150,7 @@ main.add_command(client)
               help="target checkpoint directory (config.json, model.safetensors, padrec.json)")
 @click.option("--draft", "draft_dir", type=EXISTING_DIR, default=None,
               help="draft checkpoint directory (none: AR-only engines)")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="engine directory to write")
+@click.option("--out", "out_dir", required=True, type=OUTPUT, help="engine directory to write")
 @click.option("--precision", type=click.Choice(["fp32", "fp16", "bf16"]), default="fp32",
               help="weights and KV cache precision of the graphs (logits stay fp32)")
 # upper bounds: the manifest's (padrec_runtime/manifest.py `_model`), checked here rather than after the export
@@ -169,7 +182,8 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
     require_export_extra("export")
     check_export_room(target_dir, draft_dir is not None, max_seq_len, max_history, draft_steps)
     check_writable(out_dir, "--out", "dir")
-    earlier = (Path(out_dir) / "manifest.json").is_file()  # files move in only once the whole export is written
+    from .onnx_export import earlier_export
+    earlier = earlier_export(out_dir)  # files move in only once the whole export is written
     from .pipeline import export_checkpoints
     from .quantize import parse_quantize
     quantization = parse_quantize(quantize, int(quantize_block), quantize_draft)
@@ -188,7 +202,7 @@ def export(target_dir, draft_dir, out_dir, precision, max_seq_len, max_history, 
 @click.option("--version-compatible", is_flag=True, help="plans for the lean runtime; they embed host code")
 @click.option("--hardware-compatibility", type=click.Choice(["NONE", "AMPERE_PLUS", "SAME_COMPUTE_CAPABILITY"]),
               default="NONE", help="tensorrt: build plans that also run on other GPU generations")
-@click.option("--timing-cache", type=click.Path(), default=None, help="file to read and update: faster rebuilds")
+@click.option("--timing-cache", type=OUTPUT, default=None, help="file to read and update: faster rebuilds")
 @click.option("--compute-capability", default=None, help="tensorrt_rtx only, e.g. SM89")
 def build(engine_dir, builder, precision, version_compatible, hardware_compatibility, timing_cache, compute_capability):
     """Build TensorRT engines from an engine directory's ONNX graphs."""
@@ -211,7 +225,7 @@ def demo(users, engine_dir, speculate):
 
 @main.command()
 @click.option("--dataset", type=click.Choice(DATASETS), default="ml-100k", help="MovieLens data set")
-@click.option("--out", "out_dir", required=True, type=click.Path(), help="directory for catalogue and checkpoints")
+@click.option("--out", "out_dir", required=True, type=OUTPUT, help="directory for catalogue and checkpoints")
 @click.option("--epochs", type=click.IntRange(1), default=30, help="target epochs")
 @click.option("--draft-epochs", type=click.IntRange(1), default=10, help="epochs of each draft")
 @click.option("--drafts", type=click.Choice(["padrec", "eagle", "both"]), default="both",
@@ -281,7 +295,7 @@ def train(dataset, out_dir, epochs, draft_epochs, drafts, batch_size, lr, seed, 
                    "or its parent)")
 @click.option("--dataset", type=click.Choice(DATASETS), required=True,
               help="interactions to train on (items must be in the target's catalogue)")
-@click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", required=True, type=OutputPath(file_okay=False),
               help="draft directory to write; rerunning with the same settings continues its training")
 @click.option("--kind", type=click.Choice(["padrec", "eagle"]), default="padrec", show_default=True,
               help="padrec: slot and step signals; eagle: the plain EAGLE draft (the ablation baseline)")
@@ -317,7 +331,7 @@ def train_draft(target_dir, dataset, out_dir, kind, epochs, batch_size, lr, draf
 @click.option("--dataset", type=click.Choice(DATASETS), default=None,
               show_default="the one the models were trained on", help="MovieLens data set")
 @click.option("--users", type=click.IntRange(1), default=None, help="evaluate the first N held-out users only")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="also write the report here")
+@click.option("--json", "json_path", type=OUTPUT, default=None, help="also write the report here")
 def evaluate(model_dir, dataset, users, json_path):
     """Recall/NDCG of the target vs baselines and tau of the drafts, on held-out users."""
     require_export_extra("evaluate")
@@ -345,7 +359,7 @@ def evaluate(model_dir, dataset, users, json_path):
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", help="runtime device")
 @click.option("--histories", "n_histories", type=click.IntRange(1), default=32,
               help="random histories for tiers 2 and 3")
-@click.option("--report", "report_path", type=click.Path(), default=None, help="JSON report (and .md beside it)")
+@click.option("--report", "report_path", type=OUTPUT, default=None, help="JSON report (and .md beside it)")
 def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, report_path):
     """QA: engines vs PyTorch — per-graph tensors, greedy lists, acceptance. Exits 1 on failure."""
     require_export_extra("parity")
@@ -374,8 +388,8 @@ def parity(engine_dir, target_dir, draft_dir, backend, device, n_histories, repo
 @click.option("--draft", "draft_dir", type=EXISTING_DIR, default=None, help="draft for the PyTorch eager timing")
 @click.option("--dataset", type=click.Choice(DATASETS), default="ml-100k",
               help="held-out histories from this data set when installed (else random catalogue histories)")
-@click.option("--json", "json_path", type=click.Path(), default=None, help="write the report here")
-@click.option("--plot", "plot_path", type=click.Path(), default=None,
+@click.option("--json", "json_path", type=OUTPUT, default=None, help="write the report here")
+@click.option("--plot", "plot_path", type=OUTPUT, default=None,
               help="PNG of latency, speed-up and tau (needs matplotlib: pip install '.[plot]' (in the padrec checkout))")
 def bench(batches, repeats, target_dir, draft_dir, dataset, json_path, plot_path, **kwargs):
     """AR vs chain vs tree speculation on one backend (and PyTorch eager): latency, throughput, tau."""

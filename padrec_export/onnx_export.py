@@ -423,12 +423,33 @@ def export_engines(target: Target, draft: Draft | None, catalogue: Catalogue, ou
     out = Path(out_dir).absolute()
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out}: is a file | expected an engine directory to write | give a directory path")
+    earlier_export(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{out.name}.", dir=out.parent) as tmp:
         _write_engines(target, draft, catalogue, Path(tmp), precision, limits, progress, external_data, reuse_target,
                        quantization)
         _move_into(Path(tmp), out)
     return load_manifest(out, verify=False)  # hashed just now
+
+
+def earlier_export(out_dir) -> bool:
+    """Whether out_dir holds an earlier export, which an export replaces (False: it is new or empty). A directory
+    holding anything else is refused before any work: an export replaces and removes files by name (STALE), so it
+    would overwrite or delete the user's own."""
+    out = Path(out_dir)
+    names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if not names:
+        return False
+    manifest = out / "manifest.json"
+    try:  # a foreign manifest.json is as much the user's as any other file
+        ours = manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
+    except (OSError, ValueError, AttributeError):
+        ours = False
+    if not ours:
+        shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+        raise InputError(f"--out {out_dir}: holds files that are not a padrec export ({shown}) | expected a new or "
+                         "empty directory, or an earlier export to replace | pick another path")
+    return True
 
 
 def _move_into(src: Path, out: Path) -> None:

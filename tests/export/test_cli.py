@@ -235,6 +235,44 @@ def test_export_refuses_an_out_that_is_a_file(checkpoints, tmp_path):
     assert "--out: got" in _one_line_error(_export(checkpoints, tmp_path / "e"))
 
 
+@pytest.mark.parametrize("foreign", [{"target.onnx.data": "mine", "draft.plan": "mine"},
+                                     {"manifest.json": '{"name": "my webapp"}', "target.onnx": "mine"},
+                                     {"manifest.json": "not json"}])
+def test_export_refuses_an_out_holding_files_that_are_not_an_export_and_leaves_them(checkpoints, tmp_path, foreign):
+    """An export replaces and removes files by name: into a directory that is not an earlier export (no padrec
+    manifest) it would overwrite or delete the user's files, so it is refused before any work, the files kept."""
+    out = tmp_path / "e"
+    out.mkdir()
+    for name, text in foreign.items():
+        (out / name).write_text(text)
+    msg = _one_line_error(_export(checkpoints, out))
+    assert "holds files that are not a padrec export" in msg and sorted(foreign)[0] in msg, msg
+    assert {p.name: p.read_text() for p in out.iterdir()} == foreign
+    assert [p.name for p in tmp_path.iterdir()] == ["e"]  # no temporary export left beside it
+    with pytest.raises(InputError, match="not a padrec export"):
+        export_checkpoints(*checkpoints, out)
+
+
+def test_an_export_over_an_earlier_one_keeps_the_users_own_files(checkpoints, tmp_path):
+    out = tmp_path / "e"
+    assert _export(checkpoints, out, "--no-in-place").exit_code == 0
+    (out / "notes.txt").write_text("mine")
+    again = _export(checkpoints, out, "--no-in-place", draft=False)
+    assert again.exit_code == 0 and ", replacing an earlier export" in again.output, again.output
+    assert (out / "notes.txt").read_text() == "mine" and not list(out.glob("draft*"))
+
+
+@pytest.mark.parametrize("args", [("export", "--target", ".", "--out", ""), ("train", "--out", " "),
+                                  ("bench", "--engines", ".", "--json", ""), ("bench", "--engines", ".", "--plot", ""),
+                                  ("parity", "--engines", ".", "--target", ".", "--report", "")])
+def test_an_empty_output_path_is_refused(args, tmp_path, monkeypatch):
+    """An empty path (a variable left unset) would write into the working directory, or nowhere without a word."""
+    monkeypatch.chdir(tmp_path)
+    out = _one_line_error(_invoke(*args), code=2)
+    assert "empty | expected a path to write" in out, out
+    assert not list(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("flag", ["--json", "--plot"])
 def test_bench_refuses_unwritable_report_paths_before_opening_the_engines(tmp_path, flag):
     if flag == "--plot":
