@@ -442,9 +442,10 @@ def earlier_export(out_dir) -> bool:
         return False
     manifest = out / "manifest.json"
     try:  # a foreign manifest.json is as much the user's as any other file
-        ours = manifest.is_file() and json.loads(manifest.read_text()).get("format") == FORMAT
-    except (OSError, ValueError, AttributeError):
-        ours = False
+        data = json.loads(manifest.read_text()) if manifest.is_file() else None
+    except (OSError, ValueError):
+        data = None
+    ours = isinstance(data, dict) and data.get("format") == FORMAT
     if not ours:
         shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
         raise InputError(f"--out {out_dir}: holds files that are not a padrec export ({shown}) | expected a new or "

@@ -237,7 +237,7 @@ def test_export_refuses_an_out_that_is_a_file(checkpoints, tmp_path):
 
 @pytest.mark.parametrize("foreign", [{"target.onnx.data": "mine", "draft.plan": "mine"},
                                      {"manifest.json": '{"name": "my webapp"}', "target.onnx": "mine"},
-                                     {"manifest.json": "not json"}])
+                                     {"manifest.json": "not json"}, {"manifest.json": "[1]"}])
 def test_export_refuses_an_out_holding_files_that_are_not_an_export_and_leaves_them(checkpoints, tmp_path, foreign):
     """An export replaces and removes files by name: into a directory that is not an earlier export (no padrec
     manifest) it would overwrite or delete the user's files, so it is refused before any work, the files kept."""
